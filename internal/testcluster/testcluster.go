@@ -1,0 +1,394 @@
+// Package testcluster starts throwaway Consul clusters for integration tests:
+// three servers (Raft, one leader) and, when asked, client agents, each on its
+// own random 127.x.y.z address with Consul's default ports, so that test
+// packages running in parallel never fight over a port. It runs the real
+// pinned Consul binary that scripts/consul builds into .bin/consul.
+package testcluster
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+)
+
+// Options says what to start.
+type Options struct {
+	Servers int // default 3
+	Clients int // client agents, default 0
+}
+
+// Cluster is a running set of Consul agents.
+type Cluster struct {
+	Servers    []*Agent
+	Clients    []*Agent
+	Datacenter string
+}
+
+// Agent is one Consul agent process.
+type Agent struct {
+	Name     string
+	IP       string
+	HTTPAddr string // ip:8500
+	DNSAddr  string // ip:8600
+	Server   bool
+
+	binary  string
+	config  string
+	logPath string
+
+	mu   sync.Mutex
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// Binary returns the path of the Consul binary: $ATTACHE_CONSUL, else
+// .bin/consul at the repository root, else consul on PATH.
+func Binary() (string, error) {
+	if p := os.Getenv("ATTACHE_CONSUL"); p != "" {
+		return p, nil
+	}
+	if root, err := repoRoot(); err == nil {
+		p := filepath.Join(root, ".bin", "consul")
+		if _, err := os.Stat(p); err == nil {
+			return p, nil
+		}
+	}
+	if p, err := exec.LookPath("consul"); err == nil {
+		return p, nil
+	}
+	return "", errors.New("testcluster: no Consul binary: run scripts/build (it builds the pinned Consul into .bin/consul) or set ATTACHE_CONSUL")
+}
+
+func repoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("no go.mod above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// Start starts the cluster, waits until it has a leader and every agent has
+// joined, and stops it when the test ends.
+func Start(t testing.TB, opts Options) *Cluster {
+	t.Helper()
+	bin, err := Binary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if opts.Servers == 0 {
+		opts.Servers = 3
+	}
+	c := &Cluster{Datacenter: "dc1"}
+	ips := freeIPs(t, opts.Servers+opts.Clients)
+	var joins []string
+	for _, ip := range ips[:opts.Servers] {
+		joins = append(joins, fmt.Sprintf("%q", ip+":8301"))
+	}
+	base := t.TempDir()
+	for i, ip := range ips {
+		server := i < opts.Servers
+		name := fmt.Sprintf("server%d", i+1)
+		if !server {
+			name = fmt.Sprintf("client%d", i-opts.Servers+1)
+		}
+		dir := filepath.Join(base, name)
+		if err := os.MkdirAll(filepath.Join(dir, "data"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		cfg := agentConfig(name, ip, dir, server, opts.Servers, joins)
+		path := filepath.Join(dir, "agent.hcl")
+		if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		a := &Agent{
+			Name: name, IP: ip, Server: server,
+			HTTPAddr: ip + ":8500", DNSAddr: ip + ":8600",
+			binary: bin, config: path, logPath: filepath.Join(dir, "consul.log"),
+		}
+		if server {
+			c.Servers = append(c.Servers, a)
+		} else {
+			c.Clients = append(c.Clients, a)
+		}
+	}
+	t.Cleanup(func() {
+		for _, a := range c.all() {
+			a.Stop()
+		}
+		if t.Failed() {
+			for _, a := range c.all() {
+				t.Logf("consul log of %s (%s):\n%s", a.Name, a.IP, a.logTail(40))
+			}
+		}
+	})
+	for _, a := range c.all() {
+		a.Start(t)
+	}
+	c.WaitLeader(t)
+	c.waitMembers(t)
+	return c
+}
+
+func agentConfig(name, ip, dir string, server bool, expect int, joins []string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "node_name = %q\ndatacenter = \"dc1\"\ndata_dir = %q\n", name, filepath.Join(dir, "data"))
+	fmt.Fprintf(&b, "bind_addr = %q\nclient_addr = %q\nadvertise_addr = %q\n", ip, ip, ip)
+	fmt.Fprintf(&b, "retry_join = [%s]\nretry_interval = \"1s\"\n", strings.Join(joins, ", "))
+	b.WriteString("disable_update_check = true\nlog_level = \"info\"\nenable_script_checks = false\n")
+	b.WriteString("ports {\n  grpc = -1\n  grpc_tls = -1\n}\n")
+	b.WriteString("performance {\n  raft_multiplier = 1\n}\n")
+	if server {
+		fmt.Fprintf(&b, "server = true\nbootstrap_expect = %d\n", expect)
+	}
+	return b.String()
+}
+
+// freeIPs picks n distinct random addresses in 127.64.0.0/10 on which
+// nothing listens on Consul's ports.
+func freeIPs(t testing.TB, n int) []string {
+	seen := map[string]bool{}
+	var ips []string
+	for tries := 0; len(ips) < n; tries++ {
+		if tries > 1000 {
+			t.Fatal("testcluster: no free loopback address found")
+		}
+		ip := fmt.Sprintf("127.%d.%d.%d", 64+rand.IntN(64), rand.IntN(256), 1+rand.IntN(254))
+		if seen[ip] || !portsFree(ip) {
+			continue
+		}
+		seen[ip] = true
+		ips = append(ips, ip)
+	}
+	return ips
+}
+
+func portsFree(ip string) bool {
+	for _, p := range []string{"8300", "8301", "8302", "8500", "8600"} {
+		l, err := net.Listen("tcp", net.JoinHostPort(ip, p))
+		if err != nil {
+			return false
+		}
+		l.Close()
+	}
+	return true
+}
+
+func (c *Cluster) all() []*Agent { return append(append([]*Agent{}, c.Servers...), c.Clients...) }
+
+// Start starts the agent's process (again, with the same data, after Stop or Kill).
+func (a *Agent) Start(t testing.TB) {
+	t.Helper()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.cmd != nil {
+		return
+	}
+	logf, err := os.OpenFile(a.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(a.binary, "agent", "-config-file="+a.config)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		t.Fatalf("testcluster: start %s: %v", a.Name, err)
+	}
+	done := make(chan struct{})
+	go func() {
+		_ = cmd.Wait()
+		logf.Close()
+		close(done)
+	}()
+	a.cmd, a.done = cmd, done
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if conn, err := net.DialTimeout("tcp", a.HTTPAddr, time.Second); err == nil {
+			conn.Close()
+			return
+		}
+		select {
+		case <-done:
+			a.cmd = nil
+			t.Fatalf("testcluster: %s exited at start:\n%s", a.Name, a.logTail(30))
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("testcluster: %s's HTTP API did not come up on %s:\n%s", a.Name, a.HTTPAddr, a.logTail(30))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Stop stops the agent gracefully (SIGTERM, then SIGKILL after 10 s).
+func (a *Agent) Stop() { a.signal(syscall.SIGTERM, 10*time.Second) }
+
+// Kill stops the agent at once with SIGKILL, as a crash would.
+func (a *Agent) Kill() { a.signal(syscall.SIGKILL, 0) }
+
+func (a *Agent) signal(sig syscall.Signal, grace time.Duration) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.cmd == nil {
+		return
+	}
+	_ = a.cmd.Process.Signal(sig)
+	select {
+	case <-a.done:
+	case <-time.After(grace):
+		_ = a.cmd.Process.Kill()
+		<-a.done
+	}
+	a.cmd = nil
+}
+
+// Running reports whether the agent's process runs.
+func (a *Agent) Running() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.cmd != nil
+}
+
+// API returns a consul/api client for this agent.
+func (a *Agent) API(t testing.TB) *api.Client {
+	t.Helper()
+	cfg := api.DefaultConfig()
+	cfg.Address = a.HTTPAddr
+	cfg.Token = ""
+	c, err := api.NewClient(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func (a *Agent) logTail(n int) string {
+	b, err := os.ReadFile(a.logPath)
+	if err != nil {
+		return err.Error()
+	}
+	lines := bytes.Split(bytes.TrimRight(b, "\n"), []byte("\n"))
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return string(bytes.Join(lines, []byte("\n")))
+}
+
+// Leader returns the server that currently leads, waiting for one.
+func (c *Cluster) Leader(t testing.TB) *Agent {
+	t.Helper()
+	addr := c.WaitLeader(t)
+	for _, s := range c.Servers {
+		if strings.HasPrefix(addr, s.IP+":") {
+			return s
+		}
+	}
+	t.Fatalf("testcluster: leader %s is not one of our servers", addr)
+	return nil
+}
+
+// running reports whether the server with Raft address addr runs.
+func (c *Cluster) running(addr string) bool {
+	for _, s := range c.Servers {
+		if strings.HasPrefix(addr, s.IP+":") {
+			return s.Running()
+		}
+	}
+	return false
+}
+
+// WaitLeader waits (up to a minute) until every running server names the
+// same leader, and returns its Raft address.
+func (c *Cluster) WaitLeader(t testing.TB) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var last string
+	for ctx.Err() == nil {
+		leaders := map[string]bool{}
+		ok := true
+		for _, s := range c.Servers {
+			if !s.Running() {
+				continue
+			}
+			l, err := s.API(t).Status().Leader()
+			if err != nil || l == "" {
+				ok = false
+				last = fmt.Sprintf("%s: leader %q err %v", s.Name, l, err)
+				break
+			}
+			leaders[l] = true
+		}
+		if ok && len(leaders) == 1 {
+			for l := range leaders {
+				if c.running(l) {
+					return l
+				}
+				last = "leader " + l + " is a stopped server"
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("testcluster: no leader within a minute (%s)", last)
+	return ""
+}
+
+func (c *Cluster) waitMembers(t testing.TB) {
+	t.Helper()
+	want := len(c.Servers) + len(c.Clients)
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) {
+		ok := true
+		for _, a := range c.all() {
+			members, err := a.API(t).Agent().Members(false)
+			alive := 0
+			for _, m := range members {
+				if m.Status == serfAlive {
+					alive++
+				}
+			}
+			if err != nil || alive < want {
+				ok = false
+				break
+			}
+		}
+		if ok {
+			// Client agents are usable once they have synced with a server.
+			for _, a := range c.Clients {
+				if _, _, err := a.API(t).Catalog().Nodes(nil); err != nil {
+					ok = false
+				}
+			}
+		}
+		if ok {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("testcluster: not all %d agents joined within a minute", want)
+}
+
+// serfAlive is serf.StatusAlive, the Status of a live member in /v1/agent/members.
+const serfAlive = 1
