@@ -1,0 +1,122 @@
+// Command attache is a Consul-native service-mesh sidecar.
+//
+//	attache sidecar [flags]   the per-node process: catalog view, DNS, proxy, gateway
+//	attache control [flags]   the control service
+//	attache version
+//
+// Run `attache COMMAND -h` for the flags of each command.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/hashicorp/go-hclog"
+
+	"attache/control"
+	"attache/sidecar"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+const usage = `Usage: attache COMMAND [flags]
+
+Commands:
+  sidecar   run the per-node sidecar (catalog view, DNS, proxy, gateway)
+  control   run the control service
+  version   print the version
+
+Run 'attache COMMAND -h' for a command's flags.
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// run is main without the process: it returns the exit code
+// (0 success, 1 failure, 2 usage error).
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	switch args[0] {
+	case "sidecar":
+		return runSidecar(ctx, args[1:], stderr)
+	case "control":
+		return runControl(ctx, args[1:], stderr)
+	case "version", "-v", "-version", "--version":
+		fmt.Fprintln(stdout, "attache", version)
+		return 0
+	case "-h", "-help", "--help", "help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	default:
+		fmt.Fprintf(stderr, "attache: unknown command %q\n\n%s", args[0], usage)
+		return 2
+	}
+}
+
+func runSidecar(ctx context.Context, args []string, stderr io.Writer) int {
+	cfg, err := sidecar.ParseArgs(args, sidecar.DefaultConfig(os.Getenv), stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "attache sidecar: %v\n", err)
+		return 2
+	}
+	log := newLogger(cfg.LogLevel, cfg.LogJSON, stderr)
+	s, err := sidecar.New(cfg, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "attache sidecar: %v\n", err)
+		return 2
+	}
+	if err := s.Run(ctx); err != nil {
+		log.Error("exiting", "error", err)
+		return 1
+	}
+	return 0
+}
+
+func runControl(ctx context.Context, args []string, stderr io.Writer) int {
+	cfg := control.DefaultConfig()
+	fs := flag.NewFlagSet("attache control", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&cfg.Addr, "listen", cfg.Addr, "HTTP listen `address` of the control API")
+	level := fs.String("log-level", "info", "log `level`: trace, debug, info, warn, error")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "attache control: unexpected argument %q\n", fs.Arg(0))
+		return 2
+	}
+	if err := control.New(cfg, newLogger(*level, false, stderr)).Run(ctx); err != nil {
+		fmt.Fprintf(stderr, "attache control: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+func newLogger(level string, json bool, w io.Writer) hclog.Logger {
+	return hclog.New(&hclog.LoggerOptions{
+		Name:       "attache",
+		Level:      hclog.LevelFromString(strings.ToLower(level)),
+		JSONFormat: json,
+		Output:     w,
+	})
+}

@@ -1,0 +1,134 @@
+package catalog
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"github.com/hashicorp/go-hclog"
+)
+
+// Registrar registers local services with the node's Consul agent, keeps
+// them registered (an agent restarted without its data loses them: they are
+// registered again within ResyncInterval) and deregisters them on shutdown.
+type Registrar struct {
+	agent  *api.Agent
+	regs   []*api.AgentServiceRegistration
+	log    hclog.Logger
+	resync time.Duration
+
+	mu     sync.Mutex
+	status RegistrarStatus
+}
+
+// RegistrarStatus tells /readyz whether registration has succeeded.
+type RegistrarStatus struct {
+	Registered bool      `json:"registered"`
+	LastError  string    `json:"last_error,omitempty"`
+	NextTry    time.Time `json:"next_try,omitzero"`
+}
+
+// NewRegistrar returns a Registrar for regs with the agent that client talks to.
+// resync is how often it checks that the agent still has them (default 10s).
+func NewRegistrar(client *api.Client, regs []*api.AgentServiceRegistration, resync time.Duration, log hclog.Logger) *Registrar {
+	if resync <= 0 {
+		resync = 10 * time.Second
+	}
+	return &Registrar{agent: client.Agent(), regs: regs, log: log.Named("register"), resync: resync}
+}
+
+// Status returns the registration state.
+func (r *Registrar) Status() RegistrarStatus {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.status
+}
+
+// Run registers the services, retrying with capped backoff while the agent
+// cannot be reached, re-registers any the agent has lost, and deregisters
+// them all when ctx ends.
+func (r *Registrar) Run(ctx context.Context) error {
+	if len(r.regs) == 0 {
+		r.setStatus(RegistrarStatus{Registered: true})
+		return nil
+	}
+	defer r.deregister()
+	backoff := Backoff{Min: 250 * time.Millisecond, Max: 30 * time.Second}
+	for {
+		wait := r.resync
+		if err := r.sync(ctx); err != nil {
+			wait = backoff.Next()
+			r.log.Warn("cannot register with the Consul agent; retrying", "error", err, "retry_in", wait.Round(time.Millisecond))
+			r.setStatus(RegistrarStatus{LastError: err.Error(), NextTry: time.Now().Add(wait)})
+		} else {
+			backoff.Reset()
+			r.setStatus(RegistrarStatus{Registered: true})
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+	}
+}
+
+func (r *Registrar) setStatus(s RegistrarStatus) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.status.Registered && s.Registered {
+		r.log.Info("services registered", "count", len(r.regs))
+	}
+	r.status = s
+}
+
+// sync registers every service the agent does not have.
+func (r *Registrar) sync(ctx context.Context) error {
+	have, err := r.agent.ServicesWithFilterOpts("", (&api.QueryOptions{}).WithContext(ctx))
+	if err != nil {
+		return fmt.Errorf("list agent services: %w", err)
+	}
+	for _, reg := range r.regs {
+		if _, ok := have[reg.ID]; ok {
+			continue
+		}
+		opts := api.ServiceRegisterOpts{ReplaceExistingChecks: true}.WithContext(ctx)
+		if err := r.agent.ServiceRegisterOpts(reg, opts); err != nil {
+			return fmt.Errorf("register %s: %w", reg.ID, err)
+		}
+		r.log.Info("registered", "service", reg.Name, "id", reg.ID)
+	}
+	return nil
+}
+
+func (r *Registrar) deregister() {
+	for _, reg := range r.regs {
+		if err := r.agent.ServiceDeregister(reg.ID); err != nil {
+			r.log.Warn("deregister failed", "id", reg.ID, "error", err)
+			continue
+		}
+		r.log.Info("deregistered", "id", reg.ID)
+	}
+}
+
+// Backoff is a capped exponential backoff with full jitter over its upper half.
+type Backoff struct {
+	Min, Max time.Duration
+	cur      time.Duration
+}
+
+// Next returns the next wait.
+func (b *Backoff) Next() time.Duration {
+	switch {
+	case b.cur == 0:
+		b.cur = b.Min
+	case b.cur < b.Max:
+		b.cur = min(b.cur*2, b.Max)
+	}
+	return b.cur/2 + rand.N(b.cur/2+1)
+}
+
+// Reset starts again from Min.
+func (b *Backoff) Reset() { b.cur = 0 }

@@ -1,0 +1,276 @@
+package sidecar
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/hcl/v2"
+	"github.com/hashicorp/hcl/v2/gohcl"
+	"github.com/hashicorp/hcl/v2/hclparse"
+)
+
+// Config is the sidecar's configuration. Flags and an HCL file (-config) set
+// the same fields; a flag given on the command line wins over the file, the
+// file over CONSUL_HTTP_ADDR / CONSUL_HTTP_TOKEN, those over the defaults.
+type Config struct {
+	Node         string        // this node's Consul name; default: asked of the local agent
+	Consul       []string      // Consul HTTP addresses, tried in order; default CONSUL_HTTP_ADDR or 127.0.0.1:8500
+	Token        string        // ACL token; default CONSUL_HTTP_TOKEN
+	DataDir      string        // last-known-good snapshot; empty: none
+	DNS          string        // DNS listen address (UDP and TCP); empty: off
+	DNSDomain    string        // default "consul."
+	Recursors    []string      // default: the nameservers of /etc/resolv.conf
+	Admin        string        // admin HTTP address; default 127.0.0.1:19001
+	Upstreams    []string      // NAME=ADDR[/tcp]
+	HTTPProxy    string        // HTTP proxy listen address; empty: off
+	Gateway      string        // gateway HTTP listen address; empty: off
+	GatewayTLS   string        // gateway HTTPS listen address; empty: off
+	ServiceFiles []string      // HCL files of local services to register
+	Watch        string        // which services to watch: on-demand (default), all, or list
+	WatchList    []string      // the services to watch with Watch = list (and always, with on-demand)
+	Stale        bool          // allow stale blocking queries answered by any server
+	MaxStale     time.Duration // with Stale, how stale an answer may be before the leader is asked
+	Warning      bool          // include instances whose checks warn
+	LogLevel     string        // trace, debug, info, warn, error
+	LogJSON      bool
+}
+
+// DefaultConfig returns the defaults, with CONSUL_HTTP_ADDR and
+// CONSUL_HTTP_TOKEN taken from env (pass os.Getenv).
+func DefaultConfig(env func(string) string) Config {
+	c := Config{
+		Consul:    []string{"127.0.0.1:8500"},
+		DNSDomain: "consul.",
+		Admin:     "127.0.0.1:19001",
+		Watch:     "on-demand",
+		LogLevel:  "info",
+	}
+	if a := env("CONSUL_HTTP_ADDR"); a != "" {
+		c.Consul = []string{a}
+	}
+	c.Token = env("CONSUL_HTTP_TOKEN")
+	return c
+}
+
+// listFlag is a repeatable flag. The first use on the command line replaces
+// what the file or defaults set; later uses append.
+type listFlag struct {
+	dst *[]string
+	set bool
+}
+
+func (l *listFlag) String() string {
+	if l.dst == nil {
+		return ""
+	}
+	return strings.Join(*l.dst, ",")
+}
+
+func (l *listFlag) Set(v string) error {
+	if !l.set {
+		*l.dst, l.set = nil, true
+	}
+	*l.dst = append(*l.dst, v)
+	return nil
+}
+
+func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.StringVar(configFile, "config", "", "HCL `file` setting any of these options (flags win)")
+	fs.StringVar(&c.Node, "node", c.Node, "this node's Consul `name` (default: asked of the local agent)")
+	fs.Var(&listFlag{dst: &c.Consul}, "consul", "Consul HTTP `address`, repeatable for failover; $CONSUL_HTTP_ADDR sets the default")
+	fs.StringVar(&c.Token, "token", c.Token, "Consul ACL `token`; $CONSUL_HTTP_TOKEN sets the default")
+	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "`dir` for the last-known-good catalog snapshot")
+	fs.StringVar(&c.DNS, "dns", c.DNS, "DNS listen `address` (UDP and TCP), e.g. 127.0.0.1:8653")
+	fs.StringVar(&c.DNSDomain, "dns-domain", c.DNSDomain, "DNS `domain` served")
+	fs.Var(&listFlag{dst: &c.Recursors}, "recursor", "DNS recursor `address` for names outside the domain, repeatable (default: /etc/resolv.conf)")
+	fs.StringVar(&c.Admin, "admin", c.Admin, "admin HTTP `address` (/healthz, /readyz, /metrics, /v1/...)")
+	fs.Var(&listFlag{dst: &c.Upstreams}, "upstream", "upstream listener `NAME=ADDR[/tcp]`, repeatable")
+	fs.StringVar(&c.HTTPProxy, "http-proxy", c.HTTPProxy, "HTTP proxy listen `address`")
+	fs.StringVar(&c.Gateway, "gateway", c.Gateway, "gateway HTTP listen `address`")
+	fs.StringVar(&c.GatewayTLS, "gateway-tls", c.GatewayTLS, "gateway HTTPS listen `address`")
+	fs.Var(&listFlag{dst: &c.ServiceFiles}, "service", "HCL `file` of local services to register, repeatable")
+	fs.StringVar(&c.Watch, "watch", c.Watch, "which services to watch: on-demand, all or list")
+	fs.Var(&listFlag{dst: &c.WatchList}, "watch-service", "`service` to watch from start, repeatable")
+	fs.BoolVar(&c.Stale, "stale", c.Stale, "let any server answer blocking queries (fresher load spread, ~100 ms later)")
+	fs.DurationVar(&c.MaxStale, "max-stale", c.MaxStale, "with -stale, the oldest answer accepted before asking the leader")
+	fs.BoolVar(&c.Warning, "warning", c.Warning, "include instances whose checks warn")
+	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log `level`: trace, debug, info, warn, error")
+	fs.BoolVar(&c.LogJSON, "log-json", c.LogJSON, "log as JSON")
+	return fs
+}
+
+// ParseArgs builds the configuration from the command line (and the file it
+// names with -config) over the given defaults. Errors say what to fix;
+// flag.ErrHelp means -h was asked for and the usage has been written to out.
+func ParseArgs(args []string, defaults Config, out io.Writer) (Config, error) {
+	cfg := defaults
+	var file string
+	fs := cfg.flags("attache sidecar", &file)
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(out, "Usage: attache sidecar [flags]\n\nFlags:")
+			fs.SetOutput(out)
+			fs.PrintDefaults()
+		} else {
+			err = fmt.Errorf("%w (run 'attache sidecar -h' for the flags)", err)
+		}
+		return Config{}, err
+	}
+	if fs.NArg() > 0 {
+		return Config{}, fmt.Errorf("unexpected argument %q: every option is a -flag", fs.Arg(0))
+	}
+	if file != "" {
+		src, err := os.ReadFile(file)
+		if err != nil {
+			return Config{}, fmt.Errorf("config file: %w", err)
+		}
+		cfg = defaults
+		if err := cfg.decodeHCL(file, src); err != nil {
+			return Config{}, err
+		}
+		fs = cfg.flags("attache sidecar", &file)
+		fs.SetOutput(io.Discard)
+		if err := fs.Parse(args); err != nil {
+			return Config{}, err
+		}
+	}
+	return cfg, cfg.Validate()
+}
+
+// fileConfig is the HCL form: attribute names are the flag names with
+// underscores; lists are HCL lists.
+type fileConfig struct {
+	Node         *string   `hcl:"node,optional"`
+	Consul       *[]string `hcl:"consul,optional"`
+	Token        *string   `hcl:"token,optional"`
+	DataDir      *string   `hcl:"data_dir,optional"`
+	DNS          *string   `hcl:"dns,optional"`
+	DNSDomain    *string   `hcl:"dns_domain,optional"`
+	Recursors    *[]string `hcl:"recursor,optional"`
+	Admin        *string   `hcl:"admin,optional"`
+	Upstreams    *[]string `hcl:"upstream,optional"`
+	HTTPProxy    *string   `hcl:"http_proxy,optional"`
+	Gateway      *string   `hcl:"gateway,optional"`
+	GatewayTLS   *string   `hcl:"gateway_tls,optional"`
+	ServiceFiles *[]string `hcl:"service,optional"`
+	Watch        *string   `hcl:"watch,optional"`
+	WatchList    *[]string `hcl:"watch_service,optional"`
+	Stale        *bool     `hcl:"stale,optional"`
+	MaxStale     *string   `hcl:"max_stale,optional"`
+	Warning      *bool     `hcl:"warning,optional"`
+	LogLevel     *string   `hcl:"log_level,optional"`
+	LogJSON      *bool     `hcl:"log_json,optional"`
+}
+
+// decodeHCL applies an HCL config file over c. Errors carry file:line.
+func (c *Config) decodeHCL(name string, src []byte) error {
+	f, diags := hclparse.NewParser().ParseHCL(src, name)
+	if diags.HasErrors() {
+		return diagError(diags)
+	}
+	var fc fileConfig
+	if diags := gohcl.DecodeBody(f.Body, nil, &fc); diags.HasErrors() {
+		return diagError(diags)
+	}
+	set(&c.Node, fc.Node)
+	set(&c.Consul, fc.Consul)
+	set(&c.Token, fc.Token)
+	set(&c.DataDir, fc.DataDir)
+	set(&c.DNS, fc.DNS)
+	set(&c.DNSDomain, fc.DNSDomain)
+	set(&c.Recursors, fc.Recursors)
+	set(&c.Admin, fc.Admin)
+	set(&c.Upstreams, fc.Upstreams)
+	set(&c.HTTPProxy, fc.HTTPProxy)
+	set(&c.Gateway, fc.Gateway)
+	set(&c.GatewayTLS, fc.GatewayTLS)
+	set(&c.ServiceFiles, fc.ServiceFiles)
+	set(&c.Watch, fc.Watch)
+	set(&c.WatchList, fc.WatchList)
+	set(&c.Stale, fc.Stale)
+	set(&c.Warning, fc.Warning)
+	set(&c.LogLevel, fc.LogLevel)
+	set(&c.LogJSON, fc.LogJSON)
+	if fc.MaxStale != nil {
+		d, err := time.ParseDuration(*fc.MaxStale)
+		if err != nil {
+			return fmt.Errorf("%s: max_stale: %w (use a duration such as \"2s\")", name, err)
+		}
+		c.MaxStale = d
+	}
+	return nil
+}
+
+func set[T any](dst *T, v *T) {
+	if v != nil {
+		*dst = *v
+	}
+}
+
+// diagError turns HCL diagnostics into one error of "file:line,col: summary; detail" lines.
+func diagError(diags hcl.Diagnostics) error {
+	var msgs []string
+	for _, d := range diags {
+		if d.Severity != hcl.DiagError {
+			continue
+		}
+		m := d.Summary
+		if d.Detail != "" {
+			m += ": " + d.Detail
+		}
+		if d.Subject != nil {
+			m = fmt.Sprintf("%s:%d,%d: %s", d.Subject.Filename, d.Subject.Start.Line, d.Subject.Start.Column, m)
+		}
+		msgs = append(msgs, m)
+	}
+	return errors.New(strings.Join(msgs, "\n"))
+}
+
+// Validate checks the configuration and says what to fix.
+func (c *Config) Validate() error {
+	var errs []error
+	addr := func(flag, v string) {
+		if v == "" {
+			return
+		}
+		if _, _, err := net.SplitHostPort(v); err != nil {
+			errs = append(errs, fmt.Errorf("-%s %q: want HOST:PORT, e.g. 127.0.0.1:8653 (%v)", flag, v, err))
+		}
+	}
+	if len(c.Consul) == 0 {
+		errs = append(errs, errors.New("-consul: at least one Consul address is needed"))
+	}
+	addr("dns", c.DNS)
+	addr("admin", c.Admin)
+	addr("http-proxy", c.HTTPProxy)
+	addr("gateway", c.Gateway)
+	addr("gateway-tls", c.GatewayTLS)
+	for _, r := range c.Recursors {
+		addr("recursor", r)
+	}
+	switch c.Watch {
+	case "on-demand", "all", "list":
+	default:
+		errs = append(errs, fmt.Errorf("-watch %q: want on-demand, all or list", c.Watch))
+	}
+	if c.Watch == "list" && len(c.WatchList) == 0 {
+		errs = append(errs, errors.New("-watch list needs at least one -watch-service NAME"))
+	}
+	switch strings.ToLower(c.LogLevel) {
+	case "trace", "debug", "info", "warn", "error":
+	default:
+		errs = append(errs, fmt.Errorf("-log-level %q: want trace, debug, info, warn or error", c.LogLevel))
+	}
+	if c.Admin == "" {
+		errs = append(errs, errors.New("-admin: an admin address is needed for /healthz and /readyz"))
+	}
+	return errors.Join(errs...)
+}

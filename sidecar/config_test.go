@@ -1,0 +1,164 @@
+package sidecar
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func noEnv(string) string { return "" }
+
+func TestParseArgs(t *testing.T) {
+	dir := t.TempDir()
+	file := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	good := file("good.hcl", "dns = \"127.0.0.1:8653\"\nconsul = [\"127.0.0.1:8500\", \"127.0.0.2:8500\"]\nupstream = [\"users=127.0.0.1:9191\"]\nmax_stale = \"2s\"\n")
+	badAttr := file("bad.hcl", "dns = \"127.0.0.1:8653\"\nbogus = 1\n")
+	badSyntax := file("syntax.hcl", "dns = \n")
+	badDur := file("dur.hcl", "max_stale = \"soon\"\n")
+
+	tests := []struct {
+		name    string
+		args    []string
+		env     map[string]string
+		wantErr string
+		check   func(t *testing.T, c Config)
+	}{
+		{name: "defaults", check: func(t *testing.T, c Config) {
+			if c.Admin != "127.0.0.1:19001" || c.Consul[0] != "127.0.0.1:8500" || c.DNSDomain != "consul." {
+				t.Errorf("defaults: %+v", c)
+			}
+		}},
+		{name: "env", env: map[string]string{"CONSUL_HTTP_ADDR": "127.0.0.9:8500", "CONSUL_HTTP_TOKEN": "s3cret"}, check: func(t *testing.T, c Config) {
+			if c.Consul[0] != "127.0.0.9:8500" || c.Token != "s3cret" {
+				t.Errorf("env not applied: %+v", c)
+			}
+		}},
+		{name: "repeatable flag replaces default", args: []string{"-consul", "127.0.0.2:8500", "-consul", "127.0.0.3:8500"}, check: func(t *testing.T, c Config) {
+			if strings.Join(c.Consul, ",") != "127.0.0.2:8500,127.0.0.3:8500" {
+				t.Errorf("consul = %v", c.Consul)
+			}
+		}},
+		{name: "file", args: []string{"-config", good}, check: func(t *testing.T, c Config) {
+			if c.DNS != "127.0.0.1:8653" || len(c.Consul) != 2 || c.Upstreams[0] != "users=127.0.0.1:9191" || c.MaxStale.String() != "2s" {
+				t.Errorf("file not applied: %+v", c)
+			}
+		}},
+		{name: "flag wins over file", args: []string{"-config", good, "-dns", "127.0.0.1:9999"}, check: func(t *testing.T, c Config) {
+			if c.DNS != "127.0.0.1:9999" {
+				t.Errorf("dns = %q", c.DNS)
+			}
+		}},
+		{name: "flag without value", args: []string{"-dns"}, wantErr: "flag needs an argument: -dns"},
+		{name: "unknown flag", args: []string{"-frob"}, wantErr: "flag provided but not defined: -frob"},
+		{name: "stray argument", args: []string{"users"}, wantErr: `unexpected argument "users"`},
+		{name: "bad address", args: []string{"-dns", "8653"}, wantErr: `-dns "8653": want HOST:PORT`},
+		{name: "bad watch", args: []string{"-watch", "some"}, wantErr: `-watch "some"`},
+		{name: "watch list needs services", args: []string{"-watch", "list"}, wantErr: "-watch list needs"},
+		{name: "missing file", args: []string{"-config", filepath.Join(dir, "nope.hcl")}, wantErr: "no such file"},
+		{name: "unknown attribute names file and line", args: []string{"-config", badAttr}, wantErr: "bad.hcl:2,1: Unsupported argument"},
+		{name: "syntax error names file and line", args: []string{"-config", badSyntax}, wantErr: "syntax.hcl:1,"},
+		{name: "bad duration", args: []string{"-config", badDur}, wantErr: "max_stale"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			env := func(k string) string { return tt.env[k] }
+			c, err := ParseArgs(tt.args, DefaultConfig(env), &strings.Builder{})
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("error = %v, want it to contain %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			tt.check(t, c)
+		})
+	}
+}
+
+func TestParseServices(t *testing.T) {
+	tests := []struct {
+		name, src, wantErr string
+		wantIDs            []string
+	}{
+		{name: "two services", src: `
+service {
+  name = "users"
+  id   = "users-1"
+  port = 8081
+  tags = ["v1"]
+  meta = { version = "1" }
+  weight = 3
+  check {
+    http     = "http://127.0.0.1:8081/health"
+    interval = "1s"
+  }
+}
+service {
+  name = "inventory"
+  port = 8082
+  check { tcp = "127.0.0.1:8082" }
+}`, wantIDs: []string{"users-1", "inventory"}},
+		{name: "no service", src: `# nothing`, wantErr: "no service block"},
+		{name: "missing port", src: `service { name = "x" }`, wantErr: `svc.hcl:1,11: Missing required argument: The argument "port" is required`},
+		{name: "bad port", src: `service {
+  name = "x"
+  port = 70000
+}`, wantErr: "port 70000 is not a TCP port"},
+		{name: "check without kind", src: `service {
+  name = "x"
+  port = 1
+  check { interval = "1s" }
+}`, wantErr: `needs http = "http://ADDR/health"`},
+		{name: "bad interval", src: `service {
+  name = "x"
+  port = 1
+  check {
+    tcp      = "127.0.0.1:1"
+    interval = "often"
+  }
+}`, wantErr: `interval "often"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			regs, err := ParseServices("svc.hcl", []byte(tt.src))
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("error = %v, want it to contain %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			var ids []string
+			for _, r := range regs {
+				ids = append(ids, r.ID)
+			}
+			if strings.Join(ids, ",") != strings.Join(tt.wantIDs, ",") {
+				t.Fatalf("ids = %v, want %v", ids, tt.wantIDs)
+			}
+		})
+	}
+}
+
+// FuzzConfigFile feeds arbitrary bytes to the config and service file parsers:
+// they must return an error or a value, never panic.
+func FuzzConfigFile(f *testing.F) {
+	f.Add([]byte("dns = \"127.0.0.1:8653\"\nconsul = [\"a:1\"]\n"))
+	f.Add([]byte("service {\n name = \"x\"\n port = 1\n check { http = \"http://x\" }\n}\n"))
+	f.Add([]byte("max_stale = \"1s\"\nwatch = \"all\"\n"))
+	f.Fuzz(func(t *testing.T, src []byte) {
+		c := DefaultConfig(noEnv)
+		_ = c.decodeHCL("fuzz.hcl", src)
+		_, _ = ParseServices("fuzz.hcl", src)
+	})
+}
