@@ -5,6 +5,8 @@ import (
 	"net/http"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"attache/sidecar/catalog"
 )
 
 func (s *Sidecar) adminHandler() http.Handler {
@@ -14,22 +16,34 @@ func (s *Sidecar) adminHandler() http.Handler {
 	})
 	mux.HandleFunc("GET /readyz", s.readyz)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /v1/snapshot", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, struct {
+			Status   catalog.Status    `json:"status"`
+			Snapshot *catalog.Snapshot `json:"snapshot"`
+		}{s.watcher.Status(), s.watcher.Load()}, http.StatusOK)
+	})
 	return mux
 }
 
 // readiness is the body of /readyz.
 type readiness struct {
-	Ready    bool   `json:"ready"`
-	Reason   string `json:"reason,omitempty"`
-	Register any    `json:"registration"`
+	Ready    bool                    `json:"ready"`
+	Reasons  []string                `json:"reasons,omitempty"`
+	Register catalog.RegistrarStatus `json:"registration"`
+	Catalog  catalog.Status          `json:"catalog"`
 }
 
+// readyz answers 200 once the sidecar has registered with its agent and has
+// a catalog view to serve (from Consul, or from disk while Consul is down).
 func (s *Sidecar) readyz(w http.ResponseWriter, r *http.Request) {
-	reg := s.registrar.Status()
-	rd := readiness{Ready: reg.Registered, Register: reg}
-	if !reg.Registered {
-		rd.Reason = "not registered with the local Consul agent yet: " + reg.LastError
+	rd := readiness{Register: s.registrar.Status(), Catalog: s.watcher.Status()}
+	if !rd.Register.Registered {
+		rd.Reasons = append(rd.Reasons, "not registered with the local Consul agent yet: "+rd.Register.LastError)
 	}
+	if !s.watcher.Ready() {
+		rd.Reasons = append(rd.Reasons, "no catalog view yet: "+rd.Catalog.LastError)
+	}
+	rd.Ready = len(rd.Reasons) == 0
 	writeJSON(w, rd, map[bool]int{true: http.StatusOK, false: http.StatusServiceUnavailable}[rd.Ready])
 }
 

@@ -10,51 +10,65 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/hcl/v2"
 	"github.com/hashicorp/hcl/v2/gohcl"
 	"github.com/hashicorp/hcl/v2/hclparse"
+
+	"attache/sidecar/catalog"
 )
 
 // Config is the sidecar's configuration. Flags and an HCL file (-config) set
 // the same fields; a flag given on the command line wins over the file, the
 // file over CONSUL_HTTP_ADDR / CONSUL_HTTP_TOKEN, those over the defaults.
 type Config struct {
-	Node         string        // this node's Consul name; default: asked of the local agent
-	Consul       []string      // Consul HTTP addresses, tried in order; default CONSUL_HTTP_ADDR or 127.0.0.1:8500
-	Token        string        // ACL token; default CONSUL_HTTP_TOKEN
-	DataDir      string        // last-known-good snapshot; empty: none
-	DNS          string        // DNS listen address (UDP and TCP); empty: off
-	DNSDomain    string        // default "consul."
-	Recursors    []string      // default: the nameservers of /etc/resolv.conf
-	Admin        string        // admin HTTP address; default 127.0.0.1:19001
-	Upstreams    []string      // NAME=ADDR[/tcp]
-	HTTPProxy    string        // HTTP proxy listen address; empty: off
-	Gateway      string        // gateway HTTP listen address; empty: off
-	GatewayTLS   string        // gateway HTTPS listen address; empty: off
-	ServiceFiles []string      // HCL files of local services to register
-	Watch        string        // which services to watch: on-demand (default), all, or list
-	WatchList    []string      // the services to watch with Watch = list (and always, with on-demand)
-	Stale        bool          // allow stale blocking queries answered by any server
-	MaxStale     time.Duration // with Stale, how stale an answer may be before the leader is asked
-	Warning      bool          // include instances whose checks warn
-	LogLevel     string        // trace, debug, info, warn, error
-	LogJSON      bool
+	Node          string                   // this node's Consul name; default: asked of the local agent
+	Consul        []string                 // Consul HTTP addresses, tried in order; default CONSUL_HTTP_ADDR or 127.0.0.1:8500
+	Token         string                   // ACL token; default CONSUL_HTTP_TOKEN
+	TokenFile     string                   // file holding the ACL token; default CONSUL_HTTP_TOKEN_FILE
+	TLS           api.TLSConfig            // HTTPS to Consul; defaults from CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY...
+	SSL           bool                     // https for addresses without a scheme; default CONSUL_HTTP_SSL
+	DataDir       string                   // last-known-good snapshot; empty: none
+	DNS           string                   // DNS listen address (UDP and TCP); empty: off
+	DNSDomain     string                   // default "consul."
+	Recursors     []string                 // default: the nameservers of /etc/resolv.conf
+	Admin         string                   // admin HTTP address; default 127.0.0.1:19001
+	Upstreams     []string                 // NAME=ADDR[/tcp]
+	HTTPProxy     string                   // HTTP proxy listen address; empty: off
+	Gateway       string                   // gateway HTTP listen address; empty: off
+	GatewayTLS    string                   // gateway HTTPS listen address; empty: off
+	ServiceFiles  []string                 // HCL files of local services to register
+	Watch         string                   // which services to watch: on-demand (default), all, or list
+	WatchList     []string                 // the services to watch with Watch = list (and always, with on-demand)
+	Stale         bool                     // allow stale blocking queries answered by any server
+	MaxStale      time.Duration            // with Stale, how stale an answer may be before the leader is asked
+	Warning       bool                     // include instances whose checks warn
+	DNSTTL        time.Duration            // TTL of service answers (default 0, as Consul)
+	DNSNodeTTL    time.Duration            // TTL of node answers (default 0)
+	DNSNegTTL     time.Duration            // SOA minimum: how long resolvers may cache NXDOMAIN (default 0)
+	DNSNearest    bool                     // order DNS answers nearest first by network coordinates
+	DNSEjections  bool                     // leave instances the proxy ejected out of DNS answers (default true)
+	DNSServiceTTL map[string]time.Duration // per-service TTLs (HCL only), "prefix*" keys allowed
+	LogLevel      string                   // trace, debug, info, warn, error
+	LogJSON       bool
 }
 
 // DefaultConfig returns the defaults, with CONSUL_HTTP_ADDR and
 // CONSUL_HTTP_TOKEN taken from env (pass os.Getenv).
 func DefaultConfig(env func(string) string) Config {
 	c := Config{
-		Consul:    []string{"127.0.0.1:8500"},
-		DNSDomain: "consul.",
-		Admin:     "127.0.0.1:19001",
-		Watch:     "on-demand",
-		LogLevel:  "info",
+		Consul:       []string{"127.0.0.1:8500"},
+		DNSDomain:    "consul.",
+		Admin:        "127.0.0.1:19001",
+		Watch:        "on-demand",
+		LogLevel:     "info",
+		DNSEjections: true,
 	}
-	if a := env("CONSUL_HTTP_ADDR"); a != "" {
-		c.Consul = []string{a}
+	if h, err := os.Hostname(); err == nil {
+		c.Node = h // Consul's default node name
 	}
-	c.Token = env("CONSUL_HTTP_TOKEN")
+	w := catalog.ConfigFromEnv(env) // CONSUL_* as the consul CLI reads them
+	c.Consul, c.Token, c.TokenFile, c.TLS, c.SSL = w.Addresses, w.Token, w.TokenFile, w.TLS, w.SSL
 	return c
 }
 
@@ -83,7 +97,7 @@ func (l *listFlag) Set(v string) error {
 func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.StringVar(configFile, "config", "", "HCL `file` setting any of these options (flags win)")
-	fs.StringVar(&c.Node, "node", c.Node, "this node's Consul `name` (default: asked of the local agent)")
+	fs.StringVar(&c.Node, "node", c.Node, "this node's Consul `name` (the origin of network-coordinate distances)")
 	fs.Var(&listFlag{dst: &c.Consul}, "consul", "Consul HTTP `address`, repeatable for failover; $CONSUL_HTTP_ADDR sets the default")
 	fs.StringVar(&c.Token, "token", c.Token, "Consul ACL `token`; $CONSUL_HTTP_TOKEN sets the default")
 	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "`dir` for the last-known-good catalog snapshot")
@@ -101,6 +115,11 @@ func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs.BoolVar(&c.Stale, "stale", c.Stale, "let any server answer blocking queries (fresher load spread, ~100 ms later)")
 	fs.DurationVar(&c.MaxStale, "max-stale", c.MaxStale, "with -stale, the oldest answer accepted before asking the leader")
 	fs.BoolVar(&c.Warning, "warning", c.Warning, "include instances whose checks warn")
+	fs.DurationVar(&c.DNSTTL, "dns-ttl", c.DNSTTL, "TTL of DNS service answers")
+	fs.DurationVar(&c.DNSNodeTTL, "dns-node-ttl", c.DNSNodeTTL, "TTL of DNS node answers")
+	fs.DurationVar(&c.DNSNegTTL, "dns-negative-ttl", c.DNSNegTTL, "SOA minimum TTL: how long resolvers may cache NXDOMAIN")
+	fs.BoolVar(&c.DNSNearest, "dns-nearest", c.DNSNearest, "order DNS answers nearest first (network coordinates) instead of shuffled")
+	fs.BoolVar(&c.DNSEjections, "dns-ejections", c.DNSEjections, "leave instances the proxy has ejected out of DNS answers")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log `level`: trace, debug, info, warn, error")
 	fs.BoolVar(&c.LogJSON, "log-json", c.LogJSON, "log as JSON")
 	return fs
@@ -148,26 +167,32 @@ func ParseArgs(args []string, defaults Config, out io.Writer) (Config, error) {
 // fileConfig is the HCL form: attribute names are the flag names with
 // underscores; lists are HCL lists.
 type fileConfig struct {
-	Node         *string   `hcl:"node,optional"`
-	Consul       *[]string `hcl:"consul,optional"`
-	Token        *string   `hcl:"token,optional"`
-	DataDir      *string   `hcl:"data_dir,optional"`
-	DNS          *string   `hcl:"dns,optional"`
-	DNSDomain    *string   `hcl:"dns_domain,optional"`
-	Recursors    *[]string `hcl:"recursor,optional"`
-	Admin        *string   `hcl:"admin,optional"`
-	Upstreams    *[]string `hcl:"upstream,optional"`
-	HTTPProxy    *string   `hcl:"http_proxy,optional"`
-	Gateway      *string   `hcl:"gateway,optional"`
-	GatewayTLS   *string   `hcl:"gateway_tls,optional"`
-	ServiceFiles *[]string `hcl:"service,optional"`
-	Watch        *string   `hcl:"watch,optional"`
-	WatchList    *[]string `hcl:"watch_service,optional"`
-	Stale        *bool     `hcl:"stale,optional"`
-	MaxStale     *string   `hcl:"max_stale,optional"`
-	Warning      *bool     `hcl:"warning,optional"`
-	LogLevel     *string   `hcl:"log_level,optional"`
-	LogJSON      *bool     `hcl:"log_json,optional"`
+	Node          *string            `hcl:"node,optional"`
+	Consul        *[]string          `hcl:"consul,optional"`
+	Token         *string            `hcl:"token,optional"`
+	DataDir       *string            `hcl:"data_dir,optional"`
+	DNS           *string            `hcl:"dns,optional"`
+	DNSDomain     *string            `hcl:"dns_domain,optional"`
+	Recursors     *[]string          `hcl:"recursor,optional"`
+	Admin         *string            `hcl:"admin,optional"`
+	Upstreams     *[]string          `hcl:"upstream,optional"`
+	HTTPProxy     *string            `hcl:"http_proxy,optional"`
+	Gateway       *string            `hcl:"gateway,optional"`
+	GatewayTLS    *string            `hcl:"gateway_tls,optional"`
+	ServiceFiles  *[]string          `hcl:"service,optional"`
+	Watch         *string            `hcl:"watch,optional"`
+	WatchList     *[]string          `hcl:"watch_service,optional"`
+	Stale         *bool              `hcl:"stale,optional"`
+	MaxStale      *string            `hcl:"max_stale,optional"`
+	Warning       *bool              `hcl:"warning,optional"`
+	DNSTTL        *string            `hcl:"dns_ttl,optional"`
+	DNSNodeTTL    *string            `hcl:"dns_node_ttl,optional"`
+	DNSNegTTL     *string            `hcl:"dns_negative_ttl,optional"`
+	DNSNearest    *bool              `hcl:"dns_nearest,optional"`
+	DNSEjections  *bool              `hcl:"dns_ejections,optional"`
+	DNSServiceTTL *map[string]string `hcl:"dns_service_ttl,optional"`
+	LogLevel      *string            `hcl:"log_level,optional"`
+	LogJSON       *bool              `hcl:"log_json,optional"`
 }
 
 // decodeHCL applies an HCL config file over c. Errors carry file:line.
@@ -199,12 +224,36 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	set(&c.Warning, fc.Warning)
 	set(&c.LogLevel, fc.LogLevel)
 	set(&c.LogJSON, fc.LogJSON)
-	if fc.MaxStale != nil {
-		d, err := time.ParseDuration(*fc.MaxStale)
-		if err != nil {
-			return fmt.Errorf("%s: max_stale: %w (use a duration such as \"2s\")", name, err)
+	set(&c.DNSNearest, fc.DNSNearest)
+	set(&c.DNSEjections, fc.DNSEjections)
+	for _, d := range []struct {
+		attr string
+		v    *string
+		dst  *time.Duration
+	}{
+		{"max_stale", fc.MaxStale, &c.MaxStale},
+		{"dns_ttl", fc.DNSTTL, &c.DNSTTL},
+		{"dns_node_ttl", fc.DNSNodeTTL, &c.DNSNodeTTL},
+		{"dns_negative_ttl", fc.DNSNegTTL, &c.DNSNegTTL},
+	} {
+		if d.v == nil {
+			continue
 		}
-		c.MaxStale = d
+		v, err := time.ParseDuration(*d.v)
+		if err != nil {
+			return fmt.Errorf("%s: %s: %w (use a duration such as \"2s\")", name, d.attr, err)
+		}
+		*d.dst = v
+	}
+	if fc.DNSServiceTTL != nil {
+		c.DNSServiceTTL = map[string]time.Duration{}
+		for svc, v := range *fc.DNSServiceTTL {
+			d, err := time.ParseDuration(v)
+			if err != nil {
+				return fmt.Errorf("%s: dns_service_ttl[%q]: %w (use a duration such as \"5s\")", name, svc, err)
+			}
+			c.DNSServiceTTL[strings.ToLower(svc)] = d
+		}
 	}
 	return nil
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"golang.org/x/sync/errgroup"
 
+	"attache/dns"
 	"attache/sidecar/catalog"
 )
 
@@ -29,6 +30,8 @@ type Sidecar struct {
 	log       hclog.Logger
 	metrics   *prometheus.Registry
 	registrar *catalog.Registrar
+	watcher   *catalog.Watcher
+	dns       *dns.Server // nil without -dns
 }
 
 // New builds the sidecar from cfg. It binds nothing and contacts nobody: Run does.
@@ -44,31 +47,38 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 	if err != nil {
 		return nil, err
 	}
-	client, err := consulClient(cfg, cfg.Consul[0])
+	m := prometheus.NewRegistry()
+	m.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	s := &Sidecar{cfg: cfg, log: log, metrics: m}
+
+	wc := catalog.DefaultConfig()
+	wc.Addresses, wc.Token, wc.TokenFile, wc.TLS, wc.SSL = cfg.Consul, cfg.Token, cfg.TokenFile, cfg.TLS, cfg.SSL
+	wc.Mode = catalog.Mode(cfg.Watch)
+	wc.Services = cfg.WatchList
+	wc.Stale, wc.MaxStale, wc.IncludeWarning = cfg.Stale, cfg.MaxStale, cfg.Warning
+	wc.DataDir, wc.Node = cfg.DataDir, cfg.Node
+	wc.Logger, wc.Registerer = log, m
+	if s.watcher, err = catalog.NewWatcher(wc); err != nil {
+		return nil, err
+	}
+	// Registration goes to the node's own agent: the first -consul address.
+	client, err := s.watcher.Client(0)
 	if err != nil {
 		return nil, err
 	}
-	m := prometheus.NewRegistry()
-	m.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	return &Sidecar{
-		cfg:       cfg,
-		log:       log,
-		metrics:   m,
-		registrar: catalog.NewRegistrar(client, append([]*api.AgentServiceRegistration{self}, regs...), 0, log),
-	}, nil
-}
+	s.registrar = catalog.NewRegistrar(client, append([]*api.AgentServiceRegistration{self}, regs...), 0, log)
 
-// consulClient returns a consul/api client for one address, with the token
-// and the TLS settings of the CONSUL_* environment variables.
-func consulClient(cfg Config, addr string) (*api.Client, error) {
-	c := api.DefaultConfig() // reads CONSUL_CACERT, CONSUL_CLIENT_CERT/KEY, CONSUL_HTTP_SSL...
-	c.Address = addr
-	c.Token = cfg.Token
-	client, err := api.NewClient(c)
-	if err != nil {
-		return nil, fmt.Errorf("consul client for %s: %w", addr, err)
+	if cfg.DNS != "" {
+		dc := dns.DefaultConfig()
+		dc.Addr, dc.Domain, dc.Recursors = cfg.DNS, cfg.DNSDomain, cfg.Recursors
+		dc.DefaultServiceTTL, dc.ServiceTTL, dc.NodeTTL, dc.NegativeTTL = cfg.DNSTTL, cfg.DNSServiceTTL, cfg.DNSNodeTTL, cfg.DNSNegTTL
+		dc.Nearest, dc.Node, dc.HonourEjections = cfg.DNSNearest, cfg.Node, cfg.DNSEjections
+		dc.Logger, dc.Registerer = log, m
+		if s.dns, err = dns.New(dc, s.watcher, nil); err != nil {
+			return nil, err
+		}
 	}
-	return client, nil
+	return s, nil
 }
 
 // selfRegistration is the sidecar's own entry in Consul: service "attache",
@@ -110,7 +120,11 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	admin := &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
 
 	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return s.watcher.Run(gctx) })
 	g.Go(func() error { return s.registrar.Run(gctx) })
+	if s.dns != nil {
+		g.Go(func() error { return s.dns.Run(gctx) })
+	}
 	g.Go(func() error {
 		if err := admin.Serve(adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			return fmt.Errorf("admin: %w", err)

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	miekg "github.com/miekg/dns"
 
 	"attache/internal/testcluster"
 )
@@ -100,7 +101,8 @@ func TestSidecarAgainstCluster(t *testing.T) {
   address = "127.0.0.1"
   port = `+strings.Split(backend, ":")[1]+`
 }`), 0o644)
-	admin, stop := runSidecar(t, "-consul", agent.HTTPAddr, "-service", svcFile)
+	dnsAddr := freeAddr(t)
+	admin, stop := runSidecar(t, "-consul", agent.HTTPAddr, "-service", svcFile, "-dns", dnsAddr, "-data-dir", t.TempDir())
 
 	eventually(t, "/healthz 200", 5*time.Second, func() bool { code, _ := get(admin, "/healthz"); return code == 200 })
 	eventually(t, "/readyz 200", 10*time.Second, func() bool { code, _ := get(admin, "/readyz"); return code == 200 })
@@ -118,6 +120,17 @@ func TestSidecarAgainstCluster(t *testing.T) {
 		entries, _, err := api.Health().Service("attache", "", true, nil)
 		return err == nil && len(entries) == 1
 	})
+
+	// Its DNS answers from the view: users-1 has no check, so it is passing.
+	eventually(t, "users.service.consul from the sidecar's DNS", 10*time.Second, func() bool {
+		m := new(miekg.Msg)
+		m.SetQuestion("users.service.consul.", miekg.TypeA)
+		in, err := miekg.Exchange(m, dnsAddr)
+		return err == nil && len(in.Answer) == 1 && in.Answer[0].(*miekg.A).A.String() == "127.0.0.1"
+	})
+	if code, body := get(admin, "/v1/snapshot"); code != 200 || !strings.Contains(body, `"users-1"`) {
+		t.Errorf("/v1/snapshot = %d %s", code, body)
+	}
 
 	// Kill the leader: the cluster elects another and the sidecar keeps serving.
 	c.Leader(t).Kill()
@@ -149,11 +162,11 @@ func TestSidecarWithoutConsul(t *testing.T) {
 	eventually(t, "/readyz to explain", 5*time.Second, func() bool {
 		code, body := get(admin, "/readyz")
 		var r struct {
-			Ready  bool
-			Reason string
+			Ready   bool
+			Reasons []string
 		}
 		_ = json.Unmarshal([]byte(body), &r)
-		return code == 503 && !r.Ready && strings.Contains(r.Reason, "connection refused")
+		return code == 503 && !r.Ready && len(r.Reasons) == 2 && strings.Contains(r.Reasons[0], "connection refused")
 	})
 	if code, _ := get(admin, "/healthz"); code != 200 {
 		t.Fatal("/healthz should answer while Consul is unreachable")

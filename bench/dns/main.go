@@ -1,0 +1,430 @@
+// Command dns-bench measures attache's DNS server with dnsperf beside two
+// peers, in one run, on the same query mix (A, SRV, tag A):
+//
+//   - a bare miekg/dns responder that answers a fixed A record: the ceiling
+//     for the library on this machine;
+//   - Consul's own DNS on a client agent.
+//
+// It starts a one-server Consul cluster with one client agent on loopback,
+// registers a service on the client, feeds attache's DNS from the real
+// catalog watcher (in process, or a running attache given with -attache),
+// and prints a markdown section with max QPS, ratios and p99 latency at half
+// of each server's max rate.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	miekg "github.com/miekg/dns"
+
+	"attache/dns"
+	"attache/sidecar/catalog"
+)
+
+func main() {
+	consulBin := flag.String("consul", ".bin/consul", "Consul binary")
+	dnsperf := flag.String("dnsperf", "dnsperf", "dnsperf binary")
+	duration := flag.Duration("duration", 8*time.Second, "length of each max-rate run")
+	latDuration := flag.Duration("latency-duration", 4*time.Second, "length of each half-rate run")
+	clients := flag.Int("clients", 4, "dnsperf -c (client sockets)")
+	outstanding := flag.Int("outstanding", 100, "dnsperf -q (queries in flight)")
+	sockets := flag.Int("udp-sockets", 1, "UDP sockets of the in-process attache server (SO_REUSEPORT)")
+	external := flag.String("attache", "", "benchmark a running attache DNS at this address instead of the in-process server (its catalog must see the cluster this program starts: not yet wired)")
+	flag.Parse()
+	if err := run(*consulBin, *dnsperf, *duration, *latDuration, *clients, *outstanding, *sockets, *external); err != nil {
+		fmt.Fprintln(os.Stderr, "dns-bench:", err)
+		os.Exit(1)
+	}
+}
+
+type target struct {
+	name, addr string
+	maxQPS     float64
+	lost       string
+	p99        time.Duration
+	lat        string
+}
+
+func run(consulBin, dnsperf string, dur, latDur time.Duration, clients, outstanding, sockets int, external string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 170*time.Second)
+	defer cancel()
+	if _, err := exec.LookPath(dnsperf); err != nil {
+		return fmt.Errorf("dnsperf not found (apt-get install dnsperf): %w", err)
+	}
+	dir, err := os.MkdirTemp("", "attache-dns-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+
+	// Consul: one server and one client agent on their own loopback addresses.
+	ips, err := freeIPs(2)
+	if err != nil {
+		return err
+	}
+	srvIP, cliIP := ips[0], ips[1]
+	stopServer, err := startAgent(ctx, consulBin, dir, "bench-server", srvIP, true, "")
+	if err != nil {
+		return err
+	}
+	defer stopServer()
+	stopClient, err := startAgent(ctx, consulBin, dir, "bench-client", cliIP, false, srvIP)
+	if err != nil {
+		return err
+	}
+	defer stopClient()
+	cfg := api.DefaultConfig()
+	cfg.Address = cliIP + ":8500"
+	cl, err := api.NewClient(cfg)
+	if err != nil {
+		return err
+	}
+	if err := waitFor(ctx, 60*time.Second, func() error {
+		if l, err := cl.Status().Leader(); err != nil || l == "" {
+			return fmt.Errorf("no leader yet (%v)", err)
+		}
+		_, err := cl.Agent().Self()
+		return err
+	}); err != nil {
+		return fmt.Errorf("consul did not start: %w", err)
+	}
+	for i, tag := range []string{"v1", "v2"} {
+		if err := cl.Agent().ServiceRegister(&api.AgentServiceRegistration{
+			ID: fmt.Sprintf("users-%d", i+1), Name: "users", Port: 9001 + i, Tags: []string{tag},
+			Address: fmt.Sprintf("127.0.0.%d", 101+i),
+		}); err != nil {
+			return err
+		}
+	}
+	consulDNS := cliIP + ":8600"
+	if err := waitFor(ctx, 30*time.Second, func() error { return expectAnswers(consulDNS, 2) }); err != nil {
+		return fmt.Errorf("consul DNS: %w", err)
+	}
+
+	// attache DNS, fed by the catalog watcher on the client agent.
+	attacheAddr := external
+	if attacheAddr == "" {
+		wcfg := catalog.DefaultConfig()
+		wcfg.Addresses = []string{cliIP + ":8500"}
+		wcfg.Node = "bench-client"
+		w, err := catalog.NewWatcher(wcfg)
+		if err != nil {
+			return err
+		}
+		wctx, wcancel := context.WithCancel(ctx)
+		defer wcancel()
+		go w.Run(wctx)
+		dcfg := dns.DefaultConfig()
+		dcfg.Addr = "127.0.0.1:0"
+		dcfg.ResolvConf = ""
+		dcfg.UDPSockets = sockets
+		s, err := dns.New(dcfg, w, nil)
+		if err != nil {
+			return err
+		}
+		go s.Run(wctx)
+		select {
+		case <-s.Ready():
+		case <-time.After(10 * time.Second):
+			return errors.New("attache DNS did not start")
+		}
+		attacheAddr = s.Addr()
+	}
+	if err := waitFor(ctx, 30*time.Second, func() error { return expectAnswers(attacheAddr, 2) }); err != nil {
+		return fmt.Errorf("attache DNS: %w", err)
+	}
+
+	bareAddr, stopBare, err := startBare()
+	if err != nil {
+		return err
+	}
+	defer stopBare()
+
+	queries := filepath.Join(dir, "queries.txt")
+	if err := os.WriteFile(queries, []byte("users.service.consul A\nusers.service.consul SRV\nv1.users.service.consul A\n"), 0o644); err != nil {
+		return err
+	}
+
+	targets := []*target{
+		{name: "bare miekg/dns responder (fixed A)", addr: bareAddr},
+		{name: "attache DNS", addr: attacheAddr},
+		{name: "Consul DNS (client agent)", addr: consulDNS},
+	}
+	for _, t := range targets {
+		out, err := runDNSPerf(ctx, dnsperf, t.addr, queries, dur, clients, outstanding, 0, false)
+		if err != nil {
+			return fmt.Errorf("%s: %w", t.name, err)
+		}
+		t.maxQPS, t.lost = parseQPS(out), parseLost(out)
+	}
+	for _, t := range targets {
+		out, err := runDNSPerf(ctx, dnsperf, t.addr, queries, latDur, clients, outstanding, int(t.maxQPS/2), true)
+		if err != nil {
+			return fmt.Errorf("%s: %w", t.name, err)
+		}
+		t.p99, t.lat = p99(out), parseAvg(out)
+	}
+
+	bare, attache, consul := targets[0], targets[1], targets[2]
+	fmt.Println("## DNS: attache vs bare miekg/dns vs Consul's DNS")
+	fmt.Println()
+	fmt.Printf("dnsperf %s, %d clients, %d in flight, query mix: `users.service.consul A`, `users.service.consul SRV`, `v1.users.service.consul A` (the bare responder answers a fixed A to all); attache with %d UDP socket(s); Consul v1.14.8 client agent with default DNS settings (stale reads, no cache). Max rate over %s; latency at half of each server's own max rate over %s.\n\n",
+		dnsperfVersion(dnsperf), clients, outstanding, sockets, dur, latDur)
+	fmt.Println("| server | max QPS | lost | vs bare | vs Consul | avg latency @ ½ max | p99 latency @ ½ max |")
+	fmt.Println("|---|---:|---:|---:|---:|---:|---:|")
+	for _, t := range targets {
+		fmt.Printf("| %s | %.0f | %s | %.2f× | %.2f× | %s | %s |\n", t.name, t.maxQPS, t.lost,
+			ratio(t.maxQPS, bare.maxQPS), ratio(t.maxQPS, consul.maxQPS), t.lat, fmtDur(t.p99))
+	}
+	fmt.Println()
+	verdict := func(ok bool) string {
+		if ok {
+			return "met"
+		}
+		return "NOT met"
+	}
+	fmt.Printf("Goals: attache ≥ 0.8× bare: %.2f× (%s); attache ≥ 5× Consul client agent: %.2f× (%s).\n\n",
+		ratio(attache.maxQPS, bare.maxQPS), verdict(ratio(attache.maxQPS, bare.maxQPS) >= 0.8),
+		ratio(attache.maxQPS, consul.maxQPS), verdict(ratio(attache.maxQPS, consul.maxQPS) >= 5))
+	return nil
+}
+
+func ratio(a, b float64) float64 {
+	if b == 0 {
+		return 0
+	}
+	return a / b
+}
+
+func fmtDur(d time.Duration) string {
+	if d == 0 {
+		return "n/a"
+	}
+	return fmt.Sprintf("%.3f ms", float64(d)/float64(time.Millisecond))
+}
+
+// runDNSPerf runs dnsperf against addr; qps > 0 limits the rate; verbose
+// reports every query (for percentiles).
+func runDNSPerf(ctx context.Context, bin, addr, queries string, d time.Duration, clients, outstanding, qps int, verbose bool) (string, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", err
+	}
+	args := []string{"-s", host, "-p", port, "-d", queries, "-l", strconv.Itoa(int(d.Seconds())),
+		"-c", strconv.Itoa(clients), "-q", strconv.Itoa(outstanding), "-t", "2"}
+	if qps > 0 {
+		args = append(args, "-Q", strconv.Itoa(qps))
+	}
+	if verbose {
+		args = append(args, "-v")
+	}
+	rctx, cancel := context.WithTimeout(ctx, d+20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(rctx, bin, args...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("dnsperf %s: %w\n%s", strings.Join(args, " "), err, tail(out.String(), 20))
+	}
+	return out.String(), nil
+}
+
+var (
+	reQPS  = regexp.MustCompile(`Queries per second:\s+([0-9.]+)`)
+	reLost = regexp.MustCompile(`Queries lost:\s+([0-9]+ \([0-9.]+%\))`)
+	reAvg  = regexp.MustCompile(`Average Latency \(s\):\s+([0-9.]+)`)
+	// A verbose line ends with the latency in seconds: "> NOERROR name A 0.000123".
+	reVerbose = regexp.MustCompile(`^> \S+ .* ([0-9]+\.[0-9]+)$`)
+)
+
+func parseQPS(out string) float64 {
+	if m := reQPS.FindStringSubmatch(out); m != nil {
+		f, _ := strconv.ParseFloat(m[1], 64)
+		return f
+	}
+	return 0
+}
+
+func parseLost(out string) string {
+	if m := reLost.FindStringSubmatch(out); m != nil {
+		return m[1]
+	}
+	return "?"
+}
+
+func parseAvg(out string) string {
+	if m := reAvg.FindStringSubmatch(out); m != nil {
+		f, _ := strconv.ParseFloat(m[1], 64)
+		return fmt.Sprintf("%.3f ms", f*1000)
+	}
+	return "n/a"
+}
+
+func p99(out string) time.Duration {
+	var lat []float64
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		if m := reVerbose.FindStringSubmatch(strings.TrimSpace(sc.Text())); m != nil {
+			f, _ := strconv.ParseFloat(m[1], 64)
+			lat = append(lat, f)
+		}
+	}
+	if len(lat) == 0 {
+		return 0
+	}
+	sort.Float64s(lat)
+	return time.Duration(lat[(len(lat)*99)/100] * float64(time.Second))
+}
+
+func dnsperfVersion(bin string) string {
+	out, _ := exec.Command(bin, "-h").CombinedOutput()
+	if m := regexp.MustCompile(`Version (\S+)`).FindSubmatch(out); m != nil {
+		return string(m[1])
+	}
+	return "?"
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// startBare starts the ceiling: a miekg/dns server answering every question
+// with one fixed A record, on UDP and TCP.
+func startBare() (string, func(), error) {
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		return "", nil, err
+	}
+	h := miekg.HandlerFunc(func(w miekg.ResponseWriter, r *miekg.Msg) {
+		m := new(miekg.Msg)
+		m.SetReply(r)
+		m.Authoritative = true
+		m.Answer = append(m.Answer, &miekg.A{
+			Hdr: miekg.RR_Header{Name: r.Question[0].Name, Rrtype: miekg.TypeA, Class: miekg.ClassINET},
+			A:   net.IPv4(127, 0, 0, 101),
+		})
+		w.WriteMsg(m)
+	})
+	srv := &miekg.Server{PacketConn: pc, Handler: h}
+	started := make(chan struct{})
+	srv.NotifyStartedFunc = func() { close(started) }
+	go srv.ActivateAndServe()
+	<-started
+	return pc.LocalAddr().String(), func() { srv.Shutdown() }, nil
+}
+
+// expectAnswers asks addr for users.service.consul A until it has n answers.
+func expectAnswers(addr string, n int) error {
+	m := new(miekg.Msg)
+	m.SetQuestion("users.service.consul.", miekg.TypeA)
+	r, _, err := (&miekg.Client{Timeout: time.Second}).Exchange(m, addr)
+	if err != nil {
+		return err
+	}
+	if len(r.Answer) != n {
+		return fmt.Errorf("%d answers, want %d", len(r.Answer), n)
+	}
+	return nil
+}
+
+func waitFor(ctx context.Context, d time.Duration, f func() error) error {
+	deadline := time.Now().Add(d)
+	for {
+		err := f()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return err
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// freeIPs picks n random addresses in 127.0.0.0/8 (Linux routes all of it
+// to lo) where nothing listens on Consul's ports.
+func freeIPs(n int) ([]string, error) {
+	var out []string
+	for tries := 0; len(out) < n && tries < 200; tries++ {
+		ip := fmt.Sprintf("127.%d.%d.%d", 100+rand.IntN(100), rand.IntN(256), 1+rand.IntN(254))
+		free := true
+		for _, p := range []string{"8300", "8301", "8500", "8600"} {
+			l, err := net.Listen("tcp", ip+":"+p)
+			if err != nil {
+				free = false
+				break
+			}
+			l.Close()
+		}
+		if free {
+			out = append(out, ip)
+		}
+	}
+	if len(out) < n {
+		return nil, errors.New("no free loopback addresses")
+	}
+	return out, nil
+}
+
+// startAgent starts a Consul agent and returns a function that stops it.
+func startAgent(ctx context.Context, bin, dir, name, ip string, server bool, join string) (func(), error) {
+	adir := filepath.Join(dir, name)
+	if err := os.MkdirAll(adir, 0o755); err != nil {
+		return nil, err
+	}
+	hcl := fmt.Sprintf("node_name = %q\ndatacenter = \"dc1\"\ndata_dir = %q\nbind_addr = %q\nclient_addr = %q\nadvertise_addr = %q\n"+
+		"disable_update_check = true\nlog_level = \"warn\"\nports {\n  grpc = -1\n  grpc_tls = -1\n}\n",
+		name, filepath.Join(adir, "data"), ip, ip, ip)
+	if server {
+		hcl += "server = true\nbootstrap_expect = 1\nperformance {\n  raft_multiplier = 1\n}\n"
+	} else {
+		hcl += fmt.Sprintf("retry_join = [%q]\nretry_interval = \"1s\"\n", join+":8301")
+	}
+	cfgPath := filepath.Join(adir, "agent.hcl")
+	if err := os.WriteFile(cfgPath, []byte(hcl), 0o644); err != nil {
+		return nil, err
+	}
+	logf, err := os.Create(filepath.Join(adir, "consul.log"))
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(bin, "agent", "-config-file", cfgPath)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return nil, fmt.Errorf("start consul %s: %w", name, err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	return func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+		logf.Close()
+	}, nil
+}

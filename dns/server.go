@@ -1,0 +1,371 @@
+// Package dns is the sidecar's DNS server: it answers Consul's DNS interface
+// (<svc>.service.consul, <tag>.<svc>.service.consul, RFC 2782 SRV names,
+// <node>.node.consul, <hex>.addr.consul) from the in-memory catalog view,
+// without a round trip to Consul per query, and forwards other names to
+// recursors for loopback and configured clients only.
+//
+// Answer is the request-to-response function; ServeDNS is a thin adapter
+// around it; Run binds UDP and TCP on one address and serves until its
+// context ends. README.md lists every difference from Consul's DNS.
+package dns
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"runtime"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	miekg "github.com/miekg/dns"
+
+	"attache/sidecar/catalog"
+)
+
+// Source is the catalog view the answers come from: the catalog watcher.
+type Source interface {
+	// Load returns the current snapshot without waiting.
+	Load() *catalog.Snapshot
+	// Want makes sure service is watched, waits at most until ctx ends for
+	// its first answer from Consul and returns the newest snapshot.
+	Want(ctx context.Context, service string) *catalog.Snapshot
+}
+
+// Ejections tells which instances the proxy has ejected (open breaker).
+type Ejections interface {
+	Ejected(service, instanceID string) bool
+}
+
+// Server answers DNS questions from a Source.
+type Server struct {
+	cfg Config
+	src Source
+	ej  Ejections
+	log hclog.Logger
+	m   *metrics
+
+	domains     []string // lower-cased, fully qualified: Domain, then AltDomain if any
+	domainOrder []int    // indexes of domains, longest first
+
+	recursors []string
+	allow     []netip.Prefix
+
+	ttlExact  map[string]uint32
+	ttlPrefix []ttlPrefix // longest first
+	defTTL    uint32
+	nodeTTL   uint32
+	negTTL    uint32
+
+	zones zoneCache
+	done  context.Context // already cancelled: Want without waiting
+	bufs  sync.Pool       // *[]byte for packing answers
+
+	ready     chan struct{}
+	readyOnce sync.Once
+	mu        sync.Mutex
+	addr      string
+}
+
+type ttlPrefix struct {
+	prefix string
+	ttl    uint32
+}
+
+// New checks cfg, fills its defaults and returns a Server. ej may be nil.
+func New(cfg Config, src Source, ej Ejections) (*Server, error) {
+	if src == nil {
+		return nil, errors.New("dns: a catalog source is required")
+	}
+	def := DefaultConfig()
+	if cfg.Addr == "" {
+		cfg.Addr = def.Addr
+	}
+	if _, _, err := net.SplitHostPort(cfg.Addr); err != nil {
+		return nil, fmt.Errorf("dns: address %q: %w", cfg.Addr, err)
+	}
+	if cfg.Domain == "" {
+		cfg.Domain = def.Domain
+	}
+	if cfg.RecursorTimeout <= 0 {
+		cfg.RecursorTimeout = def.RecursorTimeout
+	}
+	if cfg.AllowRecursion == nil {
+		cfg.AllowRecursion = def.AllowRecursion
+	}
+	if cfg.WantTimeout <= 0 {
+		cfg.WantTimeout = def.WantTimeout
+	}
+	if cfg.UDPSockets <= 0 {
+		cfg.UDPSockets = runtime.NumCPU()
+	}
+	if cfg.UDPAnswerLimit < 0 {
+		return nil, fmt.Errorf("dns: UDPAnswerLimit %d must not be negative", cfg.UDPAnswerLimit)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	s := &Server{cfg: cfg, src: src, ej: ej, log: cfg.Logger.Named("dns"), ready: make(chan struct{})}
+
+	d, err := normalizeDomain(cfg.Domain)
+	if err != nil {
+		return nil, fmt.Errorf("dns: %w", err)
+	}
+	s.domains = []string{d}
+	if cfg.AltDomain != "" {
+		a, err := normalizeDomain(cfg.AltDomain)
+		if err != nil {
+			return nil, fmt.Errorf("dns: alt domain: %w", err)
+		}
+		if a != d {
+			s.domains = append(s.domains, a)
+		}
+	}
+	s.domainOrder = []int{0}
+	if len(s.domains) == 2 {
+		if len(s.domains[1]) > len(s.domains[0]) {
+			s.domainOrder = []int{1, 0}
+		} else {
+			s.domainOrder = []int{0, 1}
+		}
+	}
+
+	recs := cfg.Recursors
+	if len(recs) == 0 && cfg.ResolvConf != "" {
+		r, err := ParseResolvConf(cfg.ResolvConf)
+		if err != nil {
+			s.log.Warn("no recursors: names outside the domain will be refused", "error", err)
+		}
+		recs = r
+	}
+	for _, r := range recs {
+		a, err := recursorAddr(r)
+		if err != nil {
+			return nil, fmt.Errorf("dns: %w", err)
+		}
+		if a == cfg.Addr {
+			s.log.Warn("skipping recursor that is this server's own address", "recursor", a)
+			continue
+		}
+		s.recursors = append(s.recursors, a)
+	}
+	for _, p := range cfg.AllowRecursion {
+		s.allow = append(s.allow, p.Masked())
+	}
+
+	s.ttlExact = map[string]uint32{}
+	for k, v := range cfg.ServiceTTL {
+		if v < 0 {
+			return nil, fmt.Errorf("dns: service TTL for %q is negative", k)
+		}
+		k = toLower(k)
+		if len(k) > 0 && k[len(k)-1] == '*' {
+			s.ttlPrefix = append(s.ttlPrefix, ttlPrefix{k[:len(k)-1], seconds(v)})
+		} else {
+			s.ttlExact[k] = seconds(v)
+		}
+	}
+	sort.Slice(s.ttlPrefix, func(a, b int) bool { return len(s.ttlPrefix[a].prefix) > len(s.ttlPrefix[b].prefix) })
+	for _, d := range []time.Duration{cfg.DefaultServiceTTL, cfg.NodeTTL, cfg.NegativeTTL} {
+		if d < 0 {
+			return nil, errors.New("dns: TTLs must not be negative")
+		}
+	}
+	s.defTTL, s.nodeTTL, s.negTTL = seconds(cfg.DefaultServiceTTL), seconds(cfg.NodeTTL), seconds(cfg.NegativeTTL)
+
+	s.m, err = newMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, fmt.Errorf("dns: %w", err)
+	}
+	done, cancel := context.WithCancel(context.Background())
+	cancel()
+	s.done = done
+	s.bufs.New = func() any { b := make([]byte, 0, 1232); return &b }
+	return s, nil
+}
+
+func seconds(d time.Duration) uint32 {
+	s := d / time.Second
+	if s > 1<<31-1 {
+		s = 1<<31 - 1
+	}
+	return uint32(s)
+}
+
+func toLower(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if 'A' <= c && c <= 'Z' {
+			b[i] = c + 'a' - 'A'
+		}
+	}
+	return string(b)
+}
+
+// canRecurse reports whether from may use the recursors.
+func (s *Server) canRecurse(from netip.Addr) bool {
+	if len(s.recursors) == 0 {
+		return false
+	}
+	from = from.Unmap()
+	for _, p := range s.allow {
+		if p.Contains(from) {
+			return true
+		}
+	}
+	return false
+}
+
+// ServeDNS answers one request; it is the miekg/dns adapter around Answer.
+func (s *Server) ServeDNS(w miekg.ResponseWriter, req *miekg.Msg) {
+	start := time.Now()
+	from, proto := remote(w.RemoteAddr())
+	resp := s.Answer(req, from, proto)
+	bp := s.bufs.Get().(*[]byte)
+	b, err := resp.PackBuffer((*bp)[:cap(*bp)])
+	if err != nil {
+		s.log.Warn("cannot pack answer", "error", err)
+		fail := &miekg.Msg{MsgHdr: miekg.MsgHdr{Id: resp.Id, Response: true, Rcode: miekg.RcodeServerFailure}}
+		b, err = fail.PackBuffer((*bp)[:cap(*bp)])
+		resp = fail
+	}
+	var qt uint16
+	if req != nil && len(req.Question) > 0 {
+		qt = req.Question[0].Qtype
+	}
+	s.m.observe(qt, resp.Rcode, time.Since(start))
+	if err == nil {
+		if _, err := w.Write(b); err != nil {
+			s.log.Debug("cannot write answer", "error", err, "client", w.RemoteAddr())
+		}
+	}
+	if cap(b) <= 64<<10 {
+		*bp = b[:0]
+		s.bufs.Put(bp)
+	}
+}
+
+func remote(a net.Addr) (netip.Addr, string) {
+	switch a := a.(type) {
+	case *net.UDPAddr:
+		return a.AddrPort().Addr().Unmap(), "udp"
+	case *net.TCPAddr:
+		return a.AddrPort().Addr().Unmap(), "tcp"
+	}
+	return netip.Addr{}, "udp"
+}
+
+// Ready is closed once Run has bound its sockets.
+func (s *Server) Ready() <-chan struct{} { return s.ready }
+
+// Addr returns the bound address ("ip:port") once Ready is closed, else "".
+func (s *Server) Addr() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.addr
+}
+
+// Run binds UDP (UDPSockets sockets, with SO_REUSEPORT when more than one)
+// and TCP on Addr and serves until ctx ends; it returns after closing the
+// sockets and waiting for the serving goroutines.
+func (s *Server) Run(ctx context.Context) error {
+	pcs, ln, err := s.listen(ctx)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.addr = ln.Addr().String()
+	s.mu.Unlock()
+
+	invalid := func(_ []byte, err error) { s.m.malformed.Inc(); s.log.Trace("malformed query", "error", err) }
+	servers := make([]*miekg.Server, 0, len(pcs)+1)
+	for _, pc := range pcs {
+		servers = append(servers, &miekg.Server{PacketConn: pc, Handler: s, UDPSize: 4096, MsgInvalidFunc: invalid})
+	}
+	servers = append(servers, &miekg.Server{Listener: ln, Handler: s, MsgInvalidFunc: invalid,
+		ReadTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second, IdleTimeout: func() time.Duration { return 10 * time.Second }})
+
+	errc := make(chan error, len(servers))
+	var wg sync.WaitGroup
+	for _, srv := range servers {
+		wg.Add(1)
+		started := make(chan struct{})
+		srv.NotifyStartedFunc = func() { close(started) }
+		go func() {
+			defer wg.Done()
+			if err := srv.ActivateAndServe(); err != nil {
+				errc <- err
+			}
+		}()
+		select {
+		case <-started:
+		case err := <-errc:
+			errc <- err
+		}
+	}
+	s.readyOnce.Do(func() { close(s.ready) })
+	s.log.Info("serving DNS", "addr", s.Addr(), "domains", s.domains, "udp_sockets", len(pcs), "recursors", s.recursors)
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		runErr = fmt.Errorf("dns: serve on %s: %w", s.Addr(), err)
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, srv := range servers {
+		if err := srv.ShutdownContext(sctx); err != nil && !errors.Is(err, context.Canceled) {
+			s.log.Debug("shutdown", "error", err)
+		}
+	}
+	for _, pc := range pcs {
+		pc.Close()
+	}
+	ln.Close()
+	wg.Wait()
+	return runErr
+}
+
+// listen binds the UDP sockets and the TCP listener on the same port. With
+// port 0 it retries a few times when TCP's twin port is taken.
+func (s *Server) listen(ctx context.Context) ([]net.PacketConn, net.Listener, error) {
+	host, port, _ := net.SplitHostPort(s.cfg.Addr)
+	lc := net.ListenConfig{}
+	if s.cfg.UDPSockets > 1 {
+		lc.Control = reusePort
+	}
+	tries := 1
+	if port == "0" {
+		tries = 10
+	}
+	var lastErr error
+	for range tries {
+		first, err := lc.ListenPacket(ctx, "udp", s.cfg.Addr)
+		if err != nil {
+			return nil, nil, fmt.Errorf("dns: listen on udp %s: %w", s.cfg.Addr, err)
+		}
+		bound := net.JoinHostPort(host, strconv.Itoa(first.LocalAddr().(*net.UDPAddr).Port))
+		ln, err := (&net.ListenConfig{}).Listen(ctx, "tcp", bound)
+		if err != nil {
+			first.Close()
+			lastErr = fmt.Errorf("dns: listen on tcp %s: %w", bound, err)
+			continue
+		}
+		pcs := []net.PacketConn{first}
+		for i := 1; i < s.cfg.UDPSockets; i++ {
+			pc, err := lc.ListenPacket(ctx, "udp", bound)
+			if err != nil {
+				s.log.Warn("extra UDP socket not bound; serving with fewer", "addr", bound, "error", err)
+				break
+			}
+			pcs = append(pcs, pc)
+		}
+		return pcs, ln, nil
+	}
+	return nil, nil, lastErr
+}

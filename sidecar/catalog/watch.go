@@ -1,0 +1,1082 @@
+package catalog
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"reflect"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/serf/coordinate"
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/time/rate"
+)
+
+// Mode says which services the watcher follows.
+type Mode string
+
+const (
+	// ModeOnDemand watches the services named in Config.Services from the
+	// start, and any other service the first time Want asks for it; a watch
+	// that nobody asked for during Config.IdleTimeout stops. The default.
+	ModeOnDemand Mode = "on-demand"
+	// ModeAll watches every service in the catalog.
+	ModeAll Mode = "all"
+	// ModeList watches exactly the services named in Config.Services.
+	ModeList Mode = "list"
+)
+
+// ParseMode parses "all", "list" or "on-demand" ("" means on-demand).
+func ParseMode(s string) (Mode, error) {
+	switch m := Mode(strings.ToLower(strings.TrimSpace(s))); m {
+	case "":
+		return ModeOnDemand, nil
+	case ModeAll, ModeList, ModeOnDemand:
+		return m, nil
+	}
+	return "", fmt.Errorf("catalog: unknown watch mode %q (want all, list or on-demand)", s)
+}
+
+// Config configures a Watcher. DefaultConfig returns the defaults; ApplyEnv
+// fills unset fields from the CONSUL_* environment variables the way the
+// consul CLI does. NewWatcher never reads the environment itself.
+type Config struct {
+	// Addresses of Consul HTTP APIs (host:port or a URL such as
+	// https://host:8501); several give failover: on an error the watcher
+	// moves on to the next. Default 127.0.0.1:8500.
+	Addresses []string
+	// Token is the ACL token sent with every query (default none; note that
+	// consul/api itself falls back to CONSUL_HTTP_TOKEN when it is empty).
+	Token string
+	// TokenFile, when set, is read for the token instead (CONSUL_HTTP_TOKEN_FILE).
+	TokenFile string
+	// TLS configures HTTPS (CA, client certificate and key, server name).
+	TLS api.TLSConfig
+	// SSL makes addresses given without a scheme use https (CONSUL_HTTP_SSL).
+	SSL bool
+	// Datacenter to watch; empty means the agent's own.
+	Datacenter string
+	// Wait is the blocking query's wait time (default 5m; Consul adds up to
+	// Wait/16 of jitter and caps it at 10m).
+	Wait time.Duration
+	// Stale lets any server answer (consistency mode "stale") instead of the
+	// leader (the default mode). Fresher reads come from the leader; stale
+	// spreads the load over the servers but lags up to a Raft heartbeat.
+	Stale bool
+	// MaxStale, with Stale, is the largest X-Consul-LastContact accepted
+	// from a follower; an answer staler than this is asked again of the
+	// leader. 0 accepts any.
+	MaxStale time.Duration
+	// IncludeWarning keeps instances whose checks are warning (default:
+	// passing only).
+	IncludeWarning bool
+	// Mode selects the services watched (default ModeOnDemand).
+	Mode Mode
+	// Services is the allow list (ModeList) or the services always watched
+	// (ModeOnDemand). Ignored by ModeAll.
+	Services []string
+	// IdleTimeout stops an on-demand watch nobody asked for in this long
+	// (default 10m).
+	IdleTimeout time.Duration
+	// DataDir keeps the last-known-good snapshot (empty: no disk).
+	DataDir string
+	// SaveInterval is the least time between two writes of the snapshot to
+	// disk (default 3s).
+	SaveInterval time.Duration
+	// MinInterval rate-limits each loop: after a burst of 4 queries in a
+	// row, one query per MinInterval, plus up to a fifth of it as jitter
+	// (default 100ms). It never delays delivering an answer, and a loop that
+	// is woken rarely is never slowed by it.
+	MinInterval time.Duration
+	// RetryBase and RetryMax bound the exponential backoff after errors
+	// (defaults 250ms and 30s; each wait has jitter).
+	RetryBase, RetryMax time.Duration
+	// RequestTimeout is how long beyond the blocking wait (Wait + Wait/16)
+	// a query may take before it is abandoned as hung; a non-blocking first
+	// query gets RequestTimeout alone (default 10s).
+	RequestTimeout time.Duration
+	// CoordInterval is the least time between two fetches of the network
+	// coordinates (default 10s; negative disables coordinates).
+	CoordInterval time.Duration
+	// Node is this node's name in Consul, the origin for RTT estimates.
+	Node string
+	// Logger receives the watcher's logs (named "catalog"); default none.
+	Logger hclog.Logger
+	// Registerer receives the watcher's metrics; nil registers none.
+	Registerer prometheus.Registerer
+}
+
+// DefaultConfig returns the defaults documented on Config.
+func DefaultConfig() Config {
+	return Config{
+		Addresses:      []string{"127.0.0.1:8500"},
+		Wait:           5 * time.Minute,
+		Mode:           ModeOnDemand,
+		IdleTimeout:    10 * time.Minute,
+		SaveInterval:   3 * time.Second,
+		MinInterval:    100 * time.Millisecond,
+		RetryBase:      250 * time.Millisecond,
+		RetryMax:       30 * time.Second,
+		RequestTimeout: 10 * time.Second,
+		CoordInterval:  10 * time.Second,
+	}
+}
+
+// ConfigFromEnv returns DefaultConfig with ApplyEnv(getenv) applied; pass
+// os.Getenv.
+func ConfigFromEnv(getenv func(string) string) Config {
+	c := DefaultConfig()
+	c.ApplyEnv(getenv)
+	return c
+}
+
+// ApplyEnv sets what the CONSUL_* environment variables say, as the consul
+// CLI reads them: CONSUL_HTTP_ADDR (replaces the default address; never an
+// explicitly configured list), CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE,
+// CONSUL_CACERT, CONSUL_CAPATH, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY,
+// CONSUL_TLS_SERVER_NAME, CONSUL_HTTP_SSL and CONSUL_HTTP_SSL_VERIFY.
+// Fields already set (non-empty) are kept. getenv is usually os.Getenv.
+func (c *Config) ApplyEnv(getenv func(string) string) {
+	if v := getenv("CONSUL_HTTP_ADDR"); v != "" && (len(c.Addresses) == 0 || reflect.DeepEqual(c.Addresses, DefaultConfig().Addresses)) {
+		c.Addresses = []string{v}
+	}
+	if c.Token == "" {
+		c.Token = getenv("CONSUL_HTTP_TOKEN")
+	}
+	if c.Token == "" && c.TokenFile == "" {
+		c.TokenFile = getenv("CONSUL_HTTP_TOKEN_FILE")
+	}
+	set := func(dst *string, env string) {
+		if *dst == "" {
+			*dst = getenv(env)
+		}
+	}
+	set(&c.TLS.CAFile, "CONSUL_CACERT")
+	set(&c.TLS.CAPath, "CONSUL_CAPATH")
+	set(&c.TLS.CertFile, "CONSUL_CLIENT_CERT")
+	set(&c.TLS.KeyFile, "CONSUL_CLIENT_KEY")
+	set(&c.TLS.Address, "CONSUL_TLS_SERVER_NAME")
+	if b, ok := envBool(getenv("CONSUL_HTTP_SSL")); ok && b {
+		c.SSL = true
+	}
+	if b, ok := envBool(getenv("CONSUL_HTTP_SSL_VERIFY")); ok && !b {
+		c.TLS.InsecureSkipVerify = true
+	}
+}
+
+func envBool(s string) (bool, bool) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "1", "t", "true", "yes", "on":
+		return true, true
+	case "0", "f", "false", "no", "off":
+		return false, true
+	}
+	return false, false
+}
+
+func (c *Config) finalize() error {
+	d := DefaultConfig()
+	if len(c.Addresses) == 0 {
+		c.Addresses = d.Addresses
+	}
+	if c.Wait <= 0 {
+		c.Wait = d.Wait
+	}
+	if c.Mode == "" {
+		c.Mode = d.Mode
+	}
+	if _, err := ParseMode(string(c.Mode)); err != nil {
+		return err
+	}
+	if c.IdleTimeout <= 0 {
+		c.IdleTimeout = d.IdleTimeout
+	}
+	if c.SaveInterval <= 0 {
+		c.SaveInterval = d.SaveInterval
+	}
+	if c.MinInterval < 0 {
+		c.MinInterval = 0
+	}
+	if c.RetryBase <= 0 {
+		c.RetryBase = d.RetryBase
+	}
+	if c.RetryMax < c.RetryBase {
+		c.RetryMax = max(d.RetryMax, c.RetryBase)
+	}
+	if c.RequestTimeout <= 0 {
+		c.RequestTimeout = d.RequestTimeout
+	}
+	if c.CoordInterval == 0 {
+		c.CoordInterval = d.CoordInterval
+	}
+	if c.Logger == nil {
+		c.Logger = hclog.NewNullLogger()
+	}
+	return nil
+}
+
+// Status is the watcher's connection state, for /readyz and /v1/snapshot.
+type Status struct {
+	Connected   bool          `json:"connected"`  // the last query to Consul succeeded
+	Address     string        `json:"address"`    // the Consul address in use
+	LastError   string        `json:"last_error"` // the last query error, if any
+	LastErrorAt time.Time     `json:"last_error_at"`
+	LastContact time.Time     `json:"last_contact"` // the last answer from Consul (or, from disk, when it was saved)
+	Stale       bool          `json:"stale"`        // serving a snapshot loaded from disk not yet confirmed by Consul
+	Synced      bool          `json:"synced"`       // every watch has had an answer since start
+	DataAge     time.Duration `json:"data_age"`     // 0 while connected, else time since LastContact
+	Watched     int           `json:"watched"`      // services watched
+	Version     uint64        `json:"version"`
+	Index       uint64        `json:"index"`
+}
+
+// Watcher keeps a View of the healthy instances of the catalog's services
+// fresh with Consul blocking queries. Build it with NewWatcher, run it with
+// Run; Load, Want, View and Status are safe for concurrent use.
+type Watcher struct {
+	cfg     Config
+	log     hclog.Logger
+	view    *View
+	clients []*api.Client
+	cur     atomic.Uint32 // index into clients of the address in use
+	met     *metrics
+	kick    chan struct{} // wakes the publisher
+	pinned  map[string]bool
+
+	// index of watches for the lock-free fast path of Want
+	watchIdx atomic.Pointer[map[string]*watch]
+
+	mu       sync.Mutex
+	ran      bool
+	running  bool
+	stopping bool
+	runCtx   context.Context
+	wg       sync.WaitGroup
+	watches  map[string]*watch
+	services map[string]*Service
+	nodes    map[string]*Node
+	coords   map[string]*coordinate.Coordinate
+	known    map[string]bool
+	dc       string
+	updated  time.Time
+	dirty    bool
+	index    uint64          // highest index of the services, nodes and coordinates lists
+	ready    []chan struct{} // closed after the next publish
+	// state of the sync with Consul
+	knownLoaded bool
+	nodesLoaded bool
+	fromDisk    bool // the view still holds unconfirmed data from disk
+	synced      bool
+
+	contacted   atomic.Bool  // Consul answered since start
+	lastContact atomic.Int64 // unix nanoseconds
+	lastErrAt   atomic.Int64
+	lastWarn    atomic.Int64
+	lastErr     atomic.Pointer[string]
+}
+
+// watch is one service's blocking-query loop.
+type watch struct {
+	name     string
+	pinned   bool
+	ready    chan struct{} // closed once its first answer is in the view
+	lastUsed atomic.Int64
+	cancel   context.CancelFunc // nil until started
+	answered bool               // guarded by Watcher.mu
+	closed   bool               // ready closed; guarded by Watcher.mu
+}
+
+// NewWatcher builds a Watcher. When cfg.DataDir holds a saved snapshot it is
+// loaded at once and served, marked stale, until Consul confirms it.
+func NewWatcher(cfg Config) (*Watcher, error) {
+	if err := cfg.finalize(); err != nil {
+		return nil, err
+	}
+	w := &Watcher{
+		cfg:      cfg,
+		log:      cfg.Logger.Named("catalog"),
+		view:     NewView(),
+		kick:     make(chan struct{}, 1),
+		pinned:   map[string]bool{},
+		watches:  map[string]*watch{},
+		services: map[string]*Service{},
+		nodes:    map[string]*Node{},
+		coords:   map[string]*coordinate.Coordinate{},
+		known:    map[string]bool{},
+		dc:       cfg.Datacenter,
+	}
+	if cfg.Mode != ModeAll {
+		for _, s := range cfg.Services {
+			if s = strings.ToLower(strings.TrimSpace(s)); s != "" {
+				w.pinned[s] = true
+			}
+		}
+	}
+	if err := w.buildClients(); err != nil {
+		return nil, err
+	}
+	w.met = newMetrics(w)
+	if err := w.met.register(cfg.Registerer); err != nil {
+		return nil, err
+	}
+	empty := map[string]*watch{}
+	w.watchIdx.Store(&empty)
+	if cfg.DataDir != "" {
+		if err := w.loadDisk(); err != nil {
+			w.log.Warn("not using the saved snapshot", "error", err)
+		}
+	}
+	w.mu.Lock()
+	for name := range w.pinned {
+		w.addWatchLocked(name, true)
+	}
+	w.mu.Unlock()
+	return w, nil
+}
+
+func (w *Watcher) buildClients() error {
+	tlsCfg, err := api.SetupTLSConfig(&w.cfg.TLS)
+	if err != nil {
+		return fmt.Errorf("catalog: TLS settings: %w", err)
+	}
+	tr := &http.Transport{
+		Proxy:               nil, // Consul is local: never through an HTTP proxy
+		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		MaxIdleConns:        0,
+		MaxIdleConnsPerHost: 100000, // one long poll per watch: keep every connection for reuse
+		IdleConnTimeout:     90 * time.Second,
+		TLSHandshakeTimeout: 10 * time.Second,
+		TLSClientConfig:     tlsCfg,
+		ForceAttemptHTTP2:   true, // multiplexes the long polls when Consul speaks HTTPS
+	}
+	hc := &http.Client{Transport: tr}
+	token := w.cfg.Token
+	for _, addr := range w.cfg.Addresses {
+		ac := api.DefaultNonPooledConfig()
+		ac.Address = addr
+		ac.Scheme = "http"
+		if w.cfg.SSL {
+			ac.Scheme = "https"
+		}
+		ac.Datacenter = w.cfg.Datacenter
+		ac.Token = token
+		ac.TokenFile = w.cfg.TokenFile
+		ac.HttpClient = hc
+		ac.TLSConfig = w.cfg.TLS
+		ac.Namespace, ac.Partition = "", ""
+		c, err := api.NewClient(ac)
+		if err != nil {
+			return fmt.Errorf("catalog: Consul address %q: %w", addr, err)
+		}
+		w.clients = append(w.clients, c)
+	}
+	return nil
+}
+
+// View returns the View the watcher publishes to (for Subscribe).
+func (w *Watcher) View() *View { return w.view }
+
+// Load returns the current Snapshot (never nil; must not be modified).
+func (w *Watcher) Load() *Snapshot { return w.view.Load() }
+
+// Want makes sure service is watched and returns the newest Snapshot. The
+// first time a service is asked for it waits, at most until ctx ends, for
+// Consul's first answer about it; afterwards it returns at once. Callers
+// should call Want for every use of a service (it is cheap: a map lookup
+// and a clock read), since on-demand watches nobody asks for stop after
+// Config.IdleTimeout. Names the catalog does not know (once its service list
+// has been read) are not watched; ModeList watches nothing but its list.
+func (w *Watcher) Want(ctx context.Context, service string) *Snapshot {
+	key := strings.ToLower(service)
+	wt := (*w.watchIdx.Load())[key]
+	if wt == nil {
+		w.mu.Lock()
+		wt = w.watches[key]
+		if wt == nil {
+			if key == "" || w.cfg.Mode == ModeList || (w.knownLoaded && !w.known[key]) || w.stopping {
+				w.mu.Unlock()
+				return w.view.Load()
+			}
+			wt = w.addWatchLocked(key, false)
+		}
+		w.mu.Unlock()
+	}
+	wt.lastUsed.Store(time.Now().UnixNano())
+	select {
+	case <-wt.ready:
+	default:
+		select {
+		case <-wt.ready:
+		case <-ctx.Done():
+		}
+	}
+	return w.view.Load()
+}
+
+// Ready reports whether the watcher has something to serve: Consul answered
+// every watch once since start, or a saved snapshot was loaded from disk.
+func (w *Watcher) Ready() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.synced || w.fromDisk
+}
+
+// Status reports the connection state and the age of the data.
+func (w *Watcher) Status() Status {
+	s := w.view.Load()
+	w.mu.Lock()
+	st := Status{
+		Stale:   w.fromDisk,
+		Synced:  w.synced,
+		Watched: len(w.watches),
+		Version: s.Version,
+		Index:   s.Index,
+	}
+	w.mu.Unlock()
+	st.Address = w.cfg.Addresses[int(w.cur.Load())%len(w.clients)]
+	lc, le := w.lastContact.Load(), w.lastErrAt.Load()
+	if lc > 0 {
+		st.LastContact = time.Unix(0, lc)
+	}
+	if le > 0 {
+		st.LastErrorAt = time.Unix(0, le)
+		if p := w.lastErr.Load(); p != nil {
+			st.LastError = *p
+		}
+	}
+	st.Connected = lc > 0 && lc >= le && w.contacted.Load()
+	st.DataAge = w.dataAge()
+	return st
+}
+
+// dataAge is 0 while the watcher is connected (its data is fresh as long as
+// its blocking queries stand), else the time since Consul last answered.
+func (w *Watcher) dataAge() time.Duration {
+	lc, le := w.lastContact.Load(), w.lastErrAt.Load()
+	w.mu.Lock()
+	fromDisk := w.fromDisk
+	w.mu.Unlock()
+	if lc > 0 && lc >= le && !fromDisk && w.contacted.Load() {
+		return 0
+	}
+	if lc == 0 {
+		return 0 // never had data: nothing is old
+	}
+	return time.Since(time.Unix(0, lc))
+}
+
+// Run watches Consul until ctx ends. It never fails because Consul is
+// unreachable: it retries with capped backoff and keeps serving the last
+// view. Everything it started has stopped when it returns.
+func (w *Watcher) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	w.mu.Lock()
+	if w.ran {
+		w.mu.Unlock()
+		return errors.New("catalog: Run called twice")
+	}
+	w.ran, w.running, w.runCtx = true, true, ctx
+	for _, wt := range w.watches {
+		w.startWatchLocked(wt)
+	}
+	w.mu.Unlock()
+	w.log.Info("watching Consul", "addresses", w.cfg.Addresses, "mode", w.cfg.Mode, "stale", w.cfg.Stale)
+
+	w.goRun(func() { w.publisher(ctx) })
+	w.goRun(func() { w.servicesLoop(ctx) })
+	w.goRun(func() { w.nodesLoop(ctx) })
+	if w.cfg.CoordInterval > 0 {
+		w.goRun(func() { w.coordsLoop(ctx) })
+	}
+	if w.cfg.Mode == ModeOnDemand {
+		w.goRun(func() { w.reaper(ctx) })
+	}
+	if w.cfg.DataDir != "" {
+		w.goRun(func() { w.saver(ctx) })
+	}
+	<-ctx.Done()
+	w.mu.Lock()
+	w.stopping = true
+	for _, wt := range w.watches {
+		if !wt.closed {
+			wt.closed = true
+			close(wt.ready)
+		}
+	}
+	w.mu.Unlock()
+	w.wg.Wait()
+	w.mu.Lock()
+	w.running = false
+	w.mu.Unlock()
+	return nil
+}
+
+func (w *Watcher) goRun(f func()) {
+	w.wg.Add(1)
+	go func() {
+		defer w.wg.Done()
+		f()
+	}()
+}
+
+// addWatchLocked creates the watch of name and starts it if Run runs.
+func (w *Watcher) addWatchLocked(name string, pinned bool) *watch {
+	wt := &watch{name: name, pinned: pinned, ready: make(chan struct{})}
+	wt.lastUsed.Store(time.Now().UnixNano())
+	w.watches[name] = wt
+	w.reindexLocked()
+	if w.running && !w.stopping {
+		w.startWatchLocked(wt)
+	}
+	if n := len(w.watches); n == 180 {
+		w.log.Warn("watching 180 services: each is one long-poll connection; raise Consul's limits.http_max_conns_per_client (default 200) on the agent")
+	}
+	return wt
+}
+
+func (w *Watcher) startWatchLocked(wt *watch) {
+	if wt.cancel != nil {
+		return
+	}
+	ctx, cancel := context.WithCancel(w.runCtx)
+	wt.cancel = cancel
+	w.goRun(func() { w.serviceLoop(ctx, wt) })
+}
+
+// removeWatchLocked stops the watch of name and drops the service from the view.
+func (w *Watcher) removeWatchLocked(name string) {
+	wt := w.watches[name]
+	if wt == nil {
+		return
+	}
+	if wt.cancel != nil {
+		wt.cancel()
+	}
+	if !wt.closed {
+		wt.closed = true
+		close(wt.ready)
+	}
+	delete(w.watches, name)
+	w.reindexLocked()
+	if _, ok := w.services[name]; ok {
+		delete(w.services, name)
+		w.dirty = true
+	}
+}
+
+func (w *Watcher) reindexLocked() {
+	m := make(map[string]*watch, len(w.watches))
+	for k, v := range w.watches {
+		m[k] = v
+	}
+	w.watchIdx.Store(&m)
+}
+
+// reconcileLocked starts and stops watches after the catalog's service
+// list changed.
+func (w *Watcher) reconcileLocked() {
+	if w.cfg.Mode == ModeAll {
+		for name := range w.known {
+			if w.watches[name] == nil {
+				w.addWatchLocked(name, false)
+			}
+		}
+	}
+	for name, wt := range w.watches {
+		if !wt.pinned && !w.known[name] {
+			w.removeWatchLocked(name)
+		}
+	}
+}
+
+// ---- publishing ----
+
+func (w *Watcher) signal() {
+	select {
+	case w.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (w *Watcher) publisher(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-w.kick:
+		}
+		w.publish()
+	}
+}
+
+// publish turns the draft into a new Snapshot if anything changed. Bursts
+// of updates coalesce: they all land in the draft before the publisher
+// wakes.
+func (w *Watcher) publish() {
+	w.mu.Lock()
+	ready := w.publishLocked()
+	w.mu.Unlock()
+	closeAll(ready)
+}
+
+// publishLocked publishes the draft if it changed and returns the ready
+// channels to close once w.mu is released.
+func (w *Watcher) publishLocked() []chan struct{} {
+	if (w.fromDisk || !w.synced) && w.knownLoaded && w.nodesLoaded && w.allAnsweredLocked() {
+		if w.fromDisk {
+			w.fromDisk = false
+			w.dirty = true
+			w.log.Info("saved snapshot confirmed by Consul")
+		}
+		w.synced = true
+	}
+	ready := w.ready
+	w.ready = nil
+	if !w.dirty {
+		return ready
+	}
+	w.dirty = false
+	s := &Snapshot{
+		Datacenter: w.dc,
+		Updated:    w.updated,
+		Stale:      w.fromDisk,
+		Services:   make(map[string]*Service, len(w.services)),
+		Nodes:      make(map[string]*Node, len(w.nodes)),
+		Coords:     make(map[string]*coordinate.Coordinate, len(w.coords)),
+		Known:      make(map[string]bool, len(w.known)),
+	}
+	for k, v := range w.services {
+		s.Services[k] = v
+		s.Index = max(s.Index, v.Index)
+	}
+	for k, v := range w.nodes {
+		s.Nodes[k] = v
+	}
+	for k, v := range w.coords {
+		s.Coords[k] = v
+	}
+	for k := range w.known {
+		s.Known[k] = true
+	}
+	s.Index = max(s.Index, w.index)
+	// Published under mu so that snapshots go out in draft order.
+	w.view.Publish(s)
+	w.met.updates.Inc()
+	return ready
+}
+
+func closeAll(chs []chan struct{}) {
+	for _, ch := range chs {
+		close(ch)
+	}
+}
+
+func (w *Watcher) allAnsweredLocked() bool {
+	for _, wt := range w.watches {
+		if !wt.answered {
+			return false
+		}
+	}
+	return true
+}
+
+// ---- the blocking-query loop ----
+
+// fetchFunc runs one query with q on client c, keeps its result, and
+// returns Consul's metadata.
+type fetchFunc func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)
+
+// loopBurst is how many queries a loop may make in a row before
+// MinInterval spaces them.
+const loopBurst = 4
+
+// errZeroIndex is Consul answering index 0, which its documentation calls a
+// bug to be treated as an error (it would make a busy loop).
+var errZeroIndex = errors.New("Consul answered with index 0")
+
+// blockingLoop runs fetch as a blocking query until ctx ends, following
+// Consul's rules: pass the last index, reset to 0 when it goes backwards,
+// skip an unchanged index, rate-limit successive queries (at most burst in a
+// row, then one per minInterval, with jitter), and
+// back off (capped, with jitter) on errors. changed runs with each answer at
+// a new index; it compares the data itself.
+func (w *Watcher) blockingLoop(ctx context.Context, kind, name string, minInterval time.Duration, burst int, fetch fetchFunc, changed func(index uint64)) {
+	var index uint64
+	stale := w.cfg.Stale
+	retries := 0
+	hist := w.met.duration.WithLabelValues(kind)
+	var lim *rate.Limiter
+	if minInterval > 0 {
+		lim = rate.NewLimiter(rate.Every(minInterval), max(burst, 1))
+	}
+	for ctx.Err() == nil {
+		// The rate limit: a bucket of burst queries refilled one per
+		// minInterval. A loop that answers rarely always finds a token, so a
+		// change is never delayed by it; a loop woken again and again
+		// (flapping) is held to one query per minInterval, plus jitter.
+		if lim != nil {
+			if d := lim.Reserve().Delay(); d > 0 && !sleep(ctx, d+jitter(minInterval/5)) {
+				return
+			}
+		}
+		start := time.Now()
+		q := &api.QueryOptions{WaitIndex: index, WaitTime: w.cfg.Wait, AllowStale: stale}
+		timeout := w.cfg.RequestTimeout
+		if index > 0 {
+			timeout += w.cfg.Wait + w.cfg.Wait/16
+		}
+		qctx, cancel := context.WithTimeout(ctx, timeout)
+		ci := w.cur.Load()
+		meta, err := fetch(w.clients[int(ci)%len(w.clients)], q.WithContext(qctx))
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		hist.Observe(time.Since(start).Seconds())
+		if err == nil && meta.LastIndex == 0 {
+			err = errZeroIndex
+		}
+		if err != nil {
+			w.failed(ci, kind, name, err)
+			index = 0
+			d := backoff(w.cfg.RetryBase, w.cfg.RetryMax, retries)
+			retries++
+			if !sleep(ctx, d) {
+				return
+			}
+			continue
+		}
+		retries = 0
+		w.lastContact.Store(time.Now().UnixNano())
+		w.contacted.Store(true)
+		if stale && w.cfg.MaxStale > 0 && meta.LastContact > w.cfg.MaxStale {
+			stale = false // too stale: ask the leader at once
+			continue
+		}
+		stale = w.cfg.Stale
+		switch {
+		case meta.LastIndex < index:
+			w.log.Debug("index went backwards, resetting", "loop", kind, "service", name, "was", index, "now", meta.LastIndex)
+			index = 0
+		case meta.LastIndex == index:
+			// the wait ended with no change
+		default:
+			index = meta.LastIndex
+			changed(index)
+		}
+	}
+}
+
+// failed counts and logs a query error and moves on to the next address.
+func (w *Watcher) failed(ci uint32, kind, name string, err error) {
+	now := time.Now()
+	w.lastErrAt.Store(now.UnixNano())
+	msg := err.Error()
+	w.lastErr.Store(&msg)
+	w.met.errors.WithLabelValues(kind).Inc()
+	if len(w.clients) > 1 && w.cur.CompareAndSwap(ci, ci+1) {
+		w.log.Warn("Consul query failed, moving on to the next address", "address", w.cfg.Addresses[int(ci)%len(w.clients)],
+			"next", w.cfg.Addresses[int(ci+1)%len(w.clients)], "error", err)
+		w.lastWarn.Store(now.UnixNano())
+		return
+	}
+	// With many watches failing together, warn at most every 5s.
+	if last := w.lastWarn.Load(); now.UnixNano()-last > int64(5*time.Second) && w.lastWarn.CompareAndSwap(last, now.UnixNano()) {
+		w.log.Warn("Consul query failed, retrying", "loop", kind, "service", name, "error", err)
+	} else {
+		w.log.Debug("Consul query failed, retrying", "loop", kind, "service", name, "error", err)
+	}
+}
+
+func backoff(base, maxD time.Duration, retries int) time.Duration {
+	d := base
+	for i := 0; i < retries && d < maxD; i++ {
+		d *= 2
+	}
+	d = min(d, maxD)
+	return d/2 + jitter(d/2)
+}
+
+func jitter(d time.Duration) time.Duration {
+	if d <= 0 {
+		return 0
+	}
+	return rand.N(d)
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// ---- the loops ----
+
+func (w *Watcher) servicesLoop(ctx context.Context) {
+	var list map[string][]string
+	w.blockingLoop(ctx, "services", "", w.cfg.MinInterval, loopBurst,
+		func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
+			var err error
+			var meta *api.QueryMeta
+			list, meta, err = c.Catalog().Services(q)
+			return meta, err
+		},
+		func(index uint64) {
+			known := make(map[string]bool, len(list))
+			for name := range list {
+				known[strings.ToLower(name)] = true
+			}
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			first := !w.knownLoaded
+			w.knownLoaded = true
+			w.index = max(w.index, index)
+			if !first && reflect.DeepEqual(known, w.known) {
+				w.signal()
+				return
+			}
+			w.known = known
+			w.updated = time.Now()
+			w.dirty = true
+			w.reconcileLocked()
+			w.signal()
+		})
+}
+
+func (w *Watcher) serviceLoop(ctx context.Context, wt *watch) {
+	var entries []*api.ServiceEntry
+	passingOnly := !w.cfg.IncludeWarning
+	w.blockingLoop(ctx, "service", wt.name, w.cfg.MinInterval, loopBurst,
+		func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
+			var err error
+			var meta *api.QueryMeta
+			entries, meta, err = c.Health().Service(wt.name, "", passingOnly, q)
+			return meta, err
+		},
+		func(index uint64) {
+			svc := buildService(wt.name, index, entries, w.cfg.IncludeWarning)
+			entries = nil
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			if w.watches[wt.name] != wt {
+				return // stopped meanwhile
+			}
+			if !wt.answered {
+				wt.answered = true
+				if !wt.closed {
+					wt.closed = true
+					w.ready = append(w.ready, wt.ready)
+				}
+				w.signal()
+			}
+			if old := w.services[wt.name]; old != nil && old.Name == svc.Name && reflect.DeepEqual(old.Instances, svc.Instances) {
+				return // a new index, the same data
+			}
+			if w.dc == "" && len(svc.Instances) > 0 {
+				w.dc = svc.Instances[0].Datacenter
+			}
+			w.services[wt.name] = svc
+			w.updated = time.Now()
+			w.dirty = true
+			w.signal()
+		})
+}
+
+// buildService turns Consul's health entries into a Service, keeping the
+// passing instances (and warning ones when includeWarning), sorted by ID
+// then node.
+func buildService(name string, index uint64, entries []*api.ServiceEntry, includeWarning bool) *Service {
+	svc := &Service{Name: name, Index: index, Instances: []Instance{}}
+	for _, e := range entries {
+		if e == nil || e.Service == nil || e.Node == nil {
+			continue
+		}
+		status := e.Checks.AggregatedStatus()
+		weight := e.Service.Weights.Passing
+		switch {
+		case status == api.HealthPassing:
+		case status == api.HealthWarning && includeWarning:
+			weight = e.Service.Weights.Warning
+		default:
+			continue
+		}
+		if e.Service.Weights == (api.AgentWeights{}) {
+			weight = 1 // registered without weights
+		}
+		svc.Name = e.Service.Service
+		addr := e.Service.Address
+		if addr == "" {
+			addr = e.Node.Address
+		}
+		inst := Instance{
+			ID:          e.Service.ID,
+			Service:     e.Service.Service,
+			Node:        e.Node.Node,
+			NodeAddress: e.Node.Address,
+			Address:     addr,
+			Port:        e.Service.Port,
+			Weight:      weight,
+			Datacenter:  e.Node.Datacenter,
+			Status:      status,
+		}
+		if len(e.Service.Tags) > 0 {
+			inst.Tags = append([]string(nil), e.Service.Tags...)
+		}
+		if len(e.Service.Meta) > 0 {
+			inst.Meta = make(map[string]string, len(e.Service.Meta))
+			for k, v := range e.Service.Meta {
+				inst.Meta[k] = v
+			}
+		}
+		svc.Instances = append(svc.Instances, inst)
+	}
+	sort.Slice(svc.Instances, func(i, j int) bool {
+		a, b := &svc.Instances[i], &svc.Instances[j]
+		if a.ID != b.ID {
+			return a.ID < b.ID
+		}
+		return a.Node < b.Node
+	})
+	return svc
+}
+
+func (w *Watcher) nodesLoop(ctx context.Context) {
+	var list []*api.Node
+	w.blockingLoop(ctx, "nodes", "", w.cfg.MinInterval, loopBurst,
+		func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
+			var err error
+			var meta *api.QueryMeta
+			list, meta, err = c.Catalog().Nodes(q)
+			return meta, err
+		},
+		func(index uint64) {
+			nodes := make(map[string]*Node, len(list))
+			for _, n := range list {
+				if n == nil {
+					continue
+				}
+				nodes[strings.ToLower(n.Node)] = &Node{Name: n.Node, Address: n.Address, Datacenter: n.Datacenter, Meta: nonEmpty(n.Meta)}
+			}
+			list = nil
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			first := !w.nodesLoaded
+			w.nodesLoaded = true
+			w.index = max(w.index, index)
+			if !first && reflect.DeepEqual(nodes, w.nodes) {
+				return
+			}
+			if first && reflect.DeepEqual(nodes, w.nodes) {
+				w.signal() // confirms data loaded from disk
+				return
+			}
+			w.nodes = nodes
+			w.updated = time.Now()
+			w.dirty = true
+			w.signal()
+		})
+}
+
+func nonEmpty(m map[string]string) map[string]string {
+	if len(m) == 0 {
+		return nil
+	}
+	return m
+}
+
+// reaper stops on-demand watches nobody asked for in IdleTimeout.
+func (w *Watcher) reaper(ctx context.Context) {
+	every := max(w.cfg.IdleTimeout/4, 10*time.Millisecond)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		cutoff := time.Now().Add(-w.cfg.IdleTimeout).UnixNano()
+		w.mu.Lock()
+		for name, wt := range w.watches {
+			if !wt.pinned && wt.lastUsed.Load() < cutoff {
+				w.log.Debug("stopping idle watch", "service", name)
+				w.removeWatchLocked(name)
+			}
+		}
+		w.mu.Unlock()
+		w.signal()
+	}
+}
+
+// ---- metrics ----
+
+type metrics struct {
+	updates  prometheus.Counter
+	errors   *prometheus.CounterVec
+	duration *prometheus.HistogramVec
+	cols     []prometheus.Collector
+}
+
+func newMetrics(w *Watcher) *metrics {
+	m := &metrics{
+		updates: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "attache", Subsystem: "catalog", Name: "updates_total",
+			Help: "Snapshots published (each one is a change of the view).",
+		}),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "attache", Subsystem: "catalog", Name: "errors_total",
+			Help: "Failed Consul queries, by loop (services, service, nodes, coordinates).",
+		}, []string{"loop"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "attache", Subsystem: "catalog", Name: "query_duration_seconds",
+			Help:    "Duration of Consul (blocking) queries, by loop.",
+			Buckets: []float64{.001, .005, .02, .1, .5, 2, 10, 60, 300, 600},
+		}, []string{"loop"}),
+	}
+	age := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "attache", Subsystem: "catalog", Name: "data_age_seconds",
+		Help: "0 while connected to Consul, else seconds since Consul last answered (data loaded from disk counts from when it was saved).",
+	}, func() float64 { return w.dataAge().Seconds() })
+	watched := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "attache", Subsystem: "catalog", Name: "services_watched",
+		Help: "Services with a blocking query of their own.",
+	}, func() float64 {
+		return float64(len(*w.watchIdx.Load()))
+	})
+	version := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "attache", Subsystem: "catalog", Name: "snapshot_version",
+		Help: "Version of the current snapshot.",
+	}, func() float64 { return float64(w.view.Load().Version) })
+	m.cols = []prometheus.Collector{m.updates, m.errors, m.duration, age, watched, version}
+	return m
+}
+
+func (m *metrics) register(r prometheus.Registerer) error {
+	if r == nil {
+		return nil
+	}
+	for _, c := range m.cols {
+		if err := r.Register(c); err != nil {
+			return fmt.Errorf("catalog: registering metrics: %w", err)
+		}
+	}
+	return nil
+}

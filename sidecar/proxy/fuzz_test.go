@@ -1,0 +1,71 @@
+package proxy
+
+import (
+	"bufio"
+	"net"
+	"net/http"
+	"testing"
+	"time"
+
+	"attache/sidecar/breaker"
+	"attache/sidecar/catalog"
+
+	"github.com/valyala/fasthttp"
+)
+
+// FuzzHandleRequest feeds raw bytes, as a client would send them, to the
+// HTTP proxy listener's handler (service from the host) in front of a real
+// backend. Whatever comes in, the proxy must not panic and must answer with
+// a well-formed response or close the connection.
+func FuzzHandleRequest(f *testing.F) {
+	for _, s := range []string{
+		"GET http://inventory.service.consul/items/1 HTTP/1.1\r\nHost: inventory.service.consul\r\n\r\n",
+		"GET /items/1 HTTP/1.1\r\nHost: inventory\r\nConnection: keep-alive, X-Foo\r\nX-Foo: 1\r\n\r\n",
+		"POST /x HTTP/1.1\r\nHost: inventory\r\nContent-Length: 5\r\nIdempotency-Key: k\r\n\r\nhello",
+		"POST /x HTTP/1.1\r\nHost: inventory\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+		"GET /ws HTTP/1.1\r\nHost: inventory\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+		"CONNECT inventory:443 HTTP/1.1\r\nHost: inventory:443\r\n\r\n",
+		"GET / HTTP/1.1\r\nHost: nosuch.service.consul\r\n\r\n",
+		"GET / HTTP/1.0\r\n\r\n",
+		"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+	} {
+		f.Add([]byte(s))
+	}
+	b := newBackend(f, "inventory", "i1", nil)
+	src := &viewSource{v: catalog.NewView()}
+	snap := &catalog.Snapshot{Services: map[string]*catalog.Service{
+		"inventory": {Name: "inventory", Instances: []catalog.Instance{b.inst}},
+	}, Known: map[string]bool{"inventory": true}}
+	src.v.Publish(snap)
+	br, _ := breaker.New(breaker.Config{}, nil, nil)
+	p, err := New(Config{TryTimeout: time.Second, WantTimeout: time.Millisecond}, src, br)
+	if err != nil {
+		f.Fatal(err)
+	}
+	srv := &fasthttp.Server{
+		Handler:            func(c *fasthttp.RequestCtx) { p.handleFast(c, nil) },
+		StreamRequestBody:  true,
+		MaxRequestBodySize: p.cfg.MaxReplayBody,
+		ReadTimeout:        2 * time.Second,
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		client, server := net.Pipe()
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			_ = srv.ServeConn(server)
+			server.Close()
+		}()
+		client.SetDeadline(time.Now().Add(3 * time.Second))
+		go func() { client.Write(in) }()
+		resp, err := http.ReadResponse(bufio.NewReader(client), nil)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode < 100 || resp.StatusCode > 599 {
+				t.Fatalf("status %d", resp.StatusCode)
+			}
+		}
+		client.Close()
+		<-done
+	})
+}

@@ -1,0 +1,241 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"net/textproto"
+	"strings"
+	"time"
+)
+
+// stdHandler serves requests that arrive over h2c, with net/http.
+func (p *Proxy) stdHandler(fixed *target) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		t := fixed
+		if t == nil {
+			name, ok := serviceFromHost(r.Host, p.cfg.Domain)
+			if !ok {
+				p.stdCanned(w, cannedJSON(http.StatusNotFound, "host is not a Consul service", "", "host", r.Host))
+				return
+			}
+			var err error
+			if t, err = p.lookupTarget(name); err != nil {
+				p.stdCanned(w, cannedJSON(http.StatusServiceUnavailable, err.Error(), name))
+				return
+			}
+		}
+		if r.Method == http.MethodConnect {
+			p.stdCanned(w, cannedJSON(http.StatusMethodNotAllowed, "CONNECT is not supported", t.name))
+			return
+		}
+		out := r.Header.Clone()
+		stripHopStd(out)
+		if te := r.Header.Get("Te"); strings.Contains(strings.ToLower(te), "trailers") {
+			out.Set("Te", "trailers") // gRPC needs it end to end
+		}
+		ip, _, err := net.SplitHostPort(r.RemoteAddr)
+		if err != nil {
+			ip = r.RemoteAddr
+		}
+		if prior := out.Get("X-Forwarded-For"); prior != "" {
+			out.Set("X-Forwarded-For", prior+", "+ip)
+		} else {
+			out.Set("X-Forwarded-For", ip)
+		}
+		if out.Get("X-Forwarded-Proto") == "" {
+			out.Set("X-Forwarded-Proto", "http")
+		}
+		x := &stdExchange{p: p, t: t, r: r, hdr: out}
+		replayable := idempotent([]byte(r.Method)) || r.Header.Get("Idempotency-Key") != ""
+		switch {
+		case r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0:
+		case r.ContentLength > 0 && r.ContentLength <= int64(p.cfg.MaxReplayBody):
+			b, err := io.ReadAll(io.LimitReader(r.Body, r.ContentLength))
+			if err != nil {
+				p.stdCanned(w, cannedJSON(http.StatusBadRequest, "reading the request body: "+err.Error(), t.name))
+				return
+			}
+			x.body = b
+		case r.ContentLength < 0:
+			b, err := io.ReadAll(io.LimitReader(r.Body, int64(p.cfg.MaxReplayBody)+1))
+			if err != nil {
+				p.stdCanned(w, cannedJSON(http.StatusBadRequest, "reading the request body: "+err.Error(), t.name))
+				return
+			}
+			if len(b) <= p.cfg.MaxReplayBody {
+				x.body = b
+			} else {
+				x.stream = io.MultiReader(bytes.NewReader(b), r.Body)
+				replayable = false
+			}
+		default:
+			x.stream = r.Body
+			replayable = false
+		}
+		res := t.forward(r.Context(), x, replayable)
+		if res.kind != outAnswered && t.fallback != nil && t.fallback.Service != "" &&
+			(res.kind == outOpen || res.kind == outNoHealthy) {
+			if t2, err := p.lookupTarget(t.fallback.Service); err == nil {
+				x.t = t2
+				if res2 := t2.forward(r.Context(), x, replayable); res2.kind == outAnswered {
+					w.Header().Set("X-Attache-Fallback", t2.name)
+					res = res2
+				}
+			}
+		}
+		defer x.discard()
+		if res.kind != outAnswered {
+			p.stdCanned(w, p.cannedFor(t, res, true))
+			return
+		}
+		x.writeTo(w)
+	})
+}
+
+func (p *Proxy) stdCanned(w http.ResponseWriter, c canned) {
+	for _, kv := range c.hdr {
+		w.Header().Set(kv[0], kv[1])
+	}
+	w.WriteHeader(c.status)
+	_, _ = w.Write(c.body)
+}
+
+func stripHopStd(h http.Header) {
+	for _, v := range h["Connection"] {
+		for _, tok := range strings.Split(v, ",") {
+			if tok = textproto.TrimString(tok); tok != "" {
+				h.Del(tok)
+			}
+		}
+	}
+	for _, k := range hopHeaders {
+		h.Del(k)
+	}
+}
+
+// stdExchange sends a request through net/http's Transport.
+type stdExchange struct {
+	p      *Proxy
+	t      *target
+	r      *http.Request
+	hdr    http.Header
+	body   []byte    // buffered body, replayable
+	stream io.Reader // unbuffered body, one try only
+	resp   *http.Response
+	cancel context.CancelFunc
+}
+
+func (x *stdExchange) transport() *http.Transport {
+	t := x.t
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.h2up && x.r.ProtoMajor == 2 {
+		if t.h2tr == nil {
+			t.h2tr = x.p.newTransport(true)
+		}
+		return t.h2tr
+	}
+	if t.h1tr == nil {
+		t.h1tr = x.p.newTransport(false)
+	}
+	return t.h1tr
+}
+
+func (p *Proxy) newTransport(h2c bool) *http.Transport {
+	tr := &http.Transport{
+		DialContext:           p.dialer.DialContext,
+		MaxConnsPerHost:       p.cfg.MaxConnsPerHost,
+		MaxIdleConnsPerHost:   64,
+		IdleConnTimeout:       p.cfg.MaxIdleConnTime,
+		DisableCompression:    true,
+		ResponseHeaderTimeout: 0,
+	}
+	tr.Protocols = new(http.Protocols)
+	if h2c {
+		tr.Protocols.SetUnencryptedHTTP2(true)
+	} else {
+		tr.Protocols.SetHTTP1(true)
+	}
+	return tr
+}
+
+func (x *stdExchange) try(ep *endpoint, deadline time.Time) (int, error) {
+	x.discard()
+	ctx, cancel := context.WithDeadline(x.r.Context(), deadline)
+	var body io.Reader
+	switch {
+	case x.body != nil:
+		body = bytes.NewReader(x.body)
+	case x.stream != nil:
+		body = x.stream
+		x.stream = nil
+	}
+	req, err := http.NewRequestWithContext(ctx, x.r.Method, "http://"+ep.addr+x.r.URL.RequestURI(), body)
+	if err != nil {
+		cancel()
+		return 0, err
+	}
+	req.Header = x.hdr
+	req.Host = x.r.Host
+	if x.body != nil {
+		req.ContentLength = int64(len(x.body))
+	} else if body != nil {
+		req.ContentLength = x.r.ContentLength
+	}
+	if len(x.r.Trailer) > 0 {
+		req.Trailer = x.r.Trailer
+	}
+	resp, err := x.transport().RoundTrip(req)
+	if err != nil {
+		cancel()
+		return 0, err
+	}
+	x.resp, x.cancel = resp, cancel
+	return resp.StatusCode, nil
+}
+
+func (x *stdExchange) discard() {
+	if x.resp != nil {
+		x.resp.Body.Close()
+		x.resp = nil
+	}
+	if x.cancel != nil {
+		x.cancel()
+		x.cancel = nil
+	}
+}
+
+// writeTo streams the answer to the client, flushing as data arrives, with
+// trailers.
+func (x *stdExchange) writeTo(w http.ResponseWriter) {
+	resp := x.resp
+	h := w.Header()
+	for k, v := range resp.Header {
+		h[k] = v
+	}
+	stripHopStd(h)
+	for k := range resp.Trailer {
+		h.Add("Trailer", k)
+	}
+	w.WriteHeader(resp.StatusCode)
+	rc := http.NewResponseController(w)
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := resp.Body.Read(buf)
+		if n > 0 {
+			if _, werr := w.Write(buf[:n]); werr != nil {
+				return
+			}
+			_ = rc.Flush()
+		}
+		if err != nil {
+			break
+		}
+	}
+	for k, v := range resp.Trailer {
+		h[http.TrailerPrefix+k] = v
+	}
+}

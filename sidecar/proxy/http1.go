@@ -1,0 +1,439 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/valyala/fasthttp"
+)
+
+// serveHTTP serves one HTTP listener: HTTP/1.1 on the fasthttp fast path,
+// h2c on net/http. fixed is the listener's service, nil for the HTTP proxy
+// listener (service from the request's host).
+func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- error, ln net.Listener, fixed *target) {
+	fs := &fasthttp.Server{
+		Handler:                      func(c *fasthttp.RequestCtx) { p.handleFast(c, fixed) },
+		NoDefaultServerHeader:        true,
+		NoDefaultDate:                true,
+		NoDefaultContentType:         true,
+		DisablePreParseMultipartForm: true,
+		StreamRequestBody:            true,
+		MaxRequestBodySize:           p.cfg.MaxReplayBody,
+		ReadBufferSize:               16 << 10,
+		WriteBufferSize:              16 << 10,
+		IdleTimeout:                  p.cfg.IdleTimeout,
+		CloseOnShutdown:              true,
+		Logger:                       fastLogger{p},
+	}
+	var h1 net.Listener = ln
+	if !p.cfg.DisableHTTP2 {
+		sl := newSniffListener(ln, p.cfg.IdleTimeout)
+		h1 = sl.h1
+		hs := &http.Server{
+			Handler:           p.stdHandler(fixed),
+			ReadHeaderTimeout: 10 * time.Second,
+			IdleTimeout:       p.cfg.IdleTimeout,
+			ErrorLog:          p.log.StandardLogger(nil),
+		}
+		hs.Protocols = new(http.Protocols)
+		hs.Protocols.SetUnencryptedHTTP2(true)
+		wg.Add(3)
+		go func() {
+			defer wg.Done()
+			sl.run(ctx)
+		}()
+		go func() {
+			defer wg.Done()
+			err := hs.Serve(sl.h2)
+			if err != nil && err != http.ErrServerClosed && ctx.Err() == nil {
+				errc <- fmt.Errorf("proxy: h2c on %s: %w", ln.Addr(), err)
+			}
+		}()
+		go func() {
+			defer wg.Done()
+			<-ctx.Done()
+			sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
+			defer cancel()
+			_ = hs.Shutdown(sctx)
+		}()
+	}
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		if err := fs.Serve(h1); err != nil && ctx.Err() == nil {
+			errc <- fmt.Errorf("proxy: serve %s: %w", ln.Addr(), err)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		<-ctx.Done()
+		ln.Close()
+		h1.Close()
+		sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
+		defer cancel()
+		_ = fs.ShutdownWithContext(sctx)
+	}()
+}
+
+type fastLogger struct{ p *Proxy }
+
+func (l fastLogger) Printf(format string, args ...any) {
+	l.p.log.Debug(fmt.Sprintf(format, args...))
+}
+
+// hopHeaders are removed when forwarding (RFC 9110 §7.6.1), with every
+// header named in Connection.
+var hopHeaders = []string{
+	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
+	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
+}
+
+// handleFast forwards one HTTP/1.x request.
+func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, fixed *target) {
+	t := fixed
+	if t == nil {
+		name, ok := serviceFromHost(string(ctx.Host()), p.cfg.Domain)
+		if !ok {
+			p.fastCanned(ctx, cannedJSON(http.StatusNotFound, "host is not a Consul service", "", "host", string(ctx.Host())))
+			return
+		}
+		var err error
+		if t, err = p.lookupTarget(name); err != nil {
+			p.fastCanned(ctx, cannedJSON(http.StatusServiceUnavailable, err.Error(), name))
+			return
+		}
+	}
+	req := &ctx.Request
+	if req.Header.IsConnect() {
+		p.fastCanned(ctx, cannedJSON(http.StatusMethodNotAllowed, "CONNECT is not supported; call http://SERVICE/ through the proxy", t.name))
+		return
+	}
+	h := &req.Header
+	if conn := h.Peek("Connection"); len(conn) > 0 && hasToken(conn, "upgrade") && len(h.Peek("Upgrade")) > 0 {
+		p.tunnelFast(ctx, t)
+		return
+	}
+	clientClose := h.ConnectionClose()
+	stripHopFast(h)
+	if clientClose {
+		h.ResetConnectionClose()
+	}
+	h.Del("Expect") // the server has answered 100-continue already
+	setForwardedFast(ctx)
+
+	replayable := replaySafe(req)
+	if req.IsBodyStream() {
+		cl := h.ContentLength()
+		if cl >= 0 && cl <= p.cfg.MaxReplayBody {
+			body := make([]byte, cl)
+			if _, err := io.ReadFull(ctx.RequestBodyStream(), body); err != nil {
+				p.fastCanned(ctx, cannedJSON(http.StatusBadRequest, "reading the request body: "+err.Error(), t.name))
+				ctx.SetConnectionClose()
+				return
+			}
+			req.SetBody(body)
+		} else {
+			replayable = false
+		}
+	}
+	x := &fastExchange{req: req, resp: &ctx.Response, replayable: replayable}
+	res := t.forward(ctx, x, replayable)
+	p.fastFinish(ctx, t, x, res, true)
+	if clientClose {
+		ctx.SetConnectionClose()
+	}
+}
+
+// fastFinish writes the answer for res.
+func (p *Proxy) fastFinish(ctx *fasthttp.RequestCtx, t *target, x *fastExchange, res result, mayFallback bool) {
+	switch res.kind {
+	case outAnswered:
+		stripHopResp(&ctx.Response.Header)
+		return
+	case outOpen, outNoHealthy:
+		if mayFallback && t.fallback != nil {
+			if fb := t.fallback; fb.Service != "" {
+				t2, err := p.lookupTarget(fb.Service)
+				if err == nil {
+					res2 := t2.forward(ctx, x, x.replayable)
+					if res2.kind == outAnswered {
+						ctx.Response.Header.Set("X-Attache-Fallback", t2.name)
+					}
+					p.fastFinish(ctx, t2, x, res2, false)
+					return
+				}
+			}
+		}
+	}
+	x.discard()
+	ctx.Response.Reset()
+	p.fastCanned(ctx, p.cannedFor(t, res, mayFallback))
+}
+
+func (p *Proxy) fastCanned(ctx *fasthttp.RequestCtx, c canned) {
+	ctx.Response.Reset()
+	ctx.SetStatusCode(c.status)
+	for _, kv := range c.hdr {
+		ctx.Response.Header.Set(kv[0], kv[1])
+	}
+	ctx.SetBody(c.body)
+}
+
+// fastExchange sends the server's own request object through an
+// instance's HostClient, filling the server's response object.
+type fastExchange struct {
+	req        *fasthttp.Request
+	resp       *fasthttp.Response
+	replayable bool
+}
+
+func (x *fastExchange) try(ep *endpoint, deadline time.Time) (int, error) {
+	if err := ep.hc.DoDeadline(x.req, x.resp, deadline); err != nil {
+		return 0, err
+	}
+	return x.resp.StatusCode(), nil
+}
+
+func (x *fastExchange) discard() {
+	_ = x.resp.CloseBodyStream()
+}
+
+func stripHopFast(h *fasthttp.RequestHeader) {
+	if conn := h.Peek("Connection"); len(conn) > 0 {
+		for _, tok := range bytes.Split(conn, []byte(",")) {
+			tok = bytes.TrimSpace(tok)
+			if len(tok) > 0 && !bytes.EqualFold(tok, []byte("close")) && !bytes.EqualFold(tok, []byte("keep-alive")) {
+				h.DelBytes(tok)
+			}
+		}
+	}
+	for _, k := range hopHeaders {
+		h.Del(k)
+	}
+}
+
+func stripHopResp(h *fasthttp.ResponseHeader) {
+	if conn := h.Peek("Connection"); len(conn) > 0 {
+		for _, tok := range bytes.Split(conn, []byte(",")) {
+			tok = bytes.TrimSpace(tok)
+			if len(tok) > 0 && !bytes.EqualFold(tok, []byte("close")) && !bytes.EqualFold(tok, []byte("keep-alive")) {
+				h.DelBytes(tok)
+			}
+		}
+	}
+	h.ResetConnectionClose()
+	for _, k := range hopHeaders {
+		if k != "Transfer-Encoding" && k != "Trailer" {
+			h.Del(k)
+		}
+	}
+}
+
+func setForwardedFast(ctx *fasthttp.RequestCtx) {
+	h := &ctx.Request.Header
+	var ipb [64]byte
+	ip := ipb[:0]
+	if a, ok := ctx.RemoteAddr().(*net.TCPAddr); ok {
+		ip = a.AddrPort().Addr().Unmap().AppendTo(ip)
+	} else {
+		ip = append(ip, ctx.RemoteIP().String()...)
+	}
+	if prior := h.Peek("X-Forwarded-For"); len(prior) > 0 {
+		v := make([]byte, 0, len(prior)+2+len(ip))
+		v = append(append(append(v, prior...), ", "...), ip...)
+		h.SetBytesV("X-Forwarded-For", v)
+	} else {
+		h.SetBytesV("X-Forwarded-For", ip)
+	}
+	if len(h.Peek("X-Forwarded-Proto")) == 0 {
+		h.Set("X-Forwarded-Proto", "http")
+	}
+}
+
+func hasToken(v []byte, tok string) bool {
+	for _, t := range bytes.Split(v, []byte(",")) {
+		if bytes.EqualFold(bytes.TrimSpace(t), []byte(tok)) {
+			return true
+		}
+	}
+	return false
+}
+
+// tunnelFast forwards an Upgrade request (WebSocket and the like): it sends
+// the request head to an instance and then copies bytes both ways.
+func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target) {
+	t.keepWanted(ctx, time.Now())
+	set := t.endpoints()
+	if !set.found {
+		set = t.want(ctx)
+	}
+	call, err := t.svc.Allow()
+	if err != nil {
+		p.fastFinish(ctx, t, &fastExchange{req: &ctx.Request, resp: &ctx.Response}, openResult(err), false)
+		return
+	}
+	start := time.Now()
+	var tried [maxTries]*endpoint
+	n := 0
+	var conn net.Conn
+	var ep *endpoint
+	for conn == nil {
+		ep = t.pick(set, tried[:n])
+		if ep == nil {
+			t.svc.Done(call, true, time.Since(start))
+			p.fastFinish(ctx, t, &fastExchange{req: &ctx.Request, resp: &ctx.Response}, result{kind: outNoHealthy}, false)
+			return
+		}
+		c, err := p.dialer.DialContext(ctx, "tcp", ep.addr)
+		if err != nil {
+			ep.out.Report(true)
+			tried[n] = ep
+			n++
+			if n > p.cfg.MaxRetries {
+				t.svc.Done(call, true, time.Since(start))
+				p.fastCanned(ctx, p.cannedFor(t, result{kind: outError, err: err, ep: ep}, false))
+				return
+			}
+			continue
+		}
+		conn = c
+	}
+	ep.out.Report(false)
+	t.svc.Done(call, false, time.Since(start))
+	setForwardedFast(ctx)
+	head := ctx.Request.Header.Header()
+	if _, err := conn.Write(head); err != nil {
+		conn.Close()
+		p.fastCanned(ctx, p.cannedFor(t, result{kind: outError, err: err, ep: ep}, false))
+		return
+	}
+	if body := ctx.Request.Body(); len(body) > 0 {
+		_, _ = conn.Write(body)
+	}
+	ctx.HijackSetNoResponse(true)
+	ctx.Hijack(func(c net.Conn) {
+		p.splice(c, conn)
+	})
+}
+
+// splice copies both ways until both directions end, half-closing where
+// the connections allow it. Both are closed when it returns, or when the
+// proxy shuts down.
+func (p *Proxy) splice(a, b net.Conn) {
+	if !p.track(a) {
+		a.Close()
+		b.Close()
+		return
+	}
+	defer p.untrack(a)
+	if !p.track(b) {
+		a.Close()
+		b.Close()
+		return
+	}
+	defer p.untrack(b)
+	done := make(chan struct{}, 2)
+	cp := func(dst, src net.Conn) {
+		_, _ = io.Copy(dst, src)
+		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+			_ = cw.CloseWrite()
+		} else {
+			dst.Close()
+		}
+		done <- struct{}{}
+	}
+	go cp(a, b)
+	go cp(b, a)
+	<-done
+	<-done
+	a.Close()
+	b.Close()
+}
+
+// ---------------------------------------------------------------- canned answers
+
+type canned struct {
+	status int
+	hdr    [][2]string
+	body   []byte
+}
+
+func cannedJSON(status int, msg, service string, kv ...string) canned {
+	m := map[string]any{"error": msg}
+	if service != "" {
+		m["service"] = service
+	}
+	for i := 0; i+1 < len(kv); i += 2 {
+		m[kv[i]] = kv[i+1]
+	}
+	b, _ := json.Marshal(m)
+	return canned{status: status, hdr: [][2]string{{"Content-Type", "application/json"}}, body: append(b, '\n')}
+}
+
+func openResult(err error) result {
+	res := result{kind: outOpen}
+	errors.As(err, &res.open)
+	return res
+}
+
+// cannedFor is the proxy's own answer for a request no instance answered.
+func (p *Proxy) cannedFor(t *target, res result, mayFallback bool) canned {
+	if mayFallback && t.fallback != nil && t.fallback.Service == "" && (res.kind == outOpen || res.kind == outNoHealthy) {
+		fb := t.fallback
+		c := canned{status: fb.Status, body: []byte(fb.Body)}
+		if c.status == 0 {
+			c.status = http.StatusOK
+		}
+		ct := fb.ContentType
+		if ct == "" {
+			ct = "application/json"
+		}
+		c.hdr = [][2]string{{"Content-Type", ct}, {"X-Attache-Fallback", "static"}}
+		if res.kind == outOpen && res.open != nil {
+			c.hdr = append(c.hdr, [2]string{"X-Attache-Breaker", res.open.State})
+		}
+		return c
+	}
+	switch res.kind {
+	case outOpen:
+		state, after := "open", time.Second
+		if res.open != nil {
+			state, after = res.open.State, res.open.RetryAfter
+		}
+		secs := int(math.Ceil(after.Seconds()))
+		if secs < 1 {
+			secs = 1
+		}
+		b, _ := json.Marshal(map[string]any{"error": "circuit breaker open", "service": t.name, "state": state, "retry_after_seconds": secs})
+		return canned{status: http.StatusServiceUnavailable, body: append(b, '\n'), hdr: [][2]string{
+			{"Content-Type", "application/json"}, {"Retry-After", strconv.Itoa(secs)}, {"X-Attache-Breaker", state}}}
+	case outNoHealthy:
+		return cannedJSON(http.StatusServiceUnavailable, "no healthy instance", t.name)
+	case outUnknown:
+		return cannedJSON(http.StatusServiceUnavailable, "service not in the catalog", t.name)
+	case outError:
+		inst := ""
+		if res.ep != nil {
+			inst = res.ep.id
+		}
+		if isTimeout(res.err) {
+			return cannedJSON(http.StatusGatewayTimeout, "upstream timeout", t.name, "instance", inst)
+		}
+		detail := "upstream error"
+		if res.err != nil {
+			detail = res.err.Error()
+		}
+		return cannedJSON(http.StatusBadGateway, "upstream connect error or reset", t.name, "instance", inst, "detail", detail)
+	}
+	return cannedJSON(http.StatusBadGateway, "proxy error", t.name)
+}

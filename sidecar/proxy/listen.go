@@ -1,0 +1,146 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"time"
+)
+
+// h2Preface starts every prior-knowledge HTTP/2 connection (RFC 9113 §3.4).
+var h2Preface = []byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+
+// sniffListener splits the connections of one listener: those that start
+// with the HTTP/2 preface go to h2, the rest to h1. The first bytes are
+// read in a goroutine per new connection, so a slow client never holds up
+// the accept loop.
+type sniffListener struct {
+	ln      net.Listener
+	h1, h2  *chanListener
+	timeout time.Duration
+}
+
+func newSniffListener(ln net.Listener, timeout time.Duration) *sniffListener {
+	return &sniffListener{
+		ln:      ln,
+		h1:      newChanListener(ln.Addr()),
+		h2:      newChanListener(ln.Addr()),
+		timeout: timeout,
+	}
+}
+
+// run accepts until the listener is closed or ctx ends.
+func (s *sniffListener) run(ctx context.Context) {
+	defer s.h1.Close()
+	defer s.h2.Close()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() && ctx.Err() == nil {
+				time.Sleep(5 * time.Millisecond)
+				continue
+			}
+			return
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.route(ctx, c)
+		}()
+	}
+}
+
+func (s *sniffListener) route(ctx context.Context, c net.Conn) {
+	stop := context.AfterFunc(ctx, func() { c.Close() }) // don't wait for a silent client on shutdown
+	defer stop()
+	var buf [len("PRI * HTTP/2.0")]byte
+	_ = c.SetReadDeadline(time.Now().Add(s.timeout))
+	n := 0
+	for n < 3 {
+		m, err := c.Read(buf[n:])
+		n += m
+		if err != nil {
+			break
+		}
+	}
+	_ = c.SetReadDeadline(time.Time{})
+	if n == 0 {
+		c.Close()
+		return
+	}
+	pc := &prefixConn{Conn: c, prefix: append([]byte(nil), buf[:n]...)}
+	dst := s.h1
+	if n >= 3 && bytes.Equal(buf[:3], h2Preface[:3]) && s.h2 != nil {
+		dst = s.h2
+	}
+	if !dst.put(ctx, pc) {
+		c.Close()
+	}
+}
+
+// prefixConn replays bytes already read from the connection.
+type prefixConn struct {
+	net.Conn
+	prefix []byte
+}
+
+func (c *prefixConn) Read(p []byte) (int, error) {
+	if len(c.prefix) > 0 {
+		n := copy(p, c.prefix)
+		c.prefix = c.prefix[n:]
+		return n, nil
+	}
+	return c.Conn.Read(p)
+}
+
+// CloseWrite half-closes the underlying TCP connection when it can.
+func (c *prefixConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
+}
+
+// chanListener is a net.Listener fed by a channel.
+type chanListener struct {
+	addr net.Addr
+	ch   chan net.Conn
+	done chan struct{}
+	once sync.Once
+}
+
+func newChanListener(addr net.Addr) *chanListener {
+	return &chanListener{addr: addr, ch: make(chan net.Conn), done: make(chan struct{})}
+}
+
+func (l *chanListener) put(ctx context.Context, c net.Conn) bool {
+	select {
+	case l.ch <- c:
+		return true
+	case <-l.done:
+		return false
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func (l *chanListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *chanListener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *chanListener) Addr() net.Addr { return l.addr }

@@ -1,0 +1,121 @@
+package proxy
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+const (
+	class1xx = iota
+	class2xx
+	class3xx
+	class4xx
+	class5xx
+	classError
+	classOpen
+	classNoHealthy
+	classUnknown
+	numClasses
+)
+
+var classNames = [numClasses]string{"1xx", "2xx", "3xx", "4xx", "5xx", "error", "breaker_open", "no_healthy_instance", "unknown_service"}
+
+func statusClass(s int) int {
+	switch {
+	case s < 200:
+		return class1xx
+	case s < 300:
+		return class2xx
+	case s < 400:
+		return class3xx
+	case s < 500:
+		return class4xx
+	}
+	return class5xx
+}
+
+type metrics struct {
+	requests        *prometheus.CounterVec
+	latency         *prometheus.HistogramVec
+	tryLatency      *prometheus.HistogramVec
+	tryFailures     *prometheus.CounterVec
+	retries         *prometheus.CounterVec
+	budgetExhausted *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	buckets := []float64{.0002, .0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
+	m := &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "attache", Subsystem: "proxy", Name: "requests_total",
+			Help: "Requests per upstream service and result class."}, []string{"upstream", "result"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: "attache", Subsystem: "proxy", Name: "request_duration_seconds",
+			Help: "Time to the answer's headers per upstream, retries included.", Buckets: buckets}, []string{"upstream"}),
+		tryLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: "attache", Subsystem: "proxy", Name: "try_duration_seconds",
+			Help: "Time to the answer's headers per instance and try.", Buckets: buckets}, []string{"upstream", "instance"}),
+		tryFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "attache", Subsystem: "proxy", Name: "try_failures_total",
+			Help: "Failed tries (connect error, reset, timeout, 5xx) per instance."}, []string{"upstream", "instance"}),
+		retries: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "attache", Subsystem: "proxy", Name: "retries_total",
+			Help: "Retries per upstream."}, []string{"upstream"}),
+		budgetExhausted: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "attache", Subsystem: "proxy", Name: "retry_budget_exhausted_total",
+			Help: "Retries not made because the retry budget was spent."}, []string{"upstream"}),
+	}
+	if reg != nil {
+		for _, c := range []prometheus.Collector{m.requests, m.latency, m.tryLatency, m.tryFailures, m.retries, m.budgetExhausted} {
+			if err := reg.Register(c); err != nil {
+				return nil, fmt.Errorf("proxy: register metrics: %w", err)
+			}
+		}
+	}
+	return m, nil
+}
+
+// targetMetrics holds one service's resolved metric children, so that the
+// request path never hashes label values.
+type targetMetrics struct {
+	m               *metrics
+	name            string
+	classes         [numClasses]prometheus.Counter
+	latency         prometheus.Observer
+	retries         prometheus.Counter
+	budgetExhausted prometheus.Counter
+}
+
+func (m *metrics) forTarget(name string) *targetMetrics {
+	t := &targetMetrics{m: m, name: name,
+		latency:         m.latency.WithLabelValues(name),
+		retries:         m.retries.WithLabelValues(name),
+		budgetExhausted: m.budgetExhausted.WithLabelValues(name),
+	}
+	for i := range t.classes {
+		t.classes[i] = m.requests.WithLabelValues(name, classNames[i])
+	}
+	return t
+}
+
+func (t *targetMetrics) count(class int) { t.classes[class].Inc() }
+
+type endpointMetrics struct {
+	latency  prometheus.Observer
+	failures prometheus.Counter
+}
+
+func (t *targetMetrics) forEndpoint(id string) *endpointMetrics {
+	return &endpointMetrics{
+		latency:  t.m.tryLatency.WithLabelValues(t.name, id),
+		failures: t.m.tryFailures.WithLabelValues(t.name, id),
+	}
+}
+
+func (t *targetMetrics) drop(id string) {
+	t.m.tryLatency.DeleteLabelValues(t.name, id)
+	t.m.tryFailures.DeleteLabelValues(t.name, id)
+}
+
+func (e *endpointMetrics) observe(d time.Duration, failed bool) {
+	e.latency.Observe(d.Seconds())
+	if failed {
+		e.failures.Inc()
+	}
+}

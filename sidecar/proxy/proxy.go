@@ -1,0 +1,667 @@
+// Package proxy owns the sidecar's outbound path: upstream listeners (one
+// service each, HTTP/1.1 and h2c or raw TCP) and an HTTP proxy listener
+// (service from the request's host), load balancing over the healthy
+// instances in the catalog Snapshot, keepalive pools per instance, retries
+// with a budget, timeouts, and the fallback answers given when a service's
+// breaker is open or it has no healthy instance. Failure state lives in
+// package breaker; the proxy reports every outcome there.
+//
+// Plain HTTP/1.1 goes through a fast path built on valyala/fasthttp (server
+// and per-instance HostClient, reusing the request and response objects);
+// h2c connections are recognised by their preface and served by net/http;
+// WebSocket and other Upgrade requests are tunnelled byte for byte.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"attache/sidecar/breaker"
+	"attache/sidecar/catalog"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/valyala/fasthttp"
+)
+
+// Source gives the proxy the catalog view. *catalog.Watcher implements it.
+type Source interface {
+	// Load returns the newest snapshot; never blocks.
+	Load() *catalog.Snapshot
+	// Want makes sure service is watched, waiting at most until ctx ends
+	// for its first answer, and returns the newest snapshot.
+	Want(ctx context.Context, service string) *catalog.Snapshot
+}
+
+// Fallback is the answer given instead of a 503 when a service's breaker is
+// open or it has no healthy instance: either a static response or the same
+// request sent to another service.
+type Fallback struct {
+	Status      int    // static answer status (default 200)
+	Body        string // static answer body
+	ContentType string // default application/json
+	Service     string // forward to this service instead (takes precedence)
+}
+
+// Config configures the proxy. Zero fields take the defaults noted.
+type Config struct {
+	Upstreams     []Upstream
+	HTTPProxyAddr string   // "" disables the HTTP proxy listener
+	Balancer      Balancer // default LeastRequest
+	Domain        string   // DNS domain for http-proxy hosts, default "consul"
+
+	ConnectTimeout time.Duration // dial timeout per attempt, default 1s
+	TryTimeout     time.Duration // per try, until the whole answer is read, default 5s
+	RequestTimeout time.Duration // whole request including retries, default 15s
+	IdleTimeout    time.Duration // client keepalive idle timeout, default 90s
+
+	MaxRetries        int           // extra tries after the first, default 2; negative disables
+	RetryBudget       float64       // retries at most this share of requests (10s window), default 0.2
+	MinRetries        int           // retries always allowed per 10s window, default 10
+	RetryBackoff      time.Duration // base of the full-jitter backoff, default 25ms
+	RetryBackoffMax   time.Duration // default 250ms
+	RetryStatuses     []int         // answers retried (idempotent requests only), default 502, 503, 504
+	FailureStatuses   []int         // answers counted as instance failures, default every 5xx
+	MaxReplayBody     int           // request bodies up to this size are buffered for retries, default 64 KiB
+	MaxConnsPerHost   int           // connection pool limit per instance, default 512
+	MaxIdleConnTime   time.Duration // idle pooled connection lifetime, default 10s
+	WantTimeout       time.Duration // wait for a service's first catalog answer, default 2s
+	MaxServices       int           // distinct services the HTTP proxy keeps state for, default 1024
+	Fallbacks         map[string]Fallback
+	Node              string // this node's name, for the nearest balancer
+	Logger            hclog.Logger
+	Registerer        prometheus.Registerer
+	DisableHTTP2      bool          // don't recognise h2c on HTTP listeners
+	ShutdownGraceTime time.Duration // default 5s
+}
+
+func (c Config) withDefaults() Config {
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	if c.Balancer == "" {
+		c.Balancer = LeastRequest
+	}
+	if c.Domain == "" {
+		c.Domain = "consul"
+	}
+	c.Domain = strings.Trim(strings.ToLower(c.Domain), ".")
+	def(&c.ConnectTimeout, time.Second)
+	def(&c.TryTimeout, 5*time.Second)
+	def(&c.RequestTimeout, 15*time.Second)
+	def(&c.IdleTimeout, 90*time.Second)
+	def(&c.RetryBackoff, 25*time.Millisecond)
+	def(&c.RetryBackoffMax, 250*time.Millisecond)
+	def(&c.MaxIdleConnTime, 10*time.Second)
+	def(&c.WantTimeout, 2*time.Second)
+	def(&c.ShutdownGraceTime, 5*time.Second)
+	if c.TryTimeout > c.RequestTimeout {
+		c.TryTimeout = c.RequestTimeout
+	}
+	if c.MaxRetries == 0 {
+		c.MaxRetries = 2
+	}
+	if c.MaxRetries < 0 {
+		c.MaxRetries = 0
+	}
+	if c.MaxRetries > maxTries-1 {
+		c.MaxRetries = maxTries - 1
+	}
+	if c.RetryBudget <= 0 {
+		c.RetryBudget = 0.2
+	}
+	if c.MinRetries <= 0 {
+		c.MinRetries = 10
+	}
+	if c.RetryStatuses == nil {
+		c.RetryStatuses = []int{502, 503, 504}
+	}
+	if c.MaxReplayBody <= 0 {
+		c.MaxReplayBody = 64 << 10
+	}
+	if c.MaxConnsPerHost <= 0 {
+		c.MaxConnsPerHost = 512
+	}
+	if c.MaxServices <= 0 {
+		c.MaxServices = 1024
+	}
+	if c.Logger == nil {
+		c.Logger = hclog.NewNullLogger()
+	}
+	return c
+}
+
+const maxTries = 8
+
+// Proxy is the set of listeners and the per-service forwarding state.
+type Proxy struct {
+	cfg       Config
+	src       Source
+	br        *breaker.Registry
+	log       hclog.Logger
+	met       *metrics
+	retryOn   [600]bool
+	failureOn [600]bool
+	dialer    net.Dialer
+
+	mu      sync.Mutex
+	targets map[string]*target
+
+	ready   chan struct{}
+	boundMu sync.Mutex
+	bound   map[string]net.Addr // by service name; "" is the HTTP proxy
+
+	connsMu sync.Mutex
+	conns   map[net.Conn]struct{} // tunnelled connections, closed on shutdown
+	closing bool
+}
+
+// New checks the configuration and builds the proxy; Run binds and serves.
+func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
+	if src == nil {
+		return nil, errors.New("proxy: no catalog source")
+	}
+	if br == nil {
+		return nil, errors.New("proxy: no breaker registry")
+	}
+	cfg = cfg.withDefaults()
+	if _, err := ParseBalancer(string(cfg.Balancer)); err != nil {
+		return nil, err
+	}
+	seen := map[string]bool{}
+	for i, u := range cfg.Upstreams {
+		if err := checkServiceName(u.Name); err != nil {
+			return nil, fmt.Errorf("proxy: upstream %d: %w", i, err)
+		}
+		if err := checkListenAddr(u.Addr); err != nil {
+			return nil, fmt.Errorf("proxy: upstream %s: %w", u.Name, err)
+		}
+		switch u.Protocol {
+		case "":
+			cfg.Upstreams[i].Protocol = ProtoHTTP
+		case ProtoHTTP, ProtoHTTP2, ProtoTCP:
+		default:
+			return nil, fmt.Errorf("proxy: upstream %s: unknown protocol %q", u.Name, u.Protocol)
+		}
+		if _, err := ParseBalancer(string(u.Balancer)); err != nil {
+			return nil, err
+		}
+		if seen[u.Addr] && !strings.HasSuffix(u.Addr, ":0") {
+			return nil, fmt.Errorf("proxy: two upstreams listen on %s", u.Addr)
+		}
+		seen[u.Addr] = true
+	}
+	if cfg.HTTPProxyAddr != "" {
+		if err := checkListenAddr(cfg.HTTPProxyAddr); err != nil {
+			return nil, fmt.Errorf("proxy: http proxy: %w", err)
+		}
+	}
+	for name, fb := range cfg.Fallbacks {
+		if fb.Service == "" && (fb.Status < 100 && fb.Status != 0 || fb.Status > 599) {
+			return nil, fmt.Errorf("proxy: fallback for %s: bad status %d", name, fb.Status)
+		}
+	}
+	p := &Proxy{
+		cfg:     cfg,
+		src:     src,
+		br:      br,
+		log:     cfg.Logger.Named("proxy"),
+		targets: map[string]*target{},
+		conns:   map[net.Conn]struct{}{},
+		ready:   make(chan struct{}),
+		bound:   map[string]net.Addr{},
+		dialer:  net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second},
+	}
+	for _, s := range cfg.RetryStatuses {
+		if s >= 100 && s < 600 {
+			p.retryOn[s] = true
+		}
+	}
+	if cfg.FailureStatuses == nil {
+		for s := 500; s < 600; s++ {
+			p.failureOn[s] = true
+		}
+	}
+	for _, s := range cfg.FailureStatuses {
+		if s >= 100 && s < 600 {
+			p.failureOn[s] = true
+		}
+	}
+	m, err := newMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, err
+	}
+	p.met = m
+	return p, nil
+}
+
+// Run binds every listener (an error names the address), serves until ctx
+// ends, then stops them all and returns when everything has stopped.
+func (p *Proxy) Run(ctx context.Context) error {
+	type bound struct {
+		up  Upstream
+		ln  net.Listener
+		pxy bool
+	}
+	var all []bound
+	closeAll := func() {
+		for _, b := range all {
+			b.ln.Close()
+		}
+	}
+	var lc net.ListenConfig
+	for _, u := range p.cfg.Upstreams {
+		ln, err := lc.Listen(ctx, "tcp", u.Addr)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("proxy: upstream %s: listen on %s: %w", u.Name, u.Addr, err)
+		}
+		all = append(all, bound{up: u, ln: ln})
+	}
+	if p.cfg.HTTPProxyAddr != "" {
+		ln, err := lc.Listen(ctx, "tcp", p.cfg.HTTPProxyAddr)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("proxy: http proxy: listen on %s: %w", p.cfg.HTTPProxyAddr, err)
+		}
+		all = append(all, bound{ln: ln, pxy: true})
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	errc := make(chan error, 2*len(all)+1)
+	for _, b := range all {
+		switch {
+		case b.pxy:
+			p.log.Info("http proxy listening", "addr", b.ln.Addr().String())
+			p.serveHTTP(ctx, &wg, errc, b.ln, nil)
+		case b.up.Protocol == ProtoTCP:
+			t := p.target(b.up.Name, b.up.Balancer, b.up.Protocol)
+			p.log.Info("upstream listening", "service", b.up.Name, "addr", b.ln.Addr().String(), "protocol", b.up.Protocol)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				p.serveTCP(ctx, b.ln, t)
+			}()
+		default:
+			t := p.target(b.up.Name, b.up.Balancer, b.up.Protocol)
+			p.log.Info("upstream listening", "service", b.up.Name, "addr", b.ln.Addr().String(), "protocol", b.up.Protocol)
+			p.serveHTTP(ctx, &wg, errc, b.ln, t)
+		}
+		if !b.pxy {
+			wg.Add(1)
+			go func(name string) { // start watching the service at once
+				defer wg.Done()
+				wctx, c := context.WithTimeout(ctx, p.cfg.WantTimeout)
+				defer c()
+				p.src.Want(wctx, name)
+			}(b.up.Name)
+		}
+	}
+	p.boundMu.Lock()
+	for _, b := range all {
+		p.bound[b.up.Name] = b.ln.Addr()
+	}
+	p.boundMu.Unlock()
+	close(p.ready)
+
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	cancel()
+	closeAll()
+	p.connsMu.Lock()
+	p.closing = true
+	for c := range p.conns {
+		c.Close()
+	}
+	p.connsMu.Unlock()
+	wg.Wait()
+	p.mu.Lock()
+	for _, t := range p.targets {
+		t.close()
+	}
+	p.mu.Unlock()
+	return err
+}
+
+// Ready is closed once Run has bound every listener.
+func (p *Proxy) Ready() <-chan struct{} { return p.ready }
+
+// Addr returns the bound address of the upstream listener for service, or
+// of the HTTP proxy listener when service is "". It is nil before Ready.
+func (p *Proxy) Addr(service string) net.Addr {
+	p.boundMu.Lock()
+	defer p.boundMu.Unlock()
+	return p.bound[strings.ToLower(service)]
+}
+
+// track registers a tunnelled connection to close on shutdown; it returns
+// false when the proxy is already shutting down.
+func (p *Proxy) track(c net.Conn) bool {
+	p.connsMu.Lock()
+	defer p.connsMu.Unlock()
+	if p.closing {
+		return false
+	}
+	p.conns[c] = struct{}{}
+	return true
+}
+
+func (p *Proxy) untrack(c net.Conn) {
+	p.connsMu.Lock()
+	delete(p.conns, c)
+	p.connsMu.Unlock()
+}
+
+// target returns the forwarding state for a service, creating it.
+func (p *Proxy) target(name string, bal Balancer, proto string) *target {
+	name = strings.ToLower(name)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if t := p.targets[name]; t != nil {
+		if bal != "" {
+			t.bal = bal
+		}
+		if proto == ProtoHTTP2 {
+			t.h2up = true
+		}
+		return t
+	}
+	if bal == "" {
+		bal = p.cfg.Balancer
+	}
+	t := &target{
+		p:    p,
+		name: name,
+		bal:  bal,
+		h2up: proto == ProtoHTTP2,
+		svc:  p.br.Service(name),
+		eps:  map[string]*endpoint{},
+		met:  p.met.forTarget(name),
+	}
+	if fb, ok := p.cfg.Fallbacks[name]; ok {
+		t.fallback = &fb
+	}
+	p.targets[name] = t
+	return t
+}
+
+// lookupTarget returns the state for a service named by a request's host,
+// refusing to grow beyond MaxServices.
+func (p *Proxy) lookupTarget(name string) (*target, error) {
+	p.mu.Lock()
+	t := p.targets[name]
+	n := len(p.targets)
+	p.mu.Unlock()
+	if t != nil {
+		return t, nil
+	}
+	if n >= p.cfg.MaxServices {
+		return nil, fmt.Errorf("proxy: more than %d services called through the HTTP proxy", p.cfg.MaxServices)
+	}
+	return p.target(name, "", ProtoHTTP), nil
+}
+
+// ---------------------------------------------------------------- target
+
+// target is the forwarding state of one service.
+type target struct {
+	p        *Proxy
+	name     string
+	bal      Balancer
+	h2up     bool // send h2c requests to instances over h2c
+	svc      *breaker.Service
+	fallback *Fallback
+	met      *targetMetrics
+	rr       atomic.Uint64
+	budget   budget
+
+	set atomic.Pointer[epSet]
+
+	mu       sync.Mutex // guards eps, rebuilds and the transports
+	eps      map[string]*endpoint
+	h1tr     *http.Transport
+	h2tr     *http.Transport
+	lastWant atomic.Int64 // unix second of the last Want
+}
+
+// epSet is the list of endpoints built from one snapshot.
+type epSet struct {
+	snap  *catalog.Snapshot
+	svc   *catalog.Service
+	found bool // the service is in the snapshot
+	known bool // the catalog knows the service name
+	list  []*endpoint
+}
+
+// endpoint is one instance with its connection pool and counters.
+type endpoint struct {
+	id       string
+	node     string
+	addr     string
+	weight   int
+	rtt      time.Duration
+	rttKnown bool
+	inflight atomic.Int64
+	out      *breaker.Instance
+	hc       *fasthttp.HostClient
+	met      *endpointMetrics
+}
+
+// endpoints returns the endpoint set for the current snapshot, rebuilding it
+// when the snapshot changed.
+func (t *target) endpoints() *epSet {
+	snap := t.p.src.Load()
+	s := t.set.Load()
+	if s != nil && s.snap == snap {
+		return s
+	}
+	return t.rebuild(snap)
+}
+
+func (t *target) rebuild(snap *catalog.Snapshot) *epSet {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if s := t.set.Load(); s != nil && s.snap == snap {
+		return s
+	}
+	svc, found := snap.Service(t.name)
+	if s := t.set.Load(); s != nil && found && s.svc == svc && s.found {
+		ns := *s
+		ns.snap = snap
+		t.set.Store(&ns)
+		return &ns
+	}
+	set := &epSet{snap: snap, svc: svc, found: found, known: found || snap.Known[t.name]}
+	keep := map[string]bool{}
+	var ids []string
+	if found {
+		for i := range svc.Instances {
+			in := &svc.Instances[i]
+			addr := in.Address
+			if addr == "" {
+				addr = in.NodeAddress
+			}
+			if addr == "" || in.Port <= 0 {
+				continue
+			}
+			hp := net.JoinHostPort(addr, fmt.Sprint(in.Port))
+			key := in.ID + "\x00" + hp
+			ep := t.eps[key]
+			if ep == nil {
+				ep = t.newEndpoint(in.ID, hp)
+				t.eps[key] = ep
+			}
+			ep.node = in.Node
+			ep.weight = in.Weight
+			if ep.weight <= 0 {
+				ep.weight = 1
+			}
+			ep.rtt, ep.rttKnown = snap.RTT(t.p.cfg.Node, in.Node)
+			keep[key] = true
+			ids = append(ids, in.ID)
+			set.list = append(set.list, ep)
+		}
+	}
+	for key, ep := range t.eps {
+		if !keep[key] {
+			delete(t.eps, key)
+			ep.hc.CloseIdleConnections()
+			t.met.drop(ep.id)
+		}
+	}
+	if t.bal == Nearest {
+		sort.SliceStable(set.list, func(i, j int) bool {
+			a, b := set.list[i], set.list[j]
+			if a.rttKnown != b.rttKnown {
+				return a.rttKnown
+			}
+			return a.rtt < b.rtt
+		})
+	}
+	if found {
+		t.svc.Sync(ids)
+	}
+	t.set.Store(set)
+	return set
+}
+
+func (t *target) newEndpoint(id, addr string) *endpoint {
+	p := t.p
+	ep := &endpoint{id: id, addr: addr, out: t.svc.Instance(id), met: t.met.forEndpoint(id)}
+	ep.hc = &fasthttp.HostClient{
+		Addr:                      addr,
+		NoDefaultUserAgentHeader:  true,
+		MaxConns:                  p.cfg.MaxConnsPerHost,
+		MaxIdleConnDuration:       p.cfg.MaxIdleConnTime,
+		MaxConnWaitTimeout:        p.cfg.ConnectTimeout,
+		ReadBufferSize:            16 << 10,
+		WriteBufferSize:           16 << 10,
+		DisablePathNormalizing:    true,
+		StreamResponseBody:        true,
+		MaxIdemponentCallAttempts: 2,
+		RetryIfErr:                retryStaleConn,
+		Dial: func(a string) (net.Conn, error) {
+			return p.dialer.Dial("tcp", a)
+		},
+	}
+	return ep
+}
+
+// retryStaleConn lets fasthttp retry once, on a new connection, a request
+// whose pooled keepalive connection turned out to be closed by the instance
+// before it answered. Our own retries (other instances, budget) do the rest.
+func retryStaleConn(req *fasthttp.Request, attempts int, err error) (bool, bool) {
+	if attempts > 1 || !replaySafe(req) {
+		return false, false
+	}
+	return false, errors.Is(err, fasthttp.ErrConnectionClosed) || errors.Is(err, errEOF) || isReset(err)
+}
+
+func (t *target) close() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, ep := range t.eps {
+		ep.hc.CloseIdleConnections()
+	}
+	if t.h1tr != nil {
+		t.h1tr.CloseIdleConnections()
+	}
+	if t.h2tr != nil {
+		t.h2tr.CloseIdleConnections()
+	}
+}
+
+// want asks the source to watch the service and waits for it, at most
+// WantTimeout; concurrent callers share one wait.
+func (t *target) want(ctx context.Context) *epSet {
+	ctx, cancel := context.WithTimeout(ctx, t.p.cfg.WantTimeout)
+	defer cancel()
+	t.p.src.Want(ctx, t.name)
+	return t.endpoints()
+}
+
+// pick chooses an endpoint not in tried. An instance whose ejection time is
+// over is taken first, as its probe. nil means no instance can be tried.
+func (t *target) pick(set *epSet, tried []*endpoint) *endpoint {
+	var buf [16]*endpoint
+	cand := buf[:0]
+outer:
+	for _, ep := range set.list {
+		for _, x := range tried {
+			if x == ep {
+				continue outer
+			}
+		}
+		switch ep.out.Status() {
+		case breaker.Available:
+			cand = append(cand, ep)
+		case breaker.ProbeReady:
+			if ep.out.TryProbe() {
+				return ep
+			}
+		}
+	}
+	switch len(cand) {
+	case 0:
+		return nil
+	case 1:
+		return cand[0]
+	}
+	switch t.bal {
+	case RoundRobin:
+		return cand[t.rr.Add(1)%uint64(len(cand))]
+	case Weighted:
+		total := 0
+		for _, ep := range cand {
+			total += ep.weight
+		}
+		r := rand.IntN(total)
+		for _, ep := range cand {
+			if r < ep.weight {
+				return ep
+			}
+			r -= ep.weight
+		}
+		return cand[len(cand)-1]
+	case Nearest:
+		// cand is sorted by RTT; least-request among the nearest ones
+		// (within 10% or 1ms of the best).
+		n := 1
+		best := cand[0]
+		for n < len(cand) && cand[n].rttKnown == best.rttKnown &&
+			cand[n].rtt <= best.rtt+max(best.rtt/10, time.Millisecond) {
+			n++
+		}
+		cand = cand[:n]
+		if n == 1 {
+			return cand[0]
+		}
+	}
+	// power of two choices, fewer requests in flight wins
+	i := rand.IntN(len(cand))
+	j := rand.IntN(len(cand) - 1)
+	if j >= i {
+		j++
+	}
+	a, b := cand[i], cand[j]
+	if b.inflight.Load() < a.inflight.Load() {
+		return b
+	}
+	return a
+}

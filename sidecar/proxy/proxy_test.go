@@ -1,0 +1,672 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"attache/demo"
+	"attache/sidecar/breaker"
+	"attache/sidecar/catalog"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// viewSource is a catalog source over a View that tests publish hand-built
+// snapshots into; the instances point at real local backends.
+type viewSource struct {
+	v     *catalog.View
+	wants atomic.Int64
+}
+
+func (s *viewSource) Load() *catalog.Snapshot { return s.v.Load() }
+func (s *viewSource) Want(ctx context.Context, service string) *catalog.Snapshot {
+	s.wants.Add(1)
+	return s.v.Load()
+}
+
+type backend struct {
+	id   string
+	demo *demo.Server
+	srv  *httptest.Server
+	inst catalog.Instance
+}
+
+func newBackend(t testing.TB, service, id string, h http.Handler) *backend {
+	t.Helper()
+	b := &backend{id: id}
+	if h == nil {
+		b.demo = demo.New(service, id)
+		h = b.demo
+	}
+	b.srv = httptest.NewServer(h)
+	t.Cleanup(b.srv.Close)
+	u, _ := url.Parse(b.srv.URL)
+	port, _ := strconv.Atoi(u.Port())
+	b.inst = catalog.Instance{ID: id, Service: service, Node: "node-" + id, Address: u.Hostname(), Port: port, Weight: 1, Status: "passing"}
+	return b
+}
+
+func publish(src *viewSource, services map[string][]*backend) {
+	snap := &catalog.Snapshot{Services: map[string]*catalog.Service{}, Nodes: map[string]*catalog.Node{}, Known: map[string]bool{}}
+	for name, bs := range services {
+		svc := &catalog.Service{Name: name}
+		for _, b := range bs {
+			svc.Instances = append(svc.Instances, b.inst)
+		}
+		snap.Services[name] = svc
+		snap.Known[name] = true
+	}
+	src.v.Publish(snap)
+}
+
+type testProxy struct {
+	p   *Proxy
+	br  *breaker.Registry
+	src *viewSource
+}
+
+func (tp *testProxy) url(service, path string) string {
+	return "http://" + tp.p.Addr(service).String() + path
+}
+
+func startProxy(t *testing.T, cfg Config, bcfg breaker.Config, services map[string][]*backend) *testProxy {
+	t.Helper()
+	src := &viewSource{v: catalog.NewView()}
+	publish(src, services)
+	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: testWriter{t}})
+	br, err := breaker.New(bcfg, log, prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Logger = log
+	cfg.Registerer = prometheus.NewRegistry()
+	p, err := New(cfg, src, br)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Error("Run did not return after cancel")
+		}
+	})
+	select {
+	case <-p.Ready():
+	case err := <-done:
+		t.Fatalf("Run: %v", err)
+	}
+	return &testProxy{p: p, br: br, src: src}
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(b)))
+	return len(b), nil
+}
+
+func get(t *testing.T, c *http.Client, u string) (int, http.Header, []byte) {
+	t.Helper()
+	resp, err := c.Get(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, resp.Header, b
+}
+
+func upstream(name string) Upstream {
+	return Upstream{Name: name, Addr: "127.0.0.1:0", Protocol: ProtoHTTP}
+}
+
+func newClient() *http.Client {
+	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
+}
+
+func TestForwardHeaders(t *testing.T) {
+	var got http.Header
+	var mu sync.Mutex
+	b := newBackend(t, "echo", "e1", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		got = r.Header.Clone()
+		mu.Unlock()
+		w.Header().Set("Connection", "X-Hop")
+		w.Header().Set("X-Hop", "must go")
+		w.Header().Set("Keep-Alive", "timeout=5")
+		w.Header().Set("X-Kept", "yes")
+		fmt.Fprintf(w, "%s %s", r.Method, r.URL.RequestURI())
+	}))
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("echo")}}, breaker.Config{}, map[string][]*backend{"echo": {b}})
+	req, _ := http.NewRequest("GET", tp.url("echo", "/a/b?c=d%20e"), nil)
+	req.Header.Set("Connection", "X-Private")
+	req.Header.Set("X-Private", "secret")
+	req.Header.Set("Proxy-Authorization", "Basic x")
+	req.Header.Set("X-Forwarded-For", "10.0.0.1")
+	req.Header.Set("X-App", "kept")
+	resp, err := newClient().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(body) != "GET /a/b?c=d%20e" {
+		t.Fatalf("body %q", body)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, k := range []string{"X-Private", "Proxy-Authorization"} {
+		if got.Get(k) != "" {
+			t.Errorf("hop-by-hop header %s forwarded", k)
+		}
+	}
+	if got.Get("X-App") != "kept" {
+		t.Error("end-to-end header dropped")
+	}
+	if xff := got.Get("X-Forwarded-For"); xff != "10.0.0.1, 127.0.0.1" {
+		t.Errorf("X-Forwarded-For = %q", xff)
+	}
+	if got.Get("X-Forwarded-Proto") != "http" {
+		t.Errorf("X-Forwarded-Proto = %q", got.Get("X-Forwarded-Proto"))
+	}
+	if resp.Header.Get("X-Hop") != "" || resp.Header.Get("Keep-Alive") != "" || resp.Header.Get("X-Kept") != "yes" {
+		t.Errorf("response headers %v", resp.Header)
+	}
+}
+
+func TestHTTPProxyHostForms(t *testing.T) {
+	b := newBackend(t, "inventory", "i1", nil)
+	tp := startProxy(t, Config{HTTPProxyAddr: "127.0.0.1:0"}, breaker.Config{},
+		map[string][]*backend{"inventory": {b}, "empty": {}})
+	proxyURL, _ := url.Parse("http://" + tp.p.Addr("").String())
+	viaProxy := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{Proxy: http.ProxyURL(proxyURL)}}
+
+	// absolute-form, as apps with HTTP_PROXY send it
+	for _, u := range []string{"http://inventory.service.consul/items/1", "http://inventory/items/1", "http://INVENTORY.service.dc1.consul:8080/items/1"} {
+		code, _, body := get(t, viaProxy, u)
+		var r demo.Response
+		if err := json.Unmarshal(body, &r); err != nil || code != 200 || r.Instance != "i1" || r.Path != "/items/1" {
+			t.Fatalf("%s: %d %s", u, code, body)
+		}
+	}
+	// origin-form with a Host header
+	req, _ := http.NewRequest("GET", "http://"+tp.p.Addr("").String()+"/items/2", nil)
+	req.Host = "inventory.service.consul"
+	resp, err := newClient().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("origin-form: %d", resp.StatusCode)
+	}
+	tests := []struct {
+		url, want string
+		code      int
+	}{
+		{"http://example.org/", "not a Consul service", 404},
+		{"http://nosuch.service.consul/", "not in the catalog", 503},
+		{"http://empty.service.consul/", "no healthy instance", 503},
+	}
+	for _, tc := range tests {
+		code, _, body := get(t, viaProxy, tc.url)
+		if code != tc.code || !bytes.Contains(body, []byte(tc.want)) {
+			t.Errorf("%s: %d %s", tc.url, code, body)
+		}
+	}
+	if tp.src.wants.Load() == 0 {
+		t.Error("unknown service was never asked for with Want")
+	}
+}
+
+func TestOutlierEjectionAndProbe(t *testing.T) {
+	good := newBackend(t, "inventory", "good", nil)
+	bad := newBackend(t, "inventory", "bad", nil)
+	bad.demo.SetFault(demo.ModeFail, 0)
+	tp := startProxy(t, Config{Upstreams: []Upstream{{Name: "inventory", Addr: "127.0.0.1:0", Balancer: RoundRobin}}, MaxRetries: -1},
+		breaker.Config{BaseEjectionTime: 400 * time.Millisecond, Disabled: true},
+		map[string][]*backend{"inventory": {good, bad}})
+	c := newClient()
+	for i := 0; i < 40; i++ {
+		get(t, c, tp.url("inventory", "/x"))
+	}
+	if n := bad.demo.Count(); n > 5 {
+		t.Fatalf("failing instance got %d requests, want at most 5 before ejection", n)
+	}
+	if !tp.br.Ejected("inventory", "bad") {
+		t.Fatal("failing instance not ejected")
+	}
+	before := bad.demo.Count()
+	time.Sleep(500 * time.Millisecond) // ejection time over: the next request is the probe
+	for i := 0; i < 20; i++ {
+		get(t, c, tp.url("inventory", "/x"))
+	}
+	if n := bad.demo.Count() - before; n != 1 {
+		t.Fatalf("failing instance got %d requests after its ejection time, want exactly 1 probe", n)
+	}
+	st := tp.br.State()
+	if len(st) != 1 || len(st[0].Instances) != 2 || st[0].Instances[0].ID != "bad" || st[0].Instances[0].TimesEjected != 2 {
+		t.Fatalf("state %+v", st)
+	}
+	// It recovers: after its (longer) ejection, the probe succeeds.
+	bad.demo.SetFault(demo.ModeOK, 0)
+	time.Sleep(900 * time.Millisecond)
+	for i := 0; i < 10; i++ {
+		get(t, c, tp.url("inventory", "/x"))
+	}
+	if tp.br.Ejected("inventory", "bad") || bad.demo.Count()-before < 3 {
+		t.Fatalf("instance did not come back after a good probe (%d requests)", bad.demo.Count()-before)
+	}
+}
+
+func TestKillOneUnderLoad(t *testing.T) {
+	a := newBackend(t, "users", "a", nil)
+	b := newBackend(t, "users", "b", nil)
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("users")}}, breaker.Config{},
+		map[string][]*backend{"users": {a, b}})
+	c := newClient()
+	const total, workers = 3000, 4
+	var ok, failed atomic.Int64
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1)
+				if i > total {
+					return
+				}
+				if i == total/3 {
+					b.srv.CloseClientConnections()
+					b.srv.Listener.Close()
+					b.srv.CloseClientConnections()
+				}
+				resp, err := c.Get(tp.url("users", "/u"))
+				if err != nil {
+					failed.Add(1)
+					continue
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode == 200 {
+					ok.Add(1)
+				} else {
+					failed.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	rate := float64(ok.Load()) / total
+	t.Logf("ok %d failed %d (%.3f%%)", ok.Load(), failed.Load(), 100*rate)
+	if rate < 0.999 {
+		t.Fatalf("success rate %.4f < 0.999", rate)
+	}
+	if !tp.br.Ejected("users", "b") {
+		t.Error("killed instance not ejected")
+	}
+}
+
+func TestHungInstance(t *testing.T) {
+	good := newBackend(t, "slowpoke", "good", nil)
+	hung := newBackend(t, "slowpoke", "hung", nil)
+	hung.demo.SetFault(demo.ModeHang, 0)
+	tp := startProxy(t, Config{Upstreams: []Upstream{{Name: "slowpoke", Addr: "127.0.0.1:0", Balancer: RoundRobin}},
+		TryTimeout: 200 * time.Millisecond, RequestTimeout: 3 * time.Second}, breaker.Config{},
+		map[string][]*backend{"slowpoke": {good, hung}})
+	c := newClient()
+	for i := 0; i < 6; i++ {
+		start := time.Now()
+		code, _, body := get(t, c, tp.url("slowpoke", "/x"))
+		var r demo.Response
+		json.Unmarshal(body, &r)
+		if code != 200 || r.Instance != "good" {
+			t.Fatalf("request %d: %d %s", i, code, body)
+		}
+		// bounded by one per-try timeout plus backoff, far below the request timeout
+		if d := time.Since(start); d > 2*time.Second {
+			t.Fatalf("request %d took %s", i, d)
+		}
+	}
+	if hung.demo.Count() == 0 {
+		t.Fatal("hung instance never tried: test proves nothing")
+	}
+}
+
+func TestBreakerOpensAndRecovers(t *testing.T) {
+	a := newBackend(t, "orders", "a", nil)
+	b := newBackend(t, "orders", "b", nil)
+	a.demo.SetFault(demo.ModeFail, 0)
+	b.demo.SetFault(demo.ModeFail, 0)
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("orders")}},
+		breaker.Config{ConsecutiveFailures: -1, MinimumCalls: 10, OpenDuration: 600 * time.Millisecond, HalfOpenCalls: 2},
+		map[string][]*backend{"orders": {a, b}})
+	c := newClient()
+	for i := 0; i < 10; i++ {
+		get(t, c, tp.url("orders", "/o"))
+	}
+	code, h, body := get(t, c, tp.url("orders", "/o"))
+	var m map[string]any
+	json.Unmarshal(body, &m)
+	if code != 503 || h.Get("Retry-After") == "" || h.Get("X-Attache-Breaker") != "open" ||
+		m["service"] != "orders" || m["state"] != "open" {
+		t.Fatalf("open breaker answer: %d %v %s", code, h, body)
+	}
+	seen := a.demo.Count() + b.demo.Count()
+	for i := 0; i < 20; i++ {
+		get(t, c, tp.url("orders", "/o"))
+	}
+	if n := a.demo.Count() + b.demo.Count(); n != seen {
+		t.Fatalf("%d requests reached the service while its breaker was open", n-seen)
+	}
+	a.demo.SetFault(demo.ModeOK, 0)
+	b.demo.SetFault(demo.ModeOK, 0)
+	time.Sleep(700 * time.Millisecond)
+	for i := 0; i < 5; i++ {
+		if code, _, body := get(t, c, tp.url("orders", "/o")); code != 200 {
+			t.Fatalf("after recovery: %d %s", code, body)
+		}
+	}
+	if st := tp.br.Service("orders").State(); st != breaker.Closed {
+		t.Fatalf("breaker %s after recovery", st)
+	}
+}
+
+func TestFallbacks(t *testing.T) {
+	spare := newBackend(t, "spare", "s1", nil)
+	tp := startProxy(t, Config{
+		Upstreams: []Upstream{upstream("static"), upstream("other"), upstream("none")},
+		Fallbacks: map[string]Fallback{
+			"static": {Status: 200, Body: `{"items":[]}`},
+			"other":  {Service: "spare"},
+		}}, breaker.Config{},
+		map[string][]*backend{"static": {}, "other": {}, "none": {}, "spare": {spare}})
+	c := newClient()
+	code, h, body := get(t, c, tp.url("static", "/"))
+	if code != 200 || string(body) != `{"items":[]}` || h.Get("X-Attache-Fallback") != "static" {
+		t.Fatalf("static fallback: %d %v %s", code, h, body)
+	}
+	code, h, body = get(t, c, tp.url("other", "/p"))
+	var r demo.Response
+	json.Unmarshal(body, &r)
+	if code != 200 || r.Service != "spare" || h.Get("X-Attache-Fallback") != "spare" {
+		t.Fatalf("service fallback: %d %v %s", code, h, body)
+	}
+	code, _, body = get(t, c, tp.url("none", "/"))
+	if code != 503 || !bytes.Contains(body, []byte(`"no healthy instance"`)) || !bytes.Contains(body, []byte(`"none"`)) {
+		t.Fatalf("no instance: %d %s", code, body)
+	}
+}
+
+func TestRetryRules(t *testing.T) {
+	var aN, bN atomic.Int64
+	h := func(n *atomic.Int64, status int) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			n.Add(1)
+			io.Copy(io.Discard, r.Body)
+			w.WriteHeader(status)
+		})
+	}
+	a := newBackend(t, "pay", "a", h(&aN, 503))
+	b := newBackend(t, "pay", "b", h(&bN, 503))
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("pay")}, MaxRetries: 1, MinRetries: 5},
+		breaker.Config{Disabled: true, ConsecutiveFailures: -1},
+		map[string][]*backend{"pay": {a, b}})
+	c := newClient()
+	post := func(key string) {
+		req, _ := http.NewRequest("POST", tp.url("pay", "/charge"), strings.NewReader(`{"amount":1}`))
+		if key != "" {
+			req.Header.Set("Idempotency-Key", key)
+		}
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	for i := 0; i < 20; i++ {
+		post("")
+	}
+	if n := aN.Load() + bN.Load(); n != 20 {
+		t.Fatalf("20 POSTs without Idempotency-Key reached instances %d times: retried", n)
+	}
+	aN.Store(0)
+	bN.Store(0)
+	post("k1")
+	if aN.Load() != 1 || bN.Load() != 1 {
+		t.Fatalf("POST with Idempotency-Key: a=%d b=%d, want one try on each instance", aN.Load(), bN.Load())
+	}
+	// Full outage: the budget holds retries to 20% of requests (+ floor of
+	// 5); the 21 POSTs above count as requests in the same window.
+	aN.Store(0)
+	bN.Store(0)
+	const n = 200
+	for i := 0; i < n; i++ {
+		get(t, c, tp.url("pay", "/x"))
+	}
+	tries := aN.Load() + bN.Load()
+	t.Logf("%d requests, %d tries", n, tries)
+	if tries > n+(n+21)/5+5 {
+		t.Fatalf("%d tries for %d requests: retry budget exceeded", tries, n)
+	}
+	if tries <= n {
+		t.Fatal("no retries at all")
+	}
+}
+
+func TestStreamingAndLargeBodies(t *testing.T) {
+	release := make(chan struct{})
+	var gotLen atomic.Int64
+	b := newBackend(t, "stream", "s1", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == "POST" {
+			n, _ := io.Copy(io.Discard, r.Body)
+			gotLen.Store(n)
+			fmt.Fprint(w, n)
+			return
+		}
+		w.Header().Set("Content-Type", "text/event-stream")
+		fmt.Fprint(w, "first\n")
+		w.(http.Flusher).Flush()
+		<-release
+		fmt.Fprint(w, "second\n")
+	}))
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("stream")}, MaxReplayBody: 1024}, breaker.Config{},
+		map[string][]*backend{"stream": {b}})
+	resp, err := newClient().Get(tp.url("stream", "/events"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(resp.Body)
+	line, err := br.ReadString('\n')
+	if err != nil || line != "first\n" {
+		t.Fatalf("first chunk %q %v", line, err)
+	}
+	close(release) // only now does the backend finish: the first chunk was streamed
+	rest, _ := io.ReadAll(br)
+	resp.Body.Close()
+	if string(rest) != "second\n" {
+		t.Fatalf("rest %q", rest)
+	}
+	for _, chunked := range []bool{false, true} {
+		body := bytes.Repeat([]byte("x"), 1<<20)
+		var r io.Reader = bytes.NewReader(body)
+		if chunked {
+			r = io.MultiReader(r) // hides the length: sent chunked
+		}
+		resp, err := newClient().Post(tp.url("stream", "/upload"), "application/octet-stream", r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if string(out) != strconv.Itoa(1<<20) || gotLen.Load() != 1<<20 {
+			t.Fatalf("chunked=%v: large body: %d %s", chunked, resp.StatusCode, out)
+		}
+	}
+}
+
+func TestWebSocketUpgrade(t *testing.T) {
+	b := newBackend(t, "ws", "w1", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "websocket" {
+			http.Error(w, "want upgrade", 400)
+			return
+		}
+		conn, rw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		rw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+		rw.Flush()
+		io.Copy(conn, rw) // echo
+	}))
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("ws")}}, breaker.Config{}, map[string][]*backend{"ws": {b}})
+	conn, err := net.Dial("tcp", tp.p.Addr("ws").String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprint(conn, "GET /chat HTTP/1.1\r\nHost: ws\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != 101 {
+		t.Fatalf("upgrade: %v %v", resp, err)
+	}
+	for _, msg := range []string{"hello", "world"} {
+		fmt.Fprint(conn, msg)
+		buf := make([]byte, len(msg))
+		if _, err := io.ReadFull(br, buf); err != nil || string(buf) != msg {
+			t.Fatalf("echo %q: %q %v", msg, buf, err)
+		}
+	}
+}
+
+func TestH2C(t *testing.T) {
+	b := newBackend(t, "grpcish", "g1", nil)
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("grpcish")}}, breaker.Config{}, map[string][]*backend{"grpcish": {b}})
+	tr := &http.Transport{TLSClientConfig: &tls.Config{}}
+	tr.Protocols = new(http.Protocols)
+	tr.Protocols.SetUnencryptedHTTP2(true)
+	c := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+	resp, err := c.Get(tp.url("grpcish", "/h2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	var r demo.Response
+	json.Unmarshal(body, &r)
+	if resp.ProtoMajor != 2 || resp.StatusCode != 200 || r.Path != "/h2" {
+		t.Fatalf("h2c: proto %s code %d body %s", resp.Proto, resp.StatusCode, body)
+	}
+}
+
+func TestTCPUpstream(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	// A dead instance first: connects fail over to the live one.
+	dead, _ := net.Listen("tcp", "127.0.0.1:0")
+	deadPort := dead.Addr().(*net.TCPAddr).Port
+	dead.Close()
+	port := ln.Addr().(*net.TCPAddr).Port
+	live := &backend{inst: catalog.Instance{ID: "live", Address: "127.0.0.1", Port: port, Weight: 1}}
+	gone := &backend{inst: catalog.Instance{ID: "gone", Address: "127.0.0.1", Port: deadPort, Weight: 1}}
+	tp := startProxy(t, Config{Upstreams: []Upstream{{Name: "echo", Addr: "127.0.0.1:0", Protocol: ProtoTCP}}}, breaker.Config{},
+		map[string][]*backend{"echo": {gone, live}})
+	for i := 0; i < 4; i++ {
+		c, err := net.Dial("tcp", tp.p.Addr("echo").String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		fmt.Fprint(c, "ping")
+		c.(*net.TCPConn).CloseWrite()
+		got, _ := io.ReadAll(c)
+		c.Close()
+		if string(got) != "ping" {
+			t.Fatalf("tcp echo %q", got)
+		}
+	}
+}
+
+func TestRunAddressInUse(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	br, _ := breaker.New(breaker.Config{}, nil, nil)
+	p, err := New(Config{Upstreams: []Upstream{{Name: "x", Addr: ln.Addr().String()}}}, &viewSource{v: catalog.NewView()}, br)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = p.Run(context.Background())
+	if err == nil || !strings.Contains(err.Error(), ln.Addr().String()) {
+		t.Fatalf("Run = %v, want an error naming %s", err, ln.Addr())
+	}
+}
+
+func TestNewRejectsBadConfig(t *testing.T) {
+	br, _ := breaker.New(breaker.Config{}, nil, nil)
+	src := &viewSource{v: catalog.NewView()}
+	tests := []struct {
+		name string
+		cfg  Config
+	}{
+		{"bad name", Config{Upstreams: []Upstream{{Name: "a b", Addr: "127.0.0.1:1"}}}},
+		{"bad addr", Config{Upstreams: []Upstream{{Name: "a", Addr: "nowhere"}}}},
+		{"bad proto", Config{Upstreams: []Upstream{{Name: "a", Addr: "127.0.0.1:1", Protocol: "udp"}}}},
+		{"same addr", Config{Upstreams: []Upstream{{Name: "a", Addr: "127.0.0.1:1"}, {Name: "b", Addr: "127.0.0.1:1"}}}},
+		{"bad proxy addr", Config{HTTPProxyAddr: "15001"}},
+		{"bad balancer", Config{Balancer: "fastest"}},
+		{"bad fallback", Config{Fallbacks: map[string]Fallback{"a": {Status: 42}}}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := New(tc.cfg, src, br); err == nil || !strings.HasPrefix(err.Error(), "proxy: ") {
+				t.Fatalf("New = %v", err)
+			}
+		})
+	}
+}

@@ -1,0 +1,91 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"time"
+)
+
+// serveTCP accepts connections for a raw TCP upstream and splices each to
+// one instance. A failed connect is tried on another instance (nothing has
+// been sent yet, so this is always safe), within the retry limits.
+func (p *Proxy) serveTCP(ctx context.Context, ln net.Listener, t *target) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	go func() {
+		<-ctx.Done()
+		ln.Close()
+	}()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() && ctx.Err() == nil {
+				time.Sleep(5 * time.Millisecond)
+				continue
+			}
+			return
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p.handleTCP(ctx, c, t)
+		}()
+	}
+}
+
+func (p *Proxy) handleTCP(ctx context.Context, c net.Conn, t *target) {
+	t.keepWanted(ctx, time.Now())
+	set := t.endpoints()
+	if !set.found {
+		set = t.want(ctx)
+	}
+	call, err := t.svc.Allow()
+	if err != nil {
+		p.log.Debug("tcp connection refused: breaker open", "service", t.name)
+		t.met.count(classOpen)
+		c.Close()
+		return
+	}
+	start := time.Now()
+	t.budget.request()
+	var tried [maxTries]*endpoint
+	n := 0
+	for {
+		ep := t.pick(set, tried[:n])
+		if ep == nil {
+			t.svc.Done(call, true, time.Since(start))
+			if n == 0 {
+				t.met.count(classNoHealthy)
+			} else {
+				t.met.count(classError)
+			}
+			c.Close()
+			return
+		}
+		ep.inflight.Add(1)
+		t0 := time.Now()
+		up, err := p.dialer.DialContext(ctx, "tcp", ep.addr)
+		ep.met.observe(time.Since(t0), err != nil)
+		ep.out.Report(err != nil)
+		if err == nil {
+			t.svc.Done(call, false, time.Since(start))
+			t.met.count(class2xx)
+			p.splice(c, up)
+			ep.inflight.Add(-1)
+			return
+		}
+		ep.inflight.Add(-1)
+		tried[n] = ep
+		n++
+		if n > p.cfg.MaxRetries || !t.budget.retry(p.cfg.RetryBudget, p.cfg.MinRetries) {
+			t.svc.Done(call, true, time.Since(start))
+			t.met.count(classError)
+			c.Close()
+			return
+		}
+		t.met.retries.Inc()
+	}
+}
