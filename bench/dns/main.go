@@ -6,9 +6,8 @@
 //   - Consul's own DNS on a client agent.
 //
 // It starts a one-server Consul cluster with one client agent on loopback,
-// registers a service on the client, feeds attache's DNS from the real
-// catalog watcher (in process, or a running attache given with -attache),
-// and prints a markdown section with max QPS, ratios and p99 latency at half
+// registers a service on the client, runs the attache sidecar binary beside
+// the client agent (its DNS fed by its catalog watcher), and prints a markdown section with max QPS, ratios and p99 latency at half
 // of each server's max rate.
 package main
 
@@ -34,8 +33,6 @@ import (
 	"github.com/hashicorp/consul/api"
 	miekg "github.com/miekg/dns"
 
-	"attache/dns"
-	"attache/sidecar/catalog"
 )
 
 func main() {
@@ -45,10 +42,9 @@ func main() {
 	latDuration := flag.Duration("latency-duration", 4*time.Second, "length of each half-rate run")
 	clients := flag.Int("clients", 4, "dnsperf -c (client sockets)")
 	outstanding := flag.Int("outstanding", 100, "dnsperf -q (queries in flight)")
-	sockets := flag.Int("udp-sockets", 1, "UDP sockets of the in-process attache server (SO_REUSEPORT)")
-	external := flag.String("attache", "", "benchmark a running attache DNS at this address instead of the in-process server (its catalog must see the cluster this program starts: not yet wired)")
+	attacheBin := flag.String("attache", ".bin/attache", "attache binary, run as a sidecar beside the client agent")
 	flag.Parse()
-	if err := run(*consulBin, *dnsperf, *duration, *latDuration, *clients, *outstanding, *sockets, *external); err != nil {
+	if err := run(*consulBin, *dnsperf, *duration, *latDuration, *clients, *outstanding, *attacheBin); err != nil {
 		fmt.Fprintln(os.Stderr, "dns-bench:", err)
 		os.Exit(1)
 	}
@@ -62,7 +58,7 @@ type target struct {
 	lat        string
 }
 
-func run(consulBin, dnsperf string, dur, latDur time.Duration, clients, outstanding, sockets int, external string) error {
+func run(consulBin, dnsperf string, dur, latDur time.Duration, clients, outstanding int, attacheBin string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 170*time.Second)
 	defer cancel()
 	if _, err := exec.LookPath(dnsperf); err != nil {
@@ -118,35 +114,16 @@ func run(consulBin, dnsperf string, dur, latDur time.Duration, clients, outstand
 		return fmt.Errorf("consul DNS: %w", err)
 	}
 
-	// attache DNS, fed by the catalog watcher on the client agent.
-	attacheAddr := external
-	if attacheAddr == "" {
-		wcfg := catalog.DefaultConfig()
-		wcfg.Addresses = []string{cliIP + ":8500"}
-		wcfg.Node = "bench-client"
-		w, err := catalog.NewWatcher(wcfg)
-		if err != nil {
-			return err
-		}
-		wctx, wcancel := context.WithCancel(ctx)
-		defer wcancel()
-		go w.Run(wctx)
-		dcfg := dns.DefaultConfig()
-		dcfg.Addr = "127.0.0.1:0"
-		dcfg.ResolvConf = ""
-		dcfg.UDPSockets = sockets
-		s, err := dns.New(dcfg, w, nil)
-		if err != nil {
-			return err
-		}
-		go s.Run(wctx)
-		select {
-		case <-s.Ready():
-		case <-time.After(10 * time.Second):
-			return errors.New("attache DNS did not start")
-		}
-		attacheAddr = s.Addr()
+	// attache: the real sidecar binary beside the client agent, as on a node.
+	attacheAddr := cliIP + ":8653"
+	sc := exec.CommandContext(ctx, attacheBin, "sidecar", "-node", "bench-client",
+		"-consul", cliIP+":8500", "-admin", cliIP+":19001", "-dns", attacheAddr,
+		"-watch-service", "users", "-log-level", "warn")
+	sc.Stderr = os.Stderr
+	if err := sc.Start(); err != nil {
+		return fmt.Errorf("start %s: %w", attacheBin, err)
 	}
+	defer func() { _ = sc.Process.Signal(os.Interrupt); _ = sc.Wait() }()
 	if err := waitFor(ctx, 30*time.Second, func() error { return expectAnswers(attacheAddr, 2) }); err != nil {
 		return fmt.Errorf("attache DNS: %w", err)
 	}
@@ -185,8 +162,8 @@ func run(consulBin, dnsperf string, dur, latDur time.Duration, clients, outstand
 	bare, attache, consul := targets[0], targets[1], targets[2]
 	fmt.Println("## DNS: attache vs bare miekg/dns vs Consul's DNS")
 	fmt.Println()
-	fmt.Printf("dnsperf %s, %d clients, %d in flight, query mix: `users.service.consul A`, `users.service.consul SRV`, `v1.users.service.consul A` (the bare responder answers a fixed A to all); attache with %d UDP socket(s); Consul v1.14.8 client agent with default DNS settings (stale reads, no cache). Max rate over %s; latency at half of each server's own max rate over %s.\n\n",
-		dnsperfVersion(dnsperf), clients, outstanding, sockets, dur, latDur)
+	fmt.Printf("dnsperf %s, %d clients, %d in flight, query mix: `users.service.consul A`, `users.service.consul SRV`, `v1.users.service.consul A` (the bare responder answers a fixed A to all); attache is the `attache sidecar` binary beside the client agent; Consul v1.14.8 client agent with default DNS settings (stale reads, no cache). Max rate over %s; latency at half of each server's own max rate over %s.\n\n",
+		dnsperfVersion(dnsperf), clients, outstanding, dur, latDur)
 	fmt.Println("| server | max QPS | lost | vs bare | vs Consul | avg latency @ ½ max | p99 latency @ ½ max |")
 	fmt.Println("|---|---:|---:|---:|---:|---:|---:|")
 	for _, t := range targets {

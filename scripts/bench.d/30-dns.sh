@@ -2,8 +2,7 @@
 # DNS: attache's DNS vs a bare miekg/dns responder vs Consul's DNS on a client
 # agent, measured with dnsperf in one run (bench/dns/main.go does the work:
 # it starts its own one-server Consul cluster and client agent on loopback).
-# Environment: DNS_BENCH_ARGS adds flags, e.g. "-duration 10s -udp-sockets 2"
-# or "-attache 127.0.0.21:8653" once the sidecar serves the bench cluster.
+# Environment: DNS_BENCH_ARGS adds flags, e.g. "-duration 10s"
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
