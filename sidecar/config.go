@@ -35,8 +35,6 @@ type Config struct {
 	Admin         string                   // admin HTTP address; default 127.0.0.1:19001
 	Upstreams     []string                 // NAME=ADDR[/tcp]
 	HTTPProxy     string                   // HTTP proxy listen address; empty: off
-	Gateway       string                   // gateway HTTP listen address; empty: off
-	GatewayTLS    string                   // gateway HTTPS listen address; empty: off
 	ServiceFiles  []string                 // HCL files of local services to register
 	Watch         string                   // which services to watch: on-demand (default), all, or list
 	WatchList     []string                 // the services to watch with Watch = list (and always, with on-demand)
@@ -107,8 +105,6 @@ func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs.StringVar(&c.Admin, "admin", c.Admin, "admin HTTP `address` (/healthz, /readyz, /metrics, /v1/...)")
 	fs.Var(&listFlag{dst: &c.Upstreams}, "upstream", "upstream listener `NAME=ADDR[/tcp]`, repeatable")
 	fs.StringVar(&c.HTTPProxy, "http-proxy", c.HTTPProxy, "HTTP proxy listen `address`")
-	fs.StringVar(&c.Gateway, "gateway", c.Gateway, "gateway HTTP listen `address`")
-	fs.StringVar(&c.GatewayTLS, "gateway-tls", c.GatewayTLS, "gateway HTTPS listen `address`")
 	fs.Var(&listFlag{dst: &c.ServiceFiles}, "service", "HCL `file` of local services to register, repeatable")
 	fs.StringVar(&c.Watch, "watch", c.Watch, "which services to watch: on-demand, all or list")
 	fs.Var(&listFlag{dst: &c.WatchList}, "watch-service", "`service` to watch from start, repeatable")
@@ -177,8 +173,6 @@ type fileConfig struct {
 	Admin         *string            `hcl:"admin,optional"`
 	Upstreams     *[]string          `hcl:"upstream,optional"`
 	HTTPProxy     *string            `hcl:"http_proxy,optional"`
-	Gateway       *string            `hcl:"gateway,optional"`
-	GatewayTLS    *string            `hcl:"gateway_tls,optional"`
 	ServiceFiles  *[]string          `hcl:"service,optional"`
 	Watch         *string            `hcl:"watch,optional"`
 	WatchList     *[]string          `hcl:"watch_service,optional"`
@@ -215,8 +209,6 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	set(&c.Admin, fc.Admin)
 	set(&c.Upstreams, fc.Upstreams)
 	set(&c.HTTPProxy, fc.HTTPProxy)
-	set(&c.Gateway, fc.Gateway)
-	set(&c.GatewayTLS, fc.GatewayTLS)
 	set(&c.ServiceFiles, fc.ServiceFiles)
 	set(&c.Watch, fc.Watch)
 	set(&c.WatchList, fc.WatchList)
@@ -300,8 +292,6 @@ func (c *Config) Validate() error {
 	addr("dns", c.DNS)
 	addr("admin", c.Admin)
 	addr("http-proxy", c.HTTPProxy)
-	addr("gateway", c.Gateway)
-	addr("gateway-tls", c.GatewayTLS)
 	for _, r := range c.Recursors {
 		addr("recursor", r)
 	}

@@ -88,12 +88,18 @@ func selfRegistration(cfg Config) (*api.AgentServiceRegistration, error) {
 	if err != nil {
 		return nil, fmt.Errorf("-admin %q: %w", cfg.Admin, err)
 	}
+	checkHost := host
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		// Listening on every address: Consul takes the node's address for
+		// the service, and the agent checks us over loopback.
+		host, checkHost = "", "127.0.0.1"
+	}
 	port, err := strconv.Atoi(portStr)
 	if err != nil {
 		return nil, fmt.Errorf("-admin %q: port: %w", cfg.Admin, err)
 	}
 	meta := map[string]string{}
-	for k, v := range map[string]string{"dns": cfg.DNS, "http_proxy": cfg.HTTPProxy, "gateway": cfg.Gateway} {
+	for k, v := range map[string]string{"dns": cfg.DNS, "http_proxy": cfg.HTTPProxy} {
 		if v != "" {
 			meta[k] = v
 		}
@@ -101,7 +107,7 @@ func selfRegistration(cfg Config) (*api.AgentServiceRegistration, error) {
 	return &api.AgentServiceRegistration{
 		ID: "attache", Name: "attache", Address: host, Port: port, Meta: meta,
 		Check: &api.AgentServiceCheck{
-			HTTP:     "http://" + cfg.Admin + "/healthz",
+			HTTP:     "http://" + net.JoinHostPort(checkHost, portStr) + "/healthz",
 			Interval: "5s",
 			Timeout:  "2s",
 			Status:   api.HealthPassing,

@@ -3,7 +3,6 @@ package catalog
 import (
 	"context"
 	"fmt"
-	"math/rand/v2"
 	"sync"
 	"time"
 
@@ -56,15 +55,16 @@ func (r *Registrar) Run(ctx context.Context) error {
 		return nil
 	}
 	defer r.deregister()
-	backoff := Backoff{Min: 250 * time.Millisecond, Max: 30 * time.Second}
+	retries := 0
 	for {
 		wait := r.resync
 		if err := r.sync(ctx); err != nil {
-			wait = backoff.Next()
+			wait = backoff(250*time.Millisecond, 30*time.Second, retries)
+			retries++
 			r.log.Warn("cannot register with the Consul agent; retrying", "error", err, "retry_in", wait.Round(time.Millisecond))
 			r.setStatus(RegistrarStatus{LastError: err.Error(), NextTry: time.Now().Add(wait)})
 		} else {
-			backoff.Reset()
+			retries = 0
 			r.setStatus(RegistrarStatus{Registered: true})
 		}
 		select {
@@ -112,23 +112,3 @@ func (r *Registrar) deregister() {
 		r.log.Info("deregistered", "id", reg.ID)
 	}
 }
-
-// Backoff is a capped exponential backoff with full jitter over its upper half.
-type Backoff struct {
-	Min, Max time.Duration
-	cur      time.Duration
-}
-
-// Next returns the next wait.
-func (b *Backoff) Next() time.Duration {
-	switch {
-	case b.cur == 0:
-		b.cur = b.Min
-	case b.cur < b.Max:
-		b.cur = min(b.cur*2, b.Max)
-	}
-	return b.cur/2 + rand.N(b.cur/2+1)
-}
-
-// Reset starts again from Min.
-func (b *Backoff) Reset() { b.cur = 0 }
