@@ -22,6 +22,7 @@ func (s *Sidecar) adminHandler() http.Handler {
 			Snapshot *catalog.Snapshot `json:"snapshot"`
 		}{s.watcher.Status(), s.watcher.Load()}, http.StatusOK)
 	})
+	mux.Handle("GET /v1/breakers", s.breakers.Handler())
 	return mux
 }
 

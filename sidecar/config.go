@@ -16,38 +16,46 @@ import (
 	"github.com/hashicorp/hcl/v2/hclparse"
 
 	"attache/sidecar/catalog"
+	"attache/sidecar/proxy"
 )
 
 // Config is the sidecar's configuration. Flags and an HCL file (-config) set
 // the same fields; a flag given on the command line wins over the file, the
 // file over CONSUL_HTTP_ADDR / CONSUL_HTTP_TOKEN, those over the defaults.
 type Config struct {
-	Node          string                   // this node's Consul name; default: asked of the local agent
-	Consul        []string                 // Consul HTTP addresses, tried in order; default CONSUL_HTTP_ADDR or 127.0.0.1:8500
-	Token         string                   // ACL token; default CONSUL_HTTP_TOKEN
-	TokenFile     string                   // file holding the ACL token; default CONSUL_HTTP_TOKEN_FILE
-	TLS           api.TLSConfig            // HTTPS to Consul; defaults from CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY...
-	SSL           bool                     // https for addresses without a scheme; default CONSUL_HTTP_SSL
-	DataDir       string                   // last-known-good snapshot; empty: none
-	DNS           string                   // DNS listen address (UDP and TCP); empty: off
-	DNSDomain     string                   // default "consul."
-	Recursors     []string                 // default: the nameservers of /etc/resolv.conf
-	Admin         string                   // admin HTTP address; default 127.0.0.1:19001
-	Upstreams     []string                 // NAME=ADDR[/tcp]
-	HTTPProxy     string                   // HTTP proxy listen address; empty: off
-	ServiceFiles  []string                 // HCL files of local services to register
-	Watch         string                   // which services to watch: on-demand (default), all, or list
-	WatchList     []string                 // the services to watch with Watch = list (and always, with on-demand)
-	Stale         bool                     // allow stale blocking queries answered by any server
-	MaxStale      time.Duration            // with Stale, how stale an answer may be before the leader is asked
-	Warning       bool                     // include instances whose checks warn
-	DNSTTL        time.Duration            // TTL of service answers (default 0, as Consul)
-	DNSNodeTTL    time.Duration            // TTL of node answers (default 0)
-	DNSNegTTL     time.Duration            // SOA minimum: how long resolvers may cache NXDOMAIN (default 0)
-	DNSNearest    bool                     // order DNS answers nearest first by network coordinates
-	DNSEjections  bool                     // leave instances the proxy ejected out of DNS answers (default true)
-	DNSServiceTTL map[string]time.Duration // per-service TTLs (HCL only), "prefix*" keys allowed
-	LogLevel      string                   // trace, debug, info, warn, error
+	Node          string                    // this node's Consul name; default: asked of the local agent
+	Consul        []string                  // Consul HTTP addresses, tried in order; default CONSUL_HTTP_ADDR or 127.0.0.1:8500
+	Token         string                    // ACL token; default CONSUL_HTTP_TOKEN
+	TokenFile     string                    // file holding the ACL token; default CONSUL_HTTP_TOKEN_FILE
+	TLS           api.TLSConfig             // HTTPS to Consul; defaults from CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY...
+	SSL           bool                      // https for addresses without a scheme; default CONSUL_HTTP_SSL
+	DataDir       string                    // last-known-good snapshot; empty: none
+	DNS           string                    // DNS listen address (UDP and TCP); empty: off
+	DNSDomain     string                    // default "consul."
+	Recursors     []string                  // default: the nameservers of /etc/resolv.conf
+	Admin         string                    // admin HTTP address; default 127.0.0.1:19001
+	Upstreams     []string                  // NAME=ADDR[/tcp]
+	HTTPProxy     string                    // HTTP proxy listen address; empty: off
+	ServiceFiles  []string                  // HCL files of local services to register
+	Watch         string                    // which services to watch: on-demand (default), all, or list
+	WatchList     []string                  // the services to watch with Watch = list (and always, with on-demand)
+	Stale         bool                      // allow stale blocking queries answered by any server
+	MaxStale      time.Duration             // with Stale, how stale an answer may be before the leader is asked
+	Warning       bool                      // include instances whose checks warn
+	DNSTTL        time.Duration             // TTL of service answers (default 0, as Consul)
+	DNSNodeTTL    time.Duration             // TTL of node answers (default 0)
+	DNSNegTTL     time.Duration             // SOA minimum: how long resolvers may cache NXDOMAIN (default 0)
+	DNSNearest    bool                      // order DNS answers nearest first by network coordinates
+	DNSEjections  bool                      // leave instances the proxy ejected out of DNS answers (default true)
+	DNSServiceTTL map[string]time.Duration  // per-service TTLs (HCL only), "prefix*" keys allowed
+	Balancer      string                    // default load balancer of upstreams: least-request, round-robin, weighted, nearest
+	TryTimeout    time.Duration             // proxy: per try (default 5s)
+	ReqTimeout    time.Duration             // proxy: whole request, retries included (default 15s)
+	Retries       int                       // proxy: extra tries after the first (default 2; -1 none)
+	EjectAfter    int                       // outlier ejection after this many consecutive failures (default 5)
+	EjectTime     time.Duration             // base ejection time, times the number of ejections (default 30s)
+	Fallbacks     map[string]proxy.Fallback // per-service answer when the breaker is open (HCL only)
+	LogLevel      string                    // trace, debug, info, warn, error
 	LogJSON       bool
 }
 
@@ -61,6 +69,12 @@ func DefaultConfig(env func(string) string) Config {
 		Watch:        "on-demand",
 		LogLevel:     "info",
 		DNSEjections: true,
+		Balancer:     string(proxy.LeastRequest),
+		TryTimeout:   5 * time.Second,
+		ReqTimeout:   15 * time.Second,
+		Retries:      2,
+		EjectAfter:   5,
+		EjectTime:    30 * time.Second,
 	}
 	if h, err := os.Hostname(); err == nil {
 		c.Node = h // Consul's default node name
@@ -116,6 +130,12 @@ func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs.DurationVar(&c.DNSNegTTL, "dns-negative-ttl", c.DNSNegTTL, "SOA minimum TTL: how long resolvers may cache NXDOMAIN")
 	fs.BoolVar(&c.DNSNearest, "dns-nearest", c.DNSNearest, "order DNS answers nearest first (network coordinates) instead of shuffled")
 	fs.BoolVar(&c.DNSEjections, "dns-ejections", c.DNSEjections, "leave instances the proxy has ejected out of DNS answers")
+	fs.StringVar(&c.Balancer, "lb", c.Balancer, "default load `balancer` of upstreams: least-request, round-robin, weighted or nearest")
+	fs.DurationVar(&c.TryTimeout, "try-timeout", c.TryTimeout, "proxy: timeout of one try")
+	fs.DurationVar(&c.ReqTimeout, "request-timeout", c.ReqTimeout, "proxy: timeout of a whole request, retries included")
+	fs.IntVar(&c.Retries, "retries", c.Retries, "proxy: extra tries after the first, for idempotent requests (-1: none)")
+	fs.IntVar(&c.EjectAfter, "eject-after", c.EjectAfter, "eject an instance after this many consecutive failures (-1: never)")
+	fs.DurationVar(&c.EjectTime, "eject-time", c.EjectTime, "base ejection time, multiplied by the times ejected")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log `level`: trace, debug, info, warn, error")
 	fs.BoolVar(&c.LogJSON, "log-json", c.LogJSON, "log as JSON")
 	return fs
@@ -185,8 +205,25 @@ type fileConfig struct {
 	DNSNearest    *bool              `hcl:"dns_nearest,optional"`
 	DNSEjections  *bool              `hcl:"dns_ejections,optional"`
 	DNSServiceTTL *map[string]string `hcl:"dns_service_ttl,optional"`
+	Balancer      *string            `hcl:"lb,optional"`
+	TryTimeout    *string            `hcl:"try_timeout,optional"`
+	ReqTimeout    *string            `hcl:"request_timeout,optional"`
+	Retries       *int               `hcl:"retries,optional"`
+	EjectAfter    *int               `hcl:"eject_after,optional"`
+	EjectTime     *string            `hcl:"eject_time,optional"`
+	Fallbacks     []fallbackBlock    `hcl:"fallback,block"`
 	LogLevel      *string            `hcl:"log_level,optional"`
 	LogJSON       *bool              `hcl:"log_json,optional"`
+}
+
+// fallbackBlock is `fallback "inventory" { status = 200 body = "Stock status unavailable" }`
+// or `fallback "inventory" { service = "inventory-cache" }`.
+type fallbackBlock struct {
+	Service     string  `hcl:"service,label"`
+	Status      *int    `hcl:"status,optional"`
+	Body        *string `hcl:"body,optional"`
+	ContentType *string `hcl:"content_type,optional"`
+	To          *string `hcl:"to_service,optional"`
 }
 
 // decodeHCL applies an HCL config file over c. Errors carry file:line.
@@ -216,6 +253,23 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	set(&c.Warning, fc.Warning)
 	set(&c.LogLevel, fc.LogLevel)
 	set(&c.LogJSON, fc.LogJSON)
+	set(&c.Balancer, fc.Balancer)
+	set(&c.Retries, fc.Retries)
+	set(&c.EjectAfter, fc.EjectAfter)
+	if len(fc.Fallbacks) > 0 {
+		c.Fallbacks = map[string]proxy.Fallback{}
+		for _, f := range fc.Fallbacks {
+			fb := proxy.Fallback{Status: 200}
+			set(&fb.Status, f.Status)
+			set(&fb.Body, f.Body)
+			set(&fb.ContentType, f.ContentType)
+			set(&fb.Service, f.To)
+			if fb.Status < 100 || fb.Status > 599 {
+				return fmt.Errorf("%s: fallback %q: status %d is not an HTTP status", name, f.Service, fb.Status)
+			}
+			c.Fallbacks[strings.ToLower(f.Service)] = fb
+		}
+	}
 	set(&c.DNSNearest, fc.DNSNearest)
 	set(&c.DNSEjections, fc.DNSEjections)
 	for _, d := range []struct {
@@ -227,6 +281,9 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 		{"dns_ttl", fc.DNSTTL, &c.DNSTTL},
 		{"dns_node_ttl", fc.DNSNodeTTL, &c.DNSNodeTTL},
 		{"dns_negative_ttl", fc.DNSNegTTL, &c.DNSNegTTL},
+		{"try_timeout", fc.TryTimeout, &c.TryTimeout},
+		{"request_timeout", fc.ReqTimeout, &c.ReqTimeout},
+		{"eject_time", fc.EjectTime, &c.EjectTime},
 	} {
 		if d.v == nil {
 			continue
@@ -292,6 +349,14 @@ func (c *Config) Validate() error {
 	addr("dns", c.DNS)
 	addr("admin", c.Admin)
 	addr("http-proxy", c.HTTPProxy)
+	if _, err := proxy.ParseBalancer(c.Balancer); err != nil {
+		errs = append(errs, fmt.Errorf("-lb: %w", err))
+	}
+	for _, u := range c.Upstreams {
+		if _, err := proxy.ParseUpstream(u); err != nil {
+			errs = append(errs, fmt.Errorf("-upstream: %w", err))
+		}
+	}
 	for _, r := range c.Recursors {
 		addr("recursor", r)
 	}

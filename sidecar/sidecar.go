@@ -21,7 +21,9 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"attache/dns"
+	"attache/sidecar/breaker"
 	"attache/sidecar/catalog"
+	"attache/sidecar/proxy"
 )
 
 // Sidecar is one node's attache process.
@@ -31,7 +33,9 @@ type Sidecar struct {
 	metrics   *prometheus.Registry
 	registrar *catalog.Registrar
 	watcher   *catalog.Watcher
-	dns       *dns.Server // nil without -dns
+	breakers  *breaker.Registry
+	proxy     *proxy.Proxy // nil without -upstream or -http-proxy
+	dns       *dns.Server  // nil without -dns
 }
 
 // New builds the sidecar from cfg. It binds nothing and contacts nobody: Run does.
@@ -68,13 +72,44 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 	}
 	s.registrar = catalog.NewRegistrar(client, append([]*api.AgentServiceRegistration{self}, regs...), 0, log)
 
+	bc := breaker.DefaultConfig()
+	bc.ConsecutiveFailures, bc.BaseEjectionTime = cfg.EjectAfter, cfg.EjectTime
+	if bc.ConsecutiveFailures == 0 {
+		bc.ConsecutiveFailures = -1 // the breaker reads 0 as "the default"
+	}
+	if s.breakers, err = breaker.New(bc, log, m); err != nil {
+		return nil, err
+	}
+	var ejections dns.Ejections // DNS leaves out what the proxy ejected, when there is a proxy
+	if len(cfg.Upstreams) > 0 || cfg.HTTPProxy != "" {
+		pc := proxy.Config{HTTPProxyAddr: cfg.HTTPProxy, Node: cfg.Node, Fallbacks: cfg.Fallbacks, Logger: log, Registerer: m}
+		pc.Balancer, _ = proxy.ParseBalancer(cfg.Balancer) // checked by Validate
+		pc.TryTimeout, pc.RequestTimeout, pc.MaxRetries = cfg.TryTimeout, cfg.ReqTimeout, cfg.Retries
+		if pc.MaxRetries == 0 {
+			pc.MaxRetries = -1 // the proxy reads 0 as "the default"
+		}
+		for _, u := range cfg.Upstreams {
+			up, err := proxy.ParseUpstream(u)
+			if err != nil {
+				return nil, fmt.Errorf("-upstream: %w", err)
+			}
+			if up.Balancer == "" {
+				up.Balancer = pc.Balancer
+			}
+			pc.Upstreams = append(pc.Upstreams, up)
+		}
+		if s.proxy, err = proxy.New(pc, s.watcher, s.breakers); err != nil {
+			return nil, err
+		}
+		ejections = s.breakers
+	}
 	if cfg.DNS != "" {
 		dc := dns.DefaultConfig()
 		dc.Addr, dc.Domain, dc.Recursors = cfg.DNS, cfg.DNSDomain, cfg.Recursors
 		dc.DefaultServiceTTL, dc.ServiceTTL, dc.NodeTTL, dc.NegativeTTL = cfg.DNSTTL, cfg.DNSServiceTTL, cfg.DNSNodeTTL, cfg.DNSNegTTL
 		dc.Nearest, dc.Node, dc.HonourEjections = cfg.DNSNearest, cfg.Node, cfg.DNSEjections
 		dc.Logger, dc.Registerer = log, m
-		if s.dns, err = dns.New(dc, s.watcher, nil); err != nil {
+		if s.dns, err = dns.New(dc, s.watcher, ejections); err != nil {
 			return nil, err
 		}
 	}
@@ -130,6 +165,9 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	g.Go(func() error { return s.registrar.Run(gctx) })
 	if s.dns != nil {
 		g.Go(func() error { return s.dns.Run(gctx) })
+	}
+	if s.proxy != nil {
+		g.Go(func() error { return s.proxy.Run(gctx) })
 	}
 	g.Go(func() error {
 		if err := admin.Serve(adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {

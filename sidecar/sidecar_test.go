@@ -6,6 +6,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,6 +17,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	miekg "github.com/miekg/dns"
 
+	"attache/demo"
 	"attache/internal/testcluster"
 )
 
@@ -93,7 +96,9 @@ func eventually(t *testing.T, what string, timeout time.Duration, f func() bool)
 func TestSidecarAgainstCluster(t *testing.T) {
 	c := testcluster.Start(t, testcluster.Options{Clients: 1})
 	agent := c.Clients[0]
-	backend := freeAddr(t)
+	backendSrv := httptest.NewServer(demo.New("users", "users-1"))
+	defer backendSrv.Close()
+	backend := backendSrv.Listener.Addr().String()
 	svcFile := filepath.Join(t.TempDir(), "svc.hcl")
 	os.WriteFile(svcFile, []byte(`service {
   name = "users"
@@ -101,8 +106,9 @@ func TestSidecarAgainstCluster(t *testing.T) {
   address = "127.0.0.1"
   port = `+strings.Split(backend, ":")[1]+`
 }`), 0o644)
-	dnsAddr := freeAddr(t)
-	admin, stop := runSidecar(t, "-consul", agent.HTTPAddr, "-service", svcFile, "-dns", dnsAddr, "-data-dir", t.TempDir())
+	dnsAddr, upstream, httpProxy := freeAddr(t), freeAddr(t), freeAddr(t)
+	admin, stop := runSidecar(t, "-consul", agent.HTTPAddr, "-service", svcFile, "-dns", dnsAddr, "-data-dir", t.TempDir(),
+		"-upstream", "users="+upstream, "-http-proxy", httpProxy)
 
 	eventually(t, "/healthz 200", 5*time.Second, func() bool { code, _ := get(admin, "/healthz"); return code == 200 })
 	eventually(t, "/readyz 200", 10*time.Second, func() bool { code, _ := get(admin, "/readyz"); return code == 200 })
@@ -130,6 +136,22 @@ func TestSidecarAgainstCluster(t *testing.T) {
 	})
 	if code, body := get(admin, "/v1/snapshot"); code != 200 || !strings.Contains(body, `"users-1"`) {
 		t.Errorf("/v1/snapshot = %d %s", code, body)
+	}
+
+	// Its proxy listeners reach the instance: the upstream listener, and the
+	// HTTP proxy by the request's host.
+	if code, body := get(upstream, "/items/1"); code != 200 || !strings.Contains(body, `"instance":"users-1"`) {
+		t.Errorf("through the upstream listener: %d %s", code, body)
+	}
+	pu, _ := url.Parse("http://" + httpProxy)
+	pc := &http.Client{Transport: &http.Transport{Proxy: http.ProxyURL(pu)}}
+	if resp, err := pc.Get("http://users.service.consul/items/2"); err != nil || resp.StatusCode != 200 {
+		t.Errorf("through the HTTP proxy: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+	if code, body := get(admin, "/v1/breakers"); code != 200 || !strings.Contains(body, "users") {
+		t.Errorf("/v1/breakers = %d %s", code, body)
 	}
 
 	// Kill the leader: the cluster elects another and the sidecar keeps serving.

@@ -305,11 +305,13 @@ type Service struct {
 
 const numBuckets = 10
 
+// bucket counts the calls of one slice of the window. Counters are atomic so
+// that a successful call in the closed state never takes the lock.
 type bucket struct {
-	start int64 // bucket start, unix nanos / bucket length
-	calls int
-	fails int
-	slow  int
+	start atomic.Int64 // bucket start, unix nanos / bucket length
+	calls atomic.Int64
+	fails atomic.Int64
+	slow  atomic.Int64
 }
 
 // Name returns the lower-cased service name.
@@ -372,6 +374,14 @@ func (s *Service) Done(c Call, failed bool, d time.Duration) {
 	cfg := &s.r.cfg
 	slow := d >= cfg.SlowCallDuration
 	now := s.r.now()
+	if !c.trial && !failed && !slow {
+		// The common case: counted without the lock. A good call can never
+		// open the breaker.
+		if s.state.Load() == stClosed {
+			s.bucketAt(now).calls.Add(1)
+		}
+		return
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.state.Load()
@@ -385,7 +395,7 @@ func (s *Service) Done(c Call, failed bool, d time.Duration) {
 		}
 		s.trialsOK++
 		if s.trialsOK >= cfg.HalfOpenCalls {
-			s.buckets = [numBuckets]bucket{}
+			s.resetBuckets()
 			s.transition(stClosed, "trial calls succeeded")
 		}
 		return
@@ -394,12 +404,12 @@ func (s *Service) Done(c Call, failed bool, d time.Duration) {
 		return
 	}
 	b := s.bucketAt(now)
-	b.calls++
+	b.calls.Add(1)
 	if failed {
-		b.fails++
+		b.fails.Add(1)
 	}
 	if slow {
-		b.slow++
+		b.slow.Add(1)
 	}
 	calls, fails, slows := s.totals(now)
 	if calls < cfg.MinimumCalls {
@@ -414,26 +424,40 @@ func (s *Service) Done(c Call, failed bool, d time.Duration) {
 	}
 }
 
-// bucketAt returns the bucket for now, resetting it when it is stale.
-// s.mu must be held.
+// bucketAt returns the bucket for now, resetting it when it is stale. The
+// one caller that wins the swap of start resets the counters; a call counted
+// in the instant between may be lost, which a breaker can afford.
 func (s *Service) bucketAt(now time.Time) *bucket {
 	slot := now.UnixNano() / int64(s.r.bucket)
 	b := &s.buckets[slot%numBuckets]
-	if b.start != slot {
-		*b = bucket{start: slot}
+	if old := b.start.Load(); old != slot && b.start.CompareAndSwap(old, slot) {
+		b.calls.Store(0)
+		b.fails.Store(0)
+		b.slow.Store(0)
 	}
 	return b
 }
 
-// totals sums the buckets inside the window. s.mu must be held.
+// resetBuckets empties the window.
+func (s *Service) resetBuckets() {
+	for i := range s.buckets {
+		b := &s.buckets[i]
+		b.start.Store(0)
+		b.calls.Store(0)
+		b.fails.Store(0)
+		b.slow.Store(0)
+	}
+}
+
+// totals sums the buckets inside the window.
 func (s *Service) totals(now time.Time) (calls, fails, slow int) {
 	slot := now.UnixNano() / int64(s.r.bucket)
 	for i := range s.buckets {
 		b := &s.buckets[i]
-		if slot-b.start < numBuckets {
-			calls += b.calls
-			fails += b.fails
-			slow += b.slow
+		if slot-b.start.Load() < numBuckets {
+			calls += int(b.calls.Load())
+			fails += int(b.fails.Load())
+			slow += int(b.slow.Load())
 		}
 	}
 	return
@@ -443,7 +467,7 @@ func (s *Service) totals(now time.Time) (calls, fails, slow int) {
 func (s *Service) open(now time.Time, why string) {
 	s.openUntil.Store(now.Add(s.r.cfg.OpenDuration).UnixNano())
 	s.opened = now
-	s.buckets = [numBuckets]bucket{}
+	s.resetBuckets()
 	s.transition(stOpen, why)
 }
 
@@ -510,6 +534,7 @@ type Instance struct {
 	probing     atomic.Int64 // unix nanos when the probe slot was taken; 0 when free
 	times       atomic.Int32 // how many times ejected (decides the ejection time)
 	total       atomic.Int64 // ejections ever
+	returned    atomic.Int64 // unix nanos when a probe last brought it back
 }
 
 // Availability of an instance for a new request.
@@ -562,6 +587,7 @@ func (in *Instance) Report(failed bool) {
 			if in.until.Load() != 0 {
 				in.until.Store(0)
 				in.probing.Store(0)
+				in.returned.Store(in.svc.r.now().UnixNano())
 				in.ejectedG.Set(0)
 				in.svc.r.log.Info("instance returned after probe", "service", in.svc.name, "instance", in.id)
 			}
@@ -611,12 +637,18 @@ func (in *Instance) Report(failed bool) {
 // eject ejects the instance for base × times ejected. svc.mu must be held.
 func (in *Instance) eject(why string) {
 	cfg := &in.svc.r.cfg
+	now := in.svc.r.now()
+	// An instance that stayed healthy for MaxEjectionTime since it last
+	// came back starts again from the base ejection time.
+	if back := in.returned.Load(); back != 0 && now.UnixNano()-back >= int64(cfg.MaxEjectionTime) {
+		in.times.Store(0)
+	}
 	n := in.times.Add(1)
 	d := time.Duration(n) * cfg.BaseEjectionTime
 	if d > cfg.MaxEjectionTime || d <= 0 {
 		d = cfg.MaxEjectionTime
 	}
-	in.until.Store(in.svc.r.now().Add(d).UnixNano())
+	in.until.Store(now.Add(d).UnixNano())
 	in.probing.Store(0)
 	in.consecutive.Store(0)
 	in.total.Add(1)

@@ -258,3 +258,32 @@ func TestConcurrent(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+func TestEjectionTimeResetsAfterHealthyPeriod(t *testing.T) {
+	r, c := newTest(t, Config{BaseEjectionTime: time.Second, MaxEjectionTime: 10 * time.Second})
+	s := r.Service("x")
+	a := s.Instance("a")
+	fail5 := func() {
+		for i := 0; i < 5; i++ {
+			a.Report(true)
+		}
+	}
+	fail5() // 1s
+	c.add(time.Second)
+	a.TryProbe()
+	a.Report(false)
+	fail5() // 2s: ejected again soon after
+	c.add(1500 * time.Millisecond)
+	if a.Status() != Ejected {
+		t.Fatal("second ejection not longer")
+	}
+	c.add(time.Second)
+	a.TryProbe()
+	a.Report(false)
+	c.add(11 * time.Second) // healthy longer than MaxEjectionTime
+	fail5()
+	c.add(1100 * time.Millisecond)
+	if a.Status() != ProbeReady {
+		t.Fatal("ejection time not back to base after a long healthy period")
+	}
+}

@@ -18,12 +18,12 @@ import (
 func (w *Watcher) coordsLoop(ctx context.Context) {
 	var list []*api.CoordinateEntry
 	w.blockingLoop(ctx, "coordinates", "", w.cfg.CoordInterval, 1,
-		func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
+		apiFetch(func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
 			var err error
 			var meta *api.QueryMeta
 			list, meta, err = c.Coordinate().Nodes(q)
 			return meta, err
-		},
+		}, w.clients),
 		func(index uint64) {
 			coords := coordMap(list)
 			list = nil

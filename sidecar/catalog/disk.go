@@ -168,7 +168,7 @@ func (w *Watcher) loadDisk() error {
 			delete(s.Services, name)
 			continue
 		}
-		w.services[name] = svc
+		w.mutServicesLocked()[name] = svc
 		if w.cfg.Mode == ModeOnDemand && !w.pinned[name] {
 			w.addWatchLocked(name, false)
 		}

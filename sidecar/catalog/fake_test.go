@@ -144,6 +144,13 @@ func (f *fakeConsul) serve(w http.ResponseWriter, r *http.Request) {
 		}
 		t.Stop()
 		f.mu.Lock()
+		if fault := f.fault; fault != nil { // installed while the query waited
+			f.mu.Unlock()
+			if fault(w, r) {
+				return
+			}
+			f.mu.Lock()
+		}
 	}
 	defer f.mu.Unlock()
 	var body any

@@ -1,14 +1,22 @@
 package catalog
 
 import (
+	"bufio"
+	"bytes"
 	"context"
+	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/url"
+	"os"
 	"reflect"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -72,6 +80,15 @@ type Config struct {
 	// leader (the default mode). Fresher reads come from the leader; stale
 	// spreads the load over the servers but lags up to a Raft heartbeat.
 	Stale bool
+	// Streaming lets a client agent answer the health queries from its
+	// streaming backend (use_streaming_backend, on by default since Consul
+	// 1.10). That backend follows whichever server the agent subscribed to,
+	// so even default-mode answers lag like stale ones, up to a Raft
+	// heartbeat (~100ms). By default (false) the watcher sends near=_agent,
+	// which makes the agent forward each query to the servers instead, and
+	// default mode then answers from the leader within a few ms. Streaming
+	// spares the servers one held query per watched service per agent.
+	Streaming bool
 	// MaxStale, with Stale, is the largest X-Consul-LastContact accepted
 	// from a follower; an answer staler than this is asked again of the
 	// leader. 0 accepts any.
@@ -247,30 +264,37 @@ type Watcher struct {
 	log     hclog.Logger
 	view    *View
 	clients []*api.Client
-	cur     atomic.Uint32 // index into clients of the address in use
-	met     *metrics
-	kick    chan struct{} // wakes the publisher
-	pinned  map[string]bool
+	// endpoints are the same addresses, parsed for the health long polls
+	endpoints []endpoint
+	token     string
+	cur       atomic.Uint32 // index into clients of the address in use
+	met       *metrics
+	kick      chan struct{} // wakes the publisher
+	coldSem   chan struct{} // bounds the non-blocking queries in flight
+	pinned    map[string]bool
 
 	// index of watches for the lock-free fast path of Want
 	watchIdx atomic.Pointer[map[string]*watch]
 
 	mu       sync.Mutex
 	ran      bool
+	batching bool // reconcileLocked adds and removes many watches: reindex once
 	running  bool
 	stopping bool
 	runCtx   context.Context
 	wg       sync.WaitGroup
 	watches  map[string]*watch
-	services map[string]*Service
-	nodes    map[string]*Node
-	coords   map[string]*coordinate.Coordinate
-	known    map[string]bool
-	dc       string
-	updated  time.Time
-	dirty    bool
-	index    uint64          // highest index of the services, nodes and coordinates lists
-	ready    []chan struct{} // closed after the next publish
+	services map[string]*Service // see mutServicesLocked
+	// servicesShared: a published snapshot holds services; copy before changing
+	servicesShared bool
+	nodes          map[string]*Node
+	coords         map[string]*coordinate.Coordinate
+	known          map[string]bool
+	dc             string
+	updated        time.Time
+	dirty          bool
+	index          uint64          // highest index of the services, nodes and coordinates lists
+	ready          []chan struct{} // closed after the next publish
 	// state of the sync with Consul
 	knownLoaded bool
 	nodesLoaded bool
@@ -306,6 +330,7 @@ func NewWatcher(cfg Config) (*Watcher, error) {
 		log:      cfg.Logger.Named("catalog"),
 		view:     NewView(),
 		kick:     make(chan struct{}, 1),
+		coldSem:  make(chan struct{}, 16),
 		pinned:   map[string]bool{},
 		watches:  map[string]*watch{},
 		services: map[string]*Service{},
@@ -357,10 +382,29 @@ func (w *Watcher) buildClients() error {
 		TLSHandshakeTimeout: 10 * time.Second,
 		TLSClientConfig:     tlsCfg,
 		ForceAttemptHTTP2:   true, // multiplexes the long polls when Consul speaks HTTPS
+		// Small buffers: a thousand idle long polls each hold a pair.
+		ReadBufferSize:  2048,
+		WriteBufferSize: 1024,
 	}
 	hc := &http.Client{Transport: tr}
 	token := w.cfg.Token
+	if w.cfg.TokenFile != "" {
+		b, err := os.ReadFile(w.cfg.TokenFile)
+		if err != nil {
+			return fmt.Errorf("catalog: token file: %w", err)
+		}
+		token = strings.TrimSpace(string(b))
+	}
+	if strings.ContainsAny(token, "\r\n") {
+		return errors.New("catalog: the ACL token contains a line break")
+	}
+	w.token = token
 	for _, addr := range w.cfg.Addresses {
+		ep, err := parseEndpoint(addr, w.cfg.SSL, tlsCfg)
+		if err != nil {
+			return err
+		}
+		w.endpoints = append(w.endpoints, ep)
 		ac := api.DefaultNonPooledConfig()
 		ac.Address = addr
 		ac.Scheme = "http"
@@ -569,12 +613,15 @@ func (w *Watcher) removeWatchLocked(name string) {
 	delete(w.watches, name)
 	w.reindexLocked()
 	if _, ok := w.services[name]; ok {
-		delete(w.services, name)
+		delete(w.mutServicesLocked(), name)
 		w.dirty = true
 	}
 }
 
 func (w *Watcher) reindexLocked() {
+	if w.batching {
+		return // the batch reindexes once at its end
+	}
 	m := make(map[string]*watch, len(w.watches))
 	for k, v := range w.watches {
 		m[k] = v
@@ -585,6 +632,11 @@ func (w *Watcher) reindexLocked() {
 // reconcileLocked starts and stops watches after the catalog's service
 // list changed.
 func (w *Watcher) reconcileLocked() {
+	w.batching = true
+	defer func() {
+		w.batching = false
+		w.reindexLocked()
+	}()
 	if w.cfg.Mode == ModeAll {
 		for name := range w.known {
 			if w.watches[name] == nil {
@@ -646,33 +698,40 @@ func (w *Watcher) publishLocked() []chan struct{} {
 		return ready
 	}
 	w.dirty = false
+	// The snapshot shares the draft's maps: nodes, coordinates and known
+	// are replaced whole, never changed in place, and services is copied
+	// before its next change (mutServicesLocked).
 	s := &Snapshot{
 		Datacenter: w.dc,
 		Updated:    w.updated,
 		Stale:      w.fromDisk,
-		Services:   make(map[string]*Service, len(w.services)),
-		Nodes:      make(map[string]*Node, len(w.nodes)),
-		Coords:     make(map[string]*coordinate.Coordinate, len(w.coords)),
-		Known:      make(map[string]bool, len(w.known)),
+		Services:   w.services,
+		Nodes:      w.nodes,
+		Coords:     w.coords,
+		Known:      w.known,
 	}
-	for k, v := range w.services {
-		s.Services[k] = v
+	w.servicesShared = true
+	for _, v := range w.services {
 		s.Index = max(s.Index, v.Index)
-	}
-	for k, v := range w.nodes {
-		s.Nodes[k] = v
-	}
-	for k, v := range w.coords {
-		s.Coords[k] = v
-	}
-	for k := range w.known {
-		s.Known[k] = true
 	}
 	s.Index = max(s.Index, w.index)
 	// Published under mu so that snapshots go out in draft order.
 	w.view.Publish(s)
 	w.met.updates.Inc()
 	return ready
+}
+
+// mutServicesLocked returns the draft's services map ready to be changed,
+// copying it first if a published snapshot shares it.
+func (w *Watcher) mutServicesLocked() map[string]*Service {
+	if w.servicesShared {
+		m := make(map[string]*Service, len(w.services)+1)
+		for k, v := range w.services {
+			m[k] = v
+		}
+		w.services, w.servicesShared = m, false
+	}
+	return w.services
 }
 
 func closeAll(chs []chan struct{}) {
@@ -692,9 +751,19 @@ func (w *Watcher) allAnsweredLocked() bool {
 
 // ---- the blocking-query loop ----
 
-// fetchFunc runs one query with q on client c, keeps its result, and
-// returns Consul's metadata.
-type fetchFunc func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)
+// fetchFunc runs one query with q against Consul address ci, giving up at
+// deadline or when ctx ends; it keeps its result and returns Consul's
+// metadata.
+type fetchFunc func(ctx context.Context, ci int, q *api.QueryOptions, deadline time.Time) (*api.QueryMeta, error)
+
+// apiFetch adapts a consul/api call to a fetchFunc.
+func apiFetch(call func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error), clients []*api.Client) fetchFunc {
+	return func(ctx context.Context, ci int, q *api.QueryOptions, deadline time.Time) (*api.QueryMeta, error) {
+		qctx, cancel := context.WithDeadline(ctx, deadline)
+		defer cancel()
+		return call(clients[ci], q.WithContext(qctx))
+	}
+}
 
 // loopBurst is how many queries a loop may make in a row before
 // MinInterval spaces them.
@@ -735,10 +804,20 @@ func (w *Watcher) blockingLoop(ctx context.Context, kind, name string, minInterv
 		if index > 0 {
 			timeout += w.cfg.Wait + w.cfg.Wait/16
 		}
-		qctx, cancel := context.WithTimeout(ctx, timeout)
 		ci := w.cur.Load()
-		meta, err := fetch(w.clients[int(ci)%len(w.clients)], q.WithContext(qctx))
-		cancel()
+		if index == 0 {
+			// Non-blocking queries answer at once with the whole data: at
+			// most a few in flight bounds the memory of a cold start.
+			select {
+			case w.coldSem <- struct{}{}:
+			case <-ctx.Done():
+				return
+			}
+		}
+		meta, err := fetch(ctx, int(ci)%len(w.clients), q, start.Add(timeout))
+		if index == 0 {
+			<-w.coldSem
+		}
 		if ctx.Err() != nil {
 			return
 		}
@@ -747,7 +826,7 @@ func (w *Watcher) blockingLoop(ctx context.Context, kind, name string, minInterv
 			err = errZeroIndex
 		}
 		if err != nil {
-			w.failed(ci, kind, name, err)
+			onShortStack(func() { w.failed(ci, kind, name, err) })
 			index = 0
 			d := backoff(w.cfg.RetryBase, w.cfg.RetryMax, retries)
 			retries++
@@ -772,7 +851,7 @@ func (w *Watcher) blockingLoop(ctx context.Context, kind, name string, minInterv
 			// the wait ended with no change
 		default:
 			index = meta.LastIndex
-			changed(index)
+			onShortStack(func() { changed(index) })
 		}
 	}
 }
@@ -833,12 +912,12 @@ func sleep(ctx context.Context, d time.Duration) bool {
 func (w *Watcher) servicesLoop(ctx context.Context) {
 	var list map[string][]string
 	w.blockingLoop(ctx, "services", "", w.cfg.MinInterval, loopBurst,
-		func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
+		apiFetch(func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
 			var err error
 			var meta *api.QueryMeta
 			list, meta, err = c.Catalog().Services(q)
 			return meta, err
-		},
+		}, w.clients),
 		func(index uint64) {
 			known := make(map[string]bool, len(list))
 			for name := range list {
@@ -862,13 +941,15 @@ func (w *Watcher) servicesLoop(ctx context.Context) {
 }
 
 func (w *Watcher) serviceLoop(ctx context.Context, wt *watch) {
-	var entries []*api.ServiceEntry
-	passingOnly := !w.cfg.IncludeWarning
+	var entries []healthEntry
+	p := &poller{w: w, ep: -1}
+	defer p.close()
 	w.blockingLoop(ctx, "service", wt.name, w.cfg.MinInterval, loopBurst,
-		func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
+		func(ctx context.Context, ci int, q *api.QueryOptions, deadline time.Time) (*api.QueryMeta, error) {
 			var err error
 			var meta *api.QueryMeta
-			entries, meta, err = c.Health().Service(wt.name, "", passingOnly, q)
+			entries = nil // not held through the wait
+			entries, meta, err = p.health(ctx, ci, wt.name, q, deadline)
 			return meta, err
 		},
 		func(index uint64) {
@@ -893,7 +974,7 @@ func (w *Watcher) serviceLoop(ctx context.Context, wt *watch) {
 			if w.dc == "" && len(svc.Instances) > 0 {
 				w.dc = svc.Instances[0].Datacenter
 			}
-			w.services[wt.name] = svc
+			w.mutServicesLocked()[wt.name] = svc
 			w.updated = time.Now()
 			w.dirty = true
 			w.signal()
@@ -903,13 +984,14 @@ func (w *Watcher) serviceLoop(ctx context.Context, wt *watch) {
 // buildService turns Consul's health entries into a Service, keeping the
 // passing instances (and warning ones when includeWarning), sorted by ID
 // then node.
-func buildService(name string, index uint64, entries []*api.ServiceEntry, includeWarning bool) *Service {
+func buildService(name string, index uint64, entries []healthEntry, includeWarning bool) *Service {
 	svc := &Service{Name: name, Index: index, Instances: []Instance{}}
-	for _, e := range entries {
-		if e == nil || e.Service == nil || e.Node == nil {
+	for i := range entries {
+		e := &entries[i]
+		if e.Service.ID == "" && e.Service.Service == "" {
 			continue
 		}
-		status := e.Checks.AggregatedStatus()
+		status := e.status()
 		weight := e.Service.Weights.Passing
 		switch {
 		case status == api.HealthPassing:
@@ -918,7 +1000,7 @@ func buildService(name string, index uint64, entries []*api.ServiceEntry, includ
 		default:
 			continue
 		}
-		if e.Service.Weights == (api.AgentWeights{}) {
+		if e.Service.Weights.Passing == 0 && e.Service.Weights.Warning == 0 {
 			weight = 1 // registered without weights
 		}
 		svc.Name = e.Service.Service
@@ -938,13 +1020,10 @@ func buildService(name string, index uint64, entries []*api.ServiceEntry, includ
 			Status:      status,
 		}
 		if len(e.Service.Tags) > 0 {
-			inst.Tags = append([]string(nil), e.Service.Tags...)
+			inst.Tags = e.Service.Tags
 		}
 		if len(e.Service.Meta) > 0 {
-			inst.Meta = make(map[string]string, len(e.Service.Meta))
-			for k, v := range e.Service.Meta {
-				inst.Meta[k] = v
-			}
+			inst.Meta = e.Service.Meta
 		}
 		svc.Instances = append(svc.Instances, inst)
 	}
@@ -961,12 +1040,12 @@ func buildService(name string, index uint64, entries []*api.ServiceEntry, includ
 func (w *Watcher) nodesLoop(ctx context.Context) {
 	var list []*api.Node
 	w.blockingLoop(ctx, "nodes", "", w.cfg.MinInterval, loopBurst,
-		func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
+		apiFetch(func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
 			var err error
 			var meta *api.QueryMeta
 			list, meta, err = c.Catalog().Nodes(q)
 			return meta, err
-		},
+		}, w.clients),
 		func(index uint64) {
 			nodes := make(map[string]*Node, len(list))
 			for _, n := range list {
@@ -1079,4 +1158,307 @@ func (m *metrics) register(r prometheus.Registerer) error {
 		}
 	}
 	return nil
+}
+
+// ---- the health long polls ----
+//
+// Each watched service holds one blocking query open all the time. Through
+// net/http that costs three goroutines and a pair of buffers per
+// connection; with a thousand watches that is most of the watcher's memory.
+// So the service loops speak HTTP/1.1 themselves: each owns one keep-alive
+// connection, writes its request, and waits for the answer's first byte
+// with no buffer at all; a pooled reader is taken only to read the answer.
+
+// healthEntry is the part of an entry of /v1/health/service that the view
+// keeps; the JSON decoder skips the rest.
+type healthEntry struct {
+	Node struct {
+		Node       string
+		Address    string
+		Datacenter string
+	}
+	Service struct {
+		ID      string
+		Service string
+		Address string
+		Port    int
+		Tags    []string
+		Meta    map[string]string
+		Weights struct{ Passing, Warning int }
+	}
+	Checks []struct {
+		CheckID string
+		Status  string
+	}
+}
+
+// status is Consul's aggregated status of the entry's checks (as
+// api.HealthChecks.AggregatedStatus): maintenance, then critical, then
+// warning, then passing; no checks is passing; an unknown status is not
+// healthy.
+func (e *healthEntry) status() string {
+	var warning, critical, maint bool
+	for _, c := range e.Checks {
+		if c.CheckID == api.NodeMaint || strings.HasPrefix(c.CheckID, api.ServiceMaintPrefix) {
+			maint = true
+			continue
+		}
+		switch c.Status {
+		case api.HealthPassing:
+		case api.HealthWarning:
+			warning = true
+		case api.HealthCritical:
+			critical = true
+		default:
+			return ""
+		}
+	}
+	switch {
+	case maint:
+		return api.HealthMaint
+	case critical:
+		return api.HealthCritical
+	case warning:
+		return api.HealthWarning
+	}
+	return api.HealthPassing
+}
+
+// endpoint is a Consul address parsed for dialing.
+type endpoint struct {
+	network, addr string // to dial
+	host          string // the Host header
+	tls           *tls.Config
+}
+
+// parseEndpoint parses host:port, http://host:port, https://host:port or
+// unix:///path.
+func parseEndpoint(raw string, ssl bool, tlsCfg *tls.Config) (endpoint, error) {
+	scheme, rest := "http", raw
+	if ssl {
+		scheme = "https"
+	}
+	if i := strings.Index(raw, "://"); i >= 0 {
+		scheme, rest = strings.ToLower(raw[:i]), raw[i+3:]
+	}
+	switch scheme {
+	case "unix":
+		return endpoint{network: "unix", addr: rest, host: "localhost"}, nil
+	case "http", "https":
+	default:
+		return endpoint{}, fmt.Errorf("catalog: Consul address %q: unknown scheme %q (want http, https or unix)", raw, scheme)
+	}
+	rest = strings.TrimSuffix(rest, "/")
+	if strings.Contains(rest, "/") {
+		return endpoint{}, fmt.Errorf("catalog: Consul address %q: a path prefix is not supported", raw)
+	}
+	if _, _, err := net.SplitHostPort(rest); err != nil {
+		port := "8500"
+		if scheme == "https" {
+			port = "8501"
+		}
+		rest = net.JoinHostPort(strings.Trim(rest, "[]"), port)
+	}
+	ep := endpoint{network: "tcp", addr: rest, host: rest}
+	if scheme == "https" {
+		c := tlsCfg.Clone()
+		if c.ServerName == "" {
+			c.ServerName, _, _ = net.SplitHostPort(rest)
+		}
+		ep.tls = c
+	}
+	return ep, nil
+}
+
+// maxBody bounds an answer from Consul (a service with very many instances
+// is a few MB).
+const maxBody = 64 << 20
+
+var readerPool = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4096) }}
+
+// poller is one service loop's connection to Consul.
+type poller struct {
+	w    *Watcher
+	ep   int // index of the endpoint conn is connected to, -1 for none
+	conn net.Conn
+	stop func() bool // ends the AfterFunc that unblocks conn when the watch stops
+}
+
+func (p *poller) close() {
+	if p.conn != nil {
+		p.stop()
+		p.conn.Close()
+		p.conn, p.ep, p.stop = nil, -1, nil
+	}
+}
+
+// health runs one (blocking) health query for service on endpoint ci. A
+// kept-alive connection that turns out closed by the server is replaced
+// once, at once, without counting as an error.
+func (p *poller) health(ctx context.Context, ci int, service string, q *api.QueryOptions, deadline time.Time) ([]healthEntry, *api.QueryMeta, error) {
+	if p.conn != nil && p.ep != ci {
+		p.close()
+	}
+	for attempt := 0; ; attempt++ {
+		reused := p.conn != nil
+		out, meta, started, err := p.roundTrip(ctx, ci, service, q, deadline)
+		if err == nil {
+			return out, meta, nil
+		}
+		p.close()
+		if !reused || started || attempt > 0 || ctx.Err() != nil {
+			return nil, nil, fmt.Errorf("catalog: health of %q from %s: %w", service, p.w.cfg.Addresses[ci], err)
+		}
+	}
+}
+
+// roundTrip writes the request and reads the answer. started reports
+// whether any byte of an answer came back.
+func (p *poller) roundTrip(ctx context.Context, ci int, service string, q *api.QueryOptions, deadline time.Time) (out []healthEntry, meta *api.QueryMeta, started bool, err error) {
+	ep := &p.w.endpoints[ci]
+	if p.conn == nil {
+		var c net.Conn
+		onShortStack(func() {
+			d := net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second, Deadline: deadline}
+			if c, err = d.DialContext(ctx, ep.network, ep.addr); err != nil || ep.tls == nil {
+				return
+			}
+			tc := tls.Client(c, ep.tls)
+			if err = tc.HandshakeContext(ctx); err != nil {
+				c.Close()
+				return
+			}
+			c = tc
+		})
+		if err != nil {
+			return nil, nil, false, err
+		}
+		p.conn, p.ep = c, ci
+		p.stop = context.AfterFunc(ctx, func() { _ = c.SetDeadline(time.Unix(1, 0)) })
+	}
+	conn := p.conn
+	if ctx.Err() != nil {
+		return nil, nil, false, ctx.Err()
+	}
+	_ = conn.SetDeadline(deadline)
+	if ctx.Err() != nil { // cancelled meanwhile: the AfterFunc may have run first
+		return nil, nil, false, ctx.Err()
+	}
+
+	if _, err := conn.Write(p.request(service, q)); err != nil {
+		return nil, nil, false, err
+	}
+	var first [1]byte
+	if _, err := io.ReadFull(conn, first[:]); err != nil {
+		return nil, nil, false, err
+	}
+	// Parsing and decoding grow a goroutine's stack to several kB, which a
+	// long-lived loop would keep while it waits: do them on a short-lived one.
+	type answer struct {
+		out   []healthEntry
+		meta  *api.QueryMeta
+		close bool
+		err   error
+	}
+	ch := make(chan answer, 1)
+	go func() {
+		var a answer
+		a.out, a.meta, a.close, a.err = readAnswer(conn, first[0])
+		ch <- a
+	}()
+	a := <-ch
+	if a.err != nil {
+		return nil, nil, true, a.err
+	}
+	if a.close {
+		p.close()
+	}
+	return a.out, a.meta, true, nil
+}
+
+// onShortStack runs f on a goroutine of its own and waits for it. The
+// watch loops live as long as their watch and mostly wait; what grows a
+// stack (dialing, JSON, reflect.DeepEqual, logging) runs here, so that a
+// thousand idle loops keep small stacks.
+func onShortStack(f func()) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	<-done
+}
+
+// readAnswer reads an HTTP answer to a health query from conn, whose first
+// byte was already read. close reports that the server will close conn.
+func readAnswer(conn net.Conn, first byte) (out []healthEntry, meta *api.QueryMeta, close bool, err error) {
+	br := readerPool.Get().(*bufio.Reader)
+	br.Reset(io.MultiReader(bytes.NewReader([]byte{first}), conn))
+	defer func() {
+		br.Reset(nil)
+		readerPool.Put(br)
+	}()
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		return nil, nil, true, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return nil, nil, true, fmt.Errorf("Consul answered %s: %s", resp.Status, strings.TrimSpace(string(b)))
+	}
+	meta = &api.QueryMeta{}
+	idx := resp.Header.Get("X-Consul-Index")
+	if meta.LastIndex, err = strconv.ParseUint(idx, 10, 64); err != nil {
+		return nil, nil, true, fmt.Errorf("bad X-Consul-Index %q", idx)
+	}
+	if lc, err := strconv.ParseUint(resp.Header.Get("X-Consul-LastContact"), 10, 32); err == nil {
+		meta.LastContact = time.Duration(lc) * time.Millisecond
+	}
+	meta.KnownLeader = resp.Header.Get("X-Consul-KnownLeader") == "true"
+	if err := json.NewDecoder(io.LimitReader(resp.Body, maxBody)).Decode(&out); err != nil {
+		return nil, nil, true, fmt.Errorf("decoding the answer: %w", err)
+	}
+	// Drain what follows the JSON value so the connection can be reused.
+	if n, _ := io.Copy(io.Discard, io.LimitReader(resp.Body, 4096)); n >= 4096 {
+		return nil, nil, true, errors.New("trailing data after the JSON answer")
+	}
+	return out, meta, resp.Close, nil
+}
+
+// request builds the GET request of a health query.
+func (p *poller) request(service string, q *api.QueryOptions) []byte {
+	v := url.Values{}
+	if !p.w.cfg.IncludeWarning {
+		v.Set("passing", "true")
+	}
+	if q.WaitIndex > 0 {
+		v.Set("index", strconv.FormatUint(q.WaitIndex, 10))
+		v.Set("wait", strconv.FormatInt(q.WaitTime.Milliseconds(), 10)+"ms")
+	}
+	if q.AllowStale {
+		v.Set("stale", "")
+	}
+	if p.w.cfg.Datacenter != "" {
+		v.Set("dc", p.w.cfg.Datacenter)
+	}
+	if !p.w.cfg.Streaming {
+		v.Set("near", "_agent") // bypasses the agent's streaming backend
+	}
+	var b bytes.Buffer
+	b.Grow(256)
+	b.WriteString("GET /v1/health/service/")
+	b.WriteString(url.PathEscape(service))
+	b.WriteString("?")
+	b.WriteString(v.Encode())
+	b.WriteString(" HTTP/1.1\r\nHost: ")
+	b.WriteString(p.w.endpoints[p.ep].host)
+	b.WriteString("\r\nUser-Agent: attache-catalog\r\nAccept: application/json\r\n")
+	if p.w.token != "" {
+		b.WriteString("X-Consul-Token: ")
+		b.WriteString(p.w.token)
+		b.WriteString("\r\n")
+	}
+	b.WriteString("\r\n")
+	return b.Bytes()
 }

@@ -2,6 +2,7 @@ package catalog
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -149,7 +150,7 @@ func TestBuildService(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			got := buildService("web", 7, tc.entries, tc.warning)
+			got := buildService("web", 7, toHealth(t, tc.entries), tc.warning)
 			if got.Index != 7 || !reflect.DeepEqual(got.Instances, tc.want) {
 				t.Fatalf("got %+v\nwant %+v", got.Instances, tc.want)
 			}
@@ -160,7 +161,7 @@ func TestBuildService(t *testing.T) {
 		b := entry("a", api.HealthPassing, nil)
 		c := entry("a", api.HealthPassing, nil)
 		c.Node.Node = "m-a"
-		got := buildService("web", 1, []*api.ServiceEntry{a, b, c}, false)
+		got := buildService("web", 1, toHealth(t, []*api.ServiceEntry{a, b, c}), false)
 		var order []string
 		for _, i := range got.Instances {
 			order = append(order, i.ID+"@"+i.Node)
@@ -228,7 +229,7 @@ func TestWantOnDemand(t *testing.T) {
 	f.register("db", "db1", "node1", "", 5432, api.HealthPassing)
 	cfg := testConfig(f.addr())
 	cfg.Mode = ModeOnDemand
-	cfg.IdleTimeout = 300 * time.Millisecond
+	cfg.IdleTimeout = time.Second
 	w := runWatcher(t, cfg)
 	waitFor(t, w, 5*time.Second, "service list", func(s *Snapshot) bool { return s.Known["web"] })
 	if _, ok := w.Load().Service("web"); ok {
@@ -450,7 +451,7 @@ func TestRunStopsEverything(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- w.Run(ctx) }()
-	waitFor(t, w, 5*time.Second, "50 services", func(s *Snapshot) bool { return len(s.Services) == 50 })
+	waitFor(t, w, 5*time.Second, "50 services and consul", func(s *Snapshot) bool { return len(s.Services) == 51 })
 	cancel()
 	select {
 	case <-done:
@@ -480,4 +481,19 @@ func counterValue(c prometheus.Counter) float64 {
 		return -1
 	}
 	return m.GetCounter().GetValue()
+}
+
+// toHealth turns consul/api entries into what the watcher decodes, through
+// their JSON, as it would come from Consul.
+func toHealth(t *testing.T, in []*api.ServiceEntry) []healthEntry {
+	t.Helper()
+	b, err := json.Marshal(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []healthEntry
+	if err := json.Unmarshal(b, &out); err != nil {
+		t.Fatal(err)
+	}
+	return out
 }

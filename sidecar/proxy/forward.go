@@ -66,10 +66,12 @@ func (t *target) forward(ctx context.Context, x exchange, replayable bool) resul
 		return result{kind: outOpen, open: oe}
 	}
 	deadline := start.Add(p.cfg.RequestTimeout)
-	t.budget.request()
+	t.budget.request(start)
 	var tried [maxTries]*endpoint
 	n := 0
 	var res result
+	t0 := start
+	var end time.Time
 	for {
 		ep := t.pick(set, tried[:n])
 		if ep == nil {
@@ -80,17 +82,19 @@ func (t *target) forward(ctx context.Context, x exchange, replayable bool) resul
 			}
 			break // res holds the last failure
 		}
-		tryDeadline := time.Now().Add(p.cfg.TryTimeout)
+		tryDeadline := t0.Add(p.cfg.TryTimeout)
 		if tryDeadline.After(deadline) {
 			tryDeadline = deadline
 		}
 		ep.inflight.Add(1)
-		t0 := time.Now()
 		status, err := x.try(ep, tryDeadline)
 		ep.inflight.Add(-1)
-		d := time.Since(t0)
+		end = time.Now()
+		d := end.Sub(t0)
 		failed := err != nil || p.failureOn[status%600]
-		ep.out.Report(failed)
+		if !errors.Is(err, fasthttp.ErrNoFreeConns) { // our own pool limit says nothing about the instance
+			ep.out.Report(failed)
+		}
 		ep.met.observe(d, failed)
 		if err != nil {
 			res = result{kind: outError, err: err, ep: ep}
@@ -105,7 +109,7 @@ func (t *target) forward(ctx context.Context, x exchange, replayable bool) resul
 		if !replayable || n > p.cfg.MaxRetries || (err == nil && !p.retryOn[status%600]) {
 			break
 		}
-		if !t.budget.retry(p.cfg.RetryBudget, p.cfg.MinRetries) {
+		if !t.budget.retry(end, p.cfg.RetryBudget, p.cfg.MinRetries) {
 			t.met.budgetExhausted.Inc()
 			break
 		}
@@ -115,7 +119,7 @@ func (t *target) forward(ctx context.Context, x exchange, replayable bool) resul
 			back = p.cfg.RetryBackoffMax
 		}
 		back = time.Duration(rand.Int64N(int64(back) + 1))
-		if time.Now().Add(back + time.Millisecond).After(deadline) {
+		if end.Add(back + time.Millisecond).After(deadline) {
 			break
 		}
 		x.discard()
@@ -131,8 +135,9 @@ func (t *target) forward(ctx context.Context, x exchange, replayable bool) resul
 			}
 		}
 		set = t.endpoints()
+		t0 = time.Now()
 	}
-	total := time.Since(start)
+	total := end.Sub(start)
 	finalFailed := res.kind == outError || p.failureOn[res.status%600]
 	t.svc.Done(call, finalFailed, total)
 	t.met.latency.Observe(total.Seconds())
@@ -168,8 +173,8 @@ type budget struct {
 	}
 }
 
-func (b *budget) slot() int {
-	now := time.Now().Unix()
+func (b *budget) slot(t time.Time) int {
+	now := t.Unix()
 	i := int(now % 10)
 	bk := &b.buckets[i]
 	if s := bk.sec.Load(); s != now && bk.sec.CompareAndSwap(s, now) {
@@ -179,12 +184,12 @@ func (b *budget) slot() int {
 	return i
 }
 
-func (b *budget) request() { b.buckets[b.slot()].reqs.Add(1) }
+func (b *budget) request(now time.Time) { b.buckets[b.slot(now)].reqs.Add(1) }
 
 // retry takes one retry from the budget if there is one left.
-func (b *budget) retry(ratio float64, floor int) bool {
-	i := b.slot()
-	now := time.Now().Unix()
+func (b *budget) retry(t time.Time, ratio float64, floor int) bool {
+	i := b.slot(t)
+	now := t.Unix()
 	var reqs, retries int64
 	for j := range b.buckets {
 		bk := &b.buckets[j]

@@ -22,7 +22,7 @@ func (p *Proxy) stdHandler(fixed *target) http.Handler {
 				return
 			}
 			var err error
-			if t, err = p.lookupTarget(name); err != nil {
+			if t, err = p.lookupTarget(r.Context(), name); err != nil {
 				p.stdCanned(w, cannedJSON(http.StatusServiceUnavailable, err.Error(), name))
 				return
 			}
@@ -78,7 +78,7 @@ func (p *Proxy) stdHandler(fixed *target) http.Handler {
 		res := t.forward(r.Context(), x, replayable)
 		if res.kind != outAnswered && t.fallback != nil && t.fallback.Service != "" &&
 			(res.kind == outOpen || res.kind == outNoHealthy) {
-			if t2, err := p.lookupTarget(t.fallback.Service); err == nil {
+			if t2, err := p.lookupTarget(r.Context(), t.fallback.Service); err == nil {
 				x.t = t2
 				if res2 := t2.forward(r.Context(), x, replayable); res2.kind == outAnswered {
 					w.Header().Set("X-Attache-Fallback", t2.name)

@@ -29,10 +29,11 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		DisablePreParseMultipartForm: true,
 		StreamRequestBody:            true,
 		MaxRequestBodySize:           p.cfg.MaxReplayBody,
-		ReadBufferSize:               16 << 10,
-		WriteBufferSize:              16 << 10,
+		ReadBufferSize:               8 << 10,
+		WriteBufferSize:              4 << 10,
 		IdleTimeout:                  p.cfg.IdleTimeout,
 		CloseOnShutdown:              true,
+		KeepHijackedConns:            true, // tunnels own their connections (closed on shutdown)
 		Logger:                       fastLogger{p},
 	}
 	var h1 net.Listener = ln
@@ -108,7 +109,7 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, fixed *target) {
 			return
 		}
 		var err error
-		if t, err = p.lookupTarget(name); err != nil {
+		if t, err = p.lookupTarget(ctx, name); err != nil {
 			p.fastCanned(ctx, cannedJSON(http.StatusServiceUnavailable, err.Error(), name))
 			return
 		}
@@ -128,7 +129,6 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, fixed *target) {
 	if clientClose {
 		h.ResetConnectionClose()
 	}
-	h.Del("Expect") // the server has answered 100-continue already
 	setForwardedFast(ctx)
 
 	replayable := replaySafe(req)
@@ -163,7 +163,7 @@ func (p *Proxy) fastFinish(ctx *fasthttp.RequestCtx, t *target, x *fastExchange,
 	case outOpen, outNoHealthy:
 		if mayFallback && t.fallback != nil {
 			if fb := t.fallback; fb.Service != "" {
-				t2, err := p.lookupTarget(fb.Service)
+				t2, err := p.lookupTarget(ctx, fb.Service)
 				if err == nil {
 					res2 := t2.forward(ctx, x, x.replayable)
 					if res2.kind == outAnswered {
@@ -208,7 +208,51 @@ func (x *fastExchange) discard() {
 	_ = x.resp.CloseBodyStream()
 }
 
+// isHop reports whether name is a hop-by-hop header (or Expect, which the
+// server has answered already).
+func isHop(name []byte) bool {
+	switch len(name) {
+	case 2:
+		return bytes.EqualFold(name, []byte("Te"))
+	case 6:
+		return bytes.EqualFold(name, []byte("Expect"))
+	case 7:
+		return bytes.EqualFold(name, []byte("Trailer")) || bytes.EqualFold(name, []byte("Upgrade"))
+	case 10:
+		return bytes.EqualFold(name, []byte("Connection")) || bytes.EqualFold(name, []byte("Keep-Alive"))
+	case 16:
+		return bytes.EqualFold(name, []byte("Proxy-Connection"))
+	case 17:
+		return bytes.EqualFold(name, []byte("Transfer-Encoding"))
+	case 18:
+		return bytes.EqualFold(name, []byte("Proxy-Authenticate"))
+	case 19:
+		return bytes.EqualFold(name, []byte("Proxy-Authorization"))
+	}
+	return false
+}
+
+// rawHasHop scans a request's raw header block for a hop-by-hop header, so
+// that the common request without one costs a single pass.
+func rawHasHop(raw []byte) bool {
+	for len(raw) > 0 {
+		line := raw
+		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
+			line, raw = raw[:i], raw[i+1:]
+		} else {
+			raw = nil
+		}
+		if i := bytes.IndexByte(line, ':'); i > 0 && isHop(bytes.TrimSpace(line[:i])) {
+			return true
+		}
+	}
+	return false
+}
+
 func stripHopFast(h *fasthttp.RequestHeader) {
+	if raw := h.RawHeaders(); len(raw) > 0 && !rawHasHop(raw) {
+		return
+	}
 	if conn := h.Peek("Connection"); len(conn) > 0 {
 		for _, tok := range bytes.Split(conn, []byte(",")) {
 			tok = bytes.TrimSpace(tok)
@@ -220,9 +264,20 @@ func stripHopFast(h *fasthttp.RequestHeader) {
 	for _, k := range hopHeaders {
 		h.Del(k)
 	}
+	h.Del("Expect") // the server has answered 100-continue already
 }
 
 func stripHopResp(h *fasthttp.ResponseHeader) {
+	found := h.ConnectionClose()
+	for k := range h.All() {
+		if isHop(k) && !bytes.EqualFold(k, []byte("Transfer-Encoding")) && !bytes.EqualFold(k, []byte("Trailer")) {
+			found = true
+			break
+		}
+	}
+	if !found {
+		return
+	}
 	if conn := h.Peek("Connection"); len(conn) > 0 {
 		for _, tok := range bytes.Split(conn, []byte(",")) {
 			tok = bytes.TrimSpace(tok)
@@ -330,26 +385,16 @@ func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target) {
 // the connections allow it. Both are closed when it returns, or when the
 // proxy shuts down.
 func (p *Proxy) splice(a, b net.Conn) {
-	if !p.track(a) {
+	if !p.track(a, b) {
 		a.Close()
 		b.Close()
 		return
 	}
-	defer p.untrack(a)
-	if !p.track(b) {
-		a.Close()
-		b.Close()
-		return
-	}
-	defer p.untrack(b)
+	defer p.untrack(a, b)
 	done := make(chan struct{}, 2)
 	cp := func(dst, src net.Conn) {
 		_, _ = io.Copy(dst, src)
-		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
-			_ = cw.CloseWrite()
-		} else {
-			dst.Close()
-		}
+		closeWrite(dst)
 		done <- struct{}{}
 	}
 	go cp(a, b)
@@ -358,6 +403,23 @@ func (p *Proxy) splice(a, b net.Conn) {
 	<-done
 	a.Close()
 	b.Close()
+}
+
+// closeWrite half-closes c when it (or the connection under a hijacked
+// one) can, and closes it otherwise.
+func closeWrite(c net.Conn) {
+	type cw interface{ CloseWrite() error }
+	if w, ok := c.(cw); ok {
+		_ = w.CloseWrite()
+		return
+	}
+	if u, ok := c.(interface{ UnsafeConn() net.Conn }); ok {
+		if w, ok := u.UnsafeConn().(cw); ok {
+			_ = w.CloseWrite()
+			return
+		}
+	}
+	c.Close()
 }
 
 // ---------------------------------------------------------------- canned answers

@@ -165,6 +165,7 @@ type Proxy struct {
 	connsMu sync.Mutex
 	conns   map[net.Conn]struct{} // tunnelled connections, closed on shutdown
 	closing bool
+	tunnels sync.WaitGroup
 }
 
 // New checks the configuration and builds the proxy; Run binds and serves.
@@ -207,11 +208,20 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 			return nil, fmt.Errorf("proxy: http proxy: %w", err)
 		}
 	}
+	fallbacks := make(map[string]Fallback, len(cfg.Fallbacks))
 	for name, fb := range cfg.Fallbacks {
 		if fb.Service == "" && (fb.Status < 100 && fb.Status != 0 || fb.Status > 599) {
 			return nil, fmt.Errorf("proxy: fallback for %s: bad status %d", name, fb.Status)
 		}
+		if fb.Service != "" {
+			if err := checkServiceName(strings.ToLower(fb.Service)); err != nil {
+				return nil, fmt.Errorf("proxy: fallback for %s: %w", name, err)
+			}
+			fb.Service = strings.ToLower(fb.Service)
+		}
+		fallbacks[strings.ToLower(name)] = fb
 	}
+	cfg.Fallbacks = fallbacks
 	p := &Proxy{
 		cfg:     cfg,
 		src:     src,
@@ -243,6 +253,11 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 		return nil, err
 	}
 	p.met = m
+	// Targets of the upstream listeners exist before anything serves, so
+	// their settings never change under a request.
+	for _, u := range cfg.Upstreams {
+		p.target(u.Name, u.Balancer, u.Protocol)
+	}
 	return p, nil
 }
 
@@ -288,7 +303,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 			p.log.Info("http proxy listening", "addr", b.ln.Addr().String())
 			p.serveHTTP(ctx, &wg, errc, b.ln, nil)
 		case b.up.Protocol == ProtoTCP:
-			t := p.target(b.up.Name, b.up.Balancer, b.up.Protocol)
+			t := p.target(b.up.Name, "", "")
 			p.log.Info("upstream listening", "service", b.up.Name, "addr", b.ln.Addr().String(), "protocol", b.up.Protocol)
 			wg.Add(1)
 			go func() {
@@ -296,7 +311,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 				p.serveTCP(ctx, b.ln, t)
 			}()
 		default:
-			t := p.target(b.up.Name, b.up.Balancer, b.up.Protocol)
+			t := p.target(b.up.Name, "", "")
 			p.log.Info("upstream listening", "service", b.up.Name, "addr", b.ln.Addr().String(), "protocol", b.up.Protocol)
 			p.serveHTTP(ctx, &wg, errc, b.ln, t)
 		}
@@ -331,6 +346,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	p.connsMu.Unlock()
 	wg.Wait()
+	p.tunnels.Wait()
 	p.mu.Lock()
 	for _, t := range p.targets {
 		t.close()
@@ -350,25 +366,32 @@ func (p *Proxy) Addr(service string) net.Addr {
 	return p.bound[strings.ToLower(service)]
 }
 
-// track registers a tunnelled connection to close on shutdown; it returns
-// false when the proxy is already shutting down.
-func (p *Proxy) track(c net.Conn) bool {
+// track registers the two connections of a tunnel, to close on shutdown
+// (Run waits for the tunnel to end); it returns false when the proxy is
+// already shutting down.
+func (p *Proxy) track(a, b net.Conn) bool {
 	p.connsMu.Lock()
 	defer p.connsMu.Unlock()
 	if p.closing {
 		return false
 	}
-	p.conns[c] = struct{}{}
+	p.conns[a] = struct{}{}
+	p.conns[b] = struct{}{}
+	p.tunnels.Add(1)
 	return true
 }
 
-func (p *Proxy) untrack(c net.Conn) {
+func (p *Proxy) untrack(a, b net.Conn) {
 	p.connsMu.Lock()
-	delete(p.conns, c)
+	delete(p.conns, a)
+	delete(p.conns, b)
 	p.connsMu.Unlock()
+	p.tunnels.Done()
 }
 
-// target returns the forwarding state for a service, creating it.
+// target returns the forwarding state for a service, creating it. bal and
+// proto adjust an existing target only while New runs (nothing serves yet);
+// afterwards callers pass "" for both.
 func (p *Proxy) target(name string, bal Balancer, proto string) *target {
 	name = strings.ToLower(name)
 	p.mu.Lock()
@@ -401,9 +424,15 @@ func (p *Proxy) target(name string, bal Balancer, proto string) *target {
 	return t
 }
 
-// lookupTarget returns the state for a service named by a request's host,
-// refusing to grow beyond MaxServices.
-func (p *Proxy) lookupTarget(name string) (*target, error) {
+// errNotInCatalog answers a host naming a service the catalog does not have.
+var errNotInCatalog = errors.New("service not in the catalog")
+
+// lookupTarget returns the state for a service named by a request's host.
+// It keeps state only for services the catalog knows (asking the source to
+// watch a new name first, for at most WantTimeout), so that made-up hosts
+// neither grow memory nor the metrics' label sets; and never more than
+// MaxServices.
+func (p *Proxy) lookupTarget(ctx context.Context, name string) (*target, error) {
 	p.mu.Lock()
 	t := p.targets[name]
 	n := len(p.targets)
@@ -411,10 +440,22 @@ func (p *Proxy) lookupTarget(name string) (*target, error) {
 	if t != nil {
 		return t, nil
 	}
+	known := func(s *catalog.Snapshot) bool {
+		_, ok := s.Service(name)
+		return ok || s.Known[name]
+	}
+	if !known(p.src.Load()) {
+		wctx, cancel := context.WithTimeout(ctx, p.cfg.WantTimeout)
+		snap := p.src.Want(wctx, name)
+		cancel()
+		if !known(snap) {
+			return nil, errNotInCatalog
+		}
+	}
 	if n >= p.cfg.MaxServices {
 		return nil, fmt.Errorf("proxy: more than %d services called through the HTTP proxy", p.cfg.MaxServices)
 	}
-	return p.target(name, "", ProtoHTTP), nil
+	return p.target(name, "", ""), nil
 }
 
 // ---------------------------------------------------------------- target
@@ -550,8 +591,8 @@ func (t *target) newEndpoint(id, addr string) *endpoint {
 		MaxConns:                  p.cfg.MaxConnsPerHost,
 		MaxIdleConnDuration:       p.cfg.MaxIdleConnTime,
 		MaxConnWaitTimeout:        p.cfg.ConnectTimeout,
-		ReadBufferSize:            16 << 10,
-		WriteBufferSize:           16 << 10,
+		ReadBufferSize:            8 << 10,
+		WriteBufferSize:           4 << 10,
 		DisablePathNormalizing:    true,
 		StreamResponseBody:        true,
 		MaxIdemponentCallAttempts: 2,

@@ -6,12 +6,14 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -668,5 +670,150 @@ func TestNewRejectsBadConfig(t *testing.T) {
 				t.Fatalf("New = %v", err)
 			}
 		})
+	}
+}
+
+func TestResponseFraming(t *testing.T) {
+	b := newBackend(t, "frames", "f1", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/until-close": // no Content-Length, no chunking: the body ends with the connection
+			conn, rw, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				return
+			}
+			rw.WriteString("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close")
+			rw.Flush()
+			conn.Close()
+		case "/nocontent":
+			w.WriteHeader(204)
+		case "/head":
+			w.Header().Set("Content-Length", "42")
+		default:
+			fmt.Fprint(w, "plain")
+		}
+	}))
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("frames")}}, breaker.Config{}, map[string][]*backend{"frames": {b}})
+	c := newClient()
+	for i := 0; i < 2; i++ { // twice: the pooled connection must not be reused after a close-delimited body
+		code, _, body := get(t, c, tp.url("frames", "/until-close"))
+		if code != 200 || string(body) != "until close" {
+			t.Fatalf("until-close: %d %q", code, body)
+		}
+	}
+	if code, _, body := get(t, c, tp.url("frames", "/nocontent")); code != 204 || len(body) != 0 {
+		t.Fatalf("204: %d %q", code, body)
+	}
+	resp, err := c.Head(tp.url("frames", "/head"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.ContentLength != 42 {
+		t.Fatalf("HEAD: %d length %d", resp.StatusCode, resp.ContentLength)
+	}
+	if code, _, body := get(t, c, tp.url("frames", "/plain")); code != 200 || string(body) != "plain" {
+		t.Fatalf("after HEAD: %d %q", code, body)
+	}
+}
+
+func TestH2CRetriesAndBreaker(t *testing.T) {
+	var bad, good atomic.Int64
+	badB := newBackend(t, "h2svc", "bad", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		bad.Add(1)
+		w.WriteHeader(503)
+	}))
+	goodB := newBackend(t, "h2svc", "good", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		good.Add(1)
+		b, _ := io.ReadAll(r.Body)
+		w.Header().Set("Trailer", "X-Sum")
+		fmt.Fprintf(w, "%s %d", r.Method, len(b))
+		w.Header().Set("X-Sum", "42")
+	}))
+	tp := startProxy(t, Config{Upstreams: []Upstream{{Name: "h2svc", Addr: "127.0.0.1:0", Balancer: RoundRobin}}}, breaker.Config{},
+		map[string][]*backend{"h2svc": {badB, goodB}})
+	tr := &http.Transport{}
+	tr.Protocols = new(http.Protocols)
+	tr.Protocols.SetUnencryptedHTTP2(true)
+	c := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+	for i := 0; i < 4; i++ {
+		req, _ := http.NewRequest("PUT", tp.url("h2svc", "/x"), strings.NewReader("hello"))
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.ProtoMajor != 2 || resp.StatusCode != 200 || string(body) != "PUT 5" || resp.Trailer.Get("X-Sum") != "42" {
+			t.Fatalf("h2c PUT: %s %d %q trailer %v", resp.Proto, resp.StatusCode, body, resp.Trailer)
+		}
+	}
+	if bad.Load() == 0 {
+		t.Fatal("the failing instance was never tried: retry not exercised")
+	}
+	// A POST without Idempotency-Key over h2c is not retried either.
+	bad.Store(0)
+	good.Store(0)
+	for i := 0; i < 6; i++ {
+		resp, err := c.Post(tp.url("h2svc", "/x"), "text/plain", strings.NewReader("x"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	if n := bad.Load() + good.Load(); n != 6 {
+		t.Fatalf("6 POSTs made %d tries", n)
+	}
+}
+
+func TestShutdownClosesTunnels(t *testing.T) {
+	b := newBackend(t, "ws", "w1", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		conn, rw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		rw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+		rw.Flush()
+		io.Copy(io.Discard, rw)
+	}))
+	src := &viewSource{v: catalog.NewView()}
+	publish(src, map[string][]*backend{"ws": {b}})
+	br, _ := breaker.New(breaker.Config{}, nil, nil)
+	p, err := New(Config{Upstreams: []Upstream{upstream("ws")}}, src, br)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	<-p.Ready()
+	conn, err := net.Dial("tcp", p.Addr("ws").String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Fprint(conn, "GET / HTTP/1.1\r\nHost: ws\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if resp, err := http.ReadResponse(bufio.NewReader(conn), nil); err != nil || resp.StatusCode != 101 {
+		t.Fatalf("upgrade: %v", err)
+	}
+	idle, _ := net.Dial("tcp", p.Addr("ws").String()) // a client that never speaks
+	defer idle.Close()
+	time.Sleep(50 * time.Millisecond)
+	stopAt := time.Now()
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(8 * time.Second):
+		t.Fatal("Run did not return with a tunnel and a silent client open")
+	}
+	t.Logf("Run returned %s after cancel", time.Since(stopAt))
+	conn.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := conn.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("tunnel still open after Run returned: %v", err)
 	}
 }

@@ -50,7 +50,7 @@ func (p *Proxy) handleTCP(ctx context.Context, c net.Conn, t *target) {
 		return
 	}
 	start := time.Now()
-	t.budget.request()
+	t.budget.request(start)
 	var tried [maxTries]*endpoint
 	n := 0
 	for {
@@ -80,7 +80,7 @@ func (p *Proxy) handleTCP(ctx context.Context, c net.Conn, t *target) {
 		ep.inflight.Add(-1)
 		tried[n] = ep
 		n++
-		if n > p.cfg.MaxRetries || !t.budget.retry(p.cfg.RetryBudget, p.cfg.MinRetries) {
+		if n > p.cfg.MaxRetries || !t.budget.retry(time.Now(), p.cfg.RetryBudget, p.cfg.MinRetries) {
 			t.svc.Done(call, true, time.Since(start))
 			t.met.count(classError)
 			c.Close()

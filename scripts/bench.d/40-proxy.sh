@@ -1,0 +1,99 @@
+# Proxy: a trivial Go backend (two instances) called directly, through nginx
+# configured like the seed's gateway block (upstream keepalive 64,
+# proxy_http_version 1.1, Connection ""), haproxy, attache's upstream listener
+# and attache's HTTP proxy listener — all in one run, same wrk settings.
+#
+# ATTACHE_PROXY_CMD switches what serves the two attache rows; by default the
+# in-process bench binary (bench/proxy: the proxy package over a static
+# catalog view). It must listen with upstream users on 127.0.4.12:8080 and the
+# HTTP proxy on 127.0.4.13:8080, with instances 127.0.4.1:8081, 127.0.4.2:8081.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+B1=127.0.4.1:8081 B2=127.0.4.2:8081
+NGINX=127.0.4.10:8080 HAPROXY=127.0.4.11:8080 UPSTREAM=127.0.4.12:8080 HTTPPROXY=127.0.4.13:8080
+mkdir -p "$BENCH/proxy-nginx" "$BENCH/proxy-haproxy"
+[[ -x $BENCH/backend ]] || go build -o "$BENCH/backend" ./bench/backend
+go build -o "$BENCH/attache-proxy" ./bench/proxy
+ATTACHE_PROXY_CMD=${ATTACHE_PROXY_CMD:-"$BENCH/attache-proxy -service users -backends $B1,$B2 -upstream $UPSTREAM -http-proxy $HTTPPROXY"}
+
+cat >"$BENCH/proxy-nginx/nginx.conf" <<CONF
+worker_processes 2;
+pid $BENCH/proxy-nginx/nginx.pid;
+error_log $BENCH/proxy-nginx/error.log warn;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $BENCH/proxy-nginx;
+  proxy_temp_path $BENCH/proxy-nginx;
+  upstream user_service {
+    server $B1;
+    server $B2;
+    keepalive 64;
+  }
+  server {
+    listen $NGINX;
+    location /users/ {
+      proxy_pass http://user_service;
+      proxy_set_header X-Real-IP \$remote_addr;
+      proxy_set_header Connection "";
+      proxy_http_version 1.1;
+    }
+  }
+}
+CONF
+cat >"$BENCH/proxy-haproxy/haproxy.cfg" <<CONF
+global
+  nbthread 2
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind $HAPROXY
+  default_backend users
+backend users
+  balance roundrobin
+  server u1 $B1
+  server u2 $B2
+CONF
+
+bg "$BENCH/backend" -listen "$B1,$B2"
+bg nginx -c "$BENCH/proxy-nginx/nginx.conf"
+bg haproxy -f "$BENCH/proxy-haproxy/haproxy.cfg"
+# shellcheck disable=SC2086
+bg $ATTACHE_PROXY_CMD
+ATTACHE_PID=${PIDS[-1]}
+wait_for "backend" 10 curl -fsS "http://$B1/users/"
+wait_for "nginx" 10 curl -fsS "http://$NGINX/users/"
+wait_for "haproxy" 10 curl -fsS "http://$HAPROXY/users/"
+wait_for "attache upstream listener" 20 curl -fsS "http://$UPSTREAM/users/"
+wait_for "attache http proxy" 20 curl -fsS -x "http://$HTTPPROXY" http://users.service.consul/users/
+
+# wrk has no proxy mode: the HTTP proxy row sends origin-form requests with
+# the service's name as Host, which the proxy listener accepts as well.
+echo 'wrk.headers["Host"] = "users.service.consul"' >"$BENCH/proxy-host.lua"
+proxy_row() {
+	local save=$WRK_ARGS
+	WRK_ARGS="$WRK_ARGS -s $BENCH/proxy-host.lua"
+	wrk_row "$@"
+	WRK_ARGS=$save
+}
+
+rows=$(
+	wrk_row direct "http://$B1/users/" "$(pids_of "$BENCH/backend")"
+	wrk_row nginx "http://$NGINX/users/" "$(pids_of "nginx -c $BENCH/proxy-nginx")"
+	wrk_row haproxy "http://$HAPROXY/users/" "$(pids_of "haproxy -f $BENCH/proxy-haproxy")"
+	wrk_row attache-upstream "http://$UPSTREAM/users/" "$ATTACHE_PID"
+	proxy_row attache-http-proxy "http://$HTTPPROXY/users/" "$ATTACHE_PID"
+)
+echo "## Proxy: direct vs nginx vs haproxy vs attache (upstream listener, HTTP proxy)"
+echo
+echo "wrk $WRK_ARGS against two instances of a trivial Go backend, one run; ratio = requests/s relative to nginx;"
+echo "p99 ratio = p99 relative to nginx's (goal: attache ≥ 1.0× rps with p99 ≤ 1.2×); CPU = the proxy's (for direct: the backend's) CPU seconds per 10k requests."
+echo
+echo "| target | requests/s | ratio vs nginx | p99 ms | p99 vs nginx | CPU s / 10k req |"
+echo "|---|---:|---:|---:|---:|---:|"
+echo "$rows" | awk '$1=="nginx"{n=$2; p=$3} {r[NR]=$0} END {for (i=1;i<=NR;i++) {split(r[i],f," "); printf "| %s | %d | %.2f× | %.2f | %.2f× | %.3f |\n", f[1], f[2], f[2]/n, f[3], (p>0 ? f[3]/p : 0), f[4]}}'
