@@ -3,10 +3,13 @@
 # proxy_http_version 1.1, Connection ""), haproxy, attache's upstream listener
 # and attache's HTTP proxy listener — all in one run, same wrk settings.
 #
-# ATTACHE_PROXY_CMD switches what serves the two attache rows; by default the
-# in-process bench binary (bench/proxy: the proxy package over a static
-# catalog view). It must listen with upstream users on 127.0.4.12:8080 and the
-# HTTP proxy on 127.0.4.13:8080, with instances 127.0.4.1:8081, 127.0.4.2:8081.
+# The attache rows are the real `attache sidecar` binary, its view fed by a
+# Consul dev agent on 127.0.4.20 where the two instances are registered.
+# ATTACHE_PROXY_CMD replaces it, e.g. with the bench/proxy program
+# (".bench/attache-proxy -service users -backends ... -upstream ... -http-proxy ...",
+# or its -minimal fasthttp reference proxy, for profiling). It must listen with
+# upstream users on 127.0.4.12:8080 and the HTTP proxy on 127.0.4.13:8080, with
+# instances 127.0.4.1:8081, 127.0.4.2:8081.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 B1=127.0.4.1:8081 B2=127.0.4.2:8081
@@ -14,7 +17,17 @@ NGINX=127.0.4.10:8080 HAPROXY=127.0.4.11:8080 UPSTREAM=127.0.4.12:8080 HTTPPROXY
 mkdir -p "$BENCH/proxy-nginx" "$BENCH/proxy-haproxy"
 [[ -x $BENCH/backend ]] || go build -o "$BENCH/backend" ./bench/backend
 go build -o "$BENCH/attache-proxy" ./bench/proxy
-ATTACHE_PROXY_CMD=${ATTACHE_PROXY_CMD:-"$BENCH/attache-proxy -service users -backends $B1,$B2 -upstream $UPSTREAM -http-proxy $HTTPPROXY"}
+CONSUL=127.0.4.20
+if [[ -z ${ATTACHE_PROXY_CMD:-} ]]; then
+	bg "$BIN/consul" agent -dev -node bench-proxy -bind "$CONSUL" -client "$CONSUL" -data-dir "$BENCH/proxy-consul" \
+		-hcl 'disable_update_check = true' -hcl 'ports { grpc = -1, grpc_tls = -1 }'
+	wait_for "consul dev agent" 30 curl -fsS "http://$CONSUL:8500/v1/status/leader"
+	for b in $B1 $B2; do
+		curl -fsS -X PUT "http://$CONSUL:8500/v1/agent/service/register" \
+			-d "{\"Name\":\"users\",\"ID\":\"users-$b\",\"Address\":\"${b%:*}\",\"Port\":${b#*:}}"
+	done
+	ATTACHE_PROXY_CMD="$BIN/attache sidecar -node bench-proxy -consul $CONSUL:8500 -admin $CONSUL:19001 -watch-service users -upstream users=$UPSTREAM -http-proxy $HTTPPROXY -log-level warn"
+fi
 
 cat >"$BENCH/proxy-nginx/nginx.conf" <<CONF
 worker_processes 2;
