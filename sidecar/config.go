@@ -39,6 +39,8 @@ type Config struct {
 	ServiceFiles  []string                  // HCL files of local services to register
 	Watch         string                    // which services to watch: on-demand (default), all, or list
 	WatchList     []string                  // the services to watch with Watch = list (and always, with on-demand)
+	WatchIdle     time.Duration             // an on-demand watch nobody used for this long stops (default 10m)
+	Streaming     bool                      // let the agent answer health queries from its streaming cache (~a heartbeat later, fewer server queries)
 	Stale         bool                      // allow stale blocking queries answered by any server
 	MaxStale      time.Duration             // with Stale, how stale an answer may be before the leader is asked
 	Warning       bool                      // include instances whose checks warn
@@ -67,6 +69,7 @@ func DefaultConfig(env func(string) string) Config {
 		DNSDomain:    "consul.",
 		Admin:        "127.0.0.1:19001",
 		Watch:        "on-demand",
+		WatchIdle:    10 * time.Minute,
 		LogLevel:     "info",
 		DNSEjections: true,
 		Balancer:     string(proxy.LeastRequest),
@@ -122,6 +125,8 @@ func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs.Var(&listFlag{dst: &c.ServiceFiles}, "service", "HCL `file` of local services to register, repeatable")
 	fs.StringVar(&c.Watch, "watch", c.Watch, "which services to watch: on-demand, all or list")
 	fs.Var(&listFlag{dst: &c.WatchList}, "watch-service", "`service` to watch from start, repeatable")
+	fs.DurationVar(&c.WatchIdle, "watch-idle", c.WatchIdle, "stop an on-demand watch unused for this long")
+	fs.BoolVar(&c.Streaming, "watch-streaming", c.Streaming, "let the agent answer from its streaming cache: fewer server queries, ~100 ms staler")
 	fs.BoolVar(&c.Stale, "stale", c.Stale, "let any server answer blocking queries (fresher load spread, ~100 ms later)")
 	fs.DurationVar(&c.MaxStale, "max-stale", c.MaxStale, "with -stale, the oldest answer accepted before asking the leader")
 	fs.BoolVar(&c.Warning, "warning", c.Warning, "include instances whose checks warn")
@@ -196,6 +201,8 @@ type fileConfig struct {
 	ServiceFiles  *[]string          `hcl:"service,optional"`
 	Watch         *string            `hcl:"watch,optional"`
 	WatchList     *[]string          `hcl:"watch_service,optional"`
+	WatchIdle     *string            `hcl:"watch_idle,optional"`
+	Streaming     *bool              `hcl:"watch_streaming,optional"`
 	Stale         *bool              `hcl:"stale,optional"`
 	MaxStale      *string            `hcl:"max_stale,optional"`
 	Warning       *bool              `hcl:"warning,optional"`
@@ -253,6 +260,7 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	set(&c.Warning, fc.Warning)
 	set(&c.LogLevel, fc.LogLevel)
 	set(&c.LogJSON, fc.LogJSON)
+	set(&c.Streaming, fc.Streaming)
 	set(&c.Balancer, fc.Balancer)
 	set(&c.Retries, fc.Retries)
 	set(&c.EjectAfter, fc.EjectAfter)
@@ -282,6 +290,7 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 		{"dns_node_ttl", fc.DNSNodeTTL, &c.DNSNodeTTL},
 		{"dns_negative_ttl", fc.DNSNegTTL, &c.DNSNegTTL},
 		{"try_timeout", fc.TryTimeout, &c.TryTimeout},
+		{"watch_idle", fc.WatchIdle, &c.WatchIdle},
 		{"request_timeout", fc.ReqTimeout, &c.ReqTimeout},
 		{"eject_time", fc.EjectTime, &c.EjectTime},
 	} {

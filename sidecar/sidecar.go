@@ -60,6 +60,7 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 	wc.Mode = catalog.Mode(cfg.Watch)
 	wc.Services = cfg.WatchList
 	wc.Stale, wc.MaxStale, wc.IncludeWarning = cfg.Stale, cfg.MaxStale, cfg.Warning
+	wc.IdleTimeout, wc.Streaming = cfg.WatchIdle, cfg.Streaming
 	wc.DataDir, wc.Node = cfg.DataDir, cfg.Node
 	wc.Logger, wc.Registerer = log, m
 	if s.watcher, err = catalog.NewWatcher(wc); err != nil {

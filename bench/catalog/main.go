@@ -1,0 +1,114 @@
+// Command catalog benchmarks the catalog watcher against a real Consul
+// cluster on loopback (three servers and a client agent it starts itself)
+// and prints markdown tables with peers measured in the same run:
+//
+//	propagation  a health change made through the client agent's API, until
+//	             each observer sees it: the watcher's View (default and stale
+//	             mode), a raw consul/api blocking query (both modes), Consul's
+//	             own DNS on the client agent, and any attache DNS given with
+//	             -attache-dns.
+//	scale        1,000 services × 10 instances; the watcher runs in a child
+//	             process (this binary, -scenario child) that reports its RSS,
+//	             goroutines and queries per second to Consul at rest.
+//
+// Usage: catalog [-scenario all|propagation|scale] [-consul-bin .bin/consul]
+// [-attache .bin/attache] [-via agent|catalog] [-changes 200] ...
+//
+// To add a propagation column, append an observer in propagation.go.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	var (
+		scenario   = flag.String("scenario", "all", "propagation, scale, all (both on one cluster), or child (used by scale)")
+		bin        = flag.String("consul-bin", ".bin/consul", "Consul binary")
+		changes    = flag.Int("changes", 200, "propagation: health changes to time")
+		attacheDNS = flag.String("attache-dns", "", "propagation: also time this attache DNS server (ip:port) instead of starting one")
+		attacheBin = flag.String("attache", ".bin/attache", "propagation: attache binary to run as a sidecar beside the client agent (skipped if missing)")
+		dir        = flag.String("dir", "", "where the Consul agents keep their data (default: a new temporary directory)")
+		via        = flag.String("via", "agent", "propagation: make changes through the agent (TTL check) or the catalog")
+		services   = flag.Int("services", 1000, "scale: services to register")
+		instances  = flag.Int("instances", 10, "scale: instances per service")
+		window     = flag.Duration("window", 20*time.Second, "scale: how long to count queries at rest")
+		consul     = flag.String("consul", "", "child: Consul address")
+		mode       = flag.String("mode", "all", "child: watch mode")
+		want       = flag.Int("want", 0, "child: services to wait for before measuring")
+	)
+	flag.Parse()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var err error
+	switch *scenario {
+	case "propagation":
+		err = withCluster(ctx, *bin, *dir, func(c *cluster) error {
+			return propagation(ctx, c, *changes, *attacheDNS, *attacheBin, *via)
+		})
+	case "scale":
+		err = withCluster(ctx, *bin, *dir, func(c *cluster) error {
+			return scale(ctx, c, *services, *instances, *window)
+		})
+	case "all":
+		err = withCluster(ctx, *bin, *dir, func(c *cluster) error {
+			if err := propagation(ctx, c, *changes, *attacheDNS, *attacheBin, *via); err != nil {
+				return err
+			}
+			fmt.Println()
+			return scale(ctx, c, *services, *instances, *window)
+		})
+	case "child":
+		err = child(ctx, *consul, *mode, *want, *window)
+	default:
+		err = fmt.Errorf("unknown scenario %q", *scenario)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench/catalog:", err)
+		os.Exit(1)
+	}
+}
+
+func withCluster(ctx context.Context, bin, parent string, f func(*cluster) error) error {
+	if parent != "" {
+		if err := os.MkdirAll(parent, 0o755); err != nil {
+			return err
+		}
+	}
+	dir, err := os.MkdirTemp(parent, "attache-bench-catalog-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	c, err := startCluster(ctx, bin, dir)
+	if c != nil {
+		defer c.stop()
+	}
+	if err != nil {
+		return err
+	}
+	return f(c)
+}
+
+// table prints a markdown table.
+func table(header []string, rows [][]string) {
+	fmt.Println("| " + strings.Join(header, " | ") + " |")
+	sep := make([]string, len(header))
+	for i := range sep {
+		sep[i] = "---:"
+	}
+	sep[0] = "---"
+	fmt.Println("|" + strings.Join(sep, "|") + "|")
+	for _, r := range rows {
+		fmt.Println("| " + strings.Join(r, " | ") + " |")
+	}
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.1f", float64(d)/float64(time.Millisecond)) }
