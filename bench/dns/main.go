@@ -32,7 +32,6 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	miekg "github.com/miekg/dns"
-
 )
 
 func main() {
