@@ -11,33 +11,15 @@ import (
 
 	miekg "github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"attache/internal/testrun"
 )
 
 // runServer starts s.Run on 127.0.0.1:0 and returns its address; the server
 // stops at the end of the test.
 func runServer(t *testing.T, s *Server) string {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("Run: %v", err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Error("Run did not return after its context ended")
-		}
-	})
-	select {
-	case <-s.Ready():
-	case err := <-done:
-		t.Fatalf("Run: %v", err)
-	case <-time.After(5 * time.Second):
-		t.Fatal("server not ready")
-	}
+	testrun.Start(t, s).WaitReady(s.Ready())
 	return s.Addr()
 }
 

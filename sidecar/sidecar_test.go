@@ -19,6 +19,7 @@ import (
 
 	"attache/demo"
 	"attache/internal/testcluster"
+	"attache/internal/testrun"
 )
 
 // freeAddr returns a loopback address with a port nothing listens on now.
@@ -45,20 +46,8 @@ func runSidecar(t *testing.T, args ...string) (string, func() error) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Run(ctx) }()
-	var stopped bool
-	var runErr error
-	stop := func() error {
-		if !stopped {
-			cancel()
-			runErr, stopped = <-done, true
-		}
-		return runErr
-	}
-	t.Cleanup(func() { _ = stop() })
-	return admin, stop
+	h := testrun.Start(t, s)
+	return admin, h.Stop
 }
 
 type testWriter struct{ t *testing.T }
