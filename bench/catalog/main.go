@@ -26,6 +26,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"attache/internal/testcluster"
 )
 
 func main() {
@@ -50,15 +52,15 @@ func main() {
 	var err error
 	switch *scenario {
 	case "propagation":
-		err = withCluster(ctx, *bin, *dir, func(c *cluster) error {
+		err = withCluster(ctx, *bin, *dir, func(c *testcluster.Cluster) error {
 			return propagation(ctx, c, *changes, *attacheDNS, *attacheBin, *via)
 		})
 	case "scale":
-		err = withCluster(ctx, *bin, *dir, func(c *cluster) error {
+		err = withCluster(ctx, *bin, *dir, func(c *testcluster.Cluster) error {
 			return scale(ctx, c, *services, *instances, *window)
 		})
 	case "all":
-		err = withCluster(ctx, *bin, *dir, func(c *cluster) error {
+		err = withCluster(ctx, *bin, *dir, func(c *testcluster.Cluster) error {
 			if err := propagation(ctx, c, *changes, *attacheDNS, *attacheBin, *via); err != nil {
 				return err
 			}
@@ -76,7 +78,7 @@ func main() {
 	}
 }
 
-func withCluster(ctx context.Context, bin, parent string, f func(*cluster) error) error {
+func withCluster(ctx context.Context, bin, parent string, f func(*testcluster.Cluster) error) error {
 	if parent != "" {
 		if err := os.MkdirAll(parent, 0o755); err != nil {
 			return err
@@ -87,9 +89,12 @@ func withCluster(ctx context.Context, bin, parent string, f func(*cluster) error
 		return err
 	}
 	defer os.RemoveAll(dir)
-	c, err := startCluster(ctx, bin, dir)
+	// The client agent allows many connections per client address: the
+	// watcher holds one long poll per watched service.
+	c, err := testcluster.New(testcluster.Options{Clients: 1, Dir: dir, Binary: bin,
+		ExtraConfig: "limits {\n  http_max_conns_per_client = 8192\n  txn_max_req_len = 4194304\n}\n"})
 	if c != nil {
-		defer c.stop()
+		defer c.Close()
 	}
 	if err != nil {
 		return err

@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"attache/internal/testcluster"
 	"attache/sidecar/catalog"
 
 	"github.com/hashicorp/consul/api"
@@ -79,8 +80,8 @@ const (
 // to the servers) or written straight into the catalog (via "catalog": a
 // catalog register of the check's status, forwarded to the leader), to
 // separate the agent's sync from the read path.
-func propagation(ctx context.Context, c *cluster, changes int, attacheDNS, attacheBin, via string) error {
-	capi := c.client.api()
+func propagation(ctx context.Context, c *testcluster.Cluster, changes int, attacheDNS, attacheBin, via string) error {
+	capi := c.Clients[0].Client()
 	set := func(status string) error { return capi.Agent().UpdateTTL(propCheck, "", status) }
 	how := "TTL check changes through the client agent's HTTP API (PUT /v1/agent/check/update, which the agent syncs to the servers)"
 	switch via {
@@ -104,8 +105,8 @@ func propagation(ctx context.Context, c *cluster, changes int, attacheDNS, attac
 		return fmt.Errorf("unknown -via %q (agent or catalog)", via)
 	}
 	observers := []observer{
-		watcherObserver("attache watcher View, default mode", c.client.httpAddr(), false),
-		watcherObserver("attache watcher View, stale mode", c.client.httpAddr(), true),
+		watcherObserver("attache watcher View, default mode", c.Clients[0].HTTPAddr, false),
+		watcherObserver("attache watcher View, stale mode", c.Clients[0].HTTPAddr, true),
 		rawObserver("raw consul/api blocking query, default mode", capi, false, false),
 		func() observer {
 			o := rawObserver("raw consul/api blocking query, default mode, near=_agent (no streaming)", capi, false, true)
@@ -113,14 +114,14 @@ func propagation(ctx context.Context, c *cluster, changes int, attacheDNS, attac
 			return o
 		}(),
 		rawObserver("raw consul/api blocking query, stale mode", capi, true, false),
-		dnsObserver("Consul DNS on the client agent (polled every 1 ms)", c.client.dnsAddr()),
+		dnsObserver("Consul DNS on the client agent (polled every 1 ms)", c.Clients[0].DNSAddr),
 	}
 	if attacheDNS == "" && attacheBin != "" {
 		if _, err := os.Stat(attacheBin); err == nil {
 			// The real sidecar beside the client agent, as on a node.
-			attacheDNS = c.client.ip + ":8653"
-			sc := exec.CommandContext(ctx, attacheBin, "sidecar", "-node", c.client.name,
-				"-consul", c.client.httpAddr(), "-admin", c.client.ip+":19001", "-dns", attacheDNS,
+			attacheDNS = c.Clients[0].IP + ":8653"
+			sc := exec.CommandContext(ctx, attacheBin, "sidecar", "-node", c.Clients[0].Name,
+				"-consul", c.Clients[0].HTTPAddr, "-admin", c.Clients[0].IP+":19001", "-dns", attacheDNS,
 				"-watch-service", propService, "-log-level", "warn")
 			sc.Stderr = os.Stderr
 			sc.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

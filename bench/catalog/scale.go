@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"attache/internal/testcluster"
 	"attache/sidecar/catalog"
 
 	"github.com/hashicorp/consul/api"
@@ -44,7 +45,7 @@ type childReport struct {
 	WaitS      float64 `json:"wait_s"`
 }
 
-func scale(ctx context.Context, c *cluster, services, instances int, window time.Duration) error {
+func scale(ctx context.Context, c *testcluster.Cluster, services, instances int, window time.Duration) error {
 	start := time.Now()
 	if err := register(ctx, c, services, instances); err != nil {
 		return err
@@ -52,7 +53,7 @@ func scale(ctx context.Context, c *cluster, services, instances int, window time
 	regTime := time.Since(start)
 	// Until the client agent sees them all.
 	for {
-		m, _, err := c.client.api().Catalog().Services(nil)
+		m, _, err := c.Clients[0].Client().Catalog().Services(nil)
 		if err == nil && len(m) >= services {
 			break
 		}
@@ -68,13 +69,13 @@ func scale(ctx context.Context, c *cluster, services, instances int, window time
 		mode string
 		want int
 	}{{"all", services}, {"on-demand", 0}} {
-		r, err := runChild(ctx, c.client.httpAddr(), run.mode, run.want, window)
+		r, err := runChild(ctx, c.Clients[0].HTTPAddr, run.mode, run.want, window)
 		if err != nil {
 			return err
 		}
 		reports = append(reports, r)
 	}
-	agentRSS := rssOf(c.client.cmd.Process.Pid)
+	agentRSS := rssOf(c.Clients[0].Pid())
 	fmt.Println("## Catalog watcher at scale")
 	fmt.Println()
 	fmt.Printf("%d services × %d instances registered in %s (catalog transactions against the servers). "+
@@ -101,7 +102,7 @@ func scale(ctx context.Context, c *cluster, services, instances int, window time
 // register writes services × instances into the catalog with transactions
 // (a node op and up to 63 service ops each) from a few goroutines spread
 // over the servers. Instance j of every service lives on node scale-node-j.
-func register(ctx context.Context, c *cluster, services, instances int) error {
+func register(ctx context.Context, c *testcluster.Cluster, services, instances int) error {
 	type batch = api.TxnOps
 	var batches []batch
 	var cur batch
@@ -145,7 +146,7 @@ func register(ctx context.Context, c *cluster, services, instances int) error {
 					return
 				}
 			}
-		}(c.servers[g%len(c.servers)].api())
+		}(c.Servers[g%len(c.Servers)].Client())
 	}
 	deadline := time.After(2 * time.Minute)
 	var err error

@@ -15,10 +15,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"errors"
 	"flag"
 	"fmt"
-	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -27,11 +25,12 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/hashicorp/consul/api"
 	miekg "github.com/miekg/dns"
+
+	"attache/internal/testcluster"
 )
 
 func main() {
@@ -70,27 +69,15 @@ func run(consulBin, dnsperf string, dur, latDur time.Duration, clients, outstand
 	defer os.RemoveAll(dir)
 
 	// Consul: one server and one client agent on their own loopback addresses.
-	ips, err := freeIPs(2)
-	if err != nil {
-		return err
+	c, err := testcluster.New(testcluster.Options{Servers: 1, Clients: 1, Dir: dir, Binary: consulBin})
+	if c != nil {
+		defer c.Close()
 	}
-	srvIP, cliIP := ips[0], ips[1]
-	stopServer, err := startAgent(ctx, consulBin, dir, "bench-server", srvIP, true, "")
 	if err != nil {
-		return err
+		return fmt.Errorf("consul did not start: %w", err)
 	}
-	defer stopServer()
-	stopClient, err := startAgent(ctx, consulBin, dir, "bench-client", cliIP, false, srvIP)
-	if err != nil {
-		return err
-	}
-	defer stopClient()
-	cfg := api.DefaultConfig()
-	cfg.Address = cliIP + ":8500"
-	cl, err := api.NewClient(cfg)
-	if err != nil {
-		return err
-	}
+	cliIP := c.Clients[0].IP
+	cl := c.Clients[0].Client()
 	if err := waitFor(ctx, 60*time.Second, func() error {
 		if l, err := cl.Status().Leader(); err != nil || l == "" {
 			return fmt.Errorf("no leader yet (%v)", err)
@@ -115,7 +102,7 @@ func run(consulBin, dnsperf string, dur, latDur time.Duration, clients, outstand
 
 	// attache: the real sidecar binary beside the client agent, as on a node.
 	attacheAddr := cliIP + ":8653"
-	sc := exec.CommandContext(ctx, attacheBin, "sidecar", "-node", "bench-client",
+	sc := exec.CommandContext(ctx, attacheBin, "sidecar", "-node", c.Clients[0].Name,
 		"-consul", cliIP+":8500", "-admin", cliIP+":19001", "-dns", attacheAddr,
 		"-watch-service", "users", "-log-level", "warn")
 	sc.Stderr = os.Stderr
@@ -336,71 +323,4 @@ func waitFor(ctx context.Context, d time.Duration, f func() error) error {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-}
-
-// freeIPs picks n random addresses in 127.0.0.0/8 (Linux routes all of it
-// to lo) where nothing listens on Consul's ports.
-func freeIPs(n int) ([]string, error) {
-	var out []string
-	for tries := 0; len(out) < n && tries < 200; tries++ {
-		ip := fmt.Sprintf("127.%d.%d.%d", 100+rand.IntN(100), rand.IntN(256), 1+rand.IntN(254))
-		free := true
-		for _, p := range []string{"8300", "8301", "8500", "8600"} {
-			l, err := net.Listen("tcp", ip+":"+p)
-			if err != nil {
-				free = false
-				break
-			}
-			l.Close()
-		}
-		if free {
-			out = append(out, ip)
-		}
-	}
-	if len(out) < n {
-		return nil, errors.New("no free loopback addresses")
-	}
-	return out, nil
-}
-
-// startAgent starts a Consul agent and returns a function that stops it.
-func startAgent(ctx context.Context, bin, dir, name, ip string, server bool, join string) (func(), error) {
-	adir := filepath.Join(dir, name)
-	if err := os.MkdirAll(adir, 0o755); err != nil {
-		return nil, err
-	}
-	hcl := fmt.Sprintf("node_name = %q\ndatacenter = \"dc1\"\ndata_dir = %q\nbind_addr = %q\nclient_addr = %q\nadvertise_addr = %q\n"+
-		"disable_update_check = true\nlog_level = \"warn\"\nports {\n  grpc = -1\n  grpc_tls = -1\n}\n",
-		name, filepath.Join(adir, "data"), ip, ip, ip)
-	if server {
-		hcl += "server = true\nbootstrap_expect = 1\nperformance {\n  raft_multiplier = 1\n}\n"
-	} else {
-		hcl += fmt.Sprintf("retry_join = [%q]\nretry_interval = \"1s\"\n", join+":8301")
-	}
-	cfgPath := filepath.Join(adir, "agent.hcl")
-	if err := os.WriteFile(cfgPath, []byte(hcl), 0o644); err != nil {
-		return nil, err
-	}
-	logf, err := os.Create(filepath.Join(adir, "consul.log"))
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(bin, "agent", "-config-file", cfgPath)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		return nil, fmt.Errorf("start consul %s: %w", name, err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	return func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-		logf.Close()
-	}, nil
 }

@@ -26,8 +26,11 @@ import (
 
 // Options says what to start.
 type Options struct {
-	Servers int // default 3
-	Clients int // client agents, default 0
+	Servers     int    // default 3
+	Clients     int    // client agents, default 0
+	Dir         string // where agents keep data, config and logs; New makes one under the temp dir when empty (Close removes it)
+	ExtraConfig string // HCL appended to every agent's configuration (limits, log_level...)
+	Binary      string // the Consul binary; default Binary()
 }
 
 // Cluster is a running set of Consul agents.
@@ -35,6 +38,9 @@ type Cluster struct {
 	Servers    []*Agent
 	Clients    []*Agent
 	Datacenter string
+	Dir        string // data, config and logs of the agents
+
+	removeDir bool
 }
 
 // Agent is one Consul agent process.
@@ -89,38 +95,75 @@ func repoRoot() (string, error) {
 	}
 }
 
-// Start starts the cluster, waits until it has a leader and every agent has
-// joined, and stops it when the test ends.
+// Start starts the cluster for a test, waits until it has a leader and
+// every agent has joined, and stops it when the test ends (showing the
+// agents' logs if the test failed).
 func Start(t testing.TB, opts Options) *Cluster {
 	t.Helper()
-	bin, err := Binary()
+	if opts.Dir == "" {
+		opts.Dir = t.TempDir()
+	}
+	c, err := New(opts)
+	if c != nil {
+		t.Cleanup(func() {
+			c.Close()
+			if t.Failed() {
+				for _, a := range c.all() {
+					t.Logf("consul log of %s (%s):\n%s", a.Name, a.IP, a.logTail(40))
+				}
+			}
+		})
+	}
 	if err != nil {
 		t.Fatal(err)
+	}
+	return c
+}
+
+// New starts a cluster and waits (up to a minute each) until it has a
+// leader and every agent has joined. Close stops it. On error the returned
+// cluster, if not nil, holds what was started: Close it.
+func New(opts Options) (*Cluster, error) {
+	bin := opts.Binary
+	if bin == "" {
+		var err error
+		if bin, err = Binary(); err != nil {
+			return nil, err
+		}
 	}
 	if opts.Servers == 0 {
 		opts.Servers = 3
 	}
-	c := &Cluster{Datacenter: "dc1"}
-	ips := freeIPs(t, opts.Servers+opts.Clients)
+	c := &Cluster{Datacenter: "dc1", Dir: opts.Dir}
+	if c.Dir == "" {
+		dir, err := os.MkdirTemp("", "attache-consul-")
+		if err != nil {
+			return nil, err
+		}
+		c.Dir, c.removeDir = dir, true
+	}
+	ips, err := freeIPs(opts.Servers + opts.Clients)
+	if err != nil {
+		return c, err
+	}
 	var joins []string
 	for _, ip := range ips[:opts.Servers] {
 		joins = append(joins, fmt.Sprintf("%q", ip+":8301"))
 	}
-	base := t.TempDir()
 	for i, ip := range ips {
 		server := i < opts.Servers
 		name := fmt.Sprintf("server%d", i+1)
 		if !server {
 			name = fmt.Sprintf("client%d", i-opts.Servers+1)
 		}
-		dir := filepath.Join(base, name)
+		dir := filepath.Join(c.Dir, name)
 		if err := os.MkdirAll(filepath.Join(dir, "data"), 0o755); err != nil {
-			t.Fatal(err)
+			return c, err
 		}
-		cfg := agentConfig(name, ip, dir, server, opts.Servers, joins)
+		cfg := agentConfig(name, ip, dir, server, opts.Servers, joins) + opts.ExtraConfig
 		path := filepath.Join(dir, "agent.hcl")
 		if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-			t.Fatal(err)
+			return c, err
 		}
 		a := &Agent{
 			Name: name, IP: ip, Server: server,
@@ -133,22 +176,25 @@ func Start(t testing.TB, opts Options) *Cluster {
 			c.Clients = append(c.Clients, a)
 		}
 	}
-	t.Cleanup(func() {
-		for _, a := range c.all() {
-			a.Stop()
-		}
-		if t.Failed() {
-			for _, a := range c.all() {
-				t.Logf("consul log of %s (%s):\n%s", a.Name, a.IP, a.logTail(40))
-			}
-		}
-	})
 	for _, a := range c.all() {
-		a.Start(t)
+		if err := a.start(); err != nil {
+			return c, err
+		}
 	}
-	c.WaitLeader(t)
-	c.waitMembers(t)
-	return c
+	if _, err := c.waitLeader(); err != nil {
+		return c, err
+	}
+	return c, c.waitMembers()
+}
+
+// Close stops every agent (and removes the directory New made).
+func (c *Cluster) Close() {
+	for _, a := range c.all() {
+		a.Stop()
+	}
+	if c.removeDir {
+		os.RemoveAll(c.Dir)
+	}
 }
 
 func agentConfig(name, ip, dir string, server bool, expect int, joins []string) string {
@@ -167,12 +213,12 @@ func agentConfig(name, ip, dir string, server bool, expect int, joins []string) 
 
 // freeIPs picks n distinct random addresses in 127.64.0.0/10 on which
 // nothing listens on Consul's ports.
-func freeIPs(t testing.TB, n int) []string {
+func freeIPs(n int) ([]string, error) {
 	seen := map[string]bool{}
 	var ips []string
 	for tries := 0; len(ips) < n; tries++ {
 		if tries > 1000 {
-			t.Fatal("testcluster: no free loopback address found")
+			return nil, errors.New("testcluster: no free loopback address found")
 		}
 		ip := fmt.Sprintf("127.%d.%d.%d", 64+rand.IntN(64), rand.IntN(256), 1+rand.IntN(254))
 		if seen[ip] || !portsFree(ip) {
@@ -181,7 +227,7 @@ func freeIPs(t testing.TB, n int) []string {
 		seen[ip] = true
 		ips = append(ips, ip)
 	}
-	return ips
+	return ips, nil
 }
 
 func portsFree(ip string) bool {
@@ -197,24 +243,31 @@ func portsFree(ip string) bool {
 
 func (c *Cluster) all() []*Agent { return append(append([]*Agent{}, c.Servers...), c.Clients...) }
 
-// Start starts the agent's process (again, with the same data, after Stop or Kill).
+// Start starts the agent's process (again, with the same data, after Stop
+// or Kill) and waits for its HTTP API.
 func (a *Agent) Start(t testing.TB) {
 	t.Helper()
+	if err := a.start(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (a *Agent) start() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.cmd != nil {
-		return
+		return nil
 	}
 	logf, err := os.OpenFile(a.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	cmd := exec.Command(a.binary, "agent", "-config-file="+a.config)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		logf.Close()
-		t.Fatalf("testcluster: start %s: %v", a.Name, err)
+		return fmt.Errorf("testcluster: start %s: %w", a.Name, err)
 	}
 	done := make(chan struct{})
 	go func() {
@@ -227,16 +280,16 @@ func (a *Agent) Start(t testing.TB) {
 	for {
 		if conn, err := net.DialTimeout("tcp", a.HTTPAddr, time.Second); err == nil {
 			conn.Close()
-			return
+			return nil
 		}
 		select {
 		case <-done:
 			a.cmd = nil
-			t.Fatalf("testcluster: %s exited at start:\n%s", a.Name, a.logTail(30))
+			return fmt.Errorf("testcluster: %s exited at start:\n%s", a.Name, a.logTail(30))
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("testcluster: %s's HTTP API did not come up on %s:\n%s", a.Name, a.HTTPAddr, a.logTail(30))
+			return fmt.Errorf("testcluster: %s's HTTP API did not come up on %s:\n%s", a.Name, a.HTTPAddr, a.logTail(30))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -264,6 +317,16 @@ func (a *Agent) signal(sig syscall.Signal, grace time.Duration) {
 	a.cmd = nil
 }
 
+// Pid returns the agent's process id, or 0 when it does not run.
+func (a *Agent) Pid() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.cmd == nil {
+		return 0
+	}
+	return a.cmd.Process.Pid
+}
+
 // Running reports whether the agent's process runs.
 func (a *Agent) Running() bool {
 	a.mu.Lock()
@@ -272,14 +335,16 @@ func (a *Agent) Running() bool {
 }
 
 // API returns a consul/api client for this agent.
-func (a *Agent) API(t testing.TB) *api.Client {
-	t.Helper()
-	cfg := api.DefaultConfig()
+func (a *Agent) API(t testing.TB) *api.Client { return a.Client() }
+
+// Client returns a consul/api client for this agent.
+func (a *Agent) Client() *api.Client {
+	cfg := api.DefaultNonPooledConfig()
 	cfg.Address = a.HTTPAddr
 	cfg.Token = ""
 	c, err := api.NewClient(cfg)
 	if err != nil {
-		t.Fatal(err)
+		panic(err) // only for a malformed address, and we built it
 	}
 	return c
 }
@@ -320,9 +385,17 @@ func (c *Cluster) running(addr string) bool {
 }
 
 // WaitLeader waits (up to a minute) until every running server names the
-// same leader, and returns its Raft address.
+// same running leader, and returns its Raft address.
 func (c *Cluster) WaitLeader(t testing.TB) string {
 	t.Helper()
+	l, err := c.waitLeader()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+func (c *Cluster) waitLeader() (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	var last string
@@ -333,7 +406,7 @@ func (c *Cluster) WaitLeader(t testing.TB) string {
 			if !s.Running() {
 				continue
 			}
-			l, err := s.API(t).Status().Leader()
+			l, err := s.Client().Status().Leader()
 			if err != nil || l == "" {
 				ok = false
 				last = fmt.Sprintf("%s: leader %q err %v", s.Name, l, err)
@@ -344,25 +417,23 @@ func (c *Cluster) WaitLeader(t testing.TB) string {
 		if ok && len(leaders) == 1 {
 			for l := range leaders {
 				if c.running(l) {
-					return l
+					return l, nil
 				}
 				last = "leader " + l + " is a stopped server"
 			}
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	t.Fatalf("testcluster: no leader within a minute (%s)", last)
-	return ""
+	return "", fmt.Errorf("testcluster: no leader within a minute (%s)", last)
 }
 
-func (c *Cluster) waitMembers(t testing.TB) {
-	t.Helper()
+func (c *Cluster) waitMembers() error {
 	want := len(c.Servers) + len(c.Clients)
 	deadline := time.Now().Add(time.Minute)
 	for time.Now().Before(deadline) {
 		ok := true
 		for _, a := range c.all() {
-			members, err := a.API(t).Agent().Members(false)
+			members, err := a.Client().Agent().Members(false)
 			alive := 0
 			for _, m := range members {
 				if m.Status == serfAlive {
@@ -377,17 +448,17 @@ func (c *Cluster) waitMembers(t testing.TB) {
 		if ok {
 			// Client agents are usable once they have synced with a server.
 			for _, a := range c.Clients {
-				if _, _, err := a.API(t).Catalog().Nodes(nil); err != nil {
+				if _, _, err := a.Client().Catalog().Nodes(nil); err != nil {
 					ok = false
 				}
 			}
 		}
 		if ok {
-			return
+			return nil
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	t.Fatalf("testcluster: not all %d agents joined within a minute", want)
+	return fmt.Errorf("testcluster: not all %d agents joined within a minute", want)
 }
 
 // serfAlive is serf.StatusAlive, the Status of a live member in /v1/agent/members.
