@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"reflect"
+	"runtime/debug"
 	"sort"
 	"strings"
 	"sync"
@@ -669,9 +670,18 @@ func (w *Watcher) publisher(ctx context.Context) {
 // wakes.
 func (w *Watcher) publish() {
 	w.mu.Lock()
+	wasSynced := w.synced
 	ready := w.publishLocked()
+	firstSync := !wasSynced && w.synced
 	w.mu.Unlock()
 	closeAll(ready)
+	if firstSync {
+		// The first full sync decodes every watched service at once: hand
+		// that burst of garbage back to the OS now rather than after
+		// minutes of the runtime's background scavenging (a sidecar's RSS
+		// is what the node pays). Once, so it costs one GC.
+		debug.FreeOSMemory()
+	}
 }
 
 // publishLocked publishes the draft if it changed and returns the ready
