@@ -68,10 +68,20 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 			_ = hs.Shutdown(sctx)
 		}()
 	}
+	var raw *rawServer
+	if !p.cfg.DisableFastPath {
+		raw = newRawServer(ctx, p, fixed, fs)
+	}
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		if err := fs.Serve(h1); err != nil && ctx.Err() == nil {
+		var err error
+		if raw != nil {
+			err = raw.serve(h1)
+		} else {
+			err = fs.Serve(h1)
+		}
+		if err != nil && ctx.Err() == nil {
 			errc <- fmt.Errorf("proxy: serve %s: %w", ln.Addr(), err)
 		}
 	}()
@@ -82,7 +92,15 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		h1.Close()
 		sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
 		defer cancel()
-		_ = fs.ShutdownWithContext(sctx)
+		fsDone := make(chan struct{})
+		go func() {
+			defer close(fsDone)
+			_ = fs.ShutdownWithContext(sctx)
+		}()
+		if raw != nil {
+			raw.shutdown(p.cfg.ShutdownGraceTime)
+		}
+		<-fsDone
 	}()
 }
 

@@ -6,10 +6,12 @@
 // breaker is open or it has no healthy instance. Failure state lives in
 // package breaker; the proxy reports every outcome there.
 //
-// Plain HTTP/1.1 goes through a fast path built on valyala/fasthttp (server
-// and per-instance HostClient, reusing the request and response objects);
-// h2c connections are recognised by their preface and served by net/http;
-// WebSocket and other Upgrade requests are tunnelled byte for byte.
+// Plain HTTP/1.1 goes through a hand-written fast path that parses heads in
+// place and copies bytes through per-instance keepalive pools; a connection
+// with a request it does not handle exactly is handed to valyala/fasthttp
+// (server and per-instance HostClient); h2c connections are recognised by
+// their preface and served by net/http; WebSocket and other Upgrade
+// requests are tunnelled byte for byte.
 package proxy
 
 import (
@@ -81,6 +83,7 @@ type Config struct {
 	Logger            hclog.Logger
 	Registerer        prometheus.Registerer
 	DisableHTTP2      bool          // don't recognise h2c on HTTP listeners
+	DisableFastPath   bool          // serve every HTTP/1.x request with fasthttp (for comparison)
 	ShutdownGraceTime time.Duration // default 5s
 }
 
@@ -151,6 +154,7 @@ type Proxy struct {
 	br        *breaker.Registry
 	log       hclog.Logger
 	met       *metrics
+	slack     time.Duration // how late a try timeout may fire (deadlines are shared)
 	retryOn   [600]bool
 	failureOn [600]bool
 	dialer    net.Dialer
@@ -233,6 +237,7 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 		bound:   map[string]net.Addr{},
 		dialer:  net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second},
 	}
+	p.slack = cfg.TryTimeout / 32
 	for _, s := range cfg.RetryStatuses {
 		if s >= 100 && s < 600 {
 			p.retryOn[s] = true
@@ -325,6 +330,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 			}(b.up.Name)
 		}
 	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		p.closeIdleLoop(ctx)
+	}()
 	p.boundMu.Lock()
 	for _, b := range all {
 		p.bound[b.up.Name] = b.ln.Addr()
@@ -353,6 +363,34 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	p.mu.Unlock()
 	return err
+}
+
+// closeIdleLoop closes the raw pools' connections idle for longer than
+// MaxIdleConnTime, until ctx ends.
+func (p *Proxy) closeIdleLoop(ctx context.Context) {
+	every := max(p.cfg.MaxIdleConnTime/4, 100*time.Millisecond)
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			p.mu.Lock()
+			ts := make([]*target, 0, len(p.targets))
+			for _, t := range p.targets {
+				ts = append(ts, t)
+			}
+			p.mu.Unlock()
+			for _, t := range ts {
+				t.mu.Lock()
+				for _, ep := range t.eps {
+					ep.pool.closeIdle(now.Add(-p.cfg.MaxIdleConnTime))
+				}
+				t.mu.Unlock()
+			}
+		}
+	}
 }
 
 // Ready is closed once Run has bound every listener.
@@ -500,7 +538,8 @@ type endpoint struct {
 	rttKnown bool
 	inflight atomic.Int64
 	out      *breaker.Instance
-	hc       *fasthttp.HostClient
+	hc       *fasthttp.HostClient // the fasthttp path's pool
+	pool     *bpool               // the raw fast path's pool
 	met      *endpointMetrics
 }
 
@@ -563,6 +602,7 @@ func (t *target) rebuild(snap *catalog.Snapshot) *epSet {
 		if !keep[key] {
 			delete(t.eps, key)
 			ep.hc.CloseIdleConnections()
+			ep.pool.close()
 			t.met.drop(ep.id)
 		}
 	}
@@ -585,6 +625,13 @@ func (t *target) rebuild(snap *catalog.Snapshot) *epSet {
 func (t *target) newEndpoint(id, addr string) *endpoint {
 	p := t.p
 	ep := &endpoint{id: id, addr: addr, out: t.svc.Instance(id), met: t.met.forEndpoint(id)}
+	ep.pool = newBPool(addr, p.cfg.MaxConnsPerHost, p.cfg.MaxIdleConnTime, func(a string, timeout time.Duration) (net.Conn, error) {
+		d := p.dialer
+		if timeout < d.Timeout {
+			d.Timeout = timeout
+		}
+		return d.Dial("tcp", a)
+	})
 	ep.hc = &fasthttp.HostClient{
 		Addr:                      addr,
 		NoDefaultUserAgentHeader:  true,
@@ -619,6 +666,7 @@ func (t *target) close() {
 	defer t.mu.Unlock()
 	for _, ep := range t.eps {
 		ep.hc.CloseIdleConnections()
+		ep.pool.close()
 	}
 	if t.h1tr != nil {
 		t.h1tr.CloseIdleConnections()

@@ -1,0 +1,147 @@
+package proxy
+
+import (
+	"net"
+	"sync/atomic"
+	"time"
+
+	"github.com/valyala/fasthttp"
+)
+
+// bconn is one keepalive connection to an instance, with its read buffer.
+type bconn struct {
+	c      net.Conn
+	buf    []byte
+	dl     time.Time // deadline now set on c
+	idleAt time.Time
+	reused bool
+}
+
+// setDeadline makes c's deadline fall in [d, d+slack], calling into the
+// runtime only when the current one does not: consecutive requests on a
+// busy connection share one deadline, a timeout fires at most slack late.
+func (b *bconn) setDeadline(d time.Time, slack time.Duration) error {
+	if !b.dl.Before(d) && !b.dl.After(d.Add(slack)) {
+		return nil
+	}
+	b.dl = d.Add(slack)
+	return b.c.SetDeadline(b.dl)
+}
+
+// bpool is the raw fast path's keepalive pool for one instance: at most max
+// connections, idle ones kept for maxIdle.
+type bpool struct {
+	addr    string
+	sem     chan struct{} // one token per open connection
+	idle    chan *bconn
+	maxIdle time.Duration
+	dial    func(addr string, timeout time.Duration) (net.Conn, error)
+	closed  atomic.Bool
+}
+
+func newBPool(addr string, max int, maxIdle time.Duration, dial func(string, time.Duration) (net.Conn, error)) *bpool {
+	return &bpool{addr: addr, sem: make(chan struct{}, max), idle: make(chan *bconn, max), maxIdle: maxIdle, dial: dial}
+}
+
+// get returns an idle connection or a new one, waiting for a free slot at
+// most until wait; fasthttp.ErrNoFreeConns when none freed up.
+func (p *bpool) get(now time.Time, wait time.Duration, dialTimeout time.Duration) (*bconn, error) {
+	for {
+		select {
+		case b := <-p.idle:
+			if now.Sub(b.idleAt) >= p.maxIdle {
+				p.discard(b)
+				continue
+			}
+			b.reused = true
+			return b, nil
+		default:
+		}
+		break
+	}
+	select {
+	case p.sem <- struct{}{}:
+		return p.fresh(dialTimeout)
+	default:
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case p.sem <- struct{}{}:
+		return p.fresh(dialTimeout)
+	case b := <-p.idle:
+		b.reused = true
+		return b, nil
+	case <-t.C:
+		return nil, fasthttp.ErrNoFreeConns
+	}
+}
+
+// fresh dials a connection for a slot already taken.
+func (p *bpool) fresh(timeout time.Duration) (*bconn, error) {
+	c, err := p.dial(p.addr, timeout)
+	if err != nil {
+		<-p.sem
+		return nil, err
+	}
+	return &bconn{c: c, buf: make([]byte, 16<<10)}, nil
+}
+
+// redial replaces a stale connection, keeping its slot.
+func (p *bpool) redial(b *bconn, timeout time.Duration) (*bconn, error) {
+	b.c.Close()
+	c, err := p.dial(p.addr, timeout)
+	if err != nil {
+		<-p.sem
+		return nil, err
+	}
+	b.c, b.dl, b.reused = c, time.Time{}, false
+	return b, nil
+}
+
+// put returns a connection whose last answer was read completely.
+func (p *bpool) put(b *bconn, now time.Time) {
+	if p.closed.Load() {
+		p.discard(b)
+		return
+	}
+	b.idleAt = now
+	select {
+	case p.idle <- b:
+	default: // cannot happen: idle has room for every slot
+		p.discard(b)
+	}
+	if p.closed.Load() {
+		p.closeIdle(time.Time{})
+	}
+}
+
+// discard closes a connection and frees its slot.
+func (p *bpool) discard(b *bconn) {
+	b.c.Close()
+	<-p.sem
+}
+
+// closeIdle closes idle connections idle since before (all when before is
+// zero).
+func (p *bpool) closeIdle(before time.Time) {
+	for n := len(p.idle); n > 0; n-- {
+		select {
+		case b := <-p.idle:
+			if before.IsZero() || b.idleAt.Before(before) {
+				p.discard(b)
+			} else {
+				p.idle <- b
+			}
+		default:
+			return
+		}
+	}
+}
+
+// close closes the idle connections now and the busy ones when they come
+// back.
+func (p *bpool) close() {
+	p.closed.Store(true)
+	p.closeIdle(time.Time{})
+}

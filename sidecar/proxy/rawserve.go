@@ -1,0 +1,563 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/valyala/fasthttp"
+)
+
+// rawServer serves the HTTP/1.x connections of one listener. Each request
+// the fast path understands is parsed in place and forwarded with its bytes
+// copied through; at the first one it does not, the connection is handed to
+// the fasthttp server (with the bytes already read) for the rest of its life.
+type rawServer struct {
+	p       *Proxy
+	fixed   *target
+	fs      *fasthttp.Server
+	ctx     context.Context
+	closing atomic.Bool
+	mu      sync.Mutex
+	conns   map[*rawConn]struct{}
+	wg      sync.WaitGroup
+}
+
+func newRawServer(ctx context.Context, p *Proxy, fixed *target, fs *fasthttp.Server) *rawServer {
+	return &rawServer{p: p, fixed: fixed, fs: fs, ctx: ctx, conns: map[*rawConn]struct{}{}}
+}
+
+// serve accepts until ln is closed.
+func (s *rawServer) serve(ln net.Listener) error {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() && !s.closing.Load() {
+				time.Sleep(5 * time.Millisecond)
+				continue
+			}
+			if errors.Is(err, net.ErrClosed) || s.closing.Load() {
+				return nil
+			}
+			return err
+		}
+		rc := &rawConn{s: s, c: c}
+		s.mu.Lock()
+		if s.closing.Load() {
+			s.mu.Unlock()
+			c.Close()
+			continue
+		}
+		s.conns[rc] = struct{}{}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go rc.run()
+	}
+}
+
+// shutdown stops reading new requests, lets requests under way finish for
+// at most grace, then closes every connection; it returns when all are done.
+func (s *rawServer) shutdown(grace time.Duration) {
+	s.mu.Lock()
+	s.closing.Store(true)
+	for rc := range s.conns {
+		_ = rc.c.SetReadDeadline(time.Now()) // wakes connections waiting for a request
+	}
+	s.mu.Unlock()
+	done := make(chan struct{})
+	go func() {
+		s.wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return
+	case <-time.After(grace):
+	}
+	s.mu.Lock()
+	for rc := range s.conns {
+		rc.c.Close()
+	}
+	s.mu.Unlock()
+	<-done
+}
+
+// rawConn is one client connection on the fast path.
+type rawConn struct {
+	s     *rawServer
+	c     net.Conn
+	buf   []byte // bytes read from the client
+	n     int
+	out   []byte // the head being written
+	rdl   time.Time
+	ip    []byte
+	req   rawReq
+	x     rawExchange
+	extra []byte // an extra response header line ("Name: value\r\n")
+
+	lastHost []byte // HTTP proxy: the last host and its target
+	lastT    *target
+}
+
+const rawReadBuffer = 8 << 10
+
+func (rc *rawConn) run() {
+	s := rc.s
+	handedOff := false
+	defer func() {
+		s.mu.Lock()
+		delete(s.conns, rc)
+		s.mu.Unlock()
+		if !handedOff {
+			rc.c.Close()
+		}
+		s.wg.Done()
+	}()
+	rc.buf = make([]byte, rawReadBuffer)
+	if pc, ok := rc.c.(*prefixConn); ok {
+		rc.n = copy(rc.buf, pc.prefix)
+		rc.c = pc.Conn
+	}
+	if a, ok := rc.c.RemoteAddr().(*net.TCPAddr); ok {
+		rc.ip = a.AddrPort().Addr().Unmap().AppendTo(nil)
+	} else if a := rc.c.RemoteAddr(); a != nil {
+		h, _, err := net.SplitHostPort(a.String())
+		if err != nil {
+			h = a.String()
+		}
+		rc.ip = []byte(h)
+	}
+	rc.x.p = s.p
+	p := s.p
+	for {
+		err := parseRawReq(rc.buf[:rc.n], &rc.req)
+		if err == errHeadIncomplete && rc.n < len(rc.buf) {
+			if !rc.readMore(p.cfg.IdleTimeout) {
+				return
+			}
+			continue
+		}
+		if err != nil {
+			handedOff = true
+			rc.handOff()
+			return
+		}
+		r := &rc.req
+		end := r.headEnd
+		if r.clen > 0 {
+			if r.clen > int64(p.cfg.MaxReplayBody) || int64(len(rc.buf)-end) < r.clen {
+				handedOff = true
+				rc.handOff()
+				return
+			}
+			end += int(r.clen)
+			for rc.n < end {
+				if !rc.readMore(p.cfg.IdleTimeout) {
+					return
+				}
+			}
+		}
+		keep := rc.serveOne(end)
+		rc.n = copy(rc.buf, rc.buf[end:rc.n])
+		if !keep || s.closing.Load() {
+			return
+		}
+	}
+}
+
+// readMore reads from the client, keeping a read deadline of the idle
+// timeout (give or take a sixteenth). false: the connection is done.
+func (rc *rawConn) readMore(idle time.Duration) bool {
+	now := time.Now()
+	if d := now.Add(idle); rc.rdl.Before(d) {
+		rc.rdl = d.Add(idle / 16)
+		if rc.c.SetReadDeadline(rc.rdl) != nil {
+			return false
+		}
+	}
+	if rc.s.closing.Load() {
+		return false
+	}
+	m, err := rc.c.Read(rc.buf[rc.n:])
+	rc.n += m
+	return err == nil || m > 0
+}
+
+// handOff gives the connection, with what was read from it, to fasthttp.
+func (rc *rawConn) handOff() {
+	_ = rc.c.SetReadDeadline(time.Time{})
+	if rc.s.closing.Load() {
+		rc.c.Close()
+		return
+	}
+	pc := &prefixConn{Conn: rc.c, prefix: append([]byte(nil), rc.buf[:rc.n]...)}
+	_ = rc.s.fs.ServeConn(pc)
+}
+
+// serveOne forwards the request parsed into rc.req whose bytes (head and
+// body) are rc.buf[:end]. It reports whether the connection stays open.
+func (rc *rawConn) serveOne(end int) bool {
+	s, p, b, r := rc.s, rc.s.p, rc.buf, &rc.req
+	rc.extra = rc.extra[:0]
+	x := &rc.x
+	method := b[r.method.s:r.method.e]
+	x.head = string(method) == "HEAD"
+	x.replay = idempotent(method) || r.idemKey
+	host, path := r.authority(b)
+	t := s.fixed
+	if t == nil {
+		h := host
+		if h.e == 0 {
+			h = r.host
+		}
+		hb := b[h.s:h.e]
+		if rc.lastT != nil && bytes.Equal(hb, rc.lastHost) {
+			t = rc.lastT
+		} else {
+			name, ok := serviceFromHost(string(hb), p.cfg.Domain)
+			if !ok {
+				return rc.writeCanned(cannedJSON(http.StatusNotFound, "host is not a Consul service", "", "host", string(hb)))
+			}
+			var err error
+			if t, err = p.lookupTarget(s.ctx, name); err != nil {
+				return rc.writeCanned(cannedJSON(http.StatusServiceUnavailable, err.Error(), name))
+			}
+			rc.lastHost = append(rc.lastHost[:0], hb...)
+			rc.lastT = t
+		}
+	}
+	out := append(rc.out[:0], b[r.method.s:r.method.e]...)
+	out = append(out, ' ')
+	if path.s == path.e {
+		out = append(out, '/')
+	} else {
+		out = append(out, b[path.s:path.e]...)
+	}
+	out = append(out, " HTTP/1.1\r\n"...)
+	for k := 0; k < r.nh; k++ {
+		if !r.drop[k] {
+			out = append(out, b[r.names[k].s:r.vals[k].e]...)
+			out = append(out, '\r', '\n')
+		}
+	}
+	out = append(out, "X-Forwarded-For: "...)
+	for i := 0; i < r.nxff; i++ {
+		out = append(out, b[r.xff[i].s:r.xff[i].e]...)
+		out = append(out, ", "...)
+	}
+	out = append(out, rc.ip...)
+	out = append(out, '\r', '\n')
+	if !r.hasXFP {
+		out = append(out, "X-Forwarded-Proto: http\r\n"...)
+	}
+	out = append(out, '\r', '\n')
+	out = append(out, b[r.headEnd:end]...)
+	rc.out = out
+
+	x.req = out
+	res := t.forward(s.ctx, x, x.replay)
+	return rc.finish(t, res, true)
+}
+
+// finish writes the answer for res (the instance's, a fallback's or our
+// own) and reports whether the client connection stays open.
+func (rc *rawConn) finish(t *target, res result, mayFallback bool) bool {
+	p, x := rc.s.p, &rc.x
+	switch res.kind {
+	case outAnswered:
+		return rc.writeAnswer()
+	case outOpen, outNoHealthy:
+		if fb := t.fallback; mayFallback && fb != nil && fb.Service != "" {
+			if t2, err := p.lookupTarget(rc.s.ctx, fb.Service); err == nil {
+				res2 := t2.forward(rc.s.ctx, x, x.replay)
+				if res2.kind == outAnswered {
+					rc.extra = append(append(append(rc.extra[:0], "X-Attache-Fallback: "...), t2.name...), '\r', '\n')
+				}
+				return rc.finish(t2, res2, false)
+			}
+		}
+	}
+	x.discard()
+	return rc.writeCanned(p.cannedFor(t, res, mayFallback))
+}
+
+func (rc *rawConn) closeAfter() bool { return rc.req.connClose || rc.s.closing.Load() }
+
+// writeCanned writes one of the proxy's own answers.
+func (rc *rawConn) writeCanned(c canned) bool {
+	closeClient := rc.closeAfter()
+	out := append(rc.out[:0], "HTTP/1.1 "...)
+	out = strconv.AppendInt(out, int64(c.status), 10)
+	out = append(out, ' ')
+	out = append(out, http.StatusText(c.status)...)
+	out = append(out, '\r', '\n')
+	for _, kv := range c.hdr {
+		out = append(append(append(append(out, kv[0]...), ": "...), kv[1]...), '\r', '\n')
+	}
+	out = append(out, "Content-Length: "...)
+	out = strconv.AppendInt(out, int64(len(c.body)), 10)
+	out = append(out, '\r', '\n')
+	if closeClient {
+		out = append(out, "Connection: close\r\n"...)
+	}
+	out = append(out, '\r', '\n')
+	if !rc.x.head {
+		out = append(out, c.body...)
+	}
+	rc.out = out
+	_, err := rc.c.Write(out)
+	return err == nil && !closeClient
+}
+
+// writeAnswer copies the instance's answer to the client: the head without
+// hop-by-hop headers, then the body with its framing kept (chunks are
+// passed on as they come). It reports whether the client connection stays
+// open, and gives the instance's connection back when it can be reused.
+func (rc *rawConn) writeAnswer() bool {
+	x := &rc.x
+	bc, r := x.bc, &x.resp
+	b := bc.buf
+	closeClient := rc.closeAfter()
+	bodyless := !r.hasBody(x.head)
+	untilClose := !bodyless && r.clen < 0 && !r.chunked
+	if untilClose {
+		closeClient = true
+	}
+	out := append(rc.out[:0], "HTTP/1.1 "...)
+	out = append(out, b[9:12]...)
+	out = append(out, b[r.reason.s:r.reason.e]...)
+	out = append(out, '\r', '\n')
+	if r.nh > 0 {
+		if !r.hop {
+			out = append(out, b[r.lineStart[0]:r.headEnd]...)
+			out = trimBlankLine(out)
+		} else {
+			for k := 0; k < r.nh; k++ {
+				if r.drop[k] {
+					continue
+				}
+				e := r.headEnd
+				if k+1 < r.nh {
+					e = r.lineStart[k+1]
+				}
+				out = append(out, b[r.lineStart[k]:e]...)
+			}
+			out = trimBlankLine(out)
+		}
+	}
+	if closeClient {
+		out = append(out, "Connection: close\r\n"...)
+	}
+	out = append(out, rc.extra...)
+	out = append(out, '\r', '\n')
+	avail := b[r.headEnd:x.rn]
+	reuse := false
+	var err error
+	switch {
+	case bodyless:
+		rc.out = out
+		_, err = rc.c.Write(out)
+		reuse = !r.close && len(avail) == 0
+	case r.clen >= 0:
+		if int64(len(avail)) >= r.clen {
+			out = append(out, avail[:r.clen]...)
+			rc.out = out
+			_, err = rc.c.Write(out)
+			reuse = !r.close && int64(len(avail)) == r.clen
+			break
+		}
+		out = append(out, avail...)
+		rc.out = out
+		if _, err = rc.c.Write(out); err != nil {
+			break
+		}
+		left := r.clen - int64(len(avail))
+		for left > 0 && err == nil {
+			n := len(b)
+			if int64(n) > left {
+				n = int(left)
+			}
+			var m int
+			m, err = bc.c.Read(b[:n])
+			if m > 0 {
+				left -= int64(m)
+				if _, werr := rc.c.Write(b[:m]); werr != nil {
+					err = werr
+				}
+			}
+			if err == io.EOF && left > 0 {
+				err = io.ErrUnexpectedEOF
+			}
+		}
+		reuse = err == nil && !r.close
+	case r.chunked:
+		var cs chunkScan
+		n, done, serr := cs.scan(avail)
+		out = append(out, avail[:n]...)
+		rc.out = out
+		if _, err = rc.c.Write(out); err == nil {
+			err = serr
+		}
+		extra := n < len(avail)
+		for !done && err == nil {
+			var m int
+			m, err = bc.c.Read(b)
+			if m > 0 {
+				n, done, serr = cs.scan(b[:m])
+				extra = n < m
+				if _, werr := rc.c.Write(b[:n]); werr != nil {
+					err = werr
+				} else if serr != nil {
+					err = serr
+				}
+			}
+			if err == io.EOF && !done {
+				err = io.ErrUnexpectedEOF
+			}
+		}
+		reuse = err == nil && done && !extra && !r.close
+	default: // until the instance closes
+		out = append(out, avail...)
+		rc.out = out
+		_, err = rc.c.Write(out)
+		for err == nil {
+			var m int
+			m, err = bc.c.Read(b)
+			if m > 0 {
+				if _, werr := rc.c.Write(b[:m]); werr != nil {
+					err = werr
+				}
+			}
+		}
+		if err == io.EOF {
+			err = nil
+		}
+	}
+	x.release(reuse)
+	return err == nil && !closeClient
+}
+
+func trimBlankLine(b []byte) []byte {
+	b = bytes.TrimSuffix(b, []byte("\n"))
+	b = bytes.TrimSuffix(b, []byte("\r"))
+	if n := len(b); n == 0 || b[n-1] != '\n' {
+		return append(b, '\r', '\n')
+	}
+	return b
+}
+
+// rawExchange sends a request, already serialised, through an instance's
+// raw keepalive pool.
+type rawExchange struct {
+	p      *Proxy
+	req    []byte
+	head   bool // a HEAD request: the answer has no body
+	replay bool // the request may be sent again
+	bc     *bconn
+	pool   *bpool
+	resp   rawResp
+	rn     int // bytes of the answer in bc.buf
+}
+
+func (x *rawExchange) try(ep *endpoint, deadline time.Time) (int, error) {
+	p := x.p
+	now := time.Now()
+	wait := deadline.Sub(now)
+	if wait > p.cfg.ConnectTimeout {
+		wait = p.cfg.ConnectTimeout
+	}
+	if wait <= 0 {
+		return 0, os.ErrDeadlineExceeded
+	}
+	bc, err := ep.pool.get(now, wait, wait)
+	if err != nil {
+		return 0, err
+	}
+	for attempt := 0; ; attempt++ {
+		x.rn = 0
+		err := bc.setDeadline(deadline, p.slack)
+		if err == nil {
+			_, err = bc.c.Write(x.req)
+		}
+		if err == nil {
+			err = x.readHead(bc)
+		}
+		if err == nil {
+			x.bc, x.pool = bc, ep.pool
+			return x.resp.status, nil
+		}
+		// A pooled connection the instance closed while it was idle:
+		// once more on a new connection, for requests that may be resent.
+		if attempt == 0 && bc.reused && x.rn == 0 && x.replay &&
+			(errors.Is(err, io.EOF) || isReset(err)) {
+			if bc, err = ep.pool.redial(bc, wait); err != nil {
+				return 0, err
+			}
+			continue
+		}
+		ep.pool.discard(bc)
+		return 0, err
+	}
+}
+
+// readHead reads the answer's head (skipping interim 1xx answers).
+func (x *rawExchange) readHead(bc *bconn) error {
+	for {
+		if x.rn > 0 {
+			err := parseRawResp(bc.buf[:x.rn], &x.resp)
+			if err == nil {
+				if x.resp.status >= 200 {
+					return nil
+				}
+				if x.resp.status == http.StatusSwitchingProtocols {
+					return errBadResponse
+				}
+				x.rn = copy(bc.buf, bc.buf[x.resp.headEnd:x.rn])
+				continue
+			}
+			if err != errHeadIncomplete {
+				return err
+			}
+			if x.rn == len(bc.buf) {
+				return errors.New("response head from instance too large")
+			}
+		}
+		n, err := bc.c.Read(bc.buf[x.rn:])
+		x.rn += n
+		if err != nil && n == 0 {
+			return err
+		}
+	}
+}
+
+// discard drops an answer that will not be used.
+func (x *rawExchange) discard() {
+	if x.bc == nil {
+		return
+	}
+	r := &x.resp
+	full := !r.hasBody(x.head) && x.rn == r.headEnd ||
+		r.clen >= 0 && int64(x.rn-r.headEnd) == r.clen
+	x.release(full && !r.close)
+}
+
+func (x *rawExchange) release(reuse bool) {
+	if x.bc == nil {
+		return
+	}
+	if reuse {
+		x.pool.put(x.bc, time.Now())
+	} else {
+		x.pool.discard(x.bc)
+	}
+	x.bc, x.pool = nil, nil
+}
