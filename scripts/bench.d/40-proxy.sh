@@ -26,7 +26,7 @@ if [[ -z ${ATTACHE_PROXY_CMD:-} ]]; then
 		curl -fsS -X PUT "http://$CONSUL:8500/v1/agent/service/register" \
 			-d "{\"Name\":\"users\",\"ID\":\"users-$b\",\"Address\":\"${b%:*}\",\"Port\":${b#*:}}"
 	done
-	ATTACHE_PROXY_CMD="$BIN/attache sidecar -node bench-proxy -consul $CONSUL:8500 -admin $CONSUL:19001 -watch-service users -upstream users=$UPSTREAM -http-proxy $HTTPPROXY -log-level warn"
+	ATTACHE_PROXY_CMD="env ${ATTACHE_ENV:-} $BIN/attache sidecar -node bench-proxy -consul $CONSUL:8500 -admin $CONSUL:19001 -watch-service users -upstream users=$UPSTREAM -http-proxy $HTTPPROXY -log-level warn"
 fi
 
 cat >"$BENCH/proxy-nginx/nginx.conf" <<CONF
@@ -95,16 +95,32 @@ proxy_row() {
 	WRK_ARGS=$save
 }
 
-rows=$(
-	wrk_row direct "http://$B1/users/" "$(pids_of "$BENCH/backend")"
-	wrk_row nginx "http://$NGINX/users/" "$(pids_of "nginx -c $BENCH/proxy-nginx")"
-	wrk_row haproxy "http://$HAPROXY/users/" "$(pids_of "haproxy -f $BENCH/proxy-haproxy")"
-	wrk_row attache-upstream "http://$UPSTREAM/users/" "$ATTACHE_PID"
-	proxy_row attache-http-proxy "http://$HTTPPROXY/users/" "$ATTACHE_PID"
+# Rounds: every target once per round, the order rotated each round, so load
+# from elsewhere lands on all of them alike; the table shows the medians.
+ROUNDS=${ROUNDS:-3}
+WRK_ARGS=${WRK_ARGS:--t2 -c64 -d6s}
+measure() {
+	case $1 in
+	direct) wrk_row direct "http://$B1/users/" "$(pids_of "$BENCH/backend")" ;;
+	nginx) wrk_row nginx "http://$NGINX/users/" "$(pids_of "nginx -c $BENCH/proxy-nginx")" ;;
+	haproxy) wrk_row haproxy "http://$HAPROXY/users/" "$(pids_of "haproxy -f $BENCH/proxy-haproxy")" ;;
+	attache-upstream) wrk_row attache-upstream "http://$UPSTREAM/users/" "$ATTACHE_PID" ;;
+	attache-http-proxy) proxy_row attache-http-proxy "http://$HTTPPROXY/users/" "$ATTACHE_PID" ;;
+	esac
+}
+TARGETS=(${PROXY_TARGETS:-direct nginx haproxy attache-upstream attache-http-proxy})
+raw=$(
+	for t in "${TARGETS[@]}"; do WRK_WARMUP="-t2 -c64 -d2s" measure "$t" >/dev/null; done
+	for ((r = 0; r < ROUNDS; r++)); do
+		for ((i = 0; i < ${#TARGETS[@]}; i++)); do
+			measure "${TARGETS[(i + r) % ${#TARGETS[@]}]}"
+		done
+	done
 )
+rows=$(echo "$raw" | median_rows | awk -v order="${TARGETS[*]}" 'BEGIN { n = split(order, o, " ") } { line[$1] = $0 } END { for (i = 1; i <= n; i++) print line[o[i]] }')
 echo "## Proxy: direct vs nginx vs haproxy vs attache (upstream listener, HTTP proxy)"
 echo
-echo "wrk $WRK_ARGS against two instances of a trivial Go backend, one run; ratio = requests/s relative to nginx;"
+echo "wrk $WRK_ARGS against two instances of a trivial Go backend; medians of $ROUNDS rounds in one run (each round measures every target, the order rotated); ratio = requests/s relative to nginx;"
 echo "p99 ratio = p99 relative to nginx's (goal: attache ≥ 1.0× rps with p99 ≤ 1.2×); CPU = the proxy's (for direct: the backend's) CPU seconds per 10k requests."
 echo
 echo "| target | requests/s | ratio vs nginx | p99 ms | p99 vs nginx | CPU s / 10k req |"

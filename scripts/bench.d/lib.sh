@@ -26,10 +26,11 @@ pids_of() {
 }
 
 # wrk_row LABEL URL PIDS: run wrk and print "LABEL rps p99_ms cpu_s_per_10k".
-WRK_ARGS=${WRK_ARGS:--t2 -c64 -d10s}
+# WRK_WARMUP (wrk arguments, e.g. "-t2 -c64 -d2s") runs first, unmeasured, when set.
+WRK_ARGS=${WRK_ARGS:--t2 -c64 -d6s}
 wrk_row() {
 	local label=$1 url=$2 pids=$3 out before after
-	wrk $WRK_ARGS --latency "$url" >/dev/null 2>&1 # warm-up (keepalive pools, JIT-free but caches)
+	if [[ -n ${WRK_WARMUP:-} ]]; then wrk $WRK_WARMUP "$url" >/dev/null 2>&1; fi
 	before=$(cpu_ticks $pids)
 	out=$(wrk $WRK_ARGS --latency "$url")
 	after=$(cpu_ticks $pids)
@@ -39,4 +40,16 @@ wrk_row() {
 		/^Requests\/sec/ { rps = $2 }
 		/requests in/ { n = $1 }
 		END { printf "%s %.0f %.2f %.3f\n", label, rps, p99, (n > 0 ? ticks/hz / n * 10000 : 0) }'
+}
+
+# median_rows: reads "LABEL rps p99 cpu" lines (several per label) and prints
+# one line per label, in first-seen order, with the median of each column.
+median_rows() {
+	awk '{ if (!($1 in n)) order[++k] = $1; i = ++n[$1]; r[$1, i] = $2; p[$1, i] = $3; c[$1, i] = $4 }
+	function med(a, l, m,   v, i, j, t) {
+		for (i = 1; i <= m; i++) v[i] = a[l, i]
+		for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
+		return (m % 2) ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2
+	}
+	END { for (x = 1; x <= k; x++) { l = order[x]; printf "%s %.0f %.2f %.3f\n", l, med(r, l, n[l]), med(p, l, n[l]), med(c, l, n[l]) } }'
 }
