@@ -126,3 +126,32 @@ echo
 echo "| target | requests/s | ratio vs nginx | p99 ms | p99 vs nginx | CPU s / 10k req |"
 echo "|---|---:|---:|---:|---:|---:|"
 echo "$rows" | awk '$1=="nginx"{n=$2; p=$3} {r[NR]=$0} END {for (i=1;i<=NR;i++) {split(r[i],f," "); printf "| %s | %d | %.2f× | %.2f | %.2f× | %.3f |\n", f[1], f[2], f[2]/n, f[3], (p>0 ? f[3]/p : 0), f[4]}}'
+
+# Latency at a fixed rate (half of nginx's max above), which wrk's closed loop
+# cannot show: hey with -q paces each of its workers.
+if command -v hey >/dev/null; then
+	rate=$(echo "$rows" | awk '$1=="nginx"{print int($2/2)}')
+	workers=32
+	hey_row() { # LABEL URL [HOST]
+		local out
+		out=$(hey -z 5s -c "$workers" -q $((rate / workers)) ${3:+-host "$3"} "$2" 2>&1)
+		echo "$out" | awk -v label="$1" '
+			/Requests\/sec:/ { rps = $2 }
+			/ 50% in / { p50 = $3 * 1000 } / 99% in / { p99 = $3 * 1000 }
+			/^[ \t]*\[[0-9]+\]/ { split($1, a, /[][]/); if (a[2] !~ /^2/) bad += $2 }
+			END { printf "| %s | %.0f | %.2f | %.2f | %d |\n", label, rps, p50, p99, bad }'
+	}
+	echo
+	echo "Latency at a fixed rate of $rate requests/s (hey -c $workers -q $((rate / workers)) -z 5s; half of nginx's max above):"
+	echo
+	echo "| target | requests/s | p50 ms | p99 ms | non-2xx |"
+	echo "|---|---:|---:|---:|---:|"
+	for t in "${TARGETS[@]}"; do
+		case $t in
+		nginx) hey_row nginx "http://$NGINX/users/" ;;
+		haproxy) hey_row haproxy "http://$HAPROXY/users/" ;;
+		attache-upstream) hey_row attache-upstream "http://$UPSTREAM/users/" ;;
+		attache-http-proxy) hey_row attache-http-proxy "http://$HTTPPROXY/users/" users.service.consul ;;
+		esac
+	done
+fi
