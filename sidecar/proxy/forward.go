@@ -80,7 +80,12 @@ func (t *target) forward(ctx context.Context, x exchange, replayable bool) resul
 				t.met.count(classNoHealthy)
 				return result{kind: outNoHealthy}
 			}
-			break // res holds the last failure
+			break // res holds the last failure, its answer not yet discarded
+		}
+		if n > 0 {
+			// Only now is the last answer certainly unused: a request that
+			// runs out of instances (or time) answers with it.
+			x.discard()
 		}
 		tryDeadline := t0.Add(p.cfg.TryTimeout)
 		if tryDeadline.After(deadline) {
@@ -122,7 +127,6 @@ func (t *target) forward(ctx context.Context, x exchange, replayable bool) resul
 		if end.Add(back + time.Millisecond).After(deadline) {
 			break
 		}
-		x.discard()
 		t.met.retries.Inc()
 		if back > 0 {
 			timer := time.NewTimer(back)
@@ -131,7 +135,7 @@ func (t *target) forward(ctx context.Context, x exchange, replayable bool) resul
 			case <-ctx.Done():
 				timer.Stop()
 				t.svc.Done(call, true, time.Since(start))
-				return res
+				return res // the last answer, still readable
 			}
 		}
 		set = t.endpoints()

@@ -32,6 +32,7 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		ReadBufferSize:               8 << 10,
 		WriteBufferSize:              4 << 10,
 		IdleTimeout:                  p.cfg.IdleTimeout,
+		WriteTimeout:                 p.cfg.RequestTimeout, // a client that does not read holds no instance connection for long
 		CloseOnShutdown:              true,
 		KeepHijackedConns:            true, // tunnels own their connections (closed on shutdown)
 		Logger:                       fastLogger{p},
@@ -274,7 +275,7 @@ func stripHopFast(h *fasthttp.RequestHeader) {
 	if conn := h.Peek("Connection"); len(conn) > 0 {
 		for _, tok := range bytes.Split(conn, []byte(",")) {
 			tok = bytes.TrimSpace(tok)
-			if len(tok) > 0 && !bytes.EqualFold(tok, []byte("close")) && !bytes.EqualFold(tok, []byte("keep-alive")) {
+			if len(tok) > 0 && !bytes.EqualFold(tok, []byte("close")) && !bytes.EqualFold(tok, []byte("keep-alive")) && !framingHeader(tok) {
 				h.DelBytes(tok)
 			}
 		}
@@ -299,7 +300,7 @@ func stripHopResp(h *fasthttp.ResponseHeader) {
 	if conn := h.Peek("Connection"); len(conn) > 0 {
 		for _, tok := range bytes.Split(conn, []byte(",")) {
 			tok = bytes.TrimSpace(tok)
-			if len(tok) > 0 && !bytes.EqualFold(tok, []byte("close")) && !bytes.EqualFold(tok, []byte("keep-alive")) {
+			if len(tok) > 0 && !bytes.EqualFold(tok, []byte("close")) && !bytes.EqualFold(tok, []byte("keep-alive")) && !framingHeader(tok) {
 				h.DelBytes(tok)
 			}
 		}
@@ -395,6 +396,7 @@ func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target) {
 	}
 	ctx.HijackSetNoResponse(true)
 	ctx.Hijack(func(c net.Conn) {
+		_ = c.SetDeadline(time.Time{}) // the server's write timeout: tunnels have none
 		p.splice(c, conn)
 	})
 }

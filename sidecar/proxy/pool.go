@@ -3,6 +3,7 @@ package proxy
 import (
 	"net"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -15,6 +16,43 @@ type bconn struct {
 	dl     time.Time // deadline now set on c
 	idleAt time.Time
 	reused bool
+	raw    syscall.RawConn  // c's descriptor, to look at it while idle; nil when c has none
+	peek   func(fd uintptr) // idleDirty's look, built once per connection
+	dirty  bool             // what peek found
+}
+
+// newBconn wraps a freshly dialled connection.
+func newBconn(c net.Conn) *bconn {
+	b := &bconn{buf: make([]byte, 16<<10)}
+	b.setConn(c)
+	return b
+}
+
+func (b *bconn) setConn(c net.Conn) {
+	b.c, b.dl, b.reused, b.raw = c, time.Time{}, false, nil
+	if sc, ok := c.(syscall.Conn); ok {
+		if raw, err := sc.SyscallConn(); err == nil {
+			b.raw = raw
+			if b.peek == nil {
+				b.peek = func(fd uintptr) { b.dirty = peekDirty(fd, b.buf[:1]) }
+			}
+		}
+	}
+}
+
+// idleDirty says whether an idle connection has something to read (bytes
+// the instance sent after its answer, or its close): such a connection
+// must not carry another request, whose answer it would get wrong. One
+// non-blocking peek, only when an idle connection is taken for reuse.
+func (b *bconn) idleDirty() bool {
+	if b.raw == nil {
+		return false
+	}
+	b.dirty = false
+	if err := b.raw.Control(b.peek); err != nil {
+		return true
+	}
+	return b.dirty
 }
 
 // setDeadline makes c's deadline fall in [d, d+slack], calling into the
@@ -49,7 +87,7 @@ func (p *bpool) get(now time.Time, wait time.Duration, dialTimeout time.Duration
 	for {
 		select {
 		case b := <-p.idle:
-			if now.Sub(b.idleAt) >= p.maxIdle {
+			if now.Sub(b.idleAt) >= p.maxIdle || b.idleDirty() {
 				p.discard(b)
 				continue
 			}
@@ -66,14 +104,20 @@ func (p *bpool) get(now time.Time, wait time.Duration, dialTimeout time.Duration
 	}
 	t := time.NewTimer(wait)
 	defer t.Stop()
-	select {
-	case p.sem <- struct{}{}:
-		return p.fresh(dialTimeout)
-	case b := <-p.idle:
-		b.reused = true
-		return b, nil
-	case <-t.C:
-		return nil, fasthttp.ErrNoFreeConns
+	for {
+		select {
+		case p.sem <- struct{}{}:
+			return p.fresh(dialTimeout)
+		case b := <-p.idle:
+			if b.idleDirty() {
+				p.discard(b) // its slot is free now: the next round takes it
+				continue
+			}
+			b.reused = true
+			return b, nil
+		case <-t.C:
+			return nil, fasthttp.ErrNoFreeConns
+		}
 	}
 }
 
@@ -84,7 +128,7 @@ func (p *bpool) fresh(timeout time.Duration) (*bconn, error) {
 		<-p.sem
 		return nil, err
 	}
-	return &bconn{c: c, buf: make([]byte, 16<<10)}, nil
+	return newBconn(c), nil
 }
 
 // redial replaces a stale connection, keeping its slot.
@@ -95,7 +139,7 @@ func (p *bpool) redial(b *bconn, timeout time.Duration) (*bconn, error) {
 		<-p.sem
 		return nil, err
 	}
-	b.c, b.dl, b.reused = c, time.Time{}, false
+	b.setConn(c)
 	return b, nil
 }
 

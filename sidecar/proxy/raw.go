@@ -3,7 +3,6 @@ package proxy
 import (
 	"bytes"
 	"errors"
-	"strconv"
 )
 
 // The hand-written HTTP/1.1 fast path parses only what a proxy needs and
@@ -234,6 +233,8 @@ func parseRawReq(b []byte, r *rawReq) error {
 				r.connClose = true
 			case bytes.EqualFold(tok, []byte("upgrade")):
 				return errSlow
+			case framingHeader(tok):
+				// Never dropped: the body sent on is framed by it.
 			default:
 				r.connTokens = true
 				for k := 0; k < r.nh; k++ {
@@ -245,6 +246,30 @@ func parseRawReq(b []byte, r *rawReq) error {
 		}
 	}
 	return nil
+}
+
+// framingHeader says whether a header named in Connection frames the
+// message (or routes it): such a header is never dropped, whatever
+// Connection says, so that the bytes passed on stay framed the same way.
+func framingHeader(name []byte) bool {
+	switch len(name) {
+	case 4:
+		return bytes.EqualFold(name, []byte("Host"))
+	case 14:
+		return bytes.EqualFold(name, []byte("Content-Length"))
+	case 17:
+		return bytes.EqualFold(name, []byte("Transfer-Encoding"))
+	}
+	return false
+}
+
+// appendPath appends the origin-form path to send on: "/" for an empty
+// one, and "/" before a query that starts it ("http://svc?q=1").
+func appendPath(out, b []byte, path span) []byte {
+	if path.s == path.e || b[path.s] == '?' {
+		out = append(out, '/')
+	}
+	return append(out, b[path.s:path.e]...)
 }
 
 // authority returns the host of an absolute-form target ("" span when the
@@ -271,6 +296,7 @@ type rawResp struct {
 	clen      int64
 	chunked   bool
 	te        bool // Transfer-Encoding present
+	clLine    bool // Content-Length present
 	close     bool // the instance closes the connection after this answer
 	hop       bool // a header must be dropped
 	conn      span
@@ -306,7 +332,8 @@ func parseRawResp(b []byte, r *rawResp) error {
 		}
 		st = st*10 + int(c-'0')
 	}
-	if st < 100 || len(line) > 12 && line[12] != ' ' {
+	if st < 100 || len(line) > 12 && line[12] != ' ' ||
+		bytes.IndexByte(line, '\r') >= 0 || bytes.IndexByte(line, 0) >= 0 {
 		return errBadResponse
 	}
 	r.status = st
@@ -326,6 +353,9 @@ func parseRawResp(b []byte, r *rawResp) error {
 		if len(line) == 0 {
 			r.headEnd = eol + 1
 			break
+		}
+		if bytes.IndexByte(line, '\r') >= 0 || bytes.IndexByte(line, 0) >= 0 {
+			return errBadResponse // a bare CR or NUL would be passed on as is
 		}
 		if line[0] == ' ' || line[0] == '\t' {
 			return errBadResponse // obsolete line folding
@@ -371,11 +401,21 @@ func parseRawResp(b []byte, r *rawResp) error {
 			}
 		case 14:
 			if bytes.EqualFold(name, []byte("Content-Length")) {
-				n, err := strconv.ParseInt(string(val), 10, 64)
-				if err != nil || n < 0 || r.clen >= 0 && r.clen != n {
+				if len(val) == 0 || len(val) > 18 {
+					return errBadResponse
+				}
+				var n int64
+				for _, c := range val {
+					if c < '0' || c > '9' {
+						return errBadResponse
+					}
+					n = n*10 + int64(c-'0')
+				}
+				if r.clen >= 0 && r.clen != n {
 					return errBadResponse
 				}
 				r.clen = n
+				r.clLine = true
 			}
 		case 16:
 			if bytes.EqualFold(name, []byte("Proxy-Connection")) {
@@ -403,11 +443,19 @@ func parseRawResp(b []byte, r *rawResp) error {
 		if !r.chunked {
 			r.close = true
 		}
+		if r.clLine { // the client must not see both
+			for k := 0; k < r.nh; k++ {
+				if bytes.EqualFold(b[r.names[k].s:r.names[k].e], []byte("Content-Length")) {
+					r.drop[k], r.hop = true, true
+				}
+			}
+		}
 	}
 	if r.conn.e != 0 {
 		for _, tok := range bytes.Split(b[r.conn.s:r.conn.e], []byte(",")) {
 			tok = bytes.TrimSpace(tok)
-			if len(tok) == 0 || bytes.EqualFold(tok, []byte("close")) || bytes.EqualFold(tok, []byte("keep-alive")) {
+			if len(tok) == 0 || bytes.EqualFold(tok, []byte("close")) || bytes.EqualFold(tok, []byte("keep-alive")) ||
+				framingHeader(tok) {
 				continue
 			}
 			for k := 0; k < r.nh; k++ {
@@ -529,6 +577,8 @@ func (s *chunkScan) scan(p []byte) (int, bool, error) {
 		case csTrailerStart:
 			if c == '\r' {
 				s.state = csEndLF
+			} else if c == '\n' {
+				return i, false, errBadChunk // a bare LF: no guessing where the body ends
 			} else {
 				s.state = csTrailerLine
 				s.line = 1

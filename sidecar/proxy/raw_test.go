@@ -51,10 +51,22 @@ func TestParseRawReq(t *testing.T) {
 			}},
 		{"absolute form", "GET http://inventory.service.consul:80?q HTTP/1.1\r\nHost: inventory\r\n\r\n", nil, func(t *testing.T, b []byte, r *rawReq) {
 			h, p := r.authority(b)
-			if string(b[h.s:h.e]) != "inventory.service.consul:80" || string(b[p.s:p.e]) != "?q" {
-				t.Errorf("authority %q path %q", b[h.s:h.e], b[p.s:p.e])
+			if path := appendPath(nil, b, p); string(b[h.s:h.e]) != "inventory.service.consul:80" || string(path) != "/?q" {
+				t.Errorf("authority %q path %q", b[h.s:h.e], path)
 			}
 		}},
+		{"connection names framing", "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: Content-Length, host, X-P\r\nX-P: 1\r\n\r\nA", nil,
+			func(t *testing.T, b []byte, r *rawReq) {
+				if r.clen != 1 {
+					t.Errorf("clen %d", r.clen)
+				}
+				for k := 0; k < r.nh; k++ {
+					name := string(b[r.names[k].s:r.names[k].e])
+					if want := name == "Connection" || name == "X-P"; r.drop[k] != want {
+						t.Errorf("%s: drop %v", name, r.drop[k])
+					}
+				}
+			}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -86,7 +98,8 @@ func TestChunkScan(t *testing.T) {
 			t.Fatalf("split %d: second part %d %v %v", split, n2, done, err)
 		}
 	}
-	for _, bad := range []string{"x\r\n", "\r\n", "4\r\nabcdXY", "4\nabcd", "1234567890abc\r\n"} {
+	for _, bad := range []string{"x\r\n", "\r\n", "4\r\nabcdXY", "4\nabcd", "1234567890abc\r\n",
+		"0\r\n\nHTTP/1.1 299 Forged\r\n\r\n", "0\r\nX: y\n\r\n"} {
 		var cs chunkScan
 		if _, _, err := cs.scan([]byte(bad)); err == nil {
 			t.Errorf("%q: no error", bad)

@@ -99,6 +99,7 @@ type rawConn struct {
 	n     int
 	out   []byte // the head being written
 	rdl   time.Time
+	wdl   time.Time // write deadline now set on c
 	ip    []byte
 	req   rawReq
 	x     rawExchange
@@ -192,9 +193,23 @@ func (rc *rawConn) readMore(idle time.Duration) bool {
 	return err == nil || m > 0
 }
 
+// writeDeadline makes the client connection's write deadline fall in
+// [d, d+slack], calling into the runtime only when the current one does
+// not (as bconn.setDeadline does): writing an answer to a client that does
+// not read it ends by the request deadline, and frees the instance's
+// connection.
+func (rc *rawConn) writeDeadline(d time.Time) error {
+	slack := rc.s.p.slack
+	if !rc.wdl.Before(d) && !rc.wdl.After(d.Add(slack)) {
+		return nil
+	}
+	rc.wdl = d.Add(slack)
+	return rc.c.SetWriteDeadline(rc.wdl)
+}
+
 // handOff gives the connection, with what was read from it, to fasthttp.
 func (rc *rawConn) handOff() {
-	_ = rc.c.SetReadDeadline(time.Time{})
+	_ = rc.c.SetDeadline(time.Time{})
 	if rc.s.closing.Load() {
 		rc.c.Close()
 		return
@@ -208,6 +223,9 @@ func (rc *rawConn) handOff() {
 func (rc *rawConn) serveOne(end int) bool {
 	s, p, b, r := rc.s, rc.s.p, rc.buf, &rc.req
 	rc.extra = rc.extra[:0]
+	if err := rc.writeDeadline(time.Now().Add(p.cfg.RequestTimeout)); err != nil {
+		return false
+	}
 	x := &rc.x
 	method := b[r.method.s:r.method.e]
 	x.head = string(method) == "HEAD"
@@ -237,11 +255,7 @@ func (rc *rawConn) serveOne(end int) bool {
 	}
 	out := append(rc.out[:0], b[r.method.s:r.method.e]...)
 	out = append(out, ' ')
-	if path.s == path.e {
-		out = append(out, '/')
-	} else {
-		out = append(out, b[path.s:path.e]...)
-	}
+	out = appendPath(out, b, path)
 	out = append(out, " HTTP/1.1\r\n"...)
 	for k := 0; k < r.nh; k++ {
 		if !r.drop[k] {
@@ -274,7 +288,12 @@ func (rc *rawConn) finish(t *target, res result, mayFallback bool) bool {
 	p, x := rc.s.p, &rc.x
 	switch res.kind {
 	case outAnswered:
-		return rc.writeAnswer()
+		if x.bc != nil {
+			return rc.writeAnswer()
+		}
+		// Cannot happen (forward keeps the answer it returns); a 502
+		// rather than a crash if it ever does.
+		res = result{kind: outError, err: errAnswerGone, ep: res.ep}
 	case outOpen, outNoHealthy:
 		if fb := t.fallback; mayFallback && fb != nil && fb.Service != "" {
 			if t2, err := p.lookupTarget(rc.s.ctx, fb.Service); err == nil {
@@ -289,6 +308,8 @@ func (rc *rawConn) finish(t *target, res result, mayFallback bool) bool {
 	x.discard()
 	return rc.writeCanned(p.cannedFor(t, res, mayFallback))
 }
+
+var errAnswerGone = errors.New("proxy: the instance's answer was dropped")
 
 func (rc *rawConn) closeAfter() bool { return rc.req.connClose || rc.s.closing.Load() }
 
