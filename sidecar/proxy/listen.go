@@ -35,10 +35,17 @@ func newSniffListener(ln net.Listener, timeout time.Duration) *sniffListener {
 func (s *sniffListener) run(ctx context.Context) {
 	defer s.h1.Close()
 	defer s.h2.Close()
+	acceptEach(ctx, s.ln, func(c net.Conn) { s.route(ctx, c) })
+}
+
+// acceptEach accepts connections on ln until it is closed, handling each in
+// its own goroutine, and returns once every handler has returned. A
+// temporary accept error (too many open files) is retried after a pause.
+func acceptEach(ctx context.Context, ln net.Listener, handle func(net.Conn)) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
-		c, err := s.ln.Accept()
+		c, err := ln.Accept()
 		if err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() && ctx.Err() == nil {
@@ -50,7 +57,7 @@ func (s *sniffListener) run(ctx context.Context) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			s.route(ctx, c)
+			handle(c)
 		}()
 	}
 }

@@ -2,9 +2,7 @@ package proxy
 
 import (
 	"context"
-	"errors"
 	"net"
-	"sync"
 	"time"
 )
 
@@ -12,28 +10,11 @@ import (
 // one instance. A failed connect is tried on another instance (nothing has
 // been sent yet, so this is always safe), within the retry limits.
 func (p *Proxy) serveTCP(ctx context.Context, ln net.Listener, t *target) {
-	var wg sync.WaitGroup
-	defer wg.Wait()
 	go func() {
 		<-ctx.Done()
 		ln.Close()
 	}()
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() && ctx.Err() == nil {
-				time.Sleep(5 * time.Millisecond)
-				continue
-			}
-			return
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			p.handleTCP(ctx, c, t)
-		}()
-	}
+	acceptEach(ctx, ln, func(c net.Conn) { p.handleTCP(ctx, c, t) })
 }
 
 func (p *Proxy) handleTCP(ctx context.Context, c net.Conn, t *target) {
