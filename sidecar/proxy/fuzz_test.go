@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"io"
 	"net"
 	"net/http"
 	"sync"
@@ -52,31 +53,39 @@ func FuzzHandleRequest(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, in []byte) {
 		c := &fuzzConn{in: bytes.NewReader(in)}
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			_ = srv.ServeConn(c)
-		}()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			t.Fatal("ServeConn did not return after the input ended")
-		}
-		c.mu.Lock()
-		out := append([]byte(nil), c.out.Bytes()...)
-		c.mu.Unlock()
-		if len(out) == 0 {
-			return
-		}
-		resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(out)), nil)
-		if err != nil {
-			return // a tunnelled answer, or an error fasthttp wrote itself
-		}
-		resp.Body.Close()
-		if resp.StatusCode < 100 || resp.StatusCode > 599 {
-			t.Fatalf("status %d", resp.StatusCode)
-		}
+		serveFuzzConn(t, c, func() { _ = srv.ServeConn(c) })
 	})
+}
+
+// serveFuzzConn runs serve (which handles c until its input ends) and
+// checks that it returns and that whatever HTTP answer it wrote is sane.
+func serveFuzzConn(t *testing.T, c *fuzzConn, serve func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		serve()
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the connection handler did not return after the input ended")
+	}
+	c.mu.Lock()
+	out := append([]byte(nil), c.out.Bytes()...)
+	c.mu.Unlock()
+	if len(out) == 0 {
+		return
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(out)), nil)
+	if err != nil {
+		return // a tunnelled answer, or an error fasthttp wrote itself
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode < 100 || resp.StatusCode > 599 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
 }
 
 // fuzzConn is a connection whose client sends in and then closes its side;

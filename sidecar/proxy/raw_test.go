@@ -1,11 +1,8 @@
 package proxy
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"io"
-	"net/http"
 	"testing"
 	"time"
 
@@ -180,30 +177,6 @@ func FuzzRawConn(f *testing.F) {
 		c := &fuzzConn{in: bytes.NewReader(in)}
 		rc := &rawConn{s: s, c: c}
 		s.wg.Add(1)
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			rc.run()
-		}()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			t.Fatal("the connection handler did not return after the input ended")
-		}
-		c.mu.Lock()
-		out := append([]byte(nil), c.out.Bytes()...)
-		c.mu.Unlock()
-		if len(out) == 0 {
-			return
-		}
-		resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(out)), nil)
-		if err != nil {
-			return // an error fasthttp wrote itself
-		}
-		io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode < 100 || resp.StatusCode > 599 {
-			t.Fatalf("status %d", resp.StatusCode)
-		}
+		serveFuzzConn(t, c, rc.run)
 	})
 }
