@@ -59,6 +59,7 @@ func main() {
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile here until stopped")
 	noH2 := flag.Bool("no-h2c", false, "don't recognise h2c (serve HTTP/1.1 listeners straight from the socket)")
 	noFast := flag.Bool("fasthttp", false, "serve every HTTP/1.1 request with fasthttp, not the hand-written fast path (for comparison)")
+	noLoop := flag.Bool("no-loop", false, "serve the fast path from a goroutine per connection, not event loops (for comparison)")
 	minimal := flag.Bool("minimal", false, "instead of attache, run a minimal fasthttp reverse proxy on -upstream (a reference for profiling)")
 	flag.Parse()
 	if *minimal {
@@ -81,13 +82,13 @@ func main() {
 		}
 		return
 	}
-	if err := run(*service, *backends, *upstream, *httpProxy, *balancer, *cpuprofile, *noH2, *noFast); err != nil {
+	if err := run(*service, *backends, *upstream, *httpProxy, *balancer, *cpuprofile, *noH2, *noFast, *noLoop); err != nil {
 		fmt.Fprintln(os.Stderr, "bench/proxy:", err)
 		os.Exit(1)
 	}
 }
 
-func run(service, backends, upstream, httpProxy, balancer, cpuprofile string, noH2, noFast bool) error {
+func run(service, backends, upstream, httpProxy, balancer, cpuprofile string, noH2, noFast, noLoop bool) error {
 	snap := &catalog.Snapshot{
 		Services: map[string]*catalog.Service{},
 		Nodes:    map[string]*catalog.Node{},
@@ -118,7 +119,7 @@ func run(service, backends, upstream, httpProxy, balancer, cpuprofile string, no
 	if err != nil {
 		return err
 	}
-	cfg := proxy.Config{HTTPProxyAddr: httpProxy, Balancer: bal, Logger: log, Registerer: reg, DisableHTTP2: noH2, DisableFastPath: noFast}
+	cfg := proxy.Config{HTTPProxyAddr: httpProxy, Balancer: bal, Logger: log, Registerer: reg, DisableHTTP2: noH2, DisableFastPath: noFast, DisableEventLoop: noLoop}
 	if upstream != "" {
 		cfg.Upstreams = []proxy.Upstream{{Name: service, Addr: upstream, Protocol: proxy.ProtoHTTP}}
 	}

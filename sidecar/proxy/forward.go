@@ -44,106 +44,188 @@ type result struct {
 	open   *breaker.OpenError
 }
 
+// fwd is one request's way through forward: the breaker call, the
+// instances tried so far and the last try's result. The event loop runs
+// the first try itself and hands a fwd to forwardFrom for the retries.
+type fwd struct {
+	set      *epSet
+	call     breaker.Call
+	start    time.Time
+	deadline time.Time
+	t0, end  time.Time // the current try's start; the last try's end
+	tried    [maxTries]*endpoint
+	n        int
+	res      result
+	next     *endpoint // already picked for the next try
+}
+
 // forward runs the request through the breaker, the balancer and the retry
 // policy. replayable says whether the request may be sent more than once.
 func (t *target) forward(ctx context.Context, x exchange, replayable bool) result {
-	p := t.p
-	start := time.Now()
-	t.keepWanted(ctx, start)
+	var f fwd
+	if res, ok := t.begin(ctx, &f, time.Now()); !ok {
+		return res
+	}
+	return t.forwardFrom(ctx, x, replayable, &f, 0)
+}
+
+// begin asks the catalog and the breaker whether the request may go out
+// at all; false: res is the answer (unknown service, breaker open).
+func (t *target) begin(ctx context.Context, f *fwd, start time.Time) (result, bool) {
+	t.keepWanted(ctx, start, false)
 	set := t.endpoints()
 	if !set.found {
 		set = t.want(ctx)
 		if !set.found && !set.known {
 			t.met.count(classUnknown)
-			return result{kind: outUnknown}
+			return result{kind: outUnknown}, false
 		}
 	}
+	return t.admit(f, set, start)
+}
+
+// admit is begin's part that never waits: the breaker and the budget.
+func (t *target) admit(f *fwd, set *epSet, start time.Time) (result, bool) {
 	call, err := t.svc.Allow()
 	if err != nil {
 		var oe *breaker.OpenError
 		errors.As(err, &oe)
 		t.met.count(classOpen)
-		return result{kind: outOpen, open: oe}
+		return result{kind: outOpen, open: oe}, false
 	}
-	deadline := start.Add(p.cfg.RequestTimeout)
+	*f = fwd{set: set, call: call, start: start, deadline: start.Add(t.p.cfg.RequestTimeout), t0: start}
 	t.budget.request(start)
-	var tried [maxTries]*endpoint
-	n := 0
-	var res result
-	t0 := start
-	var end time.Time
-	for {
-		ep := t.pick(set, tried[:n])
-		if ep == nil {
-			if n == 0 {
-				t.svc.Done(call, true, time.Since(start))
-				t.met.count(classNoHealthy)
-				return result{kind: outNoHealthy}
-			}
-			break // res holds the last failure, its answer not yet discarded
+	return result{}, true
+}
+
+// forwardFrom tries instances until one answers well or the retry policy
+// says stop, starting after f.n failed tries (the last one's answer, if
+// any, still in x) and a backoff of back.
+func (t *target) forwardFrom(ctx context.Context, x exchange, replayable bool, f *fwd, back time.Duration) result {
+	if back > 0 {
+		timer := time.NewTimer(back)
+		select {
+		case <-timer.C:
+		case <-ctx.Done():
+			timer.Stop()
+			t.svc.Done(f.call, true, time.Since(f.start))
+			return f.res // the last answer, still readable
 		}
-		if n > 0 {
+	}
+	if f.n > 0 {
+		f.set, f.t0 = t.endpoints(), time.Now()
+	}
+	for {
+		ep := f.next
+		f.next = nil
+		if ep == nil {
+			ep = t.pick(f.set, f.tried[:f.n])
+		}
+		if ep == nil {
+			if f.n == 0 {
+				return t.noHealthy(f)
+			}
+			break // f.res holds the last failure, its answer not yet discarded
+		}
+		if f.n > 0 {
 			// Only now is the last answer certainly unused: a request that
 			// runs out of instances (or time) answers with it.
 			x.discard()
 		}
-		tryDeadline := t0.Add(p.cfg.TryTimeout)
-		if tryDeadline.After(deadline) {
-			tryDeadline = deadline
-		}
 		ep.inflight.Add(1)
-		status, err := x.try(ep, tryDeadline)
+		status, err := x.try(ep, f.tryDeadline(t.p))
 		ep.inflight.Add(-1)
-		end = time.Now()
-		d := end.Sub(t0)
-		failed := err != nil || p.failureOn[status%600]
-		if !errors.Is(err, fasthttp.ErrNoFreeConns) { // our own pool limit says nothing about the instance
-			ep.out.Report(failed)
-		}
-		ep.met.observe(d, failed)
-		if err != nil {
-			res = result{kind: outError, err: err, ep: ep}
-		} else {
-			res = result{kind: outAnswered, status: status, ep: ep}
-		}
-		if !failed {
+		if !t.report(f, ep, status, err, time.Now()) {
 			break
 		}
-		tried[n] = ep
-		n++
-		if !replayable || n > p.cfg.MaxRetries || (err == nil && !p.retryOn[status%600]) {
+		back, ok := t.retryAfter(f, replayable, status, err)
+		if !ok {
 			break
 		}
-		if !t.budget.retry(end, p.cfg.RetryBudget, p.cfg.MinRetries) {
-			t.met.budgetExhausted.Inc()
-			break
-		}
-		// Full-jitter backoff, never past the request deadline.
-		back := p.cfg.RetryBackoff << (n - 1)
-		if back > p.cfg.RetryBackoffMax || back <= 0 {
-			back = p.cfg.RetryBackoffMax
-		}
-		back = time.Duration(rand.Int64N(int64(back) + 1))
-		if end.Add(back + time.Millisecond).After(deadline) {
-			break
-		}
-		t.met.retries.Inc()
 		if back > 0 {
 			timer := time.NewTimer(back)
 			select {
 			case <-timer.C:
 			case <-ctx.Done():
 				timer.Stop()
-				t.svc.Done(call, true, time.Since(start))
-				return res // the last answer, still readable
+				t.svc.Done(f.call, true, time.Since(f.start))
+				return f.res // the last answer, still readable
 			}
 		}
-		set = t.endpoints()
-		t0 = time.Now()
+		f.set, f.t0 = t.endpoints(), time.Now()
 	}
-	total := end.Sub(start)
+	return t.done(f)
+}
+
+// tryDeadline is when the current try gives up.
+func (f *fwd) tryDeadline(p *Proxy) time.Time {
+	d := f.t0.Add(p.cfg.TryTimeout)
+	if d.After(f.deadline) {
+		return f.deadline
+	}
+	return d
+}
+
+// noHealthy ends a request no instance could be picked for.
+func (t *target) noHealthy(f *fwd) result {
+	t.svc.Done(f.call, true, time.Since(f.start))
+	t.met.count(classNoHealthy)
+	return result{kind: outNoHealthy}
+}
+
+// report records a try's outcome (status, or err when there is no answer)
+// at end, and says whether it failed.
+func (t *target) report(f *fwd, ep *endpoint, status int, err error, end time.Time) bool {
+	p := t.p
+	f.end = end
+	d := end.Sub(f.t0)
+	failed := err != nil || p.failureOn[status%600]
+	if !errors.Is(err, fasthttp.ErrNoFreeConns) { // our own pool limit says nothing about the instance
+		ep.out.Report(failed)
+	}
+	ep.met.observe(d, failed)
+	if err != nil {
+		f.res = result{kind: outError, err: err, ep: ep}
+	} else {
+		f.res = result{kind: outAnswered, status: status, ep: ep}
+	}
+	if failed {
+		f.tried[f.n] = ep
+		f.n++
+	}
+	return failed
+}
+
+// retryAfter says whether a failed try is retried, and after what backoff.
+func (t *target) retryAfter(f *fwd, replayable bool, status int, err error) (time.Duration, bool) {
+	p := t.p
+	if !replayable || f.n > p.cfg.MaxRetries || (err == nil && !p.retryOn[status%600]) {
+		return 0, false
+	}
+	if !t.budget.retry(f.end, p.cfg.RetryBudget, p.cfg.MinRetries) {
+		t.met.budgetExhausted.Inc()
+		return 0, false
+	}
+	// Full-jitter backoff, never past the request deadline.
+	back := p.cfg.RetryBackoff << (f.n - 1)
+	if back > p.cfg.RetryBackoffMax || back <= 0 {
+		back = p.cfg.RetryBackoffMax
+	}
+	back = time.Duration(rand.Int64N(int64(back) + 1))
+	if f.end.Add(back + time.Millisecond).After(f.deadline) {
+		return 0, false
+	}
+	t.met.retries.Inc()
+	return back, true
+}
+
+// done ends a request with the last try's result.
+func (t *target) done(f *fwd) result {
+	p := t.p
+	res := f.res
+	total := f.end.Sub(f.start)
 	finalFailed := res.kind == outError || p.failureOn[res.status%600]
-	t.svc.Done(call, finalFailed, total)
+	t.svc.Done(f.call, finalFailed, total)
 	t.met.latency.Observe(total.Seconds())
 	if res.kind == outError {
 		t.met.count(classError)
@@ -155,15 +237,23 @@ func (t *target) forward(ctx context.Context, x exchange, replayable bool) resul
 
 // keepWanted tells the source, at most once a second, that the service is
 // still in use (an on-demand watch nobody asks for is stopped).
-func (t *target) keepWanted(ctx context.Context, now time.Time) {
+// An event loop, which must never wait, asks in a goroutine (async).
+func (t *target) keepWanted(ctx context.Context, now time.Time, async bool) {
 	s := now.Unix()
 	if t.lastWant.Load() == s {
 		return
 	}
 	t.lastWant.Store(s)
-	wctx, cancel := context.WithTimeout(ctx, t.p.cfg.WantTimeout)
-	t.p.src.Want(wctx, t.name)
-	cancel()
+	want := func() {
+		wctx, cancel := context.WithTimeout(ctx, t.p.cfg.WantTimeout)
+		t.p.src.Want(wctx, t.name)
+		cancel()
+	}
+	if async {
+		go want()
+	} else {
+		want()
+	}
 }
 
 // budget limits retries to a share of requests over a 10s window of

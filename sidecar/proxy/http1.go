@@ -37,10 +37,34 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		KeepHijackedConns:            true, // tunnels own their connections (closed on shutdown)
 		Logger:                       fastLogger{p},
 	}
-	var h1 net.Listener = ln
+	var raw *rawServer
+	var ev *evServer
+	var h2ln *chanListener
 	if !p.cfg.DisableHTTP2 {
+		h2ln = newChanListener(ln.Addr())
+	}
+	if !p.cfg.DisableFastPath {
+		raw = newRawServer(ctx, p, fixed, fs)
+		if !p.cfg.DisableEventLoop {
+			var err error
+			if ev, err = newEvServer(ctx, p, raw, fixed, h2ln, ln); err != nil {
+				p.log.Debug("no event loops; goroutines serve", "addr", ln.Addr().String(), "reason", err)
+				ev = nil
+			}
+		}
+	}
+	// Without event loops, a sniffing accept loop splits h2c from HTTP/1.x.
+	var h1 net.Listener = ln
+	if ev == nil && h2ln != nil {
 		sl := newSniffListener(ln, p.cfg.IdleTimeout)
-		h1 = sl.h1
+		h1, h2ln = sl.h1, sl.h2
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sl.run(ctx)
+		}()
+	}
+	if h2ln != nil {
 		hs := &http.Server{
 			Handler:           p.stdHandler(fixed),
 			ReadHeaderTimeout: 10 * time.Second,
@@ -49,14 +73,10 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		}
 		hs.Protocols = new(http.Protocols)
 		hs.Protocols.SetUnencryptedHTTP2(true)
-		wg.Add(3)
+		wg.Add(2)
 		go func() {
 			defer wg.Done()
-			sl.run(ctx)
-		}()
-		go func() {
-			defer wg.Done()
-			err := hs.Serve(sl.h2)
+			err := hs.Serve(h2ln)
 			if err != nil && err != http.ErrServerClosed && ctx.Err() == nil {
 				errc <- fmt.Errorf("proxy: h2c on %s: %w", ln.Addr(), err)
 			}
@@ -64,22 +84,22 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		go func() {
 			defer wg.Done()
 			<-ctx.Done()
+			h2ln.Close()
 			sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
 			defer cancel()
 			_ = hs.Shutdown(sctx)
 		}()
 	}
-	var raw *rawServer
-	if !p.cfg.DisableFastPath {
-		raw = newRawServer(ctx, p, fixed, fs)
-	}
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
 		var err error
-		if raw != nil {
+		switch {
+		case ev != nil:
+			ev.serve()
+		case raw != nil:
 			err = raw.serve(h1)
-		} else {
+		default:
 			err = fs.Serve(h1)
 		}
 		if err != nil && ctx.Err() == nil {
@@ -89,6 +109,9 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 	go func() {
 		defer wg.Done()
 		<-ctx.Done()
+		if ev != nil {
+			ev.stopAccepting(p.cfg.ShutdownGraceTime) // the loops let go of ln before it closes
+		}
 		ln.Close()
 		h1.Close()
 		sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
@@ -346,7 +369,7 @@ func hasToken(v []byte, tok string) bool {
 // tunnelFast forwards an Upgrade request (WebSocket and the like): it sends
 // the request head to an instance and then copies bytes both ways.
 func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target) {
-	t.keepWanted(ctx, time.Now())
+	t.keepWanted(ctx, time.Now(), false)
 	set := t.endpoints()
 	if !set.found {
 		set = t.want(ctx)

@@ -75,6 +75,7 @@ type bpool struct {
 	maxIdle time.Duration
 	dial    func(addr string, timeout time.Duration) (net.Conn, error)
 	closed  atomic.Bool
+	waiters atomic.Int32 // gets waiting for a connection (event loops give theirs)
 }
 
 func newBPool(addr string, max int, maxIdle time.Duration, dial func(string, time.Duration) (net.Conn, error)) *bpool {
@@ -102,6 +103,8 @@ func (p *bpool) get(now time.Time, wait time.Duration, dialTimeout time.Duration
 		return p.fresh(dialTimeout)
 	default:
 	}
+	p.waiters.Add(1)
+	defer p.waiters.Add(-1)
 	t := time.NewTimer(wait)
 	defer t.Stop()
 	for {

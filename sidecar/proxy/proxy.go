@@ -21,6 +21,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/netip"
 	"sort"
 	"strings"
 	"sync"
@@ -84,6 +85,7 @@ type Config struct {
 	Registerer        prometheus.Registerer
 	DisableHTTP2      bool          // don't recognise h2c on HTTP listeners
 	DisableFastPath   bool          // serve every HTTP/1.x request with fasthttp (for comparison)
+	DisableEventLoop  bool          // serve the fast path from a goroutine per connection, not event loops (for comparison)
 	ShutdownGraceTime time.Duration // default 5s
 }
 
@@ -525,6 +527,7 @@ type epSet struct {
 	svc   *catalog.Service
 	found bool // the service is in the snapshot
 	known bool // the catalog knows the service name
+	ips   bool // every instance has an IP address (an event loop can dial them)
 	list  []*endpoint
 }
 
@@ -540,6 +543,7 @@ type endpoint struct {
 	out      *breaker.Instance
 	hc       *fasthttp.HostClient // the fasthttp path's pool
 	pool     *bpool               // the raw fast path's pool
+	ap       netip.AddrPort       // addr, when it is an IP address without a zone
 	met      *endpointMetrics
 }
 
@@ -567,7 +571,7 @@ func (t *target) rebuild(snap *catalog.Snapshot) *epSet {
 		t.set.Store(&ns)
 		return &ns
 	}
-	set := &epSet{snap: snap, svc: svc, found: found, known: found || snap.Known[t.name]}
+	set := &epSet{snap: snap, svc: svc, found: found, known: found || snap.Known[t.name], ips: true}
 	keep := map[string]bool{}
 	var ids []string
 	if found {
@@ -594,6 +598,7 @@ func (t *target) rebuild(snap *catalog.Snapshot) *epSet {
 			}
 			ep.rtt, ep.rttKnown = snap.RTT(t.p.cfg.Node, in.Node)
 			keep[key] = true
+			set.ips = set.ips && ep.ap.IsValid()
 			ids = append(ids, in.ID)
 			set.list = append(set.list, ep)
 		}
@@ -625,6 +630,9 @@ func (t *target) rebuild(snap *catalog.Snapshot) *epSet {
 func (t *target) newEndpoint(id, addr string) *endpoint {
 	p := t.p
 	ep := &endpoint{id: id, addr: addr, out: t.svc.Instance(id), met: t.met.forEndpoint(id)}
+	if ap, err := netip.ParseAddrPort(addr); err == nil && ap.Addr().Zone() == "" {
+		ep.ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
 	ep.pool = newBPool(addr, p.cfg.MaxConnsPerHost, p.cfg.MaxIdleConnTime, func(a string, timeout time.Duration) (net.Conn, error) {
 		d := p.dialer
 		if timeout < d.Timeout {

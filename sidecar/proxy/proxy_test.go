@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -78,17 +79,25 @@ func publish(src *viewSource, services map[string][]*backend) {
 }
 
 type testProxy struct {
-	p   *Proxy
-	br  *breaker.Registry
-	src *viewSource
+	cancel context.CancelFunc // stops the proxy (as its cleanup does)
+	p      *Proxy
+	br     *breaker.Registry
+	src    *viewSource
 }
 
 func (tp *testProxy) url(service, path string) string {
 	return "http://" + tp.p.Addr(service).String() + path
 }
 
+// -noloop runs every test with the goroutine fast path instead of the event
+// loops (scripts/test runs the package both ways).
+var noLoop = flag.Bool("noloop", false, "serve with a goroutine per connection, not event loops")
+
 func startProxy(t *testing.T, cfg Config, bcfg breaker.Config, services map[string][]*backend) *testProxy {
 	t.Helper()
+	if *noLoop {
+		cfg.DisableEventLoop = true
+	}
 	src := &viewSource{v: catalog.NewView()}
 	publish(src, services)
 	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: testWriter{t}})
@@ -121,7 +130,7 @@ func startProxy(t *testing.T, cfg Config, bcfg breaker.Config, services map[stri
 	case err := <-done:
 		t.Fatalf("Run: %v", err)
 	}
-	return &testProxy{p: p, br: br, src: src}
+	return &testProxy{p: p, br: br, src: src, cancel: cancel}
 }
 
 type testWriter struct{ t *testing.T }

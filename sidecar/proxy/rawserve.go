@@ -107,6 +107,26 @@ type rawConn struct {
 
 	lastHost []byte // HTTP proxy: the last host and its target
 	lastT    *target
+
+	first func(rc *rawConn) bool // for a connection an event loop handed over: what is left of its request
+}
+
+// adopt serves a connection an event loop handed over: buffered holds the
+// bytes read from it and not yet used; first, when not nil, finishes the
+// request under way and reports whether the connection stays open.
+func (s *rawServer) adopt(c net.Conn, buffered []byte, first func(rc *rawConn) bool) {
+	rc := &rawConn{s: s, c: c, buf: make([]byte, rawReadBuffer), first: first}
+	rc.n = copy(rc.buf, buffered)
+	s.mu.Lock()
+	if s.closing.Load() {
+		s.mu.Unlock()
+		c.Close()
+		return
+	}
+	s.conns[rc] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	go rc.run()
 }
 
 const rawReadBuffer = 8 << 10
@@ -123,7 +143,9 @@ func (rc *rawConn) run() {
 		}
 		s.wg.Done()
 	}()
-	rc.buf = make([]byte, rawReadBuffer)
+	if rc.buf == nil {
+		rc.buf = make([]byte, rawReadBuffer)
+	}
 	if pc, ok := rc.c.(*prefixConn); ok {
 		rc.n = copy(rc.buf, pc.prefix)
 		rc.c = pc.Conn
@@ -139,6 +161,9 @@ func (rc *rawConn) run() {
 	}
 	rc.x.p = s.p
 	p := s.p
+	if rc.first != nil && (!rc.first(rc) || s.closing.Load()) {
+		return
+	}
 	for {
 		err := parseRawReq(rc.buf[:rc.n], &rc.req)
 		if err == errHeadIncomplete && rc.n < len(rc.buf) {
@@ -253,7 +278,19 @@ func (rc *rawConn) serveOne(end int) bool {
 			rc.lastT = t
 		}
 	}
-	out := append(rc.out[:0], b[r.method.s:r.method.e]...)
+	out := appendRequest(rc.out[:0], b, r, path, end, rc.ip)
+	rc.out = out
+
+	x.req = out
+	res := t.forward(s.ctx, x, x.replay)
+	return rc.finish(t, res, true)
+}
+
+// appendRequest appends the request parsed into r (its bytes b[:end]) as
+// it goes to an instance: origin-form target, hop-by-hop headers dropped,
+// X-Forwarded-For and X-Forwarded-Proto set, the body after the head.
+func appendRequest(out, b []byte, r *rawReq, path span, end int, ip []byte) []byte {
+	out = append(out, b[r.method.s:r.method.e]...)
 	out = append(out, ' ')
 	out = appendPath(out, b, path)
 	out = append(out, " HTTP/1.1\r\n"...)
@@ -268,18 +305,13 @@ func (rc *rawConn) serveOne(end int) bool {
 		out = append(out, b[r.xff[i].s:r.xff[i].e]...)
 		out = append(out, ", "...)
 	}
-	out = append(out, rc.ip...)
+	out = append(out, ip...)
 	out = append(out, '\r', '\n')
 	if !r.hasXFP {
 		out = append(out, "X-Forwarded-Proto: http\r\n"...)
 	}
 	out = append(out, '\r', '\n')
-	out = append(out, b[r.headEnd:end]...)
-	rc.out = out
-
-	x.req = out
-	res := t.forward(s.ctx, x, x.replay)
-	return rc.finish(t, res, true)
+	return append(out, b[r.headEnd:end]...)
 }
 
 // finish writes the answer for res (the instance's, a fallback's or our
@@ -316,7 +348,16 @@ func (rc *rawConn) closeAfter() bool { return rc.req.connClose || rc.s.closing.L
 // writeCanned writes one of the proxy's own answers.
 func (rc *rawConn) writeCanned(c canned) bool {
 	closeClient := rc.closeAfter()
-	out := append(rc.out[:0], "HTTP/1.1 "...)
+	out := appendCanned(rc.out[:0], c, closeClient, rc.x.head)
+	rc.out = out
+	_, err := rc.c.Write(out)
+	return err == nil && !closeClient
+}
+
+// appendCanned appends one of the proxy's own answers (without its body
+// for a HEAD request).
+func appendCanned(out []byte, c canned, closeClient, head bool) []byte {
+	out = append(out, "HTTP/1.1 "...)
 	out = strconv.AppendInt(out, int64(c.status), 10)
 	out = append(out, ' ')
 	out = append(out, http.StatusText(c.status)...)
@@ -331,12 +372,10 @@ func (rc *rawConn) writeCanned(c canned) bool {
 		out = append(out, "Connection: close\r\n"...)
 	}
 	out = append(out, '\r', '\n')
-	if !rc.x.head {
+	if !head {
 		out = append(out, c.body...)
 	}
-	rc.out = out
-	_, err := rc.c.Write(out)
-	return err == nil && !closeClient
+	return out
 }
 
 // writeAnswer copies the instance's answer to the client: the head without
@@ -353,33 +392,7 @@ func (rc *rawConn) writeAnswer() bool {
 	if untilClose {
 		closeClient = true
 	}
-	out := append(rc.out[:0], "HTTP/1.1 "...)
-	out = append(out, b[9:12]...)
-	out = append(out, b[r.reason.s:r.reason.e]...)
-	out = append(out, '\r', '\n')
-	if r.nh > 0 {
-		if !r.hop {
-			out = append(out, b[r.lineStart[0]:r.headEnd]...)
-			out = trimBlankLine(out)
-		} else {
-			for k := 0; k < r.nh; k++ {
-				if r.drop[k] {
-					continue
-				}
-				e := r.headEnd
-				if k+1 < r.nh {
-					e = r.lineStart[k+1]
-				}
-				out = append(out, b[r.lineStart[k]:e]...)
-			}
-			out = trimBlankLine(out)
-		}
-	}
-	if closeClient {
-		out = append(out, "Connection: close\r\n"...)
-	}
-	out = append(out, rc.extra...)
-	out = append(out, '\r', '\n')
+	out := appendAnswerHead(rc.out[:0], b, r, closeClient, rc.extra)
 	avail := b[r.headEnd:x.rn]
 	reuse := false
 	var err error
@@ -467,6 +480,40 @@ func (rc *rawConn) writeAnswer() bool {
 	return err == nil && !closeClient
 }
 
+// appendAnswerHead appends the head of the instance's answer parsed into r
+// (its bytes b) as it goes to the client: hop-by-hop headers dropped,
+// Connection: close when the client connection ends after it, extra
+// header lines added.
+func appendAnswerHead(out, b []byte, r *rawResp, closeClient bool, extra []byte) []byte {
+	out = append(out, "HTTP/1.1 "...)
+	out = append(out, b[9:12]...)
+	out = append(out, b[r.reason.s:r.reason.e]...)
+	out = append(out, '\r', '\n')
+	if r.nh > 0 {
+		if !r.hop {
+			out = append(out, b[r.lineStart[0]:r.headEnd]...)
+			out = trimBlankLine(out)
+		} else {
+			for k := 0; k < r.nh; k++ {
+				if r.drop[k] {
+					continue
+				}
+				e := r.headEnd
+				if k+1 < r.nh {
+					e = r.lineStart[k+1]
+				}
+				out = append(out, b[r.lineStart[k]:e]...)
+			}
+			out = trimBlankLine(out)
+		}
+	}
+	if closeClient {
+		out = append(out, "Connection: close\r\n"...)
+	}
+	out = append(out, extra...)
+	return append(out, '\r', '\n')
+}
+
 func trimBlankLine(b []byte) []byte {
 	b = bytes.TrimSuffix(b, []byte("\n"))
 	b = bytes.TrimSuffix(b, []byte("\r"))
@@ -534,22 +581,10 @@ func (x *rawExchange) try(ep *endpoint, deadline time.Time) (int, error) {
 func (x *rawExchange) readHead(bc *bconn) error {
 	for {
 		if x.rn > 0 {
-			err := parseRawResp(bc.buf[:x.rn], &x.resp)
-			if err == nil {
-				if x.resp.status >= 200 {
-					return nil
-				}
-				if x.resp.status == http.StatusSwitchingProtocols {
-					return errBadResponse
-				}
-				x.rn = copy(bc.buf, bc.buf[x.resp.headEnd:x.rn])
-				continue
-			}
-			if err != errHeadIncomplete {
+			n, done, err := scanAnswerHead(bc.buf, x.rn, &x.resp)
+			x.rn = n
+			if done || err != nil {
 				return err
-			}
-			if x.rn == len(bc.buf) {
-				return errors.New("response head from instance too large")
 			}
 		}
 		n, err := bc.c.Read(bc.buf[x.rn:])
@@ -558,6 +593,34 @@ func (x *rawExchange) readHead(bc *bconn) error {
 			return err
 		}
 	}
+}
+
+var errHeadTooLarge = errors.New("response head from instance too large")
+
+// scanAnswerHead parses the answer whose first n bytes are in buf into r,
+// dropping interim 1xx answers (it returns how many bytes are left). done:
+// r holds a final answer's head.
+func scanAnswerHead(buf []byte, n int, r *rawResp) (int, bool, error) {
+	for n > 0 {
+		err := parseRawResp(buf[:n], r)
+		if err == errHeadIncomplete {
+			if n == len(buf) {
+				return n, false, errHeadTooLarge
+			}
+			return n, false, nil
+		}
+		if err != nil {
+			return n, false, err
+		}
+		if r.status >= 200 {
+			return n, true, nil
+		}
+		if r.status == http.StatusSwitchingProtocols {
+			return n, false, errBadResponse
+		}
+		n = copy(buf, buf[r.headEnd:n])
+	}
+	return n, false, nil
 }
 
 // discard drops an answer that will not be used.

@@ -18,7 +18,7 @@ func (p *Proxy) serveTCP(ctx context.Context, ln net.Listener, t *target) {
 }
 
 func (p *Proxy) handleTCP(ctx context.Context, c net.Conn, t *target) {
-	t.keepWanted(ctx, time.Now())
+	t.keepWanted(ctx, time.Now(), false)
 	set := t.endpoints()
 	if !set.found {
 		set = t.want(ctx)

@@ -1,0 +1,1178 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"github.com/valyala/fasthttp"
+)
+
+// The event loops serve the plain HTTP/1.1 exchanges of an HTTP listener
+// the way nginx does: a few loops (one per CPU), each watching its client
+// and instance sockets in its own epoll set, reading a socket only when it
+// has something to read. Why by hand: Go's netpoller reads every socket
+// until EAGAIN before it parks a goroutine, and looks at an idle pooled
+// connection with a syscall before reusing it; on a loopback proxy that is
+// three extra syscalls per request, 10-15 % of the CPU that decides the
+// requests per second (scripts/bench proxy). The libraries that do epoll
+// in Go (gnet, nbio) run client and outbound sockets on separate loops, so
+// every request would cross goroutines twice.
+//
+// A loop keeps only the common case: a whole request that fits its buffer,
+// one try, a Content-Length (or empty) answer that fits the instance
+// connection's buffer. Anything else — a request the parser does not take,
+// a retry, a chunked or large answer, a slow client, a service fallback, a
+// host not seen before — is handed over, with the bytes and state it has,
+// to the goroutine fast path (rawConn), which finishes it and keeps that
+// client connection for the rest of its life.
+//
+// Each loop is a plain goroutine: its epoll descriptor is itself watched
+// by the Go netpoller, so a loop with nothing to do parks like any other
+// goroutine and never holds an OS thread in epoll_wait.
+
+// evServer runs one HTTP listener's connections on event loops.
+type evServer struct {
+	p       *Proxy
+	ctx     context.Context
+	raw     *rawServer    // takes the connections the loops hand over
+	fixed   *target       // the listener's service; nil for the HTTP proxy
+	h2      *chanListener // h2c connections; nil when h2c is off
+	lnfd    int
+	loops   []*evLoop
+	closing atomic.Bool
+}
+
+// newEvServer builds the loops for ln; an error means the goroutine fast
+// path serves it instead.
+func newEvServer(ctx context.Context, p *Proxy, raw *rawServer, fixed *target, h2 *chanListener, ln net.Listener) (*evServer, error) {
+	tl, ok := ln.(*net.TCPListener)
+	if !ok {
+		return nil, errors.New("not a TCP listener")
+	}
+	sc, err := tl.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	s := &evServer{p: p, ctx: ctx, raw: raw, fixed: fixed, h2: h2, lnfd: -1}
+	if err := sc.Control(func(fd uintptr) { s.lnfd = int(fd) }); err != nil {
+		return nil, err
+	}
+	for i := 0; i < runtime.GOMAXPROCS(0); i++ {
+		l, err := newEvLoop(s)
+		if err != nil {
+			for _, l := range s.loops {
+				l.closeFDs()
+			}
+			return nil, err
+		}
+		s.loops = append(s.loops, l)
+	}
+	return s, nil
+}
+
+// serve runs the loops until shutdown has let them finish.
+func (s *evServer) serve() {
+	var wg sync.WaitGroup
+	for _, l := range s.loops {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			l.run()
+		}()
+	}
+	wg.Wait()
+}
+
+// stopAccepting makes every loop let go of the listener (which may then
+// be closed) and finish the requests under way, closing its connections
+// once they are idle and all of them after grace.
+func (s *evServer) stopAccepting(grace time.Duration) {
+	for _, l := range s.loops {
+		l.graceEnd.Store(time.Now().Add(grace).UnixNano())
+	}
+	s.closing.Store(true)
+	for _, l := range s.loops {
+		l.wakeUp()
+	}
+	for _, l := range s.loops {
+		<-l.released
+	}
+}
+
+// shed asks the loops other than from to give their idle connections to
+// ep to its pool, where goroutines wait for them.
+func (s *evServer) shed(from *evLoop, ep *endpoint) {
+	for _, l := range s.loops {
+		if l == from {
+			continue
+		}
+		select {
+		case l.shedc <- ep:
+			l.wakeUp()
+		default: // that loop has enough to do already
+		}
+	}
+}
+
+// evConn is a client connection on a loop.
+type evConn struct {
+	fd     int
+	buf    []byte
+	n      int
+	eof    bool // the client closed its side
+	more   bool // the socket may hold more than the buffer took
+	fresh  bool // nothing served yet (an h2c preface may come)
+	busy   bool // a request is under way
+	active time.Time
+	ip     []byte
+	req    rawReq
+
+	lastHost []byte // HTTP proxy: the last host and its target
+	lastT    *target
+
+	// the request under way
+	t         *target
+	f         fwd
+	ep        *endpoint
+	b         *evBack
+	out       []byte // the request as it goes to the instance
+	head      bool
+	replay    bool
+	connClose bool
+	redialed  bool
+}
+
+// evBack is a connection to an instance on a loop.
+type evBack struct {
+	fd         int
+	ep         *endpoint
+	buf        []byte
+	n          int
+	c          *evConn // the client whose request it carries; nil when idle
+	connecting bool
+	wpend      []byte // request bytes not yet written
+	reused     bool
+	idleAt     time.Time
+	headDone   bool
+	resp       rawResp
+}
+
+type evLoop struct {
+	s        *evServer
+	p        *Proxy
+	ep       int // epoll descriptor
+	wake     int // eventfd
+	f        *os.File
+	rc       syscall.RawConn
+	evs      []syscall.EpollEvent
+	nev      int
+	clients  []*evConn // by descriptor
+	backs    []*evBack // by descriptor
+	nconns   int
+	idle     map[*endpoint][]*evBack
+	out      []byte
+	now      time.Time
+	dl       time.Time // read deadline now set on f
+	swept    time.Time
+	busy     int // requests under way
+	graceEnd atomic.Int64
+	released chan struct{}
+	let      bool // the listener is no longer watched
+	paused   time.Time
+	werr     error
+	shedc    chan *endpoint // endpoints whose idle connections to close
+}
+
+func newEvLoop(s *evServer) (*evLoop, error) {
+	ep, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, os.NewSyscallError("epoll_create1", err)
+	}
+	l := &evLoop{s: s, p: s.p, ep: ep, wake: -1, evs: make([]syscall.EpollEvent, 256),
+		idle: map[*endpoint][]*evBack{}, released: make(chan struct{}), shedc: make(chan *endpoint, 16)}
+	fail := func(op string, err error) (*evLoop, error) {
+		l.closeFDs()
+		return nil, os.NewSyscallError(op, err)
+	}
+	wfd, _, errno := syscall.Syscall(syscall.SYS_EVENTFD2, 0, syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0)
+	if errno != 0 {
+		return fail("eventfd2", errno)
+	}
+	l.wake = int(wfd)
+	if err := syscall.EpollCtl(ep, syscall.EPOLL_CTL_ADD, l.wake, &syscall.EpollEvent{Events: syscall.EPOLLIN, Fd: int32(l.wake)}); err != nil {
+		return fail("epoll_ctl", err)
+	}
+	const epollExclusive = 1 << 28 // only one loop is woken per new connection
+	if err := syscall.EpollCtl(ep, syscall.EPOLL_CTL_ADD, s.lnfd, &syscall.EpollEvent{Events: syscall.EPOLLIN | epollExclusive, Fd: int32(s.lnfd)}); err != nil {
+		return fail("epoll_ctl", err)
+	}
+	if err := syscall.SetNonblock(ep, true); err != nil {
+		return fail("fcntl", err)
+	}
+	l.f = os.NewFile(uintptr(ep), "epoll")
+	if l.rc, err = l.f.SyscallConn(); err != nil {
+		l.closeFDs()
+		return nil, err
+	}
+	return l, nil
+}
+
+func (l *evLoop) closeFDs() {
+	if l.f != nil {
+		l.f.Close()
+	} else {
+		syscall.Close(l.ep)
+	}
+	if l.wake >= 0 {
+		syscall.Close(l.wake)
+	}
+}
+
+func (l *evLoop) wakeUp() {
+	one := uint64(1)
+	_, _ = syscall.Write(l.wake, (*[8]byte)(unsafe.Pointer(&one))[:])
+}
+
+// wait returns the ready events, parking the goroutine while there are
+// none (or until the read deadline).
+func (l *evLoop) wait() error {
+	err := l.rc.Read(func(fd uintptr) bool {
+		n, err := syscall.EpollWait(int(fd), l.evs, 0)
+		if err != nil {
+			if err != syscall.EINTR {
+				l.werr = os.NewSyscallError("epoll_wait", err)
+			}
+			return true
+		}
+		l.nev = n
+		return n > 0
+	})
+	if err == nil {
+		err = l.werr
+	}
+	return err
+}
+
+func (l *evLoop) run() {
+	defer l.closeFDs()
+	defer l.release()
+	for {
+		l.nev = 0
+		err := l.wait()
+		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			l.p.log.Error("event loop stopped", "error", err)
+			l.closeAll()
+			return
+		}
+		l.now = time.Now()
+		for i := 0; i < l.nev; i++ {
+			ev := &l.evs[i]
+			fd := int(ev.Fd)
+			switch {
+			case fd == l.s.lnfd:
+				l.accept()
+			case fd == l.wake:
+				var b [8]byte
+				_, _ = syscall.Read(l.wake, b[:])
+				l.shedIdle()
+			case fd < len(l.clients) && l.clients[fd] != nil:
+				l.clientEvent(l.clients[fd])
+			case fd < len(l.backs) && l.backs[fd] != nil:
+				l.backEvent(l.backs[fd], ev.Events)
+			}
+		}
+		if l.s.closing.Load() && l.drain() {
+			l.closeAll()
+			return
+		}
+		l.sweep()
+	}
+}
+
+// shedIdle closes the idle connections other loops asked for.
+func (l *evLoop) shedIdle() {
+	for {
+		select {
+		case ep := <-l.shedc:
+			list := l.idle[ep]
+			delete(l.idle, ep)
+			for _, b := range list {
+				l.giveToPool(b)
+			}
+		default:
+			return
+		}
+	}
+}
+
+// release stops watching the listener (once).
+func (l *evLoop) release() {
+	if l.let {
+		return
+	}
+	l.let = true
+	_ = syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_DEL, l.s.lnfd, nil)
+	close(l.released)
+}
+
+// drain runs while the server shuts down; true: the loop is done.
+func (l *evLoop) drain() bool {
+	l.release()
+	if l.now.UnixNano() >= l.graceEnd.Load() {
+		return true
+	}
+	for _, c := range l.clients {
+		if c != nil && !c.busy {
+			l.closeClient(c)
+		}
+	}
+	return l.busy == 0
+}
+
+func (l *evLoop) closeAll() {
+	for _, c := range l.clients {
+		if c != nil {
+			if c.busy && c.b != nil && !c.b.headDone && l.tryEnded(c, errShutdown) {
+				c.t.done(&c.f)
+			}
+			l.closeClient(c)
+		}
+	}
+	for _, b := range l.backs {
+		if b != nil {
+			l.closeBack(b)
+		}
+	}
+}
+
+var errShutdown = errors.New("proxy: shutting down")
+
+// sweep closes what timed out: tries past their deadline, clients idle for
+// IdleTimeout, instance connections idle for MaxIdleConnTime. It runs at
+// most every tick and sets the loop's read deadline for the next one.
+func (l *evLoop) sweep() {
+	p := l.p
+	tick := max(p.slack, 10*time.Millisecond)
+	if l.busy == 0 {
+		tick = time.Second
+	}
+	if l.now.Sub(l.swept) >= tick {
+		l.swept = l.now
+		if !l.paused.IsZero() && !l.now.Before(l.paused) && !l.let {
+			l.paused = time.Time{}
+			_ = syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, l.s.lnfd, &syscall.EpollEvent{Events: syscall.EPOLLIN | 1<<28, Fd: int32(l.s.lnfd)})
+		}
+		for _, c := range l.clients {
+			switch {
+			case c == nil:
+			case c.busy:
+				if b := c.b; b != nil && !b.headDone {
+					d := c.f.tryDeadline(p)
+					if b.connecting && c.f.t0.Add(p.cfg.ConnectTimeout).Before(d) {
+						d = c.f.t0.Add(p.cfg.ConnectTimeout)
+					}
+					if l.now.After(d) {
+						l.tryFailed(c, os.ErrDeadlineExceeded)
+					}
+				} else if b != nil && l.now.After(c.f.tryDeadline(p)) {
+					// the answer's body is late: nothing went to the client yet
+					l.closeBack(b)
+					l.endClient(c)
+				}
+			case l.now.Sub(c.active) > p.cfg.IdleTimeout:
+				l.closeClient(c)
+			}
+		}
+		for ep, list := range l.idle {
+			keep := list[:0]
+			for _, b := range list {
+				if l.now.Sub(b.idleAt) >= p.cfg.MaxIdleConnTime || ep.pool.closed.Load() {
+					l.closeBack(b)
+				} else {
+					keep = append(keep, b)
+				}
+			}
+			if len(keep) == 0 {
+				delete(l.idle, ep)
+			} else {
+				l.idle[ep] = keep
+			}
+		}
+	}
+	var want time.Time
+	if l.nconns > 0 || !l.paused.IsZero() {
+		want = l.swept.Add(tick)
+	}
+	if l.s.closing.Load() {
+		want = l.now.Add(50 * time.Millisecond)
+	}
+	switch {
+	case want.IsZero():
+		if !l.dl.IsZero() {
+			l.dl = time.Time{}
+			_ = l.f.SetReadDeadline(l.dl)
+		}
+	case l.dl.IsZero() || !l.dl.After(l.now) || l.dl.After(want.Add(tick/4)):
+		l.dl = want
+		_ = l.f.SetReadDeadline(l.dl)
+	}
+}
+
+// accept takes one new connection (as nginx without multi_accept): the
+// listener stays ready while more wait, so the loops share them out.
+func (l *evLoop) accept() {
+	for i := 0; i < 4; i++ {
+		fd, sa, err := syscall.Accept4(l.s.lnfd, syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC)
+		switch err {
+		case nil:
+		case syscall.EAGAIN:
+			return
+		case syscall.ECONNABORTED, syscall.EINTR:
+			continue
+		default:
+			// Out of descriptors or memory: stop accepting for a moment
+			// (the listener would wake us at once, over and over).
+			l.p.log.Warn("accept failed; pausing", "error", err)
+			_ = syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_DEL, l.s.lnfd, nil)
+			l.paused = l.now.Add(100 * time.Millisecond)
+			return
+		}
+		_ = syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
+		if err := syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, fd, &syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | epollET, Fd: int32(fd)}); err != nil {
+			syscall.Close(fd)
+			continue
+		}
+		c := &evConn{fd: fd, buf: make([]byte, rawReadBuffer), fresh: true, active: l.now}
+		switch a := sa.(type) {
+		case *syscall.SockaddrInet4:
+			c.ip = netip.AddrFrom4(a.Addr).AppendTo(nil)
+		case *syscall.SockaddrInet6:
+			c.ip = netip.AddrFrom16(a.Addr).Unmap().AppendTo(nil)
+		}
+		for fd >= len(l.clients) {
+			l.clients = append(l.clients, nil)
+		}
+		l.clients[fd] = c
+		l.nconns++
+		return
+	}
+}
+
+const epollET = 1 << 31
+
+func (l *evLoop) clientEvent(c *evConn) {
+	l.readClient(c)
+	if l.clients[c.fd] != c {
+		return
+	}
+	if !c.busy {
+		l.serve(c)
+	}
+}
+
+// readClient reads once into the free part of the buffer.
+func (l *evLoop) readClient(c *evConn) {
+	if c.n == len(c.buf) {
+		c.more = true
+		return
+	}
+	m, err := syscall.Read(c.fd, c.buf[c.n:])
+	switch {
+	case m > 0:
+		c.n += m
+		c.more = c.n == len(c.buf)
+		c.active = l.now
+	case err == syscall.EAGAIN:
+		c.more = false
+	case err == syscall.EINTR:
+		c.more = true
+	default: // end of stream or an error
+		c.eof, c.more = true, false
+	}
+}
+
+// serve starts the next request in c's buffer, if there is a whole one.
+func (l *evLoop) serve(c *evConn) {
+	p := l.p
+	for !c.busy && l.clients[c.fd] == c {
+		if l.s.closing.Load() {
+			l.closeClient(c)
+			return
+		}
+		if c.fresh && l.s.h2 != nil {
+			if c.n < 3 && !c.eof {
+				if c.more {
+					l.readClient(c)
+					continue
+				}
+				return
+			}
+			if c.n >= 3 && string(c.buf[:3]) == string(h2Preface[:3]) {
+				l.handoffH2(c)
+				return
+			}
+		}
+		if c.n == 0 {
+			if c.eof {
+				l.closeClient(c)
+			}
+			return
+		}
+		err := parseRawReq(c.buf[:c.n], &c.req)
+		if err == errHeadIncomplete && c.n < len(c.buf) {
+			if c.more {
+				l.readClient(c)
+				continue
+			}
+			if c.eof {
+				l.closeClient(c)
+			}
+			return
+		}
+		if err != nil {
+			l.handoff(c, nil)
+			return
+		}
+		end := c.req.headEnd
+		if c.req.clen > 0 {
+			if c.req.clen > int64(p.cfg.MaxReplayBody) || int64(len(c.buf)-end) < c.req.clen {
+				l.handoff(c, nil)
+				return
+			}
+			end += int(c.req.clen)
+			if c.n < end {
+				if c.more {
+					l.readClient(c)
+					continue
+				}
+				if c.eof {
+					l.closeClient(c)
+				}
+				return
+			}
+		}
+		c.fresh = false
+		l.start(c, end)
+	}
+}
+
+// start forwards the request parsed into c.req whose bytes are c.buf[:end].
+func (l *evLoop) start(c *evConn, end int) {
+	s, p, b, r := l.s, l.p, c.buf, &c.req
+	host, path := r.authority(b)
+	t := s.fixed
+	if t == nil {
+		h := host
+		if h.e == 0 {
+			h = r.host
+		}
+		hb := b[h.s:h.e]
+		if c.lastT != nil && string(hb) == string(c.lastHost) {
+			t = c.lastT
+		} else {
+			name, ok := serviceFromHost(string(hb), p.cfg.Domain)
+			if ok {
+				p.mu.Lock()
+				t = p.targets[name]
+				p.mu.Unlock()
+			}
+			if t == nil { // the goroutine path answers or looks the service up
+				l.handoff(c, nil)
+				return
+			}
+			c.lastHost = append(c.lastHost[:0], hb...)
+			c.lastT = t
+		}
+	}
+	set := t.endpoints()
+	if !set.found || !set.ips {
+		l.handoff(c, nil)
+		return
+	}
+	t.keepWanted(s.ctx, l.now, true)
+	method := b[r.method.s:r.method.e]
+	c.head = string(method) == "HEAD"
+	c.replay = idempotent(method) || r.idemKey
+	c.connClose = r.connClose
+	c.redialed = false
+	c.out = appendRequest(c.out[:0], b, r, path, end, c.ip)
+	c.n = copy(c.buf, c.buf[end:c.n])
+	c.t = t
+	if res, ok := t.admit(&c.f, set, l.now); !ok {
+		l.answer(c, res)
+		return
+	}
+	ep := t.pick(set, nil)
+	if ep == nil {
+		l.answer(c, t.noHealthy(&c.f))
+		return
+	}
+	c.busy = true
+	l.busy++
+	c.ep = ep
+	ep.inflight.Add(1)
+	l.send(c)
+}
+
+// send sends c's request to c.ep on an idle connection or a new one.
+func (l *evLoop) send(c *evConn) {
+	b := l.idleBack(c.ep)
+	if b == nil {
+		var err error
+		if c.ep.pool.waiters.Load() > 0 { // others wait already: join them
+			err = fasthttp.ErrNoFreeConns
+		} else {
+			b, err = l.dial(c.ep)
+		}
+		if err != nil {
+			if err == fasthttp.ErrNoFreeConns && !c.redialed {
+				// The instance's connections are all taken, some maybe
+				// idle on other loops: they give those to the pool, where
+				// a goroutine waits for one as long as the pool allows.
+				l.s.shed(l, c.ep)
+				c.ep.inflight.Add(-1)
+				c.f.next = c.ep
+				l.handoffRetry(c, 0)
+				return
+			}
+			l.tryFailed(c, err)
+			return
+		}
+	}
+	b.c, c.b = c, b
+	b.n, b.headDone = 0, false
+	if b.connecting {
+		b.wpend = c.out
+		return
+	}
+	l.write(b, c.out)
+}
+
+func (l *evLoop) idleBack(ep *endpoint) *evBack {
+	list := l.idle[ep]
+	for len(list) > 0 {
+		b := list[len(list)-1]
+		list = list[:len(list)-1]
+		l.idle[ep] = list
+		if l.now.Sub(b.idleAt) < l.p.cfg.MaxIdleConnTime {
+			b.reused = true
+			return b
+		}
+		l.closeBack(b)
+	}
+	return nil
+}
+
+// dial starts a connection to ep, taking a slot of its pool.
+func (l *evLoop) dial(ep *endpoint) (*evBack, error) {
+	select {
+	case ep.pool.sem <- struct{}{}:
+	default:
+		return nil, fasthttp.ErrNoFreeConns
+	}
+	var sa syscall.Sockaddr
+	family := syscall.AF_INET
+	if a := ep.ap.Addr(); a.Is4() {
+		sa = &syscall.SockaddrInet4{Port: int(ep.ap.Port()), Addr: a.As4()}
+	} else {
+		family = syscall.AF_INET6
+		sa = &syscall.SockaddrInet6{Port: int(ep.ap.Port()), Addr: a.As16()}
+	}
+	fd, err := syscall.Socket(family, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		<-ep.pool.sem
+		return nil, os.NewSyscallError("socket", err)
+	}
+	_ = syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
+	err = syscall.Connect(fd, sa)
+	if err != nil && err != syscall.EINPROGRESS {
+		syscall.Close(fd)
+		<-ep.pool.sem
+		return nil, &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(ep.ap), Err: os.NewSyscallError("connect", err)}
+	}
+	if err := syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, fd, &syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLOUT | syscall.EPOLLRDHUP | epollET, Fd: int32(fd)}); err != nil {
+		syscall.Close(fd)
+		<-ep.pool.sem
+		return nil, os.NewSyscallError("epoll_ctl", err)
+	}
+	b := &evBack{fd: fd, ep: ep, buf: make([]byte, 16<<10), connecting: err != nil}
+	for fd >= len(l.backs) {
+		l.backs = append(l.backs, nil)
+	}
+	l.backs[fd] = b
+	l.nconns++
+	if !b.connecting {
+		l.watchOut(b, false)
+	}
+	return b, nil
+}
+
+// watchOut asks for (or stops asking for) writability events on b.
+func (l *evLoop) watchOut(b *evBack, on bool) {
+	ev := uint32(syscall.EPOLLIN | syscall.EPOLLRDHUP | epollET)
+	if on {
+		ev |= syscall.EPOLLOUT
+	}
+	_ = syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_MOD, b.fd, &syscall.EpollEvent{Events: ev, Fd: int32(b.fd)})
+}
+
+// write sends data to the instance, keeping what the socket did not take.
+func (l *evLoop) write(b *evBack, data []byte) {
+	for len(data) > 0 {
+		m, err := syscall.Write(b.fd, data)
+		if m > 0 {
+			data = data[m:]
+			continue
+		}
+		if err == syscall.EINTR {
+			continue
+		}
+		if err == syscall.EAGAIN {
+			if len(b.wpend) == 0 {
+				l.watchOut(b, true)
+			}
+			b.wpend = data
+			return
+		}
+		l.tryFailed(b.c, os.NewSyscallError("write", err))
+		return
+	}
+	if len(b.wpend) > 0 {
+		b.wpend = nil
+		l.watchOut(b, false)
+	}
+}
+
+func (l *evLoop) backEvent(b *evBack, events uint32) {
+	c := b.c
+	if c == nil { // idle: the instance closed it or sent bytes nobody asked for
+		l.dropIdle(b)
+		return
+	}
+	if b.connecting {
+		if events&(syscall.EPOLLOUT|syscall.EPOLLERR|syscall.EPOLLHUP) == 0 {
+			return
+		}
+		soerr, err := syscall.GetsockoptInt(b.fd, syscall.SOL_SOCKET, syscall.SO_ERROR)
+		if err == nil && soerr != 0 {
+			err = syscall.Errno(soerr)
+		}
+		if err != nil {
+			l.tryFailed(c, &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(b.ep.ap), Err: os.NewSyscallError("connect", err)})
+			return
+		}
+		b.connecting = false
+		data := b.wpend
+		b.wpend = nil
+		l.watchOut(b, false)
+		l.write(b, data)
+		if b.c != c {
+			return
+		}
+	} else if len(b.wpend) > 0 && events&syscall.EPOLLOUT != 0 {
+		l.write(b, b.wpend)
+		if b.c != c {
+			return
+		}
+	}
+	if events&(syscall.EPOLLIN|syscall.EPOLLRDHUP|syscall.EPOLLERR|syscall.EPOLLHUP) != 0 {
+		l.readBack(b)
+	}
+}
+
+// readBack reads the instance's answer as far as it has come.
+func (l *evLoop) readBack(b *evBack) {
+	c := b.c
+	for b.c == c {
+		if b.n == len(b.buf) { // a full head is handled below; a body never fills it
+			return
+		}
+		m, err := syscall.Read(b.fd, b.buf[b.n:])
+		switch {
+		case m > 0:
+		case err == syscall.EAGAIN:
+			return
+		case err == syscall.EINTR:
+			continue
+		case err == nil: // end of stream
+			if b.headDone {
+				l.closeBack(b)
+				l.endClient(c)
+				return
+			}
+			l.tryFailed(c, io.EOF)
+			return
+		default:
+			l.tryFailed(c, os.NewSyscallError("read", err))
+			return
+		}
+		full := b.n+m == len(b.buf)
+		b.n += m
+		l.answered(b)
+		if !full {
+			return
+		}
+	}
+}
+
+// answered moves an answer along once more of it was read.
+func (l *evLoop) answered(b *evBack) {
+	c, t := b.c, b.c.t
+	r := &b.resp
+	if !b.headDone {
+		n, done, err := scanAnswerHead(b.buf, b.n, r)
+		b.n = n
+		if err != nil {
+			l.tryFailed(c, err)
+			return
+		}
+		if !done {
+			return
+		}
+		b.headDone = true
+		c.ep.inflight.Add(-1)
+		if t.report(&c.f, c.ep, r.status, nil, l.now) {
+			if back, ok := t.retryAfter(&c.f, c.replay, r.status, nil); ok {
+				l.handoffRetry(c, back)
+				return
+			}
+		}
+		t.done(&c.f)
+		if !l.simple(b) {
+			l.handoffAnswer(c)
+			return
+		}
+	}
+	need := r.headEnd
+	if r.hasBody(c.head) {
+		need += int(r.clen)
+	}
+	if b.n < need {
+		return
+	}
+	closeClient := c.connClose || c.eof || l.s.closing.Load()
+	out := appendAnswerHead(l.out[:0], b.buf, r, closeClient, nil)
+	out = append(out, b.buf[r.headEnd:need]...)
+	l.out = out
+	l.releaseBack(b, !r.close && b.n == need)
+	l.reply(c, out, closeClient)
+}
+
+// simple says whether the answer whose head is in b can be sent from the
+// loop: no body, or a Content-Length one that fits b's buffer.
+func (l *evLoop) simple(b *evBack) bool {
+	r := &b.resp
+	if !r.hasBody(b.c.head) {
+		return true
+	}
+	return r.clen >= 0 && r.clen <= int64(len(b.buf)-r.headEnd)
+}
+
+// tryFailed ends a try that got no answer: once more on a new connection
+// when a pooled one turned out closed, else the retry policy decides.
+func (l *evLoop) tryFailed(c *evConn, err error) {
+	b := c.b
+	if b != nil {
+		reused, got := b.reused, b.n > 0 || b.headDone
+		l.closeBack(b)
+		c.b = nil
+		if reused && !got && c.replay && !c.redialed && (errors.Is(err, io.EOF) || isReset(err)) {
+			c.redialed = true
+			l.send(c)
+			return
+		}
+	}
+	if !l.tryEnded(c, err) {
+		return
+	}
+	res := c.t.done(&c.f)
+	l.answer(c, res)
+}
+
+// tryEnded reports a failed try; false: it was handed over for a retry.
+func (l *evLoop) tryEnded(c *evConn, err error) bool {
+	t := c.t
+	c.ep.inflight.Add(-1)
+	t.report(&c.f, c.ep, 0, err, l.now)
+	if err == errShutdown {
+		return true
+	}
+	if back, ok := t.retryAfter(&c.f, c.replay, 0, err); ok {
+		l.handoffRetry(c, back)
+		return false
+	}
+	return true
+}
+
+// answer sends the proxy's own answer for res (a static fallback, or a
+// 502/503/504); a service fallback is the goroutine path's.
+func (l *evLoop) answer(c *evConn, res result) {
+	t := c.t
+	if fb := t.fallback; fb != nil && fb.Service != "" && (res.kind == outOpen || res.kind == outNoHealthy) {
+		l.handoffResult(c, res)
+		return
+	}
+	closeClient := c.connClose || c.eof || l.s.closing.Load()
+	out := appendCanned(l.out[:0], l.p.cannedFor(t, res, true), closeClient, c.head)
+	l.out = out
+	if !c.busy {
+		c.busy = true
+		l.busy++
+	}
+	l.reply(c, out, closeClient)
+}
+
+// reply writes a whole answer to the client and ends the request.
+func (l *evLoop) reply(c *evConn, out []byte, closeClient bool) {
+	for len(out) > 0 {
+		m, err := syscall.Write(c.fd, out)
+		if m > 0 {
+			out = out[m:]
+			continue
+		}
+		if err == syscall.EINTR {
+			continue
+		}
+		if err == syscall.EAGAIN { // a client slow to read: a goroutine waits for it
+			rest := append([]byte(nil), out...)
+			l.handoff(c, func(rc *rawConn) bool {
+				if rc.writeDeadline(time.Now().Add(rc.s.p.cfg.RequestTimeout)) != nil {
+					return false
+				}
+				_, err := rc.c.Write(rest)
+				return err == nil && !closeClient
+			})
+			return
+		}
+		closeClient = true
+		break
+	}
+	l.endRequest(c)
+	c.active = l.now
+	if closeClient {
+		l.closeClient(c)
+		return
+	}
+	l.serve(c)
+}
+
+func (l *evLoop) endRequest(c *evConn) {
+	if c.busy {
+		c.busy = false
+		l.busy--
+	}
+	c.b, c.ep = nil, nil
+}
+
+// endClient drops a client whose answer cannot be completed.
+func (l *evLoop) endClient(c *evConn) {
+	l.endRequest(c)
+	l.closeClient(c)
+}
+
+// releaseBack ends b's exchange: back to the idle list, or closed.
+func (l *evLoop) releaseBack(b *evBack, reuse bool) {
+	if c := b.c; c != nil && c.b == b {
+		c.b = nil
+	}
+	b.c = nil
+	if !reuse || b.ep.pool.closed.Load() || l.s.closing.Load() {
+		l.closeBack(b)
+		return
+	}
+	if b.ep.pool.waiters.Load() > 0 {
+		l.giveToPool(b)
+		return
+	}
+	b.n, b.headDone, b.idleAt = 0, false, l.now
+	l.idle[b.ep] = append(l.idle[b.ep], b)
+}
+
+// giveToPool moves an idle connection, with its slot, to its instance's
+// pool, for a goroutine waiting there.
+func (l *evLoop) giveToPool(b *evBack) {
+	if b.ep.pool.waiters.Load() == 0 || l.backs[b.fd] != b {
+		l.closeBack(b)
+		return
+	}
+	l.backs[b.fd] = nil
+	l.nconns--
+	nc, err := l.toConn(b.fd)
+	if err != nil {
+		<-b.ep.pool.sem
+		return
+	}
+	bc := &bconn{buf: b.buf}
+	bc.setConn(nc)
+	b.ep.pool.put(bc, l.now)
+}
+
+// dropIdle closes an idle connection and takes it off its list.
+func (l *evLoop) dropIdle(b *evBack) {
+	list := l.idle[b.ep]
+	for i, x := range list {
+		if x == b {
+			list[i] = list[len(list)-1]
+			l.idle[b.ep] = list[:len(list)-1]
+			break
+		}
+	}
+	l.closeBack(b)
+}
+
+func (l *evLoop) closeBack(b *evBack) {
+	if l.backs[b.fd] != b {
+		return
+	}
+	l.backs[b.fd] = nil
+	l.nconns--
+	syscall.Close(b.fd)
+	<-b.ep.pool.sem
+	if c := b.c; c != nil && c.b == b {
+		c.b = nil
+	}
+	b.c = nil
+}
+
+func (l *evLoop) closeClient(c *evConn) {
+	if l.clients[c.fd] != c {
+		return
+	}
+	if c.busy {
+		if b := c.b; b != nil {
+			l.closeBack(b)
+		}
+		l.endRequest(c)
+	}
+	l.clients[c.fd] = nil
+	l.nconns--
+	syscall.Close(c.fd)
+}
+
+// detach takes c off the loop and returns it as a net.Conn.
+func (l *evLoop) detach(c *evConn) (net.Conn, error) {
+	if c.busy {
+		c.busy = false
+		l.busy--
+	}
+	l.clients[c.fd] = nil
+	l.nconns--
+	return l.toConn(c.fd)
+}
+
+// toConn gives a descriptor to the Go netpoller.
+func (l *evLoop) toConn(fd int) (net.Conn, error) {
+	_ = syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_DEL, fd, nil)
+	f := os.NewFile(uintptr(fd), "")
+	nc, err := net.FileConn(f) // a duplicate, in non-blocking mode
+	f.Close()
+	return nc, err
+}
+
+// handoff gives the client connection to the goroutine fast path, with
+// the bytes not yet used; first finishes the request under way, if any.
+func (l *evLoop) handoff(c *evConn, first func(rc *rawConn) bool) {
+	nc, err := l.detach(c)
+	if err != nil {
+		l.p.log.Warn("cannot hand a connection over", "error", err)
+		return
+	}
+	l.s.raw.adopt(nc, c.buf[:c.n], first)
+}
+
+func (l *evLoop) handoffH2(c *evConn) {
+	nc, err := l.detach(c)
+	if err != nil {
+		return
+	}
+	pc := &prefixConn{Conn: nc, prefix: append([]byte(nil), c.buf[:c.n]...)}
+	ctx, h2 := l.s.ctx, l.s.h2
+	go func() {
+		if !h2.put(ctx, pc) {
+			nc.Close()
+		}
+	}()
+}
+
+// exchangeState is what the goroutine path needs of the request under way.
+func (l *evLoop) exchangeState(c *evConn) func(rc *rawConn) {
+	head, replay, connClose := c.head, c.replay, c.connClose
+	out := append([]byte(nil), c.out...)
+	deadline := c.f.start.Add(l.p.cfg.RequestTimeout)
+	return func(rc *rawConn) {
+		// as serveOne: a client that does not read its answer holds the
+		// instance's connection only until the request's deadline
+		_ = rc.writeDeadline(deadline)
+		rc.req.connClose = connClose
+		rc.out = out
+		rc.x.req, rc.x.head, rc.x.replay = out, head, replay
+	}
+}
+
+// takeAnswer moves the answer held on c's instance connection into an
+// exchange of the goroutine path (the connection keeps its pool slot).
+func (l *evLoop) takeAnswer(c *evConn) func(x *rawExchange) {
+	b := c.b
+	if b == nil {
+		return func(*rawExchange) {}
+	}
+	c.b, b.c = nil, nil
+	l.backs[b.fd] = nil
+	l.nconns--
+	nc, err := l.toConn(b.fd)
+	if err != nil {
+		<-b.ep.pool.sem
+		return func(*rawExchange) {}
+	}
+	_ = nc.SetDeadline(c.f.tryDeadline(l.p))
+	bc := &bconn{buf: b.buf}
+	bc.setConn(nc)
+	pool, n, resp := b.ep.pool, b.n, b.resp
+	return func(x *rawExchange) {
+		x.bc, x.pool, x.rn, x.resp = bc, pool, n, resp
+	}
+}
+
+// handoffRetry hands over a request whose try failed and is to be retried
+// after back (the failed answer, if any, goes along: it is the answer if no
+// other instance can be tried).
+func (l *evLoop) handoffRetry(c *evConn, back time.Duration) {
+	t, f := c.t, c.f
+	state, answer := l.exchangeState(c), l.takeAnswer(c)
+	l.handoff(c, func(rc *rawConn) bool {
+		state(rc)
+		answer(&rc.x)
+		res := t.forwardFrom(rc.s.ctx, &rc.x, rc.x.replay, &f, back)
+		return rc.finish(t, res, true)
+	})
+}
+
+// handoffAnswer hands over a request whose answer is to be streamed.
+func (l *evLoop) handoffAnswer(c *evConn) {
+	state, answer := l.exchangeState(c), l.takeAnswer(c)
+	l.handoff(c, func(rc *rawConn) bool {
+		state(rc)
+		answer(&rc.x)
+		return rc.writeAnswer()
+	})
+}
+
+// handoffResult hands over a request the goroutine path answers for res
+// (a service fallback).
+func (l *evLoop) handoffResult(c *evConn, res result) {
+	t, state := c.t, l.exchangeState(c)
+	l.handoff(c, func(rc *rawConn) bool {
+		state(rc)
+		return rc.finish(t, res, true)
+	})
+}

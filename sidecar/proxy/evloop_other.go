@@ -1,0 +1,21 @@
+//go:build !linux
+
+package proxy
+
+import (
+	"context"
+	"errors"
+	"net"
+	"time"
+)
+
+// evServer: the event loops are Linux's (epoll); elsewhere the goroutine
+// fast path serves every connection.
+type evServer struct{}
+
+func newEvServer(context.Context, *Proxy, *rawServer, *target, *chanListener, net.Listener) (*evServer, error) {
+	return nil, errors.New("event loops need Linux")
+}
+
+func (s *evServer) serve()                      {}
+func (s *evServer) stopAccepting(time.Duration) {}
