@@ -130,6 +130,7 @@ type evConn struct {
 	buf    []byte
 	n      int
 	eof    bool // the client closed its side
+	hup    bool // epoll said so: eof once the socket is drained
 	more   bool // the socket may hold more than the buffer took
 	fresh  bool // nothing served yet (an h2c preface may come)
 	busy   bool // a request is under way
@@ -164,6 +165,7 @@ type evBack struct {
 	reused     bool
 	idleAt     time.Time
 	headDone   bool
+	hup        bool // the instance closed its side
 	resp       rawResp
 }
 
@@ -286,7 +288,7 @@ func (l *evLoop) run() {
 				_, _ = syscall.Read(l.wake, b[:])
 				l.shedIdle()
 			case fd < len(l.clients) && l.clients[fd] != nil:
-				l.clientEvent(l.clients[fd])
+				l.clientEvent(l.clients[fd], ev.Events)
 			case fd < len(l.backs) && l.backs[fd] != nil:
 				l.backEvent(l.backs[fd], ev.Events)
 			}
@@ -470,7 +472,14 @@ func (l *evLoop) accept() {
 
 const epollET = 1 << 31
 
-func (l *evLoop) clientEvent(c *evConn) {
+// hangup: the peer closed its side (or the connection failed); with edge
+// triggering this is said once, so it is remembered.
+const hangup = syscall.EPOLLRDHUP | syscall.EPOLLHUP | syscall.EPOLLERR
+
+func (l *evLoop) clientEvent(c *evConn, events uint32) {
+	if events&hangup != 0 {
+		c.hup = true
+	}
 	l.readClient(c)
 	if l.clients[c.fd] != c {
 		return
@@ -492,8 +501,10 @@ func (l *evLoop) readClient(c *evConn) {
 		c.n += m
 		c.more = c.n == len(c.buf)
 		c.active = l.now
+		c.eof = c.hup && !c.more
 	case err == syscall.EAGAIN:
 		c.more = false
+		c.eof = c.hup
 	case err == syscall.EINTR:
 		c.more = true
 	default: // end of stream or an error
@@ -785,13 +796,17 @@ func (l *evLoop) backEvent(b *evBack, events uint32) {
 			return
 		}
 	}
-	if events&(syscall.EPOLLIN|syscall.EPOLLRDHUP|syscall.EPOLLERR|syscall.EPOLLHUP) != 0 {
-		l.readBack(b)
+	if events&hangup != 0 {
+		b.hup = true // never reused
+	}
+	if events&(syscall.EPOLLIN|hangup) != 0 {
+		l.readBack(b, b.hup)
 	}
 }
 
-// readBack reads the instance's answer as far as it has come.
-func (l *evLoop) readBack(b *evBack) {
+// readBack reads the instance's answer as far as it has come; after a
+// hangup, to the end of the stream (there is no later event).
+func (l *evLoop) readBack(b *evBack, hup bool) {
 	c := b.c
 	for b.c == c {
 		if b.n == len(b.buf) { // a full head is handled below; a body never fills it
@@ -819,7 +834,7 @@ func (l *evLoop) readBack(b *evBack) {
 		full := b.n+m == len(b.buf)
 		b.n += m
 		l.answered(b)
-		if !full {
+		if !full && !hup {
 			return
 		}
 	}
@@ -986,7 +1001,7 @@ func (l *evLoop) releaseBack(b *evBack, reuse bool) {
 		c.b = nil
 	}
 	b.c = nil
-	if !reuse || b.ep.pool.closed.Load() || l.s.closing.Load() {
+	if !reuse || b.hup || b.ep.pool.closed.Load() || l.s.closing.Load() {
 		l.closeBack(b)
 		return
 	}

@@ -128,3 +128,26 @@ func TestShutdownFinishesRequestUnderWay(t *testing.T) {
 		t.Fatal("the connection stayed open after the answer")
 	}
 }
+
+// Bug (found by FuzzListener): a client that sent its request and its
+// close together waited for the idle timeout; the close is said once.
+func TestClientClosesAfterRequest(t *testing.T) {
+	b := rawBackend(t, "svc", "s1", func(n int, r *http.Request, c net.Conn) {
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+	})
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("svc")}, IdleTimeout: time.Minute}, breaker.Config{},
+		map[string][]*backend{"svc": {b}})
+	for _, req := range []string{
+		"POST /x HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nhello",
+		"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n",
+		"GET /x HTTP/1.1\r\nHost: svc\r\n", // incomplete: closed at once
+	} {
+		c := dialRaw(t, tp.p.Addr("svc"))
+		c.c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c.c, req)
+		c.c.(*net.TCPConn).CloseWrite()
+		if _, err := io.ReadAll(c.c); err != nil {
+			t.Fatalf("%q: %v (neither answered nor closed)", req, err)
+		}
+	}
+}

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"io"
 	"net"
 	"net/http"
@@ -110,3 +111,75 @@ func (c *fuzzConn) RemoteAddr() net.Addr {
 func (c *fuzzConn) SetDeadline(t time.Time) error      { return nil }
 func (c *fuzzConn) SetReadDeadline(t time.Time) error  { return nil }
 func (c *fuzzConn) SetWriteDeadline(t time.Time) error { return nil }
+
+// FuzzListener sends raw bytes over a real TCP connection to a running HTTP
+// proxy listener (the event loops, or with -noloop the goroutine path),
+// then closes its side. The proxy must answer with well-formed HTTP or
+// close the connection, within the request timeout, and keep serving.
+func FuzzListener(f *testing.F) {
+	for _, s := range []string{
+		"GET /items/1 HTTP/1.1\r\nHost: inventory\r\n\r\nGET /items/2 HTTP/1.1\r\nHost: inventory\r\n\r\n",
+		"POST /x HTTP/1.1\r\nHost: inventory\r\nContent-Length: 5\r\n\r\nhello",
+		"POST /x HTTP/1.1\r\nHost: inventory\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+		"GET / HTTP/1.1\r\nHost: nosuch.service.consul\r\n\r\n",
+		"GET / HTTP/1.0\r\n\r\n",
+		"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+		"HEAD /items/1 HTTP/1.1\r\nHost: inventory.service.consul\r\nConnection: close\r\n\r\n",
+	} {
+		f.Add([]byte(s))
+	}
+	b := newBackend(f, "inventory", "i1", nil)
+	src := &viewSource{v: catalog.NewView()}
+	publish(src, map[string][]*backend{"inventory": {b}})
+	br, _ := breaker.New(breaker.Config{}, nil, nil)
+	p, err := New(Config{HTTPProxyAddr: "127.0.0.1:0", TryTimeout: time.Second, RequestTimeout: 2 * time.Second,
+		WantTimeout: time.Millisecond, IdleTimeout: 3 * time.Second, DisableEventLoop: *noLoop}, src, br)
+	if err != nil {
+		f.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	f.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	<-p.Ready()
+	addr := p.Addr("").String()
+	f.Fuzz(func(t *testing.T, in []byte) {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Write(in); err != nil {
+			return // the proxy closed on what it read so far
+		}
+		_ = c.(*net.TCPConn).CloseWrite()
+		out, err := io.ReadAll(c)
+		if err != nil && !isReset(err) {
+			t.Fatalf("reading the answers: %v (the proxy neither answered nor closed)", err)
+		}
+		if len(out) > 0 {
+			if resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(out)), nil); err == nil {
+				io.Copy(io.Discard, resp.Body)
+				if resp.StatusCode < 100 || resp.StatusCode > 599 {
+					t.Fatalf("status %d", resp.StatusCode)
+				}
+			}
+		}
+		// and it still serves
+		c2, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c2.Close()
+		_ = c2.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c2, "GET /items/1 HTTP/1.1\r\nHost: inventory\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c2), nil)
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("a plain request after the input: %v %v", err, resp)
+		}
+	})
+}
