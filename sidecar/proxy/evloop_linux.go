@@ -91,11 +91,16 @@ func (s *evServer) serve() {
 		}()
 	}
 	wg.Wait()
+	for _, l := range s.loops { // only now: another loop may still wake this one
+		l.closeFDs()
+	}
 }
 
 // stopAccepting makes every loop let go of the listener (which may then
 // be closed) and finish the requests under way, closing its connections
-// once they are idle and all of them after grace.
+// once they are idle and all of them after grace; serve returns when they
+// are done (requests handed over meanwhile are the rawServer's, whose
+// shutdown must come after).
 func (s *evServer) stopAccepting(grace time.Duration) {
 	for _, l := range s.loops {
 		l.graceEnd.Store(time.Now().Add(grace).UnixNano())
@@ -127,6 +132,7 @@ func (s *evServer) shed(from *evLoop, ep *endpoint) {
 // evConn is a client connection on a loop.
 type evConn struct {
 	fd     int
+	gen    int32
 	buf    []byte
 	n      int
 	eof    bool // the client closed its side
@@ -156,6 +162,7 @@ type evConn struct {
 // evBack is a connection to an instance on a loop.
 type evBack struct {
 	fd         int
+	gen        int32
 	ep         *endpoint
 	buf        []byte
 	n          int
@@ -192,6 +199,7 @@ type evLoop struct {
 	let      bool // the listener is no longer watched
 	paused   time.Time
 	werr     error
+	gen      int32
 	shedc    chan *endpoint // endpoints whose idle connections to close
 }
 
@@ -211,11 +219,11 @@ func newEvLoop(s *evServer) (*evLoop, error) {
 		return fail("eventfd2", errno)
 	}
 	l.wake = int(wfd)
-	if err := syscall.EpollCtl(ep, syscall.EPOLL_CTL_ADD, l.wake, &syscall.EpollEvent{Events: syscall.EPOLLIN, Fd: int32(l.wake)}); err != nil {
+	if err := syscall.EpollCtl(ep, syscall.EPOLL_CTL_ADD, l.wake, &syscall.EpollEvent{Events: syscall.EPOLLIN, Fd: int32(l.wake), Pad: genWake}); err != nil {
 		return fail("epoll_ctl", err)
 	}
 	const epollExclusive = 1 << 28 // only one loop is woken per new connection
-	if err := syscall.EpollCtl(ep, syscall.EPOLL_CTL_ADD, s.lnfd, &syscall.EpollEvent{Events: syscall.EPOLLIN | epollExclusive, Fd: int32(s.lnfd)}); err != nil {
+	if err := syscall.EpollCtl(ep, syscall.EPOLL_CTL_ADD, s.lnfd, &syscall.EpollEvent{Events: syscall.EPOLLIN | epollExclusive, Fd: int32(s.lnfd), Pad: genListener}); err != nil {
 		return fail("epoll_ctl", err)
 	}
 	if err := syscall.SetNonblock(ep, true); err != nil {
@@ -266,7 +274,6 @@ func (l *evLoop) wait() error {
 }
 
 func (l *evLoop) run() {
-	defer l.closeFDs()
 	defer l.release()
 	for {
 		l.nev = 0
@@ -278,18 +285,23 @@ func (l *evLoop) run() {
 		}
 		l.now = time.Now()
 		for i := 0; i < l.nev; i++ {
+			// A descriptor closed earlier in this batch may already be
+			// reused: an event counts only for the registration (the
+			// generation) it was made for.
 			ev := &l.evs[i]
 			fd := int(ev.Fd)
 			switch {
-			case fd == l.s.lnfd:
-				l.accept()
-			case fd == l.wake:
+			case ev.Pad == genListener:
+				if !l.let {
+					l.accept()
+				}
+			case ev.Pad == genWake:
 				var b [8]byte
 				_, _ = syscall.Read(l.wake, b[:])
 				l.shedIdle()
-			case fd < len(l.clients) && l.clients[fd] != nil:
+			case fd < len(l.clients) && l.clients[fd] != nil && l.clients[fd].gen == ev.Pad:
 				l.clientEvent(l.clients[fd], ev.Events)
-			case fd < len(l.backs) && l.backs[fd] != nil:
+			case fd < len(l.backs) && l.backs[fd] != nil && l.backs[fd].gen == ev.Pad:
 				l.backEvent(l.backs[fd], ev.Events)
 			}
 		}
@@ -372,7 +384,7 @@ func (l *evLoop) sweep() {
 		l.swept = l.now
 		if !l.paused.IsZero() && !l.now.Before(l.paused) && !l.let {
 			l.paused = time.Time{}
-			_ = syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, l.s.lnfd, &syscall.EpollEvent{Events: syscall.EPOLLIN | 1<<28, Fd: int32(l.s.lnfd)})
+			_ = syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, l.s.lnfd, &syscall.EpollEvent{Events: syscall.EPOLLIN | 1<<28, Fd: int32(l.s.lnfd), Pad: genListener})
 		}
 		for _, c := range l.clients {
 			switch {
@@ -450,11 +462,12 @@ func (l *evLoop) accept() {
 			return
 		}
 		_ = syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
-		if err := syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, fd, &syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | epollET, Fd: int32(fd)}); err != nil {
+		gen := l.nextGen()
+		if err := syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, fd, &syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | epollET, Fd: int32(fd), Pad: gen}); err != nil {
 			syscall.Close(fd)
 			continue
 		}
-		c := &evConn{fd: fd, buf: make([]byte, rawReadBuffer), fresh: true, active: l.now}
+		c := &evConn{fd: fd, gen: gen, buf: make([]byte, rawReadBuffer), fresh: true, active: l.now}
 		switch a := sa.(type) {
 		case *syscall.SockaddrInet4:
 			c.ip = netip.AddrFrom4(a.Addr).AppendTo(nil)
@@ -471,6 +484,21 @@ func (l *evLoop) accept() {
 }
 
 const epollET = 1 << 31
+
+// Generations tell registrations of one descriptor number apart (epoll
+// data beside the descriptor); the listener and the wake-up have their own.
+const (
+	genListener int32 = -1
+	genWake     int32 = -2
+)
+
+func (l *evLoop) nextGen() int32 {
+	l.gen++
+	if l.gen <= 0 {
+		l.gen = 1
+	}
+	return l.gen
+}
 
 // hangup: the peer closed its side (or the connection failed); with edge
 // triggering this is said once, so it is remembered.
@@ -534,6 +562,10 @@ func (l *evLoop) serve(c *evConn) {
 			}
 		}
 		if c.n == 0 {
+			if c.more {
+				l.readClient(c)
+				continue
+			}
 			if c.eof {
 				l.closeClient(c)
 			}
@@ -643,7 +675,7 @@ func (l *evLoop) send(c *evConn) {
 		if c.ep.pool.waiters.Load() > 0 { // others wait already: join them
 			err = fasthttp.ErrNoFreeConns
 		} else {
-			b, err = l.dial(c.ep)
+			b, err = l.dial(c.ep, false)
 		}
 		if err != nil {
 			if err == fasthttp.ErrNoFreeConns && !c.redialed {
@@ -660,6 +692,11 @@ func (l *evLoop) send(c *evConn) {
 			return
 		}
 	}
+	l.attach(c, b)
+}
+
+// attach sends c's request on b.
+func (l *evLoop) attach(c *evConn, b *evBack) {
 	b.c, c.b = c, b
 	b.n, b.headDone = 0, false
 	if b.connecting {
@@ -684,12 +721,15 @@ func (l *evLoop) idleBack(ep *endpoint) *evBack {
 	return nil
 }
 
-// dial starts a connection to ep, taking a slot of its pool.
-func (l *evLoop) dial(ep *endpoint) (*evBack, error) {
-	select {
-	case ep.pool.sem <- struct{}{}:
-	default:
-		return nil, fasthttp.ErrNoFreeConns
+// dial starts a connection to ep, taking a slot of its pool unless held
+// says the caller has one (which fails with it).
+func (l *evLoop) dial(ep *endpoint, held bool) (*evBack, error) {
+	if !held {
+		select {
+		case ep.pool.sem <- struct{}{}:
+		default:
+			return nil, fasthttp.ErrNoFreeConns
+		}
 	}
 	var sa syscall.Sockaddr
 	family := syscall.AF_INET
@@ -711,12 +751,13 @@ func (l *evLoop) dial(ep *endpoint) (*evBack, error) {
 		<-ep.pool.sem
 		return nil, &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(ep.ap), Err: os.NewSyscallError("connect", err)}
 	}
-	if err := syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, fd, &syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLOUT | syscall.EPOLLRDHUP | epollET, Fd: int32(fd)}); err != nil {
+	gen := l.nextGen()
+	if err := syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, fd, &syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLOUT | syscall.EPOLLRDHUP | epollET, Fd: int32(fd), Pad: gen}); err != nil {
 		syscall.Close(fd)
 		<-ep.pool.sem
 		return nil, os.NewSyscallError("epoll_ctl", err)
 	}
-	b := &evBack{fd: fd, ep: ep, buf: make([]byte, 16<<10), connecting: err != nil}
+	b := &evBack{fd: fd, gen: gen, ep: ep, buf: make([]byte, 16<<10), connecting: err != nil}
 	for fd >= len(l.backs) {
 		l.backs = append(l.backs, nil)
 	}
@@ -734,7 +775,7 @@ func (l *evLoop) watchOut(b *evBack, on bool) {
 	if on {
 		ev |= syscall.EPOLLOUT
 	}
-	_ = syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_MOD, b.fd, &syscall.EpollEvent{Events: ev, Fd: int32(b.fd)})
+	_ = syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_MOD, b.fd, &syscall.EpollEvent{Events: ev, Fd: int32(b.fd), Pad: b.gen})
 }
 
 // write sends data to the instance, keeping what the socket did not take.
@@ -755,7 +796,7 @@ func (l *evLoop) write(b *evBack, data []byte) {
 			b.wpend = data
 			return
 		}
-		l.tryFailed(b.c, os.NewSyscallError("write", err))
+		l.backFailed(b, os.NewSyscallError("write", err))
 		return
 	}
 	if len(b.wpend) > 0 {
@@ -820,15 +861,10 @@ func (l *evLoop) readBack(b *evBack, hup bool) {
 		case err == syscall.EINTR:
 			continue
 		case err == nil: // end of stream
-			if b.headDone {
-				l.closeBack(b)
-				l.endClient(c)
-				return
-			}
-			l.tryFailed(c, io.EOF)
+			l.backFailed(b, io.EOF)
 			return
 		default:
-			l.tryFailed(c, os.NewSyscallError("read", err))
+			l.backFailed(b, os.NewSyscallError("read", err))
 			return
 		}
 		full := b.n+m == len(b.buf)
@@ -893,19 +929,40 @@ func (l *evLoop) simple(b *evBack) bool {
 	return r.clen >= 0 && r.clen <= int64(len(b.buf)-r.headEnd)
 }
 
+// backFailed handles an instance connection that failed: before the
+// answer's head that is the try's failure; after it (the try already
+// counted) the client's answer cannot be completed.
+func (l *evLoop) backFailed(b *evBack, err error) {
+	c := b.c
+	if !b.headDone {
+		l.tryFailed(c, err)
+		return
+	}
+	l.closeBack(b)
+	l.endClient(c)
+}
+
 // tryFailed ends a try that got no answer: once more on a new connection
 // when a pooled one turned out closed, else the retry policy decides.
 func (l *evLoop) tryFailed(c *evConn, err error) {
 	b := c.b
 	if b != nil {
 		reused, got := b.reused, b.n > 0 || b.headDone
-		l.closeBack(b)
-		c.b = nil
 		if reused && !got && c.replay && !c.redialed && (errors.Is(err, io.EOF) || isReset(err)) {
+			// a pooled connection the instance had closed: once more on
+			// a new one, in the same slot of the pool
+			l.closeBackKeepSlot(b)
 			c.redialed = true
-			l.send(c)
+			nb, err := l.dial(c.ep, true)
+			if err != nil {
+				l.tryFailed(c, err)
+				return
+			}
+			l.attach(c, nb)
 			return
 		}
+		l.closeBack(b)
+		c.b = nil
 	}
 	if !l.tryEnded(c, err) {
 		return
@@ -1001,7 +1058,7 @@ func (l *evLoop) releaseBack(b *evBack, reuse bool) {
 		c.b = nil
 	}
 	b.c = nil
-	if !reuse || b.hup || b.ep.pool.closed.Load() || l.s.closing.Load() {
+	if !reuse || b.hup || len(b.wpend) > 0 || b.ep.pool.closed.Load() || l.s.closing.Load() {
 		l.closeBack(b)
 		return
 	}
@@ -1046,13 +1103,21 @@ func (l *evLoop) dropIdle(b *evBack) {
 }
 
 func (l *evLoop) closeBack(b *evBack) {
+	if l.backs[b.fd] == b {
+		<-b.ep.pool.sem
+	}
+	l.closeBackKeepSlot(b)
+}
+
+// closeBackKeepSlot closes b; its slot in the pool is the caller's.
+func (l *evLoop) closeBackKeepSlot(b *evBack) {
 	if l.backs[b.fd] != b {
 		return
 	}
 	l.backs[b.fd] = nil
 	l.nconns--
 	syscall.Close(b.fd)
-	<-b.ep.pool.sem
+	b.wpend = nil
 	if c := b.c; c != nil && c.b == b {
 		c.b = nil
 	}
@@ -1100,10 +1165,27 @@ func (l *evLoop) handoff(c *evConn, first func(rc *rawConn) bool) {
 	nc, err := l.detach(c)
 	if err != nil {
 		l.p.log.Warn("cannot hand a connection over", "error", err)
-		return
+		if first == nil {
+			return
+		}
+		// The request under way still ends (its answer released, the
+		// breaker told), writing to a connection that is gone.
+		nc = deadConn{}
 	}
 	l.s.raw.adopt(nc, c.buf[:c.n], first)
 }
+
+// deadConn stands for a client connection that could not be handed over.
+type deadConn struct{}
+
+func (deadConn) Read([]byte) (int, error)         { return 0, net.ErrClosed }
+func (deadConn) Write([]byte) (int, error)        { return 0, net.ErrClosed }
+func (deadConn) Close() error                     { return nil }
+func (deadConn) LocalAddr() net.Addr              { return nil }
+func (deadConn) RemoteAddr() net.Addr             { return nil }
+func (deadConn) SetDeadline(time.Time) error      { return nil }
+func (deadConn) SetReadDeadline(time.Time) error  { return nil }
+func (deadConn) SetWriteDeadline(time.Time) error { return nil }
 
 func (l *evLoop) handoffH2(c *evConn) {
 	nc, err := l.detach(c)
@@ -1153,6 +1235,9 @@ func (l *evLoop) takeAnswer(c *evConn) func(x *rawExchange) {
 	bc := &bconn{buf: b.buf}
 	bc.setConn(nc)
 	pool, n, resp := b.ep.pool, b.n, b.resp
+	if len(b.wpend) > 0 { // the instance answered before it had the whole request
+		resp.close = true
+	}
 	return func(x *rawExchange) {
 		x.bc, x.pool, x.rn, x.resp = bc, pool, n, resp
 	}

@@ -151,3 +151,133 @@ func TestClientClosesAfterRequest(t *testing.T) {
 		}
 	}
 }
+
+func epOf(tp *testProxy, name string) *endpoint {
+	tp.p.mu.Lock()
+	t := tp.p.targets[name]
+	tp.p.mu.Unlock()
+	return t.endpoints().list[0]
+}
+
+// Bug (review): pipelined requests filling the 8 KiB buffer exactly at a request
+// boundary: the rest waits in the socket with no new edge.
+func TestPipelinedRequestsFillingTheBuffer(t *testing.T) {
+	b := rawBackend(t, "svc", "s1", func(n int, r *http.Request, c net.Conn) {
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+	})
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("svc")}}, breaker.Config{}, map[string][]*backend{"svc": {b}})
+	c := dialRaw(t, tp.p.Addr("svc"))
+	req := "GET /" + strings.Repeat("x", 35) + " HTTP/1.1\r\nHost: svc\r\n\r\n"
+	if len(req) != 64 {
+		t.Fatal(len(req))
+	}
+	c.c.SetDeadline(time.Now().Add(3 * time.Second))
+	io.WriteString(c.c, strings.Repeat(req, 150))
+	for i := 0; i < 150; i++ {
+		resp, err := http.ReadResponse(c.br, nil)
+		if err != nil {
+			t.Fatalf("answer %d: %v", i, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+	}
+}
+
+// Bug (review): an instance resetting mid-body had its try counted twice
+// (in flight went below zero, the breaker told twice).
+func TestResetAfterHeadCountsOneTry(t *testing.T) {
+	b := rawBackend(t, "svc", "s1", func(n int, r *http.Request, c net.Conn) {
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+		time.Sleep(20 * time.Millisecond)
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+	})
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("svc")}}, breaker.Config{}, map[string][]*backend{"svc": {b}})
+	c := dialRaw(t, tp.p.Addr("svc"))
+	resp, body, err := c.do("GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+	if err == nil {
+		t.Logf("client got %v %q", resp.Status, body)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if n := epOf(tp, "svc").inflight.Load(); n != 0 {
+		t.Fatalf("inflight = %d after the request, want 0", n)
+	}
+}
+
+// Bug (review): shutdown while a request whose answer must be handed over (chunked)
+// is under way: the goroutine path refuses the handoff.
+func TestShutdownFinishesHandedOverRequest(t *testing.T) {
+	started := make(chan struct{})
+	b := rawBackend(t, "svc", "s1", func(n int, r *http.Request, c net.Conn) {
+		close(started)
+		time.Sleep(200 * time.Millisecond)
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nlate\r\n0\r\n\r\n")
+	})
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("svc")}}, breaker.Config{}, map[string][]*backend{"svc": {b}})
+	c := dialRaw(t, tp.p.Addr("svc"))
+	type answer struct {
+		resp *http.Response
+		body []byte
+		err  error
+	}
+	got := make(chan answer, 1)
+	go func() {
+		resp, body, err := c.do("GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+		got <- answer{resp, body, err}
+	}()
+	<-started
+	ep := epOf(tp, "svc")
+	tp.cancel()
+	a := <-got
+	time.Sleep(300 * time.Millisecond)
+	t.Logf("pool slots held after shutdown: %d", len(ep.pool.sem))
+	if a.err != nil || a.resp.StatusCode != 200 || string(a.body) != "late" {
+		t.Fatalf("got %v %v %q; want 200 \"late\"", a.err, a.resp, a.body)
+	}
+}
+
+// Bug (review): descriptor number reuse within one epoll batch: a stale hangup of a client
+// handed off is taken for the new client's.
+func TestDescriptorReuseInOneBatch(t *testing.T) {
+	go1 := make(chan chan struct{}, 1)
+	b := rawBackend(t, "svc", "s1", func(n int, r *http.Request, c net.Conn) {
+		if r.URL.Path == "/a" {
+			ch := make(chan struct{})
+			go1 <- ch
+			<-ch
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+	})
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("svc")}}, breaker.Config{}, map[string][]*backend{"svc": {b}})
+	addr := tp.p.Addr("svc").String()
+	bad := 0
+	for i := 0; i < 300; i++ {
+		a, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(a, "GET /a HTTP/1.1\r\nHost: svc\r\n\r\n")
+		ch := <-go1
+		close(ch) // the instance answers (chunked: handed over, A's fd freed)
+		bc, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.(*net.TCPConn).CloseWrite()
+		bc.SetDeadline(time.Now().Add(3 * time.Second))
+		io.WriteString(bc, "GET /b HTTP/1.1\r\nHost: svc\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(bc), nil)
+		if err != nil || resp.Close {
+			bad++
+			if bad < 4 {
+				t.Logf("iteration %d: B got %v close=%v", i, err, resp != nil && resp.Close)
+			}
+		}
+		a.Close()
+		bc.Close()
+	}
+	if bad > 0 {
+		t.Fatalf("%d of 300 fresh clients were closed or told Connection: close", bad)
+	}
+}

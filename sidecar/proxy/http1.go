@@ -90,6 +90,7 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 			_ = hs.Shutdown(sctx)
 		}()
 	}
+	evDone := make(chan struct{})
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
@@ -97,6 +98,7 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		switch {
 		case ev != nil:
 			ev.serve()
+			close(evDone)
 		case raw != nil:
 			err = raw.serve(h1)
 		default:
@@ -121,6 +123,9 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 			defer close(fsDone)
 			_ = fs.ShutdownWithContext(sctx)
 		}()
+		if ev != nil {
+			<-evDone // what the loops hand over while they drain is raw's
+		}
 		if raw != nil {
 			raw.shutdown(p.cfg.ShutdownGraceTime)
 		}

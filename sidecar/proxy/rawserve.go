@@ -118,11 +118,13 @@ func (s *rawServer) adopt(c net.Conn, buffered []byte, first func(rc *rawConn) b
 	rc := &rawConn{s: s, c: c, buf: make([]byte, rawReadBuffer), first: first}
 	rc.n = copy(rc.buf, buffered)
 	s.mu.Lock()
-	if s.closing.Load() {
+	if s.closing.Load() && first == nil {
 		s.mu.Unlock()
 		c.Close()
 		return
 	}
+	// A request under way always finishes (its accounting with it); the
+	// loops hand over before shutdown starts here.
 	s.conns[rc] = struct{}{}
 	s.wg.Add(1)
 	s.mu.Unlock()
