@@ -826,3 +826,38 @@ func TestShutdownClosesTunnels(t *testing.T) {
 		t.Fatalf("tunnel still open after Run returned: %v", err)
 	}
 }
+
+// An http2 upstream sends h2c requests to its instances over h2c: an
+// instance that speaks only h2c (as a gRPC server) answers them.
+func TestH2CToH2COnlyInstance(t *testing.T) {
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "%s %s", r.Proto, r.URL.Path)
+	})}
+	srv.Protocols = new(http.Protocols)
+	srv.Protocols.SetUnencryptedHTTP2(true) // and not HTTP/1
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	inst := &backend{id: "g1", inst: catalog.Instance{ID: "g1", Service: "grpc", Node: "n1", Address: "127.0.0.1",
+		Port: ln.Addr().(*net.TCPAddr).Port, Weight: 1, Status: "passing"}}
+	tp := startProxy(t, Config{Upstreams: []Upstream{{Name: "grpc", Addr: "127.0.0.1:0", Protocol: ProtoHTTP2}}},
+		breaker.Config{}, map[string][]*backend{"grpc": {inst}})
+	tr := &http.Transport{}
+	tr.Protocols = new(http.Protocols)
+	tr.Protocols.SetUnencryptedHTTP2(true)
+	c := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+	for i := 0; i < 3; i++ {
+		resp, err := c.Get(tp.url("grpc", "/svc.Method"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || resp.ProtoMajor != 2 || string(body) != "HTTP/2.0 /svc.Method" {
+			t.Fatalf("got %s %d %q; want the instance reached over h2c", resp.Proto, resp.StatusCode, body)
+		}
+	}
+}
