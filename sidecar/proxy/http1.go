@@ -180,8 +180,9 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, fixed *target) {
 
 	replayable := replaySafe(req)
 	if req.IsBodyStream() {
-		cl := h.ContentLength()
-		if cl >= 0 && cl <= p.cfg.MaxReplayBody {
+		cl, limit := h.ContentLength(), p.cfg.MaxReplayBody
+		switch {
+		case cl >= 0 && cl <= limit:
 			body := make([]byte, cl)
 			if _, err := io.ReadFull(ctx.RequestBodyStream(), body); err != nil {
 				p.fastCanned(ctx, cannedJSON(http.StatusBadRequest, "reading the request body: "+err.Error(), t.name))
@@ -189,7 +190,24 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, fixed *target) {
 				return
 			}
 			req.SetBody(body)
-		} else {
+		case cl == -1 && replayable:
+			// A chunked body of a request that may be retried is buffered
+			// (and sent on with a Content-Length) when it ends within the
+			// limit; a longer one streams on, not retried.
+			stream := ctx.RequestBodyStream()
+			body, err := io.ReadAll(io.LimitReader(stream, int64(limit)+1))
+			if err != nil {
+				p.fastCanned(ctx, cannedJSON(http.StatusBadRequest, "reading the request body: "+err.Error(), t.name))
+				ctx.SetConnectionClose()
+				return
+			}
+			if len(body) <= limit {
+				req.SetBody(body)
+			} else {
+				req.SetBodyStream(io.MultiReader(bytes.NewReader(body), stream), -1)
+				replayable = false
+			}
+		default:
 			replayable = false
 		}
 	}
