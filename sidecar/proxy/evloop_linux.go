@@ -669,7 +669,7 @@ func (l *evLoop) start(c *evConn, end int) {
 
 // send sends c's request to c.ep on an idle connection or a new one.
 func (l *evLoop) send(c *evConn) {
-	b := l.idleBack(c.ep)
+	b := l.idleBack(c.ep, !c.replay)
 	if b == nil {
 		var err error
 		if c.ep.pool.waiters.Load() > 0 { // others wait already: join them
@@ -706,13 +706,17 @@ func (l *evLoop) attach(c *evConn, b *evBack) {
 	l.write(b, c.out)
 }
 
-func (l *evLoop) idleBack(ep *endpoint) *evBack {
+// idleBack takes the newest idle connection to ep. An instance's close of
+// an idle connection is seen by its event, which may come later in the
+// batch under way: for a request that may not be sent twice (which a
+// stale connection would fail) it is also looked at with a peek.
+func (l *evLoop) idleBack(ep *endpoint, look bool) *evBack {
 	list := l.idle[ep]
 	for len(list) > 0 {
 		b := list[len(list)-1]
 		list = list[:len(list)-1]
 		l.idle[ep] = list
-		if l.now.Sub(b.idleAt) < l.p.cfg.MaxIdleConnTime {
+		if l.now.Sub(b.idleAt) < l.p.cfg.MaxIdleConnTime && !(look && peekDirty(uintptr(b.fd), b.buf[:1])) {
 			b.reused = true
 			return b
 		}
