@@ -144,8 +144,7 @@ type evConn struct {
 	ip     []byte
 	req    rawReq
 
-	lastHost []byte // HTTP proxy: the last host and its target
-	lastT    *target
+	last lastHost // HTTP proxy
 
 	// the request under way
 	t         *target
@@ -550,8 +549,7 @@ func (l *evLoop) serve(c *evConn) {
 		}
 		if c.fresh && l.s.h2 != nil {
 			if c.n < 3 && !c.eof {
-				if c.more {
-					l.readClient(c)
+				if l.readOn(c) {
 					continue
 				}
 				return
@@ -562,23 +560,15 @@ func (l *evLoop) serve(c *evConn) {
 			}
 		}
 		if c.n == 0 {
-			if c.more {
-				l.readClient(c)
+			if l.readOn(c) {
 				continue
-			}
-			if c.eof {
-				l.closeClient(c)
 			}
 			return
 		}
 		err := parseRawReq(c.buf[:c.n], &c.req)
 		if err == errHeadIncomplete && c.n < len(c.buf) {
-			if c.more {
-				l.readClient(c)
+			if l.readOn(c) {
 				continue
-			}
-			if c.eof {
-				l.closeClient(c)
 			}
 			return
 		}
@@ -594,12 +584,8 @@ func (l *evLoop) serve(c *evConn) {
 			}
 			end += int(c.req.clen)
 			if c.n < end {
-				if c.more {
-					l.readClient(c)
+				if l.readOn(c) {
 					continue
-				}
-				if c.eof {
-					l.closeClient(c)
 				}
 				return
 			}
@@ -609,20 +595,28 @@ func (l *evLoop) serve(c *evConn) {
 	}
 }
 
+// readOn is for a client whose buffer holds no whole request: true when
+// it read more (look again); false when it must wait for the next event,
+// having closed a client that ended its side.
+func (l *evLoop) readOn(c *evConn) bool {
+	if c.more {
+		l.readClient(c)
+		return true
+	}
+	if c.eof {
+		l.closeClient(c)
+	}
+	return false
+}
+
 // start forwards the request parsed into c.req whose bytes are c.buf[:end].
 func (l *evLoop) start(c *evConn, end int) {
 	s, p, b, r := l.s, l.p, c.buf, &c.req
 	host, path := r.authority(b)
 	t := s.fixed
 	if t == nil {
-		h := host
-		if h.e == 0 {
-			h = r.host
-		}
-		hb := b[h.s:h.e]
-		if c.lastT != nil && string(hb) == string(c.lastHost) {
-			t = c.lastT
-		} else {
+		var hb []byte
+		if hb, t = c.last.lookup(b, r, host); t == nil {
 			name, ok := serviceFromHost(string(hb), p.cfg.Domain)
 			if ok {
 				p.mu.Lock()
@@ -633,8 +627,7 @@ func (l *evLoop) start(c *evConn, end int) {
 				l.handoff(c, nil)
 				return
 			}
-			c.lastHost = append(c.lastHost[:0], hb...)
-			c.lastT = t
+			c.last.remember(hb, t)
 		}
 	}
 	set := t.endpoints()
@@ -1081,16 +1074,24 @@ func (l *evLoop) giveToPool(b *evBack) {
 		l.closeBack(b)
 		return
 	}
+	if bc := l.toBconn(b); bc != nil {
+		b.ep.pool.put(bc, l.now)
+	}
+}
+
+// toBconn takes b off the loop as a connection of the goroutine path, with
+// its buffer and its slot in the pool; nil (the slot freed) when that fails.
+func (l *evLoop) toBconn(b *evBack) *bconn {
 	l.backs[b.fd] = nil
 	l.nconns--
 	nc, err := l.toConn(b.fd)
 	if err != nil {
 		<-b.ep.pool.sem
-		return
+		return nil
 	}
 	bc := &bconn{buf: b.buf}
 	bc.setConn(nc)
-	b.ep.pool.put(bc, l.now)
+	return bc
 }
 
 // dropIdle closes an idle connection and takes it off its list.
@@ -1228,16 +1229,11 @@ func (l *evLoop) takeAnswer(c *evConn) func(x *rawExchange) {
 		return func(*rawExchange) {}
 	}
 	c.b, b.c = nil, nil
-	l.backs[b.fd] = nil
-	l.nconns--
-	nc, err := l.toConn(b.fd)
-	if err != nil {
-		<-b.ep.pool.sem
+	bc := l.toBconn(b)
+	if bc == nil {
 		return func(*rawExchange) {}
 	}
-	_ = nc.SetDeadline(c.f.tryDeadline(l.p))
-	bc := &bconn{buf: b.buf}
-	bc.setConn(nc)
+	_ = bc.c.SetDeadline(c.f.tryDeadline(l.p))
 	pool, n, resp := b.ep.pool, b.n, b.resp
 	if len(b.wpend) > 0 { // the instance answered before it had the whole request
 		resp.close = true

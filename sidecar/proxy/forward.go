@@ -102,20 +102,20 @@ func (t *target) admit(f *fwd, set *epSet, start time.Time) (result, bool) {
 // says stop, starting after f.n failed tries (the last one's answer, if
 // any, still in x) and a backoff of back.
 func (t *target) forwardFrom(ctx context.Context, x exchange, replayable bool, f *fwd, back time.Duration) result {
-	if back > 0 {
-		timer := time.NewTimer(back)
-		select {
-		case <-timer.C:
-		case <-ctx.Done():
-			timer.Stop()
-			t.svc.Done(f.call, true, time.Since(f.start))
-			return f.res // the last answer, still readable
-		}
-	}
-	if f.n > 0 {
-		f.set, f.t0 = t.endpoints(), time.Now()
-	}
 	for {
+		if f.n > 0 { // after a failed try: back off, then pick from the newest view
+			if back > 0 {
+				timer := time.NewTimer(back)
+				select {
+				case <-timer.C:
+				case <-ctx.Done():
+					timer.Stop()
+					t.svc.Done(f.call, true, time.Since(f.start))
+					return f.res // the last answer, still readable
+				}
+			}
+			f.set, f.t0 = t.endpoints(), time.Now()
+		}
 		ep := f.next
 		f.next = nil
 		if ep == nil {
@@ -138,21 +138,10 @@ func (t *target) forwardFrom(ctx context.Context, x exchange, replayable bool, f
 		if !t.report(f, ep, status, err, time.Now()) {
 			break
 		}
-		back, ok := t.retryAfter(f, replayable, status, err)
-		if !ok {
+		var ok bool
+		if back, ok = t.retryAfter(f, replayable, status, err); !ok {
 			break
 		}
-		if back > 0 {
-			timer := time.NewTimer(back)
-			select {
-			case <-timer.C:
-			case <-ctx.Done():
-				timer.Stop()
-				t.svc.Done(f.call, true, time.Since(f.start))
-				return f.res // the last answer, still readable
-			}
-		}
-		f.set, f.t0 = t.endpoints(), time.Now()
 	}
 	return t.done(f)
 }

@@ -105,8 +105,7 @@ type rawConn struct {
 	x     rawExchange
 	extra []byte // an extra response header line ("Name: value\r\n")
 
-	lastHost []byte // HTTP proxy: the last host and its target
-	lastT    *target
+	last lastHost // HTTP proxy
 
 	first func(rc *rawConn) bool // for a connection an event loop handed over: what is left of its request
 }
@@ -260,14 +259,8 @@ func (rc *rawConn) serveOne(end int) bool {
 	host, path := r.authority(b)
 	t := s.fixed
 	if t == nil {
-		h := host
-		if h.e == 0 {
-			h = r.host
-		}
-		hb := b[h.s:h.e]
-		if rc.lastT != nil && bytes.Equal(hb, rc.lastHost) {
-			t = rc.lastT
-		} else {
+		var hb []byte
+		if hb, t = rc.last.lookup(b, r, host); t == nil {
 			name, ok := serviceFromHost(string(hb), p.cfg.Domain)
 			if !ok {
 				return rc.writeCanned(cannedJSON(http.StatusNotFound, "host is not a Consul service", "", "host", string(hb)))
@@ -276,8 +269,7 @@ func (rc *rawConn) serveOne(end int) bool {
 			if t, err = p.lookupTarget(s.ctx, name); err != nil {
 				return rc.writeCanned(cannedJSON(http.StatusServiceUnavailable, err.Error(), name))
 			}
-			rc.lastHost = append(rc.lastHost[:0], hb...)
-			rc.lastT = t
+			rc.last.remember(hb, t)
 		}
 	}
 	out := appendRequest(rc.out[:0], b, r, path, end, rc.ip)
@@ -286,6 +278,32 @@ func (rc *rawConn) serveOne(end int) bool {
 	x.req = out
 	res := t.forward(s.ctx, x, x.replay)
 	return rc.finish(t, res, true)
+}
+
+// lastHost remembers a client connection's last request host and its
+// target: an HTTP proxy client mostly calls one service.
+type lastHost struct {
+	host []byte
+	t    *target
+}
+
+// lookup returns the host of the request parsed into r from b (the
+// absolute-form target's authority, else the Host header) and the target
+// remembered for it, if any.
+func (h *lastHost) lookup(b []byte, r *rawReq, authority span) ([]byte, *target) {
+	if authority.e == 0 {
+		authority = r.host
+	}
+	hb := b[authority.s:authority.e]
+	if h.t != nil && bytes.Equal(hb, h.host) {
+		return hb, h.t
+	}
+	return hb, nil
+}
+
+func (h *lastHost) remember(host []byte, t *target) {
+	h.host = append(h.host[:0], host...)
+	h.t = t
 }
 
 // appendRequest appends the request parsed into r (its bytes b[:end]) as
