@@ -60,6 +60,7 @@ func main() {
 	noH2 := flag.Bool("no-h2c", false, "don't recognise h2c (serve HTTP/1.1 listeners straight from the socket)")
 	noFast := flag.Bool("fasthttp", false, "serve every HTTP/1.1 request with fasthttp, not the hand-written fast path (for comparison)")
 	noLoop := flag.Bool("no-loop", false, "serve the fast path from a goroutine per connection, not event loops (for comparison)")
+	loops := flag.Int("loops", 0, "event loops per listener (0: the default)")
 	minimal := flag.Bool("minimal", false, "instead of attache, run a minimal fasthttp reverse proxy on -upstream (a reference for profiling)")
 	flag.Parse()
 	if *minimal {
@@ -82,13 +83,13 @@ func main() {
 		}
 		return
 	}
-	if err := run(*service, *backends, *upstream, *httpProxy, *balancer, *cpuprofile, *noH2, *noFast, *noLoop); err != nil {
+	if err := run(*service, *backends, *upstream, *httpProxy, *balancer, *cpuprofile, *noH2, *noFast, *noLoop, *loops); err != nil {
 		fmt.Fprintln(os.Stderr, "bench/proxy:", err)
 		os.Exit(1)
 	}
 }
 
-func run(service, backends, upstream, httpProxy, balancer, cpuprofile string, noH2, noFast, noLoop bool) error {
+func run(service, backends, upstream, httpProxy, balancer, cpuprofile string, noH2, noFast, noLoop bool, loops int) error {
 	snap := &catalog.Snapshot{
 		Services: map[string]*catalog.Service{},
 		Nodes:    map[string]*catalog.Node{},
@@ -119,7 +120,7 @@ func run(service, backends, upstream, httpProxy, balancer, cpuprofile string, no
 	if err != nil {
 		return err
 	}
-	cfg := proxy.Config{HTTPProxyAddr: httpProxy, Balancer: bal, Logger: log, Registerer: reg, DisableHTTP2: noH2, DisableFastPath: noFast, DisableEventLoop: noLoop}
+	cfg := proxy.Config{HTTPProxyAddr: httpProxy, Balancer: bal, Logger: log, Registerer: reg, DisableHTTP2: noH2, DisableFastPath: noFast, DisableEventLoop: noLoop, EventLoops: loops}
 	if upstream != "" {
 		cfg.Upstreams = []proxy.Upstream{{Name: service, Addr: upstream, Protocol: proxy.ProtoHTTP}}
 	}

@@ -5,7 +5,6 @@ package proxy
 import (
 	"context"
 	"errors"
-	"net"
 	"time"
 )
 
@@ -13,7 +12,7 @@ import (
 // fast path serves every connection.
 type evServer struct{}
 
-func newEvServer(context.Context, *Proxy, *rawServer, *target, *chanListener, net.Listener) (*evServer, error) {
+func newEvServer(context.Context, *Proxy, []*httpListener) (*evServer, error) {
 	return nil, errors.New("event loops need Linux")
 }
 

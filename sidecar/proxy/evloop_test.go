@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -261,5 +262,47 @@ func TestShutdownFinishesRequestUnderWay(t *testing.T) {
 				t.Fatal("the connection stayed open after the answer")
 			}
 		})
+	}
+}
+
+// The HTTP listeners share one set of loops, each connection served for
+// its own listener's service; while the loops run GOMAXPROCS has one more
+// processor per loop, given back when the proxy stops; the garbage
+// collector stops the world while the loops wait, busy or quiet.
+func TestListenersShareLoops(t *testing.T) {
+	before := runtime.GOMAXPROCS(0)
+	named := func(svc string) *backend {
+		return rawBackend(t, svc, svc+"1", func(n int, r *http.Request, c net.Conn) {
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n"+svc)
+		})
+	}
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("a"), upstream("b")}, HTTPProxyAddr: "127.0.0.1:0", EventLoops: 3},
+		breaker.Config{}, map[string][]*backend{"a": {named("a")}, "b": {named("b")}})
+	want := before
+	if runtime.GOOS == "linux" && !*noLoop {
+		want += 3
+	}
+	if got := runtime.GOMAXPROCS(0); got != want {
+		t.Errorf("GOMAXPROCS %d while serving, want %d", got, want)
+	}
+	for i := 0; i < 3; i++ {
+		for _, tc := range []struct{ listener, host, want string }{
+			{"a", "x", "a"}, {"b", "x", "b"}, {"", "a", "a"}, {"", "b.service.consul", "b"},
+		} {
+			c := dialRaw(t, tp.p.Addr(tc.listener))
+			resp, body, err := c.do("GET / HTTP/1.1\r\nHost: " + tc.host + "\r\n\r\n")
+			if err != nil || resp.StatusCode != 200 || string(body) != tc.want {
+				t.Fatalf("listener %q, host %q: %v %v %q; want %q", tc.listener, tc.host, err, resp, body, tc.want)
+			}
+			runtime.GC() // a loop busy with c
+		}
+		time.Sleep(20 * time.Millisecond)
+		runtime.GC() // the loops quiet
+	}
+	tp.cancel()
+	for deadline := time.Now().Add(10 * time.Second); runtime.GOMAXPROCS(0) != before; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("GOMAXPROCS %d after the proxy stopped, want %d", runtime.GOMAXPROCS(0), before)
+		}
 	}
 }

@@ -17,11 +17,21 @@ import (
 	"github.com/valyala/fasthttp"
 )
 
-// serveHTTP serves one HTTP listener: HTTP/1.1 on the fasthttp fast path,
-// h2c on net/http. fixed is the listener's service, nil for the HTTP proxy
-// listener (service from the request's host).
-func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- error, ln net.Listener, fixed *target) {
-	fs := &fasthttp.Server{
+// httpListener is one HTTP listener and what serves it: HTTP/1.1 on the
+// fast path (fasthttp behind it), h2c on net/http. fixed is the listener's
+// service, nil for the HTTP proxy listener (service from the request's
+// host).
+type httpListener struct {
+	ln    net.Listener
+	fixed *target
+	fs    *fasthttp.Server
+	raw   *rawServer    // nil with DisableFastPath
+	h2    *chanListener // nil with DisableHTTP2
+}
+
+func (p *Proxy) newHTTPListener(ctx context.Context, ln net.Listener, fixed *target) *httpListener {
+	h := &httpListener{ln: ln, fixed: fixed}
+	h.fs = &fasthttp.Server{
 		Handler:                      func(c *fasthttp.RequestCtx) { p.handleFast(c, fixed) },
 		NoDefaultServerHeader:        true,
 		NoDefaultDate:                true,
@@ -37,99 +47,121 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		KeepHijackedConns:            true, // tunnels own their connections (closed on shutdown)
 		Logger:                       fastLogger{p},
 	}
-	var raw *rawServer
-	var ev *evServer
-	var h2ln *chanListener
 	if !p.cfg.DisableHTTP2 {
-		h2ln = newChanListener(ln.Addr())
+		h.h2 = newChanListener(ln.Addr())
 	}
 	if !p.cfg.DisableFastPath {
-		raw = newRawServer(ctx, p, fixed, fs)
-		if !p.cfg.DisableEventLoop {
-			var err error
-			if ev, err = newEvServer(ctx, p, raw, fixed, h2ln, ln); err != nil {
-				p.log.Debug("no event loops; goroutines serve", "addr", ln.Addr().String(), "reason", err)
-				ev = nil
-			}
+		h.raw = newRawServer(ctx, p, fixed, h.fs)
+	}
+	return h
+}
+
+// serveHTTP serves the HTTP listeners until ctx ends, on one set of event
+// loops where it can, each on goroutines otherwise.
+func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- error, hls []*httpListener) {
+	var ev *evServer
+	if !p.cfg.DisableFastPath && !p.cfg.DisableEventLoop && len(hls) > 0 {
+		var err error
+		if ev, err = newEvServer(ctx, p, hls); err != nil {
+			p.log.Debug("no event loops; goroutines serve", "reason", err)
+			ev = nil
 		}
 	}
-	// Without event loops, a sniffing accept loop splits h2c from HTTP/1.x.
-	var h1 net.Listener = ln
-	if ev == nil && h2ln != nil {
-		sl := newSniffListener(ln, p.cfg.IdleTimeout)
-		h1, h2ln = sl.h1, sl.h2
+	fail := func(h *httpListener, what string, err error) {
+		if err != nil && ctx.Err() == nil {
+			errc <- fmt.Errorf("proxy: %s on %s: %w", what, h.ln.Addr(), err)
+		}
+	}
+	h1s := make([]net.Listener, len(hls))
+	for i, h := range hls {
+		h1s[i] = h.ln
+		h2 := h.h2
+		// Without event loops, a sniffing accept loop splits h2c from HTTP/1.x.
+		if ev == nil && h2 != nil {
+			sl := newSniffListener(h.ln, p.cfg.IdleTimeout)
+			h1s[i], h2 = sl.h1, sl.h2
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				sl.run(ctx)
+			}()
+		}
+		if h2 != nil {
+			hs := &http.Server{
+				Handler:           p.stdHandler(h.fixed),
+				ReadHeaderTimeout: 10 * time.Second,
+				IdleTimeout:       p.cfg.IdleTimeout,
+				ErrorLog:          p.log.StandardLogger(nil),
+			}
+			hs.Protocols = new(http.Protocols)
+			hs.Protocols.SetUnencryptedHTTP2(true)
+			wg.Add(2)
+			go func() {
+				defer wg.Done()
+				if err := hs.Serve(h2); err != http.ErrServerClosed {
+					fail(h, "h2c", err)
+				}
+			}()
+			go func() {
+				defer wg.Done()
+				<-ctx.Done()
+				h2.Close()
+				sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
+				defer cancel()
+				_ = hs.Shutdown(sctx)
+			}()
+		}
+		if ev == nil {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if h.raw != nil {
+					fail(h, "serve", h.raw.serve(h1s[i]))
+				} else {
+					fail(h, "serve", h.fs.Serve(h1s[i]))
+				}
+			}()
+		}
+	}
+	evDone := make(chan struct{})
+	if ev != nil {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			sl.run(ctx)
-		}()
-	}
-	if h2ln != nil {
-		hs := &http.Server{
-			Handler:           p.stdHandler(fixed),
-			ReadHeaderTimeout: 10 * time.Second,
-			IdleTimeout:       p.cfg.IdleTimeout,
-			ErrorLog:          p.log.StandardLogger(nil),
-		}
-		hs.Protocols = new(http.Protocols)
-		hs.Protocols.SetUnencryptedHTTP2(true)
-		wg.Add(2)
-		go func() {
-			defer wg.Done()
-			err := hs.Serve(h2ln)
-			if err != nil && err != http.ErrServerClosed && ctx.Err() == nil {
-				errc <- fmt.Errorf("proxy: h2c on %s: %w", ln.Addr(), err)
-			}
-		}()
-		go func() {
-			defer wg.Done()
-			<-ctx.Done()
-			h2ln.Close()
-			sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
-			defer cancel()
-			_ = hs.Shutdown(sctx)
-		}()
-	}
-	evDone := make(chan struct{})
-	wg.Add(2)
-	go func() {
-		defer wg.Done()
-		var err error
-		switch {
-		case ev != nil:
+			defer close(evDone)
 			ev.serve()
-			close(evDone)
-		case raw != nil:
-			err = raw.serve(h1)
-		default:
-			err = fs.Serve(h1)
-		}
-		if err != nil && ctx.Err() == nil {
-			errc <- fmt.Errorf("proxy: serve %s: %w", ln.Addr(), err)
-		}
-	}()
+		}()
+	}
+	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		<-ctx.Done()
 		if ev != nil {
-			ev.stopAccepting(p.cfg.ShutdownGraceTime) // the loops let go of ln before it closes
+			ev.stopAccepting(p.cfg.ShutdownGraceTime) // the loops let go of the listeners before they close
 		}
-		ln.Close()
-		h1.Close()
+		for i, h := range hls {
+			h.ln.Close()
+			h1s[i].Close()
+		}
 		sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
 		defer cancel()
-		fsDone := make(chan struct{})
-		go func() {
-			defer close(fsDone)
-			_ = fs.ShutdownWithContext(sctx)
-		}()
+		var fsWG sync.WaitGroup
+		for _, h := range hls {
+			fsWG.Add(1)
+			go func() {
+				defer fsWG.Done()
+				_ = h.fs.ShutdownWithContext(sctx)
+			}()
+		}
 		if ev != nil {
 			<-evDone // what the loops hand over while they drain is raw's
 		}
-		if raw != nil {
-			raw.shutdown(p.cfg.ShutdownGraceTime)
+		for _, h := range hls {
+			if h.raw != nil {
+				h.raw.shutdown(p.cfg.ShutdownGraceTime)
+			}
 		}
-		<-fsDone
+		fsWG.Wait()
 	}()
 }
 

@@ -86,6 +86,7 @@ type Config struct {
 	DisableHTTP2      bool          // don't recognise h2c on HTTP listeners
 	DisableFastPath   bool          // serve every HTTP/1.x request with fasthttp (for comparison)
 	DisableEventLoop  bool          // serve the fast path from a goroutine per connection, not event loops (for comparison)
+	EventLoops        int           // event loops per HTTP listener (Linux), default half of GOMAXPROCS, at least 1
 	ShutdownGraceTime time.Duration // default 5s
 }
 
@@ -304,11 +305,12 @@ func (p *Proxy) Run(ctx context.Context) error {
 	defer cancel()
 	var wg sync.WaitGroup
 	errc := make(chan error, 2*len(all)+1)
+	var hls []*httpListener
 	for _, b := range all {
 		switch {
 		case b.pxy:
 			p.log.Info("http proxy listening", "addr", b.ln.Addr().String())
-			p.serveHTTP(ctx, &wg, errc, b.ln, nil)
+			hls = append(hls, p.newHTTPListener(ctx, b.ln, nil))
 		case b.up.Protocol == ProtoTCP:
 			t := p.target(b.up.Name, "", "")
 			p.log.Info("upstream listening", "service", b.up.Name, "addr", b.ln.Addr().String(), "protocol", b.up.Protocol)
@@ -320,7 +322,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 		default:
 			t := p.target(b.up.Name, "", "")
 			p.log.Info("upstream listening", "service", b.up.Name, "addr", b.ln.Addr().String(), "protocol", b.up.Protocol)
-			p.serveHTTP(ctx, &wg, errc, b.ln, t)
+			hls = append(hls, p.newHTTPListener(ctx, b.ln, t))
 		}
 		if !b.pxy {
 			wg.Add(1)
@@ -332,6 +334,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 			}(b.up.Name)
 		}
 	}
+	p.serveHTTP(ctx, &wg, errc, hls)
 	wg.Add(1)
 	go func() {
 		defer wg.Done()

@@ -98,6 +98,9 @@ func startProxy(t *testing.T, cfg Config, bcfg breaker.Config, services map[stri
 	if *noLoop {
 		cfg.DisableEventLoop = true
 	}
+	if cfg.EventLoops == 0 {
+		cfg.EventLoops = 2 // what passes between loops is tested on any machine
+	}
 	src := &viewSource{v: catalog.NewView()}
 	publish(src, services)
 	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: testWriter{t}})
