@@ -99,13 +99,14 @@ proxy_row() {
 # from elsewhere lands on all of them alike; the table shows the medians.
 ROUNDS=${ROUNDS:-3}
 WRK_ARGS=${WRK_ARGS:--t2 -c64 -d6s}
+BACKEND_PIDS=$(pids_of "$BENCH/backend")
 measure() {
 	case $1 in
-	direct) wrk_row direct "http://$B1/users/" "$(pids_of "$BENCH/backend")" ;;
-	nginx) wrk_row nginx "http://$NGINX/users/" "$(pids_of "nginx -c $BENCH/proxy-nginx")" ;;
-	haproxy) wrk_row haproxy "http://$HAPROXY/users/" "$(pids_of "haproxy -f $BENCH/proxy-haproxy")" ;;
-	attache-upstream) wrk_row attache-upstream "http://$UPSTREAM/users/" "$ATTACHE_PID" ;;
-	attache-http-proxy) proxy_row attache-http-proxy "http://$HTTPPROXY/users/" "$ATTACHE_PID" ;;
+	direct) wrk_row direct "http://$B1/users/" "$BACKEND_PIDS" "$BACKEND_PIDS" ;;
+	nginx) wrk_row nginx "http://$NGINX/users/" "$(pids_of "nginx -c $BENCH/proxy-nginx")" "$BACKEND_PIDS" ;;
+	haproxy) wrk_row haproxy "http://$HAPROXY/users/" "$(pids_of "haproxy -f $BENCH/proxy-haproxy")" "$BACKEND_PIDS" ;;
+	attache-upstream) wrk_row attache-upstream "http://$UPSTREAM/users/" "$ATTACHE_PID" "$BACKEND_PIDS" ;;
+	attache-http-proxy) proxy_row attache-http-proxy "http://$HTTPPROXY/users/" "$ATTACHE_PID" "$BACKEND_PIDS" ;;
 	esac
 }
 TARGETS=(${PROXY_TARGETS:-direct nginx haproxy attache-upstream attache-http-proxy})
@@ -121,11 +122,12 @@ rows=$(echo "$raw" | median_rows | awk -v order="${TARGETS[*]}" 'BEGIN { n = spl
 echo "## Proxy: direct vs nginx vs haproxy vs attache (upstream listener, HTTP proxy)"
 echo
 echo "wrk $WRK_ARGS against two instances of a trivial Go backend; medians of $ROUNDS rounds in one run (each round measures every target, the order rotated); ratio = requests/s relative to nginx;"
-echo "p99 ratio = p99 relative to nginx's (goal: attache ≥ 1.0× rps with p99 ≤ 1.2×); CPU = the proxy's (for direct: the backend's) CPU seconds per 10k requests."
+echo "p99 ratio = p99 relative to nginx's (goal: attache ≥ 1.0× rps with p99 ≤ 1.2×); CPU = the proxy's (for direct: the backend's) CPU seconds per 10k requests;"
+echo "backend CPU = the Go backend's behind that target (wrk, proxy and backend share the machine's cores: the requests/s follow the sum)."
 echo
-echo "| target | requests/s | ratio vs nginx | p99 ms | p99 vs nginx | CPU s / 10k req |"
-echo "|---|---:|---:|---:|---:|---:|"
-echo "$rows" | awk '$1=="nginx"{n=$2; p=$3} {r[NR]=$0} END {for (i=1;i<=NR;i++) {split(r[i],f," "); printf "| %s | %d | %.2f× | %.2f | %.2f× | %.3f |\n", f[1], f[2], f[2]/n, f[3], (p>0 ? f[3]/p : 0), f[4]}}'
+echo "| target | requests/s | ratio vs nginx | p99 ms | p99 vs nginx | CPU s / 10k req | backend CPU s / 10k req |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "$rows" | awk '$1=="nginx"{n=$2; p=$3} {r[NR]=$0} END {for (i=1;i<=NR;i++) {split(r[i],f," "); printf "| %s | %d | %.2f× | %.2f | %.2f× | %.3f | %.3f |\n", f[1], f[2], f[2]/n, f[3], (p>0 ? f[3]/p : 0), f[4], f[5]}}'
 
 # Latency at a fixed rate (half of nginx's max above), which wrk's closed loop
 # cannot show: hey with -q paces each of its workers.

@@ -25,31 +25,36 @@ pids_of() {
 	for p in $(pgrep -f "$1"); do echo "$p $(pgrep -P "$p")"; done | tr '\n' ' '
 }
 
-# wrk_row LABEL URL PIDS: run wrk and print "LABEL rps p99_ms cpu_s_per_10k".
+# wrk_row LABEL URL PIDS [PEER_PIDS]: run wrk and print "LABEL rps p99_ms
+# cpu_s_per_10k peer_cpu_s_per_10k" (the CPU of PIDS and of PEER_PIDS, say
+# the backend behind a proxy; 0 without them).
 # WRK_WARMUP (wrk arguments, e.g. "-t2 -c64 -d2s") runs first, unmeasured, when set.
 WRK_ARGS=${WRK_ARGS:--t2 -c64 -d6s}
 wrk_row() {
-	local label=$1 url=$2 pids=$3 out before after
+	local label=$1 url=$2 pids=$3 peers=${4:-} out before after pbefore=0 pafter=0
 	if [[ -n ${WRK_WARMUP:-} ]]; then wrk $WRK_WARMUP "$url" >/dev/null 2>&1; fi
 	before=$(cpu_ticks $pids)
+	[[ -z $peers ]] || pbefore=$(cpu_ticks $peers)
 	out=$(wrk $WRK_ARGS --latency "$url")
 	after=$(cpu_ticks $pids)
-	echo "$out" | awk -v label="$label" -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" '
+	[[ -z $peers ]] || pafter=$(cpu_ticks $peers)
+	echo "$out" | awk -v label="$label" -v ticks=$((after - before)) -v pticks=$((pafter - pbefore)) -v hz="$(getconf CLK_TCK)" '
 		function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
 		/^ +99%/ { p99 = ms($2) }
 		/^Requests\/sec/ { rps = $2 }
 		/requests in/ { n = $1 }
-		END { printf "%s %.0f %.2f %.3f\n", label, rps, p99, (n > 0 ? ticks/hz / n * 10000 : 0) }'
+		END { printf "%s %.0f %.2f %.3f %.3f\n", label, rps, p99, (n > 0 ? ticks/hz / n * 10000 : 0), (n > 0 ? pticks/hz / n * 10000 : 0) }'
 }
 
-# median_rows: reads "LABEL rps p99 cpu" lines (several per label) and prints
-# one line per label, in first-seen order, with the median of each column.
+# median_rows: reads "LABEL rps p99 cpu peer_cpu" lines (several per label)
+# and prints one line per label, in first-seen order, with the median of
+# each column.
 median_rows() {
-	awk '{ if (!($1 in n)) order[++k] = $1; i = ++n[$1]; r[$1, i] = $2; p[$1, i] = $3; c[$1, i] = $4 }
+	awk '{ if (!($1 in n)) order[++k] = $1; i = ++n[$1]; r[$1, i] = $2; p[$1, i] = $3; c[$1, i] = $4; q[$1, i] = $5 + 0 }
 	function med(a, l, m,   v, i, j, t) {
 		for (i = 1; i <= m; i++) v[i] = a[l, i]
 		for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
 		return (m % 2) ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2
 	}
-	END { for (x = 1; x <= k; x++) { l = order[x]; printf "%s %.0f %.2f %.3f\n", l, med(r, l, n[l]), med(p, l, n[l]), med(c, l, n[l]) } }'
+	END { for (x = 1; x <= k; x++) { l = order[x]; printf "%s %.0f %.2f %.3f %.3f\n", l, med(r, l, n[l]), med(p, l, n[l]), med(c, l, n[l]), med(q, l, n[l]) } }'
 }
