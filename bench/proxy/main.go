@@ -60,7 +60,7 @@ func main() {
 	noH2 := flag.Bool("no-h2c", false, "don't recognise h2c (serve HTTP/1.1 listeners straight from the socket)")
 	noFast := flag.Bool("fasthttp", false, "serve every HTTP/1.1 request with fasthttp, not the hand-written fast path (for comparison)")
 	noLoop := flag.Bool("no-loop", false, "serve the fast path from a goroutine per connection, not event loops (for comparison)")
-	loops := flag.Int("loops", 0, "event loops per listener (0: the default)")
+	loops := flag.Int("loops", 0, "event loops for the listeners (0: the default)")
 	minimal := flag.Bool("minimal", false, "instead of attache, run a minimal fasthttp reverse proxy on -upstream (a reference for profiling)")
 	flag.Parse()
 	if *minimal {

@@ -48,7 +48,9 @@ import (
 // keeps the processors it had. Such a wait lasts at most hotWait; a quiet
 // loop then waits with a plain system call, and the runtime takes its P
 // back. A signal (the runtime preempting, the GC stopping the world) ends
-// either wait with EINTR, and the loop yields.
+// either wait with EINTR, and the loop yields; it yields too before it
+// waits when it has woken a goroutine (one taking a connection over, a
+// waiter for a pool slot), which the runtime queued on the loop's P.
 //
 // One loop per two processors by default: on the 2-core bench machine one
 // loop gave the same requests per second as two with a p99 of 4-5 ms
@@ -248,6 +250,7 @@ type evLoop struct {
 	let      bool // the listener is no longer watched
 	paused   time.Time
 	gen      int32
+	yield    bool           // a goroutine was woken: let it run before waiting
 	shedc    chan *endpoint // endpoints whose idle connections to close
 }
 
@@ -282,6 +285,7 @@ func (l *evLoop) watchListeners() error {
 	const epollExclusive = 1 << 28
 	for i, ln := range l.s.lns {
 		if err := syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, ln.fd, &syscall.EpollEvent{Events: syscall.EPOLLIN | epollExclusive, Fd: int32(i), Pad: genListener}); err != nil {
+			l.unwatchListeners()
 			return err
 		}
 	}
@@ -308,10 +312,12 @@ func (l *evLoop) wakeUp() {
 }
 
 // hotWait is how long a loop waits for events the nginx way before it
-// waits the runtime's way: it is shorter than the 10 ms after which the
-// runtime's sysmon preempts a goroutine that holds its P, so a quiet loop
-// is not woken by signals, and it gives its P back (a quiet sidecar then
-// wakes about 10 times a second, not 250).
+// waits the runtime's way, giving its P back: shorter than the 10 ms after
+// which sysmon preempts a goroutine that has held its P since it was last
+// scheduled, so a quiet loop is seldom woken by signals (a quiet sidecar
+// wakes about 12 times a second, not 250). It also bounds how long the
+// runtime can wait for a loop to stop for the GC when no signal comes
+// (GODEBUG=asyncpreemptoff=1).
 const hotWait = 5 // ms
 
 // wait blocks until there are events or l.dl has passed, and leaves
@@ -347,12 +353,14 @@ func (l *evLoop) wait() error {
 // keeps it from the runtime: the thread sleeps in the kernel holding its
 // P, and the kernel wakes it straight away.
 func (l *evLoop) epollWait(ms int, raw bool) (int, syscall.Errno) {
-	sys := syscall.Syscall6
-	if raw {
-		sys = syscall.RawSyscall6
-	}
 	// epoll_pwait with no signal mask is epoll_wait, which arm64 lacks.
-	n, _, errno := sys(syscall.SYS_EPOLL_PWAIT, uintptr(l.ep), uintptr(unsafe.Pointer(&l.evs[0])), uintptr(len(l.evs)), uintptr(ms), 0, 0)
+	var n uintptr
+	var errno syscall.Errno
+	if raw {
+		n, _, errno = syscall.RawSyscall6(syscall.SYS_EPOLL_PWAIT, uintptr(l.ep), uintptr(unsafe.Pointer(&l.evs[0])), uintptr(len(l.evs)), uintptr(ms), 0, 0)
+	} else {
+		n, _, errno = syscall.Syscall6(syscall.SYS_EPOLL_PWAIT, uintptr(l.ep), uintptr(unsafe.Pointer(&l.evs[0])), uintptr(len(l.evs)), uintptr(ms), 0, 0)
+	}
 	return int(n), errno
 }
 
@@ -360,6 +368,13 @@ func (l *evLoop) run() {
 	defer l.release()
 	for {
 		l.nev = 0
+		if l.yield {
+			// What the loop woke (a goroutine taking a connection
+			// over, a waiter for a pool slot) is queued on the loop's
+			// P, which a wait would hold from it for up to hotWait.
+			l.yield = false
+			runtime.Gosched()
+		}
 		if err := l.wait(); err != nil {
 			l.p.log.Error("event loop stopped", "error", err)
 			l.closeAll()
@@ -466,7 +481,9 @@ func (l *evLoop) sweep() {
 		l.swept = l.now
 		if !l.paused.IsZero() && !l.now.Before(l.paused) && !l.let {
 			l.paused = time.Time{}
-			_ = l.watchListeners()
+			if err := l.watchListeners(); err != nil {
+				l.paused = l.now.Add(100 * time.Millisecond) // out of memory: try again
+			}
 		}
 		for _, c := range l.clients {
 			switch {
@@ -817,20 +834,20 @@ func (l *evLoop) dial(ep *endpoint, held bool) (*evBack, error) {
 	}
 	fd, err := syscall.Socket(family, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
-		<-ep.pool.sem
+		l.freeSlot(ep)
 		return nil, os.NewSyscallError("socket", err)
 	}
 	_ = syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
 	err = syscall.Connect(fd, sa)
 	if err != nil && err != syscall.EINPROGRESS {
 		syscall.Close(fd)
-		<-ep.pool.sem
+		l.freeSlot(ep)
 		return nil, &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(ep.ap), Err: os.NewSyscallError("connect", err)}
 	}
 	gen := l.nextGen()
 	if err := syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, fd, &syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLOUT | syscall.EPOLLRDHUP | epollET, Fd: int32(fd), Pad: gen}); err != nil {
 		syscall.Close(fd)
-		<-ep.pool.sem
+		l.freeSlot(ep)
 		return nil, os.NewSyscallError("epoll_ctl", err)
 	}
 	b := &evBack{fd: fd, gen: gen, ep: ep, buf: make([]byte, 16<<10), connecting: err != nil}
@@ -1155,6 +1172,15 @@ func (l *evLoop) giveToPool(b *evBack) {
 	}
 	if bc := l.toBconn(b); bc != nil {
 		b.ep.pool.put(bc, l.now)
+		l.yield = true
+	}
+}
+
+// freeSlot gives back a connection slot of ep's pool.
+func (l *evLoop) freeSlot(ep *endpoint) {
+	<-ep.pool.sem
+	if ep.pool.waiters.Load() > 0 {
+		l.yield = true
 	}
 }
 
@@ -1165,7 +1191,7 @@ func (l *evLoop) toBconn(b *evBack) *bconn {
 	l.nconns--
 	nc, err := l.toConn(b.fd)
 	if err != nil {
-		<-b.ep.pool.sem
+		l.freeSlot(b.ep)
 		return nil
 	}
 	bc := &bconn{buf: b.buf}
@@ -1188,7 +1214,7 @@ func (l *evLoop) dropIdle(b *evBack) {
 
 func (l *evLoop) closeBack(b *evBack) {
 	if l.backs[b.fd] == b {
-		<-b.ep.pool.sem
+		l.freeSlot(b.ep)
 	}
 	l.closeBackKeepSlot(b)
 }
@@ -1257,6 +1283,7 @@ func (l *evLoop) handoff(c *evConn, first func(rc *rawConn) bool) {
 		nc = deadConn{}
 	}
 	c.ln.raw.adopt(nc, c.buf[:c.n], first)
+	l.yield = true
 }
 
 // deadConn stands for a client connection that could not be handed over.
@@ -1278,6 +1305,7 @@ func (l *evLoop) handoffH2(c *evConn) {
 	}
 	pc := &prefixConn{Conn: nc, prefix: append([]byte(nil), c.buf[:c.n]...)}
 	ctx, h2 := l.s.ctx, c.ln.h2
+	l.yield = true
 	go func() {
 		if !h2.put(ctx, pc) {
 			nc.Close()

@@ -267,8 +267,7 @@ func TestShutdownFinishesRequestUnderWay(t *testing.T) {
 
 // The HTTP listeners share one set of loops, each connection served for
 // its own listener's service; while the loops run GOMAXPROCS has one more
-// processor per loop, given back when the proxy stops; the garbage
-// collector stops the world while the loops wait, busy or quiet.
+// processor per loop, given back when the proxy stops.
 func TestListenersShareLoops(t *testing.T) {
 	before := runtime.GOMAXPROCS(0)
 	named := func(svc string) *backend {
@@ -294,15 +293,63 @@ func TestListenersShareLoops(t *testing.T) {
 			if err != nil || resp.StatusCode != 200 || string(body) != tc.want {
 				t.Fatalf("listener %q, host %q: %v %v %q; want %q", tc.listener, tc.host, err, resp, body, tc.want)
 			}
-			runtime.GC() // a loop busy with c
 		}
-		time.Sleep(20 * time.Millisecond)
-		runtime.GC() // the loops quiet
+		time.Sleep(20 * time.Millisecond) // the loops go quiet
 	}
 	tp.cancel()
 	for deadline := time.Now().Add(10 * time.Second); runtime.GOMAXPROCS(0) != before; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("GOMAXPROCS %d after the proxy stopped, want %d", runtime.GOMAXPROCS(0), before)
 		}
+	}
+}
+
+// Shutdown gives every listener the same grace time at once: answers that
+// never end, on three listeners, hold the proxy for one grace time, not
+// three.
+func TestShutdownGraceOnceForAllListeners(t *testing.T) {
+	const grace = time.Second
+	streaming := func(svc string) *backend {
+		return rawBackend(t, svc, svc+"1", func(n int, r *http.Request, c net.Conn) {
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+			for {
+				if _, err := io.WriteString(c, "1\r\nx\r\n"); err != nil {
+					return
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		})
+	}
+	names := []string{"a", "b", "c"}
+	cfg := Config{ShutdownGraceTime: grace}
+	services := map[string][]*backend{}
+	for _, n := range names {
+		cfg.Upstreams = append(cfg.Upstreams, upstream(n))
+		services[n] = []*backend{streaming(n)}
+	}
+	tp := startProxy(t, cfg, breaker.Config{}, services)
+	for _, n := range names {
+		c := dialRaw(t, tp.p.Addr(n))
+		if _, err := io.WriteString(c.c, "GET / HTTP/1.1\r\nHost: "+n+"\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(c.br, nil)
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("%s: %v %v", n, err, resp)
+		}
+		if _, err := resp.Body.Read(make([]byte, 1)); err != nil {
+			t.Fatalf("%s: body: %v", n, err)
+		}
+	}
+	start := time.Now()
+	tp.cancel()
+	select {
+	case <-tp.stopped:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return")
+	}
+	// one grace time and then some; the three one after another take 3 s
+	if took := time.Since(start); took > grace*5/2 {
+		t.Fatalf("shutdown took %v with a grace time of %v", took, grace)
 	}
 }

@@ -158,7 +158,11 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		}
 		for _, h := range hls {
 			if h.raw != nil {
-				h.raw.shutdown(p.cfg.ShutdownGraceTime)
+				fsWG.Add(1)
+				go func() {
+					defer fsWG.Done()
+					h.raw.shutdown(p.cfg.ShutdownGraceTime)
+				}()
 			}
 		}
 		fsWG.Wait()

@@ -86,7 +86,7 @@ type Config struct {
 	DisableHTTP2      bool          // don't recognise h2c on HTTP listeners
 	DisableFastPath   bool          // serve every HTTP/1.x request with fasthttp (for comparison)
 	DisableEventLoop  bool          // serve the fast path from a goroutine per connection, not event loops (for comparison)
-	EventLoops        int           // event loops per HTTP listener (Linux), default half of GOMAXPROCS, at least 1
+	EventLoops        int           // event loops shared by the HTTP listeners (Linux), default half of GOMAXPROCS, at least 1
 	ShutdownGraceTime time.Duration // default 5s
 }
 
@@ -352,8 +352,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 	case <-ctx.Done():
 	case err = <-errc:
 	}
-	cancel()
-	closeAll()
+	cancel() // each server closes its listeners (the loops must let go of theirs first)
 	p.connsMu.Lock()
 	p.closing = true
 	for c := range p.conns {

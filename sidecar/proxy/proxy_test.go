@@ -79,10 +79,11 @@ func publish(src *viewSource, services map[string][]*backend) {
 }
 
 type testProxy struct {
-	cancel context.CancelFunc // stops the proxy (as its cleanup does)
-	p      *Proxy
-	br     *breaker.Registry
-	src    *viewSource
+	cancel  context.CancelFunc // stops the proxy (as its cleanup does)
+	stopped chan struct{}      // closed when Run has returned
+	p       *Proxy
+	br      *breaker.Registry
+	src     *viewSource
 }
 
 func (tp *testProxy) url(service, path string) string {
@@ -116,7 +117,12 @@ func startProxy(t *testing.T, cfg Config, bcfg breaker.Config, services map[stri
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- p.Run(ctx) }()
+	stopped := make(chan struct{})
+	go func() {
+		err := p.Run(ctx)
+		close(stopped)
+		done <- err
+	}()
 	t.Cleanup(func() {
 		cancel()
 		select {
@@ -133,7 +139,7 @@ func startProxy(t *testing.T, cfg Config, bcfg breaker.Config, services map[stri
 	case err := <-done:
 		t.Fatalf("Run: %v", err)
 	}
-	return &testProxy{p: p, br: br, src: src, cancel: cancel}
+	return &testProxy{p: p, br: br, src: src, cancel: cancel, stopped: stopped}
 }
 
 type testWriter struct{ t *testing.T }
