@@ -308,7 +308,7 @@ func TestListenersShareLoops(t *testing.T) {
 // never end, on three listeners, hold the proxy for one grace time, not
 // three.
 func TestShutdownGraceOnceForAllListeners(t *testing.T) {
-	const grace = time.Second
+	const grace = 2 * time.Second
 	streaming := func(svc string) *backend {
 		return rawBackend(t, svc, svc+"1", func(n int, r *http.Request, c net.Conn) {
 			io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -348,7 +348,7 @@ func TestShutdownGraceOnceForAllListeners(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("Run did not return")
 	}
-	// one grace time and then some; the three one after another take 3 s
+	// one grace time and then some; the three one after another take 6 s
 	if took := time.Since(start); took > grace*5/2 {
 		t.Fatalf("shutdown took %v with a grace time of %v", took, grace)
 	}
