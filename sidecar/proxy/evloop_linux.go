@@ -871,25 +871,36 @@ func (l *evLoop) watchOut(b *evBack, on bool) {
 	_ = syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_MOD, b.fd, &syscall.EpollEvent{Events: ev, Fd: int32(b.fd), Pad: b.gen})
 }
 
+// writeSome writes data to a nonblocking socket until it is all sent, the
+// socket is full (the rest is returned, err nil) or writing fails.
+func writeSome(fd int, data []byte) (rest []byte, err error) {
+	for len(data) > 0 {
+		m, err := syscall.Write(fd, data)
+		switch {
+		case m > 0:
+			data = data[m:]
+		case err == syscall.EINTR:
+		case err == syscall.EAGAIN:
+			return data, nil
+		default:
+			return data, err
+		}
+	}
+	return nil, nil
+}
+
 // write sends data to the instance, keeping what the socket did not take.
 func (l *evLoop) write(b *evBack, data []byte) {
-	for len(data) > 0 {
-		m, err := syscall.Write(b.fd, data)
-		if m > 0 {
-			data = data[m:]
-			continue
-		}
-		if err == syscall.EINTR {
-			continue
-		}
-		if err == syscall.EAGAIN {
-			if len(b.wpend) == 0 {
-				l.watchOut(b, true)
-			}
-			b.wpend = data
-			return
-		}
+	rest, err := writeSome(b.fd, data)
+	if err != nil {
 		l.backFailed(b, os.NewSyscallError("write", err))
+		return
+	}
+	if len(rest) > 0 {
+		if len(b.wpend) == 0 {
+			l.watchOut(b, true)
+		}
+		b.wpend = rest
 		return
 	}
 	if len(b.wpend) > 0 {
@@ -1099,28 +1110,19 @@ func (l *evLoop) answer(c *evConn, res result) {
 
 // reply writes a whole answer to the client and ends the request.
 func (l *evLoop) reply(c *evConn, out []byte, closeClient bool) {
-	for len(out) > 0 {
-		m, err := syscall.Write(c.fd, out)
-		if m > 0 {
-			out = out[m:]
-			continue
-		}
-		if err == syscall.EINTR {
-			continue
-		}
-		if err == syscall.EAGAIN { // a client slow to read: a goroutine waits for it
-			rest := append([]byte(nil), out...)
-			l.handoff(c, func(rc *rawConn) bool {
-				if rc.writeDeadline(time.Now().Add(rc.s.p.cfg.RequestTimeout)) != nil {
-					return false
-				}
-				_, err := rc.c.Write(rest)
-				return err == nil && !closeClient
-			})
-			return
-		}
+	rest, err := writeSome(c.fd, out)
+	if err != nil {
 		closeClient = true
-		break
+	} else if len(rest) > 0 { // a client slow to read: a goroutine waits for it
+		rest = append([]byte(nil), rest...)
+		l.handoff(c, func(rc *rawConn) bool {
+			if rc.writeDeadline(time.Now().Add(rc.s.p.cfg.RequestTimeout)) != nil {
+				return false
+			}
+			_, err := rc.c.Write(rest)
+			return err == nil && !closeClient
+		})
+		return
 	}
 	l.endRequest(c)
 	c.active = l.now

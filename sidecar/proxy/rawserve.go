@@ -50,18 +50,23 @@ func (s *rawServer) serve(ln net.Listener) error {
 			}
 			return err
 		}
-		rc := &rawConn{s: s, c: c}
-		s.mu.Lock()
-		if s.closing.Load() {
-			s.mu.Unlock()
-			c.Close()
-			continue
-		}
-		s.conns[rc] = struct{}{}
-		s.wg.Add(1)
-		s.mu.Unlock()
-		go rc.run()
+		s.start(&rawConn{s: s, c: c}, true)
 	}
+}
+
+// start serves rc on a goroutine of its own; refuse: close it instead if
+// the server is shutting down.
+func (s *rawServer) start(rc *rawConn, refuse bool) {
+	s.mu.Lock()
+	if refuse && s.closing.Load() {
+		s.mu.Unlock()
+		rc.c.Close()
+		return
+	}
+	s.conns[rc] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	go rc.run()
 }
 
 // shutdown stops reading new requests, lets requests under way finish for
@@ -116,18 +121,9 @@ type rawConn struct {
 func (s *rawServer) adopt(c net.Conn, buffered []byte, first func(rc *rawConn) bool) {
 	rc := &rawConn{s: s, c: c, buf: make([]byte, rawReadBuffer), first: first}
 	rc.n = copy(rc.buf, buffered)
-	s.mu.Lock()
-	if s.closing.Load() && first == nil {
-		s.mu.Unlock()
-		c.Close()
-		return
-	}
 	// A request under way always finishes (its accounting with it); the
 	// loops hand over before shutdown starts here.
-	s.conns[rc] = struct{}{}
-	s.wg.Add(1)
-	s.mu.Unlock()
-	go rc.run()
+	s.start(rc, first == nil)
 }
 
 const rawReadBuffer = 8 << 10
