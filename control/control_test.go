@@ -421,3 +421,25 @@ func TestAuth(t *testing.T) {
 		}
 	}
 }
+
+// TestLargeDocument: a document near the size limit (1,000 routes) is
+// stored in one transaction and read back.
+func TestLargeDocument(t *testing.T) {
+	ctx := context.Background()
+	var b strings.Builder
+	for i := range routes.MaxRoutes {
+		fmt.Fprintf(&b, "route \"route-%04d\" {\n  prefix = \"/%s/%04d/\"\n  service = \"svc-%d\"\n  request_timeout = \"3s\"\n}\n", i, strings.Repeat("p", 120), i, i%50)
+	}
+	d, err := routes.Parse("large.hcl", []byte(b.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("canonical document: %d bytes", len(routes.Encode(d)))
+	s := NewStore(consul(t), prefix(t), 50)
+	if _, err := s.Apply(ctx, d, "apply", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, got, err := s.Get(ctx, 0); err != nil || !routes.Equal(got, d) {
+		t.Fatalf("read back: %v", err)
+	}
+}

@@ -2,6 +2,7 @@ package control
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -39,6 +40,10 @@ type Store struct {
 // maxPrunePerApply bounds the deletes one transaction carries (Consul caps
 // the operations of a transaction); any left are pruned by the next apply.
 const maxPrunePerApply = 32
+
+// maxTxnValue is the largest encoded version value sent in a transaction,
+// leaving room under Consul's 512 KiB for the other operations.
+const maxTxnValue = 480 << 10
 
 // NewStore returns a store keeping the last keep versions under prefix.
 func NewStore(c *api.Client, prefix string, keep int) *Store {
@@ -148,6 +153,11 @@ func (s *Store) Apply(ctx context.Context, doc *routes.Document, source string, 
 	val, err := json.Marshal(routes.Version{Number: next, Created: s.now().UTC().Truncate(time.Millisecond), Source: source, Document: string(canon)})
 	if err != nil {
 		return nil, fmt.Errorf("control: %w", err)
+	}
+	// A Consul transaction carries values in base64 and is capped at
+	// 512 KiB (txn_max_req_len): refuse what would not fit, clearly.
+	if n := base64.StdEncoding.EncodedLen(len(val)); n > maxTxnValue {
+		return nil, fmt.Errorf("control: version %d would take %d bytes in a Consul transaction, more than %d: make the document smaller", next, n, maxTxnValue)
 	}
 	ops := api.TxnOps{
 		{KV: &api.KVTxnOp{Verb: api.KVCAS, Key: s.kv.Current(), Value: []byte(strconv.FormatUint(next, 10)), Index: idx}},

@@ -19,9 +19,9 @@ import (
 type Table struct {
 	gateway Gateway
 	routes  []*Route // precedence order (as Routes returns them)
-	exact  map[string]*group
-	wild   []wildGroup // longest suffix first
-	any    *group
+	exact   map[string]*group
+	wild    []wildGroup // longest suffix first
+	any     *group
 }
 
 type wildGroup struct {
