@@ -443,3 +443,38 @@ func TestLargeDocument(t *testing.T) {
 		t.Fatalf("read back: %v", err)
 	}
 }
+
+// TestRepairCorrupt: a pointer or version written by hand that does not
+// decode is reported on reads, and the next apply replaces it.
+func TestRepairCorrupt(t *testing.T) {
+	ctx := context.Background()
+	c := consul(t)
+	s := NewStore(c, prefix(t), 50)
+	put := func(k, v string) {
+		if _, err := c.KV().Put(&api.KVPair{Key: k, Value: []byte(v)}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tt := range []struct{ name, key, value string }{
+		{"pointer not a number", s.KV().Current(), "seven"},
+		{"pointer to a missing version", s.KV().Current(), "7"},
+		{"version not JSON", s.KV().Version(8), "{"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			put(tt.key, tt.value)
+			if tt.key != s.KV().Current() {
+				put(s.KV().Current(), "8")
+			}
+			if _, _, err := s.Get(ctx, 0); err == nil {
+				t.Fatal("a corrupt current version reads fine")
+			}
+			res, err := s.Apply(ctx, doc(t, "/"+strings.ReplaceAll(tt.name, " ", "-")+"/"), "apply", nil)
+			if err != nil || !res.Changed {
+				t.Fatalf("apply over it = %+v, %v", res, err)
+			}
+			if v, _, err := s.Get(ctx, 0); err != nil || v.Number != res.Version {
+				t.Fatalf("after the repair: %+v %v", v, err)
+			}
+		})
+	}
+}
