@@ -478,3 +478,54 @@ func TestRepairCorrupt(t *testing.T) {
 		})
 	}
 }
+
+// TestWarnings: a route to a service (or tag) without a healthy instance is
+// a warning; one with a passing instance is not.
+func TestWarnings(t *testing.T) {
+	ctx := context.Background()
+	c := consul(t)
+	reg := &api.AgentServiceRegistration{Name: "warn-users", ID: "warn-users-1", Port: 1, Tags: []string{"v1"},
+		Check: &api.AgentServiceCheck{TTL: "1m", Status: api.HealthPassing}}
+	if err := c.Agent().ServiceRegister(reg); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Agent().ServiceDeregister("warn-users-1")
+	d, err := routes.Parse("w.hcl", []byte(`
+route "ok" {
+  prefix  = "/ok/"
+  service = "warn-users"
+}
+route "split" {
+  prefix = "/split/"
+  split {
+    service = "warn-users"
+    tag     = "v1"
+    weight  = 50
+  }
+  split {
+    service = "warn-users"
+    tag     = "v2"
+    weight  = 50
+  }
+}
+route "gone" {
+  prefix  = "/gone/"
+  service = "warn-nobody"
+}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewStore(c, prefix(t), 50)
+	var ws []string
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		ws = s.Warnings(ctx, d)
+		if len(ws) == 2 || time.Now().After(deadline) {
+			break
+		}
+	}
+	want := []string{`route "split": service warn-users (tag v2) has no healthy instance now`, `route "gone": service warn-nobody has no healthy instance now`}
+	if strings.Join(ws, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("warnings:\n%s\nwant\n%s", strings.Join(ws, "\n"), strings.Join(want, "\n"))
+	}
+}
