@@ -109,7 +109,7 @@ func BenchmarkFastPath(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		if v, _ := s.fill(pkt); v == nil {
+		if v, _ := s.fill(pkt, time.Now().UnixNano()); v == nil {
 			b.Fatalf("%s: not cached", q.name)
 		}
 		key := make([]byte, 0, 512)
@@ -120,7 +120,7 @@ func BenchmarkFastPath(b *testing.B) {
 				v, _ := s.lookup(pkt, key, time.Now().UnixNano())
 				if v == nil {
 					// an answer with an SOA lives until the next second
-					v, _ = s.fill(pkt)
+					v, _ = s.fill(pkt, time.Now().UnixNano())
 				}
 				r := append(out[:0], v...)
 				s.patch(r, pkt, from)

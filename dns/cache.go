@@ -234,7 +234,7 @@ func (s *Server) patch(resp, req []byte, from netip.Addr) {
 // not find, and returns its answer (not yet patched); nil when the slow
 // path must answer (the answer cannot be cached, or another query is making
 // it now).
-func (s *Server) fill(b []byte) ([]byte, *entry) {
+func (s *Server) fill(b []byte, now int64) ([]byte, *entry) {
 	q, ok := parseWire(b)
 	if !ok {
 		return nil, nil
@@ -244,7 +244,6 @@ func (s *Server) fill(b []byte) ([]byte, *entry) {
 		return nil, nil
 	}
 	key := string(cacheKey(nil, b, q))
-	now := time.Now().UnixNano()
 	c.mu.Lock()
 	if e := c.m[key]; e != nil && (e.building || e.variants == nil || e.expires == 0 || now < e.expires) {
 		c.mu.Unlock()

@@ -135,7 +135,7 @@ func FuzzFastPath(f *testing.F) {
 		sec := time.Now().Unix()
 		v, _ := s.lookup(b, nil, time.Now().UnixNano())
 		if v == nil {
-			if v, _ = s.fill(b); v == nil {
+			if v, _ = s.fill(b, time.Now().UnixNano()); v == nil {
 				return // not cached: the slow path answers it
 			}
 		}

@@ -72,6 +72,7 @@ type Server struct {
 	readyOnce sync.Once
 	mu        sync.Mutex
 	addr      string
+	udpConns  int // UDP sockets bound by Run
 }
 
 type ttlPrefix struct {
@@ -311,6 +312,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	s.mu.Lock()
 	s.addr = ln.Addr().String()
+	s.udpConns = len(pcs)
 	s.mu.Unlock()
 
 	invalid := func(_ []byte, err error) { s.m.malformed.Inc(); s.log.Trace("malformed query", "error", err) }

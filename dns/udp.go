@@ -161,7 +161,7 @@ func (s *Server) serveSlow(pkt []byte, from netip.Addr, start time.Time) []byte 
 		s.m.malformed.Inc()
 		return nil // as miekg/dns: too short to answer
 	}
-	if v, e := s.fill(pkt); v != nil {
+	if v, e := s.fill(pkt, start.UnixNano()); v != nil {
 		r := append([]byte(nil), v...)
 		s.patch(r, pkt, from)
 		s.m.observe(e.qtype, e.rcode, time.Since(start))
