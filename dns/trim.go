@@ -22,24 +22,26 @@ import (
 //     record of each SRV target that is left (as Consul's syncExtra).
 //
 // Unlike Consul, TC is set when answers were dropped to fit (Consul sets it
-// only with enable_truncate), and an answer that still does not fit loses its
-// additional records, then its answers (Consul would send it over the
-// limit). The OPT record stays. Compression is used only when the message
+// only with enable_truncate), the OPT record stays (Consul's syncExtra drops
+// it with the additional records), and an answer that still does not fit
+// loses answers, then its additional records, then all answers (Consul
+// would send it over the limit). Compression is used only when the message
 // would not fit without it.
 func (s *Server) trim(req, resp *miekg.Msg, opt *miekg.OPT, proto string) {
-	// Keep the OPT record aside: it always stays, last.
+	// As Consul, the OPT record is in the additional section while trimming
+	// (so it counts in the size), and syncExtra leaves it out as soon as
+	// answers are cut; unlike Consul, it is put back afterwards.
 	var ednsRR miekg.RR
 	if n := len(resp.Extra); n > 0 && resp.Extra[n-1].Header().Rrtype == miekg.TypeOPT {
-		ednsRR, resp.Extra = resp.Extra[n-1], resp.Extra[:n-1]
+		ednsRR = resp.Extra[n-1]
 	}
 	extra := resp.Extra
 	numAnswers := len(resp.Answer)
-	cut := false // answers dropped for size (not for the answer limit)
+	limited := numAnswers // answers left after the answer limit
 
-	// Consul measures without the OPT record (it adds it after trimming).
 	resp.Compress = true
+	maxSize := 65523
 	if proto == "tcp" {
-		const maxSize = 65523
 		limit := 4096
 		if len(req.Question) > 0 && req.Question[0].Qtype == miekg.TypeSRV {
 			limit = 1024
@@ -54,11 +56,12 @@ func (s *Server) trim(req, resp *miekg.Msg, opt *miekg.OPT, proto string) {
 			} else {
 				resp.Answer = resp.Answer[:len(resp.Answer)-1]
 			}
-			resp.Extra = syncExtra(resp.Answer, extra)
+			if len(extra) > 0 {
+				resp.Extra = syncExtra(resp.Answer, extra)
+			}
 		}
-		cut = len(resp.Answer) < numAnswers
 	} else {
-		maxSize := miekg.MinMsgSize
+		maxSize = miekg.MinMsgSize
 		if opt != nil && int(opt.UDPSize()) > maxSize {
 			maxSize = min(int(opt.UDPSize()), maxUDPSize)
 		}
@@ -68,8 +71,8 @@ func (s *Server) trim(req, resp *miekg.Msg, opt *miekg.OPT, proto string) {
 			if len(extra) > 0 {
 				resp.Extra = syncExtra(resp.Answer, extra)
 			}
+			limited = len(resp.Answer)
 		}
-		limited := len(resp.Answer)
 		for len(resp.Answer) > 1 && resp.Len() > maxSize-8 {
 			resp.Ns = nil
 			if resp.Len()-maxSize > 100 {
@@ -81,45 +84,44 @@ func (s *Server) trim(req, resp *miekg.Msg, opt *miekg.OPT, proto string) {
 				resp.Extra = syncExtra(resp.Answer, extra)
 			}
 		}
-		cut = len(resp.Answer) < limited
-	}
-
-	// What Consul would send over the limit: never.
-	size := miekg.MaxMsgSize
-	if proto != "tcp" {
-		size = miekg.MinMsgSize
+		maxSize = miekg.MinMsgSize
 		if opt != nil {
-			size = min(max(int(opt.UDPSize()), miekg.MinMsgSize), maxUDPSize)
+			maxSize = min(max(int(opt.UDPSize()), miekg.MinMsgSize), maxUDPSize)
 		}
 	}
-	if ednsRR != nil {
+	if ednsRR != nil && (len(resp.Extra) == 0 || resp.Extra[len(resp.Extra)-1] != ednsRR) {
 		resp.Extra = append(resp.Extra[:len(resp.Extra):len(resp.Extra)], ednsRR)
 	}
+
+	// Over the limit still (Consul would send it so): fewer answers, then
+	// no additional records, then no answers.
 	resp.Compress = false
-	if resp.Len() <= size {
-		resp.Truncated = resp.Truncated || cut
-		return
+	if resp.Len() > maxSize {
+		resp.Compress = true
 	}
-	resp.Compress = true
-	if resp.Len() <= size {
-		resp.Truncated = resp.Truncated || cut
-		return
-	}
-	withOPT := func(rrs []miekg.RR) []miekg.RR {
-		if ednsRR == nil {
-			return rrs
-		}
-		return append(rrs[:len(rrs):len(rrs)], ednsRR)
-	}
-	if len(resp.Answer) > 0 {
+	for len(resp.Answer) > 1 && resp.Len() > maxSize {
 		resp.Ns = nil
+		resp.Answer = resp.Answer[:len(resp.Answer)-1]
+		resp.Extra = withOPT(syncExtra(resp.Answer, extra), ednsRR)
 	}
-	resp.Extra = withOPT(nil)
-	if resp.Len() > size {
-		resp.Answer = nil
-		cut = true
+	if resp.Len() > maxSize {
+		resp.Ns = nil
+		resp.Extra = withOPT(nil, ednsRR)
+		if resp.Len() > maxSize {
+			resp.Answer = nil
+		}
 	}
-	resp.Truncated = resp.Truncated || cut
+	if len(resp.Answer) < limited {
+		resp.Truncated = true
+	}
+}
+
+// withOPT returns rrs with the OPT record, if any, at the end.
+func withOPT(rrs []miekg.RR, opt miekg.RR) []miekg.RR {
+	if opt == nil {
+		return rrs
+	}
+	return append(rrs[:len(rrs):len(rrs)], opt)
 }
 
 // binaryTruncate finds the number of answers to keep with a binary search,
