@@ -362,7 +362,7 @@ func (s *Server) addrRecords(q miekg.Question, se *svcEntry, idx []int, ttl uint
 	}
 	resp.Answer = make([]miekg.RR, 0, len(idx))
 	cname := ""
-next:
+	var seen map[[16]byte]bool // distinct addresses
 	for _, i := range idx {
 		ie := &se.instances[i]
 		if ie.ip == nil {
@@ -374,18 +374,14 @@ next:
 		if (ie.v4 && !wantV4(qt)) || (!ie.v4 && !wantV6(qt)) {
 			continue
 		}
-		for _, rr := range resp.Answer {
-			switch r := rr.(type) {
-			case *miekg.A:
-				if r.A.Equal(ie.ip) {
-					continue next
-				}
-			case *miekg.AAAA:
-				if r.AAAA.Equal(ie.ip) {
-					continue next
-				}
-			}
+		if seen == nil {
+			seen = make(map[[16]byte]bool, len(idx))
 		}
+		key := [16]byte(ie.ip.To16())
+		if seen[key] {
+			continue
+		}
+		seen[key] = true
 		resp.Answer = append(resp.Answer, ipRR(q.Name, ie.ip, ie.v4, ttl))
 	}
 	if len(resp.Answer) == 0 && cname != "" {

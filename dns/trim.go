@@ -35,7 +35,7 @@ func (s *Server) trim(req, resp *miekg.Msg, opt *miekg.OPT, proto string) {
 	if n := len(resp.Extra); n > 0 && resp.Extra[n-1].Header().Rrtype == miekg.TypeOPT {
 		ednsRR = resp.Extra[n-1]
 	}
-	extra := resp.Extra
+	extra := indexExtra(resp.Extra)
 	numAnswers := len(resp.Answer)
 	limited := numAnswers // answers left after the answer limit
 
@@ -56,7 +56,7 @@ func (s *Server) trim(req, resp *miekg.Msg, opt *miekg.OPT, proto string) {
 			} else {
 				resp.Answer = resp.Answer[:len(resp.Answer)-1]
 			}
-			if len(extra) > 0 {
+			if extra != nil {
 				resp.Extra = syncExtra(resp.Answer, extra)
 			}
 		}
@@ -68,7 +68,7 @@ func (s *Server) trim(req, resp *miekg.Msg, opt *miekg.OPT, proto string) {
 		if maxSize == miekg.MinMsgSize && s.cfg.UDPAnswerLimit > 0 && numAnswers > s.cfg.UDPAnswerLimit {
 			resp.Compress = false // Consul measures these uncompressed
 			resp.Answer = resp.Answer[:s.cfg.UDPAnswerLimit]
-			if len(extra) > 0 {
+			if extra != nil {
 				resp.Extra = syncExtra(resp.Answer, extra)
 			}
 			limited = len(resp.Answer)
@@ -80,7 +80,7 @@ func (s *Server) trim(req, resp *miekg.Msg, opt *miekg.OPT, proto string) {
 			} else {
 				resp.Answer = resp.Answer[:len(resp.Answer)-1]
 			}
-			if len(extra) > 0 {
+			if extra != nil {
 				resp.Extra = syncExtra(resp.Answer, extra)
 			}
 		}
@@ -127,13 +127,13 @@ func withOPT(rrs []miekg.RR, opt miekg.RR) []miekg.RR {
 // binaryTruncate finds the number of answers to keep with a binary search,
 // as Consul's dnsBinaryTruncate does (including its early stop within 10
 // bytes of the limit).
-func binaryTruncate(resp *miekg.Msg, maxSize int, extra []miekg.RR) int {
+func binaryTruncate(resp *miekg.Msg, maxSize int, extra map[string]miekg.RR) int {
 	answers := resp.Answer
 	lo, hi := 0, len(answers)+1
 	for hi-lo > 1 {
 		mid := lo + (hi-lo)/2
 		resp.Answer = answers[:mid]
-		if len(extra) > 0 {
+		if extra != nil {
 			resp.Extra = syncExtra(resp.Answer, extra)
 		}
 		n := resp.Len()
@@ -151,20 +151,30 @@ func binaryTruncate(resp *miekg.Msg, maxSize int, extra []miekg.RR) int {
 	return lo
 }
 
-// syncExtra returns, as Consul's syncExtra, the additional records that go
-// with answers: for each SRV target (once), the first record of extra with
-// that name, following a CNAME there to the first record of its target.
-func syncExtra(answers, extra []miekg.RR) []miekg.RR {
-	out := make([]miekg.RR, 0, len(answers))
-	resolved := make(map[string]bool, len(answers))
-	first := func(name string) miekg.RR {
-		for _, rr := range extra {
-			if strings.EqualFold(rr.Header().Name, name) {
-				return rr
-			}
-		}
+// indexExtra maps each lower-cased name of the additional records to the
+// first record with that name, as Consul's indexRRs; nil when there are
+// none.
+func indexExtra(extra []miekg.RR) map[string]miekg.RR {
+	if len(extra) == 0 {
 		return nil
 	}
+	index := make(map[string]miekg.RR, len(extra))
+	for _, rr := range extra {
+		name := strings.ToLower(rr.Header().Name)
+		if _, ok := index[name]; !ok {
+			index[name] = rr
+		}
+	}
+	return index
+}
+
+// syncExtra returns, as Consul's syncExtra, the additional records that go
+// with answers: for each SRV target (once), the first additional record
+// with that name, following a CNAME there to the first record of its
+// target.
+func syncExtra(answers []miekg.RR, index map[string]miekg.RR) []miekg.RR {
+	out := make([]miekg.RR, 0, len(answers))
+	resolved := make(map[string]bool, len(answers))
 	for _, a := range answers {
 		srv, ok := a.(*miekg.SRV)
 		if !ok {
@@ -173,7 +183,7 @@ func syncExtra(answers, extra []miekg.RR) []miekg.RR {
 		target := strings.ToLower(srv.Target)
 		for !resolved[target] {
 			resolved[target] = true
-			rr := first(target)
+			rr := index[target]
 			if rr == nil {
 				break
 			}
