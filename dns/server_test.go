@@ -385,3 +385,48 @@ func TestLimiterBoundedState(t *testing.T) {
 		t.Fatal("token not refilled after 1/qps")
 	}
 }
+
+// TestUDPBurst sends many queries at once, so that reads and writes come in
+// batches, from two clients, and checks every query gets its own answer.
+func TestUDPBurst(t *testing.T) {
+	s, _ := newTestServer(t, func(c *Config) { c.Addr = "127.0.0.1:0"; c.UDPSockets = 1 }, nil)
+	addr := runServer(t, s)
+	names := []string{"users.service.consul.", "many.service.consul.", "nope.service.consul.", "node1.node.consul."}
+	for _, local := range []string{"127.0.0.1", "127.0.0.3"} {
+		conn, err := net.DialUDP("udp", &net.UDPAddr{IP: net.ParseIP(local)}, net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetReadBuffer(1 << 20)
+		const n = 200
+		want := map[uint16]string{}
+		for i := range n {
+			m := new(miekg.Msg)
+			m.SetQuestion(names[i%len(names)], miekg.TypeA)
+			m.Id = uint16(1000 + i)
+			want[m.Id] = m.Question[0].Name
+			b, _ := m.Pack()
+			if _, err := conn.Write(b); err != nil {
+				t.Fatal(err)
+			}
+		}
+		buf := make([]byte, 4096)
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		for len(want) > 0 {
+			k, err := conn.Read(buf)
+			if err != nil {
+				t.Fatalf("%s: %d answers missing: %v", local, len(want), err)
+			}
+			var r miekg.Msg
+			if err := r.Unpack(buf[:k]); err != nil {
+				t.Fatal(err)
+			}
+			name, ok := want[r.Id]
+			if !ok || len(r.Question) != 1 || r.Question[0].Name != name {
+				t.Fatalf("answer %d for %v, want one for %q", r.Id, r.Question, name)
+			}
+			delete(want, r.Id)
+		}
+	}
+}

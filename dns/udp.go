@@ -48,9 +48,15 @@ func newUDPServer(s *Server, conn *net.UDPConn, slow chan struct{}, wg *sync.Wai
 	return u
 }
 
-// serve reads until the socket is closed.
+// serve reads until the socket is closed: in batches where it can (Linux,
+// a socket bound to one address), else one datagram at a time (a wildcard
+// socket needs each query's destination address to answer from).
 func (u *udpServer) serve() error {
-	s := u.s
+	if !u.wildcard {
+		if b := newBatchConn(u.conn); b != nil {
+			return u.serveBatches(b)
+		}
+	}
 	buf := make([]byte, udpReadSize)
 	out := make([]byte, 0, maxUDPSize)
 	key := make([]byte, 0, 512)
@@ -70,51 +76,119 @@ func (u *udpServer) serve() error {
 			n, from, err = u.conn.ReadFromUDPAddrPort(buf)
 		}
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return nil
+			if done, err := readError(err); done {
+				return err
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			return err
+			continue
 		}
 		start := time.Now()
 		pkt := buf[:n]
-		addr := from.Addr().Unmap()
-		if s.limit != nil && !s.limit.allow(addr, start.UnixNano()) {
-			s.m.limited.Inc()
-			if r := refused(out[:0], pkt); r != nil {
-				u.write(r, from, oob[:oobn])
-			}
+		v, e := u.fast(pkt, from, oob[:oobn], start, key)
+		if v == nil {
 			continue
 		}
-		if v, e := s.lookup(pkt, key, start.UnixNano()); v != nil {
-			r := append(out[:0], v...)
-			s.patch(r, pkt, addr)
-			u.write(r, from, oob[:oobn])
-			s.m.observe(e.qtype, e.rcode, time.Since(start))
-			continue
+		r := append(out[:0], v...)
+		if e != nil {
+			u.s.patch(r, pkt, from.Addr().Unmap())
 		}
-		select {
-		case u.slow <- struct{}{}:
-		default:
-			s.m.dropped.Inc()
-			continue
+		u.write(r, from, oob[:oobn])
+		if e != nil {
+			u.s.m.observe(e.qtype, e.rcode, time.Since(start))
 		}
-		q := append([]byte(nil), pkt...)
-		var qoob []byte
-		if oobn > 0 {
-			qoob = append([]byte(nil), oob[:oobn]...)
-		}
-		u.wg.Add(1)
-		go func() {
-			defer func() { <-u.slow; u.wg.Done() }()
-			if r := s.serveSlow(q, addr, start); r != nil {
-				u.write(r, from, qoob)
-			}
-		}()
 	}
+}
+
+// serveBatches is serve with recvmmsg and sendmmsg.
+func (u *udpServer) serveBatches(b *batchConn) error {
+	big := make([]byte, 0, maxUDPSize)
+	key := make([]byte, 0, 512)
+	for {
+		n, err := b.read()
+		if err != nil {
+			if done, err := readError(err); done {
+				return err
+			}
+			continue
+		}
+		start := time.Now()
+		for i := range n {
+			pkt, from := b.packet(i)
+			v, e := u.fast(pkt, from, nil, start, key)
+			if v == nil {
+				continue
+			}
+			if len(v) > batchOut {
+				r := append(big[:0], v...)
+				u.s.patch(r, pkt, from.Addr().Unmap())
+				u.write(r, from, nil)
+			} else {
+				r := append(b.reply(), v...)
+				if e != nil {
+					u.s.patch(r, pkt, from.Addr().Unmap())
+				}
+				b.queue(i, len(r))
+			}
+			if e != nil {
+				u.s.m.observe(e.qtype, e.rcode, time.Since(start))
+			}
+		}
+		if err := b.flush(); err != nil {
+			if done, err := readError(err); done {
+				return err
+			}
+		}
+	}
+}
+
+// readError says whether an error of a read ends the loop (the socket was
+// closed: no error to report) or is passed over (a timeout).
+func readError(err error) (bool, error) {
+	if errors.Is(err, net.ErrClosed) {
+		return true, nil
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return false, nil
+	}
+	return true, err
+}
+
+// fast answers a query when the rate limit or the answer cache can: it
+// returns the cached answer to patch and the entry (for the metrics), or a
+// REFUSED answer with no entry. nil: nothing to send now (dropped, or gone
+// to the slow path, which writes its own answer).
+func (u *udpServer) fast(pkt []byte, from netip.AddrPort, oob []byte, start time.Time, key []byte) ([]byte, *entry) {
+	s := u.s
+	addr := from.Addr().Unmap()
+	if s.limit != nil && !s.limit.allow(addr, start.UnixNano()) {
+		s.m.limited.Inc()
+		if r := refused(key[:0], pkt); r != nil {
+			return r, nil
+		}
+		return nil, nil
+	}
+	if v, e := s.lookup(pkt, key, start.UnixNano()); v != nil {
+		return v, e
+	}
+	select {
+	case u.slow <- struct{}{}:
+	default:
+		s.m.dropped.Inc()
+		return nil, nil
+	}
+	q := append([]byte(nil), pkt...)
+	var qoob []byte
+	if len(oob) > 0 {
+		qoob = append([]byte(nil), oob...)
+	}
+	u.wg.Add(1)
+	go func() {
+		defer func() { <-u.slow; u.wg.Done() }()
+		if r := s.serveSlow(q, addr, start); r != nil {
+			u.write(r, from, qoob)
+		}
+	}()
+	return nil, nil
 }
 
 // write sends an answer; on a wildcard socket from the address the query
