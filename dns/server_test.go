@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -428,5 +429,39 @@ func TestUDPBurst(t *testing.T) {
 			}
 			delete(want, r.Id)
 		}
+	}
+}
+
+// TestUDPOneAtATime runs the loop a wildcard socket gets (one datagram per
+// read, each answered from its destination address) on a loopback socket:
+// tests bind loopback only.
+func TestUDPOneAtATime(t *testing.T) {
+	s, _ := newTestServer(t, nil, nil)
+	conn, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	u := newUDPServer(s, conn, make(chan struct{}, 8), &wg)
+	u.answerFromDestination()
+	done := make(chan error, 1)
+	go func() { done <- u.serve() }()
+	defer func() {
+		conn.Close()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+		wg.Wait()
+	}()
+	for i := range 4 { // the slow path first, then the cache
+		m := new(miekg.Msg)
+		m.SetQuestion("users.service.consul.", miekg.TypeSRV)
+		r, _, err := (&miekg.Client{Timeout: 2 * time.Second}).Exchange(m, conn.LocalAddr().String())
+		if err != nil || len(r.Answer) != 2 || r.Id != m.Id {
+			t.Fatalf("query %d: %v %v", i, err, r)
+		}
+	}
+	if b := replySource(nil); b != nil {
+		t.Fatalf("reply control message without a query's: %x", b)
 	}
 }

@@ -39,13 +39,18 @@ type udpServer struct {
 func newUDPServer(s *Server, conn *net.UDPConn, slow chan struct{}, wg *sync.WaitGroup) *udpServer {
 	u := &udpServer{s: s, conn: conn, slow: slow, wg: wg}
 	if a, ok := conn.LocalAddr().(*net.UDPAddr); ok && a.IP.IsUnspecified() {
-		u.wildcard = true
-		// As miekg/dns: ask for each datagram's destination address, to
-		// answer from it (errors ignored: one family may be missing).
-		_ = ipv4.NewPacketConn(conn).SetControlMessage(ipv4.FlagDst|ipv4.FlagInterface, true)
-		_ = ipv6.NewPacketConn(conn).SetControlMessage(ipv6.FlagDst|ipv6.FlagInterface, true)
+		u.answerFromDestination()
 	}
 	return u
+}
+
+// answerFromDestination makes the loop read each datagram's destination
+// address and answer from it, as miekg/dns does on a wildcard socket
+// (errors ignored: one family may be missing).
+func (u *udpServer) answerFromDestination() {
+	u.wildcard = true
+	_ = ipv4.NewPacketConn(u.conn).SetControlMessage(ipv4.FlagDst|ipv4.FlagInterface, true)
+	_ = ipv6.NewPacketConn(u.conn).SetControlMessage(ipv6.FlagDst|ipv6.FlagInterface, true)
 }
 
 // serve reads until the socket is closed: in batches where it can (Linux,
