@@ -68,11 +68,10 @@ type entry struct {
 
 // wireQuery is what parseWire reads from a query.
 type wireQuery struct {
-	qend  int // end of the question section
-	edns  bool
-	size  uint16 // the EDNS0 buffer size
-	do    bool
-	qtype uint16
+	qend int // end of the question section
+	edns bool
+	size uint16 // the EDNS0 buffer size
+	do   bool
 }
 
 // parseWire recognises the queries the cache answers: a QUERY with one
@@ -112,8 +111,7 @@ func parseWire(b []byte) (wireQuery, bool) {
 	if off+4 > len(b) {
 		return q, false
 	}
-	q.qtype = binary.BigEndian.Uint16(b[off:])
-	off += 4
+	off += 4 // type and class
 	q.qend = off
 	if b[11] == 0 {
 		return q, off == len(b)
@@ -166,8 +164,9 @@ func cacheKey(dst, b []byte, q wireQuery) []byte {
 	return append(dst, flags, byte(size>>8), byte(size))
 }
 
-// cacheFor returns the cache of the current snapshot, or nil when the fast
-// path is off.
+// cacheFor returns the cache of the current snapshot, or nil when another
+// goroutine just replaced it with one of another snapshot (the slow path
+// answers then).
 func (s *Server) cacheFor() *answerCache {
 	snap := s.src.Load()
 	c := s.cache.Load()
