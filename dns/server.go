@@ -5,8 +5,10 @@
 // recursors for loopback and configured clients only.
 //
 // Answer is the request-to-response function; ServeDNS is a thin adapter
-// around it; Run binds UDP and TCP on one address and serves until its
-// context ends. README.md lists every difference from Consul's DNS.
+// around it (TCP); UDP has its own loop, which answers from answers Answer
+// made and packed once per catalog change (cache.go, udp.go). Run binds UDP
+// and TCP on one address and serves until its context ends. README.md lists
+// every difference from Consul's DNS.
 package dns
 
 import (
