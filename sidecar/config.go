@@ -50,6 +50,8 @@ type Config struct {
 	DNSNearest    bool                      // order DNS answers nearest first by network coordinates
 	DNSEjections  bool                      // leave instances the proxy ejected out of DNS answers (default true)
 	DNSServiceTTL map[string]time.Duration  // per-service TTLs (HCL only), "prefix*" keys allowed
+	DNSRateLimit  float64                   // DNS queries per second per client address, REFUSED beyond (default 0: no limit)
+	DNSRateBurst  int                       // queries a client may send at once above DNSRateLimit (default 0: the rate)
 	Balancer      string                    // default load balancer of upstreams: least-request, round-robin, weighted, nearest
 	TryTimeout    time.Duration             // proxy: per try (default 5s)
 	ReqTimeout    time.Duration             // proxy: whole request, retries included (default 15s)
@@ -135,6 +137,8 @@ func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs.DurationVar(&c.DNSNegTTL, "dns-negative-ttl", c.DNSNegTTL, "SOA minimum TTL: how long resolvers may cache NXDOMAIN")
 	fs.BoolVar(&c.DNSNearest, "dns-nearest", c.DNSNearest, "order DNS answers nearest first (network coordinates) instead of shuffled")
 	fs.BoolVar(&c.DNSEjections, "dns-ejections", c.DNSEjections, "leave instances the proxy has ejected out of DNS answers")
+	fs.Float64Var(&c.DNSRateLimit, "dns-rate-limit", c.DNSRateLimit, "DNS `queries` per second per client address, REFUSED beyond it (0: no limit)")
+	fs.IntVar(&c.DNSRateBurst, "dns-rate-burst", c.DNSRateBurst, "DNS `queries` a client may send at once above -dns-rate-limit (0: the rate)")
 	fs.StringVar(&c.Balancer, "lb", c.Balancer, "default load `balancer` of upstreams: least-request, round-robin, weighted or nearest")
 	fs.DurationVar(&c.TryTimeout, "try-timeout", c.TryTimeout, "proxy: timeout of one try")
 	fs.DurationVar(&c.ReqTimeout, "request-timeout", c.ReqTimeout, "proxy: timeout of a whole request, retries included")
@@ -212,6 +216,8 @@ type fileConfig struct {
 	DNSNearest    *bool              `hcl:"dns_nearest,optional"`
 	DNSEjections  *bool              `hcl:"dns_ejections,optional"`
 	DNSServiceTTL *map[string]string `hcl:"dns_service_ttl,optional"`
+	DNSRateLimit  *float64           `hcl:"dns_rate_limit,optional"`
+	DNSRateBurst  *int               `hcl:"dns_rate_burst,optional"`
 	Balancer      *string            `hcl:"lb,optional"`
 	TryTimeout    *string            `hcl:"try_timeout,optional"`
 	ReqTimeout    *string            `hcl:"request_timeout,optional"`
@@ -280,6 +286,8 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	}
 	set(&c.DNSNearest, fc.DNSNearest)
 	set(&c.DNSEjections, fc.DNSEjections)
+	set(&c.DNSRateLimit, fc.DNSRateLimit)
+	set(&c.DNSRateBurst, fc.DNSRateBurst)
 	for _, d := range []struct {
 		attr string
 		v    *string
@@ -356,6 +364,9 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("-consul: at least one Consul address is needed"))
 	}
 	addr("dns", c.DNS)
+	if c.DNSRateLimit < 0 || c.DNSRateBurst < 0 {
+		errs = append(errs, errors.New("-dns-rate-limit and -dns-rate-burst must not be negative (0: no limit)"))
+	}
 	addr("admin", c.Admin)
 	addr("http-proxy", c.HTTPProxy)
 	if _, err := proxy.ParseBalancer(c.Balancer); err != nil {

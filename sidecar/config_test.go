@@ -55,6 +55,12 @@ func TestParseArgs(t *testing.T) {
 				t.Errorf("dns = %q", c.DNS)
 			}
 		}},
+		{name: "DNS rate limit", args: []string{"-dns-rate-limit", "50", "-dns-rate-burst", "200"}, check: func(t *testing.T, c Config) {
+			if c.DNSRateLimit != 50 || c.DNSRateBurst != 200 {
+				t.Errorf("rate limit %v burst %d", c.DNSRateLimit, c.DNSRateBurst)
+			}
+		}},
+		{name: "negative DNS rate limit", args: []string{"-dns-rate-limit", "-1"}, wantErr: "-dns-rate-limit and -dns-rate-burst must not be negative"},
 		{name: "flag without value", args: []string{"-dns"}, wantErr: "flag needs an argument: -dns"},
 		{name: "unknown flag", args: []string{"-frob"}, wantErr: "flag provided but not defined: -frob"},
 		{name: "stray argument", args: []string{"users"}, wantErr: `unexpected argument "users"`},

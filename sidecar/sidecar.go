@@ -109,6 +109,7 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 		dc.Addr, dc.Domain, dc.Recursors = cfg.DNS, cfg.DNSDomain, cfg.Recursors
 		dc.DefaultServiceTTL, dc.ServiceTTL, dc.NodeTTL, dc.NegativeTTL = cfg.DNSTTL, cfg.DNSServiceTTL, cfg.DNSNodeTTL, cfg.DNSNegTTL
 		dc.Nearest, dc.Node, dc.HonourEjections = cfg.DNSNearest, cfg.Node, cfg.DNSEjections
+		dc.RateLimit, dc.RateBurst = cfg.DNSRateLimit, cfg.DNSRateBurst
 		dc.Logger, dc.Registerer = log, m
 		if s.dns, err = dns.New(dc, s.watcher, ejections); err != nil {
 			return nil, err
