@@ -164,6 +164,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.watcher.Run(gctx) })
 	g.Go(func() error { return s.registrar.Run(gctx) })
+	g.Go(func() error { return s.breakers.Run(gctx) })
 	if s.dns != nil {
 		g.Go(func() error { return s.dns.Run(gctx) })
 	}

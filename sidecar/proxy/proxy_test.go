@@ -430,13 +430,13 @@ func TestFallbacks(t *testing.T) {
 		map[string][]*backend{"static": {}, "other": {}, "none": {}, "spare": {spare}})
 	c := newClient()
 	code, h, body := get(t, c, tp.url("static", "/"))
-	if code != 200 || string(body) != `{"items":[]}` || h.Get("X-Attache-Fallback") != "static" {
+	if code != 200 || string(body) != `{"items":[]}` || h.Get("X-Attache-Fallback") != "no-healthy" {
 		t.Fatalf("static fallback: %d %v %s", code, h, body)
 	}
 	code, h, body = get(t, c, tp.url("other", "/p"))
 	var r demo.Response
 	json.Unmarshal(body, &r)
-	if code != 200 || r.Service != "spare" || h.Get("X-Attache-Fallback") != "spare" {
+	if code != 200 || r.Service != "spare" || h.Get("X-Attache-Fallback") != "no-healthy" || h.Get("X-Attache-Fallback-Service") != "spare" {
 		t.Fatalf("service fallback: %d %v %s", code, h, body)
 	}
 	code, _, body = get(t, c, tp.url("none", "/"))
