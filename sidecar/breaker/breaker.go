@@ -313,6 +313,7 @@ func (r *Registry) Service(name string) *Service {
 	s = &Service{r: r, name: key, insts: map[string]*Instance{}, gone: map[string]time.Time{},
 		rejected: r.met.rejections.WithLabelValues(key),
 		overflow: r.met.overflow.WithLabelValues(key)}
+	s.lastGood.Store(r.now().UnixNano())
 	r.met.state.WithLabelValues(key).Set(0)
 	r.met.panic.WithLabelValues(key).Set(0)
 	r.svcs[key] = s

@@ -59,7 +59,7 @@ type Service struct {
 // atomic so that a successful call in the closed state never takes the
 // lock.
 type bucket struct {
-	slot     atomic.Int64 // bucket start / bucket length
+	key      atomic.Int64 // bucketKey of its slice of time and the epoch
 	calls    atomic.Int64 // started
 	inflight atomic.Int64 // started and not done
 	fails    atomic.Int64 // done and failed
@@ -78,11 +78,15 @@ func (s *Service) Name() string { return s.name }
 // Done (or Cancel) exactly once.
 type Call struct {
 	start int64 // unix nanos
-	slot  int64 // the window bucket it was counted in
+	key   int64 // the window bucket it was counted in (bucketKey)
 	epoch uint32
 	trial int // 1 + index in trials while half-open; 0: not a trial
 	ok    bool
 }
+
+// Trial reports whether the call is one of a half-open breaker's trial
+// calls.
+func (c Call) Trial() bool { return c.trial > 0 }
 
 // Allow asks for one call starting at now. It returns an *OpenError when
 // the breaker is open (or half-open with every trial call handed out) or
@@ -102,7 +106,9 @@ func (s *Service) Allow(now time.Time) (Call, error) {
 	c.epoch = s.epoch.Load()
 	switch s.state.Load() {
 	case stClosed:
-		c.slot = s.count(now)
+		// Counted in a bucket of this epoch: should the breaker change
+		// state meanwhile, the call is left out of the new window.
+		c.key = s.count(now, c.epoch)
 		return c, nil
 	case stOpen:
 		if until := s.openUntil.Load(); now.UnixNano() < until {
@@ -115,7 +121,7 @@ func (s *Service) Allow(now time.Time) (Call, error) {
 	c.epoch = s.epoch.Load()
 	switch s.state.Load() {
 	case stClosed:
-		c.slot = s.count(now)
+		c.key = s.count(now, c.epoch)
 		return c, nil
 	case stHalfOpen:
 		if s.handed < cfg.HalfOpenCalls {
@@ -136,13 +142,20 @@ func (s *Service) refuse(state string, after time.Duration) error {
 	return &OpenError{Service: s.name, State: state, RetryAfter: after}
 }
 
-// count counts a call started at now in the window and returns its slot.
-func (s *Service) count(now time.Time) int64 {
-	b, slot := s.bucketAt(now)
+// count counts a call started at now in epoch in the window and returns
+// its bucket's key.
+func (s *Service) count(now time.Time, epoch uint32) int64 {
+	b, key := s.bucketAt(now, epoch)
 	b.calls.Add(1)
 	b.inflight.Add(1)
-	return slot
+	return key
 }
+
+// bucketKey names one bucket's slice of time in one epoch, so that calls
+// counted before a change of state are never mixed with those after it.
+func bucketKey(slot int64, epoch uint32) int64 { return slot<<8 | int64(epoch&0xff) }
+
+func bucketIndex(key int64) int { return int((key >> 8) % numBuckets) }
 
 // Done records the outcome of a call granted by Allow: failed is the
 // caller's final verdict, end when it ended. An outcome that arrives after
@@ -177,8 +190,8 @@ func (s *Service) Done(c Call, failed bool, end time.Time) {
 		}
 		return
 	}
-	b := &s.buckets[c.slot%numBuckets]
-	if b.slot.Load() != c.slot {
+	b := &s.buckets[bucketIndex(c.key)]
+	if b.key.Load() != c.key {
 		return // its bucket has left the window
 	}
 	b.inflight.Add(-1)
@@ -221,8 +234,8 @@ func (s *Service) Cancel(c Call) {
 		s.mu.Unlock()
 		return
 	}
-	b := &s.buckets[c.slot%numBuckets]
-	if b.slot.Load() == c.slot {
+	b := &s.buckets[bucketIndex(c.key)]
+	if b.key.Load() == c.key {
 		b.calls.Add(-1)
 		b.inflight.Add(-1)
 	}
@@ -289,10 +302,11 @@ func (s *Service) totals(now time.Time) window {
 	n := now.UnixNano()
 	bl := int64(s.r.bucket)
 	cur := n / bl
+	epoch := s.epoch.Load()
 	var w window
 	for slot := cur - numBuckets + 1; slot <= cur; slot++ {
-		b := &s.buckets[((slot%numBuckets)+numBuckets)%numBuckets]
-		if b.slot.Load() != slot {
+		b := &s.buckets[slot%numBuckets]
+		if b.key.Load() != bucketKey(slot, epoch) {
 			continue
 		}
 		calls, in := int(b.calls.Load()), int(b.inflight.Load())
@@ -334,27 +348,28 @@ func (s *Service) judge(now time.Time) {
 	}
 }
 
-// bucketAt returns the bucket for now and its slot, resetting it when it
-// is stale. The one caller that wins the swap of its slot resets the
-// counters; a call counted in the instant between may be lost, which a
-// breaker can afford.
-func (s *Service) bucketAt(now time.Time) (*bucket, int64) {
+// bucketAt returns the bucket for now in epoch and its key, resetting it
+// when it is stale. The one caller that wins the swap of its key resets
+// the counters; a call counted in the instant between may be lost, which
+// a breaker can afford.
+func (s *Service) bucketAt(now time.Time, epoch uint32) (*bucket, int64) {
 	slot := now.UnixNano() / int64(s.r.bucket)
+	key := bucketKey(slot, epoch)
 	b := &s.buckets[slot%numBuckets]
-	if old := b.slot.Load(); old != slot && b.slot.CompareAndSwap(old, slot) {
+	if old := b.key.Load(); old != key && b.key.CompareAndSwap(old, key) {
 		b.calls.Store(0)
 		b.inflight.Store(0)
 		b.fails.Store(0)
 		b.slow.Store(0)
 	}
-	return b, slot
+	return b, key
 }
 
 // resetBuckets empties the window.
 func (s *Service) resetBuckets() {
 	for i := range s.buckets {
 		b := &s.buckets[i]
-		b.slot.Store(-1)
+		b.key.Store(-1)
 		b.calls.Store(0)
 		b.inflight.Store(0)
 		b.fails.Store(0)
@@ -376,9 +391,9 @@ func (s *Service) transition(to int32, why string) {
 	if from == to {
 		return
 	}
-	s.resetBuckets()
 	s.epoch.Add(1)
 	s.state.Store(to)
+	s.resetBuckets()
 	if to == stClosed {
 		s.lastGood.Store(s.r.now().UnixNano())
 	}
@@ -390,11 +405,10 @@ func (s *Service) transition(to int32, why string) {
 // State returns the breaker's state name.
 func (s *Service) State() string { return stateName(s.state.Load()) }
 
-// Open reports whether the breaker refuses calls now (open, its time not
-// over): a request under way stops retrying then.
-func (s *Service) Open() bool {
-	return s.state.Load() == stOpen && s.r.now().UnixNano() < s.openUntil.Load()
-}
+// Tripped reports whether the breaker is not closed (open, or half-open
+// and trying): a request under way stops retrying then, and its caller
+// gets an answer (or the fallback) at once.
+func (s *Service) Tripped() bool { return s.state.Load() != stClosed }
 
 // Panic reports whether too few of the service's instances are healthy:
 // the proxy then sends requests to all of them, ejected or not.

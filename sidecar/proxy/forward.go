@@ -149,9 +149,14 @@ func (t *target) forwardFrom(ctx context.Context, x exchange, replayable bool, f
 	return t.done(f)
 }
 
-// tryDeadline is when the current try gives up.
+// tryDeadline is when the current try gives up. A half-open breaker's
+// trial call gives up at SlowCallDuration: slower, it fails the trial
+// anyway, and its caller gets the fallback rather than waiting.
 func (f *fwd) tryDeadline(p *Proxy) time.Time {
 	d := f.t0.Add(p.cfg.TryTimeout)
+	if f.call.Trial() {
+		d = f.t0.Add(min(p.cfg.TryTimeout, p.br.Config().SlowCallDuration))
+	}
 	if d.After(f.deadline) {
 		return f.deadline
 	}
@@ -196,7 +201,7 @@ func (t *target) retryAfter(f *fwd, replayable bool, status int, err error) (tim
 	if !replayable || f.n > p.cfg.MaxRetries || (err == nil && !p.retryOn[status%600]) {
 		return 0, false
 	}
-	if t.svc.Open() { // the breaker opened meanwhile: answer now
+	if t.svc.Tripped() { // the breaker opened meanwhile: answer now
 		return 0, false
 	}
 	if !t.budget.retry(f.end, p.cfg.RetryBudget, p.cfg.MinRetries) {

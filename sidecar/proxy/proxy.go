@@ -62,7 +62,7 @@ type Config struct {
 	MinRetries        int           // retries always allowed per 10s window, default 10
 	RetryBackoff      time.Duration // base of the full-jitter backoff, default 25ms
 	RetryBackoffMax   time.Duration // default 250ms
-	RetryStatuses     []int         // answers retried (idempotent requests only), default 502, 503, 504
+	RetryStatuses     []int         // answers retried (idempotent requests only, on another instance), default 500, 502, 503, 504
 	FailureStatuses   []int         // answers counted as instance failures, default every 5xx
 	MaxReplayBody     int           // request bodies up to this size are buffered for retries, default 64 KiB
 	MaxConnsPerHost   int           // connection pool limit per instance, default 512
@@ -121,7 +121,7 @@ func (c Config) withDefaults() Config {
 		c.MinRetries = 10
 	}
 	if c.RetryStatuses == nil {
-		c.RetryStatuses = []int{502, 503, 504}
+		c.RetryStatuses = []int{500, 502, 503, 504}
 	}
 	if c.MaxReplayBody <= 0 {
 		c.MaxReplayBody = 64 << 10
