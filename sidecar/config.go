@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -56,7 +57,7 @@ type Config struct {
 	Retries       int                       // proxy: extra tries after the first (default 2; -1 none)
 	EjectAfter    int                       // outlier ejection after this many consecutive failures (default 5)
 	EjectTime     time.Duration             // base ejection time, times the number of ejections (default 30s)
-	Fallbacks     map[string]proxy.Fallback // per-service answer when the breaker is open (HCL only)
+	Fallbacks     map[string]proxy.Fallback // per-service answer for refused and failed calls (HCL only)
 	LogLevel      string                    // trace, debug, info, warn, error
 	LogJSON       bool
 }
@@ -224,13 +225,15 @@ type fileConfig struct {
 }
 
 // fallbackBlock is `fallback "inventory" { status = 200 body = "Stock status unavailable" }`
-// or `fallback "inventory" { service = "inventory-cache" }`.
+// or `fallback "inventory" { to_service = "inventory-cache" }`, with
+// `on = ["breaker-open", "max-requests"]` to answer only for refused calls.
 type fallbackBlock struct {
-	Service     string  `hcl:"service,label"`
-	Status      *int    `hcl:"status,optional"`
-	Body        *string `hcl:"body,optional"`
-	ContentType *string `hcl:"content_type,optional"`
-	To          *string `hcl:"to_service,optional"`
+	Service     string    `hcl:"service,label"`
+	Status      *int      `hcl:"status,optional"`
+	Body        *string   `hcl:"body,optional"`
+	ContentType *string   `hcl:"content_type,optional"`
+	To          *string   `hcl:"to_service,optional"`
+	On          *[]string `hcl:"on,optional"` // causes it answers for (default all: proxy.FallbackCauses)
 }
 
 // decodeHCL applies an HCL config file over c. Errors carry file:line.
@@ -272,6 +275,12 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 			set(&fb.Body, f.Body)
 			set(&fb.ContentType, f.ContentType)
 			set(&fb.Service, f.To)
+			set(&fb.On, f.On)
+			for _, c := range fb.On {
+				if !slices.Contains(proxy.FallbackCauses, c) {
+					return fmt.Errorf("%s: fallback %q: unknown cause %q (want some of %s)", name, f.Service, c, strings.Join(proxy.FallbackCauses, ", "))
+				}
+			}
 			if fb.Status < 100 || fb.Status > 599 {
 				return fmt.Errorf("%s: fallback %q: status %d is not an HTTP status", name, f.Service, fb.Status)
 			}
