@@ -57,6 +57,8 @@ type Config struct {
 	Retries       int                       // proxy: extra tries after the first (default 2; -1 none)
 	EjectAfter    int                       // outlier ejection after this many consecutive failures (default 5)
 	EjectTime     time.Duration             // base ejection time, times the number of ejections (default 30s)
+	SlowCall      time.Duration             // breaker: a call this long is slow, in flight or done (default 2s)
+	MaxRequests   int                       // breaker: calls in flight per service (default 1024; -1 no limit)
 	Fallbacks     map[string]proxy.Fallback // per-service answer for refused and failed calls (HCL only)
 	LogLevel      string                    // trace, debug, info, warn, error
 	LogJSON       bool
@@ -79,6 +81,8 @@ func DefaultConfig(env func(string) string) Config {
 		Retries:      2,
 		EjectAfter:   5,
 		EjectTime:    30 * time.Second,
+		SlowCall:     2 * time.Second,
+		MaxRequests:  1024,
 	}
 	if h, err := os.Hostname(); err == nil {
 		c.Node = h // Consul's default node name
@@ -142,6 +146,8 @@ func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs.IntVar(&c.Retries, "retries", c.Retries, "proxy: extra tries after the first, for idempotent requests (-1: none)")
 	fs.IntVar(&c.EjectAfter, "eject-after", c.EjectAfter, "eject an instance after this many consecutive failures (-1: never)")
 	fs.DurationVar(&c.EjectTime, "eject-time", c.EjectTime, "base ejection time, multiplied by the times ejected")
+	fs.DurationVar(&c.SlowCall, "slow-call", c.SlowCall, "breaker: a call this long is slow (counted while still in flight)")
+	fs.IntVar(&c.MaxRequests, "max-requests", c.MaxRequests, "breaker: calls in flight per service; more are refused at once (-1: no limit)")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log `level`: trace, debug, info, warn, error")
 	fs.BoolVar(&c.LogJSON, "log-json", c.LogJSON, "log as JSON")
 	return fs
@@ -219,6 +225,8 @@ type fileConfig struct {
 	Retries       *int               `hcl:"retries,optional"`
 	EjectAfter    *int               `hcl:"eject_after,optional"`
 	EjectTime     *string            `hcl:"eject_time,optional"`
+	SlowCall      *string            `hcl:"slow_call,optional"`
+	MaxRequests   *int               `hcl:"max_requests,optional"`
 	Fallbacks     []fallbackBlock    `hcl:"fallback,block"`
 	LogLevel      *string            `hcl:"log_level,optional"`
 	LogJSON       *bool              `hcl:"log_json,optional"`
@@ -267,6 +275,7 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	set(&c.Balancer, fc.Balancer)
 	set(&c.Retries, fc.Retries)
 	set(&c.EjectAfter, fc.EjectAfter)
+	set(&c.MaxRequests, fc.MaxRequests)
 	if len(fc.Fallbacks) > 0 {
 		c.Fallbacks = map[string]proxy.Fallback{}
 		for _, f := range fc.Fallbacks {
@@ -302,6 +311,7 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 		{"watch_idle", fc.WatchIdle, &c.WatchIdle},
 		{"request_timeout", fc.ReqTimeout, &c.ReqTimeout},
 		{"eject_time", fc.EjectTime, &c.EjectTime},
+		{"slow_call", fc.SlowCall, &c.SlowCall},
 	} {
 		if d.v == nil {
 			continue

@@ -75,6 +75,10 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 
 	bc := breaker.DefaultConfig()
 	bc.ConsecutiveFailures, bc.BaseEjectionTime = cfg.EjectAfter, cfg.EjectTime
+	bc.SlowCallDuration, bc.MaxRequests = cfg.SlowCall, cfg.MaxRequests
+	if bc.MaxRequests == 0 {
+		bc.MaxRequests = -1 // the breaker reads 0 as "the default"
+	}
 	if bc.ConsecutiveFailures == 0 {
 		bc.ConsecutiveFailures = -1 // the breaker reads 0 as "the default"
 	}
