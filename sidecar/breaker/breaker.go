@@ -267,11 +267,11 @@ func New(cfg Config, logger hclog.Logger, reg prometheus.Registerer) (*Registry,
 // Config returns the effective configuration (defaults applied).
 func (r *Registry) Config() Config { return r.cfg }
 
-// Run looks at every service once per window bucket until ctx ends, so that
-// calls in flight for longer than SlowCallDuration and the end of an open
-// period change the state when they happen, not at the next call.
+// Run looks at every service four times per window bucket until ctx ends,
+// so that calls in flight for longer than SlowCallDuration and the end of
+// an open period change the state when they happen, not at the next call.
 func (r *Registry) Run(ctx context.Context) error {
-	tick := time.NewTicker(max(r.bucket, 10*time.Millisecond))
+	tick := time.NewTicker(max(r.bucket/4, 10*time.Millisecond))
 	defer tick.Stop()
 	for {
 		select {
