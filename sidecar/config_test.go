@@ -22,6 +22,8 @@ func TestParseArgs(t *testing.T) {
 	badAttr := file("bad.hcl", "dns = \"127.0.0.1:8653\"\nbogus = 1\n")
 	badSyntax := file("syntax.hcl", "dns = \n")
 	badDur := file("dur.hcl", "max_stale = \"soon\"\n")
+	fb := file("fb.hcl", "fallback \"inventory\" {\n  body = \"Stock status unavailable\"\n  content_type = \"text/plain\"\n  on = [\"breaker-open\", \"timeout\"]\n}\n")
+	badCause := file("cause.hcl", "fallback \"inventory\" {\n  on = [\"sometimes\"]\n}\n")
 
 	tests := []struct {
 		name    string
@@ -71,6 +73,13 @@ func TestParseArgs(t *testing.T) {
 		{name: "unknown attribute names file and line", args: []string{"-config", badAttr}, wantErr: "bad.hcl:2,1: Unsupported argument"},
 		{name: "syntax error names file and line", args: []string{"-config", badSyntax}, wantErr: "syntax.hcl:1,"},
 		{name: "bad duration", args: []string{"-config", badDur}, wantErr: "max_stale"},
+		{name: "fallback", args: []string{"-config", fb}, check: func(t *testing.T, c Config) {
+			f := c.Fallbacks["inventory"]
+			if f.Status != 200 || f.Body != "Stock status unavailable" || f.ContentType != "text/plain" || strings.Join(f.On, ",") != "breaker-open,timeout" {
+				t.Errorf("fallback = %+v", f)
+			}
+		}},
+		{name: "fallback cause", args: []string{"-config", badCause}, wantErr: `unknown cause "sometimes"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

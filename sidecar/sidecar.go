@@ -75,6 +75,10 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 
 	bc := breaker.DefaultConfig()
 	bc.ConsecutiveFailures, bc.BaseEjectionTime = cfg.EjectAfter, cfg.EjectTime
+	bc.SlowCallDuration, bc.MaxRequests = cfg.SlowCall, cfg.MaxRequests
+	if bc.MaxRequests == 0 {
+		bc.MaxRequests = -1 // the breaker reads 0 as "the default"
+	}
 	if bc.ConsecutiveFailures == 0 {
 		bc.ConsecutiveFailures = -1 // the breaker reads 0 as "the default"
 	}
@@ -165,6 +169,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.watcher.Run(gctx) })
 	g.Go(func() error { return s.registrar.Run(gctx) })
+	g.Go(func() error { return s.breakers.Run(gctx) })
 	if s.dns != nil {
 		g.Go(func() error { return s.dns.Run(gctx) })
 	}

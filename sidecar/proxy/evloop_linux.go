@@ -1002,7 +1002,11 @@ func (l *evLoop) answered(b *evBack) {
 				return
 			}
 		}
-		t.done(&c.f)
+		res := t.done(&c.f)
+		if fb, _ := t.fallbackFor(res); fb != nil { // a failed answer the fallback replaces
+			l.handoffFinish(c, res)
+			return
+		}
 		if !l.simple(b) {
 			l.handoffAnswer(c)
 			return
@@ -1094,7 +1098,7 @@ func (l *evLoop) tryEnded(c *evConn, err error) bool {
 // 502/503/504); a service fallback is the goroutine path's.
 func (l *evLoop) answer(c *evConn, res result) {
 	t := c.t
-	if fb := t.fallback; fb != nil && fb.Service != "" && (res.kind == outOpen || res.kind == outNoHealthy) {
+	if fb, _ := t.fallbackFor(res); fb != nil && fb.Service != "" {
 		l.handoffResult(c, res)
 		return
 	}
@@ -1373,6 +1377,18 @@ func (l *evLoop) handoffAnswer(c *evConn) {
 		state(rc)
 		answer(&rc.x)
 		return rc.writeAnswer()
+	})
+}
+
+// handoffFinish hands over a request whose answer (on c's instance
+// connection) the goroutine path finishes for res (a fallback for it).
+func (l *evLoop) handoffFinish(c *evConn, res result) {
+	t := c.t
+	state, answer := l.exchangeState(c), l.takeAnswer(c)
+	l.handoff(c, func(rc *rawConn) bool {
+		state(rc)
+		answer(&rc.x)
+		return rc.finish(t, res, true)
 	})
 }
 

@@ -86,12 +86,15 @@ func (t *target) begin(ctx context.Context, f *fwd, start time.Time) (result, bo
 
 // admit is begin's part that never waits: the breaker and the budget.
 func (t *target) admit(f *fwd, set *epSet, start time.Time) (result, bool) {
-	call, err := t.svc.Allow()
+	call, err := t.svc.Allow(start)
 	if err != nil {
-		var oe *breaker.OpenError
-		errors.As(err, &oe)
-		t.met.count(classOpen)
-		return result{kind: outOpen, open: oe}, false
+		res := openResult(err)
+		if res.open != nil && res.open.State == breaker.MaxRequests {
+			t.met.count(classOverflow)
+		} else {
+			t.met.count(classOpen)
+		}
+		return res, false
 	}
 	*f = fwd{set: set, call: call, start: start, deadline: start.Add(t.p.cfg.RequestTimeout), t0: start}
 	t.budget.request(start)
@@ -110,7 +113,7 @@ func (t *target) forwardFrom(ctx context.Context, x exchange, replayable bool, f
 				case <-timer.C:
 				case <-ctx.Done():
 					timer.Stop()
-					t.svc.Done(f.call, true, time.Since(f.start))
+					t.svc.Done(f.call, true, time.Now())
 					return f.res // the last answer, still readable
 				}
 			}
@@ -146,18 +149,25 @@ func (t *target) forwardFrom(ctx context.Context, x exchange, replayable bool, f
 	return t.done(f)
 }
 
-// tryDeadline is when the current try gives up.
+// tryDeadline is when the current try gives up. A half-open breaker's
+// trial call gives up at SlowCallDuration: slower, it fails the trial
+// anyway, and its caller gets the fallback rather than waiting.
 func (f *fwd) tryDeadline(p *Proxy) time.Time {
 	d := f.t0.Add(p.cfg.TryTimeout)
+	if f.call.Trial() {
+		d = f.t0.Add(min(p.cfg.TryTimeout, p.br.Config().SlowCallDuration))
+	}
 	if d.After(f.deadline) {
 		return f.deadline
 	}
 	return d
 }
 
-// noHealthy ends a request no instance could be picked for.
+// noHealthy ends a request no instance could be picked for: the service
+// has none, which says nothing about its instances (the breaker does not
+// count it).
 func (t *target) noHealthy(f *fwd) result {
-	t.svc.Done(f.call, true, time.Since(f.start))
+	t.svc.Cancel(f.call)
 	t.met.count(classNoHealthy)
 	return result{kind: outNoHealthy}
 }
@@ -191,6 +201,9 @@ func (t *target) retryAfter(f *fwd, replayable bool, status int, err error) (tim
 	if !replayable || f.n > p.cfg.MaxRetries || (err == nil && !p.retryOn[status%600]) {
 		return 0, false
 	}
+	if t.svc.Tripped() { // the breaker opened meanwhile: answer now
+		return 0, false
+	}
 	if !t.budget.retry(f.end, p.cfg.RetryBudget, p.cfg.MinRetries) {
 		t.met.budgetExhausted.Inc()
 		return 0, false
@@ -214,10 +227,14 @@ func (t *target) done(f *fwd) result {
 	res := f.res
 	total := f.end.Sub(f.start)
 	finalFailed := res.kind == outError || p.failureOn[res.status%600]
-	t.svc.Done(f.call, finalFailed, total)
+	t.svc.Done(f.call, finalFailed, f.end)
 	t.met.latency.Observe(total.Seconds())
 	if res.kind == outError {
-		t.met.count(classError)
+		if isTimeout(res.err) {
+			t.met.count(class5xx) // answered 504
+		} else {
+			t.met.count(classError)
+		}
 	} else {
 		t.met.count(statusClass(res.status))
 	}
