@@ -27,10 +27,16 @@ type httpListener struct {
 	fs    *fasthttp.Server
 	raw   *rawServer    // nil with DisableFastPath
 	h2    *chanListener // nil with DisableHTTP2
+	cap   *connCap      // MaxClientConns
 }
 
 func (p *Proxy) newHTTPListener(ctx context.Context, ln net.Listener, fixed *target) *httpListener {
 	h := &httpListener{ln: ln, fixed: fixed}
+	name := "http-proxy"
+	if fixed != nil {
+		name = fixed.name
+	}
+	h.cap = newConnCap(p.cfg.MaxClientConns, p.met, name)
 	h.fs = &fasthttp.Server{
 		Handler:                      func(c *fasthttp.RequestCtx) { p.handleFast(c, fixed) },
 		NoDefaultServerHeader:        true,
@@ -42,10 +48,17 @@ func (p *Proxy) newHTTPListener(ctx context.Context, ln net.Listener, fixed *tar
 		ReadBufferSize:               8 << 10,
 		WriteBufferSize:              4 << 10,
 		IdleTimeout:                  p.cfg.IdleTimeout,
-		WriteTimeout:                 p.cfg.RequestTimeout, // a client that does not read holds no instance connection for long
-		CloseOnShutdown:              true,
-		KeepHijackedConns:            true, // tunnels own their connections (closed on shutdown)
-		Logger:                       fastLogger{p},
+		// A head within HeaderTimeout of its first byte; then the body
+		// (up to MaxReplayBody read here, a longer one streamed to the
+		// instance, where the try timeout bounds it too) within BodyTimeout.
+		ReadTimeout: p.cfg.HeaderTimeout,
+		HeaderReceived: func(*fasthttp.RequestHeader) fasthttp.RequestConfig {
+			return fasthttp.RequestConfig{ReadTimeout: p.cfg.BodyTimeout}
+		},
+		WriteTimeout:      p.cfg.RequestTimeout, // a client that does not read holds no instance connection for long
+		CloseOnShutdown:   true,
+		KeepHijackedConns: true, // tunnels own their connections (closed on shutdown)
+		Logger:            fastLogger{p},
 	}
 	if !p.cfg.DisableHTTP2 {
 		h.h2 = newChanListener(ln.Addr())
@@ -75,10 +88,13 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 	h1s := make([]net.Listener, len(hls))
 	for i, h := range hls {
 		h1s[i] = h.ln
+		if ev == nil { // the loops count their own
+			h1s[i] = &capListener{Listener: h.ln, cap: h.cap}
+		}
 		h2 := h.h2
 		// Without event loops, a sniffing accept loop splits h2c from HTTP/1.x.
 		if ev == nil && h2 != nil {
-			sl := newSniffListener(h.ln, p.cfg.IdleTimeout)
+			sl := newSniffListener(h1s[i], p.cfg.IdleTimeout)
 			h1s[i], h2 = sl.h1, sl.h2
 			wg.Add(1)
 			go func() {
@@ -89,7 +105,7 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		if h2 != nil {
 			hs := &http.Server{
 				Handler:           p.stdHandler(h.fixed),
-				ReadHeaderTimeout: 10 * time.Second,
+				ReadHeaderTimeout: p.cfg.HeaderTimeout,
 				IdleTimeout:       p.cfg.IdleTimeout,
 				ErrorLog:          p.log.StandardLogger(nil),
 			}

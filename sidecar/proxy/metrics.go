@@ -43,6 +43,8 @@ type metrics struct {
 	tryFailures     *prometheus.CounterVec
 	retries         *prometheus.CounterVec
 	budgetExhausted *prometheus.CounterVec
+	clientConns     *prometheus.GaugeVec
+	clientsRefused  *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -60,9 +62,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Retries per upstream."}, []string{"upstream"}),
 		budgetExhausted: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "attache", Subsystem: "proxy", Name: "retry_budget_exhausted_total",
 			Help: "Retries not made because the retry budget was spent."}, []string{"upstream"}),
+		clientConns: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: "attache", Subsystem: "proxy", Name: "client_connections",
+			Help: "Open client connections per HTTP listener (upstream name, or http-proxy)."}, []string{"listener"}),
+		clientsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "attache", Subsystem: "proxy", Name: "client_connections_refused_total",
+			Help: "Client connections answered with a 503 and closed because the listener had MaxClientConns open."}, []string{"listener"}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.requests, m.latency, m.tryLatency, m.tryFailures, m.retries, m.budgetExhausted} {
+		for _, c := range []prometheus.Collector{m.requests, m.latency, m.tryLatency, m.tryFailures, m.retries, m.budgetExhausted, m.clientConns, m.clientsRefused} {
 			if err := reg.Register(c); err != nil {
 				return nil, fmt.Errorf("proxy: register metrics: %w", err)
 			}
