@@ -1115,7 +1115,7 @@ func (l *evLoop) answered(b *evBack) {
 	if !l.counted(c, r.status) {
 		return
 	}
-	closeClient := c.connClose || c.eof || l.s.closing.Load()
+	closeClient := c.connClose || c.eof && c.n == 0 || l.s.closing.Load() // requests read before the client's close are answered
 	out := appendAnswerHead(l.out[:0], b.buf, r, closeClient, nil)
 	out = append(out, b.buf[r.headEnd:need]...)
 	l.out = out
@@ -1206,7 +1206,7 @@ func (l *evLoop) answer(c *evConn, res result) {
 		l.handoffResult(c, res)
 		return
 	}
-	closeClient := c.connClose || c.eof || l.s.closing.Load()
+	closeClient := c.connClose || c.eof && c.n == 0 || l.s.closing.Load() // requests read before the client's close are answered
 	out := appendCanned(l.out[:0], l.p.cannedFor(t, res, true), closeClient, c.head)
 	l.out = out
 	if !c.busy {

@@ -214,6 +214,23 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, fixed *target) {
 		}
 	}
 	req := &ctx.Request
+	if !targetForm(req.Header.RequestURI(), req.Header.IsOptions()) && !req.Header.IsConnect() {
+		p.fastCanned(ctx, cannedJSON(http.StatusBadRequest, "request target is neither a path nor an absolute http:// URI", t.name))
+		ctx.SetConnectionClose()
+		return
+	}
+	// Host goes on as the client sent it, or as the absolute-form target's
+	// authority names it (RFC 9112 §3.2.2), never lower-cased or rebuilt
+	// by fasthttp, and no Authorization is made of the target's userinfo.
+	if auth := absAuthority(req.Header.RequestURI()); len(auth) > 0 {
+		req.Header.SetHostBytes(auth)
+	}
+	req.UseHostHeader = true
+	req.Header.SetNoDefaultContentType(true) // no Content-Type the client did not send
+	if u := req.URI(); len(u.Username()) > 0 || len(u.Password()) > 0 {
+		u.SetUsernameBytes(nil)
+		u.SetPasswordBytes(nil)
+	}
 	if req.Header.IsConnect() {
 		p.fastCanned(ctx, cannedJSON(http.StatusMethodNotAllowed, "CONNECT is not supported; call http://SERVICE/ through the proxy", t.name))
 		return
@@ -269,6 +286,46 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, fixed *target) {
 	if clientClose {
 		ctx.SetConnectionClose()
 	}
+}
+
+// targetForm says whether a request target is one a proxy passes on:
+// origin-form ("/path") or absolute-form ("http://host/path"), with every
+// "%" starting an escape (RFC 3986 §2.1), or, for OPTIONS, "*" (RFC 9112
+// §3.2).
+func targetForm(uri []byte, options bool) bool {
+	switch {
+	case len(uri) == 0:
+		return false
+	case uri[0] == '/', len(uri) > 7 && bytes.EqualFold(uri[:7], []byte("http://")):
+		for i := bytes.IndexByte(uri, '%'); i >= 0; i = bytes.IndexByte(uri, '%') {
+			if i+2 >= len(uri) || !isHex(uri[i+1]) || !isHex(uri[i+2]) {
+				return false
+			}
+			uri = uri[i+3:]
+		}
+		return true
+	}
+	return options && string(uri) == "*"
+}
+
+// absAuthority is the host (and port) of an absolute-form target, without
+// userinfo; nil for another form.
+func absAuthority(uri []byte) []byte {
+	if len(uri) <= 7 || !bytes.EqualFold(uri[:7], []byte("http://")) {
+		return nil
+	}
+	a := uri[7:]
+	if i := bytes.IndexAny(a, "/?#"); i >= 0 {
+		a = a[:i]
+	}
+	if i := bytes.LastIndexByte(a, '@'); i >= 0 {
+		a = a[i+1:]
+	}
+	return a
+}
+
+func isHex(c byte) bool {
+	return c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F'
 }
 
 // fastFinish writes the answer for res.

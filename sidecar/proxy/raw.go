@@ -91,6 +91,9 @@ func parseRawReq(b []byte, r *rawReq) error {
 			return errSlow
 		}
 	}
+	if !targetForm(rest[:sp2], false) {
+		return errSlow // the general path judges it
+	}
 	r.method = span{0, sp1}
 	r.target = span{sp1 + 1, sp1 + 1 + sp2}
 	if string(b[r.method.s:r.method.e]) == "CONNECT" {
