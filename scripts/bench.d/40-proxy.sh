@@ -31,10 +31,11 @@ fi
 
 cat >"$BENCH/proxy-nginx/nginx.conf" <<CONF
 worker_processes 2;
+worker_rlimit_nofile 20000;
 pid $BENCH/proxy-nginx/nginx.pid;
 error_log $BENCH/proxy-nginx/error.log warn;
 daemon off;
-events { worker_connections 4096; }
+events { worker_connections 16384; }
 http {
   access_log off;
   client_body_temp_path $BENCH/proxy-nginx;
@@ -156,4 +157,52 @@ if command -v hey >/dev/null; then
 		attache-http-proxy) hey_row attache-http-proxy "http://$HTTPPROXY/users/" users.service.consul ;;
 		esac
 	done
+fi
+
+# Idle keep-alive clients: IDLE_CLIENTS (10,000) connections each make one
+# request and stay open, idle; the row is the proxy's RSS growth per client
+# (nginx: master and workers), then the requests/s of wrk -c64 while they
+# are held open.
+IDLE=${IDLE_CLIENTS:-10000}
+if ((IDLE > 0)) && (($(ulimit -n) > IDLE + 1000)); then
+	go build -o "$BENCH/idleconns" ./bench/idleconns
+	rss_kb() {
+		local t=0 p
+		for p in "$@"; do
+			[[ -r /proc/$p/status ]] && t=$((t + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status")))
+		done
+		echo "$t"
+	}
+	idle_row() { # LABEL ADDR HOST PIDS...
+		local label=$1 addr=$2 host=$3 before after rps line
+		shift 3
+		sleep 1
+		before=$(rss_kb "$@")
+		coproc IDLEC { exec "$BENCH/idleconns" -addr "$addr" -n "$IDLE" -host "$host" 2>&1; }
+		local cpid=$IDLEC_PID
+		if ! read -r line <&"${IDLEC[0]}" || [[ $line != ready* ]]; then
+			echo "| $label | failed: $line | | |"
+			kill "$cpid" 2>/dev/null || true
+			wait "$cpid" 2>/dev/null || true
+			return
+		fi
+		sleep 2
+		after=$(rss_kb "$@")
+		rps=$(wrk $WRK_ARGS -H "Host: $host" "http://$addr/users/" | awk '/^Requests\/sec/ {print $2}')
+		exec {IDLEC[1]}>&-
+		wait "$cpid" 2>/dev/null || true
+		awk -v l="$label" -v b="$before" -v a="$after" -v n="$IDLE" -v r="$rps" \
+			'BEGIN { printf "| %s | %.0f | %.0f | %.2f | %.0f |\n", l, b/1024, a/1024, (a-b)/n, r }'
+	}
+	echo
+	echo "Idle keep-alive clients: $IDLE connections that each made one request, held open while wrk $WRK_ARGS runs beside them:"
+	echo
+	echo "| target | RSS before MiB | RSS with them MiB | KiB per idle client | requests/s meanwhile |"
+	echo "|---|---:|---:|---:|---:|"
+	idle_row nginx "$NGINX" users $(pids_of "nginx -c $BENCH/proxy-nginx")
+	idle_row attache-upstream "$UPSTREAM" users "$ATTACHE_PID"
+	idle_row attache-http-proxy "$HTTPPROXY" users.service.consul "$ATTACHE_PID"
+else
+	echo
+	echo "(idle clients skipped: ulimit -n $(ulimit -n) is too low for IDLE_CLIENTS=$IDLE)"
 fi

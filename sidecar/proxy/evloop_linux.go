@@ -264,7 +264,7 @@ type evConn struct {
 	ln     *evListener
 	fd     int
 	gen    int32
-	buf    []byte
+	buf    []byte // nil while it would hold nothing (the loop's free list has it)
 	n      int
 	eof    bool // the client closed its side
 	hup    bool // epoll said so: eof once the socket is drained
@@ -275,7 +275,6 @@ type evConn struct {
 	headAt time.Time // when the bytes of the next request began to come; zero: none yet
 	inBody bool      // its head is whole; its body is coming
 	ip     []byte
-	req    rawReq
 
 	last lastHost // HTTP proxy
 
@@ -284,7 +283,7 @@ type evConn struct {
 	f         fwd
 	ep        *endpoint
 	b         *evBack
-	out       []byte // the request as it goes to the instance
+	out       []byte // the request as it goes to the instance; nil between requests
 	head      bool
 	replay    bool
 	connClose bool
@@ -331,6 +330,9 @@ type evLoop struct {
 	gen      int32
 	yield    bool           // a goroutine was woken: let it run before waiting
 	shedc    chan *endpoint // endpoints whose idle connections to close
+	req      rawReq         // the request head being parsed (one at a time)
+	bufs     [][]byte       // free client read buffers
+	outs     [][]byte       // free request buffers
 }
 
 func newEvLoop(s *evServer) (*evLoop, error) {
@@ -656,7 +658,7 @@ func (l *evLoop) accept(ln *evListener) {
 			ln.cap.leave()
 			continue
 		}
-		c := &evConn{ln: ln, fd: fd, gen: gen, buf: make([]byte, rawReadBuffer), fresh: true, active: l.now}
+		c := &evConn{ln: ln, fd: fd, gen: gen, fresh: true, active: l.now}
 		switch a := sa.(type) {
 		case *syscall.SockaddrInet4:
 			c.ip = netip.AddrFrom4(a.Addr).AppendTo(nil)
@@ -706,13 +708,18 @@ func (l *evLoop) clientEvent(c *evConn, events uint32) {
 	}
 }
 
-// readClient reads once into the free part of the buffer.
+// readClient reads once into the free part of the buffer (taken from the
+// loop's free list when the connection has none).
 func (l *evLoop) readClient(c *evConn) {
+	if c.buf == nil {
+		c.buf = l.takeBuf()
+	}
 	if c.n == len(c.buf) {
 		c.more = true
 		return
 	}
 	m, err := syscall.Read(c.fd, c.buf[c.n:])
+	defer l.idleBuf(c)
 	switch {
 	case m > 0:
 		c.n += m
@@ -754,13 +761,14 @@ func (l *evLoop) serve(c *evConn) {
 			if l.readOn(c) {
 				continue
 			}
+			l.idleBuf(c)
 			return
 		}
 		if c.headAt.IsZero() { // the sweep holds the head to HeaderTimeout
 			c.headAt = l.now
 		}
 		c.inBody = false
-		err := parseRawReq(c.buf[:c.n], &c.req)
+		err := parseRawReq(c.buf[:c.n], &l.req)
 		if err == errHeadIncomplete && c.n < len(c.buf) {
 			if l.readOn(c) {
 				continue
@@ -771,13 +779,13 @@ func (l *evLoop) serve(c *evConn) {
 			l.handoff(c, nil)
 			return
 		}
-		end := c.req.headEnd
-		if c.req.clen > 0 {
-			if c.req.clen > int64(p.cfg.MaxReplayBody) || int64(len(c.buf)-end) < c.req.clen {
+		end := l.req.headEnd
+		if l.req.clen > 0 {
+			if l.req.clen > int64(p.cfg.MaxReplayBody) || int64(len(c.buf)-end) < l.req.clen {
 				l.handoff(c, nil)
 				return
 			}
-			end += int(c.req.clen)
+			end += int(l.req.clen)
 			if c.n < end {
 				c.inBody = true // the sweep holds it to BodyTimeout between reads
 				if l.readOn(c) {
@@ -805,9 +813,9 @@ func (l *evLoop) readOn(c *evConn) bool {
 	return false
 }
 
-// start forwards the request parsed into c.req whose bytes are c.buf[:end].
+// start forwards the request parsed into l.req whose bytes are c.buf[:end].
 func (l *evLoop) start(c *evConn, end int) {
-	s, p, b, r := l.s, l.p, c.buf, &c.req
+	s, p, b, r := l.s, l.p, c.buf, &l.req
 	host, path := r.authority(b)
 	t := c.ln.fixed
 	if t == nil {
@@ -837,8 +845,12 @@ func (l *evLoop) start(c *evConn, end int) {
 	c.replay = idempotent(method) || r.idemKey
 	c.connClose = r.connClose
 	c.redialed = false
+	if c.out == nil {
+		c.out = l.takeOut()
+	}
 	c.out = appendRequest(c.out[:0], b, r, host, path, end, c.ip)
 	c.n = copy(c.buf, c.buf[end:c.n])
+	l.idleBuf(c) // the request's bytes are in c.out now
 	c.headAt, c.inBody = time.Time{}, false
 	c.t = t
 	if res, ok := t.admit(&c.f, set, l.now); !ok {
@@ -1247,6 +1259,55 @@ func (l *evLoop) endRequest(c *evConn) {
 		l.busy--
 	}
 	c.b, c.ep = nil, nil
+	l.freeOut(c)
+}
+
+// Buffers belong to requests, not to connections (as nginx's): a client
+// connection with nothing to read holds no read buffer, and one with no
+// request under way no request buffer; both go back to the loop's free
+// lists (a loop is one goroutine: no locks), which keep at most
+// maxFreeBufs of each for the next requests and let the rest go.
+const maxFreeBufs = 256
+
+func (l *evLoop) takeBuf() []byte {
+	if n := len(l.bufs); n > 0 {
+		b := l.bufs[n-1]
+		l.bufs = l.bufs[:n-1]
+		return b
+	}
+	return make([]byte, rawReadBuffer)
+}
+
+// idleBuf gives c's read buffer back when it holds nothing.
+func (l *evLoop) idleBuf(c *evConn) {
+	if c.buf == nil || c.n > 0 {
+		return
+	}
+	if len(l.bufs) < maxFreeBufs {
+		l.bufs = append(l.bufs, c.buf)
+	}
+	c.buf = nil
+}
+
+func (l *evLoop) takeOut() []byte {
+	if n := len(l.outs); n > 0 {
+		b := l.outs[n-1]
+		l.outs = l.outs[:n-1]
+		return b
+	}
+	return make([]byte, 0, 1024)
+}
+
+// freeOut gives c's request buffer back (nothing refers to it once the
+// request has ended).
+func (l *evLoop) freeOut(c *evConn) {
+	if c.out == nil {
+		return
+	}
+	if len(l.outs) < maxFreeBufs && cap(c.out) <= 4*rawReadBuffer {
+		l.outs = append(l.outs, c.out[:0])
+	}
+	c.out = nil
 }
 
 // releaseBack ends b's exchange: back to the idle list, or closed.
@@ -1352,6 +1413,9 @@ func (l *evLoop) closeClient(c *evConn) {
 	l.nconns--
 	syscall.Close(c.fd)
 	c.ln.cap.leave()
+	c.n = 0
+	l.idleBuf(c)
+	l.freeOut(c)
 }
 
 // detach takes c off the loop and returns it as a net.Conn.
@@ -1392,7 +1456,10 @@ func (l *evLoop) handoff(c *evConn, first func(rc *rawConn) bool) {
 		// breaker told), writing to a connection that is gone.
 		nc = deadConn{}
 	}
-	c.ln.raw.adopt(nc, c.buf[:c.n], first)
+	c.ln.raw.adopt(nc, c.buf[:c.n], first) // copies them
+	c.n = 0
+	l.idleBuf(c)
+	l.freeOut(c) // exchangeState took a copy
 	l.yield = true
 }
 
@@ -1414,6 +1481,8 @@ func (l *evLoop) handoffH2(c *evConn) {
 		return
 	}
 	pc := &prefixConn{Conn: nc, prefix: append([]byte(nil), c.buf[:c.n]...)}
+	c.n = 0
+	l.idleBuf(c)
 	ctx, h2 := l.s.ctx, c.ln.h2
 	l.yield = true
 	go func() {
