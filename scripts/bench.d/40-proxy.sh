@@ -195,7 +195,8 @@ if ((IDLE > 0)) && (($(ulimit -n) > IDLE + 1000)); then
 			'BEGIN { printf "| %s | %.0f | %.0f | %.2f | %.0f |\n", l, b/1024, a/1024, (a-b)/n, r }'
 	}
 	echo
-	echo "Idle keep-alive clients: $IDLE connections that each made one request, held open while wrk $WRK_ARGS runs beside them:"
+	echo "Idle keep-alive clients: $IDLE connections that each made one request, held open while wrk $WRK_ARGS runs beside them"
+	echo "(the HTTP proxy row comes second in the same process, which reuses the memory the first row's clients left: read its growth as a lower bound):"
 	echo
 	echo "| target | RSS before MiB | RSS with them MiB | KiB per idle client | requests/s meanwhile |"
 	echo "|---|---:|---:|---:|---:|"
