@@ -744,6 +744,9 @@ func (l *evLoop) serve(c *evConn) {
 			l.closeClient(c)
 			return
 		}
+		if c.n > 0 && c.headAt.IsZero() { // the sweep holds the head to HeaderTimeout
+			c.headAt = l.now
+		}
 		if c.fresh && c.ln.h2 != nil {
 			if c.n < 3 && !c.eof {
 				if l.readOn(c) {
@@ -763,9 +766,6 @@ func (l *evLoop) serve(c *evConn) {
 			}
 			l.idleBuf(c)
 			return
-		}
-		if c.headAt.IsZero() { // the sweep holds the head to HeaderTimeout
-			c.headAt = l.now
 		}
 		c.inBody = false
 		err := parseRawReq(c.buf[:c.n], &l.req)

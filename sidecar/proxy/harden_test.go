@@ -161,6 +161,7 @@ func TestSlowClientsTimeOut(t *testing.T) {
 		cut    bool
 	}{
 		{"head dribbled", longHead, 100 * time.Millisecond, true},
+		{"two bytes, then nothing", []string{"GE"}, 0, true},
 		{"head dribbled, general path", longHead10, 100 * time.Millisecond, true},
 		{"body stops", []string{"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"}, 0, true},
 		{"large body stops", []string{"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\nabc"}, 0, true},

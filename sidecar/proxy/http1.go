@@ -94,7 +94,7 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		h2 := h.h2
 		// Without event loops, a sniffing accept loop splits h2c from HTTP/1.x.
 		if ev == nil && h2 != nil {
-			sl := newSniffListener(h1s[i], p.cfg.IdleTimeout)
+			sl := newSniffListener(h1s[i], p.cfg.IdleTimeout, p.cfg.HeaderTimeout)
 			h1s[i], h2 = sl.h1, sl.h2
 			wg.Add(1)
 			go func() {

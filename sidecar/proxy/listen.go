@@ -24,15 +24,17 @@ var h2Preface = []byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
 type sniffListener struct {
 	ln      net.Listener
 	h1, h2  *chanListener
-	timeout time.Duration
+	timeout time.Duration // for the first byte
+	head    time.Duration // for the rest of the first three
 }
 
-func newSniffListener(ln net.Listener, timeout time.Duration) *sniffListener {
+func newSniffListener(ln net.Listener, timeout, head time.Duration) *sniffListener {
 	return &sniffListener{
 		ln:      ln,
 		h1:      newChanListener(ln.Addr()),
 		h2:      newChanListener(ln.Addr()),
 		timeout: timeout,
+		head:    head,
 	}
 }
 
@@ -75,6 +77,9 @@ func (s *sniffListener) route(ctx context.Context, c net.Conn) {
 	n := 0
 	for n < 3 {
 		m, err := c.Read(buf[n:])
+		if n == 0 && m > 0 {
+			_ = c.SetReadDeadline(time.Now().Add(s.head))
+		}
 		n += m
 		if err != nil {
 			break
