@@ -57,6 +57,10 @@ type Config struct {
 	TryTimeout    time.Duration             // proxy: per try (default 5s)
 	ReqTimeout    time.Duration             // proxy: whole request, retries included (default 15s)
 	Retries       int                       // proxy: extra tries after the first (default 2; -1 none)
+	ClientIdle    time.Duration             // proxy: idle keep-alive client connections close after this (0: the proxy's 75s)
+	HeaderTimeout time.Duration             // proxy: a request head must arrive whole within this (0: the proxy's 10s)
+	BodyTimeout   time.Duration             // proxy: a request body may pause this long between reads (0: the proxy's 30s)
+	MaxClients    int                       // proxy: open client connections per HTTP listener (0: the proxy's 16384)
 	EjectAfter    int                       // outlier ejection after this many consecutive failures (default 5)
 	EjectTime     time.Duration             // base ejection time, times the number of ejections (default 30s)
 	SlowCall      time.Duration             // breaker: a call this long is slow, in flight or done (default 2s)
@@ -148,6 +152,10 @@ func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs.DurationVar(&c.TryTimeout, "try-timeout", c.TryTimeout, "proxy: timeout of one try")
 	fs.DurationVar(&c.ReqTimeout, "request-timeout", c.ReqTimeout, "proxy: timeout of a whole request, retries included")
 	fs.IntVar(&c.Retries, "retries", c.Retries, "proxy: extra tries after the first, for idempotent requests (-1: none)")
+	fs.DurationVar(&c.ClientIdle, "client-idle-timeout", c.ClientIdle, "proxy: close idle keep-alive client connections after this (0: 75s)")
+	fs.DurationVar(&c.HeaderTimeout, "header-timeout", c.HeaderTimeout, "proxy: a request head must arrive whole within this (0: 10s)")
+	fs.DurationVar(&c.BodyTimeout, "body-timeout", c.BodyTimeout, "proxy: a request body may pause this long between two reads (0: 30s)")
+	fs.IntVar(&c.MaxClients, "max-client-conns", c.MaxClients, "proxy: open client connections per HTTP listener; more get a 503 (0: 16384)")
 	fs.IntVar(&c.EjectAfter, "eject-after", c.EjectAfter, "eject an instance after this many consecutive failures (-1: never)")
 	fs.DurationVar(&c.EjectTime, "eject-time", c.EjectTime, "base ejection time, multiplied by the times ejected")
 	fs.DurationVar(&c.SlowCall, "slow-call", c.SlowCall, "breaker: a call this long is slow (counted while still in flight)")
@@ -229,6 +237,10 @@ type fileConfig struct {
 	TryTimeout    *string            `hcl:"try_timeout,optional"`
 	ReqTimeout    *string            `hcl:"request_timeout,optional"`
 	Retries       *int               `hcl:"retries,optional"`
+	ClientIdle    *string            `hcl:"client_idle_timeout,optional"`
+	HeaderTimeout *string            `hcl:"header_timeout,optional"`
+	BodyTimeout   *string            `hcl:"body_timeout,optional"`
+	MaxClients    *int               `hcl:"max_client_conns,optional"`
 	EjectAfter    *int               `hcl:"eject_after,optional"`
 	EjectTime     *string            `hcl:"eject_time,optional"`
 	SlowCall      *string            `hcl:"slow_call,optional"`
@@ -280,6 +292,7 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	set(&c.Streaming, fc.Streaming)
 	set(&c.Balancer, fc.Balancer)
 	set(&c.Retries, fc.Retries)
+	set(&c.MaxClients, fc.MaxClients)
 	set(&c.EjectAfter, fc.EjectAfter)
 	set(&c.MaxRequests, fc.MaxRequests)
 	if len(fc.Fallbacks) > 0 {
@@ -320,6 +333,9 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 		{"request_timeout", fc.ReqTimeout, &c.ReqTimeout},
 		{"eject_time", fc.EjectTime, &c.EjectTime},
 		{"slow_call", fc.SlowCall, &c.SlowCall},
+		{"client_idle_timeout", fc.ClientIdle, &c.ClientIdle},
+		{"header_timeout", fc.HeaderTimeout, &c.HeaderTimeout},
+		{"body_timeout", fc.BodyTimeout, &c.BodyTimeout},
 	} {
 		if d.v == nil {
 			continue

@@ -90,6 +90,7 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 		pc := proxy.Config{HTTPProxyAddr: cfg.HTTPProxy, Node: cfg.Node, Fallbacks: cfg.Fallbacks, Logger: log, Registerer: m}
 		pc.Balancer, _ = proxy.ParseBalancer(cfg.Balancer) // checked by Validate
 		pc.TryTimeout, pc.RequestTimeout, pc.MaxRetries = cfg.TryTimeout, cfg.ReqTimeout, cfg.Retries
+		pc.IdleTimeout, pc.HeaderTimeout, pc.BodyTimeout, pc.MaxClientConns = cfg.ClientIdle, cfg.HeaderTimeout, cfg.BodyTimeout, cfg.MaxClients
 		if pc.MaxRetries == 0 {
 			pc.MaxRetries = -1 // the proxy reads 0 as "the default"
 		}

@@ -55,7 +55,10 @@ type Config struct {
 	ConnectTimeout time.Duration // dial timeout per attempt, default 1s
 	TryTimeout     time.Duration // per try, until the whole answer is read, default 5s
 	RequestTimeout time.Duration // whole request including retries, default 15s
-	IdleTimeout    time.Duration // client keepalive idle timeout, default 90s
+	IdleTimeout    time.Duration // client keepalive idle timeout, default 75s (nginx's keepalive_timeout)
+	HeaderTimeout  time.Duration // a request head must arrive whole within this of its first byte, default 10s
+	BodyTimeout    time.Duration // a request body may pause this long between two reads, default 30s
+	MaxClientConns int           // open client connections per HTTP listener; more get a 503 and are closed, default 16384
 
 	MaxRetries        int           // extra tries after the first, default 2; negative disables
 	RetryBudget       float64       // retries at most this share of requests (10s window), default 0.2
@@ -96,7 +99,12 @@ func (c Config) withDefaults() Config {
 	def(&c.ConnectTimeout, time.Second)
 	def(&c.TryTimeout, 5*time.Second)
 	def(&c.RequestTimeout, 15*time.Second)
-	def(&c.IdleTimeout, 90*time.Second)
+	def(&c.IdleTimeout, 75*time.Second)
+	def(&c.HeaderTimeout, 10*time.Second)
+	def(&c.BodyTimeout, 30*time.Second)
+	if c.MaxClientConns <= 0 {
+		c.MaxClientConns = 16384
+	}
 	def(&c.RetryBackoff, 25*time.Millisecond)
 	def(&c.RetryBackoffMax, 250*time.Millisecond)
 	def(&c.MaxIdleConnTime, 10*time.Second)

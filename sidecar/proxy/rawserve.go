@@ -161,10 +161,23 @@ func (rc *rawConn) run() {
 	if rc.first != nil && (!rc.first(rc) || s.closing.Load()) {
 		return
 	}
+	cfg := &p.cfg
+	var headAt time.Time // when the head under way began to arrive
 	for {
 		err := parseRawReq(rc.buf[:rc.n], &rc.req)
 		if err == errHeadIncomplete && rc.n < len(rc.buf) {
-			if !rc.readMore(p.cfg.IdleTimeout) {
+			// Waiting for a request: IdleTimeout; once it has begun, its
+			// whole head within HeaderTimeout (a head dribbled a byte at a
+			// time is not read for ever).
+			now := time.Now()
+			d, slack := now.Add(cfg.IdleTimeout), cfg.IdleTimeout/16
+			if rc.n > 0 {
+				if headAt.IsZero() {
+					headAt = now
+				}
+				d, slack = headAt.Add(cfg.HeaderTimeout), 0
+			}
+			if !rc.readMore(d, slack) {
 				return
 			}
 			continue
@@ -183,26 +196,30 @@ func (rc *rawConn) run() {
 				return
 			}
 			end += int(r.clen)
-			for rc.n < end {
-				if !rc.readMore(p.cfg.IdleTimeout) {
+			for rc.n < end { // the body keeps moving: BodyTimeout between reads
+				if !rc.readMore(time.Now().Add(cfg.BodyTimeout), cfg.BodyTimeout/16) {
 					return
 				}
 			}
 		}
 		keep := rc.serveOne(end)
 		rc.n = copy(rc.buf, rc.buf[end:rc.n])
+		headAt = time.Time{}
+		if rc.n > 0 { // a pipelined request: its head's time starts now
+			headAt = time.Now()
+		}
 		if !keep || s.closing.Load() {
 			return
 		}
 	}
 }
 
-// readMore reads from the client, keeping a read deadline of the idle
-// timeout (give or take a sixteenth). false: the connection is done.
-func (rc *rawConn) readMore(idle time.Duration) bool {
-	now := time.Now()
-	if d := now.Add(idle); rc.rdl.Before(d) {
-		rc.rdl = d.Add(idle / 16)
+// readMore reads from the client with a read deadline in [d, d+slack]
+// (calling into the runtime only when the one set is not). false: the
+// connection is done.
+func (rc *rawConn) readMore(d time.Time, slack time.Duration) bool {
+	if rc.rdl.Before(d) || rc.rdl.After(d.Add(slack)) {
+		rc.rdl = d.Add(slack)
 		if rc.c.SetReadDeadline(rc.rdl) != nil {
 			return false
 		}
@@ -268,7 +285,7 @@ func (rc *rawConn) serveOne(end int) bool {
 			rc.last.remember(hb, t)
 		}
 	}
-	out := appendRequest(rc.out[:0], b, r, path, end, rc.ip)
+	out := appendRequest(rc.out[:0], b, r, host, path, end, rc.ip)
 	rc.out = out
 
 	x.req = out
@@ -303,15 +320,24 @@ func (h *lastHost) remember(host []byte, t *target) {
 }
 
 // appendRequest appends the request parsed into r (its bytes b[:end]) as
-// it goes to an instance: origin-form target, hop-by-hop headers dropped,
+// it goes to an instance: origin-form target, the authority of an
+// absolute-form target (host, when not empty) as Host (RFC 9112 §3.2.2:
+// it replaces whatever Host the client sent), hop-by-hop headers dropped,
 // X-Forwarded-For and X-Forwarded-Proto set, the body after the head.
-func appendRequest(out, b []byte, r *rawReq, path span, end int, ip []byte) []byte {
+func appendRequest(out, b []byte, r *rawReq, host, path span, end int, ip []byte) []byte {
 	out = append(out, b[r.method.s:r.method.e]...)
 	out = append(out, ' ')
 	out = appendPath(out, b, path)
 	out = append(out, " HTTP/1.1\r\n"...)
 	for k := 0; k < r.nh; k++ {
-		if !r.drop[k] {
+		switch {
+		case r.drop[k]:
+		case host.e > host.s && r.vals[k] == r.host:
+			out = append(out, b[r.names[k].s:r.names[k].e]...)
+			out = append(out, ": "...)
+			out = append(out, b[host.s:host.e]...)
+			out = append(out, '\r', '\n')
+		default:
 			out = append(out, b[r.names[k].s:r.vals[k].e]...)
 			out = append(out, '\r', '\n')
 		}
@@ -582,6 +608,9 @@ func (x *rawExchange) try(ep *endpoint, deadline time.Time) (int, error) {
 			err = x.readHead(bc)
 		}
 		if err == nil {
+			err = x.readShortBody(bc)
+		}
+		if err == nil {
 			x.bc, x.pool = bc, ep.pool
 			return x.resp.status, nil
 		}
@@ -615,6 +644,28 @@ func (x *rawExchange) readHead(bc *bconn) error {
 			return err
 		}
 	}
+}
+
+// readShortBody reads the rest of a Content-Length body that fits the
+// buffer with its head, as the event loops do: nothing is sent to the
+// client before it is whole, so an answer cut short or late is a failed
+// try (a 502 or 504, or a retry), not a truncated answer.
+func (x *rawExchange) readShortBody(bc *bconn) error {
+	r := &x.resp
+	if !r.hasBody(x.head) || r.clen < 0 || int64(len(bc.buf)-r.headEnd) < r.clen {
+		return nil
+	}
+	for need := r.headEnd + int(r.clen); x.rn < need; {
+		n, err := bc.c.Read(bc.buf[x.rn:need])
+		x.rn += n
+		if err != nil && x.rn < need {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return err
+		}
+	}
+	return nil
 }
 
 var errHeadTooLarge = errors.New("response head from instance too large")
