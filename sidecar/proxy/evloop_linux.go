@@ -198,7 +198,9 @@ type evConn struct {
 	ip     []byte
 	req    rawReq
 
-	last lastHost // HTTP proxy
+	last  lastHost // HTTP proxy
+	rhead Head     // gateway listeners: what the router sees
+	rhsrc rawHead
 
 	// the request under way
 	t         *target
@@ -709,7 +711,25 @@ func (l *evLoop) readOn(c *evConn) bool {
 func (l *evLoop) start(c *evConn, end int) {
 	s, p, b, r := l.s, l.p, c.buf, &c.req
 	host, path := r.authority(b)
-	t := c.ln.fixed
+	var t *target
+	var d Decision
+	rt := c.ln.rt
+	gw := rt != nil && rt.router != nil
+	if gw {
+		rawRouteHead(&c.rhead, &c.rhsrc, b, r, host, path, c.ip, false)
+		d, t = p.decide(rt, &c.rhead)
+		c.rhead = Head{}
+		if d.Answer != nil {
+			l.answerOwn(c, end, d.Answer)
+			return
+		}
+		if t == nil { // the goroutine path looks the service up
+			l.handoffDecided(c, d, nil)
+			return
+		}
+	} else if rt != nil {
+		t = rt.fixed
+	}
 	if t == nil {
 		var hb []byte
 		if hb, t = c.last.lookup(b, r, host); t == nil {
@@ -728,6 +748,10 @@ func (l *evLoop) start(c *evConn, end int) {
 	}
 	set := t.endpoints()
 	if !set.found || !set.ips {
+		if gw {
+			l.handoffDecided(c, d, t)
+			return
+		}
 		l.handoff(c, nil)
 		return
 	}
@@ -737,10 +761,14 @@ func (l *evLoop) start(c *evConn, end int) {
 	c.replay = idempotent(method) || r.idemKey
 	c.connClose = r.connClose
 	c.redialed = false
-	c.out = appendRequest(c.out[:0], b, r, path, end, c.ip)
+	if gw {
+		c.out = appendGatewayRequest(c.out[:0], b, r, path, d.Path, end, c.ip, rt.proto)
+	} else {
+		c.out = appendRequest(c.out[:0], b, r, path, end, c.ip)
+	}
 	c.n = copy(c.buf, c.buf[end:c.n])
 	c.t = t
-	if res, ok := t.admit(&c.f, set, l.now); !ok {
+	if res, ok := t.admit(&c.f, set, l.now, d.Policy); !ok {
 		l.answer(c, res)
 		return
 	}
@@ -1108,6 +1136,32 @@ func (l *evLoop) answer(c *evConn, res result) {
 	l.reply(c, out, closeClient)
 }
 
+// answerOwn answers the request in c.buf[:end] with a gateway's own answer
+// (no route, over a rate limit).
+func (l *evLoop) answerOwn(c *evConn, end int, a *Answer) {
+	r := &c.req
+	c.head = string(c.buf[r.method.s:r.method.e]) == "HEAD"
+	closeClient := r.connClose || c.eof || l.s.closing.Load()
+	out := appendCanned(l.out[:0], answerCanned(a), closeClient, c.head)
+	l.out = out
+	c.n = copy(c.buf, c.buf[end:c.n])
+	if !c.busy {
+		c.busy = true
+		l.busy++
+	}
+	l.reply(c, out, closeClient)
+}
+
+// handoffDecided hands a gateway request over with the router's decision
+// (and its target, when the proxy has one), so the router is asked once.
+func (l *evLoop) handoffDecided(c *evConn, d Decision, t *target) {
+	dc := &decided{d: d, t: t}
+	l.handoff(c, func(rc *rawConn) bool {
+		rc.decided = dc
+		return true
+	})
+}
+
 // reply writes a whole answer to the client and ends the request.
 func (l *evLoop) reply(c *evConn, out []byte, closeClient bool) {
 	rest, err := writeSome(c.fd, out)
@@ -1319,7 +1373,7 @@ func (l *evLoop) handoffH2(c *evConn) {
 func (l *evLoop) exchangeState(c *evConn) func(rc *rawConn) {
 	head, replay, connClose := c.head, c.replay, c.connClose
 	out := append([]byte(nil), c.out...)
-	deadline := c.f.start.Add(l.p.cfg.RequestTimeout)
+	deadline := c.f.deadline
 	return func(rc *rawConn) {
 		// as serveOne: a client that does not read its answer holds the
 		// instance's connection only until the request's deadline

@@ -57,13 +57,19 @@ type fwd struct {
 	n        int
 	res      result
 	next     *endpoint // already picked for the next try
+	pol      *Policy   // a gateway route's settings; nil: the proxy's
 }
 
 // forward runs the request through the breaker, the balancer and the retry
 // policy. replayable says whether the request may be sent more than once.
 func (t *target) forward(ctx context.Context, x exchange, replayable bool) result {
+	return t.forwardWith(ctx, x, replayable, nil)
+}
+
+// forwardWith is forward with a gateway route's settings (nil: the proxy's).
+func (t *target) forwardWith(ctx context.Context, x exchange, replayable bool, pol *Policy) result {
 	var f fwd
-	if res, ok := t.begin(ctx, &f, time.Now()); !ok {
+	if res, ok := t.begin(ctx, &f, time.Now(), pol); !ok {
 		return res
 	}
 	return t.forwardFrom(ctx, x, replayable, &f, 0)
@@ -71,7 +77,7 @@ func (t *target) forward(ctx context.Context, x exchange, replayable bool) resul
 
 // begin asks the catalog and the breaker whether the request may go out
 // at all; false: res is the answer (unknown service, breaker open).
-func (t *target) begin(ctx context.Context, f *fwd, start time.Time) (result, bool) {
+func (t *target) begin(ctx context.Context, f *fwd, start time.Time, pol *Policy) (result, bool) {
 	t.keepWanted(ctx, start, false)
 	set := t.endpoints()
 	if !set.found {
@@ -81,11 +87,11 @@ func (t *target) begin(ctx context.Context, f *fwd, start time.Time) (result, bo
 			return result{kind: outUnknown}, false
 		}
 	}
-	return t.admit(f, set, start)
+	return t.admit(f, set, start, pol)
 }
 
 // admit is begin's part that never waits: the breaker and the budget.
-func (t *target) admit(f *fwd, set *epSet, start time.Time) (result, bool) {
+func (t *target) admit(f *fwd, set *epSet, start time.Time, pol *Policy) (result, bool) {
 	call, err := t.svc.Allow()
 	if err != nil {
 		var oe *breaker.OpenError
@@ -93,7 +99,7 @@ func (t *target) admit(f *fwd, set *epSet, start time.Time) (result, bool) {
 		t.met.count(classOpen)
 		return result{kind: outOpen, open: oe}, false
 	}
-	*f = fwd{set: set, call: call, start: start, deadline: start.Add(t.p.cfg.RequestTimeout), t0: start}
+	*f = fwd{set: set, call: call, start: start, deadline: start.Add(requestTimeout(t.p, pol)), t0: start, pol: pol}
 	t.budget.request(start)
 	return result{}, true
 }
@@ -148,7 +154,7 @@ func (t *target) forwardFrom(ctx context.Context, x exchange, replayable bool, f
 
 // tryDeadline is when the current try gives up.
 func (f *fwd) tryDeadline(p *Proxy) time.Time {
-	d := f.t0.Add(p.cfg.TryTimeout)
+	d := f.t0.Add(f.tryTimeout(p))
 	if d.After(f.deadline) {
 		return f.deadline
 	}
@@ -188,7 +194,7 @@ func (t *target) report(f *fwd, ep *endpoint, status int, err error, end time.Ti
 // retryAfter says whether a failed try is retried, and after what backoff.
 func (t *target) retryAfter(f *fwd, replayable bool, status int, err error) (time.Duration, bool) {
 	p := t.p
-	if !replayable || f.n > p.cfg.MaxRetries || (err == nil && !p.retryOn[status%600]) {
+	if !replayable || f.n > f.maxRetries(p) || (err == nil && !p.retryOn[status%600]) {
 		return 0, false
 	}
 	if !t.budget.retry(f.end, p.cfg.RetryBudget, p.cfg.MinRetries) {

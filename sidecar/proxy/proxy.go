@@ -58,9 +58,10 @@ type Fallback struct {
 // Config configures the proxy. Zero fields take the defaults noted.
 type Config struct {
 	Upstreams     []Upstream
-	HTTPProxyAddr string   // "" disables the HTTP proxy listener
-	Balancer      Balancer // default LeastRequest
-	Domain        string   // DNS domain for http-proxy hosts, default "consul"
+	HTTPProxyAddr string            // "" disables the HTTP proxy listener
+	Gateways      []GatewayListener // gateway listeners (package sidecar/gateway)
+	Balancer      Balancer          // default LeastRequest
+	Domain        string            // DNS domain for http-proxy hosts, default "consul"
 
 	ConnectTimeout time.Duration // dial timeout per attempt, default 1s
 	TryTimeout     time.Duration // per try, until the whole answer is read, default 5s
@@ -215,6 +216,14 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 			return nil, fmt.Errorf("proxy: http proxy: %w", err)
 		}
 	}
+	for _, g := range cfg.Gateways {
+		if err := checkListenAddr(g.Addr); err != nil {
+			return nil, fmt.Errorf("proxy: gateway: %w", err)
+		}
+		if g.Router == nil {
+			return nil, fmt.Errorf("proxy: gateway %s: no router", g.Addr)
+		}
+	}
 	fallbacks := make(map[string]Fallback, len(cfg.Fallbacks))
 	for name, fb := range cfg.Fallbacks {
 		if fb.Service == "" && (fb.Status < 100 && fb.Status != 0 || fb.Status > 599) {
@@ -276,6 +285,8 @@ func (p *Proxy) Run(ctx context.Context) error {
 		up  Upstream
 		ln  net.Listener
 		pxy bool
+		gw  *GatewayListener
+		key string // for Addr
 	}
 	var all []bound
 	closeAll := func() {
@@ -300,6 +311,15 @@ func (p *Proxy) Run(ctx context.Context) error {
 		}
 		all = append(all, bound{ln: ln, pxy: true})
 	}
+	for i := range p.cfg.Gateways {
+		g := &p.cfg.Gateways[i]
+		ln, err := lc.Listen(ctx, "tcp", g.Addr)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("proxy: gateway: listen on %s: %w", g.Addr, err)
+		}
+		all = append(all, bound{ln: ln, gw: g, key: gatewayKey(i)})
+	}
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -308,6 +328,12 @@ func (p *Proxy) Run(ctx context.Context) error {
 	var hls []*httpListener
 	for _, b := range all {
 		switch {
+		case b.gw != nil && b.gw.TLS != nil:
+			p.log.Info("gateway listening", "addr", b.ln.Addr().String(), "tls", true)
+			p.serveGatewayTLS(ctx, &wg, errc, b.ln, b.gw)
+		case b.gw != nil:
+			p.log.Info("gateway listening", "addr", b.ln.Addr().String())
+			hls = append(hls, p.newHTTPListener(ctx, b.ln, &routing{router: b.gw.Router, proto: "http"}))
 		case b.pxy:
 			p.log.Info("http proxy listening", "addr", b.ln.Addr().String())
 			hls = append(hls, p.newHTTPListener(ctx, b.ln, nil))
@@ -322,9 +348,9 @@ func (p *Proxy) Run(ctx context.Context) error {
 		default:
 			t := p.target(b.up.Name, "", "")
 			p.log.Info("upstream listening", "service", b.up.Name, "addr", b.ln.Addr().String(), "protocol", b.up.Protocol)
-			hls = append(hls, p.newHTTPListener(ctx, b.ln, t))
+			hls = append(hls, p.newHTTPListener(ctx, b.ln, &routing{fixed: t}))
 		}
-		if !b.pxy {
+		if !b.pxy && b.gw == nil {
 			wg.Add(1)
 			go func(name string) { // start watching the service at once
 				defer wg.Done()
@@ -342,6 +368,10 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}()
 	p.boundMu.Lock()
 	for _, b := range all {
+		if b.key != "" {
+			p.bound[b.key] = b.ln.Addr()
+			continue
+		}
 		p.bound[b.up.Name] = b.ln.Addr()
 	}
 	p.boundMu.Unlock()
@@ -407,6 +437,16 @@ func (p *Proxy) Addr(service string) net.Addr {
 	defer p.boundMu.Unlock()
 	return p.bound[strings.ToLower(service)]
 }
+
+// GatewayAddr returns the bound address of Config.Gateways[i]; nil before
+// Ready.
+func (p *Proxy) GatewayAddr(i int) net.Addr {
+	p.boundMu.Lock()
+	defer p.boundMu.Unlock()
+	return p.bound[gatewayKey(i)]
+}
+
+func gatewayKey(i int) string { return fmt.Sprintf("\x00gateway%d", i) }
 
 // track registers the two connections of a tunnel, to close on shutdown
 // (Run waits for the tunnel to end); it returns false when the proxy is
