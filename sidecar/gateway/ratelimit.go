@@ -14,8 +14,10 @@ import (
 // one int64 per key. A key whose time has passed holds a full bucket, which
 // is what a key never seen holds too, so such entries are dropped at will:
 // the state held is only that of keys seen in the last burst/rate seconds,
-// and never more than maxKeys (when full of live keys, a random one is
-// dropped: that client gets a fresh bucket, the limit fails open for it).
+// and never more than maxKeys (+25 %: each of the 32 shards holds up to
+// 1.25 × maxKeys/32 keys, so that uneven hashing does not cut below
+// maxKeys); when a shard is full of live keys, a random one is dropped:
+// that client gets a fresh bucket, the limit fails open for it.
 type limiter struct {
 	rps, share atomic.Uint64 // float64 bits: the configured rate; the divisor (healthy gateways, cluster scope)
 	burst      int
@@ -33,7 +35,7 @@ type limShard struct {
 }
 
 func newLimiter(rps float64, burst int, cluster bool, maxKeys int) *limiter {
-	l := &limiter{burst: max(burst, 1), cluster: cluster, seed: maphash.MakeSeed(), maxPer: max(maxKeys/limiterShards, 1)}
+	l := &limiter{burst: max(burst, 1), cluster: cluster, seed: maphash.MakeSeed(), maxPer: max(maxKeys*5/4/limiterShards, 1)}
 	l.rps.Store(math.Float64bits(rps))
 	l.share.Store(math.Float64bits(1))
 	for i := range l.shards {
