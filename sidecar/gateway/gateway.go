@@ -282,7 +282,7 @@ func (g *Gateway) Route(h *proxy.Head) proxy.Decision {
 		d.Path = r.RewritePath(path) + query
 	}
 	if t.fallback != nil {
-		if svc, ok := g.cat.Load().Service(dst.Service); !ok || len(svc.Instances) == 0 {
+		if svc, ok := g.cat.Load().Service(dst.Service); ok && len(svc.Instances) == 0 {
 			return proxy.Decision{Answer: t.fallback}
 		}
 	}
