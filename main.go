@@ -2,6 +2,7 @@
 //
 //	attache sidecar [flags]   the per-node process: catalog view, DNS, proxy, gateway
 //	attache control [flags]   the control service
+//	attache routes SUBCOMMAND the route documents: validate, diff, apply, get, history, rollback, status
 //	attache version
 //
 // Run `attache COMMAND -h` for the flags of each command.
@@ -32,6 +33,7 @@ const usage = `Usage: attache COMMAND [flags]
 Commands:
   sidecar   run the per-node sidecar (catalog view, DNS, proxy, gateway)
   control   run the control service
+  routes    manage the gateway's routes (validate, diff, apply, get, history, rollback, status)
   version   print the version
 
 Run 'attache COMMAND -h' for a command's flags.
@@ -55,6 +57,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return runSidecar(ctx, args[1:], stderr)
 	case "control":
 		return runControl(ctx, args[1:], stderr)
+	case "routes":
+		return runRoutes(ctx, args[1:], stdout, stderr)
 	case "version", "-v", "-version", "--version":
 		fmt.Fprintln(stdout, "attache", version)
 		return 0
@@ -91,9 +95,19 @@ func runSidecar(ctx context.Context, args []string, stderr io.Writer) int {
 
 func runControl(ctx context.Context, args []string, stderr io.Writer) int {
 	cfg := control.DefaultConfig()
+	if v := os.Getenv("CONSUL_HTTP_ADDR"); v != "" {
+		cfg.Consul = strings.TrimPrefix(v, "http://")
+	}
+	cfg.ConsulToken = os.Getenv("CONSUL_HTTP_TOKEN")
+	cfg.APIToken = os.Getenv("ATTACHE_CONTROL_TOKEN")
 	fs := flag.NewFlagSet("attache control", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&cfg.Addr, "listen", cfg.Addr, "HTTP listen `address` of the control API")
+	fs.StringVar(&cfg.Consul, "consul", cfg.Consul, "Consul HTTP `address`; $CONSUL_HTTP_ADDR sets the default")
+	fs.StringVar(&cfg.ConsulToken, "token", cfg.ConsulToken, "Consul ACL `token`; $CONSUL_HTTP_TOKEN sets the default")
+	fs.StringVar(&cfg.APIToken, "api-token", cfg.APIToken, "bearer `token` required by the API (needed off loopback); $ATTACHE_CONTROL_TOKEN sets the default")
+	fs.StringVar(&cfg.KVPrefix, "kv-prefix", cfg.KVPrefix, "Consul KV `prefix` of the routes")
+	fs.IntVar(&cfg.Keep, "keep", cfg.Keep, "route versions kept (older ones are deleted)")
 	level := fs.String("log-level", "info", "log `level`: trace, debug, info, warn, error")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -105,7 +119,16 @@ func runControl(ctx context.Context, args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "attache control: unexpected argument %q\n", fs.Arg(0))
 		return 2
 	}
-	if err := control.New(cfg, newLogger(*level, false, stderr)).Run(ctx); err != nil {
+	if cfg.Keep < 1 {
+		fmt.Fprintf(stderr, "attache control: -keep %d: keep at least 1 version\n", cfg.Keep)
+		return 2
+	}
+	srv, err := control.New(cfg, newLogger(*level, false, stderr))
+	if err != nil {
+		fmt.Fprintf(stderr, "attache control: %v\n", err)
+		return 2
+	}
+	if err := srv.Run(ctx); err != nil {
 		fmt.Fprintf(stderr, "attache control: %v\n", err)
 		return 1
 	}
