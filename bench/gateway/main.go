@@ -1,11 +1,12 @@
 // Command gateway measures how long a route document takes from its write
-// to the Consul KV store (a version and the current pointer, in one
+// to the Consul KV store (a routes.Version and the current pointer, in one
 // transaction, as the control service writes them) until every gateway has
 // applied it (routes/applied/<node> holds the version). It prints
 // "apply p50_ms p99_ms max_ms count".
 package main
 
 import (
+	"encoding/json"
 	"flag"
 	"fmt"
 	"os"
@@ -15,6 +16,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+
+	"attache/control/routes"
 )
 
 func main() {
@@ -44,8 +47,9 @@ func run(addr, prefix string, nodes []string, docFile string, n int) error {
 	var took []time.Duration
 	for i := 0; i < n; i++ {
 		v++
+		val, _ := json.Marshal(routes.Version{Number: v, Created: time.Now().UTC(), Source: "bench", Document: string(doc)})
 		ops := api.TxnOps{
-			&api.TxnOp{KV: &api.KVTxnOp{Verb: api.KVSet, Key: fmt.Sprintf("%sroutes/versions/%d", prefix, v), Value: doc}},
+			&api.TxnOp{KV: &api.KVTxnOp{Verb: api.KVSet, Key: fmt.Sprintf("%sroutes/versions/%d", prefix, v), Value: val}},
 			&api.TxnOp{KV: &api.KVTxnOp{Verb: api.KVSet, Key: prefix + "routes/current", Value: []byte(strconv.FormatUint(v, 10))}},
 		}
 		start := time.Now()
@@ -78,13 +82,15 @@ func run(addr, prefix string, nodes []string, docFile string, n int) error {
 }
 
 func all(pairs api.KVPairs, prefix string, nodes []string, v uint64) bool {
-	got := map[string]string{}
+	got := map[string]uint64{}
 	for _, p := range pairs {
-		got[strings.TrimPrefix(p.Key, prefix+"routes/applied/")] = string(p.Value)
+		var a routes.Applied
+		if json.Unmarshal(p.Value, &a) == nil {
+			got[strings.TrimPrefix(p.Key, prefix+"routes/applied/")] = a.Version
+		}
 	}
-	want := strconv.FormatUint(v, 10)
 	for _, n := range nodes {
-		if got[n] != want {
+		if got[n] != v {
 			return false
 		}
 	}

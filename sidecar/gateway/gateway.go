@@ -77,6 +77,7 @@ type Gateway struct {
 	log    hclog.Logger
 	kv     *api.Client
 	cat    Catalog
+	keys   routes.KV
 	met    *metrics
 	certs  *certStore
 	cur    atomic.Pointer[table]
@@ -88,7 +89,7 @@ type Gateway struct {
 // applied is a document version the gateway took.
 type applied struct {
 	Version uint64 `json:"version"`
-	Source  string `json:"source"` // as stored in KV
+	Source  string `json:"source"` // as stored in KV (a routes.Version)
 	doc     *routes.Document
 }
 
@@ -152,7 +153,7 @@ func New(cfg Config, kv *api.Client, cat Catalog) (*Gateway, error) {
 	if err != nil {
 		return nil, err
 	}
-	g := &Gateway{cfg: cfg, log: cfg.Logger.Named("gateway"), kv: kv, cat: cat, met: met}
+	g := &Gateway{cfg: cfg, log: cfg.Logger.Named("gateway"), kv: kv, cat: cat, met: met, keys: routes.NewKV(cfg.Prefix)}
 	g.certs = newCertStore(g.log)
 	g.status.Store(&Status{})
 	g.cur.Store(&table{per: map[*routes.Route]*routeState{}})
@@ -296,9 +297,12 @@ func (g *Gateway) Route(h *proxy.Head) proxy.Decision {
 // serving as it was.
 func (g *Gateway) install(a *applied, fromDisk bool) error {
 	if a.doc == nil {
-		doc, err := routes.Parse(fmt.Sprintf("%sroutes/versions/%d", g.cfg.Prefix, a.Version), []byte(a.Source))
+		v, doc, err := routes.DecodeVersion([]byte(a.Source))
 		if err != nil {
-			return err
+			return fmt.Errorf("%s: %w", g.keys.Version(a.Version), err)
+		}
+		if v.Number != a.Version {
+			return fmt.Errorf("%s holds version %d", g.keys.Version(a.Version), v.Number)
 		}
 		a.doc = doc
 	}

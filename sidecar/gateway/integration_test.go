@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
+	"attache/control/routes"
 	"attache/internal/testcluster"
 	"attache/sidecar/breaker"
 	"attache/sidecar/catalog"
@@ -212,8 +213,9 @@ func (n *node) tlsAddr() string { return n.px.GatewayAddr(1).String() }
 // as the control service does (one transaction).
 func apply(t *testing.T, c *api.Client, prefix string, v int, doc string) {
 	t.Helper()
+	val, _ := json.Marshal(routes.Version{Number: uint64(v), Created: time.Now(), Source: "apply", Document: doc})
 	ops := api.TxnOps{
-		&api.TxnOp{KV: &api.KVTxnOp{Verb: api.KVSet, Key: fmt.Sprintf("%sroutes/versions/%d", prefix, v), Value: []byte(doc)}},
+		&api.TxnOp{KV: &api.KVTxnOp{Verb: api.KVSet, Key: fmt.Sprintf("%sroutes/versions/%d", prefix, v), Value: val}},
 		&api.TxnOp{KV: &api.KVTxnOp{Verb: api.KVSet, Key: prefix + "routes/current", Value: []byte(strconv.Itoa(v))}},
 	}
 	ok, resp, _, err := c.Txn().Txn(ops, nil)
@@ -311,16 +313,22 @@ route "inventory" {
 			}
 			applied := func(v int) bool {
 				p, _, err := kv.KV().Get(prefix+"routes/applied/"+n.name, nil)
-				return err == nil && p != nil && string(p.Value) == strconv.Itoa(v)
+				var a routes.Applied
+				return err == nil && p != nil && json.Unmarshal(p.Value, &a) == nil && a.Version == uint64(v) && a.Node == n.name && len(a.Routes) > 0
 			}
 			eventually(t, "applied/<node> = 1", 5*time.Second, func() bool { return applied(1) })
 
 			// A broken version: refused, version 1 keeps serving.
 			apply(t, kv, prefix, 2, `route "users" { prefix = "users" service = "users" bogus = 1 }`)
 			eventually(t, "version 2 refused", 10*time.Second, func() bool { return n.gw.Status().Refused == 2 })
-			if st := n.gw.Status(); st.Version != 1 || !strings.Contains(st.RefusedWhy, "routes/versions/2") {
+			if st := n.gw.Status(); st.Version != 1 || !strings.Contains(st.RefusedWhy, "version 2") || !strings.Contains(st.RefusedWhy, "bogus") {
 				t.Errorf("after a broken version: %+v", st)
 			}
+			eventually(t, "the refusal in applied/<node>", 5*time.Second, func() bool {
+				p, _, err := kv.KV().Get(prefix+"routes/applied/"+n.name, nil)
+				var a routes.Applied
+				return err == nil && p != nil && json.Unmarshal(p.Value, &a) == nil && a.Version == 1 && a.Refused == 2 && a.Error != ""
+			})
 			if code, e, _ := getJSON(plain, base+"/users/2"); code != 200 || e.Service != "users" {
 				t.Errorf("after a broken version: %d %+v", code, e)
 			}

@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"time"
 
@@ -29,7 +28,7 @@ type version struct {
 // package sidecar/watch) and applies each version it names.
 func (g *Gateway) watchKV(ctx context.Context) {
 	kv := g.kv.KV()
-	cur := g.cfg.Prefix + "routes/current"
+	cur := g.keys.Current()
 	loop := &watch.Loop[version]{
 		Config: watch.Config{Wait: g.cfg.Wait, MinInterval: 10 * time.Millisecond},
 		Fetch: func(ctx context.Context, q watch.Query) (version, watch.Meta, error) {
@@ -42,11 +41,11 @@ func (g *Gateway) watchKV(ctx context.Context) {
 			if p == nil {
 				return version{}, m, nil // no routes applied yet
 			}
-			n, err := strconv.ParseUint(strings.TrimSpace(string(p.Value)), 10, 64)
-			if err != nil || n == 0 {
+			n, err := g.keys.VersionNumber(string(p.Value))
+			if err != nil {
 				return version{}, m, fmt.Errorf("gateway: %s holds %q, not a version number", cur, p.Value)
 			}
-			key := fmt.Sprintf("%sroutes/versions/%d", g.cfg.Prefix, n)
+			key := g.keys.Version(n)
 			vp, _, err := kv.Get(key, (&api.QueryOptions{}).WithContext(ctx))
 			if err != nil {
 				return version{}, m, err
@@ -79,33 +78,44 @@ func (g *Gateway) apply(ctx context.Context, v version) {
 		return // nothing applied in KV yet: keep what the data dir gave
 	}
 	if a := g.doc.Load(); a != nil && a.Version == v.n && a.Source == v.src {
-		g.setStatus(func(s *Status) { s.FromDisk = false })
-		g.writeApplied(ctx, v.n)
+		g.setStatus(func(s *Status) { s.FromDisk, s.Refused, s.RefusedWhy = false, 0, "" })
+		g.writeApplied(ctx)
 		return
 	}
 	a := &applied{Version: v.n, Source: v.src}
 	if err := g.install(a, false); err != nil {
 		g.met.refused.Inc()
-		g.setStatus(func(s *Status) { s.Refused, s.RefusedWhy = v.n, err.Error() })
+		g.setStatus(func(s *Status) { s.Refused, s.RefusedWhy = v.n, oneLine(err) })
 		g.log.Error("route version refused; the previous table keeps serving", "version", v.n, "error", oneLine(err))
+		g.writeApplied(ctx)
 		return
 	}
+	g.setStatus(func(s *Status) { s.Refused, s.RefusedWhy = 0, "" })
 	g.met.applies.Inc()
 	g.log.Info("routes applied", "version", v.n, "routes", len(a.doc.Routes))
 	if err := g.saveDisk(a); err != nil {
 		g.log.Warn("cannot save the applied routes", "error", err)
 	}
-	g.writeApplied(ctx, v.n)
+	g.writeApplied(ctx)
 }
 
 func oneLine(err error) string { return strings.ReplaceAll(err.Error(), "\n", "; ") }
 
-// writeApplied records the version at routes/applied/<node> (`attache
-// routes status` reads these), retrying a few times while the agent does
-// not answer.
-func (g *Gateway) writeApplied(ctx context.Context, n uint64) {
-	key := g.cfg.Prefix + "routes/applied/" + g.cfg.Node
-	val := []byte(strconv.FormatUint(n, 10))
+// writeApplied records what the gateway serves at routes/applied/<node>
+// (`attache routes status` reads these): the version, its table with each
+// route's origin, and the last version refused, if the newest was. It
+// retries a few times while the agent does not answer.
+func (g *Gateway) writeApplied(ctx context.Context) {
+	st, t := g.Status(), g.cur.Load()
+	rec := routes.Applied{Node: g.cfg.Node, Version: st.Version, Time: st.AppliedAt.UTC(), Error: st.RefusedWhy, Refused: st.Refused}
+	if t.tbl != nil {
+		rec.Routes = routes.AppliedRoutes(t.tbl)
+	}
+	val, err := json.Marshal(rec)
+	if err != nil {
+		return
+	}
+	key := g.keys.Applied(g.cfg.Node)
 	for i := 0; i < 5; i++ {
 		_, err := g.kv.KV().Put(&api.KVPair{Key: key, Value: val}, (&api.WriteOptions{}).WithContext(ctx))
 		if err == nil {
@@ -175,82 +185,55 @@ func (g *Gateway) loadDisk() (*applied, error) {
 
 // ---------------------------------------------------------------- service routes
 
-// MetaKey is the service meta key with which a service publishes its own
-// route (a path prefix): `meta = { attache-route = "/users/" }`.
-const MetaKey = "attache-route"
-
 // mergeServiceRoutes returns doc with the routes that services in snap
-// publish in their meta, after the document's own (the document wins a
-// clash: a service route with a prefix the document routes already is
-// left out). errs says which service routes were left out and why.
+// publish in their meta (routes.MetaKey) after the document's own
+// (routes.Merge: the document wins a clash), and what was left out.
 func mergeServiceRoutes(doc *routes.Document, snap *catalog.Snapshot) (*routes.Document, []string) {
-	svcRoutes := serviceRoutes(snap)
-	if len(svcRoutes) == 0 {
+	metas := serviceMetas(snap)
+	if len(metas) == 0 {
 		return doc, nil
 	}
-	out := *doc
-	out.Routes = append([]routes.Route(nil), doc.Routes...)
-	taken := map[string]bool{}
-	names := map[string]bool{}
-	for _, r := range doc.Routes {
-		if r.Host == "" && len(r.Methods) == 0 && len(r.Headers) == 0 {
-			taken[r.Prefix] = true
-		}
-		names[r.Name] = true
-	}
+	merged, dropped := routes.Merge(doc, metas)
 	var errs []string
-	for _, sr := range svcRoutes {
-		if taken[sr.prefix] {
-			errs = append(errs, fmt.Sprintf("service %s: prefix %q is routed by the document", sr.service, sr.prefix))
-			continue
-		}
-		name := "service:" + sr.service
-		if names[name] {
-			continue
-		}
-		r := routes.Route{
-			Name: name, Origin: routes.Origin{Kind: routes.OriginService, Service: sr.service},
-			Prefix: sr.prefix, Destinations: []routes.Destination{{Service: sr.service, Weight: 100}},
-		}
-		try := out
-		try.Routes = append(append([]routes.Route(nil), out.Routes...), r)
-		if err := try.Validate(); err != nil {
-			errs = append(errs, fmt.Sprintf("service %s: %s", sr.service, oneLine(err)))
-			continue
-		}
-		out = try
-		taken[sr.prefix], names[name] = true, true
+	for _, d := range dropped {
+		errs = append(errs, fmt.Sprintf("service %s: %s: %s", d.Service, d.Route, d.Reason))
 	}
-	return &out, errs
+	return merged, errs
 }
 
-type serviceRoute struct{ service, prefix string }
-
-// serviceRoutes lists the routes services publish, by service name; an
-// instance disagreeing with another of its service is outvoted by the
-// first in ID order.
-func serviceRoutes(snap *catalog.Snapshot) []serviceRoute {
-	var out []serviceRoute
+// serviceMetas is the route meta of each service in snap that publishes
+// one: that of its first instance by ID that carries the key.
+func serviceMetas(snap *catalog.Snapshot) map[string]map[string]string {
+	var out map[string]map[string]string
 	for name, svc := range snap.Services {
-		prefix, id := "", ""
+		id := ""
+		var meta map[string]string
 		for _, in := range svc.Instances {
-			if p := in.Meta[MetaKey]; p != "" && (id == "" || in.ID < id) {
-				prefix, id = p, in.ID
+			if _, ok := in.Meta[routes.MetaKey]; ok && (id == "" || in.ID < id) {
+				id, meta = in.ID, in.Meta
 			}
 		}
-		if prefix != "" {
-			out = append(out, serviceRoute{service: name, prefix: prefix})
+		if meta != nil {
+			if out == nil {
+				out = map[string]map[string]string{}
+			}
+			out[name] = map[string]string{routes.MetaKey: meta[routes.MetaKey]}
 		}
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].service < out[j].service })
 	return out
 }
 
 // serviceRouteKey sums up the service routes of snap, to tell when they change.
 func serviceRouteKey(snap *catalog.Snapshot) string {
+	metas := serviceMetas(snap)
+	names := make([]string, 0, len(metas))
+	for n := range metas {
+		names = append(names, n)
+	}
+	sort.Strings(names)
 	var b strings.Builder
-	for _, sr := range serviceRoutes(snap) {
-		b.WriteString(sr.service + "=" + sr.prefix + "\n")
+	for _, n := range names {
+		b.WriteString(n + "=" + metas[n][routes.MetaKey] + "\n")
 	}
 	return b.String()
 }
