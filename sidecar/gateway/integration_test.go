@@ -319,7 +319,11 @@ route "inventory" {
 			eventually(t, "applied/<node> = 1", 5*time.Second, func() bool { return applied(1) })
 
 			// A broken version: refused, version 1 keeps serving.
-			apply(t, kv, prefix, 2, `route "users" { prefix = "users" service = "users" bogus = 1 }`)
+			apply(t, kv, prefix, 2, `route "users" {
+  prefix = "/users/"
+  service = "users"
+  bogus = 1
+}`)
 			eventually(t, "version 2 refused", 10*time.Second, func() bool { return n.gw.Status().Refused == 2 })
 			if st := n.gw.Status(); st.Version != 1 || !strings.Contains(st.RefusedWhy, "version 2") || !strings.Contains(st.RefusedWhy, "bogus") {
 				t.Errorf("after a broken version: %+v", st)
