@@ -446,8 +446,24 @@ func (g *Gateway) watchCatalog(ctx context.Context) {
 		g.cat.Want(wctx, ServiceName)
 	}
 	want()
+	var wanting atomic.Bool
+	var wg sync.WaitGroup
+	defer wg.Wait()
 	lastShare, lastMeta := 0, ""
 	check := func() {
+		// The catalog watches only names it knows: this gateway registers
+		// after it first asks, so it asks again once the name is known.
+		if snap := g.cat.Load(); snap.Known[ServiceName] && !wanting.Load() {
+			if _, ok := snap.Service(ServiceName); !ok {
+				wanting.Store(true)
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					defer wanting.Store(false)
+					want()
+				}()
+			}
+		}
 		n := g.healthyGateways()
 		if n != lastShare {
 			lastShare = n
