@@ -73,17 +73,18 @@ type Catalog interface {
 
 // Gateway routes the requests of the proxy's gateway listeners.
 type Gateway struct {
-	cfg    Config
-	log    hclog.Logger
-	kv     *api.Client
-	cat    Catalog
-	keys   routes.KV
-	met    *metrics
-	certs  *certStore
-	cur    atomic.Pointer[table]
-	doc    atomic.Pointer[applied] // the applied document version (before service routes join)
-	mu     sync.Mutex              // serialises rebuilds
-	status atomic.Pointer[Status]
+	cfg     Config
+	log     hclog.Logger
+	kv      *api.Client
+	cat     Catalog
+	keys    routes.KV
+	met     *metrics
+	certs   *certStore
+	cur     atomic.Pointer[table]
+	doc     atomic.Pointer[applied] // the applied document version (before service routes join)
+	mu      sync.Mutex              // serialises rebuilds
+	swapped chan struct{}           // a new table is in
+	status  atomic.Pointer[Status]
 }
 
 // applied is a document version the gateway took.
@@ -153,10 +154,10 @@ func New(cfg Config, kv *api.Client, cat Catalog) (*Gateway, error) {
 	if err != nil {
 		return nil, err
 	}
-	g := &Gateway{cfg: cfg, log: cfg.Logger.Named("gateway"), kv: kv, cat: cat, met: met, keys: routes.NewKV(cfg.Prefix)}
+	g := &Gateway{cfg: cfg, log: cfg.Logger.Named("gateway"), kv: kv, cat: cat, met: met, keys: routes.NewKV(cfg.Prefix), swapped: make(chan struct{}, 1)}
 	g.certs = newCertStore(g.log)
 	g.status.Store(&Status{})
-	g.cur.Store(&table{per: map[*routes.Route]*routeState{}})
+	g.cur.Store(&table{doc: &routes.Document{}, per: map[*routes.Route]*routeState{}})
 	if a, err := g.loadDisk(); err != nil {
 		g.log.Warn("no saved routes", "error", err)
 	} else if a != nil {
@@ -387,14 +388,9 @@ func (g *Gateway) rebuildLocked(a *applied) error {
 	}
 	g.certs.set(merged.Gateway.TLS)
 	g.cur.Store(t)
-	// The proxy watches a route's service from its first request; asking
-	// now makes that first request as quick as the next.
-	for _, s := range merged.Services() {
-		go func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			defer cancel()
-			g.cat.Want(ctx, s)
-		}()
+	select { // watchCatalog asks the catalog for the table's services
+	case g.swapped <- struct{}{}:
+	default:
 	}
 	return nil
 }
@@ -440,30 +436,46 @@ func (g *Gateway) watchCatalog(ctx context.Context) {
 	defer stop()
 	tick := time.NewTicker(30 * time.Second)
 	defer tick.Stop()
-	want := func() {
-		wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		defer cancel()
-		g.cat.Want(wctx, ServiceName)
-	}
-	want()
+	// The gateways (for cluster shares) and the table's services are
+	// asked for: the proxy would watch a route's service from its first
+	// request, asking now makes that request as quick as the next. The
+	// catalog watches only names it knows, so names not known yet are
+	// asked for again as the catalog changes (this gateway registers after
+	// it first asks); and all of them every 30 s, which keeps on-demand
+	// watches alive.
 	var wanting atomic.Bool
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	lastShare, lastMeta := 0, ""
-	check := func() {
-		// The catalog watches only names it knows: this gateway registers
-		// after it first asks, so it asks again once the name is known.
-		if snap := g.cat.Load(); snap.Known[ServiceName] && !wanting.Load() {
-			if _, ok := snap.Service(ServiceName); !ok {
-				wanting.Store(true)
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					defer wanting.Store(false)
-					want()
-				}()
+	want := func(all bool) {
+		if wanting.Load() {
+			return
+		}
+		snap := g.cat.Load()
+		var names []string
+		for _, n := range append([]string{ServiceName}, g.cur.Load().doc.Services()...) {
+			if _, ok := snap.Service(n); all || !ok && (snap.Known[n] || len(snap.Known) == 0) {
+				names = append(names, n)
 			}
 		}
+		if len(names) == 0 {
+			return
+		}
+		wanting.Store(true)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer wanting.Store(false)
+			for _, n := range names {
+				wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+				g.cat.Want(wctx, n)
+				cancel()
+			}
+		}()
+	}
+	want(true)
+	lastShare, lastMeta := 0, ""
+	check := func() {
+		want(false)
 		n := g.healthyGateways()
 		if n != lastShare {
 			lastShare = n
@@ -489,8 +501,10 @@ func (g *Gateway) watchCatalog(ctx context.Context) {
 			return
 		case <-ch:
 			check()
+		case <-g.swapped:
+			check()
 		case <-tick.C:
-			want() // keeps the on-demand watch alive
+			want(true)
 			check()
 		}
 	}
