@@ -31,7 +31,7 @@ const limiterShards = 32
 
 type limShard struct {
 	mu   sync.Mutex
-	tats map[string]int64 // key -> theoretical arrival time, unix ns
+	tats map[uint64]int64 // key's hash -> theoretical arrival time, unix ns
 }
 
 func newLimiter(rps float64, burst int, cluster bool, maxKeys int) *limiter {
@@ -39,7 +39,7 @@ func newLimiter(rps float64, burst int, cluster bool, maxKeys int) *limiter {
 	l.rps.Store(math.Float64bits(rps))
 	l.share.Store(math.Float64bits(1))
 	for i := range l.shards {
-		l.shards[i].tats = map[string]int64{}
+		l.shards[i].tats = map[uint64]int64{}
 	}
 	return l
 }
@@ -78,9 +78,13 @@ func (l *limiter) allow(key string, now time.Time) verdict {
 	}
 	tau := int64(burst) * t // the bucket, in time
 	n := now.UnixNano()
-	sh := &l.shards[maphash.String(l.seed, key)%limiterShards]
+	// Keys are held as their 64-bit hash (seeded per limiter): no copy of
+	// the key is kept (it may point into a connection's buffer), and two
+	// of 100,000 clients share a bucket with odds of about 3 in 10^10.
+	h := maphash.String(l.seed, key)
+	sh := &l.shards[h%limiterShards]
 	sh.mu.Lock()
-	tat, ok := sh.tats[key]
+	tat, ok := sh.tats[h]
 	if !ok || tat < n {
 		tat = n
 	}
@@ -92,7 +96,7 @@ func (l *limiter) allow(key string, now time.Time) verdict {
 	if !ok && len(sh.tats) >= l.maxPer {
 		sh.evict(n)
 	}
-	sh.tats[key] = next
+	sh.tats[h] = next
 	sh.mu.Unlock()
 	return verdict{ok: true, limit: r, remaining: int((tau - (next - n)) / t), reset: time.Duration(next - n)}
 }
