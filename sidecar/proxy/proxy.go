@@ -68,27 +68,28 @@ type Config struct {
 	RequestTimeout time.Duration // whole request including retries, default 15s
 	IdleTimeout    time.Duration // client keepalive idle timeout, default 90s
 
-	MaxRetries        int           // extra tries after the first, default 2; negative disables
-	RetryBudget       float64       // retries at most this share of requests (10s window), default 0.2
-	MinRetries        int           // retries always allowed per 10s window, default 10
-	RetryBackoff      time.Duration // base of the full-jitter backoff, default 25ms
-	RetryBackoffMax   time.Duration // default 250ms
-	RetryStatuses     []int         // answers retried (idempotent requests only), default 502, 503, 504
-	FailureStatuses   []int         // answers counted as instance failures, default every 5xx
-	MaxReplayBody     int           // request bodies up to this size are buffered for retries, default 64 KiB
-	MaxConnsPerHost   int           // connection pool limit per instance, default 512
-	MaxIdleConnTime   time.Duration // idle pooled connection lifetime, default 10s
-	WantTimeout       time.Duration // wait for a service's first catalog answer, default 2s
-	MaxServices       int           // distinct services the HTTP proxy keeps state for, default 1024
-	Fallbacks         map[string]Fallback
-	Node              string // this node's name, for the nearest balancer
-	Logger            hclog.Logger
-	Registerer        prometheus.Registerer
-	DisableHTTP2      bool          // don't recognise h2c on HTTP listeners
-	DisableFastPath   bool          // serve every HTTP/1.x request with fasthttp (for comparison)
-	DisableEventLoop  bool          // serve the fast path from a goroutine per connection, not event loops (for comparison)
-	EventLoops        int           // event loops shared by the HTTP listeners (Linux), default half of GOMAXPROCS, at least 1
-	ShutdownGraceTime time.Duration // default 5s
+	MaxRetries          int           // extra tries after the first, default 2; negative disables
+	RetryBudget         float64       // retries at most this share of requests (10s window), default 0.2
+	MinRetries          int           // retries always allowed per 10s window, default 10
+	RetryBackoff        time.Duration // base of the full-jitter backoff, default 25ms
+	RetryBackoffMax     time.Duration // default 250ms
+	RetryStatuses       []int         // answers retried (idempotent requests only), default 502, 503, 504
+	FailureStatuses     []int         // answers counted as instance failures, default every 5xx
+	MaxReplayBody       int           // request bodies up to this size are buffered for retries, default 64 KiB
+	MaxConnsPerHost     int           // connection pool limit per instance, default 512
+	MaxIdleConnTime     time.Duration // idle pooled connection lifetime, default 10s
+	WantTimeout         time.Duration // wait for a service's first catalog answer, default 2s
+	MaxServices         int           // distinct services the HTTP proxy keeps state for, default 1024
+	Fallbacks           map[string]Fallback
+	Node                string // this node's name, for the nearest balancer
+	Logger              hclog.Logger
+	Registerer          prometheus.Registerer
+	DisableHTTP2        bool          // don't recognise h2c on HTTP listeners
+	DisableFastPath     bool          // serve every HTTP/1.x request with fasthttp (for comparison)
+	DisableEventLoop    bool          // serve the fast path from a goroutine per connection, not event loops (for comparison)
+	EventLoops          int           // event loops shared by the HTTP listeners (Linux), default half of GOMAXPROCS, at least 1
+	ShutdownGraceTime   time.Duration // default 5s
+	TLSHandshakeTimeout time.Duration // gateway TLS listeners, default 10s
 }
 
 func (c Config) withDefaults() Config {
@@ -113,6 +114,7 @@ func (c Config) withDefaults() Config {
 	def(&c.MaxIdleConnTime, 10*time.Second)
 	def(&c.WantTimeout, 2*time.Second)
 	def(&c.ShutdownGraceTime, 5*time.Second)
+	def(&c.TLSHandshakeTimeout, 10*time.Second)
 	if c.TryTimeout > c.RequestTimeout {
 		c.TryTimeout = c.RequestTimeout
 	}

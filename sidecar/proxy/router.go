@@ -240,8 +240,12 @@ func stdRouteHead(r *http.Request, ip string) *Head {
 	return &Head{Method: r.Method, Host: r.Host, Path: r.URL.RequestURI(), RemoteIP: ip, TLS: r.TLS != nil, hdr: stdHead{r}}
 }
 
-// serveGatewayTLS serves a gateway listener with TLS: net/http, HTTP/2 by
-// ALPN and HTTP/1.1, every request through the router and the policy.
+// serveGatewayTLS serves a gateway listener with TLS. Each connection's
+// handshake runs on a goroutine of its own (at most TLSHandshakeTimeout);
+// then HTTP/1.1 goes to the goroutine fast path (the event loops need a
+// plain socket) with fasthttp behind it, as on plain listeners, and HTTP/2
+// (by ALPN) to net/http; both ask the router and forward through the
+// policy.
 func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc chan<- error, ln net.Listener, g *GatewayListener) {
 	tc := g.TLS.Clone()
 	if tc.MinVersion < tls.VersionTLS12 {
@@ -250,26 +254,61 @@ func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc ch
 	if len(tc.NextProtos) == 0 {
 		tc.NextProtos = []string{"h2", "http/1.1"}
 	}
+	rt := &routing{router: g.Router, proto: "https"}
+	h := p.newHTTPListener(ctx, ln, rt) // its fasthttp and fast-path servers take HTTP/1.1
+	h2 := newChanListener(ln.Addr())
 	hs := &http.Server{
-		Handler:           p.stdHandler(&routing{router: g.Router, proto: "https"}),
+		Handler:           p.stdHandler(rt),
 		TLSConfig:         tc,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       p.cfg.IdleTimeout,
 		MaxHeaderBytes:    64 << 10,
-		ErrorLog:          log.New(io.Discard, "", 0), // handshake failures of scanners are not news
+		ErrorLog:          log.New(io.Discard, "", 0), // a scanner's broken handshakes are not news
 	}
-	wg.Add(2)
+	wg.Add(3)
 	go func() {
 		defer wg.Done()
-		if err := hs.Serve(tls.NewListener(ln, tc)); err != nil && err != http.ErrServerClosed && ctx.Err() == nil {
+		if err := hs.Serve(h2); err != nil && err != http.ErrServerClosed && ctx.Err() == nil {
 			errc <- fmt.Errorf("proxy: gateway tls on %s: %w", ln.Addr(), err)
 		}
 	}()
 	go func() {
 		defer wg.Done()
+		acceptEach(ctx, ln, func(c net.Conn) {
+			stop := context.AfterFunc(ctx, func() { c.Close() })
+			conn := tls.Server(c, tc)
+			_ = conn.SetDeadline(time.Now().Add(p.cfg.TLSHandshakeTimeout))
+			err := conn.HandshakeContext(ctx)
+			_ = conn.SetDeadline(time.Time{})
+			stop()
+			switch {
+			case err != nil || ctx.Err() != nil:
+				c.Close()
+			case conn.ConnectionState().NegotiatedProtocol == "h2":
+				if !h2.put(ctx, conn) {
+					c.Close()
+				}
+			case h.raw != nil:
+				h.raw.start(&rawConn{s: h.raw, c: conn}, true)
+			default:
+				_ = h.fs.ServeConn(conn)
+			}
+		})
+	}()
+	go func() {
+		defer wg.Done()
 		<-ctx.Done()
+		ln.Close()
+		h2.Close()
 		sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
 		defer cancel()
-		_ = hs.Shutdown(sctx)
+		var sw sync.WaitGroup
+		sw.Add(2)
+		go func() { defer sw.Done(); _ = hs.Shutdown(sctx) }()
+		go func() { defer sw.Done(); _ = h.fs.ShutdownWithContext(sctx) }()
+		if h.raw != nil {
+			h.raw.shutdown(p.cfg.ShutdownGraceTime)
+		}
+		sw.Wait()
 	}()
 }

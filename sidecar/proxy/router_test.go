@@ -167,22 +167,52 @@ func TestGatewayListener(t *testing.T) {
 	if code, _, _ := get(t, tc, secure+"/nowhere"); code != 404 {
 		t.Errorf("tls, no route: %d", code)
 	}
-	// WebSocket through the plain listener, the path rewritten.
-	conn, err := net.Dial("tcp", tp.p.GatewayAddr(0).String())
+	// HTTP/1.1 over TLS: the goroutine fast path, keep-alive; a chunked
+	// body goes on to fasthttp.
+	t1 := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	for i := 0; i < 3; i++ {
+		resp, err = t1.Get(secure + "/b/one")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if m := echoOf(resp.StatusCode, body); resp.ProtoMajor != 1 || m["id"] != "b1" || m["path"] != "/one" || m["xfp"] != "https" || m["real_ip"] != "127.0.0.1" {
+			t.Errorf("tls http/1.1: %s %v", resp.Proto, m)
+		}
+	}
+	resp, err = t1.Post(secure+"/b/post", "text/plain", io.MultiReader(strings.NewReader("over "), strings.NewReader("tls")))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(5 * time.Second))
-	fmt.Fprint(conn, "GET /a/chat HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
-	br := bufio.NewReader(conn)
-	if resp, err := http.ReadResponse(br, nil); err != nil || resp.StatusCode != 101 {
-		t.Fatalf("upgrade: %v %v", resp, err)
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if m := echoOf(resp.StatusCode, body); m["body"] != "over tls" || m["xfp"] != "https" {
+		t.Errorf("tls http/1.1 chunked: %v", m)
 	}
-	fmt.Fprint(conn, "ping")
-	buf := make([]byte, 4)
-	if _, err := io.ReadFull(br, buf); err != nil || !bytes.Equal(buf, []byte("ping")) {
-		t.Fatalf("echo: %q %v", buf, err)
+	// WebSocket through both listeners (TLS: HTTP/1.1 by ALPN), the path rewritten.
+	for i, dial := range []func() (net.Conn, error){
+		func() (net.Conn, error) { return net.Dial("tcp", tp.p.GatewayAddr(0).String()) },
+		func() (net.Conn, error) {
+			return tls.Dial("tcp", tp.p.GatewayAddr(1).String(), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}})
+		},
+	} {
+		conn, err := dial()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(5 * time.Second))
+		fmt.Fprint(conn, "GET /a/chat HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
+		br := bufio.NewReader(conn)
+		if resp, err := http.ReadResponse(br, nil); err != nil || resp.StatusCode != 101 {
+			t.Fatalf("listener %d: upgrade: %v %v", i, resp, err)
+		}
+		fmt.Fprint(conn, "ping")
+		buf := make([]byte, 4)
+		if _, err := io.ReadFull(br, buf); err != nil || !bytes.Equal(buf, []byte("ping")) {
+			t.Fatalf("listener %d: echo: %q %v", i, buf, err)
+		}
 	}
 }
 
