@@ -93,10 +93,13 @@ func (g *Gateway) apply(ctx context.Context, v version) {
 	g.setStatus(func(s *Status) { s.Refused, s.RefusedWhy = 0, "" })
 	g.met.applies.Inc()
 	g.log.Info("routes applied", "version", v.n, "routes", len(a.doc.Routes))
+	// Consul first: `routes status` (and an operator waiting on it) need
+	// not wait for the fsync. A crash in between restarts on the version
+	// before, until Consul answers.
+	g.writeApplied(ctx)
 	if err := g.saveDisk(a); err != nil {
 		g.log.Warn("cannot save the applied routes", "error", err)
 	}
-	g.writeApplied(ctx)
 }
 
 func oneLine(err error) string { return strings.ReplaceAll(err.Error(), "\n", "; ") }
