@@ -180,14 +180,14 @@ func runRoutes(ctx context.Context, args []string, stdout, stderr io.Writer) int
 			return 0
 		}
 		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "VERSION\tCREATED\tROUTES\tSOURCE\t")
+		fmt.Fprintln(tw, "VERSION\tCREATED\tROUTES\tSOURCE\t\t")
 		for _, v := range h.Versions {
 			mark := ""
 			if v.Current {
-				mark = "  (current)"
+				mark = "current"
 			}
 			if v.Error != "" {
-				mark += "  unreadable: " + v.Error
+				mark = strings.TrimSpace(mark + " unreadable: " + v.Error)
 			}
 			fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%s\n", v.Version, v.Created.Format(time.RFC3339), v.Routes, v.Source, mark)
 		}

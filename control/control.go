@@ -194,6 +194,9 @@ func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		writeJSON(w, http.StatusConflict, APIError{Error: err.Error()})
 	case errors.Is(err, ErrNotFound):
 		writeJSON(w, http.StatusNotFound, APIError{Error: err.Error()})
+	case errors.Is(err, errCorrupt):
+		s.log.Error("request failed", "path", r.URL.Path, "error", err)
+		writeJSON(w, http.StatusInternalServerError, APIError{Error: err.Error() + " (an apply replaces a corrupt current version)"})
 	default:
 		s.log.Warn("request failed", "path", r.URL.Path, "error", err)
 		writeJSON(w, http.StatusBadGateway, APIError{Error: err.Error()})

@@ -421,3 +421,111 @@ func TestAuth(t *testing.T) {
 		}
 	}
 }
+
+// TestLargeDocument: a document near the size limit (1,000 routes) is
+// stored in one transaction and read back.
+func TestLargeDocument(t *testing.T) {
+	ctx := context.Background()
+	var b strings.Builder
+	for i := range routes.MaxRoutes {
+		fmt.Fprintf(&b, "route \"route-%04d\" {\n  prefix = \"/%s/%04d/\"\n  service = \"svc-%d\"\n  request_timeout = \"3s\"\n}\n", i, strings.Repeat("p", 120), i, i%50)
+	}
+	d, err := routes.Parse("large.hcl", []byte(b.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("canonical document: %d bytes", len(routes.Encode(d)))
+	s := NewStore(consul(t), prefix(t), 50)
+	if _, err := s.Apply(ctx, d, "apply", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, got, err := s.Get(ctx, 0); err != nil || !routes.Equal(got, d) {
+		t.Fatalf("read back: %v", err)
+	}
+}
+
+// TestRepairCorrupt: a pointer or version written by hand that does not
+// decode is reported on reads, and the next apply replaces it.
+func TestRepairCorrupt(t *testing.T) {
+	ctx := context.Background()
+	c := consul(t)
+	s := NewStore(c, prefix(t), 50)
+	put := func(k, v string) {
+		if _, err := c.KV().Put(&api.KVPair{Key: k, Value: []byte(v)}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tt := range []struct{ name, key, value string }{
+		{"pointer not a number", s.KV().Current(), "seven"},
+		{"pointer to a missing version", s.KV().Current(), "7"},
+		{"version not JSON", s.KV().Version(8), "{"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			put(tt.key, tt.value)
+			if tt.key != s.KV().Current() {
+				put(s.KV().Current(), "8")
+			}
+			if _, _, err := s.Get(ctx, 0); err == nil {
+				t.Fatal("a corrupt current version reads fine")
+			}
+			res, err := s.Apply(ctx, doc(t, "/"+strings.ReplaceAll(tt.name, " ", "-")+"/"), "apply", nil)
+			if err != nil || !res.Changed {
+				t.Fatalf("apply over it = %+v, %v", res, err)
+			}
+			if v, _, err := s.Get(ctx, 0); err != nil || v.Number != res.Version {
+				t.Fatalf("after the repair: %+v %v", v, err)
+			}
+		})
+	}
+}
+
+// TestWarnings: a route to a service (or tag) without a healthy instance is
+// a warning; one with a passing instance is not.
+func TestWarnings(t *testing.T) {
+	ctx := context.Background()
+	c := consul(t)
+	reg := &api.AgentServiceRegistration{Name: "warn-users", ID: "warn-users-1", Port: 1, Tags: []string{"v1"},
+		Check: &api.AgentServiceCheck{TTL: "1m", Status: api.HealthPassing}}
+	if err := c.Agent().ServiceRegister(reg); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Agent().ServiceDeregister("warn-users-1")
+	d, err := routes.Parse("w.hcl", []byte(`
+route "ok" {
+  prefix  = "/ok/"
+  service = "warn-users"
+}
+route "split" {
+  prefix = "/split/"
+  split {
+    service = "warn-users"
+    tag     = "v1"
+    weight  = 50
+  }
+  split {
+    service = "warn-users"
+    tag     = "v2"
+    weight  = 50
+  }
+}
+route "gone" {
+  prefix  = "/gone/"
+  service = "warn-nobody"
+}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewStore(c, prefix(t), 50)
+	var ws []string
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		ws = s.Warnings(ctx, d)
+		if len(ws) == 2 || time.Now().After(deadline) {
+			break
+		}
+	}
+	want := []string{`route "split": service warn-users (tag v2) has no healthy instance now`, `route "gone": service warn-nobody has no healthy instance now`}
+	if strings.Join(ws, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("warnings:\n%s\nwant\n%s", strings.Join(ws, "\n"), strings.Join(want, "\n"))
+	}
+}

@@ -2,6 +2,7 @@ package control
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -22,6 +23,8 @@ var (
 	ErrConflict = errors.New("control: conflict: the current version changed while applying; check the diff and retry")
 	// ErrNotFound: no such version (never written, or pruned).
 	ErrNotFound = errors.New("control: no such version")
+	// errCorrupt: a stored value does not decode (written by hand?).
+	errCorrupt = errors.New("control: corrupt routes data in Consul KV")
 )
 
 // Store keeps the route versions in the Consul KV store. It holds no state
@@ -39,6 +42,10 @@ type Store struct {
 // maxPrunePerApply bounds the deletes one transaction carries (Consul caps
 // the operations of a transaction); any left are pruned by the next apply.
 const maxPrunePerApply = 32
+
+// maxTxnValue is the largest encoded version value sent in a transaction,
+// leaving room under Consul's 512 KiB for the other operations.
+const maxTxnValue = 480 << 10
 
 // NewStore returns a store keeping the last keep versions under prefix.
 func NewStore(c *api.Client, prefix string, keep int) *Store {
@@ -60,7 +67,7 @@ func (s *Store) current(ctx context.Context) (uint64, uint64, error) {
 	}
 	n, err := s.kv.VersionNumber(string(p.Value))
 	if err != nil {
-		return 0, 0, fmt.Errorf("control: %s holds %q, not a version number: %w", s.kv.Current(), p.Value, err)
+		return 0, p.ModifyIndex, fmt.Errorf("%w: %s holds %q, not a version number", errCorrupt, s.kv.Current(), p.Value)
 	}
 	return n, p.ModifyIndex, nil
 }
@@ -92,7 +99,7 @@ func (s *Store) Get(ctx context.Context, n uint64) (*routes.Version, *routes.Doc
 	}
 	v, doc, err := routes.DecodeVersion(p.Value)
 	if err != nil {
-		return nil, nil, fmt.Errorf("control: %s: %w", s.kv.Version(n), err)
+		return nil, nil, fmt.Errorf("%w: %s: %w", errCorrupt, s.kv.Version(n), err)
 	}
 	return v, doc, nil
 }
@@ -119,8 +126,11 @@ func (s *Store) Apply(ctx context.Context, doc *routes.Document, source string, 
 	if len(canon) > routes.MaxDocumentBytes {
 		return nil, fmt.Errorf("control: the canonical document is %d bytes, more than %d", len(canon), routes.MaxDocumentBytes)
 	}
+	// A pointer or current version that does not decode (or is gone) is
+	// replaced by this apply, still with check-and-set on the pointer: an
+	// apply is how to repair it.
 	cur, idx, err := s.current(ctx)
-	if err != nil {
+	if err != nil && !errors.Is(err, errCorrupt) {
 		return nil, err
 	}
 	if expect != nil && *expect != cur {
@@ -129,13 +139,14 @@ func (s *Store) Apply(ctx context.Context, doc *routes.Document, source string, 
 	var prev *routes.Document
 	if cur > 0 {
 		v, d, err := s.Get(ctx, cur)
-		if err != nil {
+		switch {
+		case err == nil && v.Document == string(canon):
+			return &Result{Version: cur, Previous: cur, Message: fmt.Sprintf("unchanged: the document equals the current version %d; nothing written", cur)}, nil
+		case err == nil:
+			prev = d
+		case !errors.Is(err, errCorrupt) && !errors.Is(err, ErrNotFound):
 			return nil, err
 		}
-		if v.Document == string(canon) {
-			return &Result{Version: cur, Previous: cur, Message: fmt.Sprintf("unchanged: the document equals the current version %d; nothing written", cur)}, nil
-		}
-		prev = d
 	}
 	nums, err := s.versionNumbers(ctx)
 	if err != nil {
@@ -148,6 +159,11 @@ func (s *Store) Apply(ctx context.Context, doc *routes.Document, source string, 
 	val, err := json.Marshal(routes.Version{Number: next, Created: s.now().UTC().Truncate(time.Millisecond), Source: source, Document: string(canon)})
 	if err != nil {
 		return nil, fmt.Errorf("control: %w", err)
+	}
+	// A Consul transaction carries values in base64 and is capped at
+	// 512 KiB (txn_max_req_len): refuse what would not fit, clearly.
+	if n := base64.StdEncoding.EncodedLen(len(val)); n > maxTxnValue {
+		return nil, fmt.Errorf("control: version %d would take %d bytes in a Consul transaction, more than %d: make the document smaller", next, n, maxTxnValue)
 	}
 	ops := api.TxnOps{
 		{KV: &api.KVTxnOp{Verb: api.KVCAS, Key: s.kv.Current(), Value: []byte(strconv.FormatUint(next, 10)), Index: idx}},

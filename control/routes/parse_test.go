@@ -111,6 +111,22 @@ func TestParseFull(t *testing.T) {
 	if len(c.Destinations) != 2 || c.Destinations[1] != (Destination{Service: "users-v2", Weight: 10}) || c.Rewrite != "/v2/users/" || !c.RateLimit.Disabled {
 		t.Errorf("canary = %+v", c)
 	}
+	tab, err := Compile(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tab.Gateway().TLS) != 2 {
+		t.Errorf("table's gateway = %+v", tab.Gateway())
+	}
+	if rl := tab.RateLimit(&d.Routes[0]); rl != d.Routes[0].RateLimit {
+		t.Errorf("own rate limit = %+v", rl)
+	}
+	if rl := tab.RateLimit(&d.Routes[1]); rl != nil {
+		t.Errorf("route that opted out has rate limit %+v", rl)
+	}
+	if rl := tab.RateLimit(&Route{}); rl != d.Gateway.RateLimit {
+		t.Errorf("default rate limit = %+v", rl)
+	}
 	if got := d.Services(); strings.Join(got, ",") != "users,users-v2" {
 		t.Errorf("services = %v", got)
 	}

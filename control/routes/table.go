@@ -17,10 +17,11 @@ import (
 //     header one);
 //  4. then document order (service routes come after the document's).
 type Table struct {
-	routes []*Route // precedence order (as Routes returns them)
-	exact  map[string]*group
-	wild   []wildGroup // longest suffix first
-	any    *group
+	gateway Gateway
+	routes  []*Route // precedence order (as Routes returns them)
+	exact   map[string]*group
+	wild    []wildGroup // longest suffix first
+	any     *group
 }
 
 type wildGroup struct {
@@ -57,7 +58,7 @@ func Compile(doc *Document) (*Table, error) {
 	if err := doc.Validate(); err != nil {
 		return nil, err
 	}
-	t := &Table{exact: map[string]*group{}}
+	t := &Table{gateway: doc.Gateway, exact: map[string]*group{}}
 	wild := map[string]*group{}
 	var entries []*entry
 	for i := range doc.Routes {
@@ -152,6 +153,22 @@ func (g *group) all() []*Route {
 // (longest suffix first), then routes without host, each class in match
 // order. The caller must not change them.
 func (t *Table) Routes() []*Route { return t.routes }
+
+// Gateway returns the document's gateway-wide settings.
+func (t *Table) Gateway() Gateway { return t.gateway }
+
+// RateLimit returns the limit that applies to r: its own rate_limit, else
+// the gateway's default; nil when there is none or the route opted out.
+func (t *Table) RateLimit(r *Route) *RateLimit {
+	rl := r.RateLimit
+	if rl == nil {
+		rl = t.gateway.RateLimit
+	}
+	if rl == nil || rl.Disabled {
+		return nil
+	}
+	return rl
+}
 
 // Match returns the route for a request, or nil when none matches. host is
 // the request's Host (a port and a trailing dot are ignored, case is not
