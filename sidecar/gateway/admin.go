@@ -39,7 +39,7 @@ func (g *Gateway) Handler() http.Handler {
 			for _, rt := range t.tbl.Routes() {
 				v := routeView{Name: rt.Name, Origin: rt.Origin.String(), Host: rt.Host, Prefix: rt.Prefix,
 					Methods: rt.Methods, Headers: rt.Headers, Destinations: rt.Destinations,
-					StripPrefix: rt.StripPrefix, Rewrite: rt.Rewrite, RateLimit: effectiveLimit(t.doc, rt)}
+					StripPrefix: rt.StripPrefix, Rewrite: rt.Rewrite, RateLimit: t.tbl.RateLimit(rt)}
 				if rs := t.per[rt]; rs != nil && rs.lim != nil {
 					v.RateShare, _ = rs.lim.rate()
 				}

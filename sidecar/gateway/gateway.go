@@ -365,7 +365,7 @@ func (g *Gateway) rebuildLocked(a *applied) error {
 				}
 			}
 		}
-		if rl := effectiveLimit(merged, r); rl != nil {
+		if rl := tbl.RateLimit(r); rl != nil {
 			if prev := oldLim[limKey(r)]; prev != nil && prev.lim != nil {
 				rs.lim = prev.lim // same limit: the buckets carry over
 			} else {
@@ -400,17 +400,6 @@ func (g *Gateway) rebuildLocked(a *applied) error {
 func limKey(r *routes.Route) string {
 	b, _ := json.Marshal(r.RateLimit)
 	return r.Name + "\x00" + string(b)
-}
-
-func effectiveLimit(d *routes.Document, r *routes.Route) *routes.RateLimit {
-	rl := r.RateLimit
-	if rl == nil {
-		rl = d.Gateway.RateLimit
-	}
-	if rl == nil || rl.Disabled || rl.RPS <= 0 {
-		return nil
-	}
-	return rl
 }
 
 func burstOf(rl *routes.RateLimit) int {
