@@ -198,9 +198,7 @@ type evConn struct {
 	ip     []byte
 	req    rawReq
 
-	last  lastHost // HTTP proxy
-	rhead Head     // gateway listeners: what the router sees
-	rhsrc rawHead
+	last lastHost // HTTP proxy
 
 	// the request under way
 	t         *target
@@ -252,7 +250,9 @@ type evLoop struct {
 	let      bool // the listener is no longer watched
 	paused   time.Time
 	gen      int32
-	yield    bool           // a goroutine was woken: let it run before waiting
+	yield    bool // a goroutine was woken: let it run before waiting
+	rhead    Head // gateway listeners: what the router sees of the request under way
+	rhsrc    rawHead
 	shedc    chan *endpoint // endpoints whose idle connections to close
 }
 
@@ -716,11 +716,11 @@ func (l *evLoop) start(c *evConn, end int) {
 	rt := c.ln.rt
 	gw := rt != nil && rt.router != nil
 	if gw {
-		rawRouteHead(&c.rhead, &c.rhsrc, b, r, host, path, c.ip, false)
-		d, t = p.decide(rt, &c.rhead)
-		c.rhead = Head{}
+		rawRouteHead(&l.rhead, &l.rhsrc, b, r, host, path, c.ip, false)
+		d, t = p.decide(rt, &l.rhead)
+		l.rhead, l.rhsrc = Head{}, rawHead{}
 		if d.Answer != nil {
-			l.answerOwn(c, end, d.Answer)
+			l.answerOwn(c, r, end, d.Answer)
 			return
 		}
 		if t == nil { // the goroutine path looks the service up
@@ -1136,10 +1136,9 @@ func (l *evLoop) answer(c *evConn, res result) {
 	l.reply(c, out, closeClient)
 }
 
-// answerOwn answers the request in c.buf[:end] with a gateway's own answer
-// (no route, over a rate limit).
-func (l *evLoop) answerOwn(c *evConn, end int, a *Answer) {
-	r := &c.req
+// answerOwn answers the request parsed into r, c.buf[:end], with a
+// gateway's own answer (no route, over a rate limit).
+func (l *evLoop) answerOwn(c *evConn, r *rawReq, end int, a *Answer) {
 	c.head = string(c.buf[r.method.s:r.method.e]) == "HEAD"
 	closeClient := r.connClose || c.eof || l.s.closing.Load()
 	out := appendCanned(l.out[:0], answerCanned(a), closeClient, c.head)
