@@ -70,14 +70,12 @@ type Config struct {
 	// leader (the default mode). Fresher reads come from the leader; stale
 	// spreads the load over the servers but lags up to a Raft heartbeat.
 	Stale bool
-	// Streaming lets a client agent answer the health queries from its
-	// streaming backend (use_streaming_backend, on by default since Consul
-	// 1.10). That backend follows whichever server the agent subscribed to,
-	// so even default-mode answers lag like stale ones, up to a Raft
-	// heartbeat (~100ms). By default (false) the watcher sends near=_agent,
-	// which makes the agent forward each query to the servers instead, and
-	// default mode then answers from the leader within a few ms. Streaming
-	// spares the servers one held query per watched service per agent.
+	// Streaming leaves near=_agent out of the health queries. A client
+	// agent answers blocking /v1/health/service queries from its streaming
+	// backend unless near is set; that backend follows whichever server the
+	// agent subscribed to, up to a Raft heartbeat (~100ms) behind the
+	// leader. The watcher holds no blocking query per service, so this only
+	// touches stale mode's catch-up fetches. Default false.
 	Streaming bool
 	// MaxStale, with Stale, is the largest X-Consul-LastContact accepted
 	// from a follower; an answer staler than this is asked again of the
