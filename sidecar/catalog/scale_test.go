@@ -73,14 +73,15 @@ func scaleSubtests(t *testing.T, srv *api.Client, agentAddr string) {
 
 	t.Run("1000 flaps across 300 services end in Consul's state", func(t *testing.T) {
 		var wg sync.WaitGroup
-		errs := make(chan error, 4)
-		for g := 0; g < 4; g++ {
+		const writers = 10
+		errs := make(chan error, writers)
+		for g := 0; g < writers; g++ {
 			wg.Add(1)
 			go func(g int) {
 				defer wg.Done()
 				r := rand.New(rand.NewPCG(uint64(g), 7))
-				for k := 0; k < 250; k++ {
-					i := g + 4*r.IntN(n/4) // each goroutine its own services: one writer per check
+				for k := 0; k < 1000/writers; k++ {
+					i := g + writers*r.IntN(n/writers) // each goroutine its own services: one writer per check
 					st := api.HealthCritical
 					if r.IntN(2) == 0 {
 						st = api.HealthPassing

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"reflect"
 	"runtime/debug"
 	"strings"
@@ -273,12 +274,15 @@ type Watcher struct {
 	log     hclog.Logger
 	view    *View
 	clients []*api.Client
-	conns   conns
-	cur     atomic.Uint32 // index into clients of the address in use
-	met     *metrics
-	kick    chan struct{} // wakes the publisher
-	pinned  map[string]bool
-	queue   *queue // services to fetch or probe
+	// transports of clients, one per address: Run closes their idle
+	// connections when it ends
+	transports []*http.Transport
+	conns      conns
+	cur        atomic.Uint32 // index into clients of the address in use
+	met        *metrics
+	kick       chan struct{} // wakes the publisher
+	pinned     map[string]bool
+	queue      *queue // services to fetch or probe
 
 	// index of watches for the lock-free fast path of Want
 	watchIdx atomic.Pointer[map[string]*watched]
@@ -526,6 +530,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 	}
 	w.mu.Unlock()
 	w.wg.Wait()
+	for _, tr := range w.transports {
+		tr.CloseIdleConnections() // the queries' own ended with their contexts
+	}
 	w.mu.Lock()
 	w.running = false
 	w.mu.Unlock()
