@@ -768,10 +768,11 @@ func (l *evLoop) start(c *evConn, end int) {
 	}
 	c.n = copy(c.buf, c.buf[end:c.n])
 	c.t = t
-	if res, ok := t.admit(&c.f, set, l.now, d.Policy); !ok {
+	if res, ok := t.admit(&c.f, set, l.now); !ok {
 		l.answer(c, res)
 		return
 	}
+	c.f.with(p, d.Policy)
 	ep := t.pick(set, nil)
 	if ep == nil {
 		l.answer(c, t.noHealthy(&c.f))
@@ -1030,7 +1031,11 @@ func (l *evLoop) answered(b *evBack) {
 				return
 			}
 		}
-		t.done(&c.f)
+		res := t.done(&c.f)
+		if fb, _ := t.fallbackFor(res); fb != nil { // a failed answer the fallback replaces
+			l.handoffFinish(c, res)
+			return
+		}
 		if !l.simple(b) {
 			l.handoffAnswer(c)
 			return
@@ -1122,7 +1127,7 @@ func (l *evLoop) tryEnded(c *evConn, err error) bool {
 // 502/503/504); a service fallback is the goroutine path's.
 func (l *evLoop) answer(c *evConn, res result) {
 	t := c.t
-	if fb := t.fallback; fb != nil && fb.Service != "" && (res.kind == outOpen || res.kind == outNoHealthy) {
+	if fb, _ := t.fallbackFor(res); fb != nil && fb.Service != "" {
 		l.handoffResult(c, res)
 		return
 	}
@@ -1426,6 +1431,18 @@ func (l *evLoop) handoffAnswer(c *evConn) {
 		state(rc)
 		answer(&rc.x)
 		return rc.writeAnswer()
+	})
+}
+
+// handoffFinish hands over a request whose answer (on c's instance
+// connection) the goroutine path finishes for res (a fallback for it).
+func (l *evLoop) handoffFinish(c *evConn, res result) {
+	t := c.t
+	state, answer := l.exchangeState(c), l.takeAnswer(c)
+	l.handoff(c, func(rc *rawConn) bool {
+		state(rc)
+		answer(&rc.x)
+		return rc.finish(t, res, true)
 	})
 }
 
