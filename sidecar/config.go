@@ -37,6 +37,9 @@ type Config struct {
 	Admin         string                    // admin HTTP address; default 127.0.0.1:19001
 	Upstreams     []string                  // NAME=ADDR[/tcp]
 	HTTPProxy     string                    // HTTP proxy listen address; empty: off
+	Gateway       string                    // API gateway HTTP listen address; empty: off
+	GatewayTLS    string                    // API gateway HTTPS listen address (HTTP/2 by ALPN); empty: off
+	RoutesPrefix  string                    // KV prefix of the gateway's routes (default "attache/")
 	ServiceFiles  []string                  // HCL files of local services to register
 	Watch         string                    // which services to watch: on-demand (default), all, or list
 	WatchList     []string                  // the services to watch with Watch = list (and always, with on-demand)
@@ -82,6 +85,7 @@ func DefaultConfig(env func(string) string) Config {
 		LogLevel:     "info",
 		DNSEjections: true,
 		Balancer:     string(proxy.LeastRequest),
+		RoutesPrefix: "attache/",
 		TryTimeout:   5 * time.Second,
 		ReqTimeout:   15 * time.Second,
 		Retries:      2,
@@ -133,6 +137,9 @@ func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs.StringVar(&c.Admin, "admin", c.Admin, "admin HTTP `address` (/healthz, /readyz, /metrics, /v1/...)")
 	fs.Var(&listFlag{dst: &c.Upstreams}, "upstream", "upstream listener `NAME=ADDR[/tcp]`, repeatable")
 	fs.StringVar(&c.HTTPProxy, "http-proxy", c.HTTPProxy, "HTTP proxy listen `address`")
+	fs.StringVar(&c.Gateway, "gateway", c.Gateway, "API gateway HTTP listen `address` (routes from Consul KV)")
+	fs.StringVar(&c.GatewayTLS, "gateway-tls", c.GatewayTLS, "API gateway HTTPS listen `address` (HTTP/2 by ALPN; certificates from the route document)")
+	fs.StringVar(&c.RoutesPrefix, "routes-prefix", c.RoutesPrefix, "Consul KV `prefix` of the gateway's routes (PREFIX/routes/current...)")
 	fs.Var(&listFlag{dst: &c.ServiceFiles}, "service", "HCL `file` of local services to register, repeatable")
 	fs.StringVar(&c.Watch, "watch", c.Watch, "which services to watch: on-demand, all or list")
 	fs.Var(&listFlag{dst: &c.WatchList}, "watch-service", "`service` to watch from start, repeatable")
@@ -217,6 +224,9 @@ type fileConfig struct {
 	Admin         *string            `hcl:"admin,optional"`
 	Upstreams     *[]string          `hcl:"upstream,optional"`
 	HTTPProxy     *string            `hcl:"http_proxy,optional"`
+	Gateway       *string            `hcl:"gateway,optional"`
+	GatewayTLS    *string            `hcl:"gateway_tls,optional"`
+	RoutesPrefix  *string            `hcl:"routes_prefix,optional"`
 	ServiceFiles  *[]string          `hcl:"service,optional"`
 	Watch         *string            `hcl:"watch,optional"`
 	WatchList     *[]string          `hcl:"watch_service,optional"`
@@ -282,6 +292,9 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	set(&c.Admin, fc.Admin)
 	set(&c.Upstreams, fc.Upstreams)
 	set(&c.HTTPProxy, fc.HTTPProxy)
+	set(&c.Gateway, fc.Gateway)
+	set(&c.GatewayTLS, fc.GatewayTLS)
+	set(&c.RoutesPrefix, fc.RoutesPrefix)
 	set(&c.ServiceFiles, fc.ServiceFiles)
 	set(&c.Watch, fc.Watch)
 	set(&c.WatchList, fc.WatchList)
@@ -404,6 +417,11 @@ func (c *Config) Validate() error {
 	}
 	addr("admin", c.Admin)
 	addr("http-proxy", c.HTTPProxy)
+	addr("gateway", c.Gateway)
+	addr("gateway-tls", c.GatewayTLS)
+	if (c.Gateway != "" || c.GatewayTLS != "") && c.RoutesPrefix == "" {
+		errs = append(errs, errors.New("-routes-prefix: the gateway needs a KV prefix, e.g. attache/"))
+	}
 	if _, err := proxy.ParseBalancer(c.Balancer); err != nil {
 		errs = append(errs, fmt.Errorf("-lb: %w", err))
 	}

@@ -328,7 +328,9 @@ type evLoop struct {
 	let      bool // the listener is no longer watched
 	paused   time.Time
 	gen      int32
-	yield    bool           // a goroutine was woken: let it run before waiting
+	yield    bool // a goroutine was woken: let it run before waiting
+	rhead    Head // gateway listeners: what the router sees of the request under way
+	rhsrc    rawHead
 	shedc    chan *endpoint // endpoints whose idle connections to close
 	req      rawReq         // the request head being parsed (one at a time)
 	bufs     [][]byte       // free client read buffers
@@ -817,7 +819,25 @@ func (l *evLoop) readOn(c *evConn) bool {
 func (l *evLoop) start(c *evConn, end int) {
 	s, p, b, r := l.s, l.p, c.buf, &l.req
 	host, path := r.authority(b)
-	t := c.ln.fixed
+	var t *target
+	var d Decision
+	rt := c.ln.rt
+	gw := rt != nil && rt.router != nil
+	if gw {
+		rawRouteHead(&l.rhead, &l.rhsrc, b, r, host, path, c.ip, false)
+		d, t = p.decide(rt, &l.rhead)
+		l.rhead, l.rhsrc = Head{}, rawHead{}
+		if d.Answer != nil {
+			l.answerOwn(c, r, end, d.Answer)
+			return
+		}
+		if t == nil { // the goroutine path looks the service up
+			l.handoffDecided(c, d, nil)
+			return
+		}
+	} else if rt != nil {
+		t = rt.fixed
+	}
 	if t == nil {
 		var hb []byte
 		if hb, t = c.last.lookup(b, r, host); t == nil {
@@ -836,6 +856,10 @@ func (l *evLoop) start(c *evConn, end int) {
 	}
 	set := t.endpoints()
 	if !set.found || !set.ips {
+		if gw {
+			l.handoffDecided(c, d, t)
+			return
+		}
 		l.handoff(c, nil)
 		return
 	}
@@ -848,7 +872,11 @@ func (l *evLoop) start(c *evConn, end int) {
 	if c.out == nil {
 		c.out = l.takeOut()
 	}
-	c.out = appendRequest(c.out[:0], b, r, host, path, end, c.ip)
+	if gw {
+		c.out = appendGatewayRequest(c.out[:0], b, r, host, path, d.Path, end, c.ip, rt.proto)
+	} else {
+		c.out = appendRequest(c.out[:0], b, r, host, path, end, c.ip)
+	}
 	c.n = copy(c.buf, c.buf[end:c.n])
 	l.idleBuf(c) // the request's bytes are in c.out now
 	c.headAt, c.inBody = time.Time{}, false
@@ -857,6 +885,7 @@ func (l *evLoop) start(c *evConn, end int) {
 		l.answer(c, res)
 		return
 	}
+	c.f.with(p, d.Policy)
 	ep := t.pick(set, nil)
 	if ep == nil {
 		l.answer(c, t.noHealthy(&c.f))
@@ -1232,6 +1261,31 @@ func (l *evLoop) answer(c *evConn, res result) {
 	l.reply(c, out, closeClient)
 }
 
+// answerOwn answers the request parsed into r, c.buf[:end], with a
+// gateway's own answer (no route, over a rate limit).
+func (l *evLoop) answerOwn(c *evConn, r *rawReq, end int, a *Answer) {
+	c.head = string(c.buf[r.method.s:r.method.e]) == "HEAD"
+	closeClient := r.connClose || c.eof || l.s.closing.Load()
+	out := appendCanned(l.out[:0], answerCanned(a), closeClient, c.head)
+	l.out = out
+	c.n = copy(c.buf, c.buf[end:c.n])
+	if !c.busy {
+		c.busy = true
+		l.busy++
+	}
+	l.reply(c, out, closeClient)
+}
+
+// handoffDecided hands a gateway request over with the router's decision
+// (and its target, when the proxy has one), so the router is asked once.
+func (l *evLoop) handoffDecided(c *evConn, d Decision, t *target) {
+	dc := &decided{d: d, t: t}
+	l.handoff(c, func(rc *rawConn) bool {
+		rc.decided = dc
+		return true
+	})
+}
+
 // reply writes a whole answer to the client and ends the request.
 func (l *evLoop) reply(c *evConn, out []byte, closeClient bool) {
 	rest, err := writeSome(c.fd, out)
@@ -1500,7 +1554,7 @@ func (l *evLoop) handoffH2(c *evConn) {
 func (l *evLoop) exchangeState(c *evConn) func(rc *rawConn) {
 	head, replay, connClose := c.head, c.replay, c.connClose
 	out := append([]byte(nil), c.out...)
-	deadline := c.f.start.Add(l.p.cfg.RequestTimeout)
+	deadline := c.f.deadline
 	return func(rc *rawConn) {
 		// as serveOne: a client that does not read its answer holds the
 		// instance's connection only until the request's deadline

@@ -18,27 +18,30 @@ import (
 )
 
 // httpListener is one HTTP listener and what serves it: HTTP/1.1 on the
-// fast path (fasthttp behind it), h2c on net/http. fixed is the listener's
-// service, nil for the HTTP proxy listener (service from the request's
-// host).
+// fast path (fasthttp behind it), h2c on net/http. rt says where requests
+// go: the upstream's service, a gateway's router, or (nil) the service the
+// request's host names (the HTTP proxy listener).
 type httpListener struct {
-	ln    net.Listener
-	fixed *target
-	fs    *fasthttp.Server
-	raw   *rawServer    // nil with DisableFastPath
-	h2    *chanListener // nil with DisableHTTP2
-	cap   *connCap      // MaxClientConns
+	ln  net.Listener
+	rt  *routing // nil: the HTTP proxy listener
+	fs  *fasthttp.Server
+	raw *rawServer    // nil with DisableFastPath
+	h2  *chanListener // nil with DisableHTTP2
+	cap *connCap      // MaxClientConns
 }
 
-func (p *Proxy) newHTTPListener(ctx context.Context, ln net.Listener, fixed *target) *httpListener {
-	h := &httpListener{ln: ln, fixed: fixed}
+func (p *Proxy) newHTTPListener(ctx context.Context, ln net.Listener, rt *routing) *httpListener {
+	h := &httpListener{ln: ln, rt: rt}
 	name := "http-proxy"
-	if fixed != nil {
-		name = fixed.name
+	switch {
+	case rt != nil && rt.router != nil:
+		name = "gateway-" + rt.proto
+	case rt != nil && rt.fixed != nil:
+		name = rt.fixed.name
 	}
 	h.cap = newConnCap(p.cfg.MaxClientConns, p.met, name)
 	h.fs = &fasthttp.Server{
-		Handler:                      func(c *fasthttp.RequestCtx) { p.handleFast(c, fixed) },
+		Handler:                      func(c *fasthttp.RequestCtx) { p.handleFast(c, rt) },
 		NoDefaultServerHeader:        true,
 		NoDefaultDate:                true,
 		NoDefaultContentType:         true,
@@ -64,7 +67,7 @@ func (p *Proxy) newHTTPListener(ctx context.Context, ln net.Listener, fixed *tar
 		h.h2 = newChanListener(ln.Addr())
 	}
 	if !p.cfg.DisableFastPath {
-		h.raw = newRawServer(ctx, p, fixed, h.fs)
+		h.raw = newRawServer(ctx, p, rt, h.fs)
 	}
 	return h
 }
@@ -104,7 +107,7 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		}
 		if h2 != nil {
 			hs := &http.Server{
-				Handler:           p.stdHandler(h.fixed),
+				Handler:           p.stdHandler(h.rt),
 				ReadHeaderTimeout: p.cfg.HeaderTimeout,
 				IdleTimeout:       p.cfg.IdleTimeout,
 				ErrorLog:          p.log.StandardLogger(nil),
@@ -199,8 +202,24 @@ var hopHeaders = []string{
 }
 
 // handleFast forwards one HTTP/1.x request.
-func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, fixed *target) {
-	t := fixed
+func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, rt *routing) {
+	var t *target
+	var pol *Policy
+	gw := rt != nil && rt.router != nil
+	if gw {
+		h := fastRouteHead(ctx)
+		d, t2, c, ok := p.routeTarget(ctx, rt, h)
+		if !ok {
+			p.fastCanned(ctx, c)
+			return
+		}
+		t, pol = t2, d.Policy
+		if d.Path != "" {
+			ctx.Request.SetRequestURI(d.Path)
+		}
+	} else if rt != nil {
+		t = rt.fixed
+	}
 	if t == nil {
 		name, ok := serviceFromHost(string(ctx.Host()), p.cfg.Domain)
 		if !ok {
@@ -236,6 +255,10 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, fixed *target) {
 		return
 	}
 	h := &req.Header
+	if gw {
+		h.Set("X-Real-IP", fastRemoteIP(ctx))
+		h.Set("X-Forwarded-Proto", rt.proto)
+	}
 	if conn := h.Peek("Connection"); len(conn) > 0 && hasToken(conn, "upgrade") && len(h.Peek("Upgrade")) > 0 {
 		p.tunnelFast(ctx, t)
 		return
@@ -281,7 +304,7 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, fixed *target) {
 		}
 	}
 	x := &fastExchange{req: req, resp: &ctx.Response, replayable: replayable}
-	res := t.forward(ctx, x, replayable)
+	res := t.forwardWith(ctx, x, replayable, pol)
 	p.fastFinish(ctx, t, x, res, true)
 	if clientClose {
 		ctx.SetConnectionClose()
@@ -681,4 +704,21 @@ func (p *Proxy) cannedFor(t *target, res result, mayFallback bool) canned {
 		return cannedJSON(http.StatusBadGateway, "upstream connect error or reset", t.name, "instance", inst, "detail", detail)
 	}
 	return cannedJSON(http.StatusBadGateway, "proxy error", t.name)
+}
+
+// fastHead is a fasthttp request as a Router's header source.
+type fastHead struct{ h *fasthttp.RequestHeader }
+
+func (h fastHead) header(name string) string { return bstr(h.h.Peek(name)) }
+
+func fastRouteHead(ctx *fasthttp.RequestCtx) *Head {
+	return &Head{Method: bstr(ctx.Method()), Host: bstr(ctx.Host()), Path: bstr(ctx.URI().RequestURI()),
+		RemoteIP: fastRemoteIP(ctx), TLS: ctx.IsTLS(), hdr: fastHead{&ctx.Request.Header}}
+}
+
+func fastRemoteIP(ctx *fasthttp.RequestCtx) string {
+	if a, ok := ctx.RemoteAddr().(*net.TCPAddr); ok {
+		return a.AddrPort().Addr().Unmap().String()
+	}
+	return ctx.RemoteIP().String()
 }

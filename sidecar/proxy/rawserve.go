@@ -22,7 +22,7 @@ import (
 // the fasthttp server (with the bytes already read) for the rest of its life.
 type rawServer struct {
 	p       *Proxy
-	fixed   *target
+	rt      *routing // nil: the HTTP proxy listener
 	fs      *fasthttp.Server
 	ctx     context.Context
 	closing atomic.Bool
@@ -31,8 +31,8 @@ type rawServer struct {
 	wg      sync.WaitGroup
 }
 
-func newRawServer(ctx context.Context, p *Proxy, fixed *target, fs *fasthttp.Server) *rawServer {
-	return &rawServer{p: p, fixed: fixed, fs: fs, ctx: ctx, conns: map[*rawConn]struct{}{}}
+func newRawServer(ctx context.Context, p *Proxy, rt *routing, fs *fasthttp.Server) *rawServer {
+	return &rawServer{p: p, rt: rt, fs: fs, ctx: ctx, conns: map[*rawConn]struct{}{}}
 }
 
 // serve accepts until ln is closed.
@@ -111,6 +111,11 @@ type rawConn struct {
 	extra []byte // an extra response header line ("Name: value\r\n")
 
 	last lastHost // HTTP proxy
+
+	// gateway listeners
+	head    Head
+	hsrc    rawHead
+	decided *decided // the event loop's decision for the first request, when it handed it over
 
 	first func(rc *rawConn) bool // for a connection an event loop handed over: what is left of its request
 }
@@ -270,7 +275,13 @@ func (rc *rawConn) serveOne(end int) bool {
 	x.head = string(method) == "HEAD"
 	x.replay = idempotent(method) || r.idemKey
 	host, path := r.authority(b)
-	t := s.fixed
+	if rt := s.rt; rt != nil && rt.router != nil {
+		return rc.serveRouted(end, host, path)
+	}
+	var t *target
+	if s.rt != nil {
+		t = s.rt.fixed
+	}
 	if t == nil {
 		var hb []byte
 		if hb, t = rc.last.lookup(b, r, host); t == nil {
@@ -290,6 +301,44 @@ func (rc *rawConn) serveOne(end int) bool {
 
 	x.req = out
 	res := t.forward(s.ctx, x, x.replay)
+	return rc.finish(t, res, true)
+}
+
+// decided is a gateway request's decision made by an event loop, and its
+// target (nil when the loop had no state for the service).
+type decided struct {
+	d Decision
+	t *target
+}
+
+// serveRouted is serveOne on a gateway listener: the router decides.
+func (rc *rawConn) serveRouted(end int, host, path span) bool {
+	s, p, b, r := rc.s, rc.s.p, rc.buf, &rc.req
+	var d Decision
+	var t *target
+	if dc := rc.decided; dc != nil {
+		rc.decided = nil
+		d, t = dc.d, dc.t
+	} else {
+		rawRouteHead(&rc.head, &rc.hsrc, b, r, host, path, rc.ip, false)
+		d, t = p.decide(s.rt, &rc.head)
+		rc.head = Head{}
+	}
+	if d.Answer != nil {
+		return rc.writeCanned(answerCanned(d.Answer))
+	}
+	if t == nil {
+		var err error
+		if t, err = p.lookupTarget(s.ctx, d.Service); err != nil {
+			return rc.writeCanned(cannedJSON(http.StatusServiceUnavailable, err.Error(), d.Service))
+		}
+	}
+	if err := rc.writeDeadline(time.Now().Add(requestTimeout(p, d.Policy))); err != nil {
+		return false
+	}
+	rc.out = appendGatewayRequest(rc.out[:0], b, r, host, path, d.Path, end, rc.ip, s.rt.proto)
+	rc.x.req = rc.out
+	res := t.forwardWith(s.ctx, &rc.x, rc.x.replay, d.Policy)
 	return rc.finish(t, res, true)
 }
 
