@@ -113,8 +113,9 @@ type Config struct {
 	// MaxConns bounds the connections to each Consul address, for every
 	// query together (blocking ones, fetches, and registration through
 	// Client): default 8, at least 6. Four are held by the blocking queries
-	// (service list, health changes, nodes, coordinates), one is kept for
-	// registration, and the rest fetch changed services side by side.
+	// (service list, critical and warning checks, nodes), one is kept for
+	// registration and the coordinates, and the rest fetch changed services
+	// side by side.
 	MaxConns int
 	// CoordInterval is the least time between two fetches of the network
 	// coordinates (default 10s; negative disables coordinates).
@@ -315,8 +316,9 @@ type Watcher struct {
 	knownLoaded  bool
 	nodesLoaded  bool
 	checksLoaded bool
-	checksReady  chan struct{} // closed with the health query's first answer
-	fromDisk     bool          // the view still holds unconfirmed data from disk
+	checksReady  chan struct{}                      // closed once both health queries answered
+	checkSets    map[string]map[checkKey]checkState // by state, as each health query last answered
+	fromDisk     bool                               // the view still holds unconfirmed data from disk
 	synced       bool
 
 	contacted   atomic.Bool  // Consul answered since start
@@ -360,6 +362,7 @@ func NewWatcher(cfg Config) (*Watcher, error) {
 		checks:      map[checkKey]checkState{},
 		fetched:     map[string]uint64{},
 		checksReady: make(chan struct{}),
+		checkSets:   map[string]map[checkKey]checkState{},
 		svcNodes:    map[string][]string{},
 		nodeSvcs:    map[string]map[string]bool{},
 		dc:          cfg.Datacenter,
@@ -505,7 +508,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 
 	w.goRun(func() { w.publisher(ctx) })
 	w.goRun(func() { w.servicesLoop(ctx) })
-	w.goRun(func() { w.checksLoop(ctx) })
+	for _, st := range checkStatuses {
+		w.goRun(func() { w.checksLoop(ctx, st) })
+	}
 	w.goRun(func() { w.nodesLoop(ctx) })
 	if w.cfg.CoordInterval > 0 {
 		w.goRun(func() { w.coordsLoop(ctx) })
@@ -727,7 +732,9 @@ func (w *Watcher) loopConfig(minInterval time.Duration, burst int) watch.Config 
 
 // runLoop runs a watch.Loop of kind over a consul/api call against the
 // address in use, with the watcher's metrics, failover and contact time.
-func runLoop[T any](ctx context.Context, w *Watcher, kind string, cfg watch.Config,
+// With blocking false every query is asked without an index (answered at
+// once): the loop then runs one query per MinInterval.
+func runLoop[T any](ctx context.Context, w *Watcher, kind string, cfg watch.Config, blocking bool,
 	call func(c *api.Client, q *api.QueryOptions) (T, *api.QueryMeta, error), changed func(v T, index uint64)) {
 	var ci uint32
 	hist := w.met.duration.WithLabelValues(kind)
@@ -736,6 +743,9 @@ func runLoop[T any](ctx context.Context, w *Watcher, kind string, cfg watch.Conf
 		Fetch: func(ctx context.Context, q watch.Query) (T, watch.Meta, error) {
 			ci = w.cur.Load()
 			qo := &api.QueryOptions{WaitIndex: q.Index, WaitTime: q.Wait, AllowStale: q.Stale}
+			if !blocking {
+				qo.WaitIndex, qo.WaitTime = 0, 0
+			}
 			v, meta, err := call(w.clients[int(ci)%len(w.clients)], qo.WithContext(ctx))
 			if err != nil {
 				var zero T
@@ -790,7 +800,7 @@ func (w *Watcher) failed(ci uint32, kind, name string, err error) {
 // other watched service is probed: a cheap query whose index says whether
 // the service changed (health.go).
 func (w *Watcher) servicesLoop(ctx context.Context) {
-	runLoop(ctx, w, "services", w.loopConfig(w.cfg.MinInterval, 4),
+	runLoop(ctx, w, "services", w.loopConfig(w.cfg.MinInterval, 4), true,
 		func(c *api.Client, q *api.QueryOptions) (map[string][]string, *api.QueryMeta, error) {
 			return c.Catalog().Services(q)
 		},
@@ -849,7 +859,7 @@ func (w *Watcher) reconcileLocked() {
 }
 
 func (w *Watcher) nodesLoop(ctx context.Context) {
-	runLoop(ctx, w, "nodes", w.loopConfig(w.cfg.MinInterval, 4),
+	runLoop(ctx, w, "nodes", w.loopConfig(w.cfg.MinInterval, 4), true,
 		func(c *api.Client, q *api.QueryOptions) ([]*api.Node, *api.QueryMeta, error) {
 			return c.Catalog().Nodes(q)
 		},

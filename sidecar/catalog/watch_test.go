@@ -307,7 +307,7 @@ func TestIndexGoingBackwardsResets(t *testing.T) {
 	// (the first query of the loop was the other one).
 	zero := 0
 	for _, r := range f.seenRequests() {
-		if strings.HasPrefix(r, "/v1/health/state/any 0 ") {
+		if strings.HasPrefix(r, "/v1/health/state/critical 0 ") {
 			zero++
 		}
 	}
