@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"reflect"
 	"runtime/debug"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -593,10 +594,17 @@ func (w *Watcher) servicesLoop(ctx context.Context) {
 			old := w.tags
 			w.tags = tags
 			if !first {
-				for name := range w.watches {
-					// A new tag list is a changed registration: fetch it;
-					// anything else may have changed too: probe.
-					w.queue.add(name, old[name] != tags[name], false)
+				// A new tag list is a changed registration: fetch it;
+				// anything else may have changed too: probe, the services
+				// used last first (the probes of a thousand services take
+				// about a second).
+				order := make([]*watched, 0, len(w.watches))
+				for _, wt := range w.watches {
+					order = append(order, wt)
+				}
+				sort.Slice(order, func(i, j int) bool { return order[i].lastUsed.Load() > order[j].lastUsed.Load() })
+				for _, wt := range order {
+					w.queue.add(wt.name, old[wt.name] != tags[wt.name], false)
 				}
 			}
 			w.signal()
