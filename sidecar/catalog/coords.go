@@ -11,12 +11,13 @@ import (
 	"github.com/hashicorp/serf/coordinate"
 )
 
-// coordsLoop follows the LAN network coordinates of the datacenter's nodes
-// (Consul's serf coordinates) with a blocking query at most every
-// CoordInterval: coordinates move a little all the time, and a ranking by
-// round-trip time needs them fresh to seconds, not milliseconds.
+// coordsLoop reads the LAN network coordinates of the datacenter's nodes
+// (Consul's serf coordinates) every CoordInterval, without blocking (so it
+// holds no connection between reads): coordinates move a little all the
+// time, and a ranking by round-trip time needs them fresh to seconds, not
+// milliseconds.
 func (w *Watcher) coordsLoop(ctx context.Context) {
-	runLoop(ctx, w, "coordinates", w.loopConfig(w.cfg.CoordInterval, 1),
+	runLoop(ctx, w, "coordinates", w.loopConfig(w.cfg.CoordInterval, 1), false,
 		func(c *api.Client, q *api.QueryOptions) ([]*api.CoordinateEntry, *api.QueryMeta, error) {
 			return c.Coordinate().Nodes(q)
 		},

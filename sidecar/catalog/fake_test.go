@@ -177,12 +177,13 @@ func (f *fakeConsul) serve(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 		body = out
-	case p == "/v1/health/state/any":
+	case strings.HasPrefix(p, "/v1/health/state/"):
+		state := strings.TrimPrefix(p, "/v1/health/state/")
 		out := []*api.HealthCheck{}
 		for _, list := range f.entries {
 			for _, e := range list {
 				for _, c := range e.Checks {
-					if q.Get("filter") == notPassing && c.Status == api.HealthPassing {
+					if state != "any" && c.Status != state {
 						continue
 					}
 					cc := *c

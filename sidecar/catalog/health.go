@@ -15,11 +15,11 @@ import (
 
 // How the watcher learns what changed without a connection per service:
 //
-//   - checksLoop holds one blocking query on /v1/health/state/any, filtered
-//     to the checks that are not passing (usually few). It wakes on any
-//     check change in the datacenter; the difference between two answers
-//     names the services whose health changed (a node's own checks name
-//     every watched service with an instance on that node).
+//   - checksLoop holds two blocking queries, /v1/health/state/critical and
+//     /v1/health/state/warning: the checks that are not passing (usually
+//     few). The difference between two answers names the services whose
+//     health changed (a node's own checks name every watched service with
+//     an instance on that node).
 //   - servicesLoop (watch.go) holds one on /v1/catalog/services, which wakes
 //     on any change of registrations; it probes the watched services.
 //   - A few fetcher goroutines (Config.MaxConns - 5) take the services to
@@ -171,10 +171,6 @@ type checkState struct {
 	node    string // lower-cased
 }
 
-// notPassing is the filter of the health query: only checks that are not
-// passing, so that the answer stays small however large the catalog.
-const notPassing = `Status != "passing"`
-
 // changedChecks returns the states, old and new, of the checks that differ
 // between two answers (appeared, left, or changed status or service).
 func changedChecks(old, cur map[checkKey]checkState) []checkState {
@@ -204,24 +200,38 @@ func checkMap(list []checkEntry) map[checkKey]checkState {
 	return m
 }
 
-// checksLoop follows the checks that are not passing and queues a fetch of
-// every watched service whose health may have changed. It is the change
-// detector of every service at once, so its rate limit is a tenth of the
-// other loops' (MinInterval/10, a burst of 10): a datacenter whose checks
-// change more than 10 times a second must not delay each change by up to
-// MinInterval.
-func (w *Watcher) checksLoop(ctx context.Context) {
-	runLoop(ctx, w, "health", w.loopConfig(w.cfg.MinInterval/10, 10),
+// checkStatuses are the states the health queries follow: an instance
+// with a check in either is not passing.
+var checkStatuses = []string{api.HealthCritical, api.HealthWarning}
+
+// checksLoop follows the checks in one state (critical or warning) and
+// queues a fetch of every watched service whose health may have changed.
+// Consul answers /v1/health/state/<state> from its index by status and
+// wakes the query only when a check enters, leaves or changes in that
+// state: a passing check's output changing wakes neither query, and the
+// servers never walk every check of the datacenter. Together the two
+// detect the changes of every service at once, so their rate limit is a
+// tenth of the other loops' (MinInterval/10, a burst of 10): a datacenter
+// whose checks change more than 10 times a second must not delay each
+// change by up to MinInterval.
+func (w *Watcher) checksLoop(ctx context.Context, status string) {
+	runLoop(ctx, w, "health", w.loopConfig(w.cfg.MinInterval/10, 10), true,
 		func(c *api.Client, q *api.QueryOptions) ([]checkEntry, *api.QueryMeta, error) {
-			q.Filter = notPassing
 			var out []checkEntry
-			meta, err := c.Raw().Query("/v1/health/state/any", &out, q)
+			meta, err := c.Raw().Query("/v1/health/state/"+status, &out, q)
 			return out, meta, err
 		},
 		func(list []checkEntry, index uint64) {
-			cur := checkMap(list)
+			set := checkMap(list)
 			w.mu.Lock()
 			defer w.mu.Unlock()
+			w.checkSets[status] = set
+			cur := make(map[checkKey]checkState, len(w.checks)+1)
+			for _, m := range w.checkSets {
+				for k, v := range m {
+					cur[k] = v
+				}
+			}
 			for _, st := range changedChecks(w.checks, cur) {
 				if st.service == "" {
 					for svc := range w.nodeSvcs[st.node] {
@@ -232,9 +242,9 @@ func (w *Watcher) checksLoop(ctx context.Context) {
 				}
 			}
 			w.checks = cur
-			if !w.checksLoaded {
-				// Fetches start now: whatever changes after this answer
-				// shows in the next one's difference.
+			if !w.checksLoaded && len(w.checkSets) == len(checkStatuses) {
+				// Fetches start now: whatever changes after these answers
+				// shows in a later one's difference.
 				w.checksLoaded = true
 				close(w.checksReady)
 				w.signal()
@@ -372,8 +382,8 @@ const staleCatchUp = time.Second
 // the service's index.
 const never = `Service.Port == 1 and Service.Port == 2`
 
-// fetcher runs jobs from the queue until ctx ends. It starts once the
-// health query has answered (see checksLoop).
+// fetcher runs jobs from the queue until ctx ends. It starts once both
+// health queries have answered (see checksLoop).
 func (w *Watcher) fetcher(ctx context.Context) {
 	select {
 	case <-w.checksReady:
