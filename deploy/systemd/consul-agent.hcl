@@ -9,6 +9,8 @@ node_name  = "node1"
 bind_addr   = "10.0.0.21"
 client_addr = "127.0.0.1"
 
+# Also what makes Consul send READY=1 to systemd (Type=notify): it does so
+# once this join succeeds.
 retry_join = ["10.0.0.11", "10.0.0.12", "10.0.0.13"]
 
 disable_update_check = true
