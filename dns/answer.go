@@ -32,6 +32,22 @@ const (
 // for names outside the domains, which are forwarded to the recursors. It
 // never returns nil and never panics on any req.
 func (s *Server) Answer(req *miekg.Msg, from netip.Addr, proto string) *miekg.Msg {
+	return s.answer(req, from, proto, nil)
+}
+
+// build collects what the answer cache needs to know about an answer while
+// it is made for the cache (cache.go); it is nil for answers made per query.
+type build struct {
+	z   *zone // the zone to answer from
+	rot int   // the rotation of the instances to answer with, instead of a shuffle
+	// Filled in while answering:
+	n       int    // the number of instances the rotations run over
+	noCache bool   // the answer depends on more than the question and the zone
+	ej      bool   // ejections were consulted (they change between snapshots)
+	service string // the service answered about, to be touched on cache hits
+}
+
+func (s *Server) answer(req *miekg.Msg, from netip.Addr, proto string, b *build) *miekg.Msg {
 	resp := new(miekg.Msg)
 	if req == nil {
 		resp.Response = true
@@ -64,15 +80,24 @@ func (s *Server) Answer(req *miekg.Msg, from netip.Addr, proto string) *miekg.Ms
 	q := req.Question[0]
 	lname := strings.ToLower(q.Name) // allocates only when there are upper-case letters
 	rest, di, ok := s.inDomain(lname)
-	if !ok {
+	switch {
+	case ok:
+		resp.Authoritative = true
+		resp.RecursionAvailable = s.canRecurse(from)
+		s.answerLocal(q, rest, di, resp, b)
+	case isReverse(lname) && s.answerPTR(q, lname, s.zoneFor(b), resp):
+		resp.Authoritative = true
+		resp.RecursionAvailable = s.canRecurse(from)
+	case b != nil:
+		// Never cached, and never forwarded while the cache makes an entry.
+		b.noCache = true
+		resp.Rcode = miekg.RcodeRefused
+		return resp
+	default:
 		out := s.recurse(req, resp, from, proto)
 		if out != resp {
 			return out
 		}
-	} else {
-		resp.Authoritative = true
-		resp.RecursionAvailable = s.canRecurse(from)
-		s.answerLocal(q, rest, di, resp)
 	}
 
 	if opt != nil {
@@ -109,11 +134,25 @@ func (s *Server) inDomain(lname string) (rest string, di int, ok bool) {
 	return "", 0, false
 }
 
+// zoneFor returns the zone to answer from: the build's, or the newest.
+func (s *Server) zoneFor(b *build) *zone {
+	if b != nil {
+		return b.z
+	}
+	return s.zones.get(s.src.Load())
+}
+
 // answerLocal fills resp for a question in domain s.domains[di].
-func (s *Server) answerLocal(q miekg.Question, rest string, di int, resp *miekg.Msg) {
+func (s *Server) answerLocal(q miekg.Question, rest string, di int, resp *miekg.Msg, b *build) {
 	qt := q.Qtype
 	pq := parseName(rest, qt)
 	if pq.kind == kindApex {
+		switch qt {
+		case miekg.TypeSOA, miekg.TypeNS:
+			if b != nil {
+				b.noCache = true // the name servers are shuffled
+			}
+		}
 		switch qt {
 		case miekg.TypeSOA:
 			resp.Answer = append(resp.Answer, s.soa(di))
@@ -129,7 +168,7 @@ func (s *Server) answerLocal(q miekg.Question, rest string, di int, resp *miekg.
 		resp.Rcode = miekg.RcodeNotImplemented
 		return
 	}
-	z := s.zones.get(s.src.Load())
+	z := s.zoneFor(b)
 	if pq.dc != "" && z.dc != "" && pq.dc != z.dc {
 		// Another datacenter: attache knows only its own. Consul answers
 		// NXDOMAIN for a datacenter it has no path to.
@@ -140,7 +179,7 @@ func (s *Server) answerLocal(q miekg.Question, rest string, di int, resp *miekg.
 		// The apex exists (it has SOA and NS): no data, not NXDOMAIN.
 		resp.Ns = append(resp.Ns, s.soa(di))
 	case kindService:
-		s.answerService(q, pq, di, z, resp)
+		s.answerService(q, pq, di, z, resp, b)
 	case kindNode:
 		s.answerNode(q, pq, di, z, resp)
 	case kindAddr:
@@ -196,8 +235,9 @@ func (s *Server) lookupService(z *zone, name string) (*zone, *svcEntry) {
 
 // pick returns the indexes of the instances to answer with, in answer
 // order: tag filtered, ejected ones left out unless none would be left,
-// shuffled or nearest first. buf is scratch space.
-func (s *Server) pick(se *svcEntry, tag string, buf []int) []int {
+// shuffled or nearest first; for a build, rotation b.rot of one shuffle
+// fixed per zone. buf is scratch space.
+func (s *Server) pick(se *svcEntry, tag string, buf []int, b *build) []int {
 	idx := buf[:0]
 	for i := range se.instances {
 		if tag != "" && !se.instances[i].inst.HasTag(tag) {
@@ -209,6 +249,9 @@ func (s *Server) pick(se *svcEntry, tag string, buf []int) []int {
 		return idx
 	}
 	if s.ej != nil && s.cfg.HonourEjections {
+		if b != nil {
+			b.ej = true
+		}
 		kept := 0
 		for _, i := range idx {
 			if !s.ej.Ejected(se.name, se.instances[i].inst.ID) {
@@ -225,9 +268,29 @@ func (s *Server) pick(se *svcEntry, tag string, buf []int) []int {
 			idx = out
 		}
 	}
+	if b != nil {
+		b.n = len(idx)
+		if s.cfg.Nearest && s.cfg.Node != "" {
+			b.noCache = true
+		}
+		return rotate(idx, b.z.seed, b.rot)
+	}
 	rand.Shuffle(len(idx), func(a, b int) { idx[a], idx[b] = idx[b], idx[a] })
 	if s.cfg.Nearest && s.cfg.Node != "" && len(idx) > 1 {
 		s.sortNearest(se, idx)
+	}
+	return idx
+}
+
+// rotate shuffles idx with a generator seeded by seed (the same order for
+// every rotation of one zone) and rotates it left by rot.
+func rotate(idx []int, seed uint64, rot int) []int {
+	r := rand.New(rand.NewPCG(seed, uint64(len(idx))))
+	r.Shuffle(len(idx), func(a, b int) { idx[a], idx[b] = idx[b], idx[a] })
+	if len(idx) > 1 {
+		rot %= len(idx)
+		out := make([]int, 0, len(idx))
+		idx = append(append(out, idx[rot:]...), idx[:rot]...)
 	}
 	return idx
 }
@@ -245,14 +308,20 @@ func (s *Server) sortNearest(se *svcEntry, idx []int) {
 	sort.SliceStable(idx, func(a, b int) bool { return rtt[idx[a]] < rtt[idx[b]] })
 }
 
-func (s *Server) answerService(q miekg.Question, pq query, di int, z *zone, resp *miekg.Msg) {
-	_, se := s.lookupService(z, pq.service)
+func (s *Server) answerService(q miekg.Question, pq query, di int, z *zone, resp *miekg.Msg, b *build) {
+	z2, se := s.lookupService(z, pq.service)
+	if b != nil {
+		b.service = pq.service
+		if z2 != z {
+			b.noCache = true // the service was fetched: a newer zone
+		}
+	}
 	if se == nil {
 		s.nxdomain(di, resp)
 		return
 	}
 	var buf [16]int
-	idx := s.pick(se, pq.tag, buf[:])
+	idx := s.pick(se, pq.tag, buf[:], b)
 	if len(idx) == 0 {
 		// A known service without healthy instances: NXDOMAIN, as Consul 1.14.
 		s.nxdomain(di, resp)
@@ -293,7 +362,7 @@ func (s *Server) addrRecords(q miekg.Question, se *svcEntry, idx []int, ttl uint
 	}
 	resp.Answer = make([]miekg.RR, 0, len(idx))
 	cname := ""
-next:
+	var seen map[[16]byte]bool // distinct addresses
 	for _, i := range idx {
 		ie := &se.instances[i]
 		if ie.ip == nil {
@@ -305,18 +374,14 @@ next:
 		if (ie.v4 && !wantV4(qt)) || (!ie.v4 && !wantV6(qt)) {
 			continue
 		}
-		for _, rr := range resp.Answer {
-			switch r := rr.(type) {
-			case *miekg.A:
-				if r.A.Equal(ie.ip) {
-					continue next
-				}
-			case *miekg.AAAA:
-				if r.AAAA.Equal(ie.ip) {
-					continue next
-				}
-			}
+		if seen == nil {
+			seen = make(map[[16]byte]bool, len(idx))
 		}
+		key := [16]byte(ie.ip.To16())
+		if seen[key] {
+			continue
+		}
+		seen[key] = true
 		resp.Answer = append(resp.Answer, ipRR(q.Name, ie.ip, ie.v4, ttl))
 	}
 	if len(resp.Answer) == 0 && cname != "" {

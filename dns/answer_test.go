@@ -236,6 +236,14 @@ func TestAnswer(t *testing.T) {
 		{"SOA below apex: no data", "users.service.consul.", miekg.TypeSOA, 0, nil, soa, nil},
 		{"AXFR", "consul.", miekg.TypeAXFR, miekg.RcodeNotImplemented, nil, nil, nil},
 		{"outside, no recursors", "example.com.", miekg.TypeA, miekg.RcodeRefused, nil, nil, nil},
+		{"PTR of a node", "21.0.0.127.in-addr.arpa.", miekg.TypePTR, 0, []string{"21.0.0.127.in-addr.arpa. PTR node1.node.dc1.consul."}, nil, nil},
+		{"PTR of a node, any type (as Consul)", "22.0.0.127.IN-ADDR.ARPA.", miekg.TypeA, 0, []string{"22.0.0.127.in-addr.arpa. PTR Node2.node.dc1.consul."}, nil, nil},
+		{"PTR of a node, SOA", "21.0.0.127.in-addr.arpa.", miekg.TypeSOA, 0, []string{"21.0.0.127.in-addr.arpa. PTR node1.node.dc1.consul."}, soa, nil},
+		{"PTR of an IPv6 node", "6.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.", miekg.TypePTR, 0,
+			[]string{"6.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa. PTR node6.node.dc1.consul."}, nil, nil},
+		{"PTR of a service address", "99.0.0.127.in-addr.arpa.", miekg.TypePTR, 0, []string{"99.0.0.127.in-addr.arpa. PTR users.service.dc1.consul."}, nil, nil},
+		{"PTR of an unknown address: recursors", "1.2.0.192.in-addr.arpa.", miekg.TypePTR, miekg.RcodeRefused, nil, nil, nil},
+		{"PTR of a bad name: recursors", "x.in-addr.arpa.", miekg.TypePTR, miekg.RcodeRefused, nil, nil, nil},
 		{"suffix is not the domain", "notconsul.", miekg.TypeA, miekg.RcodeRefused, nil, nil, nil},
 	}
 	s, _ := newTestServer(t, nil, nil)
@@ -389,6 +397,8 @@ func TestSizes(t *testing.T) {
 		maxBytes int
 	}{
 		{"plain UDP A: Consul's answer limit", miekg.TypeA, "udp", 0, 3, false, 512},
+		{"EDNS 512 A: Consul's answer limit too", miekg.TypeA, "udp", 512, 3, false, 512},
+		{"EDNS 400 A: as 512", miekg.TypeA, "udp", 400, 3, false, 512},
 		{"EDNS 4096 A: all", miekg.TypeA, "udp", 4096, 40, false, 4096},
 		{"EDNS 1232 SRV: trimmed", miekg.TypeSRV, "udp", 1232, -1, true, 1232},
 		{"TCP SRV: all", miekg.TypeSRV, "tcp", 0, 40, false, 65535},
@@ -416,9 +426,19 @@ func TestSizes(t *testing.T) {
 				for _, rr := range r.Answer {
 					targets[rr.(*miekg.SRV).Target] = true
 				}
+				addrs := map[string]bool{}
 				for _, rr := range r.Extra {
-					if rr.Header().Rrtype == miekg.TypeA && !targets[rr.Header().Name] {
-						t.Errorf("extra record %v for no SRV target", rr)
+					if rr.Header().Rrtype == miekg.TypeA {
+						if !targets[rr.Header().Name] {
+							t.Errorf("extra record %v for no SRV target", rr)
+						}
+						addrs[rr.Header().Name] = true
+					}
+				}
+				// As Consul: answers are cut so that each keeps its target's address.
+				for target := range targets {
+					if !addrs[target] {
+						t.Errorf("no address for SRV target %s", target)
 					}
 				}
 			}

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"testing"
+	"time"
 
 	miekg "github.com/miekg/dns"
 
@@ -80,5 +81,50 @@ func BenchmarkParseName(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		parseName("v1.users.service.dc1", miekg.TypeA)
+	}
+}
+
+// BenchmarkFastPath is what the UDP loop does for a query the answer cache
+// has: parse, look up, copy one rotation, patch the header. 0 allocs.
+func BenchmarkFastPath(b *testing.B) {
+	s := benchServer(b)
+	from := netip.MustParseAddr("127.0.0.1")
+	for _, q := range []struct {
+		name  string
+		qtype uint16
+		edns  uint16
+	}{
+		{"users.service.consul.", miekg.TypeA, 0},
+		{"users.service.consul.", miekg.TypeSRV, 0},
+		{"many.service.consul.", miekg.TypeSRV, 1232},
+		{"v1.users.service.consul.", miekg.TypeA, 0},
+		{"nope.service.consul.", miekg.TypeA, 0},
+	} {
+		req := new(miekg.Msg)
+		req.SetQuestion(q.name, q.qtype)
+		if q.edns > 0 {
+			req.SetEdns0(q.edns, false)
+		}
+		pkt, err := req.Pack()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if v, _ := s.fill(pkt, time.Now().UnixNano()); v == nil {
+			b.Fatalf("%s: not cached", q.name)
+		}
+		key := make([]byte, 0, 512)
+		out := make([]byte, 0, maxUDPSize)
+		b.Run(miekg.TypeToString[q.qtype]+" "+q.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				v, _ := s.lookup(pkt, key, time.Now().UnixNano())
+				if v == nil {
+					// an answer with an SOA lives until the next second
+					v, _ = s.fill(pkt, time.Now().UnixNano())
+				}
+				r := append(out[:0], v...)
+				s.patch(r, pkt, from)
+			}
+		})
 	}
 }

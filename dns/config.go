@@ -71,9 +71,22 @@ type Config struct {
 	// that is not watched yet. Default 2s.
 	WantTimeout time.Duration
 
-	// UDPSockets is the number of UDP sockets bound to Addr with
-	// SO_REUSEPORT (Linux). Default 1; 0 means one per CPU.
+	// UDPSockets is the number of UDP sockets bound to Addr, with
+	// SO_REUSEPORT (Linux) when more than one, each read by its own
+	// goroutine. Default 0: one per GOMAXPROCS (which follows a container's
+	// CPU limit).
 	UDPSockets int
+
+	// RateLimit is the queries per second each client address may send;
+	// beyond it (after RateBurst) queries are answered REFUSED. Default 0:
+	// no limit.
+	RateLimit float64
+	// RateBurst is the number of queries a client may send at once above
+	// RateLimit. Default 0: RateLimit (at least 1).
+	RateBurst int
+	// RateLimitClients bounds the clients whose rate is tracked; past it the
+	// idle ones are forgotten first. Default 0: 10000.
+	RateLimitClients int
 
 	// Logger is named "dns" by New. Default hclog.NewNullLogger().
 	Logger hclog.Logger
@@ -96,7 +109,6 @@ func DefaultConfig() Config {
 		NodeMetaTXT:     true,
 		HonourEjections: true,
 		WantTimeout:     2 * time.Second,
-		UDPSockets:      1,
 	}
 }
 

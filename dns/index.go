@@ -2,12 +2,15 @@ package dns
 
 import (
 	"encoding/hex"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
+
+	miekg "github.com/miekg/dns"
 
 	"attache/sidecar/catalog"
 )
@@ -19,6 +22,15 @@ type zone struct {
 	dc       string // lower-cased local datacenter
 	services map[string]*svcEntry
 	nodes    map[string]*nodeEntry
+	// ptrNodes maps the reverse name of a node's address
+	// ("1.0.0.127.in-addr.arpa.") to "<node>.node.<dc>." (without the
+	// domain); ptrServices maps a service address, as written in the
+	// catalog, to "<service>.service.<dc>.". Where several share an address,
+	// the first in Consul's order wins: node name, then node and instance ID.
+	ptrNodes    map[string]string
+	ptrServices map[string]string
+	// seed fixes the order the answer cache's rotations run over, per zone.
+	seed uint64
 }
 
 type svcEntry struct {
@@ -76,10 +88,12 @@ func (c *zoneCache) get(snap *catalog.Snapshot) *zone {
 }
 
 func buildZone(snap *catalog.Snapshot) *zone {
-	z := &zone{snap: snap, services: map[string]*svcEntry{}, nodes: map[string]*nodeEntry{}}
+	z := &zone{snap: snap, services: map[string]*svcEntry{}, nodes: map[string]*nodeEntry{},
+		ptrNodes: map[string]string{}, ptrServices: map[string]string{}, seed: rand.Uint64()}
 	if snap == nil {
 		return z
 	}
+	defer z.indexPTR()
 	z.dc = strings.ToLower(snap.Datacenter)
 	for key, n := range snap.Nodes {
 		if n == nil {
@@ -184,4 +198,56 @@ func encodeKVasRFC1464(key, value string) string {
 	key = key[:len(key)-trail] + strings.Repeat("` ", trail)
 	value = strings.ReplaceAll(value, "`", "``")
 	return key + "=" + value
+}
+
+// indexPTR fills the reverse lookup maps.
+func (z *zone) indexPTR() {
+	nodeKeys := make([]string, 0, len(z.nodes))
+	for k := range z.nodes {
+		nodeKeys = append(nodeKeys, k)
+	}
+	sort.Strings(nodeKeys)
+	for _, k := range nodeKeys {
+		ne := z.nodes[k]
+		if ne.ip == nil {
+			continue
+		}
+		arpa, err := miekg.ReverseAddr(ne.node.Address)
+		if err != nil {
+			continue
+		}
+		if _, ok := z.ptrNodes[arpa]; !ok {
+			z.ptrNodes[arpa] = ne.canon
+		}
+	}
+	type svcAddr struct{ node, id, addr, name string }
+	var list []svcAddr
+	for _, se := range z.services {
+		for i := range se.instances {
+			in := se.instances[i].inst
+			if in.Address == "" || in.Address == in.NodeAddress || se.instances[i].ip == nil {
+				continue // no address of its own
+			}
+			dc := strings.ToLower(in.Datacenter)
+			if dc == "" {
+				dc = z.dc
+			}
+			name := in.Service
+			if name == "" {
+				name = se.name
+			}
+			list = append(list, svcAddr{strings.ToLower(in.Node), strings.ToLower(in.ID), in.Address, name + ".service." + dc + "."})
+		}
+	}
+	sort.Slice(list, func(a, b int) bool {
+		if list[a].node != list[b].node {
+			return list[a].node < list[b].node
+		}
+		return list[a].id < list[b].id
+	})
+	for _, sa := range list {
+		if _, ok := z.ptrServices[sa.addr]; !ok {
+			z.ptrServices[sa.addr] = sa.name
+		}
+	}
 }

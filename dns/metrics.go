@@ -19,6 +19,8 @@ type metrics struct {
 	queries   [][]prometheus.Counter // [type index][rcode index], last of each is "other"
 	latency   prometheus.Histogram
 	malformed prometheus.Counter
+	limited   prometheus.Counter // refused by the per-client rate limit
+	dropped   prometheus.Counter // UDP queries dropped: the slow path was full
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -35,8 +37,16 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		Name: "attache_dns_malformed_total",
 		Help: "DNS messages that could not be parsed (answered FORMERR or dropped).",
 	})
+	limited := prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "attache_dns_rate_limited_total",
+		Help: "DNS queries refused because their client was over its rate limit.",
+	})
+	dropped := prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "attache_dns_dropped_total",
+		Help: "UDP DNS queries dropped unanswered because too many were waiting on the slow path.",
+	})
 	if reg != nil {
-		for _, c := range []prometheus.Collector{qv, lat, bad} {
+		for _, c := range []prometheus.Collector{qv, lat, bad, limited, dropped} {
 			if err := reg.Register(c); err != nil {
 				var are prometheus.AlreadyRegisteredError
 				if !errors.As(err, &are) {
@@ -45,7 +55,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			}
 		}
 	}
-	m := &metrics{latency: lat, malformed: bad}
+	m := &metrics{latency: lat, malformed: bad, limited: limited, dropped: dropped}
 	types := make([]string, 0, len(metricTypes)+1)
 	for _, t := range metricTypes {
 		types = append(types, miekg.TypeToString[t])

@@ -5,8 +5,10 @@
 // recursors for loopback and configured clients only.
 //
 // Answer is the request-to-response function; ServeDNS is a thin adapter
-// around it; Run binds UDP and TCP on one address and serves until its
-// context ends. README.md lists every difference from Consul's DNS.
+// around it (TCP); UDP has its own loop, which answers from answers Answer
+// made and packed once per catalog change (cache.go, udp.go). Run binds UDP
+// and TCP on one address and serves until its context ends. README.md lists
+// every difference from Consul's DNS.
 package dns
 
 import (
@@ -19,6 +21,7 @@ import (
 	"sort"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -62,13 +65,16 @@ type Server struct {
 	negTTL    uint32
 
 	zones zoneCache
-	done  context.Context // already cancelled: Want without waiting
-	bufs  sync.Pool       // *[]byte for packing answers
+	cache atomic.Pointer[answerCache] // packed answers of the current snapshot (cache.go)
+	limit *limiter                    // nil: no per-client rate limit
+	done  context.Context             // already cancelled: Want without waiting
+	bufs  sync.Pool                   // *[]byte for packing answers
 
 	ready     chan struct{}
 	readyOnce sync.Once
 	mu        sync.Mutex
 	addr      string
+	udpConns  int // UDP sockets bound by Run
 }
 
 type ttlPrefix struct {
@@ -101,7 +107,11 @@ func New(cfg Config, src Source, ej Ejections) (*Server, error) {
 		cfg.WantTimeout = def.WantTimeout
 	}
 	if cfg.UDPSockets <= 0 {
-		cfg.UDPSockets = runtime.NumCPU()
+		// GOMAXPROCS, not NumCPU: it follows a container's CPU limit.
+		cfg.UDPSockets = runtime.GOMAXPROCS(0)
+	}
+	if cfg.RateLimit < 0 || cfg.RateBurst < 0 || cfg.RateLimitClients < 0 {
+		return nil, errors.New("dns: rate limit settings must not be negative")
 	}
 	if cfg.UDPAnswerLimit < 0 {
 		return nil, fmt.Errorf("dns: UDPAnswerLimit %d must not be negative", cfg.UDPAnswerLimit)
@@ -181,6 +191,9 @@ func New(cfg Config, src Source, ej Ejections) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dns: %w", err)
 	}
+	if cfg.RateLimit > 0 {
+		s.limit = newLimiter(cfg.RateLimit, cfg.RateBurst, cfg.RateLimitClients)
+	}
 	done, cancel := context.WithCancel(context.Background())
 	cancel()
 	s.done = done
@@ -220,25 +233,26 @@ func (s *Server) canRecurse(from netip.Addr) bool {
 	return false
 }
 
-// ServeDNS answers one request; it is the miekg/dns adapter around Answer.
+// ServeDNS answers one request; it is the miekg/dns adapter around Answer,
+// used for TCP (UDP has its own loop, udp.go).
 func (s *Server) ServeDNS(w miekg.ResponseWriter, req *miekg.Msg) {
 	start := time.Now()
 	from, proto := remote(w.RemoteAddr())
+	if s.limit != nil && !s.limit.allow(from, start.UnixNano()) {
+		s.m.limited.Inc()
+		resp := new(miekg.Msg)
+		resp.SetRcode(req, miekg.RcodeRefused)
+		resp.Answer, resp.Ns, resp.Extra = nil, nil, nil
+		if req.IsEdns0() != nil {
+			resp.Extra = append(resp.Extra, newOPT())
+		}
+		w.WriteMsg(resp)
+		return
+	}
 	resp := s.Answer(req, from, proto)
 	bp := s.bufs.Get().(*[]byte)
-	b, err := resp.PackBuffer((*bp)[:cap(*bp)])
-	if err != nil {
-		s.log.Warn("cannot pack answer", "error", err)
-		fail := &miekg.Msg{MsgHdr: miekg.MsgHdr{Id: resp.Id, Response: true, Rcode: miekg.RcodeServerFailure}}
-		b, err = fail.PackBuffer((*bp)[:cap(*bp)])
-		resp = fail
-	}
-	var qt uint16
-	if req != nil && len(req.Question) > 0 {
-		qt = req.Question[0].Qtype
-	}
-	s.m.observe(qt, resp.Rcode, time.Since(start))
-	if err == nil {
+	b := s.pack(req, resp, start, (*bp)[:cap(*bp)])
+	if b != nil {
 		if _, err := w.Write(b); err != nil {
 			s.log.Debug("cannot write answer", "error", err, "client", w.RemoteAddr())
 		}
@@ -247,6 +261,27 @@ func (s *Server) ServeDNS(w miekg.ResponseWriter, req *miekg.Msg) {
 		*bp = b[:0]
 		s.bufs.Put(bp)
 	}
+}
+
+// pack packs resp (into buf when it is large enough), or a SERVFAIL when
+// it does not pack, and counts it in the metrics.
+func (s *Server) pack(req, resp *miekg.Msg, start time.Time, buf []byte) []byte {
+	b, err := resp.PackBuffer(buf)
+	if err != nil {
+		s.log.Warn("cannot pack answer", "error", err)
+		fail := &miekg.Msg{MsgHdr: miekg.MsgHdr{Id: resp.Id, Response: true, Rcode: miekg.RcodeServerFailure}}
+		b, err = fail.PackBuffer(buf)
+		resp = fail
+	}
+	var qt uint16
+	if req != nil && len(req.Question) > 0 {
+		qt = req.Question[0].Qtype
+	}
+	s.m.observe(qt, resp.Rcode, time.Since(start))
+	if err != nil {
+		return nil
+	}
+	return b
 }
 
 func remote(a net.Addr) (netip.Addr, string) {
@@ -271,7 +306,7 @@ func (s *Server) Addr() string {
 
 // Run binds UDP (UDPSockets sockets, with SO_REUSEPORT when more than one)
 // and TCP on Addr and serves until ctx ends; it returns after closing the
-// sockets and waiting for the serving goroutines.
+// sockets and waiting for the serving goroutines (the slow path's too).
 func (s *Server) Run(ctx context.Context) error {
 	pcs, ln, err := s.listen(ctx)
 	if err != nil {
@@ -279,33 +314,39 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	s.mu.Lock()
 	s.addr = ln.Addr().String()
+	s.udpConns = len(pcs)
 	s.mu.Unlock()
 
 	invalid := func(_ []byte, err error) { s.m.malformed.Inc(); s.log.Trace("malformed query", "error", err) }
-	servers := make([]*miekg.Server, 0, len(pcs)+1)
-	for _, pc := range pcs {
-		servers = append(servers, &miekg.Server{PacketConn: pc, Handler: s, UDPSize: 4096, MsgInvalidFunc: invalid})
-	}
-	servers = append(servers, &miekg.Server{Listener: ln, Handler: s, MsgInvalidFunc: invalid,
-		ReadTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second, IdleTimeout: func() time.Duration { return 10 * time.Second }})
+	tcp := &miekg.Server{Listener: ln, Handler: s, MsgInvalidFunc: invalid,
+		ReadTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second, IdleTimeout: func() time.Duration { return 10 * time.Second }}
 
-	errc := make(chan error, len(servers))
-	var wg sync.WaitGroup
-	for _, srv := range servers {
+	errc := make(chan error, len(pcs)+1)
+	var wg, slow sync.WaitGroup
+	slowSem := make(chan struct{}, maxSlowInFlight)
+	for _, pc := range pcs {
+		u := newUDPServer(s, pc, slowSem, &slow)
 		wg.Add(1)
-		started := make(chan struct{})
-		srv.NotifyStartedFunc = func() { close(started) }
 		go func() {
 			defer wg.Done()
-			if err := srv.ActivateAndServe(); err != nil {
+			if err := u.serve(); err != nil {
 				errc <- err
 			}
 		}()
-		select {
-		case <-started:
-		case err := <-errc:
+	}
+	started := make(chan struct{})
+	tcp.NotifyStartedFunc = func() { close(started) }
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := tcp.ActivateAndServe(); err != nil {
 			errc <- err
 		}
+	}()
+	select {
+	case <-started:
+	case err := <-errc:
+		errc <- err
 	}
 	s.readyOnce.Do(func() { close(s.ready) })
 	s.log.Info("serving DNS", "addr", s.Addr(), "domains", s.domains, "udp_sockets", len(pcs), "recursors", s.recursors)
@@ -318,22 +359,23 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	for _, srv := range servers {
-		if err := srv.ShutdownContext(sctx); err != nil && !errors.Is(err, context.Canceled) {
-			s.log.Debug("shutdown", "error", err)
-		}
+	if err := tcp.ShutdownContext(sctx); err != nil && !errors.Is(err, context.Canceled) {
+		s.log.Debug("shutdown", "error", err)
 	}
+	// Closing a socket ends its reader's read; the slow path's goroutines
+	// end on their own (a write to a closed socket fails).
 	for _, pc := range pcs {
 		pc.Close()
 	}
 	ln.Close()
 	wg.Wait()
+	slow.Wait()
 	return runErr
 }
 
 // listen binds the UDP sockets and the TCP listener on the same port. With
 // port 0 it retries a few times when TCP's twin port is taken.
-func (s *Server) listen(ctx context.Context) ([]net.PacketConn, net.Listener, error) {
+func (s *Server) listen(ctx context.Context) ([]*net.UDPConn, net.Listener, error) {
 	host, port, _ := net.SplitHostPort(s.cfg.Addr)
 	lc := net.ListenConfig{}
 	if s.cfg.UDPSockets > 1 {
@@ -356,14 +398,14 @@ func (s *Server) listen(ctx context.Context) ([]net.PacketConn, net.Listener, er
 			lastErr = fmt.Errorf("dns: listen on tcp %s: %w", bound, err)
 			continue
 		}
-		pcs := []net.PacketConn{first}
+		pcs := []*net.UDPConn{first.(*net.UDPConn)}
 		for i := 1; i < s.cfg.UDPSockets; i++ {
 			pc, err := lc.ListenPacket(ctx, "udp", bound)
 			if err != nil {
 				s.log.Warn("extra UDP socket not bound; serving with fewer", "addr", bound, "error", err)
 				break
 			}
-			pcs = append(pcs, pc)
+			pcs = append(pcs, pc.(*net.UDPConn))
 		}
 		return pcs, ln, nil
 	}

@@ -5,7 +5,10 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"runtime"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -13,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"attache/internal/testrun"
+	"attache/sidecar/catalog"
 )
 
 // runServer starts s.Run on 127.0.0.1:0 and returns its address; the server
@@ -223,4 +227,241 @@ func TestRunStopsWithContext(t *testing.T) {
 		t.Fatalf("socket still bound after Run returned: %v", err)
 	}
 	pc.Close()
+}
+
+func TestUDPReadersFollowGOMAXPROCS(t *testing.T) {
+	// A container's CPU limit sets GOMAXPROCS; the readers follow it.
+	for _, procs := range []int{1, 3} {
+		t.Run(strconv.Itoa(procs), func(t *testing.T) {
+			defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(procs))
+			s, _ := newTestServer(t, func(c *Config) { c.Addr = "127.0.0.1:0"; c.UDPSockets = 0 }, nil)
+			addr := runServer(t, s)
+			s.mu.Lock()
+			n := s.udpConns
+			s.mu.Unlock()
+			if n != procs {
+				t.Fatalf("%d UDP sockets, want %d", n, procs)
+			}
+			// Every socket answers: distinct client sockets land on them.
+			for i := range 3 * procs {
+				m := new(miekg.Msg)
+				m.SetQuestion("users.service.consul.", miekg.TypeA)
+				r, _, err := (&miekg.Client{Timeout: 2 * time.Second}).Exchange(m, addr)
+				if err != nil || len(r.Answer) != 2 || r.Id != m.Id {
+					t.Fatalf("query %d: %v %v", i, err, r)
+				}
+			}
+		})
+	}
+}
+
+// blockingSource is a Source whose Want for "slow" waits until its
+// context ends: a question held on the slow path.
+type blockingSource struct {
+	*fakeSource
+	asked chan struct{}
+}
+
+func (b blockingSource) Want(ctx context.Context, service string) *catalog.Snapshot {
+	if service == "slow" && ctx.Err() == nil {
+		close(b.asked)
+		<-ctx.Done()
+	}
+	return b.fakeSource.Want(ctx, service)
+}
+
+func TestShutdownWithSlowQuery(t *testing.T) {
+	_, fs := newTestServer(t, nil, nil)
+	snap := *fs.view.Load()
+	snap.Known = maps1(snap.Known)
+	snap.Known["slow"] = true
+	fs.view.Publish(&snap)
+	src := blockingSource{fs, make(chan struct{})}
+	cfg := DefaultConfig()
+	cfg.Addr, cfg.ResolvConf, cfg.WantTimeout = "127.0.0.1:0", "", 3*time.Second
+	s, err := New(cfg, src, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	<-s.Ready()
+	conn, err := net.Dial("udp", s.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.Write(packQuery(t, "slow.service.consul.", miekg.TypeA, 0))
+	<-src.asked
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return")
+	}
+	// Every goroutine of the slow path has ended with Run: the socket is free.
+	pc, err := net.ListenPacket("udp", s.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc.Close()
+}
+
+func TestRateLimit(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	s, _ := newTestServer(t, func(c *Config) {
+		c.Addr = "127.0.0.1:0"
+		c.RateLimit, c.RateBurst = 0.001, 3 // three queries, then one every 1000 s
+		c.Registerer = reg
+	}, nil)
+	addr := runServer(t, s)
+	ask := func(local string, proto string, edns bool) *miekg.Msg {
+		t.Helper()
+		m := new(miekg.Msg)
+		m.SetQuestion("users.service.consul.", miekg.TypeA)
+		if edns {
+			m.SetEdns0(1232, false)
+		}
+		c := &miekg.Client{Net: proto, Timeout: 2 * time.Second}
+		if proto == "udp" {
+			c.Dialer = &net.Dialer{LocalAddr: &net.UDPAddr{IP: net.ParseIP(local)}}
+		} else {
+			c.Dialer = &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(local)}}
+		}
+		r, _, err := c.Exchange(m, addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Id != m.Id {
+			t.Fatalf("ID %d, want %d", r.Id, m.Id)
+		}
+		return r
+	}
+	for i := range 3 {
+		if r := ask("127.0.0.1", "udp", false); r.Rcode != miekg.RcodeSuccess {
+			t.Fatalf("query %d within the burst: %v", i, r)
+		}
+	}
+	r := ask("127.0.0.1", "udp", true)
+	if r.Rcode != miekg.RcodeRefused || len(r.Answer) != 0 || r.IsEdns0() == nil || len(r.Question) != 1 {
+		t.Fatalf("over the limit: %v", r)
+	}
+	if r := ask("127.0.0.1", "tcp", false); r.Rcode != miekg.RcodeRefused {
+		t.Fatalf("over the limit over TCP: %v", r)
+	}
+	// Another client has its own bucket.
+	if r := ask("127.0.0.2", "udp", false); r.Rcode != miekg.RcodeSuccess {
+		t.Fatalf("another client: %v", r)
+	}
+	fams, _ := reg.Gather()
+	var refused float64
+	for _, f := range fams {
+		if f.GetName() == "attache_dns_rate_limited_total" {
+			refused = f.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	if refused != 2 {
+		t.Fatalf("attache_dns_rate_limited_total = %v, want 2", refused)
+	}
+}
+
+func TestLimiterBoundedState(t *testing.T) {
+	l := newLimiter(10, 1, 100)
+	now := time.Now().UnixNano()
+	for i := range 1000 {
+		a := netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)})
+		if !l.allow(a, now) {
+			t.Fatalf("new client %v refused", a)
+		}
+		if len(l.m) > 100 {
+			t.Fatalf("%d clients tracked, limit 100", len(l.m))
+		}
+	}
+	a := netip.MustParseAddr("10.9.9.9")
+	if !l.allow(a, now) || l.allow(a, now) {
+		t.Fatal("burst of 1 not kept")
+	}
+	if !l.allow(a, now+int64(100*time.Millisecond)) {
+		t.Fatal("token not refilled after 1/qps")
+	}
+}
+
+// TestUDPBurst sends many queries at once, so that reads and writes come in
+// batches, from two clients, and checks every query gets its own answer.
+func TestUDPBurst(t *testing.T) {
+	s, _ := newTestServer(t, func(c *Config) { c.Addr = "127.0.0.1:0"; c.UDPSockets = 1 }, nil)
+	addr := runServer(t, s)
+	names := []string{"users.service.consul.", "many.service.consul.", "nope.service.consul.", "node1.node.consul."}
+	for _, local := range []string{"127.0.0.1", "127.0.0.3"} {
+		conn, err := net.DialUDP("udp", &net.UDPAddr{IP: net.ParseIP(local)}, net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetReadBuffer(1 << 20)
+		const n = 200
+		want := map[uint16]string{}
+		for i := range n {
+			m := new(miekg.Msg)
+			m.SetQuestion(names[i%len(names)], miekg.TypeA)
+			m.Id = uint16(1000 + i)
+			want[m.Id] = m.Question[0].Name
+			b, _ := m.Pack()
+			if _, err := conn.Write(b); err != nil {
+				t.Fatal(err)
+			}
+		}
+		buf := make([]byte, 4096)
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		for len(want) > 0 {
+			k, err := conn.Read(buf)
+			if err != nil {
+				t.Fatalf("%s: %d answers missing: %v", local, len(want), err)
+			}
+			var r miekg.Msg
+			if err := r.Unpack(buf[:k]); err != nil {
+				t.Fatal(err)
+			}
+			name, ok := want[r.Id]
+			if !ok || len(r.Question) != 1 || r.Question[0].Name != name {
+				t.Fatalf("answer %d for %v, want one for %q", r.Id, r.Question, name)
+			}
+			delete(want, r.Id)
+		}
+	}
+}
+
+// TestUDPOneAtATime runs the loop a wildcard socket gets (one datagram per
+// read, each answered from its destination address) on a loopback socket:
+// tests bind loopback only.
+func TestUDPOneAtATime(t *testing.T) {
+	s, _ := newTestServer(t, nil, nil)
+	conn, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	u := newUDPServer(s, conn, make(chan struct{}, 8), &wg)
+	u.answerFromDestination()
+	done := make(chan error, 1)
+	go func() { done <- u.serve() }()
+	defer func() {
+		conn.Close()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+		wg.Wait()
+	}()
+	for i := range 4 { // the slow path first, then the cache
+		m := new(miekg.Msg)
+		m.SetQuestion("users.service.consul.", miekg.TypeSRV)
+		r, _, err := (&miekg.Client{Timeout: 2 * time.Second}).Exchange(m, conn.LocalAddr().String())
+		if err != nil || len(r.Answer) != 2 || r.Id != m.Id {
+			t.Fatalf("query %d: %v %v", i, err, r)
+		}
+	}
+	if b := replySource(nil); b != nil {
+		t.Fatalf("reply control message without a query's: %x", b)
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -53,13 +54,17 @@ type Config struct {
 	DNSNearest    bool                      // order DNS answers nearest first by network coordinates
 	DNSEjections  bool                      // leave instances the proxy ejected out of DNS answers (default true)
 	DNSServiceTTL map[string]time.Duration  // per-service TTLs (HCL only), "prefix*" keys allowed
+	DNSRateLimit  float64                   // DNS queries per second per client address, REFUSED beyond (default 0: no limit)
+	DNSRateBurst  int                       // queries a client may send at once above DNSRateLimit (default 0: the rate)
 	Balancer      string                    // default load balancer of upstreams: least-request, round-robin, weighted, nearest
 	TryTimeout    time.Duration             // proxy: per try (default 5s)
 	ReqTimeout    time.Duration             // proxy: whole request, retries included (default 15s)
 	Retries       int                       // proxy: extra tries after the first (default 2; -1 none)
 	EjectAfter    int                       // outlier ejection after this many consecutive failures (default 5)
 	EjectTime     time.Duration             // base ejection time, times the number of ejections (default 30s)
-	Fallbacks     map[string]proxy.Fallback // per-service answer when the breaker is open (HCL only)
+	SlowCall      time.Duration             // breaker: a call this long is slow, in flight or done (default 2s)
+	MaxRequests   int                       // breaker: calls in flight per service (default 1024; -1 no limit)
+	Fallbacks     map[string]proxy.Fallback // per-service answer for refused and failed calls (HCL only)
 	LogLevel      string                    // trace, debug, info, warn, error
 	LogJSON       bool
 }
@@ -82,6 +87,8 @@ func DefaultConfig(env func(string) string) Config {
 		Retries:      2,
 		EjectAfter:   5,
 		EjectTime:    30 * time.Second,
+		SlowCall:     2 * time.Second,
+		MaxRequests:  1024,
 	}
 	if h, err := os.Hostname(); err == nil {
 		c.Node = h // Consul's default node name
@@ -142,12 +149,16 @@ func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs.DurationVar(&c.DNSNegTTL, "dns-negative-ttl", c.DNSNegTTL, "SOA minimum TTL: how long resolvers may cache NXDOMAIN")
 	fs.BoolVar(&c.DNSNearest, "dns-nearest", c.DNSNearest, "order DNS answers nearest first (network coordinates) instead of shuffled")
 	fs.BoolVar(&c.DNSEjections, "dns-ejections", c.DNSEjections, "leave instances the proxy has ejected out of DNS answers")
+	fs.Float64Var(&c.DNSRateLimit, "dns-rate-limit", c.DNSRateLimit, "DNS `queries` per second per client address, REFUSED beyond it (0: no limit)")
+	fs.IntVar(&c.DNSRateBurst, "dns-rate-burst", c.DNSRateBurst, "DNS `queries` a client may send at once above -dns-rate-limit (0: the rate)")
 	fs.StringVar(&c.Balancer, "lb", c.Balancer, "default load `balancer` of upstreams: least-request, round-robin, weighted or nearest")
 	fs.DurationVar(&c.TryTimeout, "try-timeout", c.TryTimeout, "proxy: timeout of one try")
 	fs.DurationVar(&c.ReqTimeout, "request-timeout", c.ReqTimeout, "proxy: timeout of a whole request, retries included")
 	fs.IntVar(&c.Retries, "retries", c.Retries, "proxy: extra tries after the first, for idempotent requests (-1: none)")
 	fs.IntVar(&c.EjectAfter, "eject-after", c.EjectAfter, "eject an instance after this many consecutive failures (-1: never)")
 	fs.DurationVar(&c.EjectTime, "eject-time", c.EjectTime, "base ejection time, multiplied by the times ejected")
+	fs.DurationVar(&c.SlowCall, "slow-call", c.SlowCall, "breaker: a call this long is slow (counted while still in flight)")
+	fs.IntVar(&c.MaxRequests, "max-requests", c.MaxRequests, "breaker: calls in flight per service; more are refused at once (-1: no limit)")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log `level`: trace, debug, info, warn, error")
 	fs.BoolVar(&c.LogJSON, "log-json", c.LogJSON, "log as JSON")
 	return fs
@@ -222,25 +233,31 @@ type fileConfig struct {
 	DNSNearest    *bool              `hcl:"dns_nearest,optional"`
 	DNSEjections  *bool              `hcl:"dns_ejections,optional"`
 	DNSServiceTTL *map[string]string `hcl:"dns_service_ttl,optional"`
+	DNSRateLimit  *float64           `hcl:"dns_rate_limit,optional"`
+	DNSRateBurst  *int               `hcl:"dns_rate_burst,optional"`
 	Balancer      *string            `hcl:"lb,optional"`
 	TryTimeout    *string            `hcl:"try_timeout,optional"`
 	ReqTimeout    *string            `hcl:"request_timeout,optional"`
 	Retries       *int               `hcl:"retries,optional"`
 	EjectAfter    *int               `hcl:"eject_after,optional"`
 	EjectTime     *string            `hcl:"eject_time,optional"`
+	SlowCall      *string            `hcl:"slow_call,optional"`
+	MaxRequests   *int               `hcl:"max_requests,optional"`
 	Fallbacks     []fallbackBlock    `hcl:"fallback,block"`
 	LogLevel      *string            `hcl:"log_level,optional"`
 	LogJSON       *bool              `hcl:"log_json,optional"`
 }
 
 // fallbackBlock is `fallback "inventory" { status = 200 body = "Stock status unavailable" }`
-// or `fallback "inventory" { service = "inventory-cache" }`.
+// or `fallback "inventory" { to_service = "inventory-cache" }`, with
+// `on = ["breaker-open", "max-requests"]` to answer only for refused calls.
 type fallbackBlock struct {
-	Service     string  `hcl:"service,label"`
-	Status      *int    `hcl:"status,optional"`
-	Body        *string `hcl:"body,optional"`
-	ContentType *string `hcl:"content_type,optional"`
-	To          *string `hcl:"to_service,optional"`
+	Service     string    `hcl:"service,label"`
+	Status      *int      `hcl:"status,optional"`
+	Body        *string   `hcl:"body,optional"`
+	ContentType *string   `hcl:"content_type,optional"`
+	To          *string   `hcl:"to_service,optional"`
+	On          *[]string `hcl:"on,optional"` // causes it answers for (default all: proxy.FallbackCauses)
 }
 
 // decodeHCL applies an HCL config file over c. Errors carry file:line.
@@ -277,6 +294,7 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	set(&c.Balancer, fc.Balancer)
 	set(&c.Retries, fc.Retries)
 	set(&c.EjectAfter, fc.EjectAfter)
+	set(&c.MaxRequests, fc.MaxRequests)
 	if len(fc.Fallbacks) > 0 {
 		c.Fallbacks = map[string]proxy.Fallback{}
 		for _, f := range fc.Fallbacks {
@@ -285,6 +303,12 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 			set(&fb.Body, f.Body)
 			set(&fb.ContentType, f.ContentType)
 			set(&fb.Service, f.To)
+			set(&fb.On, f.On)
+			for _, c := range fb.On {
+				if !slices.Contains(proxy.FallbackCauses, c) {
+					return fmt.Errorf("%s: fallback %q: unknown cause %q (want some of %s)", name, f.Service, c, strings.Join(proxy.FallbackCauses, ", "))
+				}
+			}
 			if fb.Status < 100 || fb.Status > 599 {
 				return fmt.Errorf("%s: fallback %q: status %d is not an HTTP status", name, f.Service, fb.Status)
 			}
@@ -293,6 +317,8 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	}
 	set(&c.DNSNearest, fc.DNSNearest)
 	set(&c.DNSEjections, fc.DNSEjections)
+	set(&c.DNSRateLimit, fc.DNSRateLimit)
+	set(&c.DNSRateBurst, fc.DNSRateBurst)
 	for _, d := range []struct {
 		attr string
 		v    *string
@@ -306,6 +332,7 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 		{"watch_idle", fc.WatchIdle, &c.WatchIdle},
 		{"request_timeout", fc.ReqTimeout, &c.ReqTimeout},
 		{"eject_time", fc.EjectTime, &c.EjectTime},
+		{"slow_call", fc.SlowCall, &c.SlowCall},
 	} {
 		if d.v == nil {
 			continue
@@ -369,6 +396,9 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("-consul: at least one Consul address is needed"))
 	}
 	addr("dns", c.DNS)
+	if c.DNSRateLimit < 0 || c.DNSRateBurst < 0 {
+		errs = append(errs, errors.New("-dns-rate-limit and -dns-rate-burst must not be negative (0: no limit)"))
+	}
 	addr("admin", c.Admin)
 	addr("http-proxy", c.HTTPProxy)
 	addr("gateway", c.Gateway)

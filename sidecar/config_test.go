@@ -23,6 +23,8 @@ func TestParseArgs(t *testing.T) {
 	badSyntax := file("syntax.hcl", "dns = \n")
 	badDur := file("dur.hcl", "max_stale = \"soon\"\n")
 	gw := file("gw.hcl", "gateway = \"127.0.0.30:8080\"\ngateway_tls = \"127.0.0.30:8443\"\nroutes_prefix = \"team/\"\n")
+	fb := file("fb.hcl", "fallback \"inventory\" {\n  body = \"Stock status unavailable\"\n  content_type = \"text/plain\"\n  on = [\"breaker-open\", \"timeout\"]\n}\n")
+	badCause := file("cause.hcl", "fallback \"inventory\" {\n  on = [\"sometimes\"]\n}\n")
 
 	tests := []struct {
 		name    string
@@ -56,6 +58,12 @@ func TestParseArgs(t *testing.T) {
 				t.Errorf("dns = %q", c.DNS)
 			}
 		}},
+		{name: "DNS rate limit", args: []string{"-dns-rate-limit", "50", "-dns-rate-burst", "200"}, check: func(t *testing.T, c Config) {
+			if c.DNSRateLimit != 50 || c.DNSRateBurst != 200 {
+				t.Errorf("rate limit %v burst %d", c.DNSRateLimit, c.DNSRateBurst)
+			}
+		}},
+		{name: "negative DNS rate limit", args: []string{"-dns-rate-limit", "-1"}, wantErr: "-dns-rate-limit and -dns-rate-burst must not be negative"},
 		{name: "flag without value", args: []string{"-dns"}, wantErr: "flag needs an argument: -dns"},
 		{name: "unknown flag", args: []string{"-frob"}, wantErr: "flag provided but not defined: -frob"},
 		{name: "stray argument", args: []string{"users"}, wantErr: `unexpected argument "users"`},
@@ -77,6 +85,13 @@ func TestParseArgs(t *testing.T) {
 			}
 		}},
 		{name: "bad gateway address", args: []string{"-gateway", "8080"}, wantErr: `-gateway "8080": want HOST:PORT`},
+		{name: "fallback", args: []string{"-config", fb}, check: func(t *testing.T, c Config) {
+			f := c.Fallbacks["inventory"]
+			if f.Status != 200 || f.Body != "Stock status unavailable" || f.ContentType != "text/plain" || strings.Join(f.On, ",") != "breaker-open,timeout" {
+				t.Errorf("fallback = %+v", f)
+			}
+		}},
+		{name: "fallback cause", args: []string{"-config", badCause}, wantErr: `unknown cause "sometimes"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -93,6 +93,10 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 
 	bc := breaker.DefaultConfig()
 	bc.ConsecutiveFailures, bc.BaseEjectionTime = cfg.EjectAfter, cfg.EjectTime
+	bc.SlowCallDuration, bc.MaxRequests = cfg.SlowCall, cfg.MaxRequests
+	if bc.MaxRequests == 0 {
+		bc.MaxRequests = -1 // the breaker reads 0 as "the default"
+	}
 	if bc.ConsecutiveFailures == 0 {
 		bc.ConsecutiveFailures = -1 // the breaker reads 0 as "the default"
 	}
@@ -130,6 +134,7 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 		dc.Addr, dc.Domain, dc.Recursors = cfg.DNS, cfg.DNSDomain, cfg.Recursors
 		dc.DefaultServiceTTL, dc.ServiceTTL, dc.NodeTTL, dc.NegativeTTL = cfg.DNSTTL, cfg.DNSServiceTTL, cfg.DNSNodeTTL, cfg.DNSNegTTL
 		dc.Nearest, dc.Node, dc.HonourEjections = cfg.DNSNearest, cfg.Node, cfg.DNSEjections
+		dc.RateLimit, dc.RateBurst = cfg.DNSRateLimit, cfg.DNSRateBurst
 		dc.Logger, dc.Registerer = log, m
 		if s.dns, err = dns.New(dc, s.watcher, ejections); err != nil {
 			return nil, err
@@ -190,6 +195,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.watcher.Run(gctx) })
 	g.Go(func() error { return s.registrar.Run(gctx) })
+	g.Go(func() error { return s.breakers.Run(gctx) })
 	if s.dns != nil {
 		g.Go(func() error { return s.dns.Run(gctx) })
 	}

@@ -16,4 +16,4 @@ bin="$(mktemp -d)"
 trap 'rm -rf "$bin"' EXIT
 go build -o "$bin/dns-bench" ./bench/dns
 # shellcheck disable=SC2086
-timeout 175 "$bin/dns-bench" -consul .bin/consul ${DNS_BENCH_ARGS:-}
+timeout 300 "$bin/dns-bench" -consul .bin/consul ${DNS_BENCH_ARGS:-}

@@ -3,6 +3,7 @@ package breaker
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http/httptest"
 	"sync"
 	"testing"
@@ -116,6 +117,120 @@ func TestAtLeastOneEjected(t *testing.T) {
 	if !a.Ejected() || b.Ejected() {
 		t.Fatalf("a=%v b=%v, want only a ejected", a.Ejected(), b.Ejected())
 	}
+	// b reached the threshold but may not go: it is failing, none of two
+	// is healthy, and the service panics: every instance gets requests.
+	if !s.Panic() || r.Ejected("x", "a") {
+		t.Fatalf("panic=%v ejected(a)=%v, want panic and a served", s.Panic(), r.Ejected("x", "a"))
+	}
+	b.Report(false)
+	if s.Panic() || !r.Ejected("x", "a") {
+		t.Fatal("b answered well: panic should be over")
+	}
+}
+
+func TestEjectionBound(t *testing.T) {
+	tests := []struct {
+		name      string
+		instances int
+		percent   int
+		failing   int // instances that fail 5 times in a row
+		ejected   int
+		panic     bool
+	}{
+		{"single instance never ejected", 1, 10, 1, 0, true},
+		{"one of two", 2, 10, 1, 1, false},
+		{"never the last of two", 2, 100, 2, 1, true},
+		{"10% of ten", 10, 10, 3, 1, false},
+		{"all but one of four", 4, 100, 4, 3, true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r, _ := newTest(t, Config{MaxEjectionPercent: tc.percent})
+			s := r.Service("svc")
+			var ins []*Instance
+			for i := 0; i < tc.instances; i++ {
+				ins = append(ins, s.Instance(string(rune('a'+i))))
+			}
+			for _, in := range ins[:tc.failing] {
+				for i := 0; i < 5; i++ {
+					in.Report(true)
+				}
+			}
+			n := 0
+			for _, in := range ins {
+				if in.Ejected() {
+					n++
+				}
+			}
+			if n != tc.ejected || s.Panic() != tc.panic {
+				t.Fatalf("ejected %d panic %v, want %d %v", n, s.Panic(), tc.ejected, tc.panic)
+			}
+		})
+	}
+}
+
+func TestRejoinStartsClean(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	r, err := New(Config{}, nil, reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := r.Service("svc")
+	s.Sync([]string{"a", "b"})
+	a := s.Instance("a")
+	s.Instance("b")
+	for i := 0; i < 5; i++ {
+		a.Report(true)
+	}
+	if !r.Ejected("svc", "a") {
+		t.Fatal("a not ejected")
+	}
+	s.Sync([]string{"b"}) // a leaves the healthy set (Consul: critical)...
+	a.Report(true)        // (a late report of the old record changes nothing)
+	s.Sync([]string{"a", "b"})
+	a2 := s.Instance("a") // ...and comes back: clean
+	if a2 == a || r.Ejected("svc", "a") || a2.consecutive.Load() != 0 {
+		t.Fatal("a came back with its old outlier record")
+	}
+	for i := 0; i < 5; i++ {
+		a2.Report(true)
+	}
+	mfs, _ := reg.Gather()
+	for _, mf := range mfs {
+		if mf.GetName() == "attache_breaker_ejections_total" {
+			if v := mf.GetMetric()[0].GetCounter().GetValue(); v != 2 {
+				t.Fatalf("ejections_total %v after rejoin, want 2 (the series goes on)", v)
+			}
+			return
+		}
+	}
+	t.Fatal("no ejections_total series")
+}
+
+func TestProbeReadyIsNotEjected(t *testing.T) {
+	r, c := newTest(t, Config{})
+	s := r.Service("svc")
+	a := s.Instance("a")
+	s.Instance("b")
+	for i := 0; i < 5; i++ {
+		a.Report(true)
+	}
+	c.add(31 * time.Second)
+	st := r.State()[0].Instances[0]
+	if st.Ejected || !st.ProbeReady || r.Ejected("svc", "a") {
+		t.Fatalf("state %+v: an instance whose ejection is over must not show as ejected", st)
+	}
+}
+
+// run makes n calls that start now and take d; failed says how they end.
+func run(s *Service, c *clock, n int, failed bool, d time.Duration) {
+	for i := 0; i < n; i++ {
+		call, err := s.Allow(c.now())
+		if err != nil {
+			continue
+		}
+		s.Done(call, failed, c.now().Add(d))
+	}
 }
 
 func TestBreakerStates(t *testing.T) {
@@ -134,17 +249,11 @@ func TestBreakerStates(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			r, _ := newTest(t, Config{})
+			r, c := newTest(t, Config{})
 			s := r.Service("svc")
-			for i := 0; i < tc.ok; i++ {
-				s.Done(Call{}, false, time.Millisecond)
-			}
-			for i := 0; i < tc.slow; i++ {
-				s.Done(Call{}, false, 3*time.Second)
-			}
-			for i := 0; i < tc.fails; i++ {
-				s.Done(Call{}, true, time.Millisecond)
-			}
+			run(s, c, tc.ok, false, time.Millisecond)
+			run(s, c, tc.slow, false, 3*time.Second)
+			run(s, c, tc.fails, true, time.Millisecond)
 			if got := s.State() == Open; got != tc.wantOpen {
 				t.Fatalf("open = %v, want %v", got, tc.wantOpen)
 			}
@@ -155,25 +264,151 @@ func TestBreakerStates(t *testing.T) {
 func TestBreakerWindowSlides(t *testing.T) {
 	r, c := newTest(t, Config{})
 	s := r.Service("svc")
-	for i := 0; i < 15; i++ {
-		s.Done(Call{}, true, 0)
-	}
+	run(s, c, 15, true, 0)
 	c.add(11 * time.Second) // old failures leave the window
-	for i := 0; i < 15; i++ {
-		s.Done(Call{}, false, 0)
-	}
+	run(s, c, 15, false, 0)
 	if s.State() != Closed {
 		t.Fatal("failures outside the window counted")
+	}
+}
+
+// A hung service opens the breaker within SlowCallDuration plus a bucket,
+// at any number of callers, while its earlier good calls are still in the
+// window; one stuck call among good ones does not.
+func TestHangOpensWhileInFlight(t *testing.T) {
+	for _, callers := range []int{2, 8, 32} {
+		t.Run(fmt.Sprint(callers), func(t *testing.T) {
+			r, c := newTest(t, Config{})
+			s := r.Service("svc")
+			for i := 0; i < 50; i++ {
+				run(s, c, 10, false, time.Millisecond)
+				c.add(100 * time.Millisecond)
+			}
+			var stuck []Call
+			for i := 0; i < callers; i++ {
+				call, err := s.Allow(c.now())
+				if err != nil {
+					t.Fatal(err)
+				}
+				stuck = append(stuck, call)
+			}
+			c.add(2 * time.Second)
+			s.check(c.now(), true)
+			if s.State() != Closed {
+				t.Fatal("opened before the calls were slow")
+			}
+			c.add(time.Second + time.Millisecond) // SlowCallDuration + one bucket
+			s.check(c.now(), true)
+			if s.State() != Open {
+				t.Fatalf("state %s: %d hung calls did not open the breaker", s.State(), callers)
+			}
+			// Their late outcomes, after the breaker moved on, change nothing.
+			c.add(10 * time.Second)
+			run(s, c, 3, false, time.Millisecond) // trials close it
+			if s.State() != Closed {
+				t.Fatalf("state %s after good trials", s.State())
+			}
+			for _, call := range stuck {
+				s.Done(call, true, c.now())
+			}
+			run(s, c, 1, false, time.Millisecond)
+			if s.State() != Closed || s.inflight.Load() != 0 {
+				t.Fatalf("state %s in flight %d: late outcomes reopened it", s.State(), s.inflight.Load())
+			}
+		})
+	}
+}
+
+func TestOneStuckCallAmongGoodOnes(t *testing.T) {
+	r, c := newTest(t, Config{})
+	s := r.Service("svc")
+	a, _ := s.Allow(c.now())
+	b, _ := s.Allow(c.now())
+	for i := 0; i < 40; i++ {
+		c.add(100 * time.Millisecond)
+		run(s, c, 5, false, time.Millisecond)
+		s.check(c.now(), true)
+	}
+	if s.State() != Closed {
+		t.Fatalf("state %s: stuck calls opened the breaker while others answered", s.State())
+	}
+	s.Done(a, true, c.now())
+	s.Done(b, true, c.now())
+}
+
+func TestSlowTrialReopens(t *testing.T) {
+	r, c := newTest(t, Config{})
+	s := r.Service("svc")
+	run(s, c, 20, true, 0)
+	c.add(10 * time.Second)
+	trial, err := s.Allow(c.now())
+	if err != nil || trial.trial == 0 {
+		t.Fatal("no trial")
+	}
+	c.add(2 * time.Second)
+	s.check(c.now(), true)
+	if s.State() != Open {
+		t.Fatalf("state %s: a trial in flight longer than SlowCallDuration must reopen", s.State())
+	}
+	s.Done(trial, false, c.now()) // late: nothing
+	if s.State() != Open {
+		t.Fatal("late trial outcome changed the state")
+	}
+}
+
+func TestCancelIsNoFailure(t *testing.T) {
+	r, c := newTest(t, Config{})
+	s := r.Service("svc")
+	for i := 0; i < 100; i++ {
+		call, err := s.Allow(c.now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Cancel(call) // no healthy instance
+	}
+	if s.State() != Closed || s.inflight.Load() != 0 {
+		t.Fatalf("state %s after calls with no instance", s.State())
+	}
+	// A breaker that is open closes when instances appear for a service
+	// that had none.
+	run(s, c, 20, true, 0)
+	if s.State() != Open {
+		t.Fatal("not open")
+	}
+	s.Sync(nil)
+	s.Sync([]string{"a"})
+	if s.State() != Closed {
+		t.Fatalf("state %s after instances appeared", s.State())
+	}
+}
+
+func TestMaxRequests(t *testing.T) {
+	r, c := newTest(t, Config{MaxRequests: 3})
+	s := r.Service("svc")
+	var calls []Call
+	for i := 0; i < 3; i++ {
+		call, err := s.Allow(c.now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		calls = append(calls, call)
+	}
+	_, err := s.Allow(c.now())
+	var oe *OpenError
+	if !errors.As(err, &oe) || oe.State != MaxRequests {
+		t.Fatalf("fourth call: %v", err)
+	}
+	s.Done(calls[0], false, c.now())
+	if _, err := s.Allow(c.now()); err != nil {
+		t.Fatalf("after one finished: %v", err)
 	}
 }
 
 func TestBreakerOpenHalfOpenClose(t *testing.T) {
 	r, c := newTest(t, Config{})
 	s := r.Service("svc")
-	for i := 0; i < 20; i++ {
-		s.Done(Call{}, true, 0)
-	}
-	_, err := s.Allow()
+	run(s, c, 20, true, 0)
+	_, err := s.Allow(c.now())
 	var oe *OpenError
 	if !errors.As(err, &oe) || !errors.Is(err, ErrOpen) || oe.State != Open || oe.RetryAfter != 10*time.Second {
 		t.Fatalf("Allow = %v", err)
@@ -184,31 +419,29 @@ func TestBreakerOpenHalfOpenClose(t *testing.T) {
 	c.add(10 * time.Second)
 	var trials []Call
 	for i := 0; i < 3; i++ {
-		call, err := s.Allow()
-		if err != nil || !call.trial {
+		call, err := s.Allow(c.now())
+		if err != nil || call.trial == 0 {
 			t.Fatalf("trial %d: %v", i, err)
 		}
 		trials = append(trials, call)
 	}
-	if _, err := s.Allow(); err == nil {
+	if _, err := s.Allow(c.now()); err == nil {
 		t.Fatal("fourth call let through while half-open")
 	}
-	s.Done(trials[0], true, 0) // one trial fails: open again
+	s.Cancel(trials[2]) // no instance: the trial slot comes back
+	if _, err := s.Allow(c.now()); err != nil {
+		t.Fatal("cancelled trial did not give its slot back")
+	}
+	s.Done(trials[0], true, c.now()) // one trial fails: open again
 	if s.State() != Open {
 		t.Fatalf("state %s after failed trial", s.State())
 	}
 	c.add(10 * time.Second)
-	for i := 0; i < 3; i++ {
-		call, err := s.Allow()
-		if err != nil {
-			t.Fatal(err)
-		}
-		s.Done(call, false, time.Millisecond)
-	}
+	run(s, c, 3, false, time.Millisecond)
 	if s.State() != Closed {
 		t.Fatalf("state %s after good trials", s.State())
 	}
-	if _, err := s.Allow(); err != nil {
+	if _, err := s.Allow(c.now()); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -245,11 +478,11 @@ func TestConcurrent(t *testing.T) {
 			s := r.Service("svc")
 			in := s.Instance("a")
 			for i := 0; i < 500; i++ {
-				call, err := s.Allow()
+				call, err := s.Allow(time.Now())
 				in.Report(i%3 == 0)
 				in.TryProbe()
 				if err == nil {
-					s.Done(call, i%2 == 0, 0)
+					s.Done(call, i%2 == 0, time.Now())
 				}
 				r.State()
 				r.Ejected("svc", "a")
@@ -263,6 +496,7 @@ func TestEjectionTimeResetsAfterHealthyPeriod(t *testing.T) {
 	r, c := newTest(t, Config{BaseEjectionTime: time.Second, MaxEjectionTime: 10 * time.Second})
 	s := r.Service("x")
 	a := s.Instance("a")
+	s.Instance("b") // a single instance is never ejected
 	fail5 := func() {
 		for i := 0; i < 5; i++ {
 			a.Report(true)

@@ -122,6 +122,7 @@ func (w *Watcher) buildClients() error {
 			TLSClientConfig:     tlsCfg.Clone(),
 			ForceAttemptHTTP2:   true, // multiplexes everything on one connection when Consul speaks HTTPS
 		}
+		w.transports = append(w.transports, tr)
 		ac := api.DefaultNonPooledConfig()
 		ac.Address = rest
 		ac.Scheme = scheme

@@ -205,9 +205,13 @@ func checkMap(list []checkEntry) map[checkKey]checkState {
 }
 
 // checksLoop follows the checks that are not passing and queues a fetch of
-// every watched service whose health may have changed.
+// every watched service whose health may have changed. It is the change
+// detector of every service at once, so its rate limit is a tenth of the
+// other loops' (MinInterval/10, a burst of 10): a datacenter whose checks
+// change more than 10 times a second must not delay each change by up to
+// MinInterval.
 func (w *Watcher) checksLoop(ctx context.Context) {
-	runLoop(ctx, w, "health", w.loopConfig(w.cfg.MinInterval, 4),
+	runLoop(ctx, w, "health", w.loopConfig(w.cfg.MinInterval/10, 10),
 		func(c *api.Client, q *api.QueryOptions) ([]checkEntry, *api.QueryMeta, error) {
 			q.Filter = notPassing
 			var out []checkEntry

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"reflect"
 	"runtime/debug"
 	"strings"
@@ -70,14 +71,12 @@ type Config struct {
 	// leader (the default mode). Fresher reads come from the leader; stale
 	// spreads the load over the servers but lags up to a Raft heartbeat.
 	Stale bool
-	// Streaming lets a client agent answer the health queries from its
-	// streaming backend (use_streaming_backend, on by default since Consul
-	// 1.10). That backend follows whichever server the agent subscribed to,
-	// so even default-mode answers lag like stale ones, up to a Raft
-	// heartbeat (~100ms). By default (false) the watcher sends near=_agent,
-	// which makes the agent forward each query to the servers instead, and
-	// default mode then answers from the leader within a few ms. Streaming
-	// spares the servers one held query per watched service per agent.
+	// Streaming leaves near=_agent out of the health queries. A client
+	// agent answers blocking /v1/health/service queries from its streaming
+	// backend unless near is set; that backend follows whichever server the
+	// agent subscribed to, up to a Raft heartbeat (~100ms) behind the
+	// leader. The watcher holds no blocking query per service, so this only
+	// touches stale mode's catch-up fetches. Default false.
 	Streaming bool
 	// MaxStale, with Stale, is the largest X-Consul-LastContact accepted
 	// from a follower; an answer staler than this is asked again of the
@@ -275,12 +274,15 @@ type Watcher struct {
 	log     hclog.Logger
 	view    *View
 	clients []*api.Client
-	conns   conns
-	cur     atomic.Uint32 // index into clients of the address in use
-	met     *metrics
-	kick    chan struct{} // wakes the publisher
-	pinned  map[string]bool
-	queue   *queue // services to fetch or probe
+	// transports of clients, one per address: Run closes their idle
+	// connections when it ends
+	transports []*http.Transport
+	conns      conns
+	cur        atomic.Uint32 // index into clients of the address in use
+	met        *metrics
+	kick       chan struct{} // wakes the publisher
+	pinned     map[string]bool
+	queue      *queue // services to fetch or probe
 
 	// index of watches for the lock-free fast path of Want
 	watchIdx atomic.Pointer[map[string]*watched]
@@ -528,6 +530,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 	}
 	w.mu.Unlock()
 	w.wg.Wait()
+	for _, tr := range w.transports {
+		tr.CloseIdleConnections() // the queries' own ended with their contexts
+	}
 	w.mu.Lock()
 	w.running = false
 	w.mu.Unlock()

@@ -113,6 +113,7 @@ type nodeOpts struct {
 	dataDir string
 	prefix  string
 	consul  string // default: the agent's
+	all     bool   // watch every service (service routes)
 }
 
 func freeAddr(t *testing.T) string {
@@ -142,6 +143,9 @@ func startNode(t *testing.T, agent *testcluster.Agent, name string, o nodeOpts) 
 		wc.Addresses = []string{o.consul}
 	}
 	wc.DataDir, wc.Node, wc.Logger, wc.Registerer = o.dataDir, name, log, reg
+	if o.all {
+		wc.Mode = catalog.ModeAll
+	}
 	w, err := catalog.NewWatcher(wc)
 	if err != nil {
 		t.Fatal(err)
@@ -635,5 +639,53 @@ func TestServesFromDiskWithConsulDown(t *testing.T) {
 	eventually(t, "routes served from disk", 10*time.Second, func() bool {
 		code, e, _ := getJSON(plain, "http://"+m.addr()+"/d/2")
 		return code == 200 && e.Service == "durable"
+	})
+}
+
+// TestServiceRoutes: a service publishing `attache-route` in its meta joins
+// the table below the document's routes (the document wins a clash), and
+// leaves it when it goes.
+func TestServiceRoutes(t *testing.T) {
+	c := needCluster(t)
+	agent := c.Clients[0]
+	kv := agent.Client()
+	backend(t, agent, "docsvc", "docsvc-a")
+	e := &echo{service: "metasvc", id: "metasvc-a"}
+	srv := httptest.NewServer(e)
+	defer srv.Close()
+	host, port, _ := net.SplitHostPort(srv.Listener.Addr().String())
+	p, _ := strconv.Atoi(port)
+	reg := func(route string) {
+		if err := agent.Client().Agent().ServiceRegister(&api.AgentServiceRegistration{ID: "metasvc-a", Name: "metasvc", Address: host, Port: p,
+			Meta: map[string]string{routes.MetaKey: route}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reg("/meta/,/doc/")
+	defer agent.Client().Agent().ServiceDeregister("metasvc-a")
+	prefix := uniquePrefix(t)
+	n := startNode(t, agent, "gw-meta", nodeOpts{prefix: prefix, all: true})
+	apply(t, kv, prefix, 1, `route "doc" {
+  prefix = "/doc/"
+  service = "docsvc"
+}`)
+	base := "http://" + n.addr()
+	eventually(t, "version 1 applied", 10*time.Second, func() bool { return n.gw.Status().Version == 1 })
+	eventually(t, "the service's route", 10*time.Second, func() bool {
+		code, e, _ := getJSON(plain, base+"/meta/1")
+		return code == 200 && e.Service == "metasvc"
+	})
+	if code, e, _ := getJSON(plain, base+"/doc/1"); code != 200 || e.Service != "docsvc" {
+		t.Errorf("the document's route should win /doc/: %d %+v", code, e)
+	}
+	rec := httptest.NewRecorder()
+	n.gw.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/v1/routes", nil))
+	if b := rec.Body.String(); !strings.Contains(b, `"origin": "service metasvc"`) || !strings.Contains(b, "service_route_errors") {
+		t.Errorf("/v1/routes: %s", b)
+	}
+	agent.Client().Agent().ServiceDeregister("metasvc-a")
+	eventually(t, "the service's route gone", 10*time.Second, func() bool {
+		code, _, _ := getJSON(plain, base+"/meta/1")
+		return code == 404
 	})
 }

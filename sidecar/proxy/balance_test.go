@@ -96,6 +96,7 @@ func TestBalancers(t *testing.T) {
 	})
 	t.Run("ejected skipped, probe first, tried excluded", func(t *testing.T) {
 		tg := newPickTarget(t, RoundRobin, "", three, breaker.Config{BaseEjectionTime: 50 * time.Millisecond, MaxEjectionPercent: 100})
+		tg.endpoints() // the breaker knows the three instances
 		a := tg.svc.Instance("a")
 		for i := 0; i < 5; i++ {
 			a.Report(true)

@@ -198,9 +198,7 @@ type evConn struct {
 	ip     []byte
 	req    rawReq
 
-	last  lastHost // HTTP proxy
-	rhead Head     // gateway listeners: what the router sees
-	rhsrc rawHead
+	last lastHost // HTTP proxy
 
 	// the request under way
 	t         *target
@@ -252,7 +250,9 @@ type evLoop struct {
 	let      bool // the listener is no longer watched
 	paused   time.Time
 	gen      int32
-	yield    bool           // a goroutine was woken: let it run before waiting
+	yield    bool // a goroutine was woken: let it run before waiting
+	rhead    Head // gateway listeners: what the router sees of the request under way
+	rhsrc    rawHead
 	shedc    chan *endpoint // endpoints whose idle connections to close
 }
 
@@ -716,11 +716,11 @@ func (l *evLoop) start(c *evConn, end int) {
 	rt := c.ln.rt
 	gw := rt != nil && rt.router != nil
 	if gw {
-		rawRouteHead(&c.rhead, &c.rhsrc, b, r, host, path, c.ip, false)
-		d, t = p.decide(rt, &c.rhead)
-		c.rhead = Head{}
+		rawRouteHead(&l.rhead, &l.rhsrc, b, r, host, path, c.ip, false)
+		d, t = p.decide(rt, &l.rhead)
+		l.rhead, l.rhsrc = Head{}, rawHead{}
 		if d.Answer != nil {
-			l.answerOwn(c, end, d.Answer)
+			l.answerOwn(c, r, end, d.Answer)
 			return
 		}
 		if t == nil { // the goroutine path looks the service up
@@ -768,10 +768,11 @@ func (l *evLoop) start(c *evConn, end int) {
 	}
 	c.n = copy(c.buf, c.buf[end:c.n])
 	c.t = t
-	if res, ok := t.admit(&c.f, set, l.now, d.Policy); !ok {
+	if res, ok := t.admit(&c.f, set, l.now); !ok {
 		l.answer(c, res)
 		return
 	}
+	c.f.with(p, d.Policy)
 	ep := t.pick(set, nil)
 	if ep == nil {
 		l.answer(c, t.noHealthy(&c.f))
@@ -1030,7 +1031,11 @@ func (l *evLoop) answered(b *evBack) {
 				return
 			}
 		}
-		t.done(&c.f)
+		res := t.done(&c.f)
+		if fb, _ := t.fallbackFor(res); fb != nil { // a failed answer the fallback replaces
+			l.handoffFinish(c, res)
+			return
+		}
 		if !l.simple(b) {
 			l.handoffAnswer(c)
 			return
@@ -1122,7 +1127,7 @@ func (l *evLoop) tryEnded(c *evConn, err error) bool {
 // 502/503/504); a service fallback is the goroutine path's.
 func (l *evLoop) answer(c *evConn, res result) {
 	t := c.t
-	if fb := t.fallback; fb != nil && fb.Service != "" && (res.kind == outOpen || res.kind == outNoHealthy) {
+	if fb, _ := t.fallbackFor(res); fb != nil && fb.Service != "" {
 		l.handoffResult(c, res)
 		return
 	}
@@ -1136,10 +1141,9 @@ func (l *evLoop) answer(c *evConn, res result) {
 	l.reply(c, out, closeClient)
 }
 
-// answerOwn answers the request in c.buf[:end] with a gateway's own answer
-// (no route, over a rate limit).
-func (l *evLoop) answerOwn(c *evConn, end int, a *Answer) {
-	r := &c.req
+// answerOwn answers the request parsed into r, c.buf[:end], with a
+// gateway's own answer (no route, over a rate limit).
+func (l *evLoop) answerOwn(c *evConn, r *rawReq, end int, a *Answer) {
 	c.head = string(c.buf[r.method.s:r.method.e]) == "HEAD"
 	closeClient := r.connClose || c.eof || l.s.closing.Load()
 	out := appendCanned(l.out[:0], answerCanned(a), closeClient, c.head)
@@ -1427,6 +1431,18 @@ func (l *evLoop) handoffAnswer(c *evConn) {
 		state(rc)
 		answer(&rc.x)
 		return rc.writeAnswer()
+	})
+}
+
+// handoffFinish hands over a request whose answer (on c's instance
+// connection) the goroutine path finishes for res (a fallback for it).
+func (l *evLoop) handoffFinish(c *evConn, res result) {
+	t := c.t
+	state, answer := l.exchangeState(c), l.takeAnswer(c)
+	l.handoff(c, func(rc *rawConn) bool {
+		state(rc)
+		answer(&rc.x)
+		return rc.finish(t, res, true)
 	})
 }
 

@@ -69,15 +69,16 @@ func (t *target) forward(ctx context.Context, x exchange, replayable bool) resul
 // forwardWith is forward with a gateway route's settings (nil: the proxy's).
 func (t *target) forwardWith(ctx context.Context, x exchange, replayable bool, pol *Policy) result {
 	var f fwd
-	if res, ok := t.begin(ctx, &f, time.Now(), pol); !ok {
+	if res, ok := t.begin(ctx, &f, time.Now()); !ok {
 		return res
 	}
+	f.with(t.p, pol)
 	return t.forwardFrom(ctx, x, replayable, &f, 0)
 }
 
 // begin asks the catalog and the breaker whether the request may go out
 // at all; false: res is the answer (unknown service, breaker open).
-func (t *target) begin(ctx context.Context, f *fwd, start time.Time, pol *Policy) (result, bool) {
+func (t *target) begin(ctx context.Context, f *fwd, start time.Time) (result, bool) {
 	t.keepWanted(ctx, start, false)
 	set := t.endpoints()
 	if !set.found {
@@ -87,19 +88,22 @@ func (t *target) begin(ctx context.Context, f *fwd, start time.Time, pol *Policy
 			return result{kind: outUnknown}, false
 		}
 	}
-	return t.admit(f, set, start, pol)
+	return t.admit(f, set, start)
 }
 
 // admit is begin's part that never waits: the breaker and the budget.
-func (t *target) admit(f *fwd, set *epSet, start time.Time, pol *Policy) (result, bool) {
-	call, err := t.svc.Allow()
+func (t *target) admit(f *fwd, set *epSet, start time.Time) (result, bool) {
+	call, err := t.svc.Allow(start)
 	if err != nil {
-		var oe *breaker.OpenError
-		errors.As(err, &oe)
-		t.met.count(classOpen)
-		return result{kind: outOpen, open: oe}, false
+		res := openResult(err)
+		if res.open != nil && res.open.State == breaker.MaxRequests {
+			t.met.count(classOverflow)
+		} else {
+			t.met.count(classOpen)
+		}
+		return res, false
 	}
-	*f = fwd{set: set, call: call, start: start, deadline: start.Add(requestTimeout(t.p, pol)), t0: start, pol: pol}
+	*f = fwd{set: set, call: call, start: start, deadline: start.Add(t.p.cfg.RequestTimeout), t0: start}
 	t.budget.request(start)
 	return result{}, true
 }
@@ -116,7 +120,7 @@ func (t *target) forwardFrom(ctx context.Context, x exchange, replayable bool, f
 				case <-timer.C:
 				case <-ctx.Done():
 					timer.Stop()
-					t.svc.Done(f.call, true, time.Since(f.start))
+					t.svc.Done(f.call, true, time.Now())
 					return f.res // the last answer, still readable
 				}
 			}
@@ -152,18 +156,25 @@ func (t *target) forwardFrom(ctx context.Context, x exchange, replayable bool, f
 	return t.done(f)
 }
 
-// tryDeadline is when the current try gives up.
+// tryDeadline is when the current try gives up. A half-open breaker's
+// trial call gives up at SlowCallDuration: slower, it fails the trial
+// anyway, and its caller gets the fallback rather than waiting.
 func (f *fwd) tryDeadline(p *Proxy) time.Time {
 	d := f.t0.Add(f.tryTimeout(p))
+	if f.call.Trial() {
+		d = f.t0.Add(min(f.tryTimeout(p), p.br.Config().SlowCallDuration))
+	}
 	if d.After(f.deadline) {
 		return f.deadline
 	}
 	return d
 }
 
-// noHealthy ends a request no instance could be picked for.
+// noHealthy ends a request no instance could be picked for: the service
+// has none, which says nothing about its instances (the breaker does not
+// count it).
 func (t *target) noHealthy(f *fwd) result {
-	t.svc.Done(f.call, true, time.Since(f.start))
+	t.svc.Cancel(f.call)
 	t.met.count(classNoHealthy)
 	return result{kind: outNoHealthy}
 }
@@ -197,6 +208,9 @@ func (t *target) retryAfter(f *fwd, replayable bool, status int, err error) (tim
 	if !replayable || f.n > f.maxRetries(p) || (err == nil && !p.retryOn[status%600]) {
 		return 0, false
 	}
+	if t.svc.Tripped() { // the breaker opened meanwhile: answer now
+		return 0, false
+	}
 	if !t.budget.retry(f.end, p.cfg.RetryBudget, p.cfg.MinRetries) {
 		t.met.budgetExhausted.Inc()
 		return 0, false
@@ -220,10 +234,14 @@ func (t *target) done(f *fwd) result {
 	res := f.res
 	total := f.end.Sub(f.start)
 	finalFailed := res.kind == outError || p.failureOn[res.status%600]
-	t.svc.Done(f.call, finalFailed, total)
+	t.svc.Done(f.call, finalFailed, f.end)
 	t.met.latency.Observe(total.Seconds())
 	if res.kind == outError {
-		t.met.count(classError)
+		if isTimeout(res.err) {
+			t.met.count(class5xx) // answered 504
+		} else {
+			t.met.count(classError)
+		}
 	} else {
 		t.met.count(statusClass(res.status))
 	}

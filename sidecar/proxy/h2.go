@@ -96,19 +96,20 @@ func (p *Proxy) stdHandler(rt *routing) http.Handler {
 			replayable = false
 		}
 		res := t.forwardWith(r.Context(), x, replayable, pol)
-		if res.kind != outAnswered && t.fallback != nil && t.fallback.Service != "" &&
-			(res.kind == outOpen || res.kind == outNoHealthy) {
-			if t2, err := p.lookupTarget(r.Context(), t.fallback.Service); err == nil {
-				x.t = t2
-				if res2 := t2.forward(r.Context(), x, replayable); res2.kind == outAnswered {
-					w.Header().Set("X-Attache-Fallback", t2.name)
-					res = res2
-				}
+		ct := t // whose answer res is
+		if fb, cause := t.fallbackFor(res); fb != nil && fb.Service != "" {
+			if t2, err := p.lookupTarget(r.Context(), fb.Service); err == nil {
+				x.discard()
+				t.met.fallback(cause)
+				w.Header().Set("X-Attache-Fallback", cause)
+				w.Header().Set("X-Attache-Fallback-Service", t2.name)
+				x.t, ct = t2, t2
+				res = t2.forward(r.Context(), x, replayable)
 			}
 		}
 		defer x.discard()
-		if res.kind != outAnswered {
-			p.stdCanned(w, p.cannedFor(t, res, true))
+		if fb, _ := ct.fallbackFor(res); res.kind != outAnswered || ct == t && fb != nil && fb.Service == "" {
+			p.stdCanned(w, p.cannedFor(ct, res, ct == t))
 			return
 		}
 		x.writeTo(w)

@@ -277,24 +277,28 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, rt *routing) {
 
 // fastFinish writes the answer for res.
 func (p *Proxy) fastFinish(ctx *fasthttp.RequestCtx, t *target, x *fastExchange, res result, mayFallback bool) {
-	switch res.kind {
-	case outAnswered:
+	fb, cause := t.fallbackFor(res)
+	if !mayFallback {
+		fb = nil
+	}
+	if fb != nil && fb.Service != "" {
+		if t2, err := p.lookupTarget(ctx, fb.Service); err == nil {
+			x.discard()
+			ctx.Response.Reset()
+			t.met.fallback(cause)
+			res2 := t2.forward(ctx, x, x.replayable)
+			p.fastFinish(ctx, t2, x, res2, false)
+			ctx.Response.Header.Set("X-Attache-Fallback", cause)
+			ctx.Response.Header.Set("X-Attache-Fallback-Service", t2.name)
+			return
+		}
+	}
+	if fb != nil && fb.Service != "" {
+		fb = nil // the other service is not in the catalog: our own answer
+	}
+	if res.kind == outAnswered && fb == nil {
 		stripHopResp(&ctx.Response.Header)
 		return
-	case outOpen, outNoHealthy:
-		if mayFallback && t.fallback != nil {
-			if fb := t.fallback; fb.Service != "" {
-				t2, err := p.lookupTarget(ctx, fb.Service)
-				if err == nil {
-					res2 := t2.forward(ctx, x, x.replayable)
-					if res2.kind == outAnswered {
-						ctx.Response.Header.Set("X-Attache-Fallback", t2.name)
-					}
-					p.fastFinish(ctx, t2, x, res2, false)
-					return
-				}
-			}
-		}
 	}
 	x.discard()
 	ctx.Response.Reset()
@@ -453,12 +457,12 @@ func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target) {
 	if !set.found {
 		set = t.want(ctx)
 	}
-	call, err := t.svc.Allow()
+	start := time.Now()
+	call, err := t.svc.Allow(start)
 	if err != nil {
 		p.fastFinish(ctx, t, &fastExchange{req: &ctx.Request, resp: &ctx.Response}, openResult(err), false)
 		return
 	}
-	start := time.Now()
 	var tried [maxTries]*endpoint
 	n := 0
 	var conn net.Conn
@@ -466,7 +470,11 @@ func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target) {
 	for conn == nil {
 		ep = t.pick(set, tried[:n])
 		if ep == nil {
-			t.svc.Done(call, true, time.Since(start))
+			if n == 0 {
+				t.svc.Cancel(call)
+			} else {
+				t.svc.Done(call, true, time.Now())
+			}
 			p.fastFinish(ctx, t, &fastExchange{req: &ctx.Request, resp: &ctx.Response}, result{kind: outNoHealthy}, false)
 			return
 		}
@@ -476,7 +484,7 @@ func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target) {
 			tried[n] = ep
 			n++
 			if n > p.cfg.MaxRetries {
-				t.svc.Done(call, true, time.Since(start))
+				t.svc.Done(call, true, time.Now())
 				p.fastCanned(ctx, p.cannedFor(t, result{kind: outError, err: err, ep: ep}, false))
 				return
 			}
@@ -485,7 +493,7 @@ func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target) {
 		conn = c
 	}
 	ep.out.Report(false)
-	t.svc.Done(call, false, time.Since(start))
+	t.svc.Done(call, false, time.Now())
 	setForwardedFast(ctx)
 	head := ctx.Request.Header.Header()
 	if _, err := conn.Write(head); err != nil {
@@ -572,8 +580,8 @@ func openResult(err error) result {
 
 // cannedFor is the proxy's own answer for a request no instance answered.
 func (p *Proxy) cannedFor(t *target, res result, mayFallback bool) canned {
-	if mayFallback && t.fallback != nil && t.fallback.Service == "" && (res.kind == outOpen || res.kind == outNoHealthy) {
-		fb := t.fallback
+	if fb, cause := t.fallbackFor(res); mayFallback && fb != nil && fb.Service == "" {
+		t.met.fallback(cause)
 		c := canned{status: fb.Status, body: []byte(fb.Body)}
 		if c.status == 0 {
 			c.status = http.StatusOK
@@ -582,7 +590,7 @@ func (p *Proxy) cannedFor(t *target, res result, mayFallback bool) canned {
 		if ct == "" {
 			ct = "application/json"
 		}
-		c.hdr = [][2]string{{"Content-Type", ct}, {"X-Attache-Fallback", "static"}}
+		c.hdr = [][2]string{{"Content-Type", ct}, {"X-Attache-Fallback", cause}}
 		if res.kind == outOpen && res.open != nil {
 			c.hdr = append(c.hdr, [2]string{"X-Attache-Breaker", res.open.State})
 		}

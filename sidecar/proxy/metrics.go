@@ -17,10 +17,11 @@ const (
 	classOpen
 	classNoHealthy
 	classUnknown
+	classOverflow
 	numClasses
 )
 
-var classNames = [numClasses]string{"1xx", "2xx", "3xx", "4xx", "5xx", "error", "breaker_open", "no_healthy_instance", "unknown_service"}
+var classNames = [numClasses]string{"1xx", "2xx", "3xx", "4xx", "5xx", "error", "breaker_open", "no_healthy_instance", "unknown_service", "max_requests"}
 
 func statusClass(s int) int {
 	switch {
@@ -43,6 +44,7 @@ type metrics struct {
 	tryFailures     *prometheus.CounterVec
 	retries         *prometheus.CounterVec
 	budgetExhausted *prometheus.CounterVec
+	fallbacks       *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -60,9 +62,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Retries per upstream."}, []string{"upstream"}),
 		budgetExhausted: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "attache", Subsystem: "proxy", Name: "retry_budget_exhausted_total",
 			Help: "Retries not made because the retry budget was spent."}, []string{"upstream"}),
+		fallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "attache", Subsystem: "proxy", Name: "fallbacks_total",
+			Help: "Requests answered by the service's fallback, per cause."}, []string{"upstream", "cause"}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.requests, m.latency, m.tryLatency, m.tryFailures, m.retries, m.budgetExhausted} {
+		for _, c := range []prometheus.Collector{m.requests, m.latency, m.tryLatency, m.tryFailures, m.retries, m.budgetExhausted, m.fallbacks} {
 			if err := reg.Register(c); err != nil {
 				return nil, fmt.Errorf("proxy: register metrics: %w", err)
 			}
@@ -80,10 +84,11 @@ type targetMetrics struct {
 	latency         prometheus.Observer
 	retries         prometheus.Counter
 	budgetExhausted prometheus.Counter
+	departed        map[string]time.Time // instances that left the view: when (guarded by the target's mu)
 }
 
 func (m *metrics) forTarget(name string) *targetMetrics {
-	t := &targetMetrics{m: m, name: name,
+	t := &targetMetrics{m: m, name: name, departed: map[string]time.Time{},
 		latency:         m.latency.WithLabelValues(name),
 		retries:         m.retries.WithLabelValues(name),
 		budgetExhausted: m.budgetExhausted.WithLabelValues(name),
@@ -108,9 +113,35 @@ func (t *targetMetrics) forEndpoint(id string) *endpointMetrics {
 	}
 }
 
-func (t *targetMetrics) drop(id string) {
-	t.m.tryLatency.DeleteLabelValues(t.name, id)
-	t.m.tryFailures.DeleteLabelValues(t.name, id)
+// fallback counts an answer given by the fallback.
+func (t *targetMetrics) fallback(cause string) {
+	t.m.fallbacks.WithLabelValues(t.name, cause).Inc()
+}
+
+// departedRetention is how long the series of an instance that left the
+// view are kept, so that one coming back goes on counting from where it was.
+const departedRetention = 10 * time.Minute
+
+// drop notes that an instance left the view.
+func (t *targetMetrics) drop(id string, now time.Time) {
+	if _, ok := t.departed[id]; !ok {
+		t.departed[id] = now
+	}
+}
+
+// retain forgets the departure of the instances in the view (live) and
+// deletes the series of those gone for longer than departedRetention.
+func (t *targetMetrics) retain(live map[string]bool, now time.Time) {
+	for id, at := range t.departed {
+		switch {
+		case live[id]:
+			delete(t.departed, id)
+		case now.Sub(at) > departedRetention:
+			delete(t.departed, id)
+			t.m.tryLatency.DeleteLabelValues(t.name, id)
+			t.m.tryFailures.DeleteLabelValues(t.name, id)
+		}
+	}
 }
 
 func (e *endpointMetrics) observe(d time.Duration, failed bool) {

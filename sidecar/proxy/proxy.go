@@ -45,51 +45,42 @@ type Source interface {
 	Want(ctx context.Context, service string) *catalog.Snapshot
 }
 
-// Fallback is the answer given instead of a 503 when a service's breaker is
-// open or it has no healthy instance: either a static response or the same
-// request sent to another service.
-type Fallback struct {
-	Status      int    // static answer status (default 200)
-	Body        string // static answer body
-	ContentType string // default application/json
-	Service     string // forward to this service instead (takes precedence)
-}
-
 // Config configures the proxy. Zero fields take the defaults noted.
 type Config struct {
 	Upstreams     []Upstream
-	HTTPProxyAddr string            // "" disables the HTTP proxy listener
-	Gateways      []GatewayListener // gateway listeners (package sidecar/gateway)
-	Balancer      Balancer          // default LeastRequest
-	Domain        string            // DNS domain for http-proxy hosts, default "consul"
+	HTTPProxyAddr string   // "" disables the HTTP proxy listener
+	Balancer      Balancer // default LeastRequest
+	Domain        string   // DNS domain for http-proxy hosts, default "consul"
 
 	ConnectTimeout time.Duration // dial timeout per attempt, default 1s
 	TryTimeout     time.Duration // per try, until the whole answer is read, default 5s
 	RequestTimeout time.Duration // whole request including retries, default 15s
 	IdleTimeout    time.Duration // client keepalive idle timeout, default 90s
 
-	MaxRetries          int           // extra tries after the first, default 2; negative disables
-	RetryBudget         float64       // retries at most this share of requests (10s window), default 0.2
-	MinRetries          int           // retries always allowed per 10s window, default 10
-	RetryBackoff        time.Duration // base of the full-jitter backoff, default 25ms
-	RetryBackoffMax     time.Duration // default 250ms
-	RetryStatuses       []int         // answers retried (idempotent requests only), default 502, 503, 504
-	FailureStatuses     []int         // answers counted as instance failures, default every 5xx
-	MaxReplayBody       int           // request bodies up to this size are buffered for retries, default 64 KiB
-	MaxConnsPerHost     int           // connection pool limit per instance, default 512
-	MaxIdleConnTime     time.Duration // idle pooled connection lifetime, default 10s
-	WantTimeout         time.Duration // wait for a service's first catalog answer, default 2s
-	MaxServices         int           // distinct services the HTTP proxy keeps state for, default 1024
-	Fallbacks           map[string]Fallback
-	Node                string // this node's name, for the nearest balancer
-	Logger              hclog.Logger
-	Registerer          prometheus.Registerer
-	DisableHTTP2        bool          // don't recognise h2c on HTTP listeners
-	DisableFastPath     bool          // serve every HTTP/1.x request with fasthttp (for comparison)
-	DisableEventLoop    bool          // serve the fast path from a goroutine per connection, not event loops (for comparison)
-	EventLoops          int           // event loops shared by the HTTP listeners (Linux), default half of GOMAXPROCS, at least 1
-	ShutdownGraceTime   time.Duration // default 5s
-	TLSHandshakeTimeout time.Duration // gateway TLS listeners, default 10s
+	MaxRetries        int           // extra tries after the first, default 2; negative disables
+	RetryBudget       float64       // retries at most this share of requests (10s window), default 0.2
+	MinRetries        int           // retries always allowed per 10s window, default 10
+	RetryBackoff      time.Duration // base of the full-jitter backoff, default 25ms
+	RetryBackoffMax   time.Duration // default 250ms
+	RetryStatuses     []int         // answers retried (idempotent requests only, on another instance), default 500, 502, 503, 504
+	FailureStatuses   []int         // answers counted as instance failures, default every 5xx
+	MaxReplayBody     int           // request bodies up to this size are buffered for retries, default 64 KiB
+	MaxConnsPerHost   int           // connection pool limit per instance, default 512
+	MaxIdleConnTime   time.Duration // idle pooled connection lifetime, default 10s
+	WantTimeout       time.Duration // wait for a service's first catalog answer, default 2s
+	MaxServices       int           // distinct services the HTTP proxy keeps state for, default 1024
+	Fallbacks         map[string]Fallback
+	Node              string // this node's name, for the nearest balancer
+	Logger            hclog.Logger
+	Registerer        prometheus.Registerer
+	DisableHTTP2      bool          // don't recognise h2c on HTTP listeners
+	DisableFastPath   bool          // serve every HTTP/1.x request with fasthttp (for comparison)
+	DisableEventLoop  bool          // serve the fast path from a goroutine per connection, not event loops (for comparison)
+	EventLoops        int           // event loops shared by the HTTP listeners (Linux), default half of GOMAXPROCS, at least 1
+	ShutdownGraceTime time.Duration // default 5s
+
+	Gateways            []GatewayListener // gateway listeners (package sidecar/gateway), routed by their Router
+	TLSHandshakeTimeout time.Duration     // gateway TLS listeners, default 10s
 }
 
 func (c Config) withDefaults() Config {
@@ -134,7 +125,7 @@ func (c Config) withDefaults() Config {
 		c.MinRetries = 10
 	}
 	if c.RetryStatuses == nil {
-		c.RetryStatuses = []int{502, 503, 504}
+		c.RetryStatuses = []int{500, 502, 503, 504}
 	}
 	if c.MaxReplayBody <= 0 {
 		c.MaxReplayBody = 64 << 10
@@ -164,6 +155,7 @@ type Proxy struct {
 	retryOn   [600]bool
 	failureOn [600]bool
 	dialer    net.Dialer
+	fallbacks map[string]*fallback
 
 	mu      sync.Mutex
 	targets map[string]*target
@@ -226,30 +218,25 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 			return nil, fmt.Errorf("proxy: gateway %s: no router", g.Addr)
 		}
 	}
-	fallbacks := make(map[string]Fallback, len(cfg.Fallbacks))
+	fallbacks := make(map[string]*fallback, len(cfg.Fallbacks))
 	for name, fb := range cfg.Fallbacks {
-		if fb.Service == "" && (fb.Status < 100 && fb.Status != 0 || fb.Status > 599) {
-			return nil, fmt.Errorf("proxy: fallback for %s: bad status %d", name, fb.Status)
+		f, err := newFallback(name, fb)
+		if err != nil {
+			return nil, err
 		}
-		if fb.Service != "" {
-			if err := checkServiceName(strings.ToLower(fb.Service)); err != nil {
-				return nil, fmt.Errorf("proxy: fallback for %s: %w", name, err)
-			}
-			fb.Service = strings.ToLower(fb.Service)
-		}
-		fallbacks[strings.ToLower(name)] = fb
+		fallbacks[strings.ToLower(name)] = f
 	}
-	cfg.Fallbacks = fallbacks
 	p := &Proxy{
-		cfg:     cfg,
-		src:     src,
-		br:      br,
-		log:     cfg.Logger.Named("proxy"),
-		targets: map[string]*target{},
-		conns:   map[net.Conn]struct{}{},
-		ready:   make(chan struct{}),
-		bound:   map[string]net.Addr{},
-		dialer:  net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second},
+		cfg:       cfg,
+		fallbacks: fallbacks,
+		src:       src,
+		br:        br,
+		log:       cfg.Logger.Named("proxy"),
+		targets:   map[string]*target{},
+		conns:     map[net.Conn]struct{}{},
+		ready:     make(chan struct{}),
+		bound:     map[string]net.Addr{},
+		dialer:    net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second},
 	}
 	p.slack = cfg.TryTimeout / 32
 	for _, s := range cfg.RetryStatuses {
@@ -368,6 +355,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 		defer wg.Done()
 		p.closeIdleLoop(ctx)
 	}()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		p.followLoop(ctx)
+	}()
 	p.boundMu.Lock()
 	for _, b := range all {
 		if b.key != "" {
@@ -424,6 +416,60 @@ func (p *Proxy) closeIdleLoop(ctx context.Context) {
 					ep.pool.closeIdle(now.Add(-p.cfg.MaxIdleConnTime))
 				}
 				t.mu.Unlock()
+			}
+		}
+	}
+}
+
+// notifier is a Source that says when it has a new snapshot
+// (*catalog.Watcher is one).
+type notifier interface {
+	View() *catalog.View
+}
+
+// followLoop rebuilds every target's endpoints when the catalog view
+// changes, until ctx ends, so that the breaker sees instances leave and
+// come back even while nobody calls the service (one that comes back
+// starts with a clean outlier record). A Source that cannot say when it
+// changed is looked at every 100 ms.
+func (p *Proxy) followLoop(ctx context.Context) {
+	var changed <-chan struct{}
+	if n, ok := p.src.(notifier); ok && n.View() != nil {
+		ch, stop := n.View().Subscribe()
+		defer stop()
+		changed = ch
+	} else {
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		ch := make(chan struct{}, 1)
+		go func() {
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-tick.C:
+					select {
+					case ch <- struct{}{}:
+					default:
+					}
+				}
+			}
+		}()
+		changed = ch
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+			p.mu.Lock()
+			ts := make([]*target, 0, len(p.targets))
+			for _, t := range p.targets {
+				ts = append(ts, t)
+			}
+			p.mu.Unlock()
+			for _, t := range ts {
+				t.endpoints()
 			}
 		}
 	}
@@ -501,9 +547,7 @@ func (p *Proxy) target(name string, bal Balancer, proto string) *target {
 		eps:  map[string]*endpoint{},
 		met:  p.met.forTarget(name),
 	}
-	if fb, ok := p.cfg.Fallbacks[name]; ok {
-		t.fallback = &fb
-	}
+	t.fallback = p.fallbacks[name]
 	p.targets[name] = t
 	return t
 }
@@ -551,7 +595,7 @@ type target struct {
 	bal      Balancer
 	h2up     bool // send h2c requests to instances over h2c
 	svc      *breaker.Service
-	fallback *Fallback
+	fallback *fallback
 	met      *targetMetrics
 	rr       atomic.Uint64
 	budget   budget
@@ -617,6 +661,7 @@ func (t *target) rebuild(snap *catalog.Snapshot) *epSet {
 	}
 	set := &epSet{snap: snap, svc: svc, found: found, known: found || snap.Known[t.name], ips: true}
 	keep := map[string]bool{}
+	live := map[string]bool{}
 	var ids []string
 	if found {
 		for i := range svc.Instances {
@@ -644,17 +689,20 @@ func (t *target) rebuild(snap *catalog.Snapshot) *epSet {
 			keep[key] = true
 			set.ips = set.ips && ep.ap.IsValid()
 			ids = append(ids, in.ID)
+			live[in.ID] = true
 			set.list = append(set.list, ep)
 		}
 	}
+	now := time.Now()
 	for key, ep := range t.eps {
 		if !keep[key] {
 			delete(t.eps, key)
 			ep.hc.CloseIdleConnections()
 			ep.pool.close()
-			t.met.drop(ep.id)
+			t.met.drop(ep.id, now)
 		}
 	}
+	t.met.retain(live, now)
 	if t.bal == Nearest {
 		sort.SliceStable(set.list, func(i, j int) bool {
 			a, b := set.list[i], set.list[j]
@@ -664,9 +712,9 @@ func (t *target) rebuild(snap *catalog.Snapshot) *epSet {
 			return a.rtt < b.rtt
 		})
 	}
-	if found {
-		t.svc.Sync(ids)
-	}
+	// The breaker follows the view: an instance that left it (Consul
+	// found it unhealthy) and came back starts with a clean record.
+	t.svc.Sync(ids)
 	t.set.Store(set)
 	return set
 }
@@ -738,16 +786,23 @@ func (t *target) want(ctx context.Context) *epSet {
 }
 
 // pick chooses an endpoint not in tried. An instance whose ejection time is
-// over is taken first, as its probe. nil means no instance can be tried.
+// over is taken first, as its probe. While the service panics (too few
+// healthy instances) every instance may be picked. nil means no instance
+// can be tried.
 func (t *target) pick(set *epSet, tried []*endpoint) *endpoint {
 	var buf [16]*endpoint
 	cand := buf[:0]
+	panicking := t.svc.Panic()
 outer:
 	for _, ep := range set.list {
 		for _, x := range tried {
 			if x == ep {
 				continue outer
 			}
+		}
+		if panicking {
+			cand = append(cand, ep)
+			continue
 		}
 		switch ep.out.Status() {
 		case breaker.Available:

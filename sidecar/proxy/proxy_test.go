@@ -430,13 +430,13 @@ func TestFallbacks(t *testing.T) {
 		map[string][]*backend{"static": {}, "other": {}, "none": {}, "spare": {spare}})
 	c := newClient()
 	code, h, body := get(t, c, tp.url("static", "/"))
-	if code != 200 || string(body) != `{"items":[]}` || h.Get("X-Attache-Fallback") != "static" {
+	if code != 200 || string(body) != `{"items":[]}` || h.Get("X-Attache-Fallback") != "no-healthy" {
 		t.Fatalf("static fallback: %d %v %s", code, h, body)
 	}
 	code, h, body = get(t, c, tp.url("other", "/p"))
 	var r demo.Response
 	json.Unmarshal(body, &r)
-	if code != 200 || r.Service != "spare" || h.Get("X-Attache-Fallback") != "spare" {
+	if code != 200 || r.Service != "spare" || h.Get("X-Attache-Fallback") != "no-healthy" || h.Get("X-Attache-Fallback-Service") != "spare" {
 		t.Fatalf("service fallback: %d %v %s", code, h, body)
 	}
 	code, _, body = get(t, c, tp.url("none", "/"))
@@ -869,4 +869,62 @@ func TestH2CToH2COnlyInstance(t *testing.T) {
 			t.Fatalf("got %s %d %q; want the instance reached over h2c", resp.Proto, resp.StatusCode, body)
 		}
 	}
+}
+
+// A fallback answers for failed calls too, naming the cause; On limits it
+// to the causes given; a service fallback replaces a failed answer.
+func TestFallbackCauses(t *testing.T) {
+	failing := func(service, id string) *backend {
+		b := newBackend(t, service, id, nil)
+		b.demo.SetFault(demo.ModeFail, 0)
+		return b
+	}
+	spare := newBackend(t, "spare", "s1", nil)
+	tp := startProxy(t, Config{
+		Upstreams: []Upstream{upstream("all"), upstream("refused"), upstream("other")},
+		Fallbacks: map[string]Fallback{
+			"all":     {Body: "Stock status unavailable", ContentType: "text/plain"},
+			"refused": {Body: "refused", On: []string{CauseBreakerOpen, CauseMaxRequests}},
+			"other":   {Service: "spare"},
+		}}, breaker.Config{Disabled: true, ConsecutiveFailures: -1},
+		map[string][]*backend{"all": {failing("all", "a1")}, "refused": {failing("refused", "r1")},
+			"other": {failing("other", "o1")}, "spare": {spare}})
+	c := newClient()
+	for _, tc := range []struct {
+		service, path string
+		code          int
+		cause, body   string
+	}{
+		{"all", "/x", 200, Cause5xx, "Stock status unavailable"},
+		{"refused", "/x", 500, "", "fault injected"},
+		{"other", "/x", 200, Cause5xx, `"service":"spare"`},
+	} {
+		for _, method := range []string{"GET", "POST"} { // retried, and not
+			req, _ := http.NewRequest(method, tp.url(tc.service, tc.path), nil)
+			resp, err := c.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tc.code || resp.Header.Get("X-Attache-Fallback") != tc.cause || !strings.Contains(string(body), tc.body) {
+				t.Errorf("%s %s: %d %q %s", method, tc.service, resp.StatusCode, resp.Header.Get("X-Attache-Fallback"), body)
+			}
+		}
+	}
+}
+
+func TestFallbackUnknownCause(t *testing.T) {
+	_, err := New(Config{Fallbacks: map[string]Fallback{"a": {On: []string{"sometimes"}}}}, &viewSource{v: catalog.NewView()}, mustBreaker(t))
+	if err == nil || !strings.Contains(err.Error(), `unknown cause "sometimes"`) {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func mustBreaker(t *testing.T) *breaker.Registry {
+	br, err := breaker.New(breaker.Config{}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return br
 }

@@ -383,24 +383,30 @@ func appendRequest(out, b []byte, r *rawReq, path span, end int, ip []byte) []by
 // own) and reports whether the client connection stays open.
 func (rc *rawConn) finish(t *target, res result, mayFallback bool) bool {
 	p, x := rc.s.p, &rc.x
-	switch res.kind {
-	case outAnswered:
+	fb, cause := t.fallbackFor(res)
+	if !mayFallback {
+		fb = nil
+	}
+	if fb != nil && fb.Service != "" {
+		if t2, err := p.lookupTarget(rc.s.ctx, fb.Service); err == nil {
+			x.discard()
+			t.met.fallback(cause)
+			res2 := t2.forward(rc.s.ctx, x, x.replay)
+			rc.extra = append(append(append(rc.extra[:0], "X-Attache-Fallback: "...), cause...), "\r\nX-Attache-Fallback-Service: "...)
+			rc.extra = append(append(rc.extra, t2.name...), '\r', '\n')
+			return rc.finish(t2, res2, false)
+		}
+	}
+	if fb != nil && fb.Service != "" {
+		fb = nil // the other service is not in the catalog: our own answer
+	}
+	if res.kind == outAnswered && fb == nil {
 		if x.bc != nil {
 			return rc.writeAnswer()
 		}
 		// Cannot happen (forward keeps the answer it returns); a 502
 		// rather than a crash if it ever does.
 		res = result{kind: outError, err: errAnswerGone, ep: res.ep}
-	case outOpen, outNoHealthy:
-		if fb := t.fallback; mayFallback && fb != nil && fb.Service != "" {
-			if t2, err := p.lookupTarget(rc.s.ctx, fb.Service); err == nil {
-				res2 := t2.forward(rc.s.ctx, x, x.replay)
-				if res2.kind == outAnswered {
-					rc.extra = append(append(append(rc.extra[:0], "X-Attache-Fallback: "...), t2.name...), '\r', '\n')
-				}
-				return rc.finish(t2, res2, false)
-			}
-		}
 	}
 	x.discard()
 	return rc.writeCanned(p.cannedFor(t, res, mayFallback))

@@ -146,6 +146,15 @@ func (f *fwd) maxRetries(p *Proxy) int {
 	return p.cfg.MaxRetries
 }
 
+// with gives f a route's policy (nil: the proxy's), once admitted.
+func (f *fwd) with(p *Proxy, pol *Policy) {
+	if pol == nil {
+		return
+	}
+	f.pol = pol
+	f.deadline = f.start.Add(requestTimeout(p, pol))
+}
+
 func requestTimeout(p *Proxy, pol *Policy) time.Duration {
 	if pol != nil && pol.RequestTimeout > 0 {
 		return pol.RequestTimeout

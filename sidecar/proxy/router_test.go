@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -21,6 +22,7 @@ import (
 	"time"
 
 	"attache/sidecar/breaker"
+	"attache/sidecar/catalog"
 )
 
 // prefixRouter routes by path prefix: "/a/" to service a (the prefix
@@ -255,4 +257,76 @@ func selfSigned(t *testing.T) tls.Certificate {
 		t.Fatal(err)
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// FuzzGatewayListener sends raw bytes over a real TCP connection to a
+// gateway listener whose router rewrites paths and reads headers: it must
+// answer with well-formed HTTP or close, and keep serving.
+func FuzzGatewayListener(f *testing.F) {
+	for _, s := range []string{
+		"GET /a/items/1 HTTP/1.1\r\nHost: gw\r\n\r\nGET /a/items/2?q=1 HTTP/1.1\r\nHost: gw\r\n\r\n",
+		"GET /zzz HTTP/1.1\r\nHost: gw\r\nX-Route-To: a\r\nX-Real-IP: 1.2.3.4\r\nX-Forwarded-Proto: https\r\n\r\n",
+		"POST /a/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhello",
+		"POST /a/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+		"GET /deny/1 HTTP/1.1\r\nHost: gw\r\n\r\n",
+		"GET http://gw/a?x HTTP/1.1\r\nHost: gw\r\n\r\n",
+		"GET /nowhere HTTP/1.1\r\nHost: gw\r\nX-Route-To: nosuch\r\n\r\n",
+		"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+	} {
+		f.Add([]byte(s))
+	}
+	b := newBackend(f, "a", "a1", headerEcho{"a1"})
+	src := &viewSource{v: catalog.NewView()}
+	publish(src, map[string][]*backend{"a": {b}})
+	br, _ := breaker.New(breaker.Config{}, nil, nil)
+	rt := &prefixRouter{routes: map[string]string{"/a": "a"}, strip: true}
+	p, err := New(Config{Gateways: []GatewayListener{{Addr: "127.0.0.1:0", Router: rt}}, TryTimeout: time.Second, RequestTimeout: 2 * time.Second,
+		WantTimeout: time.Millisecond, IdleTimeout: 3 * time.Second, DisableEventLoop: *noLoop}, src, br)
+	if err != nil {
+		f.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	f.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	<-p.Ready()
+	addr := p.GatewayAddr(0).String()
+	f.Fuzz(func(t *testing.T, in []byte) {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Write(in); err != nil {
+			return
+		}
+		_ = c.(*net.TCPConn).CloseWrite()
+		out, err := io.ReadAll(c)
+		if err != nil && !isReset(err) {
+			t.Fatalf("reading the answers: %v (the gateway neither answered nor closed)", err)
+		}
+		if len(out) > 0 {
+			if resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(out)), nil); err == nil {
+				io.Copy(io.Discard, resp.Body)
+				if resp.StatusCode < 100 || resp.StatusCode > 599 {
+					t.Fatalf("status %d", resp.StatusCode)
+				}
+			}
+		}
+		c2, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c2.Close()
+		_ = c2.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c2, "GET /a/items/1 HTTP/1.1\r\nHost: gw\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c2), nil)
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("a plain request after the input: %v %v", err, resp)
+		}
+	})
 }

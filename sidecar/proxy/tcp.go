@@ -23,24 +23,25 @@ func (p *Proxy) handleTCP(ctx context.Context, c net.Conn, t *target) {
 	if !set.found {
 		set = t.want(ctx)
 	}
-	call, err := t.svc.Allow()
+	start := time.Now()
+	call, err := t.svc.Allow(start)
 	if err != nil {
-		p.log.Debug("tcp connection refused: breaker open", "service", t.name)
+		p.log.Debug("tcp connection refused", "service", t.name, "error", err)
 		t.met.count(classOpen)
 		c.Close()
 		return
 	}
-	start := time.Now()
 	t.budget.request(start)
 	var tried [maxTries]*endpoint
 	n := 0
 	for {
 		ep := t.pick(set, tried[:n])
 		if ep == nil {
-			t.svc.Done(call, true, time.Since(start))
 			if n == 0 {
+				t.svc.Cancel(call)
 				t.met.count(classNoHealthy)
 			} else {
+				t.svc.Done(call, true, time.Now())
 				t.met.count(classError)
 			}
 			c.Close()
@@ -52,7 +53,7 @@ func (p *Proxy) handleTCP(ctx context.Context, c net.Conn, t *target) {
 		ep.met.observe(time.Since(t0), err != nil)
 		ep.out.Report(err != nil)
 		if err == nil {
-			t.svc.Done(call, false, time.Since(start))
+			t.svc.Done(call, false, time.Now())
 			t.met.count(class2xx)
 			p.splice(c, up)
 			ep.inflight.Add(-1)
@@ -62,7 +63,7 @@ func (p *Proxy) handleTCP(ctx context.Context, c net.Conn, t *target) {
 		tried[n] = ep
 		n++
 		if n > p.cfg.MaxRetries || !t.budget.retry(time.Now(), p.cfg.RetryBudget, p.cfg.MinRetries) {
-			t.svc.Done(call, true, time.Since(start))
+			t.svc.Done(call, true, time.Now())
 			t.met.count(classError)
 			c.Close()
 			return

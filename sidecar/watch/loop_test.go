@@ -82,7 +82,7 @@ func TestLoop(t *testing.T) {
 			cfg: func(c *Config) { c.Wait = 10 * time.Millisecond }, want: []string{"a", "b"}, wantIndex: []uint64{0, 4, 0, 5}, wantErrs: 1},
 		{name: "too stale asks the leader", cfg: func(c *Config) { c.Stale, c.MaxStale = true, time.Second },
 			answers: []answer{{v: "old", index: 4, lc: 5 * time.Second}, {v: "a", index: 4}, {v: "b", index: 6, lc: time.Millisecond}},
-			want: []string{"a", "b"}, wantIndex: []uint64{0, 0, 4, 6}, wantStale: []bool{true, false, true, true}},
+			want:    []string{"a", "b"}, wantIndex: []uint64{0, 0, 4, 6}, wantStale: []bool{true, false, true, true}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
