@@ -318,7 +318,8 @@ func artifactServer(t *testing.T) (string, string) {
 // DNS answers, including for the control service Nomad registered in
 // Consul; the control service answers and stores a route document; stopping
 // the jobs deregisters the sidecar; the agent stops on SIGINT leaving no
-// task process behind.
+// task process behind. Then, where the dev agent has the docker driver and
+// the image attache:dev exists, the same for attache-docker.nomad.hcl.
 func TestJobsOnDevAgent(t *testing.T) {
 	nomad := nomadBinary(t)
 	if testing.Short() {
@@ -435,5 +436,56 @@ func TestJobsOnDevAgent(t *testing.T) {
 		}
 		return nil
 	})
+
+	// The Docker variant, over the local image, where the node has Docker
+	// and the image (scripts/images builds attache:dev).
+	var node struct{ Attributes map[string]string }
+	var nodes []struct{ ID string }
+	if err := a.get("/v1/nodes", &nodes); err != nil || len(nodes) != 1 {
+		t.Fatalf("nodes: %v %v", nodes, err)
+	}
+	if err := a.get("/v1/node/"+nodes[0].ID, &node); err != nil {
+		t.Fatal(err)
+	}
+	if node.Attributes["driver.docker"] != "1" {
+		t.Logf("attache-docker.nomad.hcl not run: the dev agent has no docker driver")
+	} else if err := exec.Command("docker", "image", "inspect", "attache:dev").Run(); err != nil {
+		t.Logf("attache-docker.nomad.hcl not run: no image attache:dev (scripts/images builds it)")
+	} else {
+		start := time.Now()
+		dnsPort, adminPort := freePort(t), freePort(t)
+		a.run(t, nomad, "job", "run", "-detach",
+			"-var", "consul_addr="+consul.HTTPAddr,
+			"-var", "dns_port="+strconv.Itoa(dnsPort), "-var", "admin_port="+strconv.Itoa(adminPort),
+			"attache-docker.nomad.hcl")
+		eventually(t, "the attache (docker) allocation running", 90*time.Second, func() error { return a.running("attache") })
+		eventually(t, "service attache (docker) registered and passing", 60*time.Second, func() error {
+			entries, _, err := capi.Health().Service("attache", "", true, nil)
+			if err != nil {
+				return err
+			}
+			if len(entries) != 1 || entries[0].Service.Port != adminPort {
+				return fmt.Errorf("passing attache instances: %d", len(entries))
+			}
+			return nil
+		})
+		dnsAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(dnsPort))
+		eventually(t, "attache.service.consul through the docker sidecar's DNS", 30*time.Second, func() error {
+			_, err := query("attache.service.consul.", miekg.TypeA)
+			return err
+		})
+		a.run(t, nomad, "job", "stop", "-detach", "-purge", "attache")
+		eventually(t, "attache (docker) deregistered after the job stopped", 60*time.Second, func() error {
+			svcs, err := capi.Agent().Services()
+			if err != nil {
+				return err
+			}
+			if _, ok := svcs["attache"]; ok {
+				return fmt.Errorf("still registered")
+			}
+			return nil
+		})
+		t.Logf("attache-docker.nomad.hcl: ran, registered, answered and stopped in %v", time.Since(start).Round(100*time.Millisecond))
+	}
 	a.stop(t)
 }
