@@ -11,7 +11,8 @@
 # docker driver must be enabled on the clients (it is by default when Docker
 # runs there).
 #
-# Checked with `nomad job validate` (v1.6.1) by nomad/nomad_test.go.
+# Run for real by nomad/nomad_test.go where the dev agent has the docker
+# driver and the image exists; `nomad job validate` (v1.6.1) always.
 
 variable "image" {
   type    = string
