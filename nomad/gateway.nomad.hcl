@@ -172,6 +172,9 @@ job "attache-gateway" {
           "-dns", "${NOMAD_ADDR_dns}",
           "-admin", "${NOMAD_ADDR_admin}",
           "-data-dir", "${NOMAD_ALLOC_DIR}/data/attache",
+          # Every service in the view, so that a service's own route (its
+          # meta attache-route) joins the table.
+          "-watch", "all",
           "-log-json",
         ]
       }
