@@ -1,26 +1,42 @@
-# attache sidecar on every Nomad client node, as a system job.
+# attache sidecar on every Nomad client node, as a system job (raw_exec or
+# exec). The Docker variant over the attache image is attache-docker.nomad.hcl.
 #
-#   nomad job run -var 'attache_binary=/usr/local/bin/attache' nomad/attache.nomad.hcl
+#   nomad job run nomad/attache.nomad.hcl                        # binary at /usr/local/bin/attache
+#   nomad job run -var 'attache_artifact=https://HOST/attache_linux_amd64.tar.gz' \
+#                 -var 'attache_artifact_checksum=sha256:...' nomad/attache.nomad.hcl
 #
 # Assumptions (see deploy/README.md):
 #   - every client node runs a Consul client agent, reachable from the host at
 #     var.consul_addr (127.0.0.1:8500 by default: the agent's default client
 #     address); the job only lands on nodes where Nomad fingerprinted Consul;
-#   - the attache binary is installed on each node at var.attache_binary
-#     (or fetched with the artifact block shown at the bottom);
+#   - the attache binary is installed on each node at var.attache_binary, or
+#     fetched by Nomad from var.attache_artifact (a .tar.gz holding "attache");
 #   - the raw_exec driver is enabled on the clients (plugin "raw_exec" {
-#     config { enabled = true } }), or set driver = "exec".
+#     config { enabled = true } }), or set driver = "exec" (Linux, root).
 # The sidecar registers itself (service "attache", checked via /healthz) and
 # the local services of its -service files with the node's agent, so this job
-# has no Nomad service block.
+# has no Nomad service block. Nodes of class var.gateway_node_class are left
+# to gateway.nomad.hcl (one sidecar per node, in gateway mode there).
 #
-# Syntax-checked with hashicorp/hcl/v2; not run (no Nomad on the machine where
-# it was written).
+# Run for real by nomad/nomad_test.go (Nomad v1.6.1 -dev, raw_exec, the
+# binary as an artifact over HTTP).
 
 variable "attache_binary" {
   type        = string
   default     = "/usr/local/bin/attache"
-  description = "Absolute path of the attache binary on every client node."
+  description = "Absolute path of the attache binary on every client node (when attache_artifact is empty)."
+}
+
+variable "attache_artifact" {
+  type        = string
+  default     = ""
+  description = "URL of a .tar.gz holding the attache binary; when set, Nomad fetches it into the task's local/ and runs local/attache."
+}
+
+variable "attache_artifact_checksum" {
+  type        = string
+  default     = ""
+  description = "The artifact's checksum, e.g. sha256:HEX (recommended: Nomad refuses a download that does not match)."
 }
 
 variable "driver" {
@@ -32,6 +48,12 @@ variable "driver" {
 variable "datacenters" {
   type    = list(string)
   default = ["*"]
+}
+
+variable "gateway_node_class" {
+  type        = string
+  default     = "gateway"
+  description = "Nodes of this class run gateway.nomad.hcl's sidecar instead."
 }
 
 variable "consul_addr" {
@@ -82,6 +104,11 @@ job "attache" {
       attribute = "${attr.consul.version}"
       operator  = "is_set"
     }
+    constraint {
+      attribute = "${node.class}"
+      operator  = "!="
+      value     = var.gateway_node_class
+    }
 
     # Host networking: the sidecar serves the node's own apps on the node's
     # address. Static ports reserve them so no other allocation takes them.
@@ -115,12 +142,29 @@ job "attache" {
     task "attache" {
       driver = var.driver
 
+      # Fetched into local/ when attache_artifact is set (none otherwise).
+      dynamic "artifact" {
+        for_each = var.attache_artifact == "" ? [] : [var.attache_artifact]
+        content {
+          source      = artifact.value
+          destination = "local/"
+          dynamic "options" {
+            for_each = var.attache_artifact_checksum == "" ? [] : [var.attache_artifact_checksum]
+            content {
+              checksum = options.value
+            }
+          }
+        }
+      }
+
       config {
-        command = var.attache_binary
+        command = var.attache_artifact == "" ? var.attache_binary : "local/attache"
         args = concat(
           [
             "sidecar",
-            # The Consul agent's node name, as Nomad fingerprinted it.
+            # Runtime values, interpolated by Nomad on the node:
+            # the Consul agent's node name as Nomad fingerprinted it, the
+            # reserved ports on the node's address, the allocation directory.
             "-node", "${attr.unique.consul.name}",
             "-consul", var.consul_addr,
             "-dns", "${NOMAD_ADDR_dns}",
@@ -144,13 +188,6 @@ job "attache" {
       #   data        = "CONSUL_HTTP_TOKEN={{ with nomadVar \"nomad/jobs/attache\" }}{{ .consul_token }}{{ end }}"
       #   destination = "secrets/consul.env"
       #   env         = true
-      # }
-
-      # To fetch the binary instead of installing it on every node, use an
-      # artifact and set attache_binary = "local/attache":
-      # artifact {
-      #   source      = "https://YOUR-RELEASES-HOST/attache/attache_linux_amd64.tar.gz"
-      #   destination = "local/"
       # }
 
       resources {

@@ -41,18 +41,38 @@ type readiness struct {
 	Catalog  catalog.Status          `json:"catalog"`
 }
 
-// readyz answers 200 once the sidecar has registered with its agent and has
-// a catalog view to serve (from Consul, or from disk while Consul is down).
+// readyz answers 200 once the sidecar serves: every listener is bound, it
+// has registered with its agent, and it has a catalog view to serve (from
+// Consul, or from disk while Consul is down). Under systemd, READY=1 is sent
+// at the same moment (see New).
 func (s *Sidecar) readyz(w http.ResponseWriter, r *http.Request) {
-	rd := readiness{Register: s.registrar.Status(), Catalog: s.watcher.Status()}
-	if !rd.Register.Registered {
-		rd.Reasons = append(rd.Reasons, "not registered with the local Consul agent yet: "+rd.Register.LastError)
-	}
-	if !s.watcher.Ready() {
-		rd.Reasons = append(rd.Reasons, "no catalog view yet: "+rd.Catalog.LastError)
-	}
+	rd := readiness{Register: s.registrar.Status(), Catalog: s.watcher.Status(), Reasons: s.notReady()}
 	rd.Ready = len(rd.Reasons) == 0
 	writeJSON(w, rd, map[bool]int{true: http.StatusOK, false: http.StatusServiceUnavailable}[rd.Ready])
+}
+
+// notReady returns why the sidecar does not serve yet; nil when it does.
+func (s *Sidecar) notReady() []string {
+	var reasons []string
+	if (s.dns != nil && !closed(s.dns.Ready())) || (s.proxy != nil && !closed(s.proxy.Ready())) {
+		reasons = append(reasons, "listeners not bound yet")
+	}
+	if st := s.registrar.Status(); !st.Registered {
+		reasons = append(reasons, "not registered with the local Consul agent yet: "+st.LastError)
+	}
+	if !s.watcher.Ready() {
+		reasons = append(reasons, "no catalog view yet: "+s.watcher.Status().LastError)
+	}
+	return reasons
+}
+
+func closed(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
 }
 
 func writeJSON(w http.ResponseWriter, v any, code int) {

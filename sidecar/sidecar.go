@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"attache/dns"
+	"attache/internal/sdnotify"
 	"attache/sidecar/breaker"
 	"attache/sidecar/catalog"
 	"attache/sidecar/gateway"
@@ -38,6 +39,7 @@ type Sidecar struct {
 	proxy     *proxy.Proxy     // nil without -upstream, -http-proxy or -gateway
 	gateway   *gateway.Gateway // nil without -gateway or -gateway-tls
 	dns       *dns.Server      // nil without -dns
+	notifier  *sdnotify.Notifier
 }
 
 // New builds the sidecar from cfg. It binds nothing and contacts nobody: Run does.
@@ -139,6 +141,11 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 			return nil, err
 		}
 	}
+	nc := sdnotify.DefaultConfig()
+	nc.Ready, nc.Logger = func() bool { return len(s.notReady()) == 0 }, log
+	if s.notifier, err = sdnotify.New(nc); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -212,6 +219,9 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		return admin.Shutdown(sctx)
 	})
 	s.log.Info("sidecar running", "admin", s.cfg.Admin, "consul", s.cfg.Consul, "pid", os.Getpid())
+	// The main loop: under systemd, READY=1 when /readyz would answer 200,
+	// watchdog pings, STOPPING=1 as the shutdown starts.
+	s.notifier.Run(gctx)
 	err = g.Wait()
 	s.log.Info("sidecar stopped")
 	return err
