@@ -4,14 +4,11 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
@@ -741,22 +738,15 @@ type connWatch struct {
 }
 
 func watchConns(addr string, open func() int) (*connWatch, error) {
-	host, port, err := net.SplitHostPort(addr)
-	if err != nil {
+	if _, err := testcluster.EstablishedConns(addr); err != nil {
 		return nil, err
 	}
-	ip := net.ParseIP(host).To4()
-	p, _ := strconv.Atoi(port)
-	if ip == nil {
-		return nil, fmt.Errorf("watchConns wants an IPv4 address, not %s", addr)
-	}
-	want := strings.ToUpper(hex.EncodeToString([]byte{ip[3], ip[2], ip[1], ip[0]})) + ":" + fmt.Sprintf("%04X", p)
 	m := &connWatch{stopc: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(m.done)
 		for {
 			if !m.paused.Load() {
-				if c, err := countConns(want); err == nil {
+				if c, err := testcluster.EstablishedConns(addr); err == nil {
 					m.peak = max(m.peak, c)
 				}
 				m.peakOpen = max(m.peakOpen, open())
@@ -775,35 +765,6 @@ func (m *connWatch) stop() (peak, peakOpen int) {
 	m.once.Do(func() { close(m.stopc) })
 	<-m.done
 	return m.peak, m.peakOpen
-}
-
-// countConns counts this process's sockets in /proc/net/tcp that are
-// ESTABLISHED (state 01) to remote (hex as /proc writes it).
-func countConns(remote string) (int, error) {
-	inodes := map[string]bool{}
-	fds, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		return 0, err
-	}
-	for _, fd := range fds {
-		if l, err := os.Readlink(filepath.Join("/proc/self/fd", fd.Name())); err == nil && strings.HasPrefix(l, "socket:[") {
-			inodes[strings.TrimSuffix(strings.TrimPrefix(l, "socket:["), "]")] = true
-		}
-	}
-	f, err := os.Open("/proc/net/tcp")
-	if err != nil {
-		return 0, err
-	}
-	defer f.Close()
-	seen := map[string]bool{} // a socket that moves while /proc/net/tcp is read may be listed twice
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fl := strings.Fields(sc.Text())
-		if len(fl) >= 10 && fl[2] == remote && fl[3] == "01" && inodes[fl[9]] {
-			seen[fl[9]] = true
-		}
-	}
-	return len(seen), sc.Err()
 }
 
 // rssOf reads VmRSS (kB) of a process from /proc.

@@ -1,23 +1,20 @@
 package catalog
 
 import (
-	"bufio"
 	"context"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"attache/internal/testcluster"
 
 	"github.com/hashicorp/consul/api"
 )
@@ -213,26 +210,14 @@ type connMonitor struct {
 
 func monitorConns(t *testing.T, addr string) *connMonitor {
 	t.Helper()
-	host, port, err := net.SplitHostPort(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ip := net.ParseIP(host).To4()
-	p, _ := strconv.Atoi(port)
-	if ip == nil {
-		t.Fatalf("monitorConns wants an IPv4 address, not %s", addr)
-	}
-	// /proc/net/tcp writes an IPv4 address as the hex of its 32 bits in
-	// host (little-endian) order, then the port in hex.
-	want := strings.ToUpper(hex.EncodeToString([]byte{ip[3], ip[2], ip[1], ip[0]})) + ":" + fmt.Sprintf("%04X", p)
 	m := &connMonitor{stopc: make(chan struct{}), done: make(chan struct{})}
-	if _, err := countConns(want); err != nil {
+	if _, err := testcluster.EstablishedConns(addr); err != nil {
 		t.Fatal(err)
 	}
 	go func() {
 		defer close(m.done)
 		for {
-			if c, err := countConns(want); err == nil {
+			if c, err := testcluster.EstablishedConns(addr); err == nil {
 				m.peak = max(m.peak, c)
 				m.samples++
 			}
@@ -257,35 +242,6 @@ func (m *connMonitor) stop() (peak, samples int) {
 	close(m.stopc)
 	<-m.done
 	return m.peak, m.samples
-}
-
-// countConns counts the sockets of this process in /proc/net/tcp that are
-// ESTABLISHED (state 01) to remote.
-func countConns(remote string) (int, error) {
-	inodes := map[string]bool{}
-	fds, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		return 0, err
-	}
-	for _, fd := range fds {
-		if l, err := os.Readlink(filepath.Join("/proc/self/fd", fd.Name())); err == nil && strings.HasPrefix(l, "socket:[") {
-			inodes[strings.TrimSuffix(strings.TrimPrefix(l, "socket:["), "]")] = true
-		}
-	}
-	f, err := os.Open("/proc/net/tcp")
-	if err != nil {
-		return 0, err
-	}
-	defer f.Close()
-	seen := map[string]bool{} // a socket that moves while /proc/net/tcp is read may be listed twice
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fl := strings.Fields(sc.Text())
-		if len(fl) >= 10 && fl[2] == remote && fl[3] == "01" && inodes[fl[9]] {
-			seen[fl[9]] = true
-		}
-	}
-	return len(seen), sc.Err()
 }
 
 // neighbour is another process on this machine asking the agent over new
