@@ -54,6 +54,9 @@ func (s *Sidecar) readyz(w http.ResponseWriter, r *http.Request) {
 // notReady returns why the sidecar does not serve yet; nil when it does.
 func (s *Sidecar) notReady() []string {
 	var reasons []string
+	if s.stopping.Load() {
+		reasons = append(reasons, "stopping: deregistered, draining the listeners")
+	}
 	if (s.dns != nil && !closed(s.dns.Ready())) || (s.proxy != nil && !closed(s.proxy.Ready())) {
 		reasons = append(reasons, "listeners not bound yet")
 	}

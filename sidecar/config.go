@@ -64,6 +64,7 @@ type Config struct {
 	HeaderTimeout time.Duration             // proxy: a request head must arrive whole within this (0: the proxy's 10s)
 	BodyTimeout   time.Duration             // proxy: a request body may pause this long between reads (0: the proxy's 30s)
 	MaxClients    int                       // proxy: open client connections per HTTP listener (0: the proxy's 16384)
+	DrainTimeout  time.Duration             // stop: in-flight requests may finish for this long after deregistration (default 10s)
 	EjectAfter    int                       // outlier ejection after this many consecutive failures (default 5)
 	EjectTime     time.Duration             // base ejection time, times the number of ejections (default 30s)
 	SlowCall      time.Duration             // breaker: a call this long is slow, in flight or done (default 2s)
@@ -93,6 +94,7 @@ func DefaultConfig(env func(string) string) Config {
 		EjectTime:    30 * time.Second,
 		SlowCall:     2 * time.Second,
 		MaxRequests:  1024,
+		DrainTimeout: 10 * time.Second,
 	}
 	if h, err := os.Hostname(); err == nil {
 		c.Node = h // Consul's default node name
@@ -162,6 +164,7 @@ func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs.DurationVar(&c.ClientIdle, "client-idle-timeout", c.ClientIdle, "proxy: close idle keep-alive client connections after this (0: 75s)")
 	fs.DurationVar(&c.HeaderTimeout, "header-timeout", c.HeaderTimeout, "proxy: a request head must arrive whole within this (0: 10s)")
 	fs.DurationVar(&c.BodyTimeout, "body-timeout", c.BodyTimeout, "proxy: a request body may pause this long between two reads (0: 30s)")
+	fs.DurationVar(&c.DrainTimeout, "drain-timeout", c.DrainTimeout, "on SIGTERM, after deregistering: how long requests under way may finish")
 	fs.IntVar(&c.MaxClients, "max-client-conns", c.MaxClients, "proxy: open client connections per HTTP listener; more get a 503 (0: 16384)")
 	fs.IntVar(&c.EjectAfter, "eject-after", c.EjectAfter, "eject an instance after this many consecutive failures (-1: never)")
 	fs.DurationVar(&c.EjectTime, "eject-time", c.EjectTime, "base ejection time, multiplied by the times ejected")
@@ -251,6 +254,7 @@ type fileConfig struct {
 	HeaderTimeout *string            `hcl:"header_timeout,optional"`
 	BodyTimeout   *string            `hcl:"body_timeout,optional"`
 	MaxClients    *int               `hcl:"max_client_conns,optional"`
+	DrainTimeout  *string            `hcl:"drain_timeout,optional"`
 	EjectAfter    *int               `hcl:"eject_after,optional"`
 	EjectTime     *string            `hcl:"eject_time,optional"`
 	SlowCall      *string            `hcl:"slow_call,optional"`
@@ -349,6 +353,7 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 		{"client_idle_timeout", fc.ClientIdle, &c.ClientIdle},
 		{"header_timeout", fc.HeaderTimeout, &c.HeaderTimeout},
 		{"body_timeout", fc.BodyTimeout, &c.BodyTimeout},
+		{"drain_timeout", fc.DrainTimeout, &c.DrainTimeout},
 	} {
 		if d.v == nil {
 			continue
@@ -414,6 +419,9 @@ func (c *Config) Validate() error {
 	addr("dns", c.DNS)
 	if c.DNSRateLimit < 0 || c.DNSRateBurst < 0 {
 		errs = append(errs, errors.New("-dns-rate-limit and -dns-rate-burst must not be negative (0: no limit)"))
+	}
+	if c.DrainTimeout <= 0 {
+		errs = append(errs, errors.New("-drain-timeout must be positive, e.g. 10s"))
 	}
 	addr("admin", c.Admin)
 	addr("http-proxy", c.HTTPProxy)

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -40,6 +41,7 @@ type Sidecar struct {
 	gateway   *gateway.Gateway // nil without -gateway or -gateway-tls
 	dns       *dns.Server      // nil without -dns
 	notifier  *sdnotify.Notifier
+	stopping  atomic.Bool // set as the graceful stop begins: /readyz answers 503 from then on
 }
 
 // New builds the sidecar from cfg. It binds nothing and contacts nobody: Run does.
@@ -112,6 +114,7 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 		pc.Balancer, _ = proxy.ParseBalancer(cfg.Balancer) // checked by Validate
 		pc.TryTimeout, pc.RequestTimeout, pc.MaxRetries = cfg.TryTimeout, cfg.ReqTimeout, cfg.Retries
 		pc.IdleTimeout, pc.HeaderTimeout, pc.BodyTimeout, pc.MaxClientConns = cfg.ClientIdle, cfg.HeaderTimeout, cfg.BodyTimeout, cfg.MaxClients
+		pc.ShutdownGraceTime = cfg.DrainTimeout
 		if pc.MaxRetries == 0 {
 			pc.MaxRetries = -1 // the proxy reads 0 as "the default"
 		}
@@ -183,9 +186,13 @@ func selfRegistration(cfg Config) (*api.AgentServiceRegistration, error) {
 	}, nil
 }
 
-// Run binds every listener (an address in use fails at once, naming it),
-// runs every component until ctx ends or one fails, then stops them all and
-// deregisters from the agent.
+// Run binds every listener (an address in use fails at once, naming it) and
+// runs every component until ctx ends or one fails. Then it stops
+// gracefully, in stages: /readyz answers 503 at once; the node's services
+// and the sidecar are deregistered from the agent, so every other view drops
+// them; the listeners stop accepting, close idle connections and let the
+// requests under way finish (up to -drain-timeout); last the catalog
+// watcher, the breakers, the gateway's route watch and the admin server stop.
 func (s *Sidecar) Run(ctx context.Context) error {
 	adminLn, err := net.Listen("tcp", s.cfg.Admin)
 	if err != nil {
@@ -193,18 +200,30 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	}
 	admin := &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
 
+	// Each stage runs under its own context, cancelled in order once gctx
+	// ends (ctx ended, or a component failed).
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return s.watcher.Run(gctx) })
-	g.Go(func() error { return s.registrar.Run(gctx) })
-	g.Go(func() error { return s.breakers.Run(gctx) })
+	regCtx, stopReg := context.WithCancel(context.Background())
+	srvCtx, stopSrv := context.WithCancel(context.Background())
+	baseCtx, stopBase := context.WithCancel(context.Background())
+	defer stopReg()
+	defer stopSrv()
+	defer stopBase()
+	regDone, srvDone := make(chan struct{}), make(chan struct{})
+	var srv errgroup.Group // the serving listeners: proxy and DNS
+
+	g.Go(func() error { return s.watcher.Run(baseCtx) })
+	g.Go(func() error { return s.breakers.Run(baseCtx) })
+	g.Go(func() error { defer close(regDone); return s.registrar.Run(regCtx) })
 	if s.dns != nil {
-		g.Go(func() error { return s.dns.Run(gctx) })
+		srv.Go(func() error { return s.dns.Run(srvCtx) })
 	}
 	if s.proxy != nil {
-		g.Go(func() error { return s.proxy.Run(gctx) })
+		srv.Go(func() error { return s.proxy.Run(srvCtx) })
 	}
+	g.Go(func() error { defer close(srvDone); return srv.Wait() })
 	if s.gateway != nil {
-		g.Go(func() error { return s.gateway.Run(gctx) })
+		g.Go(func() error { return s.gateway.Run(baseCtx) })
 	}
 	g.Go(func() error {
 		if err := admin.Serve(adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -214,6 +233,8 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	})
 	g.Go(func() error {
 		<-gctx.Done()
+		s.stop(stopReg, regDone, stopSrv, srvDone)
+		stopBase()
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		return admin.Shutdown(sctx)
@@ -225,4 +246,19 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	err = g.Wait()
 	s.log.Info("sidecar stopped")
 	return err
+}
+
+// stop runs the first two stages of the graceful stop: not ready, then
+// deregistered, then the listeners drained.
+func (s *Sidecar) stop(stopReg func(), regDone <-chan struct{}, stopSrv func(), srvDone <-chan struct{}) {
+	s.stopping.Store(true)
+	s.log.Info("stopping: deregistering from the agent, then draining the listeners", "drain_timeout", s.cfg.DrainTimeout)
+	stopReg()
+	select {
+	case <-regDone:
+	case <-time.After(s.cfg.DrainTimeout): // an agent that does not answer delays the stop no longer than this
+		s.log.Warn("stopping: deregistration did not finish in time; draining anyway")
+	}
+	stopSrv()
+	<-srvDone
 }
