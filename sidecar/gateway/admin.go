@@ -8,8 +8,8 @@ import (
 	"attache/control/routes"
 )
 
-// routeView is one route as /v1/routes shows it.
-type routeView struct {
+// RouteView is one route as /v1/routes shows it.
+type RouteView struct {
 	Name         string               `json:"name"`
 	Origin       string               `json:"origin"`
 	Host         string               `json:"host,omitempty"`
@@ -24,37 +24,46 @@ type routeView struct {
 	Timeouts     map[string]string    `json:"timeouts,omitempty"`
 }
 
-// Handler serves /v1/routes: the table in match order, its version, each
-// route's origin and the gateway's state.
+// RoutesView is the body of /v1/routes: the gateway's state, the table in
+// match order, its version and each route's origin.
+type RoutesView struct {
+	Status
+	Built  time.Time   `json:"built,omitzero"`
+	TLS    []string    `json:"tls_names,omitempty"`
+	Routes []RouteView `json:"routes"`
+}
+
+// View returns what /v1/routes shows (the admin status page shows it too).
+func (g *Gateway) View() RoutesView {
+	t := g.cur.Load()
+	out := RoutesView{Status: g.Status(), Built: t.built, TLS: g.certs.cur.Load().names, Routes: []RouteView{}}
+	if t.tbl != nil {
+		for _, rt := range t.tbl.Routes() {
+			v := RouteView{Name: rt.Name, Origin: rt.Origin.String(), Host: rt.Host, Prefix: rt.Prefix,
+				Methods: rt.Methods, Headers: rt.Headers, Destinations: rt.Destinations,
+				StripPrefix: rt.StripPrefix, Rewrite: rt.Rewrite, RateLimit: t.tbl.RateLimit(rt)}
+			if rs := t.per[rt]; rs != nil && rs.lim != nil {
+				v.RateShare, _ = rs.lim.rate()
+			}
+			if rt.TryTimeout > 0 || rt.RequestTimeout > 0 {
+				v.Timeouts = map[string]string{}
+				if rt.TryTimeout > 0 {
+					v.Timeouts["try"] = rt.TryTimeout.String()
+				}
+				if rt.RequestTimeout > 0 {
+					v.Timeouts["request"] = rt.RequestTimeout.String()
+				}
+			}
+			out.Routes = append(out.Routes, v)
+		}
+	}
+	return out
+}
+
+// Handler serves /v1/routes (View as JSON).
 func (g *Gateway) Handler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		t := g.cur.Load()
-		out := struct {
-			Status
-			Built  time.Time   `json:"built,omitzero"`
-			TLS    []string    `json:"tls_names,omitempty"`
-			Routes []routeView `json:"routes"`
-		}{Status: g.Status(), Built: t.built, TLS: g.certs.cur.Load().names, Routes: []routeView{}}
-		if t.tbl != nil {
-			for _, rt := range t.tbl.Routes() {
-				v := routeView{Name: rt.Name, Origin: rt.Origin.String(), Host: rt.Host, Prefix: rt.Prefix,
-					Methods: rt.Methods, Headers: rt.Headers, Destinations: rt.Destinations,
-					StripPrefix: rt.StripPrefix, Rewrite: rt.Rewrite, RateLimit: t.tbl.RateLimit(rt)}
-				if rs := t.per[rt]; rs != nil && rs.lim != nil {
-					v.RateShare, _ = rs.lim.rate()
-				}
-				if rt.TryTimeout > 0 || rt.RequestTimeout > 0 {
-					v.Timeouts = map[string]string{}
-					if rt.TryTimeout > 0 {
-						v.Timeouts["try"] = rt.TryTimeout.String()
-					}
-					if rt.RequestTimeout > 0 {
-						v.Timeouts["request"] = rt.RequestTimeout.String()
-					}
-				}
-				out.Routes = append(out.Routes, v)
-			}
-		}
+		out := g.View()
 		w.Header().Set("Content-Type", "application/json")
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")

@@ -362,7 +362,7 @@ route "inventory" {
 			n.gw.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/v1/routes", nil))
 			var view struct {
 				Version uint64
-				Routes  []routeView
+				Routes  []RouteView
 			}
 			if err := json.Unmarshal(rec.Body.Bytes(), &view); err != nil || view.Version != 1 || len(view.Routes) != 2 ||
 				view.Routes[0].Origin != "document" {
