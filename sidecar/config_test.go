@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func noEnv(string) string { return "" }
@@ -24,6 +25,7 @@ func TestParseArgs(t *testing.T) {
 	badDur := file("dur.hcl", "max_stale = \"soon\"\n")
 	gw := file("gw.hcl", "gateway = \"127.0.0.30:8080\"\ngateway_tls = \"127.0.0.30:8443\"\nroutes_prefix = \"team/\"\n")
 	fb := file("fb.hcl", "fallback \"inventory\" {\n  body = \"Stock status unavailable\"\n  content_type = \"text/plain\"\n  on = [\"breaker-open\", \"timeout\"]\n}\n")
+	drain := file("drain.hcl", "drain_timeout = \"30s\"\n")
 	badCause := file("cause.hcl", "fallback \"inventory\" {\n  on = [\"sometimes\"]\n}\n")
 
 	tests := []struct {
@@ -92,6 +94,22 @@ func TestParseArgs(t *testing.T) {
 			}
 		}},
 		{name: "fallback cause", args: []string{"-config", badCause}, wantErr: `unknown cause "sometimes"`},
+		{name: "drain timeout default", check: func(t *testing.T, c Config) {
+			if c.DrainTimeout != 10*time.Second {
+				t.Errorf("drain timeout = %v, want 10s", c.DrainTimeout)
+			}
+		}},
+		{name: "drain timeout file", args: []string{"-config", drain}, check: func(t *testing.T, c Config) {
+			if c.DrainTimeout != 30*time.Second {
+				t.Errorf("drain timeout = %v, want 30s", c.DrainTimeout)
+			}
+		}},
+		{name: "drain timeout flag", args: []string{"-drain-timeout", "2s"}, check: func(t *testing.T, c Config) {
+			if c.DrainTimeout != 2*time.Second {
+				t.Errorf("drain timeout = %v, want 2s", c.DrainTimeout)
+			}
+		}},
+		{name: "drain timeout zero", args: []string{"-drain-timeout", "0s"}, wantErr: "-drain-timeout must be positive"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	miekg "github.com/miekg/dns"
+
 	"attache/demo"
 	"attache/internal/testcluster"
 )
@@ -75,10 +77,18 @@ func TestStatusPageInBrowser(t *testing.T) {
 		return len(seen) == 2
 	})
 
+	for i := 0; i < 3; i++ { // three DNS queries, counted on the page
+		m := new(miekg.Msg)
+		m.SetQuestion("users.service.consul.", miekg.TypeA)
+		if _, err := miekg.Exchange(m, dnsAddr); err != nil {
+			t.Fatal(err)
+		}
+	}
+
 	url := "http://" + admin + "/"
 	dom := chromium(t, bin, url, "--dump-dom")
 	for _, want := range []string{"attache on node-a", `<meta http-equiv="refresh" content="5">`, "connected", "fresh",
-		"users-1", "users-2", "passing", "upstream http", up, dnsAddr, "Breakers", "closed", "Requests by upstream service", "2xx: "} {
+		"users-1", "users-2", "passing", "upstream http", up, dnsAddr, "Breakers", "closed", "Requests by upstream service", "2xx: ", "NOERROR: 3"} {
 		if !strings.Contains(dom, want) {
 			t.Errorf("the page lacks %q:\n%s", want, dom)
 		}
