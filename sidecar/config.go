@@ -65,6 +65,9 @@ type Config struct {
 	BodyTimeout   time.Duration             // proxy: a request body may pause this long between reads (0: the proxy's 30s)
 	MaxClients    int                       // proxy: open client connections per HTTP listener (0: the proxy's 16384)
 	DrainTimeout  time.Duration             // stop: in-flight requests may finish for this long after deregistration (default 10s)
+	AccessLog     string                    // access log destination: "stdout" (default), a file path, or "off"
+	AccessLogAll  bool                      // log the upstream and HTTP-proxy listeners too, not only the gateway's
+	AccessSample  float64                   // share of requests logged (default 1)
 	EjectAfter    int                       // outlier ejection after this many consecutive failures (default 5)
 	EjectTime     time.Duration             // base ejection time, times the number of ejections (default 30s)
 	SlowCall      time.Duration             // breaker: a call this long is slow, in flight or done (default 2s)
@@ -95,6 +98,8 @@ func DefaultConfig(env func(string) string) Config {
 		SlowCall:     2 * time.Second,
 		MaxRequests:  1024,
 		DrainTimeout: 10 * time.Second,
+		AccessLog:    "stdout",
+		AccessSample: 1,
 	}
 	if h, err := os.Hostname(); err == nil {
 		c.Node = h // Consul's default node name
@@ -164,6 +169,9 @@ func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs.DurationVar(&c.ClientIdle, "client-idle-timeout", c.ClientIdle, "proxy: close idle keep-alive client connections after this (0: 75s)")
 	fs.DurationVar(&c.HeaderTimeout, "header-timeout", c.HeaderTimeout, "proxy: a request head must arrive whole within this (0: 10s)")
 	fs.DurationVar(&c.BodyTimeout, "body-timeout", c.BodyTimeout, "proxy: a request body may pause this long between two reads (0: 30s)")
+	fs.StringVar(&c.AccessLog, "access-log", c.AccessLog, "access log `destination`: stdout, a file path (appended to) or off; the gateway's requests are logged, see -access-log-all")
+	fs.BoolVar(&c.AccessLogAll, "access-log-all", c.AccessLogAll, "access log: the upstream and HTTP-proxy listeners' requests too")
+	fs.Float64Var(&c.AccessSample, "access-log-sample", c.AccessSample, "access log: the `fraction` of requests logged (0 < f <= 1)")
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", c.DrainTimeout, "on SIGTERM, after deregistering: how long requests under way may finish")
 	fs.IntVar(&c.MaxClients, "max-client-conns", c.MaxClients, "proxy: open client connections per HTTP listener; more get a 503 (0: 16384)")
 	fs.IntVar(&c.EjectAfter, "eject-after", c.EjectAfter, "eject an instance after this many consecutive failures (-1: never)")
@@ -255,6 +263,9 @@ type fileConfig struct {
 	BodyTimeout   *string            `hcl:"body_timeout,optional"`
 	MaxClients    *int               `hcl:"max_client_conns,optional"`
 	DrainTimeout  *string            `hcl:"drain_timeout,optional"`
+	AccessLog     *string            `hcl:"access_log,optional"`
+	AccessLogAll  *bool              `hcl:"access_log_all,optional"`
+	AccessSample  *float64           `hcl:"access_log_sample,optional"`
 	EjectAfter    *int               `hcl:"eject_after,optional"`
 	EjectTime     *string            `hcl:"eject_time,optional"`
 	SlowCall      *string            `hcl:"slow_call,optional"`
@@ -336,6 +347,9 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	set(&c.DNSEjections, fc.DNSEjections)
 	set(&c.DNSRateLimit, fc.DNSRateLimit)
 	set(&c.DNSRateBurst, fc.DNSRateBurst)
+	set(&c.AccessLog, fc.AccessLog)
+	set(&c.AccessLogAll, fc.AccessLogAll)
+	set(&c.AccessSample, fc.AccessSample)
 	for _, d := range []struct {
 		attr string
 		v    *string
@@ -419,6 +433,12 @@ func (c *Config) Validate() error {
 	addr("dns", c.DNS)
 	if c.DNSRateLimit < 0 || c.DNSRateBurst < 0 {
 		errs = append(errs, errors.New("-dns-rate-limit and -dns-rate-burst must not be negative (0: no limit)"))
+	}
+	if c.AccessSample <= 0 || c.AccessSample > 1 {
+		errs = append(errs, fmt.Errorf("-access-log-sample %v: want a fraction above 0 and at most 1", c.AccessSample))
+	}
+	if c.AccessLog == "" {
+		errs = append(errs, errors.New("-access-log: want stdout, a file path or off"))
 	}
 	if c.DrainTimeout <= 0 {
 		errs = append(errs, errors.New("-drain-timeout must be positive, e.g. 10s"))

@@ -109,6 +109,17 @@ func TestParseArgs(t *testing.T) {
 				t.Errorf("drain timeout = %v, want 2s", c.DrainTimeout)
 			}
 		}},
+		{name: "access log defaults", check: func(t *testing.T, c Config) {
+			if c.AccessLog != "stdout" || c.AccessLogAll || c.AccessSample != 1 {
+				t.Errorf("access log %q all %v sample %v", c.AccessLog, c.AccessLogAll, c.AccessSample)
+			}
+		}},
+		{name: "access log flags", args: []string{"-access-log", "/tmp/x.log", "-access-log-all", "-access-log-sample", "0.25"}, check: func(t *testing.T, c Config) {
+			if c.AccessLog != "/tmp/x.log" || !c.AccessLogAll || c.AccessSample != 0.25 {
+				t.Errorf("access log %q all %v sample %v", c.AccessLog, c.AccessLogAll, c.AccessSample)
+			}
+		}},
+		{name: "access log sample above 1", args: []string{"-access-log-sample", "2"}, wantErr: "-access-log-sample 2: want a fraction"},
 		{name: "drain timeout zero", args: []string{"-drain-timeout", "0s"}, wantErr: "-drain-timeout must be positive"},
 	}
 	for _, tt := range tests {

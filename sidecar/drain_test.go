@@ -57,7 +57,8 @@ func TestGracefulStop(t *testing.T) {
 	svcSlow := svcFile(t, "slow", map[string]string{"slow-1": slow.Listener.Addr().String()})
 	adminA, stopA := runSidecar(t, "-consul", c.Clients[0].HTTPAddr, "-service", svcA, "-service", svcSlow,
 		"-data-dir", t.TempDir(), "-upstream", "users="+upA, "-upstream", "slow="+upSlowA, "-drain-timeout", "10s")
-	adminB, _ := runSidecar(t, "-consul", c.Clients[1].HTTPAddr, "-data-dir", t.TempDir(),
+	accessLog := filepath.Join(t.TempDir(), "access.log")
+	adminB, _ := runSidecar(t, "-consul", c.Clients[1].HTTPAddr, "-data-dir", t.TempDir(), "-access-log", accessLog, "-access-log-all",
 		"-service", svcFile(t, "users", map[string]string{"users-2": users2.Listener.Addr().String()}),
 		"-upstream", "users="+upB)
 	for _, a := range []string{adminA, adminB} {
@@ -166,5 +167,15 @@ func TestGracefulStop(t *testing.T) {
 	}
 	if total.Load() < 100 {
 		t.Errorf("only %d requests under load; the test proves nothing", total.Load())
+	}
+	// B's access log has a line for each of them, and the ones before.
+	var lines []string
+	eventually(t, "B's access log lines", 5*time.Second, func() bool {
+		b, _ := os.ReadFile(accessLog)
+		lines = strings.Split(strings.TrimSpace(string(b)), "\n")
+		return int64(len(lines)) >= total.Load()
+	})
+	if l := lines[len(lines)-1]; !strings.Contains(l, `"listener":"users"`) || !strings.Contains(l, `"status":200`) || !strings.Contains(l, `"instance":"users-2"`) {
+		t.Errorf("B's last access log line: %s", l)
 	}
 }

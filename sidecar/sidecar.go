@@ -31,17 +31,18 @@ import (
 
 // Sidecar is one node's attache process.
 type Sidecar struct {
-	cfg       Config
-	log       hclog.Logger
-	metrics   *prometheus.Registry
-	registrar *catalog.Registrar
-	watcher   *catalog.Watcher
-	breakers  *breaker.Registry
-	proxy     *proxy.Proxy     // nil without -upstream, -http-proxy or -gateway
-	gateway   *gateway.Gateway // nil without -gateway or -gateway-tls
-	dns       *dns.Server      // nil without -dns
-	notifier  *sdnotify.Notifier
-	stopping  atomic.Bool // set as the graceful stop begins: /readyz answers 503 from then on
+	cfg        Config
+	log        hclog.Logger
+	metrics    *prometheus.Registry
+	registrar  *catalog.Registrar
+	watcher    *catalog.Watcher
+	breakers   *breaker.Registry
+	proxy      *proxy.Proxy     // nil without -upstream, -http-proxy or -gateway
+	gateway    *gateway.Gateway // nil without -gateway or -gateway-tls
+	dns        *dns.Server      // nil without -dns
+	notifier   *sdnotify.Notifier
+	accessFile *os.File    // the -access-log file, closed when Run returns
+	stopping   atomic.Bool // set as the graceful stop begins: /readyz answers 503 from then on
 }
 
 // New builds the sidecar from cfg. It binds nothing and contacts nobody: Run does.
@@ -115,6 +116,19 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 		pc.TryTimeout, pc.RequestTimeout, pc.MaxRetries = cfg.TryTimeout, cfg.ReqTimeout, cfg.Retries
 		pc.IdleTimeout, pc.HeaderTimeout, pc.BodyTimeout, pc.MaxClientConns = cfg.ClientIdle, cfg.HeaderTimeout, cfg.BodyTimeout, cfg.MaxClients
 		pc.ShutdownGraceTime = cfg.DrainTimeout
+		if cfg.AccessLog != "off" && (s.gateway != nil || cfg.AccessLogAll) {
+			switch cfg.AccessLog {
+			case "stdout":
+				pc.AccessLog = os.Stdout
+			default:
+				f, err := os.OpenFile(cfg.AccessLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+				if err != nil {
+					return nil, fmt.Errorf("-access-log: %w", err)
+				}
+				s.accessFile, pc.AccessLog = f, f
+			}
+			pc.AccessLogAll, pc.AccessLogSample = cfg.AccessLogAll, cfg.AccessSample
+		}
 		if pc.MaxRetries == 0 {
 			pc.MaxRetries = -1 // the proxy reads 0 as "the default"
 		}
@@ -244,6 +258,9 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	// watchdog pings, STOPPING=1 as the shutdown starts.
 	s.notifier.Run(gctx)
 	err = g.Wait()
+	if s.accessFile != nil {
+		s.accessFile.Close()
+	}
 	s.log.Info("sidecar stopped")
 	return err
 }

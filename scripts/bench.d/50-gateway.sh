@@ -111,7 +111,7 @@ for g in 1 2; do
 	ip=$GW1
 	((g == 2)) && ip=$GW2
 	bg "$BIN/attache" sidecar -node "bench-gw$g" -consul "$CONSUL:8500" -admin "$ip:19001" -data-dir "$D/gw$g" \
-		-gateway "$ip:8080" -gateway-tls "$ip:8443" -log-level warn
+		-gateway "$ip:8080" -gateway-tls "$ip:8443" -log-level warn -access-log off # as nginx: access_log off
 done
 ATTACHE_PID=$(pgrep -f "attache sidecar -node bench-gw1 ")
 "$BENCH/gateway-apply" -consul "$CONSUL:8500" -nodes bench-gw1,bench-gw2 -doc "$D/routes.hcl" -n 1 >/dev/null

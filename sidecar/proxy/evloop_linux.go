@@ -872,6 +872,7 @@ func (l *evLoop) start(c *evConn, end int) {
 	if c.out == nil {
 		c.out = l.takeOut()
 	}
+	acc := rawAccReq(p, rt, b, r, host, path) // copied before the request's bytes leave b
 	if gw {
 		c.out = appendGatewayRequest(c.out[:0], b, r, host, path, d.Path, end, c.ip, rt.proto)
 	} else {
@@ -881,7 +882,11 @@ func (l *evLoop) start(c *evConn, end int) {
 	l.idleBuf(c) // the request's bytes are in c.out now
 	c.headAt, c.inBody = time.Time{}, false
 	c.t = t
+	c.f.acc = acc
 	if res, ok := t.admit(&c.f, set, l.now); !ok {
+		if c.f.acc != nil {
+			t.logAccess(c.f.acc, l.now, l.now, res, 0)
+		}
 		l.answer(c, res)
 		return
 	}

@@ -58,18 +58,24 @@ type fwd struct {
 	res      result
 	next     *endpoint // already picked for the next try
 	pol      *Policy   // a gateway route's settings; nil: the proxy's
+	acc      *accReq   // the access log's fields; nil: not logged
 }
 
 // forward runs the request through the breaker, the balancer and the retry
 // policy. replayable says whether the request may be sent more than once.
 func (t *target) forward(ctx context.Context, x exchange, replayable bool) result {
-	return t.forwardWith(ctx, x, replayable, nil)
+	return t.forwardWith(ctx, x, replayable, nil, nil)
 }
 
-// forwardWith is forward with a gateway route's settings (nil: the proxy's).
-func (t *target) forwardWith(ctx context.Context, x exchange, replayable bool, pol *Policy) result {
-	var f fwd
-	if res, ok := t.begin(ctx, &f, time.Now()); !ok {
+// forwardWith is forward with a gateway route's settings (nil: the
+// proxy's) and the request's access log fields (nil: not logged).
+func (t *target) forwardWith(ctx context.Context, x exchange, replayable bool, pol *Policy, acc *accReq) result {
+	f := fwd{acc: acc}
+	start := time.Now()
+	if res, ok := t.begin(ctx, &f, start); !ok {
+		if acc != nil {
+			t.logAccess(acc, start, time.Now(), res, 0)
+		}
 		return res
 	}
 	f.with(t.p, pol)
@@ -103,7 +109,7 @@ func (t *target) admit(f *fwd, set *epSet, start time.Time) (result, bool) {
 		}
 		return res, false
 	}
-	*f = fwd{set: set, call: call, start: start, deadline: start.Add(t.p.cfg.RequestTimeout), t0: start}
+	*f = fwd{set: set, call: call, start: start, deadline: start.Add(t.p.cfg.RequestTimeout), t0: start, acc: f.acc}
 	t.budget.request(start)
 	return result{}, true
 }
@@ -176,7 +182,11 @@ func (f *fwd) tryDeadline(p *Proxy) time.Time {
 func (t *target) noHealthy(f *fwd) result {
 	t.svc.Cancel(f.call)
 	t.met.count(classNoHealthy)
-	return result{kind: outNoHealthy}
+	res := result{kind: outNoHealthy}
+	if f.acc != nil {
+		t.logAccess(f.acc, f.start, time.Now(), res, 0)
+	}
+	return res
 }
 
 // report records a try's outcome (status, or err when there is no answer)
@@ -244,6 +254,13 @@ func (t *target) done(f *fwd) result {
 		}
 	} else {
 		t.met.count(statusClass(res.status))
+	}
+	if f.acc != nil {
+		tries := f.n // the failed tries
+		if !finalFailed && res.ep != nil {
+			tries++ // and the last one, which answered
+		}
+		t.logAccess(f.acc, f.start, f.end, res, tries)
 	}
 	return res
 }

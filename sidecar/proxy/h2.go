@@ -95,7 +95,7 @@ func (p *Proxy) stdHandler(rt *routing) http.Handler {
 			x.stream = r.Body
 			replayable = false
 		}
-		res := t.forwardWith(r.Context(), x, replayable, pol)
+		res := t.forwardWith(r.Context(), x, replayable, pol, newAccReq(p, rt, r.Method, r.Host, r.URL.Path))
 		ct := t // whose answer res is
 		if fb, cause := t.fallbackFor(res); fb != nil && fb.Service != "" {
 			if t2, err := p.lookupTarget(r.Context(), fb.Service); err == nil {

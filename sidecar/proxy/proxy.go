@@ -18,6 +18,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -82,6 +83,16 @@ type Config struct {
 	EventLoops        int           // event loops shared by the HTTP listeners (Linux), default half of GOMAXPROCS, at least 1
 	ShutdownGraceTime time.Duration // default 5s
 
+	// AccessLog, when not nil, gets one JSON line per proxied request on
+	// the gateway listeners (and, with AccessLogAll, on the upstream and
+	// HTTP-proxy listeners too), from a writer goroutine: a request never
+	// waits for it; a line the buffer has no room for is dropped and
+	// counted (attache_proxy_access_log_dropped_total).
+	AccessLog       io.Writer
+	AccessLogAll    bool
+	AccessLogSample float64 // the share of requests logged, default 1 (all)
+	AccessLogBuffer int     // lines queued for the writer, default 4096
+
 	Gateways            []GatewayListener // gateway listeners (package sidecar/gateway), routed by their Router
 	TLSHandshakeTimeout time.Duration     // gateway TLS listeners, default 10s
 }
@@ -113,6 +124,12 @@ func (c Config) withDefaults() Config {
 	def(&c.MaxIdleConnTime, 10*time.Second)
 	def(&c.WantTimeout, 2*time.Second)
 	def(&c.ShutdownGraceTime, 5*time.Second)
+	if c.AccessLogSample <= 0 || c.AccessLogSample > 1 {
+		c.AccessLogSample = 1
+	}
+	if c.AccessLogBuffer <= 0 {
+		c.AccessLogBuffer = 4096
+	}
 	def(&c.TLSHandshakeTimeout, 10*time.Second)
 	if c.TryTimeout > c.RequestTimeout {
 		c.TryTimeout = c.RequestTimeout
@@ -164,6 +181,7 @@ type Proxy struct {
 	failureOn [600]bool
 	dialer    net.Dialer
 	fallbacks map[string]*fallback
+	acc       *accessLog // nil: no access log
 
 	mu      sync.Mutex
 	targets map[string]*target
@@ -267,6 +285,13 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 		return nil, err
 	}
 	p.met = m
+	if p.acc = newAccessLog(cfg, p.log); p.acc != nil && cfg.Registerer != nil {
+		for _, c := range []prometheus.Collector{p.acc.dropped, p.acc.lines} {
+			if err := cfg.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("proxy: register metrics: %w", err)
+			}
+		}
+	}
 	// Targets of the upstream listeners exist before anything serves, so
 	// their settings never change under a request.
 	for _, u := range cfg.Upstreams {
@@ -278,6 +303,12 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 // Run binds every listener (an error names the address), serves until ctx
 // ends, then stops them all and returns when everything has stopped.
 func (p *Proxy) Run(ctx context.Context) error {
+	if p.acc != nil { // the writer outlives the listeners: what they drain is logged too
+		actx, stop := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); p.acc.run(actx) }()
+		defer func() { stop(); <-done }()
+	}
 	type bound struct {
 		up  Upstream
 		ln  net.Listener

@@ -300,7 +300,7 @@ func (rc *rawConn) serveOne(end int) bool {
 	rc.out = out
 
 	x.req = out
-	res := t.forward(s.ctx, x, x.replay)
+	res := t.forwardWith(s.ctx, x, x.replay, nil, rawAccReq(p, s.rt, b, r, host, path))
 	return rc.finish(t, res, true)
 }
 
@@ -338,7 +338,7 @@ func (rc *rawConn) serveRouted(end int, host, path span) bool {
 	}
 	rc.out = appendGatewayRequest(rc.out[:0], b, r, host, path, d.Path, end, rc.ip, s.rt.proto)
 	rc.x.req = rc.out
-	res := t.forwardWith(s.ctx, &rc.x, rc.x.replay, d.Policy)
+	res := t.forwardWith(s.ctx, &rc.x, rc.x.replay, d.Policy, rawAccReq(p, s.rt, b, r, host, path))
 	return rc.finish(t, res, true)
 }
 

@@ -1,0 +1,204 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"attache/sidecar/breaker"
+)
+
+// lockedBuf is an io.Writer tests read from while the log writes.
+type lockedBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (w *lockedBuf) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
+}
+
+func (w *lockedBuf) entries(t *testing.T) []AccessEntry {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var out []AccessEntry
+	for _, line := range strings.Split(strings.TrimSpace(w.b.String()), "\n") {
+		if line == "" {
+			continue
+		}
+		var e AccessEntry
+		if err := json.Unmarshal([]byte(line), &e); err != nil {
+			t.Fatalf("access log line %q: %v", line, err)
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
+// TestAccessLogEngines: every engine (the event loops, the goroutine fast
+// path, fasthttp, h2c) writes one line per proxied request with its
+// fields, refusals included; upstream listeners log only with AccessLogAll.
+func TestAccessLogEngines(t *testing.T) {
+	h2c := &http.Transport{TLSClientConfig: &tls.Config{}}
+	h2c.Protocols = new(http.Protocols)
+	h2c.Protocols.SetUnencryptedHTTP2(true)
+	for _, tt := range []struct {
+		name   string
+		cfg    Config
+		client *http.Client
+		proto  int
+	}{
+		{"event loops", Config{}, newClient(), 1},
+		{"goroutine fast path", Config{DisableEventLoop: true}, newClient(), 1},
+		{"fasthttp", Config{DisableFastPath: true}, newClient(), 1},
+		{"h2c", Config{}, &http.Client{Transport: h2c, Timeout: 10 * time.Second}, 2},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var buf lockedBuf
+			cfg := tt.cfg
+			cfg.AccessLog, cfg.AccessLogAll = &buf, true
+			cfg.Upstreams = []Upstream{upstream("users"), upstream("empty")}
+			b := newBackend(t, "users", "users-1", nil)
+			tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"users": {b}, "empty": {}})
+			resp, err := tt.client.Get(tp.url("users", "/items/7?x=1"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != 200 || resp.ProtoMajor != tt.proto {
+				t.Fatalf("got %d over %s", resp.StatusCode, resp.Proto)
+			}
+			resp, err = tt.client.Get(tp.url("empty", "/none"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			var es []AccessEntry
+			deadline := time.Now().Add(10 * time.Second)
+			for len(es) < 2 && time.Now().Before(deadline) {
+				time.Sleep(20 * time.Millisecond)
+				es = buf.entries(t)
+			}
+			if len(es) != 2 {
+				t.Fatalf("%d access log lines, want 2: %+v", len(es), es)
+			}
+			ok, refused := es[0], es[1]
+			if ok.Listener != "users" || ok.Method != "GET" || !strings.HasPrefix(ok.Path, "/items/7") || ok.Host == "" ||
+				ok.Service != "users" || ok.Instance != "users-1" || ok.Status != 200 || ok.Tries != 1 || ok.Breaker != "closed" ||
+				ok.Duration <= 0 || time.Since(ok.Time) > time.Minute {
+				t.Errorf("answered request's line: %+v", ok)
+			}
+			if refused.Listener != "empty" || refused.Path != "/none" || refused.Status != resp.StatusCode || refused.Status != 503 ||
+				refused.Tries != 0 || refused.Instance != "" {
+				t.Errorf("refused request's line: %+v (client got %d)", refused, resp.StatusCode)
+			}
+		})
+	}
+
+	// Without AccessLogAll the upstream listeners log nothing.
+	var buf lockedBuf
+	b := newBackend(t, "users", "users-1", nil)
+	tp := startProxy(t, Config{AccessLog: &buf, Upstreams: []Upstream{upstream("users")}}, breaker.Config{}, map[string][]*backend{"users": {b}})
+	if code, _, _ := get(t, newClient(), tp.url("users", "/x")); code != 200 {
+		t.Fatalf("got %d", code)
+	}
+	tp.cancel()
+	<-tp.stopped // the writer has written all it had
+	if es := buf.entries(t); len(es) != 0 {
+		t.Errorf("upstream listener logged without AccessLogAll: %+v", es)
+	}
+}
+
+// stalledWriter blocks every Write until released.
+type stalledWriter struct {
+	entered chan struct{}
+	release chan struct{}
+	n       int
+}
+
+func (w *stalledWriter) Write(p []byte) (int, error) {
+	w.entered <- struct{}{}
+	<-w.release
+	w.n++
+	return len(p), nil
+}
+
+// TestAccessLogStalledWriter: a writer that does not return makes the log
+// drop lines and count them; recording never waits.
+func TestAccessLogStalledWriter(t *testing.T) {
+	w := &stalledWriter{entered: make(chan struct{}, 1), release: make(chan struct{})}
+	a := newAccessLog(Config{AccessLog: w, AccessLogBuffer: 4, AccessLogSample: 1}.withDefaults(), hclog.NewNullLogger())
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); a.run(ctx) }()
+	a.record(&AccessEntry{Path: "/first"})
+	<-w.entered // the writer holds the first line and is stuck
+	recorded := make(chan struct{})
+	go func() {
+		defer close(recorded)
+		for i := 0; i < 100; i++ {
+			a.record(&AccessEntry{Path: "/more"})
+		}
+	}()
+	select {
+	case <-recorded:
+	case <-time.After(10 * time.Second):
+		t.Fatal("recording waited for a stalled writer")
+	}
+	if got := testutil.ToFloat64(a.dropped); got != 96 {
+		t.Errorf("dropped %v lines, want 96 (100 recorded, 4 buffered)", got)
+	}
+	cancel()
+	go func() {
+		for range w.entered {
+		}
+	}()
+	close(w.release)
+	<-done
+	if got := testutil.ToFloat64(a.lines); got != 5 || w.n != 5 {
+		t.Errorf("%v lines written (%d writes), want 5: the stuck one and the 4 buffered", got, w.n)
+	}
+}
+
+// TestAccessLogGateway: the gateway's listeners, plain and TLS, log
+// without AccessLogAll (the upstream listeners beside them do not).
+func TestAccessLogGateway(t *testing.T) {
+	for _, engine := range []Config{{}, {DisableEventLoop: true}, {DisableFastPath: true}} {
+		var buf lockedBuf
+		a := newBackend(t, "a", "a1", nil)
+		rt := &prefixRouter{routes: map[string]string{"/a/": "a"}}
+		cfg := engine
+		cfg.AccessLog = &buf
+		cfg.Upstreams = []Upstream{upstream("a")}
+		cfg.Gateways = []GatewayListener{
+			{Addr: "127.0.0.1:0", Router: rt},
+			{Addr: "127.0.0.1:0", Router: rt, TLS: &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}}},
+		}
+		tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"a": {a}})
+		// HTTP/2 over TLS: HTTP/1.1 over the TLS gateway answers 502 (fasthttp refuses an https URI; reported)
+		c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, ForceAttemptHTTP2: true}}
+		for _, u := range []string{"http://" + tp.p.GatewayAddr(0).String() + "/a/1", "https://" + tp.p.GatewayAddr(1).String() + "/a/2", tp.url("a", "/a/3")} {
+			if code, _, body := get(t, c, u); code != 200 {
+				t.Fatalf("%s: %d %s", u, code, body)
+			}
+		}
+		tp.cancel()
+		<-tp.stopped
+		es := buf.entries(t)
+		if len(es) != 2 || es[0].Listener != "gateway-http" || es[0].Path != "/a/1" || es[0].Instance != "a1" || es[0].Status != 200 ||
+			es[1].Listener != "gateway-https" || es[1].Path != "/a/2" {
+			t.Errorf("%+v: access log lines: %+v", engine, es)
+		}
+	}
+}
