@@ -61,6 +61,7 @@ func main() {
 	noFast := flag.Bool("fasthttp", false, "serve every HTTP/1.1 request with fasthttp, not the hand-written fast path (for comparison)")
 	noLoop := flag.Bool("no-loop", false, "serve the fast path from a goroutine per connection, not event loops (for comparison)")
 	loops := flag.Int("loops", 0, "event loops for the listeners (0: the default)")
+	accessLog := flag.String("access-log", "", "write the access log of every listener to this file (\"\": none), to measure its cost")
 	minimal := flag.Bool("minimal", false, "instead of attache, run a minimal fasthttp reverse proxy on -upstream (a reference for profiling)")
 	flag.Parse()
 	if *minimal {
@@ -83,13 +84,13 @@ func main() {
 		}
 		return
 	}
-	if err := run(*service, *backends, *upstream, *httpProxy, *balancer, *cpuprofile, *noH2, *noFast, *noLoop, *loops); err != nil {
+	if err := run(*service, *backends, *upstream, *httpProxy, *balancer, *cpuprofile, *noH2, *noFast, *noLoop, *loops, *accessLog); err != nil {
 		fmt.Fprintln(os.Stderr, "bench/proxy:", err)
 		os.Exit(1)
 	}
 }
 
-func run(service, backends, upstream, httpProxy, balancer, cpuprofile string, noH2, noFast, noLoop bool, loops int) error {
+func run(service, backends, upstream, httpProxy, balancer, cpuprofile string, noH2, noFast, noLoop bool, loops int, accessLog string) error {
 	snap := &catalog.Snapshot{
 		Services: map[string]*catalog.Service{},
 		Nodes:    map[string]*catalog.Node{},
@@ -121,6 +122,14 @@ func run(service, backends, upstream, httpProxy, balancer, cpuprofile string, no
 		return err
 	}
 	cfg := proxy.Config{HTTPProxyAddr: httpProxy, Balancer: bal, Logger: log, Registerer: reg, DisableHTTP2: noH2, DisableFastPath: noFast, DisableEventLoop: noLoop, EventLoops: loops}
+	if accessLog != "" {
+		f, err := os.OpenFile(accessLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		cfg.AccessLog, cfg.AccessLogAll = f, true
+	}
 	if upstream != "" {
 		cfg.Upstreams = []proxy.Upstream{{Name: service, Addr: upstream, Protocol: proxy.ProtoHTTP}}
 	}

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"io"
@@ -64,25 +65,38 @@ func (a *accessLog) record(e *AccessEntry) {
 }
 
 // run writes queued entries until ctx ends, then what is still queued.
+// Lines are buffered and written when the queue runs empty (or the buffer
+// fills): one write for a burst, not one per line.
 func (a *accessLog) run(ctx context.Context) {
+	bw := bufio.NewWriterSize(a.w, 64<<10)
+	enc := json.NewEncoder(bw)
 	write := func(e *AccessEntry) {
-		b, _ := json.Marshal(e)
-		if _, err := a.w.Write(append(b, '\n')); err != nil {
+		if err := enc.Encode(e); err != nil {
 			a.log.Warn("access log: write failed", "error", err)
 			return
 		}
 		a.lines.Inc()
 	}
+	flush := func() {
+		if err := bw.Flush(); err != nil {
+			a.log.Warn("access log: write failed", "error", err)
+			bw.Reset(a.w)
+		}
+	}
 	for {
 		select {
 		case e := <-a.ch:
 			write(&e)
+			if len(a.ch) == 0 {
+				flush()
+			}
 		case <-ctx.Done():
 			for {
 				select {
 				case e := <-a.ch:
 					write(&e)
 				default:
+					flush()
 					return
 				}
 			}
