@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"io"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/valyala/fasthttp"
 )
 
 // AccessEntry is one line of the access log: one proxied request, after
@@ -171,4 +173,20 @@ func rawAccReq(p *Proxy, rt *routing, b []byte, r *rawReq, host, path span) *acc
 		h = b[host.s:host.e]
 	}
 	return newAccReq(p, rt, b[r.method.s:r.method.e], h, b[path.s:path.e])
+}
+
+// fastAccReq is newAccReq for a fasthttp request. It reads the header's
+// bytes only: ctx.URI() would parse the request URI and, on a TLS
+// listener, give it the https scheme, which the instance's HostClient then
+// refuses.
+func fastAccReq(p *Proxy, rt *routing, ctx *fasthttp.RequestCtx) *accReq {
+	if p.acc == nil {
+		return nil
+	}
+	h := &ctx.Request.Header
+	path := h.RequestURI()
+	if i := bytes.IndexByte(path, '?'); i >= 0 {
+		path = path[:i]
+	}
+	return newAccReq(p, rt, h.Method(), h.Host(), path)
 }

@@ -186,8 +186,12 @@ func TestAccessLogGateway(t *testing.T) {
 			{Addr: "127.0.0.1:0", Router: rt, TLS: &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}}},
 		}
 		tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"a": {a}})
-		// HTTP/2 over TLS: HTTP/1.1 over the TLS gateway answers 502 (fasthttp refuses an https URI; reported)
-		c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, ForceAttemptHTTP2: true}}
+		// HTTP/1.1 over TLS: the log must not touch the request (a parsed
+		// URI would turn https and the instance's client refuse it). With
+		// DisableFastPath, HTTP/2: HTTP/1.1 over the TLS gateway answers 502
+		// there, with or without the log (a bug of its own).
+		c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true},
+			ForceAttemptHTTP2: engine.DisableFastPath}}
 		for _, u := range []string{"http://" + tp.p.GatewayAddr(0).String() + "/a/1", "https://" + tp.p.GatewayAddr(1).String() + "/a/2", tp.url("a", "/a/3")} {
 			if code, _, body := get(t, c, u); code != 200 {
 				t.Fatalf("%s: %d %s", u, code, body)

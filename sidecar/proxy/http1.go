@@ -304,7 +304,7 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, rt *routing) {
 		}
 	}
 	x := &fastExchange{req: req, resp: &ctx.Response, replayable: replayable}
-	res := t.forwardWith(ctx, x, replayable, pol, newAccReq(p, rt, ctx.Method(), ctx.Host(), ctx.Path()))
+	res := t.forwardWith(ctx, x, replayable, pol, fastAccReq(p, rt, ctx))
 	p.fastFinish(ctx, t, x, res, true)
 	if clientClose {
 		ctx.SetConnectionClose()
