@@ -53,6 +53,7 @@ type statusPage struct {
 	Upstreams []countRow
 	Gateway   *gateway.RoutesView
 	DNS       *countRow
+	AccessLog *struct{ Lines, Dropped float64 } // nil without an access log
 }
 
 type serviceRow struct {
@@ -144,6 +145,15 @@ func (s *Sidecar) statusPage(w http.ResponseWriter, r *http.Request) {
 		add(ups, name, class, m.GetCounter().GetValue(), !strings.HasPrefix(class, "1") && !strings.HasPrefix(class, "2") && !strings.HasPrefix(class, "3") && !strings.HasPrefix(class, "4"))
 	}
 	p.Upstreams = rows(ups)
+	if f := byName["attache_proxy_access_log_lines_total"]; f != nil {
+		p.AccessLog = &struct{ Lines, Dropped float64 }{}
+		for _, m := range f.GetMetric() {
+			p.AccessLog.Lines += m.GetCounter().GetValue()
+		}
+		for _, m := range byName["attache_proxy_access_log_dropped_total"].GetMetric() {
+			p.AccessLog.Dropped += m.GetCounter().GetValue()
+		}
+	}
 	if s.dns != nil {
 		d := map[string]*countRow{}
 		for _, m := range byName["attache_dns_queries_total"].GetMetric() {

@@ -62,7 +62,7 @@ func TestStatusPageInBrowser(t *testing.T) {
 	}
 	up, dnsAddr := freeAddr(t), freeAddr(t)
 	admin, _ := runSidecar(t, "-node", "node-a", "-consul", c.Clients[0].HTTPAddr, "-service", svc, "-data-dir", t.TempDir(),
-		"-upstream", "users="+up, "-dns", dnsAddr)
+		"-upstream", "users="+up, "-dns", dnsAddr, "-access-log", filepath.Join(t.TempDir(), "access.log"), "-access-log-all")
 	eventually(t, "/readyz 200", 15*time.Second, func() bool { code, _ := get(admin, "/readyz"); return code == 200 })
 	eventually(t, "both instances through the upstream", 15*time.Second, func() bool {
 		seen := map[string]bool{}
@@ -88,7 +88,7 @@ func TestStatusPageInBrowser(t *testing.T) {
 	url := "http://" + admin + "/"
 	dom := chromium(t, bin, url, "--dump-dom")
 	for _, want := range []string{"attache on node-a", `<meta http-equiv="refresh" content="5">`, "connected", "fresh",
-		"users-1", "users-2", "passing", "upstream http", up, dnsAddr, "Breakers", "closed", "Requests by upstream service", "2xx: ", "NOERROR: 3"} {
+		"users-1", "users-2", "passing", "upstream http", up, dnsAddr, "Breakers", "closed", "Requests by upstream service", "2xx: ", "NOERROR: 3", "access log: "} {
 		if !strings.Contains(dom, want) {
 			t.Errorf("the page lacks %q:\n%s", want, dom)
 		}
