@@ -7,9 +7,12 @@
 //	             mode), a raw consul/api blocking query (both modes), Consul's
 //	             own DNS on the client agent, and any attache DNS given with
 //	             -attache-dns.
-//	scale        1,000 services × 10 instances; the watcher runs in a child
-//	             process (this binary, -scenario child) that reports its RSS,
-//	             goroutines and queries per second to Consul at rest.
+//	scale        1,000 services × 10 instances, each with a check; the watcher
+//	             runs in a child process (this binary, -scenario child) that
+//	             reports its connections to the agent (from /proc), RSS,
+//	             queries and bytes at rest, and times health changes: p50/p99,
+//	             bytes read and CPU per change; on-demand, it asks for every
+//	             name at once.
 //
 // Usage: catalog [-scenario all|propagation|scale] [-consul-bin .bin/consul]
 // [-attache .bin/attache] [-via agent|catalog] [-changes 200] ...
@@ -41,8 +44,10 @@ func main() {
 		via        = flag.String("via", "agent", "propagation: make changes through the agent (TTL check) or the catalog")
 		services   = flag.Int("services", 1000, "scale: services to register")
 		instances  = flag.Int("instances", 10, "scale: instances per service")
-		window     = flag.Duration("window", 20*time.Second, "scale: how long to count queries at rest")
+		window     = flag.Duration("window", 10*time.Second, "scale: how long to count queries at rest")
+		scaleChg   = flag.Int("scale-changes", 100, "scale: health changes to time (each a flip to critical and back)")
 		consul     = flag.String("consul", "", "child: Consul address")
+		server     = flag.String("server", "", "child: a Consul server's address, for the changes")
 		mode       = flag.String("mode", "all", "child: watch mode")
 		want       = flag.Int("want", 0, "child: services to wait for before measuring")
 	)
@@ -57,7 +62,7 @@ func main() {
 		})
 	case "scale":
 		err = withCluster(ctx, *bin, *dir, func(c *testcluster.Cluster) error {
-			return scale(ctx, c, *services, *instances, *window)
+			return scale(ctx, c, *services, *instances, *window, *scaleChg)
 		})
 	case "all":
 		err = withCluster(ctx, *bin, *dir, func(c *testcluster.Cluster) error {
@@ -65,10 +70,10 @@ func main() {
 				return err
 			}
 			fmt.Println()
-			return scale(ctx, c, *services, *instances, *window)
+			return scale(ctx, c, *services, *instances, *window, *scaleChg)
 		})
 	case "child":
-		err = child(ctx, *consul, *mode, *want, *window)
+		err = child(ctx, *consul, *server, *mode, *want, *instances, *window, *changes)
 	default:
 		err = fmt.Errorf("unknown scenario %q", *scenario)
 	}
@@ -89,10 +94,10 @@ func withCluster(ctx context.Context, bin, parent string, f func(*testcluster.Cl
 		return err
 	}
 	defer os.RemoveAll(dir)
-	// The client agent allows many connections per client address: the
-	// watcher holds one long poll per watched service.
+	// The client agent keeps Consul's default per-client connection limit
+	// (200): the watcher's connections stay within its own bound.
 	c, err := testcluster.New(testcluster.Options{Clients: 1, Dir: dir, Binary: bin,
-		ExtraConfig: "limits {\n  http_max_conns_per_client = 8192\n  txn_max_req_len = 4194304\n}\n"})
+		ExtraConfig: "limits {\n  txn_max_req_len = 4194304\n}\n"})
 	if c != nil {
 		defer c.Close()
 	}

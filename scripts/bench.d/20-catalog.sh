@@ -14,5 +14,5 @@ bin="$(mktemp -d)"
 trap 'rm -rf "$bin" .bench/catalog-cluster' EXIT
 go build -o "$bin/catalog-bench" ./bench/catalog
 # shellcheck disable=SC2086
-timeout 175 "$bin/catalog-bench" -scenario all -consul-bin .bin/consul -attache .bin/attache \
+timeout 420 "$bin/catalog-bench" -scenario all -consul-bin .bin/consul -attache .bin/attache \
 	-dir .bench/catalog-cluster ${CATALOG_BENCH_ARGS:-}

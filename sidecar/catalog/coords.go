@@ -11,22 +11,18 @@ import (
 	"github.com/hashicorp/serf/coordinate"
 )
 
-// coordsLoop follows the LAN network coordinates of the datacenter's nodes
-// (Consul's serf coordinates) with a blocking query at most every
-// CoordInterval: coordinates move a little all the time, and a ranking by
-// round-trip time needs them fresh to seconds, not milliseconds.
+// coordsLoop reads the LAN network coordinates of the datacenter's nodes
+// (Consul's serf coordinates) every CoordInterval, without blocking (so it
+// holds no connection between reads): coordinates move a little all the
+// time, and a ranking by round-trip time needs them fresh to seconds, not
+// milliseconds.
 func (w *Watcher) coordsLoop(ctx context.Context) {
-	var list []*api.CoordinateEntry
-	w.blockingLoop(ctx, "coordinates", "", w.cfg.CoordInterval, 1,
-		apiFetch(func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
-			var err error
-			var meta *api.QueryMeta
-			list, meta, err = c.Coordinate().Nodes(q)
-			return meta, err
-		}, w.clients),
-		func(index uint64) {
+	runLoop(ctx, w, "coordinates", w.loopConfig(w.cfg.CoordInterval, 1), false,
+		func(c *api.Client, q *api.QueryOptions) ([]*api.CoordinateEntry, *api.QueryMeta, error) {
+			return c.Coordinate().Nodes(q)
+		},
+		func(list []*api.CoordinateEntry, index uint64) {
 			coords := coordMap(list)
-			list = nil
 			w.mu.Lock()
 			defer w.mu.Unlock()
 			w.index = max(w.index, index)

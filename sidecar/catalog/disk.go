@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/serf/coordinate"
+
+	"attache/sidecar/watch"
 )
 
 // SnapshotFile is the name of the last-known-good snapshot in the data dir.
@@ -169,8 +171,9 @@ func (w *Watcher) loadDisk() error {
 			continue
 		}
 		w.mutServicesLocked()[name] = svc
-		if w.cfg.Mode == ModeOnDemand && !w.pinned[name] {
-			w.addWatchLocked(name, false)
+		w.fetched[name] = svc.Index // a probe confirms it if unchanged
+		if w.cfg.Mode != ModeList && !w.pinned[name] && w.watches[name] == nil {
+			w.addWatchLocked(name, false, false)
 		}
 	}
 	w.nodes, w.coords, w.known = s.Nodes, s.Coords, s.Known
@@ -216,7 +219,7 @@ func (w *Watcher) saver(ctx context.Context) {
 		case <-ch:
 		}
 		if wait := w.cfg.SaveInterval - time.Since(last); wait > 0 {
-			if !sleep(ctx, wait) {
+			if !watch.Sleep(ctx, wait) {
 				save()
 				return
 			}

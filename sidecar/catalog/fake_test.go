@@ -166,7 +166,7 @@ func (f *fakeConsul) serve(w http.ResponseWriter, r *http.Request) {
 		_, passing := q["passing"]
 		out := []*api.ServiceEntry{}
 		for svc, list := range f.entries {
-			if !strings.EqualFold(svc, name) {
+			if !strings.EqualFold(svc, name) || q.Get("filter") == never {
 				continue
 			}
 			for _, e := range list {
@@ -174,6 +174,22 @@ func (f *fakeConsul) serve(w http.ResponseWriter, r *http.Request) {
 					continue
 				}
 				out = append(out, e)
+			}
+		}
+		body = out
+	case strings.HasPrefix(p, "/v1/health/state/"):
+		state := strings.TrimPrefix(p, "/v1/health/state/")
+		out := []*api.HealthCheck{}
+		for _, list := range f.entries {
+			for _, e := range list {
+				for _, c := range e.Checks {
+					if state != "any" && c.Status != state {
+						continue
+					}
+					cc := *c
+					cc.ServiceName = e.Service.Service
+					out = append(out, &cc)
+				}
 			}
 		}
 		body = out

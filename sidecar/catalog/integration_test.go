@@ -165,6 +165,10 @@ func TestIntegration(t *testing.T) {
 		_ = agent.ServiceDeregister("flap1")
 	})
 
+	t.Run("many services", func(t *testing.T) {
+		scaleSubtests(t, c.Servers[0].Client(), client.HTTPAddr)
+	})
+
 	t.Run("leader killed while data changes loses nothing", func(t *testing.T) {
 		w := runWatcher(t, integrationConfig(client.HTTPAddr))
 		cat := capi.Catalog()

@@ -21,7 +21,7 @@ func newMetrics(w *Watcher) *metrics {
 		}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "attache", Subsystem: "catalog", Name: "errors_total",
-			Help: "Failed Consul queries, by loop (services, service, nodes, coordinates).",
+			Help: "Failed Consul queries, by loop (services, health, service, probe, nodes, coordinates, disk).",
 		}, []string{"loop"}),
 		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: "attache", Subsystem: "catalog", Name: "query_duration_seconds",
@@ -35,7 +35,7 @@ func newMetrics(w *Watcher) *metrics {
 	}, func() float64 { return w.dataAge().Seconds() })
 	watched := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Namespace: "attache", Subsystem: "catalog", Name: "services_watched",
-		Help: "Services with a blocking query of their own.",
+		Help: "Services watched (they share the watcher's few blocking queries).",
 	}, func() float64 {
 		return float64(len(*w.watchIdx.Load()))
 	})
@@ -43,7 +43,15 @@ func newMetrics(w *Watcher) *metrics {
 		Namespace: "attache", Subsystem: "catalog", Name: "snapshot_version",
 		Help: "Version of the current snapshot.",
 	}, func() float64 { return float64(w.view.Load().Version) })
-	m.cols = []prometheus.Collector{m.updates, m.errors, m.duration, age, watched, version}
+	conns := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "attache", Subsystem: "catalog", Name: "consul_connections",
+		Help: "Open connections to Consul (at most max_conns per Consul address).",
+	}, func() float64 { return float64(w.conns.open.Load()) })
+	read := prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Namespace: "attache", Subsystem: "catalog", Name: "consul_read_bytes_total",
+		Help: "Bytes read from Consul (all queries, registration included).",
+	}, func() float64 { return float64(w.conns.read.Load()) })
+	m.cols = []prometheus.Collector{m.updates, m.errors, m.duration, age, watched, version, conns, read}
 	return m
 }
 
@@ -58,6 +66,3 @@ func (m *metrics) register(r prometheus.Registerer) error {
 	}
 	return nil
 }
-
-// ---- the health long polls ----
-//

@@ -8,6 +8,8 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
+
+	"attache/sidecar/watch"
 )
 
 // Registrar registers local services with the node's Consul agent, keeps
@@ -59,7 +61,7 @@ func (r *Registrar) Run(ctx context.Context) error {
 	for {
 		wait := r.resync
 		if err := r.sync(ctx); err != nil {
-			wait = backoff(250*time.Millisecond, 30*time.Second, retries)
+			wait = watch.Backoff(250*time.Millisecond, 30*time.Second, retries)
 			retries++
 			r.log.Warn("cannot register with the Consul agent; retrying", "error", err, "retry_in", wait.Round(time.Millisecond))
 			r.setStatus(RegistrarStatus{LastError: err.Error(), NextTry: time.Now().Add(wait)})

@@ -4,13 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
-	"net"
 	"net/http"
-	"os"
 	"reflect"
 	"runtime/debug"
-	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -20,7 +16,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/serf/coordinate"
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/time/rate"
+
+	"attache/sidecar/watch"
 )
 
 // Mode says which services the watcher follows.
@@ -74,14 +71,12 @@ type Config struct {
 	// leader (the default mode). Fresher reads come from the leader; stale
 	// spreads the load over the servers but lags up to a Raft heartbeat.
 	Stale bool
-	// Streaming lets a client agent answer the health queries from its
-	// streaming backend (use_streaming_backend, on by default since Consul
-	// 1.10). That backend follows whichever server the agent subscribed to,
-	// so even default-mode answers lag like stale ones, up to a Raft
-	// heartbeat (~100ms). By default (false) the watcher sends near=_agent,
-	// which makes the agent forward each query to the servers instead, and
-	// default mode then answers from the leader within a few ms. Streaming
-	// spares the servers one held query per watched service per agent.
+	// Streaming leaves near=_agent out of the health queries. A client
+	// agent answers blocking /v1/health/service queries from its streaming
+	// backend unless near is set; that backend follows whichever server the
+	// agent subscribed to, up to a Raft heartbeat (~100ms) behind the
+	// leader. The watcher holds no blocking query per service, so this only
+	// touches stale mode's catch-up fetches. Default false.
 	Streaming bool
 	// MaxStale, with Stale, is the largest X-Consul-LastContact accepted
 	// from a follower; an answer staler than this is asked again of the
@@ -115,6 +110,13 @@ type Config struct {
 	// a query may take before it is abandoned as hung; a non-blocking first
 	// query gets RequestTimeout alone (default 10s).
 	RequestTimeout time.Duration
+	// MaxConns bounds the connections to each Consul address, for every
+	// query together (blocking ones, fetches, and registration through
+	// Client): default 8, at least 6. Four are held by the blocking queries
+	// (service list, critical and warning checks, nodes), one is kept for
+	// registration and the coordinates, and the rest fetch changed services
+	// side by side.
+	MaxConns int
 	// CoordInterval is the least time between two fetches of the network
 	// coordinates (default 10s; negative disables coordinates).
 	CoordInterval time.Duration
@@ -139,8 +141,16 @@ func DefaultConfig() Config {
 		RetryMax:       30 * time.Second,
 		RequestTimeout: 10 * time.Second,
 		CoordInterval:  10 * time.Second,
+		MaxConns:       8,
 	}
 }
+
+// longPolls is how many blocking queries the watcher holds at once.
+const longPolls = 4
+
+// minConns is the least MaxConns: the long polls, one fetch, one spare
+// for registration.
+const minConns = longPolls + 2
 
 // ConfigFromEnv returns DefaultConfig with ApplyEnv(getenv) applied; pass
 // os.Getenv.
@@ -229,6 +239,12 @@ func (c *Config) finalize() error {
 	if c.CoordInterval == 0 {
 		c.CoordInterval = d.CoordInterval
 	}
+	if c.MaxConns == 0 {
+		c.MaxConns = d.MaxConns
+	}
+	if c.MaxConns < minConns {
+		return fmt.Errorf("catalog: MaxConns %d is too few: the watcher needs at least %d connections to Consul", c.MaxConns, minConns)
+	}
 	if c.Logger == nil {
 		c.Logger = hclog.NewNullLogger()
 	}
@@ -251,66 +267,77 @@ type Status struct {
 }
 
 // Watcher keeps a View of the healthy instances of the catalog's services
-// fresh with Consul blocking queries. Build it with NewWatcher, run it with
+// fresh, with a fixed number of blocking queries however many services it
+// watches (see the package README). Build it with NewWatcher, run it with
 // Run; Load, Want, View and Status are safe for concurrent use.
 type Watcher struct {
 	cfg     Config
 	log     hclog.Logger
 	view    *View
 	clients []*api.Client
-	// endpoints are the same addresses, parsed for the health long polls
-	endpoints []endpoint
-	token     string
-	cur       atomic.Uint32 // index into clients of the address in use
-	met       *metrics
-	kick      chan struct{} // wakes the publisher
-	coldSem   chan struct{} // bounds the non-blocking queries in flight
-	pinned    map[string]bool
+	// transports of clients, one per address: Run closes their idle
+	// connections when it ends
+	transports []*http.Transport
+	conns      conns
+	cur        atomic.Uint32 // index into clients of the address in use
+	met        *metrics
+	kick       chan struct{} // wakes the publisher
+	pinned     map[string]bool
+	queue      *queue // services to fetch or probe
 
 	// index of watches for the lock-free fast path of Want
-	watchIdx atomic.Pointer[map[string]*watch]
+	watchIdx atomic.Pointer[map[string]*watched]
 
 	mu       sync.Mutex
 	ran      bool
 	batching bool // reconcileLocked adds and removes many watches: reindex once
 	running  bool
 	stopping bool
-	runCtx   context.Context
 	wg       sync.WaitGroup
-	watches  map[string]*watch
+	watches  map[string]*watched
 	services map[string]*Service // see mutServicesLocked
 	// servicesShared: a published snapshot holds services; copy before changing
 	servicesShared bool
 	nodes          map[string]*Node
 	coords         map[string]*coordinate.Coordinate
 	known          map[string]bool
+	tags           map[string]string // per known service, its tags as the service list gives them
 	dc             string
 	updated        time.Time
 	dirty          bool
 	index          uint64          // highest index of the services, nodes and coordinates lists
 	ready          []chan struct{} // closed after the next publish
+	// change detection (health.go)
+	checks   map[checkKey]checkState    // the non-passing checks Consul last listed
+	fetched  map[string]uint64          // watched service -> the index of its last fetch
+	svcNodes map[string][]string        // watched service -> nodes of its instances
+	nodeSvcs map[string]map[string]bool // node -> watched services with an instance on it
 	// state of the sync with Consul
-	knownLoaded bool
-	nodesLoaded bool
-	fromDisk    bool // the view still holds unconfirmed data from disk
-	synced      bool
+	knownLoaded  bool
+	nodesLoaded  bool
+	checksLoaded bool
+	checksReady  chan struct{}                      // closed once both health queries answered
+	checkSets    map[string]map[checkKey]checkState // by state, as each health query last answered
+	fromDisk     bool                               // the view still holds unconfirmed data from disk
+	synced       bool
 
 	contacted   atomic.Bool  // Consul answered since start
 	lastContact atomic.Int64 // unix nanoseconds
 	lastErrAt   atomic.Int64
 	lastWarn    atomic.Int64
 	lastErr     atomic.Pointer[string]
+	fetchErrs   atomic.Int64 // fetches failed in a row, for their backoff
 }
 
-// watch is one service's blocking-query loop.
-type watch struct {
+// watched is one watched service. It costs no connection: changes are
+// found by the shared blocking queries and fetched by the queue's workers.
+type watched struct {
 	name     string
 	pinned   bool
 	ready    chan struct{} // closed once its first answer is in the view
 	lastUsed atomic.Int64
-	cancel   context.CancelFunc // nil until started
-	answered bool               // guarded by Watcher.mu
-	closed   bool               // ready closed; guarded by Watcher.mu
+	answered bool // guarded by Watcher.mu
+	closed   bool // ready closed; guarded by Watcher.mu
 }
 
 // NewWatcher builds a Watcher. When cfg.DataDir holds a saved snapshot it is
@@ -320,18 +347,25 @@ func NewWatcher(cfg Config) (*Watcher, error) {
 		return nil, err
 	}
 	w := &Watcher{
-		cfg:      cfg,
-		log:      cfg.Logger.Named("catalog"),
-		view:     NewView(),
-		kick:     make(chan struct{}, 1),
-		coldSem:  make(chan struct{}, 16),
-		pinned:   map[string]bool{},
-		watches:  map[string]*watch{},
-		services: map[string]*Service{},
-		nodes:    map[string]*Node{},
-		coords:   map[string]*coordinate.Coordinate{},
-		known:    map[string]bool{},
-		dc:       cfg.Datacenter,
+		cfg:         cfg,
+		log:         cfg.Logger.Named("catalog"),
+		view:        NewView(),
+		kick:        make(chan struct{}, 1),
+		pinned:      map[string]bool{},
+		queue:       newQueue(),
+		watches:     map[string]*watched{},
+		services:    map[string]*Service{},
+		nodes:       map[string]*Node{},
+		coords:      map[string]*coordinate.Coordinate{},
+		known:       map[string]bool{},
+		tags:        map[string]string{},
+		checks:      map[checkKey]checkState{},
+		fetched:     map[string]uint64{},
+		checksReady: make(chan struct{}),
+		checkSets:   map[string]map[checkKey]checkState{},
+		svcNodes:    map[string][]string{},
+		nodeSvcs:    map[string]map[string]bool{},
+		dc:          cfg.Datacenter,
 	}
 	if cfg.Mode != ModeAll {
 		for _, s := range cfg.Services {
@@ -347,7 +381,7 @@ func NewWatcher(cfg Config) (*Watcher, error) {
 	if err := w.met.register(cfg.Registerer); err != nil {
 		return nil, err
 	}
-	empty := map[string]*watch{}
+	empty := map[string]*watched{}
 	w.watchIdx.Store(&empty)
 	if cfg.DataDir != "" {
 		if err := w.loadDisk(); err != nil {
@@ -356,68 +390,10 @@ func NewWatcher(cfg Config) (*Watcher, error) {
 	}
 	w.mu.Lock()
 	for name := range w.pinned {
-		w.addWatchLocked(name, true)
+		w.addWatchLocked(name, true, false)
 	}
 	w.mu.Unlock()
 	return w, nil
-}
-
-func (w *Watcher) buildClients() error {
-	tlsCfg, err := api.SetupTLSConfig(&w.cfg.TLS)
-	if err != nil {
-		return fmt.Errorf("catalog: TLS settings: %w", err)
-	}
-	tr := &http.Transport{
-		Proxy:               nil, // Consul is local: never through an HTTP proxy
-		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		MaxIdleConns:        0,
-		MaxIdleConnsPerHost: 100000, // one long poll per watch: keep every connection for reuse
-		IdleConnTimeout:     90 * time.Second,
-		TLSHandshakeTimeout: 10 * time.Second,
-		TLSClientConfig:     tlsCfg,
-		ForceAttemptHTTP2:   true, // multiplexes the long polls when Consul speaks HTTPS
-		// Small buffers: a thousand idle long polls each hold a pair.
-		ReadBufferSize:  2048,
-		WriteBufferSize: 1024,
-	}
-	hc := &http.Client{Transport: tr}
-	token := w.cfg.Token
-	if w.cfg.TokenFile != "" {
-		b, err := os.ReadFile(w.cfg.TokenFile)
-		if err != nil {
-			return fmt.Errorf("catalog: token file: %w", err)
-		}
-		token = strings.TrimSpace(string(b))
-	}
-	if strings.ContainsAny(token, "\r\n") {
-		return errors.New("catalog: the ACL token contains a line break")
-	}
-	w.token = token
-	for _, addr := range w.cfg.Addresses {
-		ep, err := parseEndpoint(addr, w.cfg.SSL, tlsCfg)
-		if err != nil {
-			return err
-		}
-		w.endpoints = append(w.endpoints, ep)
-		ac := api.DefaultNonPooledConfig()
-		ac.Address = addr
-		ac.Scheme = "http"
-		if w.cfg.SSL {
-			ac.Scheme = "https"
-		}
-		ac.Datacenter = w.cfg.Datacenter
-		ac.Token = token
-		ac.TokenFile = w.cfg.TokenFile
-		ac.HttpClient = hc
-		ac.TLSConfig = w.cfg.TLS
-		ac.Namespace, ac.Partition = "", ""
-		c, err := api.NewClient(ac)
-		if err != nil {
-			return fmt.Errorf("catalog: Consul address %q: %w", addr, err)
-		}
-		w.clients = append(w.clients, c)
-	}
-	return nil
 }
 
 // View returns the View the watcher publishes to (for Subscribe).
@@ -444,7 +420,7 @@ func (w *Watcher) Want(ctx context.Context, service string) *Snapshot {
 				w.mu.Unlock()
 				return w.view.Load()
 			}
-			wt = w.addWatchLocked(key, false)
+			wt = w.addWatchLocked(key, false, true)
 		}
 		w.mu.Unlock()
 	}
@@ -523,18 +499,24 @@ func (w *Watcher) Run(ctx context.Context) error {
 		w.mu.Unlock()
 		return errors.New("catalog: Run called twice")
 	}
-	w.ran, w.running, w.runCtx = true, true, ctx
+	w.ran, w.running = true, true
 	for _, wt := range w.watches {
-		w.startWatchLocked(wt)
+		w.queueFirstLocked(wt, false)
 	}
 	w.mu.Unlock()
-	w.log.Info("watching Consul", "addresses", w.cfg.Addresses, "mode", w.cfg.Mode, "stale", w.cfg.Stale)
+	w.log.Info("watching Consul", "addresses", w.cfg.Addresses, "mode", w.cfg.Mode, "stale", w.cfg.Stale, "max_conns", w.cfg.MaxConns)
 
 	w.goRun(func() { w.publisher(ctx) })
 	w.goRun(func() { w.servicesLoop(ctx) })
+	for _, st := range checkStatuses {
+		w.goRun(func() { w.checksLoop(ctx, st) })
+	}
 	w.goRun(func() { w.nodesLoop(ctx) })
 	if w.cfg.CoordInterval > 0 {
 		w.goRun(func() { w.coordsLoop(ctx) })
+	}
+	for i := 0; i < w.cfg.MaxConns-longPolls-1; i++ {
+		w.goRun(func() { w.fetcher(ctx) })
 	}
 	if w.cfg.Mode == ModeOnDemand {
 		w.goRun(func() { w.reaper(ctx) })
@@ -553,6 +535,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 	}
 	w.mu.Unlock()
 	w.wg.Wait()
+	for _, tr := range w.transports {
+		tr.CloseIdleConnections() // the queries' own ended with their contexts
+	}
 	w.mu.Lock()
 	w.running = false
 	w.mu.Unlock()
@@ -567,44 +552,43 @@ func (w *Watcher) goRun(f func()) {
 	}()
 }
 
-// addWatchLocked creates the watch of name and starts it if Run runs.
-func (w *Watcher) addWatchLocked(name string, pinned bool) *watch {
-	wt := &watch{name: name, pinned: pinned, ready: make(chan struct{})}
+// addWatchLocked adds the watch of name and, if Run runs, queues its first
+// fetch (urgent: someone waits for it).
+func (w *Watcher) addWatchLocked(name string, pinned, urgent bool) *watched {
+	wt := &watched{name: name, pinned: pinned, ready: make(chan struct{})}
 	wt.lastUsed.Store(time.Now().UnixNano())
 	w.watches[name] = wt
 	w.reindexLocked()
 	if w.running && !w.stopping {
-		w.startWatchLocked(wt)
-	}
-	if n := len(w.watches); n == 180 {
-		w.log.Warn("watching 180 services: each is one long-poll connection; raise Consul's limits.http_max_conns_per_client (default 200) on the agent")
+		w.queueFirstLocked(wt, urgent)
 	}
 	return wt
 }
 
-func (w *Watcher) startWatchLocked(wt *watch) {
-	if wt.cancel != nil {
+// queueFirstLocked queues the first look at a watched service: a probe when
+// the view already holds it (from disk: an unchanged index confirms it
+// without fetching), else a fetch.
+func (w *Watcher) queueFirstLocked(wt *watched, urgent bool) {
+	if w.fetched[wt.name] > 0 {
+		w.queue.add(wt.name, false, urgent)
 		return
 	}
-	ctx, cancel := context.WithCancel(w.runCtx)
-	wt.cancel = cancel
-	w.goRun(func() { w.serviceLoop(ctx, wt) })
+	w.queue.add(wt.name, true, urgent)
 }
 
-// removeWatchLocked stops the watch of name and drops the service from the view.
+// removeWatchLocked stops watching name and drops the service from the view.
 func (w *Watcher) removeWatchLocked(name string) {
 	wt := w.watches[name]
 	if wt == nil {
 		return
-	}
-	if wt.cancel != nil {
-		wt.cancel()
 	}
 	if !wt.closed {
 		wt.closed = true
 		close(wt.ready)
 	}
 	delete(w.watches, name)
+	delete(w.fetched, name)
+	w.setNodesLocked(name, nil)
 	w.reindexLocked()
 	if _, ok := w.services[name]; ok {
 		delete(w.mutServicesLocked(), name)
@@ -616,33 +600,11 @@ func (w *Watcher) reindexLocked() {
 	if w.batching {
 		return // the batch reindexes once at its end
 	}
-	m := make(map[string]*watch, len(w.watches))
+	m := make(map[string]*watched, len(w.watches))
 	for k, v := range w.watches {
 		m[k] = v
 	}
 	w.watchIdx.Store(&m)
-}
-
-// reconcileLocked starts and stops watches after the catalog's service
-// list changed.
-func (w *Watcher) reconcileLocked() {
-	w.batching = true
-	defer func() {
-		w.batching = false
-		w.reindexLocked()
-	}()
-	if w.cfg.Mode == ModeAll {
-		for name := range w.known {
-			if w.watches[name] == nil {
-				w.addWatchLocked(name, false)
-			}
-		}
-	}
-	for name, wt := range w.watches {
-		if !wt.pinned && !w.known[name] {
-			w.removeWatchLocked(name)
-		}
-	}
 }
 
 // ---- publishing ----
@@ -687,7 +649,7 @@ func (w *Watcher) publish() {
 // publishLocked publishes the draft if it changed and returns the ready
 // channels to close once w.mu is released.
 func (w *Watcher) publishLocked() []chan struct{} {
-	if (w.fromDisk || !w.synced) && w.knownLoaded && w.nodesLoaded && w.allAnsweredLocked() {
+	if (w.fromDisk || !w.synced) && w.knownLoaded && w.nodesLoaded && w.checksLoaded && w.allAnsweredLocked() {
 		if w.fromDisk {
 			w.fromDisk = false
 			w.dirty = true
@@ -752,111 +714,62 @@ func (w *Watcher) allAnsweredLocked() bool {
 	return true
 }
 
-// ---- the blocking-query loop ----
+// ---- the blocking-query loops ----
 
-// fetchFunc runs one query with q against Consul address ci, giving up at
-// deadline or when ctx ends; it keeps its result and returns Consul's
-// metadata.
-type fetchFunc func(ctx context.Context, ci int, q *api.QueryOptions, deadline time.Time) (*api.QueryMeta, error)
-
-// apiFetch adapts a consul/api call to a fetchFunc.
-func apiFetch(call func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error), clients []*api.Client) fetchFunc {
-	return func(ctx context.Context, ci int, q *api.QueryOptions, deadline time.Time) (*api.QueryMeta, error) {
-		qctx, cancel := context.WithDeadline(ctx, deadline)
-		defer cancel()
-		return call(clients[ci], q.WithContext(qctx))
+// loopConfig is the watch.Loop configuration of the watcher's loops.
+func (w *Watcher) loopConfig(minInterval time.Duration, burst int) watch.Config {
+	return watch.Config{
+		Wait:           w.cfg.Wait,
+		MinInterval:    minInterval,
+		Burst:          burst,
+		RetryBase:      w.cfg.RetryBase,
+		RetryMax:       w.cfg.RetryMax,
+		RequestTimeout: w.cfg.RequestTimeout,
+		Stale:          w.cfg.Stale,
+		MaxStale:       w.cfg.MaxStale,
 	}
 }
 
-// loopBurst is how many queries a loop may make in a row before
-// MinInterval spaces them.
-const loopBurst = 4
-
-// errZeroIndex is Consul answering index 0, which its documentation calls a
-// bug to be treated as an error (it would make a busy loop).
-var errZeroIndex = errors.New("Consul answered with index 0")
-
-// blockingLoop runs fetch as a blocking query until ctx ends, following
-// Consul's rules: pass the last index, reset to 0 when it goes backwards,
-// skip an unchanged index, rate-limit successive queries (at most burst in a
-// row, then one per minInterval, with jitter), and
-// back off (capped, with jitter) on errors. changed runs with each answer at
-// a new index; it compares the data itself.
-func (w *Watcher) blockingLoop(ctx context.Context, kind, name string, minInterval time.Duration, burst int, fetch fetchFunc, changed func(index uint64)) {
-	var index uint64
-	stale := w.cfg.Stale
-	retries := 0
+// runLoop runs a watch.Loop of kind over a consul/api call against the
+// address in use, with the watcher's metrics, failover and contact time.
+// With blocking false every query is asked without an index (answered at
+// once): the loop then runs one query per MinInterval.
+func runLoop[T any](ctx context.Context, w *Watcher, kind string, cfg watch.Config, blocking bool,
+	call func(c *api.Client, q *api.QueryOptions) (T, *api.QueryMeta, error), changed func(v T, index uint64)) {
+	var ci uint32
 	hist := w.met.duration.WithLabelValues(kind)
-	var lim *rate.Limiter
-	if minInterval > 0 {
-		lim = rate.NewLimiter(rate.Every(minInterval), max(burst, 1))
+	l := &watch.Loop[T]{
+		Config: cfg,
+		Fetch: func(ctx context.Context, q watch.Query) (T, watch.Meta, error) {
+			ci = w.cur.Load()
+			qo := &api.QueryOptions{WaitIndex: q.Index, WaitTime: q.Wait, AllowStale: q.Stale}
+			if !blocking {
+				qo.WaitIndex, qo.WaitTime = 0, 0
+			}
+			v, meta, err := call(w.clients[int(ci)%len(w.clients)], qo.WithContext(ctx))
+			if err != nil {
+				var zero T
+				return zero, watch.Meta{}, err
+			}
+			return v, watch.Meta{Index: meta.LastIndex, LastContact: meta.LastContact}, nil
+		},
+		Changed: func(v T, m watch.Meta) { changed(v, m.Index) },
+		Observe: func(took time.Duration, err error) {
+			hist.Observe(took.Seconds())
+			if err != nil {
+				w.failed(ci, kind, "", err)
+				return
+			}
+			w.contact()
+		},
 	}
-	for ctx.Err() == nil {
-		// The rate limit: a bucket of burst queries refilled one per
-		// minInterval. A loop that answers rarely always finds a token, so a
-		// change is never delayed by it; a loop woken again and again
-		// (flapping) is held to one query per minInterval, plus jitter.
-		if lim != nil {
-			if d := lim.Reserve().Delay(); d > 0 && !sleep(ctx, d+jitter(minInterval/5)) {
-				return
-			}
-		}
-		start := time.Now()
-		q := &api.QueryOptions{WaitIndex: index, WaitTime: w.cfg.Wait, AllowStale: stale}
-		timeout := w.cfg.RequestTimeout
-		if index > 0 {
-			timeout += w.cfg.Wait + w.cfg.Wait/16
-		}
-		ci := w.cur.Load()
-		if index == 0 {
-			// Non-blocking queries answer at once with the whole data: at
-			// most a few in flight bounds the memory of a cold start.
-			select {
-			case w.coldSem <- struct{}{}:
-			case <-ctx.Done():
-				return
-			}
-		}
-		meta, err := fetch(ctx, int(ci)%len(w.clients), q, start.Add(timeout))
-		if index == 0 {
-			<-w.coldSem
-		}
-		if ctx.Err() != nil {
-			return
-		}
-		hist.Observe(time.Since(start).Seconds())
-		if err == nil && meta.LastIndex == 0 {
-			err = errZeroIndex
-		}
-		if err != nil {
-			onShortStack(func() { w.failed(ci, kind, name, err) })
-			index = 0
-			d := backoff(w.cfg.RetryBase, w.cfg.RetryMax, retries)
-			retries++
-			if !sleep(ctx, d) {
-				return
-			}
-			continue
-		}
-		retries = 0
-		w.lastContact.Store(time.Now().UnixNano())
-		w.contacted.Store(true)
-		if stale && w.cfg.MaxStale > 0 && meta.LastContact > w.cfg.MaxStale {
-			stale = false // too stale: ask the leader at once
-			continue
-		}
-		stale = w.cfg.Stale
-		switch {
-		case meta.LastIndex < index:
-			w.log.Debug("index went backwards, resetting", "loop", kind, "service", name, "was", index, "now", meta.LastIndex)
-			index = 0
-		case meta.LastIndex == index:
-			// the wait ended with no change
-		default:
-			index = meta.LastIndex
-			onShortStack(func() { changed(index) })
-		}
-	}
+	l.Run(ctx)
+}
+
+// contact records an answer from Consul.
+func (w *Watcher) contact() {
+	w.lastContact.Store(time.Now().UnixNano())
+	w.contacted.Store(true)
 }
 
 // failed counts and logs a query error and moves on to the next address.
@@ -872,7 +785,7 @@ func (w *Watcher) failed(ci uint32, kind, name string, err error) {
 		w.lastWarn.Store(now.UnixNano())
 		return
 	}
-	// With many watches failing together, warn at most every 5s.
+	// With many queries failing together, warn at most every 5s.
 	if last := w.lastWarn.Load(); now.UnixNano()-last > int64(5*time.Second) && w.lastWarn.CompareAndSwap(last, now.UnixNano()) {
 		w.log.Warn("Consul query failed, retrying", "loop", kind, "service", name, "error", err)
 	} else {
@@ -880,176 +793,77 @@ func (w *Watcher) failed(ci uint32, kind, name string, err error) {
 	}
 }
 
-func backoff(base, maxD time.Duration, retries int) time.Duration {
-	d := base
-	for i := 0; i < retries && d < maxD; i++ {
-		d *= 2
-	}
-	d = min(d, maxD)
-	return d/2 + jitter(d/2)
-}
-
-func jitter(d time.Duration) time.Duration {
-	if d <= 0 {
-		return 0
-	}
-	return rand.N(d)
-}
-
-func sleep(ctx context.Context, d time.Duration) bool {
-	if d <= 0 {
-		return ctx.Err() == nil
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
-}
-
-// ---- the loops ----
-
+// servicesLoop follows the catalog's service list. A name that appears is
+// watched (mode all), one that goes is no longer watched at once, a
+// changed tag list is fetched; and since any other change of registrations
+// (an instance added, removed or moved) also moves this list's index, every
+// other watched service is probed: a cheap query whose index says whether
+// the service changed (health.go).
 func (w *Watcher) servicesLoop(ctx context.Context) {
-	var list map[string][]string
-	w.blockingLoop(ctx, "services", "", w.cfg.MinInterval, loopBurst,
-		apiFetch(func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
-			var err error
-			var meta *api.QueryMeta
-			list, meta, err = c.Catalog().Services(q)
-			return meta, err
-		}, w.clients),
-		func(index uint64) {
+	runLoop(ctx, w, "services", w.loopConfig(w.cfg.MinInterval, 4), true,
+		func(c *api.Client, q *api.QueryOptions) (map[string][]string, *api.QueryMeta, error) {
+			return c.Catalog().Services(q)
+		},
+		func(list map[string][]string, index uint64) {
 			known := make(map[string]bool, len(list))
-			for name := range list {
-				known[strings.ToLower(name)] = true
+			tags := make(map[string]string, len(list))
+			for name, t := range list {
+				key := strings.ToLower(name)
+				known[key] = true
+				tags[key] += strings.Join(t, "\x00") + "\x01"
 			}
 			w.mu.Lock()
 			defer w.mu.Unlock()
 			first := !w.knownLoaded
 			w.knownLoaded = true
 			w.index = max(w.index, index)
-			if !first && reflect.DeepEqual(known, w.known) {
-				w.signal()
-				return
+			if first || !reflect.DeepEqual(known, w.known) {
+				w.known = known
+				w.updated = time.Now()
+				w.dirty = true
+				w.reconcileLocked()
 			}
-			w.known = known
-			w.updated = time.Now()
-			w.dirty = true
-			w.reconcileLocked()
-			w.signal()
-		})
-}
-
-func (w *Watcher) serviceLoop(ctx context.Context, wt *watch) {
-	var entries []healthEntry
-	p := &poller{w: w, ep: -1}
-	defer p.close()
-	w.blockingLoop(ctx, "service", wt.name, w.cfg.MinInterval, loopBurst,
-		func(ctx context.Context, ci int, q *api.QueryOptions, deadline time.Time) (*api.QueryMeta, error) {
-			var err error
-			var meta *api.QueryMeta
-			entries = nil // not held through the wait
-			entries, meta, err = p.health(ctx, ci, wt.name, q, deadline)
-			return meta, err
-		},
-		func(index uint64) {
-			svc := buildService(wt.name, index, entries, w.cfg.IncludeWarning)
-			entries = nil
-			w.mu.Lock()
-			defer w.mu.Unlock()
-			if w.watches[wt.name] != wt {
-				return // stopped meanwhile
-			}
-			if !wt.answered {
-				wt.answered = true
-				if !wt.closed {
-					wt.closed = true
-					w.ready = append(w.ready, wt.ready)
+			old := w.tags
+			w.tags = tags
+			if !first {
+				for name := range w.watches {
+					// A new tag list is a changed registration: fetch it;
+					// anything else may have changed too: probe.
+					w.queue.add(name, old[name] != tags[name], false)
 				}
-				w.signal()
 			}
-			if old := w.services[wt.name]; old != nil && old.Name == svc.Name && reflect.DeepEqual(old.Instances, svc.Instances) {
-				return // a new index, the same data
-			}
-			if w.dc == "" && len(svc.Instances) > 0 {
-				w.dc = svc.Instances[0].Datacenter
-			}
-			w.mutServicesLocked()[wt.name] = svc
-			w.updated = time.Now()
-			w.dirty = true
 			w.signal()
 		})
 }
 
-// buildService turns Consul's health entries into a Service, keeping the
-// passing instances (and warning ones when includeWarning), sorted by ID
-// then node.
-func buildService(name string, index uint64, entries []healthEntry, includeWarning bool) *Service {
-	svc := &Service{Name: name, Index: index, Instances: []Instance{}}
-	for i := range entries {
-		e := &entries[i]
-		if e.Service.ID == "" && e.Service.Service == "" {
-			continue
+// reconcileLocked starts and stops watches after the catalog's service
+// list changed.
+func (w *Watcher) reconcileLocked() {
+	w.batching = true
+	defer func() {
+		w.batching = false
+		w.reindexLocked()
+	}()
+	if w.cfg.Mode == ModeAll {
+		for name := range w.known {
+			if w.watches[name] == nil {
+				w.addWatchLocked(name, false, false)
+			}
 		}
-		status := e.status()
-		weight := e.Service.Weights.Passing
-		switch {
-		case status == api.HealthPassing:
-		case status == api.HealthWarning && includeWarning:
-			weight = e.Service.Weights.Warning
-		default:
-			continue
-		}
-		if e.Service.Weights.Passing == 0 && e.Service.Weights.Warning == 0 {
-			weight = 1 // registered without weights
-		}
-		svc.Name = e.Service.Service
-		addr := e.Service.Address
-		if addr == "" {
-			addr = e.Node.Address
-		}
-		inst := Instance{
-			ID:          e.Service.ID,
-			Service:     e.Service.Service,
-			Node:        e.Node.Node,
-			NodeAddress: e.Node.Address,
-			Address:     addr,
-			Port:        e.Service.Port,
-			Weight:      weight,
-			Datacenter:  e.Node.Datacenter,
-			Status:      status,
-		}
-		if len(e.Service.Tags) > 0 {
-			inst.Tags = e.Service.Tags
-		}
-		if len(e.Service.Meta) > 0 {
-			inst.Meta = e.Service.Meta
-		}
-		svc.Instances = append(svc.Instances, inst)
 	}
-	sort.Slice(svc.Instances, func(i, j int) bool {
-		a, b := &svc.Instances[i], &svc.Instances[j]
-		if a.ID != b.ID {
-			return a.ID < b.ID
+	for name, wt := range w.watches {
+		if !wt.pinned && !w.known[name] {
+			w.removeWatchLocked(name)
 		}
-		return a.Node < b.Node
-	})
-	return svc
+	}
 }
 
 func (w *Watcher) nodesLoop(ctx context.Context) {
-	var list []*api.Node
-	w.blockingLoop(ctx, "nodes", "", w.cfg.MinInterval, loopBurst,
-		apiFetch(func(c *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
-			var err error
-			var meta *api.QueryMeta
-			list, meta, err = c.Catalog().Nodes(q)
-			return meta, err
-		}, w.clients),
-		func(index uint64) {
+	runLoop(ctx, w, "nodes", w.loopConfig(w.cfg.MinInterval, 4), true,
+		func(c *api.Client, q *api.QueryOptions) ([]*api.Node, *api.QueryMeta, error) {
+			return c.Catalog().Nodes(q)
+		},
+		func(list []*api.Node, index uint64) {
 			nodes := make(map[string]*Node, len(list))
 			for _, n := range list {
 				if n == nil {
@@ -1057,17 +871,15 @@ func (w *Watcher) nodesLoop(ctx context.Context) {
 				}
 				nodes[strings.ToLower(n.Node)] = &Node{Name: n.Node, Address: n.Address, Datacenter: n.Datacenter, Meta: nonEmpty(n.Meta)}
 			}
-			list = nil
 			w.mu.Lock()
 			defer w.mu.Unlock()
 			first := !w.nodesLoaded
 			w.nodesLoaded = true
 			w.index = max(w.index, index)
-			if !first && reflect.DeepEqual(nodes, w.nodes) {
-				return
-			}
-			if first && reflect.DeepEqual(nodes, w.nodes) {
-				w.signal() // confirms data loaded from disk
+			if reflect.DeepEqual(nodes, w.nodes) {
+				if first {
+					w.signal() // confirms data loaded from disk
+				}
 				return
 			}
 			w.nodes = nodes

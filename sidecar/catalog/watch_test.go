@@ -139,7 +139,7 @@ func TestBuildService(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			got := buildService("web", 7, toHealth(t, tc.entries), tc.warning)
+			got, _ := buildService("web", 7, toHealth(t, tc.entries), tc.warning)
 			if got.Index != 7 || !reflect.DeepEqual(got.Instances, tc.want) {
 				t.Fatalf("got %+v\nwant %+v", got.Instances, tc.want)
 			}
@@ -150,7 +150,10 @@ func TestBuildService(t *testing.T) {
 		b := entry("a", api.HealthPassing, nil)
 		c := entry("a", api.HealthPassing, nil)
 		c.Node.Node = "m-a"
-		got := buildService("web", 1, toHealth(t, []*api.ServiceEntry{a, b, c}), false)
+		got, nodes := buildService("web", 1, toHealth(t, []*api.ServiceEntry{a, b, c}), false)
+		if strings.Join(nodes, ",") != "n-b,n-a,m-a" {
+			t.Fatalf("nodes %v", nodes)
+		}
 		var order []string
 		for _, i := range got.Instances {
 			order = append(order, i.ID+"@"+i.Node)
@@ -304,7 +307,7 @@ func TestIndexGoingBackwardsResets(t *testing.T) {
 	// (the first query of the loop was the other one).
 	zero := 0
 	for _, r := range f.seenRequests() {
-		if strings.HasPrefix(r, "/v1/health/service/web 0 ") {
+		if strings.HasPrefix(r, "/v1/health/state/critical 0 ") {
 			zero++
 		}
 	}
@@ -367,7 +370,7 @@ func TestGarbageJSONKeepsTheLastView(t *testing.T) {
 	})
 	f.register("web", "web2", "node1", "", 80, api.HealthPassing) // wakes the loops into the garbage
 	deadline := time.Now().Add(5 * time.Second)
-	for counterValue(w.met.errors.WithLabelValues("service")) < 3 {
+	for counterValue(w.met.errors.WithLabelValues("health")) < 3 {
 		if time.Now().After(deadline) {
 			t.Fatal("garbage JSON was not counted as errors")
 		}
