@@ -247,3 +247,28 @@ func newUUID() string {
 	b[8] = b[8]&0x3f | 0x80
 	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
 }
+
+// READMEPolicy returns the ACL policy the repository's README.md documents
+// under the name given: the ```hcl block whose first line is
+// "# policy: NAME". Tests run with exactly what users are told to grant.
+func READMEPolicy(t testing.TB, name string) string {
+	t.Helper()
+	root, err := repoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(root, "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	marker := "```hcl\n# policy: " + name + "\n"
+	_, rest, ok := strings.Cut(string(b), marker)
+	if !ok {
+		t.Fatalf("README.md has no policy %q (a block starting %q)", name, marker)
+	}
+	policy, _, ok := strings.Cut(rest, "```")
+	if !ok {
+		t.Fatalf("README.md: policy %q is not closed", name)
+	}
+	return policy
+}

@@ -17,6 +17,7 @@ import (
 	"github.com/hashicorp/serf/coordinate"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"attache/internal/consulacl"
 	"attache/sidecar/watch"
 )
 
@@ -257,6 +258,9 @@ type Status struct {
 	Address     string        `json:"address"`    // the Consul address in use
 	LastError   string        `json:"last_error"` // the last query error, if any
 	LastErrorAt time.Time     `json:"last_error_at"`
+	// ACLDenied names each rule Consul's ACLs refused or hid from the
+	// watcher (what it lacks and the policy rule that grants it).
+	ACLDenied []string `json:"acl_denied,omitempty"`
 	LastContact time.Time     `json:"last_contact"` // the last answer from Consul (or, from disk, when it was saved)
 	Stale       bool          `json:"stale"`        // serving a snapshot loaded from disk not yet confirmed by Consul
 	Synced      bool          `json:"synced"`       // every watch has had an answer since start
@@ -326,6 +330,7 @@ type Watcher struct {
 	lastErrAt   atomic.Int64
 	lastWarn    atomic.Int64
 	lastErr     atomic.Pointer[string]
+	acl         *aclGaps
 	fetchErrs   atomic.Int64 // fetches failed in a row, for their backoff
 }
 
@@ -349,6 +354,7 @@ func NewWatcher(cfg Config) (*Watcher, error) {
 	w := &Watcher{
 		cfg:         cfg,
 		log:         cfg.Logger.Named("catalog"),
+		acl:         newACLGaps(cfg.Logger.Named("catalog")),
 		view:        NewView(),
 		kick:        make(chan struct{}, 1),
 		pinned:      map[string]bool{},
@@ -469,6 +475,7 @@ func (w *Watcher) Status() Status {
 	}
 	st.Connected = lc > 0 && lc >= le && w.contacted.Load()
 	st.DataAge = w.dataAge()
+	st.ACLDenied = w.acl.list()
 	return st
 }
 
@@ -588,6 +595,7 @@ func (w *Watcher) removeWatchLocked(name string) {
 	}
 	delete(w.watches, name)
 	delete(w.fetched, name)
+	w.acl.set("service/"+name, nil)
 	w.setNodesLocked(name, nil)
 	w.reindexLocked()
 	if _, ok := w.services[name]; ok {
@@ -751,6 +759,12 @@ func runLoop[T any](ctx context.Context, w *Watcher, kind string, cfg watch.Conf
 				var zero T
 				return zero, watch.Meta{}, err
 			}
+			if d := filteredList(kind); d != nil {
+				if !meta.ResultsFilteredByACLs {
+					d = nil
+				}
+				w.acl.set(kind+"/", d)
+			}
 			return v, watch.Meta{Index: meta.LastIndex, LastContact: meta.LastContact}, nil
 		},
 		Changed: func(v T, m watch.Meta) { changed(v, m.Index) },
@@ -776,9 +790,17 @@ func (w *Watcher) contact() {
 func (w *Watcher) failed(ci uint32, kind, name string, err error) {
 	now := time.Now()
 	w.lastErrAt.Store(now.UnixNano())
+	w.met.errors.WithLabelValues(kind).Inc()
+	if d := consulacl.Explain(err); d != nil {
+		// Every address would refuse the same: stay, and name the rule
+		// (logged once by acl.set).
+		w.acl.set(kind+"/"+name, d)
+		msg := d.Error()
+		w.lastErr.Store(&msg)
+		return
+	}
 	msg := err.Error()
 	w.lastErr.Store(&msg)
-	w.met.errors.WithLabelValues(kind).Inc()
 	if len(w.clients) > 1 && w.cur.CompareAndSwap(ci, ci+1) {
 		w.log.Warn("Consul query failed, moving on to the next address", "address", w.cfg.Addresses[int(ci)%len(w.clients)],
 			"next", w.cfg.Addresses[int(ci+1)%len(w.clients)], "error", err)
