@@ -254,13 +254,13 @@ func (c *Config) finalize() error {
 
 // Status is the watcher's connection state, for /readyz and /v1/snapshot.
 type Status struct {
-	Connected   bool          `json:"connected"`  // the last query to Consul succeeded
-	Address     string        `json:"address"`    // the Consul address in use
-	LastError   string        `json:"last_error"` // the last query error, if any
-	LastErrorAt time.Time     `json:"last_error_at"`
+	Connected   bool      `json:"connected"`  // the last query to Consul succeeded
+	Address     string    `json:"address"`    // the Consul address in use
+	LastError   string    `json:"last_error"` // the last query error, if any
+	LastErrorAt time.Time `json:"last_error_at"`
 	// ACLDenied names each rule Consul's ACLs refused or hid from the
 	// watcher (what it lacks and the policy rule that grants it).
-	ACLDenied []string `json:"acl_denied,omitempty"`
+	ACLDenied   []string      `json:"acl_denied,omitempty"`
 	LastContact time.Time     `json:"last_contact"` // the last answer from Consul (or, from disk, when it was saved)
 	Stale       bool          `json:"stale"`        // serving a snapshot loaded from disk not yet confirmed by Consul
 	Synced      bool          `json:"synced"`       // every watch has had an answer since start
