@@ -188,6 +188,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		defer cancel()
 		return admin.Shutdown(sctx)
 	})
+	s.warnExposed(s.log)
 	s.log.Info("sidecar running", "admin", s.cfg.Admin, "consul", s.cfg.Consul, "pid", os.Getpid())
 	err = g.Wait()
 	s.log.Info("sidecar stopped")
