@@ -402,7 +402,7 @@ func (w *Watcher) fetcher(ctx context.Context) {
 		}
 		if err != nil {
 			n := w.fetchErrs.Add(1)
-			if !watch.Sleep(ctx, watch.Backoff(w.cfg.RetryBase, w.cfg.RetryMax, int(n-1))) {
+			if !w.waker.Sleep(ctx, watch.Backoff(w.cfg.RetryBase, w.cfg.RetryMax, int(n-1))) {
 				return
 			}
 			w.queue.add(name, fetch, urgent)

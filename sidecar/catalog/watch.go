@@ -118,6 +118,13 @@ type Config struct {
 	// registration and the coordinates, and the rest fetch changed services
 	// side by side.
 	MaxConns int
+	// ProbeInterval: while queries fail, the watcher asks the agent for the
+	// Raft leader (a cheap query that no ACL guards) this often, and the
+	// moment it answers after failing, every query backing off is retried
+	// at once: an agent that was down or cut off is followed again within
+	// about ProbeInterval of its answering, however long the backoff had
+	// grown (default 500ms; negative disables).
+	ProbeInterval time.Duration
 	// CoordInterval is the least time between two fetches of the network
 	// coordinates (default 10s; negative disables coordinates).
 	CoordInterval time.Duration
@@ -143,6 +150,7 @@ func DefaultConfig() Config {
 		RequestTimeout: 10 * time.Second,
 		CoordInterval:  10 * time.Second,
 		MaxConns:       8,
+		ProbeInterval:  500 * time.Millisecond,
 	}
 }
 
@@ -240,6 +248,9 @@ func (c *Config) finalize() error {
 	if c.CoordInterval == 0 {
 		c.CoordInterval = d.CoordInterval
 	}
+	if c.ProbeInterval == 0 {
+		c.ProbeInterval = d.ProbeInterval
+	}
 	if c.MaxConns == 0 {
 		c.MaxConns = d.MaxConns
 	}
@@ -331,6 +342,7 @@ type Watcher struct {
 	lastWarn    atomic.Int64
 	lastErr     atomic.Pointer[string]
 	acl         *aclGaps
+	waker       *watch.Waker // ends the queries' backoff when the probe finds Consul back
 	fetchErrs   atomic.Int64 // fetches failed in a row, for their backoff
 }
 
@@ -355,6 +367,7 @@ func NewWatcher(cfg Config) (*Watcher, error) {
 		cfg:         cfg,
 		log:         cfg.Logger.Named("catalog"),
 		acl:         newACLGaps(cfg.Logger.Named("catalog")),
+		waker:       watch.NewWaker(),
 		view:        NewView(),
 		kick:        make(chan struct{}, 1),
 		pinned:      map[string]bool{},
@@ -530,6 +543,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 	}
 	if w.cfg.DataDir != "" {
 		w.goRun(func() { w.saver(ctx) })
+	}
+	if w.cfg.ProbeInterval > 0 {
+		w.goRun(func() { w.prober(ctx) })
 	}
 	<-ctx.Done()
 	w.mu.Lock()
@@ -768,6 +784,7 @@ func runLoop[T any](ctx context.Context, w *Watcher, kind string, cfg watch.Conf
 			return v, watch.Meta{Index: meta.LastIndex, LastContact: meta.LastContact}, nil
 		},
 		Changed: func(v T, m watch.Meta) { changed(v, m.Index) },
+		Waker:   w.waker,
 		Observe: func(took time.Duration, err error) {
 			hist.Observe(took.Seconds())
 			if err != nil {
