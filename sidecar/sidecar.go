@@ -164,7 +164,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("admin: listen on %s: %w", s.cfg.Admin, err)
 	}
-	admin := &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
+	admin := &http.Server{Handler: adminAuth(s.cfg.AdminToken, s.adminHandler()), ReadHeaderTimeout: 10 * time.Second}
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.watcher.Run(gctx) })
