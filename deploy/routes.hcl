@@ -7,14 +7,19 @@
 # applying it again changes nothing. The reference of every field is in the
 # README ("Routes and the control service") and control/routes/README.md.
 #
-# TLS (nginx's `listen 443 ssl http2` with ssl_certificate) is a gateway block:
-#
-#   gateway {
-#     tls {
-#       cert = "/etc/attache/tls/gateway.pem"
-#       key  = "/etc/attache/tls/gateway-key.pem"
-#     }
-#   }
+# TLS (nginx's `listen 443 ssl http2` with ssl_certificate) is the gateway
+# block: scripts/up makes a local CA and this certificate for the gateway
+# node (relative names are taken from the gateway's working directory, the
+# repository for scripts/up), so `curl --cacert .run/tls/ca.crt
+# https://127.0.0.30:8443/users/1` answers over HTTP/2. Elsewhere, name your
+# own files, e.g. cert = "/etc/attache/tls/gateway.pem".
+
+gateway {
+  tls {
+    cert = ".run/tls/gateway.crt"
+    key  = ".run/tls/gateway.key"
+  }
+}
 
 route "users" {
   prefix  = "/users/"

@@ -23,6 +23,13 @@ func (s *Sidecar) adminHandler() http.Handler {
 		}{s.watcher.Status(), s.watcher.Load()}, http.StatusOK)
 	})
 	mux.Handle("GET /v1/breakers", s.breakers.Handler())
+	if s.gateway != nil {
+		mux.Handle("GET /v1/routes", s.gateway.Handler())
+	} else {
+		mux.HandleFunc("GET /v1/routes", func(w http.ResponseWriter, r *http.Request) {
+			writeJSON(w, map[string]string{"error": "this sidecar runs no gateway (-gateway)"}, http.StatusNotFound)
+		})
+	}
 	return mux
 }
 

@@ -38,6 +38,9 @@ type Config struct {
 	AdminToken    string                    // required (Bearer) on the admin API but /healthz and /readyz; needed off loopback; default ATTACHE_ADMIN_TOKEN
 	Upstreams     []string                  // NAME=ADDR[/tcp]
 	HTTPProxy     string                    // HTTP proxy listen address; empty: off
+	Gateway       string                    // API gateway HTTP listen address; empty: off
+	GatewayTLS    string                    // API gateway HTTPS listen address (HTTP/2 by ALPN); empty: off
+	RoutesPrefix  string                    // KV prefix of the gateway's routes (default "attache/")
 	ServiceFiles  []string                  // HCL files of local services to register
 	Watch         string                    // which services to watch: on-demand (default), all, or list
 	WatchList     []string                  // the services to watch with Watch = list (and always, with on-demand)
@@ -58,6 +61,10 @@ type Config struct {
 	TryTimeout    time.Duration             // proxy: per try (default 5s)
 	ReqTimeout    time.Duration             // proxy: whole request, retries included (default 15s)
 	Retries       int                       // proxy: extra tries after the first (default 2; -1 none)
+	ClientIdle    time.Duration             // proxy: idle keep-alive client connections close after this (0: the proxy's 75s)
+	HeaderTimeout time.Duration             // proxy: a request head must arrive whole within this (0: the proxy's 10s)
+	BodyTimeout   time.Duration             // proxy: a request body may pause this long between reads (0: the proxy's 30s)
+	MaxClients    int                       // proxy: open client connections per HTTP listener (0: the proxy's 16384)
 	EjectAfter    int                       // outlier ejection after this many consecutive failures (default 5)
 	EjectTime     time.Duration             // base ejection time, times the number of ejections (default 30s)
 	SlowCall      time.Duration             // breaker: a call this long is slow, in flight or done (default 2s)
@@ -79,6 +86,7 @@ func DefaultConfig(env func(string) string) Config {
 		LogLevel:     "info",
 		DNSEjections: true,
 		Balancer:     string(proxy.LeastRequest),
+		RoutesPrefix: "attache/",
 		TryTimeout:   5 * time.Second,
 		ReqTimeout:   15 * time.Second,
 		Retries:      2,
@@ -132,6 +140,9 @@ func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs.StringVar(&c.AdminToken, "admin-token", c.AdminToken, "`token` the admin API requires (Authorization: Bearer) but on /healthz and /readyz; needed off loopback; $ATTACHE_ADMIN_TOKEN sets the default")
 	fs.Var(&listFlag{dst: &c.Upstreams}, "upstream", "upstream listener `NAME=ADDR[/tcp]`, repeatable")
 	fs.StringVar(&c.HTTPProxy, "http-proxy", c.HTTPProxy, "HTTP proxy listen `address`")
+	fs.StringVar(&c.Gateway, "gateway", c.Gateway, "API gateway HTTP listen `address` (routes from Consul KV)")
+	fs.StringVar(&c.GatewayTLS, "gateway-tls", c.GatewayTLS, "API gateway HTTPS listen `address` (HTTP/2 by ALPN; certificates from the route document)")
+	fs.StringVar(&c.RoutesPrefix, "routes-prefix", c.RoutesPrefix, "Consul KV `prefix` of the gateway's routes (PREFIX/routes/current...)")
 	fs.Var(&listFlag{dst: &c.ServiceFiles}, "service", "HCL `file` of local services to register, repeatable")
 	fs.StringVar(&c.Watch, "watch", c.Watch, "which services to watch: on-demand, all or list")
 	fs.Var(&listFlag{dst: &c.WatchList}, "watch-service", "`service` to watch from start, repeatable")
@@ -151,6 +162,10 @@ func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs.DurationVar(&c.TryTimeout, "try-timeout", c.TryTimeout, "proxy: timeout of one try")
 	fs.DurationVar(&c.ReqTimeout, "request-timeout", c.ReqTimeout, "proxy: timeout of a whole request, retries included")
 	fs.IntVar(&c.Retries, "retries", c.Retries, "proxy: extra tries after the first, for idempotent requests (-1: none)")
+	fs.DurationVar(&c.ClientIdle, "client-idle-timeout", c.ClientIdle, "proxy: close idle keep-alive client connections after this (0: 75s)")
+	fs.DurationVar(&c.HeaderTimeout, "header-timeout", c.HeaderTimeout, "proxy: a request head must arrive whole within this (0: 10s)")
+	fs.DurationVar(&c.BodyTimeout, "body-timeout", c.BodyTimeout, "proxy: a request body may pause this long between two reads (0: 30s)")
+	fs.IntVar(&c.MaxClients, "max-client-conns", c.MaxClients, "proxy: open client connections per HTTP listener; more get a 503 (0: 16384)")
 	fs.IntVar(&c.EjectAfter, "eject-after", c.EjectAfter, "eject an instance after this many consecutive failures (-1: never)")
 	fs.DurationVar(&c.EjectTime, "eject-time", c.EjectTime, "base ejection time, multiplied by the times ejected")
 	fs.DurationVar(&c.SlowCall, "slow-call", c.SlowCall, "breaker: a call this long is slow (counted while still in flight)")
@@ -213,6 +228,9 @@ type fileConfig struct {
 	AdminToken    *string            `hcl:"admin_token,optional"`
 	Upstreams     *[]string          `hcl:"upstream,optional"`
 	HTTPProxy     *string            `hcl:"http_proxy,optional"`
+	Gateway       *string            `hcl:"gateway,optional"`
+	GatewayTLS    *string            `hcl:"gateway_tls,optional"`
+	RoutesPrefix  *string            `hcl:"routes_prefix,optional"`
 	ServiceFiles  *[]string          `hcl:"service,optional"`
 	Watch         *string            `hcl:"watch,optional"`
 	WatchList     *[]string          `hcl:"watch_service,optional"`
@@ -233,6 +251,10 @@ type fileConfig struct {
 	TryTimeout    *string            `hcl:"try_timeout,optional"`
 	ReqTimeout    *string            `hcl:"request_timeout,optional"`
 	Retries       *int               `hcl:"retries,optional"`
+	ClientIdle    *string            `hcl:"client_idle_timeout,optional"`
+	HeaderTimeout *string            `hcl:"header_timeout,optional"`
+	BodyTimeout   *string            `hcl:"body_timeout,optional"`
+	MaxClients    *int               `hcl:"max_client_conns,optional"`
 	EjectAfter    *int               `hcl:"eject_after,optional"`
 	EjectTime     *string            `hcl:"eject_time,optional"`
 	SlowCall      *string            `hcl:"slow_call,optional"`
@@ -275,6 +297,9 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	set(&c.AdminToken, fc.AdminToken)
 	set(&c.Upstreams, fc.Upstreams)
 	set(&c.HTTPProxy, fc.HTTPProxy)
+	set(&c.Gateway, fc.Gateway)
+	set(&c.GatewayTLS, fc.GatewayTLS)
+	set(&c.RoutesPrefix, fc.RoutesPrefix)
 	set(&c.ServiceFiles, fc.ServiceFiles)
 	set(&c.Watch, fc.Watch)
 	set(&c.WatchList, fc.WatchList)
@@ -285,6 +310,7 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	set(&c.Streaming, fc.Streaming)
 	set(&c.Balancer, fc.Balancer)
 	set(&c.Retries, fc.Retries)
+	set(&c.MaxClients, fc.MaxClients)
 	set(&c.EjectAfter, fc.EjectAfter)
 	set(&c.MaxRequests, fc.MaxRequests)
 	if len(fc.Fallbacks) > 0 {
@@ -325,6 +351,9 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 		{"request_timeout", fc.ReqTimeout, &c.ReqTimeout},
 		{"eject_time", fc.EjectTime, &c.EjectTime},
 		{"slow_call", fc.SlowCall, &c.SlowCall},
+		{"client_idle_timeout", fc.ClientIdle, &c.ClientIdle},
+		{"header_timeout", fc.HeaderTimeout, &c.HeaderTimeout},
+		{"body_timeout", fc.BodyTimeout, &c.BodyTimeout},
 	} {
 		if d.v == nil {
 			continue
@@ -393,6 +422,11 @@ func (c *Config) Validate() error {
 	}
 	addr("admin", c.Admin)
 	addr("http-proxy", c.HTTPProxy)
+	addr("gateway", c.Gateway)
+	addr("gateway-tls", c.GatewayTLS)
+	if (c.Gateway != "" || c.GatewayTLS != "") && c.RoutesPrefix == "" {
+		errs = append(errs, errors.New("-routes-prefix: the gateway needs a KV prefix, e.g. attache/"))
+	}
 	if _, err := proxy.ParseBalancer(c.Balancer); err != nil {
 		errs = append(errs, fmt.Errorf("-lb: %w", err))
 	}

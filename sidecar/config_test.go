@@ -22,6 +22,7 @@ func TestParseArgs(t *testing.T) {
 	badAttr := file("bad.hcl", "dns = \"127.0.0.1:8653\"\nbogus = 1\n")
 	badSyntax := file("syntax.hcl", "dns = \n")
 	badDur := file("dur.hcl", "max_stale = \"soon\"\n")
+	gw := file("gw.hcl", "gateway = \"127.0.0.30:8080\"\ngateway_tls = \"127.0.0.30:8443\"\nroutes_prefix = \"team/\"\n")
 	fb := file("fb.hcl", "fallback \"inventory\" {\n  body = \"Stock status unavailable\"\n  content_type = \"text/plain\"\n  on = [\"breaker-open\", \"timeout\"]\n}\n")
 	badCause := file("cause.hcl", "fallback \"inventory\" {\n  on = [\"sometimes\"]\n}\n")
 
@@ -73,6 +74,17 @@ func TestParseArgs(t *testing.T) {
 		{name: "unknown attribute names file and line", args: []string{"-config", badAttr}, wantErr: "bad.hcl:2,1: Unsupported argument"},
 		{name: "syntax error names file and line", args: []string{"-config", badSyntax}, wantErr: "syntax.hcl:1,"},
 		{name: "bad duration", args: []string{"-config", badDur}, wantErr: "max_stale"},
+		{name: "gateway flags", args: []string{"-gateway", "127.0.0.30:8080", "-gateway-tls", "127.0.0.30:8443"}, check: func(t *testing.T, c Config) {
+			if c.Gateway != "127.0.0.30:8080" || c.GatewayTLS != "127.0.0.30:8443" || c.RoutesPrefix != "attache/" {
+				t.Errorf("gateway flags: %q %q %q", c.Gateway, c.GatewayTLS, c.RoutesPrefix)
+			}
+		}},
+		{name: "gateway file", args: []string{"-config", gw}, check: func(t *testing.T, c Config) {
+			if c.Gateway != "127.0.0.30:8080" || c.GatewayTLS != "127.0.0.30:8443" || c.RoutesPrefix != "team/" {
+				t.Errorf("gateway file: %q %q %q", c.Gateway, c.GatewayTLS, c.RoutesPrefix)
+			}
+		}},
+		{name: "bad gateway address", args: []string{"-gateway", "8080"}, wantErr: `-gateway "8080": want HOST:PORT`},
 		{name: "fallback", args: []string{"-config", fb}, check: func(t *testing.T, c Config) {
 			f := c.Fallbacks["inventory"]
 			if f.Status != 200 || f.Body != "Stock status unavailable" || f.ContentType != "text/plain" || strings.Join(f.On, ",") != "breaker-open,timeout" {

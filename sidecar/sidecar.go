@@ -23,6 +23,7 @@ import (
 	"attache/dns"
 	"attache/sidecar/breaker"
 	"attache/sidecar/catalog"
+	"attache/sidecar/gateway"
 	"attache/sidecar/proxy"
 )
 
@@ -34,8 +35,9 @@ type Sidecar struct {
 	registrar *catalog.Registrar
 	watcher   *catalog.Watcher
 	breakers  *breaker.Registry
-	proxy     *proxy.Proxy // nil without -upstream or -http-proxy
-	dns       *dns.Server  // nil without -dns
+	proxy     *proxy.Proxy     // nil without -upstream, -http-proxy or -gateway
+	gateway   *gateway.Gateway // nil without -gateway or -gateway-tls
+	dns       *dns.Server      // nil without -dns
 }
 
 // New builds the sidecar from cfg. It binds nothing and contacts nobody: Run does.
@@ -71,7 +73,21 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.registrar = catalog.NewRegistrar(client, append([]*api.AgentServiceRegistration{self}, regs...), 0, log)
+	regs = append([]*api.AgentServiceRegistration{self}, regs...)
+	if cfg.Gateway != "" || cfg.GatewayTLS != "" {
+		gc := gateway.DefaultConfig()
+		gc.Addr, gc.TLSAddr, gc.Prefix, gc.Node, gc.DataDir = cfg.Gateway, cfg.GatewayTLS, cfg.RoutesPrefix, cfg.Node, cfg.DataDir
+		gc.Logger, gc.Registerer = log, m
+		if s.gateway, err = gateway.New(gc, client, s.watcher); err != nil {
+			return nil, err
+		}
+		reg, err := s.gateway.Registration()
+		if err != nil {
+			return nil, err
+		}
+		regs = append(regs, reg)
+	}
+	s.registrar = catalog.NewRegistrar(client, regs, 0, log)
 
 	bc := breaker.DefaultConfig()
 	bc.ConsecutiveFailures, bc.BaseEjectionTime = cfg.EjectAfter, cfg.EjectTime
@@ -86,10 +102,14 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 		return nil, err
 	}
 	var ejections dns.Ejections // DNS leaves out what the proxy ejected, when there is a proxy
-	if len(cfg.Upstreams) > 0 || cfg.HTTPProxy != "" {
+	if len(cfg.Upstreams) > 0 || cfg.HTTPProxy != "" || s.gateway != nil {
 		pc := proxy.Config{HTTPProxyAddr: cfg.HTTPProxy, Node: cfg.Node, Fallbacks: cfg.Fallbacks, Logger: log, Registerer: m}
+		if s.gateway != nil {
+			pc.Gateways = s.gateway.Listeners()
+		}
 		pc.Balancer, _ = proxy.ParseBalancer(cfg.Balancer) // checked by Validate
 		pc.TryTimeout, pc.RequestTimeout, pc.MaxRetries = cfg.TryTimeout, cfg.ReqTimeout, cfg.Retries
+		pc.IdleTimeout, pc.HeaderTimeout, pc.BodyTimeout, pc.MaxClientConns = cfg.ClientIdle, cfg.HeaderTimeout, cfg.BodyTimeout, cfg.MaxClients
 		if pc.MaxRetries == 0 {
 			pc.MaxRetries = -1 // the proxy reads 0 as "the default"
 		}
@@ -175,6 +195,9 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	}
 	if s.proxy != nil {
 		g.Go(func() error { return s.proxy.Run(gctx) })
+	}
+	if s.gateway != nil {
+		g.Go(func() error { return s.gateway.Run(gctx) })
 	}
 	g.Go(func() error {
 		if err := admin.Serve(adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {

@@ -95,9 +95,9 @@ func TestSidecarAgainstCluster(t *testing.T) {
   address = "127.0.0.1"
   port = `+strings.Split(backend, ":")[1]+`
 }`), 0o644)
-	dnsAddr, upstream, httpProxy := freeAddr(t), freeAddr(t), freeAddr(t)
+	dnsAddr, upstream, httpProxy, gw := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
 	admin, stop := runSidecar(t, "-consul", agent.HTTPAddr, "-service", svcFile, "-dns", dnsAddr, "-data-dir", t.TempDir(),
-		"-upstream", "users="+upstream, "-http-proxy", httpProxy)
+		"-upstream", "users="+upstream, "-http-proxy", httpProxy, "-gateway", gw)
 
 	eventually(t, "/healthz 200", 5*time.Second, func() bool { code, _ := get(admin, "/healthz"); return code == 200 })
 	eventually(t, "/readyz 200", 10*time.Second, func() bool { code, _ := get(admin, "/readyz"); return code == 200 })
@@ -107,8 +107,15 @@ func TestSidecarAgainstCluster(t *testing.T) {
 		_, ok := svcs[id]
 		return err == nil && ok
 	}
-	for _, id := range []string{"attache", "users-1"} {
+	for _, id := range []string{"attache", "users-1", "attache-gateway"} {
 		eventually(t, id+" registered", 10*time.Second, func() bool { return registered(id) })
+	}
+	// The gateway serves, with no routes applied yet: 404 with a JSON body.
+	if code, body := get(gw, "/users/1"); code != 404 || !strings.Contains(body, `"error"`) {
+		t.Errorf("gateway without routes: %d %s", code, body)
+	}
+	if code, body := get(admin, "/v1/routes"); code != 200 || !strings.Contains(body, `"routes": []`) {
+		t.Errorf("/v1/routes = %d %s", code, body)
 	}
 	// The self-registration's check goes passing through /healthz.
 	eventually(t, "attache passing", 15*time.Second, func() bool {
@@ -159,7 +166,7 @@ func TestSidecarAgainstCluster(t *testing.T) {
 	if err := stop(); err != nil {
 		t.Fatalf("Run returned %v", err)
 	}
-	for _, id := range []string{"attache", "users-1"} {
+	for _, id := range []string{"attache", "users-1", "attache-gateway"} {
 		if registered(id) {
 			t.Errorf("%s still registered after shutdown", id)
 		}

@@ -31,10 +31,11 @@ fi
 
 cat >"$BENCH/proxy-nginx/nginx.conf" <<CONF
 worker_processes 2;
+worker_rlimit_nofile 20000;
 pid $BENCH/proxy-nginx/nginx.pid;
 error_log $BENCH/proxy-nginx/error.log warn;
 daemon off;
-events { worker_connections 4096; }
+events { worker_connections 16384; }
 http {
   access_log off;
   client_body_temp_path $BENCH/proxy-nginx;
@@ -84,6 +85,60 @@ wait_for "nginx" 10 curl -fsS "http://$NGINX/users/"
 wait_for "haproxy" 10 curl -fsS "http://$HAPROXY/users/"
 wait_for "attache upstream listener" 20 curl -fsS "http://$UPSTREAM/users/"
 wait_for "attache http proxy" 20 curl -fsS -x "http://$HTTPPROXY" http://users.service.consul/users/
+
+# Idle keep-alive clients: IDLE_CLIENTS (10,000) connections each make one
+# request and stay open, idle; the row is the proxy's RSS growth per client
+# (nginx: master and workers), then the requests/s of wrk -c64 while they
+# are held open. It runs before the load rounds, on fresh processes (after
+# them, memory the rounds freed would hide part of the growth), and is
+# printed last.
+idle_table() {
+	IDLE=${IDLE_CLIENTS:-10000}
+	if ((IDLE > 0)) && (($(ulimit -n) > IDLE + 1000)); then
+		go build -o "$BENCH/idleconns" ./bench/idleconns
+		rss_kb() {
+			local t=0 p
+			for p in "$@"; do
+				[[ -r /proc/$p/status ]] && t=$((t + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status")))
+			done
+			echo "$t"
+		}
+		idle_row() { # LABEL ADDR HOST PIDS...
+			local label=$1 addr=$2 host=$3 before after rps line
+			shift 3
+			sleep 1
+			before=$(rss_kb "$@")
+			coproc IDLEC { exec "$BENCH/idleconns" -addr "$addr" -n "$IDLE" -host "$host" 2>&1; }
+			local cpid=$IDLEC_PID
+			if ! read -r line <&"${IDLEC[0]}" || [[ $line != ready* ]]; then
+				echo "| $label | failed: $line | | |"
+				kill "$cpid" 2>/dev/null || true
+				wait "$cpid" 2>/dev/null || true
+				return
+			fi
+			sleep 2
+			after=$(rss_kb "$@")
+			rps=$(wrk $WRK_ARGS -H "Host: $host" "http://$addr/users/" | awk '/^Requests\/sec/ {print $2}')
+			exec {IDLEC[1]}>&-
+			wait "$cpid" 2>/dev/null || true
+			awk -v l="$label" -v b="$before" -v a="$after" -v n="$IDLE" -v r="$rps" \
+				'BEGIN { printf "| %s | %.0f | %.0f | %.2f | %.0f |\n", l, b/1024, a/1024, (a-b)/n, r }'
+		}
+		echo
+		echo "Idle keep-alive clients: $IDLE connections that each made one request, held open while wrk $WRK_ARGS runs beside them"
+		echo "(the HTTP proxy row comes second in the same process, which reuses the memory the first row's clients left: read its growth as a lower bound):"
+		echo
+		echo "| target | RSS before MiB | RSS with them MiB | KiB per idle client | requests/s meanwhile |"
+		echo "|---|---:|---:|---:|---:|"
+		idle_row nginx "$NGINX" users $(pids_of "nginx -c $BENCH/proxy-nginx")
+		idle_row attache-upstream "$UPSTREAM" users "$ATTACHE_PID"
+		idle_row attache-http-proxy "$HTTPPROXY" users.service.consul "$ATTACHE_PID"
+	else
+		echo
+		echo "(idle clients skipped: ulimit -n $(ulimit -n) is too low for IDLE_CLIENTS=$IDLE)"
+	fi
+}
+idle_out=$(idle_table)
 
 # wrk has no proxy mode: the HTTP proxy row sends origin-form requests with
 # the service's name as Host, which the proxy listener accepts as well.
@@ -157,3 +212,4 @@ if command -v hey >/dev/null; then
 		esac
 	done
 fi
+echo "$idle_out"

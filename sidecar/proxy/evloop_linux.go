@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -57,27 +58,97 @@ import (
 // instead of 8 (nginx: 5-7), the loop's thread and the app's sharing the
 // cores.
 
-// loopProcs counts the loops running in the process (GOMAXPROCS is the
-// process's, so this is too).
+// loopProcs counts the loops that hold a P while they wait (GOMAXPROCS
+// is the process's, so this is too).
+//
+// The safety case for raising GOMAXPROCS: a loop in a hot wait holds its
+// P, so without a P of its own it would take one from the rest of the
+// program for up to hotWait at a time. With GOMAXPROCS raised by one per
+// hot loop, the others keep the processors they had. Raising it must
+// never pass the container's CPU limit (the cgroup's quota, rounded up):
+// past it the extra threads only get throttled, and since Go 1.25 the
+// runtime's own default already follows that limit. So the loops raise
+// it only when base+loops stays within the limit (or there is none);
+// otherwise they wait the plain way (the runtime takes the P back during
+// the system call, as for any blocking call) and GOMAXPROCS is left
+// alone. When the last hot loop stops, the runtime gets its default back
+// (SetDefaultGOMAXPROCS: it follows the cgroup limit again), or the value
+// the program had set itself. While the loops run, a change of the
+// container's limit is not followed.
 var loopProcs procCount
 
 type procCount struct {
-	mu sync.Mutex
-	n  int
+	mu        sync.Mutex
+	hot       int  // loops holding a P while they wait: GOMAXPROCS is raised by as many
+	base      int  // GOMAXPROCS before it was raised
+	byRuntime bool // base was the runtime's default
 }
 
-// add changes GOMAXPROCS by d loops and returns the processors the rest of
-// the program has: GOMAXPROCS less the running loops.
-func (pc *procCount) add(d int) int {
+// others returns the processors the rest of the program has: GOMAXPROCS
+// less the hot loops.
+func (pc *procCount) others() int {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	return runtime.GOMAXPROCS(0) - pc.hot
+}
+
+// raise makes room for n loops that hold a P while they wait: GOMAXPROCS
+// goes up by n unless that would pass limit (the CPU limit; 0: none).
+// false: it did not, and those loops must wait the plain way.
+func (pc *procCount) raise(n, limit int) bool {
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
 	cur := runtime.GOMAXPROCS(0)
-	if d != 0 {
-		pc.n += d
-		cur += d
-		runtime.GOMAXPROCS(cur)
+	if limit > 0 && cur+n > limit {
+		return false
 	}
-	return cur - pc.n
+	if pc.hot == 0 {
+		pc.base = cur
+		runtime.SetDefaultGOMAXPROCS() // is cur the runtime's default, or the program's own?
+		pc.byRuntime = runtime.GOMAXPROCS(0) == cur
+	}
+	pc.hot += n
+	runtime.GOMAXPROCS(cur + n)
+	return true
+}
+
+// lower undoes raise(n). With the last hot loop gone, the runtime has its
+// default back (or the program its own setting).
+func (pc *procCount) lower(n int) {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	pc.hot -= n
+	switch {
+	case pc.hot > 0:
+		runtime.GOMAXPROCS(max(1, runtime.GOMAXPROCS(0)-n))
+	case pc.byRuntime:
+		runtime.SetDefaultGOMAXPROCS()
+	default:
+		runtime.GOMAXPROCS(pc.base)
+	}
+}
+
+// asyncPreemptOff says whether GODEBUG turns asynchronous preemption off:
+// then no signal ends a hot wait, and a stop of the world would wait up to
+// hotWait for every busy loop, so the loops wait the plain way.
+func asyncPreemptOff(godebug string) bool {
+	off := false
+	for _, kv := range strings.Split(godebug, ",") {
+		if k, v, ok := strings.Cut(strings.TrimSpace(kv), "="); ok && k == "asyncpreemptoff" {
+			off = v == "1" // the last setting wins, as in the runtime
+		}
+	}
+	return off
+}
+
+// maxEventLoops bounds EventLoops: no more loops than processors the
+// process may use (the CPU limit, or the machine's).
+func maxEventLoops(limit int) int {
+	n := runtime.NumCPU()
+	if limit > 0 && limit < n {
+		n = limit
+	}
+	return max(1, n)
 }
 
 // evServer runs the connections of a proxy's HTTP listeners on one set
@@ -87,6 +158,7 @@ type evServer struct {
 	ctx     context.Context
 	lns     []*evListener // the epoll data of a listener's event is its index
 	loops   []*evLoop
+	hot     bool // the loops wait holding their P (GOMAXPROCS raised for them)
 	closing atomic.Bool
 }
 
@@ -114,10 +186,12 @@ func newEvServer(ctx context.Context, p *Proxy, hls []*httpListener) (*evServer,
 		}
 		s.lns = append(s.lns, el)
 	}
+	limit := cgroupCPULimit()
 	n := p.cfg.EventLoops
 	if n <= 0 {
-		n = max(1, loopProcs.add(0)/2)
+		n = max(1, loopProcs.others()/2)
 	}
+	n = min(n, maxEventLoops(limit))
 	for i := 0; i < n; i++ {
 		l, err := newEvLoop(s)
 		if err != nil {
@@ -128,13 +202,16 @@ func newEvServer(ctx context.Context, p *Proxy, hls []*httpListener) (*evServer,
 		}
 		s.loops = append(s.loops, l)
 	}
-	loopProcs.add(len(s.loops)) // until serve returns
+	// until serve returns
+	s.hot = !asyncPreemptOff(os.Getenv("GODEBUG")) && loopProcs.raise(len(s.loops), limit)
 	return s, nil
 }
 
 // serve runs the loops until shutdown has let them finish.
 func (s *evServer) serve() {
-	defer loopProcs.add(-len(s.loops))
+	if s.hot {
+		defer loopProcs.lower(len(s.loops))
+	}
 	var wg sync.WaitGroup
 	for _, l := range s.loops {
 		wg.Add(1)
@@ -187,7 +264,7 @@ type evConn struct {
 	ln     *evListener
 	fd     int
 	gen    int32
-	buf    []byte
+	buf    []byte // nil while it would hold nothing (the loop's free list has it)
 	n      int
 	eof    bool // the client closed its side
 	hup    bool // epoll said so: eof once the socket is drained
@@ -195,8 +272,9 @@ type evConn struct {
 	fresh  bool // nothing served yet (an h2c preface may come)
 	busy   bool // a request is under way
 	active time.Time
+	headAt time.Time // when the bytes of the next request began to come; zero: none yet
+	inBody bool      // its head is whole; its body is coming
 	ip     []byte
-	req    rawReq
 
 	last lastHost // HTTP proxy
 
@@ -205,7 +283,7 @@ type evConn struct {
 	f         fwd
 	ep        *endpoint
 	b         *evBack
-	out       []byte // the request as it goes to the instance
+	out       []byte // the request as it goes to the instance; nil between requests
 	head      bool
 	replay    bool
 	connClose bool
@@ -250,8 +328,13 @@ type evLoop struct {
 	let      bool // the listener is no longer watched
 	paused   time.Time
 	gen      int32
-	yield    bool           // a goroutine was woken: let it run before waiting
+	yield    bool // a goroutine was woken: let it run before waiting
+	rhead    Head // gateway listeners: what the router sees of the request under way
+	rhsrc    rawHead
 	shedc    chan *endpoint // endpoints whose idle connections to close
+	req      rawReq         // the request head being parsed (one at a time)
+	bufs     [][]byte       // free client read buffers
+	outs     [][]byte       // free request buffers
 }
 
 func newEvLoop(s *evServer) (*evLoop, error) {
@@ -327,6 +410,10 @@ func (l *evLoop) wait() error {
 	if !l.dl.IsZero() {
 		ms = max(0, int((time.Until(l.dl)+time.Millisecond-1)/time.Millisecond))
 	}
+	if !l.s.hot {
+		n, errno := l.epollWait(ms, false)
+		return l.waited(n, errno)
+	}
 	w := ms
 	if w < 0 || w > hotWait {
 		w = hotWait
@@ -338,6 +425,10 @@ func (l *evLoop) wait() error {
 		}
 		n, errno = l.epollWait(ms, false)
 	}
+	return l.waited(n, errno)
+}
+
+func (l *evLoop) waited(n int, errno syscall.Errno) error {
 	switch errno {
 	case 0:
 		l.nev = n
@@ -453,7 +544,7 @@ func (l *evLoop) drain() bool {
 func (l *evLoop) closeAll() {
 	for _, c := range l.clients {
 		if c != nil {
-			if c.busy && c.b != nil && !c.b.headDone && l.tryEnded(c, errShutdown) {
+			if c.busy && c.b != nil && l.tryEnded(c, errShutdown) {
 				c.t.done(&c.f)
 			}
 			l.closeClient(c)
@@ -489,7 +580,9 @@ func (l *evLoop) sweep() {
 			switch {
 			case c == nil:
 			case c.busy:
-				if b := c.b; b != nil && !b.headDone {
+				// An answer (head or body) that is late: nothing went to
+				// the client yet, so the try failed (a 504, or a retry).
+				if b := c.b; b != nil {
 					d := c.f.tryDeadline(p)
 					if b.connecting && c.f.t0.Add(p.cfg.ConnectTimeout).Before(d) {
 						d = c.f.t0.Add(p.cfg.ConnectTimeout)
@@ -497,12 +590,10 @@ func (l *evLoop) sweep() {
 					if l.now.After(d) {
 						l.tryFailed(c, os.ErrDeadlineExceeded)
 					}
-				} else if b != nil && l.now.After(c.f.tryDeadline(p)) {
-					// the answer's body is late: nothing went to the client yet
-					l.closeBack(b)
-					l.endClient(c)
 				}
-			case l.now.Sub(c.active) > p.cfg.IdleTimeout:
+			case !c.headAt.IsZero() && !c.inBody && l.now.Sub(c.headAt) > p.cfg.HeaderTimeout,
+				c.inBody && l.now.Sub(c.active) > p.cfg.BodyTimeout,
+				l.now.Sub(c.active) > p.cfg.IdleTimeout:
 				l.closeClient(c)
 			}
 		}
@@ -556,13 +647,20 @@ func (l *evLoop) accept(ln *evListener) {
 			l.paused = l.now.Add(100 * time.Millisecond)
 			return
 		}
+		if !ln.cap.admit() { // a 503 on a fresh socket (its buffer takes it), then closed
+			_, _ = syscall.Write(fd, ln.cap.full)
+			drainNow(uintptr(fd))
+			syscall.Close(fd)
+			return
+		}
 		_ = syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
 		gen := l.nextGen()
 		if err := syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, fd, &syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | epollET, Fd: int32(fd), Pad: gen}); err != nil {
 			syscall.Close(fd)
+			ln.cap.leave()
 			continue
 		}
-		c := &evConn{ln: ln, fd: fd, gen: gen, buf: make([]byte, rawReadBuffer), fresh: true, active: l.now}
+		c := &evConn{ln: ln, fd: fd, gen: gen, fresh: true, active: l.now}
 		switch a := sa.(type) {
 		case *syscall.SockaddrInet4:
 			c.ip = netip.AddrFrom4(a.Addr).AppendTo(nil)
@@ -612,13 +710,18 @@ func (l *evLoop) clientEvent(c *evConn, events uint32) {
 	}
 }
 
-// readClient reads once into the free part of the buffer.
+// readClient reads once into the free part of the buffer (taken from the
+// loop's free list when the connection has none).
 func (l *evLoop) readClient(c *evConn) {
+	if c.buf == nil {
+		c.buf = l.takeBuf()
+	}
 	if c.n == len(c.buf) {
 		c.more = true
 		return
 	}
 	m, err := syscall.Read(c.fd, c.buf[c.n:])
+	defer l.idleBuf(c)
 	switch {
 	case m > 0:
 		c.n += m
@@ -643,6 +746,9 @@ func (l *evLoop) serve(c *evConn) {
 			l.closeClient(c)
 			return
 		}
+		if c.n > 0 && c.headAt.IsZero() { // the sweep holds the head to HeaderTimeout
+			c.headAt = l.now
+		}
 		if c.fresh && c.ln.h2 != nil {
 			if c.n < 3 && !c.eof {
 				if l.readOn(c) {
@@ -656,12 +762,15 @@ func (l *evLoop) serve(c *evConn) {
 			}
 		}
 		if c.n == 0 {
+			c.headAt = time.Time{}
 			if l.readOn(c) {
 				continue
 			}
+			l.idleBuf(c)
 			return
 		}
-		err := parseRawReq(c.buf[:c.n], &c.req)
+		c.inBody = false
+		err := parseRawReq(c.buf[:c.n], &l.req)
 		if err == errHeadIncomplete && c.n < len(c.buf) {
 			if l.readOn(c) {
 				continue
@@ -672,14 +781,15 @@ func (l *evLoop) serve(c *evConn) {
 			l.handoff(c, nil)
 			return
 		}
-		end := c.req.headEnd
-		if c.req.clen > 0 {
-			if c.req.clen > int64(p.cfg.MaxReplayBody) || int64(len(c.buf)-end) < c.req.clen {
+		end := l.req.headEnd
+		if l.req.clen > 0 {
+			if l.req.clen > int64(p.cfg.MaxReplayBody) || int64(len(c.buf)-end) < l.req.clen {
 				l.handoff(c, nil)
 				return
 			}
-			end += int(c.req.clen)
+			end += int(l.req.clen)
 			if c.n < end {
+				c.inBody = true // the sweep holds it to BodyTimeout between reads
 				if l.readOn(c) {
 					continue
 				}
@@ -705,11 +815,29 @@ func (l *evLoop) readOn(c *evConn) bool {
 	return false
 }
 
-// start forwards the request parsed into c.req whose bytes are c.buf[:end].
+// start forwards the request parsed into l.req whose bytes are c.buf[:end].
 func (l *evLoop) start(c *evConn, end int) {
-	s, p, b, r := l.s, l.p, c.buf, &c.req
+	s, p, b, r := l.s, l.p, c.buf, &l.req
 	host, path := r.authority(b)
-	t := c.ln.fixed
+	var t *target
+	var d Decision
+	rt := c.ln.rt
+	gw := rt != nil && rt.router != nil
+	if gw {
+		rawRouteHead(&l.rhead, &l.rhsrc, b, r, host, path, c.ip, false)
+		d, t = p.decide(rt, &l.rhead)
+		l.rhead, l.rhsrc = Head{}, rawHead{}
+		if d.Answer != nil {
+			l.answerOwn(c, r, end, d.Answer)
+			return
+		}
+		if t == nil { // the goroutine path looks the service up
+			l.handoffDecided(c, d, nil)
+			return
+		}
+	} else if rt != nil {
+		t = rt.fixed
+	}
 	if t == nil {
 		var hb []byte
 		if hb, t = c.last.lookup(b, r, host); t == nil {
@@ -728,6 +856,10 @@ func (l *evLoop) start(c *evConn, end int) {
 	}
 	set := t.endpoints()
 	if !set.found || !set.ips {
+		if gw {
+			l.handoffDecided(c, d, t)
+			return
+		}
 		l.handoff(c, nil)
 		return
 	}
@@ -737,13 +869,23 @@ func (l *evLoop) start(c *evConn, end int) {
 	c.replay = idempotent(method) || r.idemKey
 	c.connClose = r.connClose
 	c.redialed = false
-	c.out = appendRequest(c.out[:0], b, r, path, end, c.ip)
+	if c.out == nil {
+		c.out = l.takeOut()
+	}
+	if gw {
+		c.out = appendGatewayRequest(c.out[:0], b, r, host, path, d.Path, end, c.ip, rt.proto)
+	} else {
+		c.out = appendRequest(c.out[:0], b, r, host, path, end, c.ip)
+	}
 	c.n = copy(c.buf, c.buf[end:c.n])
+	l.idleBuf(c) // the request's bytes are in c.out now
+	c.headAt, c.inBody = time.Time{}, false
 	c.t = t
 	if res, ok := t.admit(&c.f, set, l.now); !ok {
 		l.answer(c, res)
 		return
 	}
+	c.f.with(p, d.Policy)
 	ep := t.pick(set, nil)
 	if ep == nil {
 		l.answer(c, t.noHealthy(&c.f))
@@ -982,7 +1124,7 @@ func (l *evLoop) readBack(b *evBack, hup bool) {
 
 // answered moves an answer along once more of it was read.
 func (l *evLoop) answered(b *evBack) {
-	c, t := b.c, b.c.t
+	c := b.c
 	r := &b.resp
 	if !b.headDone {
 		n, done, err := scanAnswerHead(b.buf, b.n, r)
@@ -995,20 +1137,10 @@ func (l *evLoop) answered(b *evBack) {
 			return
 		}
 		b.headDone = true
-		c.ep.inflight.Add(-1)
-		if t.report(&c.f, c.ep, r.status, nil, l.now) {
-			if back, ok := t.retryAfter(&c.f, c.replay, r.status, nil); ok {
-				l.handoffRetry(c, back)
-				return
+		if !l.simple(b) { // streamed by a goroutine: the try counts now
+			if l.counted(c, r.status) {
+				l.handoffAnswer(c)
 			}
-		}
-		res := t.done(&c.f)
-		if fb, _ := t.fallbackFor(res); fb != nil { // a failed answer the fallback replaces
-			l.handoffFinish(c, res)
-			return
-		}
-		if !l.simple(b) {
-			l.handoffAnswer(c)
 			return
 		}
 	}
@@ -1019,12 +1151,36 @@ func (l *evLoop) answered(b *evBack) {
 	if b.n < need {
 		return
 	}
-	closeClient := c.connClose || c.eof || l.s.closing.Load()
+	// Whole: only now is the try a success (an answer cut short or late
+	// before this is a failed try, and the client is told so).
+	if !l.counted(c, r.status) {
+		return
+	}
+	closeClient := c.connClose || c.eof && c.n == 0 || l.s.closing.Load() // requests read before the client's close are answered
 	out := appendAnswerHead(l.out[:0], b.buf, r, closeClient, nil)
 	out = append(out, b.buf[r.headEnd:need]...)
 	l.out = out
 	l.releaseBack(b, !r.close && b.n == need)
 	l.reply(c, out, closeClient)
+}
+
+// counted reports the try that got an answer with status; false: it was
+// handed over for a retry.
+func (l *evLoop) counted(c *evConn, status int) bool {
+	t := c.t
+	c.ep.inflight.Add(-1)
+	if t.report(&c.f, c.ep, status, nil, l.now) {
+		if back, ok := t.retryAfter(&c.f, c.replay, status, nil); ok {
+			l.handoffRetry(c, back)
+			return false
+		}
+	}
+	res := t.done(&c.f)
+	if fb, _ := t.fallbackFor(res); fb != nil { // a failed answer the fallback replaces
+		l.handoffFinish(c, res)
+		return false
+	}
+	return true
 }
 
 // simple says whether the answer whose head is in b can be sent from the
@@ -1037,17 +1193,10 @@ func (l *evLoop) simple(b *evBack) bool {
 	return r.clen >= 0 && r.clen <= int64(len(b.buf)-r.headEnd)
 }
 
-// backFailed handles an instance connection that failed: before the
-// answer's head that is the try's failure; after it (the try already
-// counted) the client's answer cannot be completed.
+// backFailed handles an instance connection that failed before the whole
+// answer was read (a loop sends none before): the try failed.
 func (l *evLoop) backFailed(b *evBack, err error) {
-	c := b.c
-	if !b.headDone {
-		l.tryFailed(c, err)
-		return
-	}
-	l.closeBack(b)
-	l.endClient(c)
+	l.tryFailed(b.c, err)
 }
 
 // tryFailed ends a try that got no answer: once more on a new connection
@@ -1102,7 +1251,7 @@ func (l *evLoop) answer(c *evConn, res result) {
 		l.handoffResult(c, res)
 		return
 	}
-	closeClient := c.connClose || c.eof || l.s.closing.Load()
+	closeClient := c.connClose || c.eof && c.n == 0 || l.s.closing.Load() // requests read before the client's close are answered
 	out := appendCanned(l.out[:0], l.p.cannedFor(t, res, true), closeClient, c.head)
 	l.out = out
 	if !c.busy {
@@ -1110,6 +1259,31 @@ func (l *evLoop) answer(c *evConn, res result) {
 		l.busy++
 	}
 	l.reply(c, out, closeClient)
+}
+
+// answerOwn answers the request parsed into r, c.buf[:end], with a
+// gateway's own answer (no route, over a rate limit).
+func (l *evLoop) answerOwn(c *evConn, r *rawReq, end int, a *Answer) {
+	c.head = string(c.buf[r.method.s:r.method.e]) == "HEAD"
+	closeClient := r.connClose || c.eof || l.s.closing.Load()
+	out := appendCanned(l.out[:0], answerCanned(a), closeClient, c.head)
+	l.out = out
+	c.n = copy(c.buf, c.buf[end:c.n])
+	if !c.busy {
+		c.busy = true
+		l.busy++
+	}
+	l.reply(c, out, closeClient)
+}
+
+// handoffDecided hands a gateway request over with the router's decision
+// (and its target, when the proxy has one), so the router is asked once.
+func (l *evLoop) handoffDecided(c *evConn, d Decision, t *target) {
+	dc := &decided{d: d, t: t}
+	l.handoff(c, func(rc *rawConn) bool {
+		rc.decided = dc
+		return true
+	})
 }
 
 // reply writes a whole answer to the client and ends the request.
@@ -1143,12 +1317,55 @@ func (l *evLoop) endRequest(c *evConn) {
 		l.busy--
 	}
 	c.b, c.ep = nil, nil
+	l.freeOut(c)
 }
 
-// endClient drops a client whose answer cannot be completed.
-func (l *evLoop) endClient(c *evConn) {
-	l.endRequest(c)
-	l.closeClient(c)
+// Buffers belong to requests, not to connections (as nginx's): a client
+// connection with nothing to read holds no read buffer, and one with no
+// request under way no request buffer; both go back to the loop's free
+// lists (a loop is one goroutine: no locks), which keep at most
+// maxFreeBufs of each for the next requests and let the rest go.
+const maxFreeBufs = 256
+
+func (l *evLoop) takeBuf() []byte {
+	if n := len(l.bufs); n > 0 {
+		b := l.bufs[n-1]
+		l.bufs = l.bufs[:n-1]
+		return b
+	}
+	return make([]byte, rawReadBuffer)
+}
+
+// idleBuf gives c's read buffer back when it holds nothing.
+func (l *evLoop) idleBuf(c *evConn) {
+	if c.buf == nil || c.n > 0 {
+		return
+	}
+	if len(l.bufs) < maxFreeBufs {
+		l.bufs = append(l.bufs, c.buf)
+	}
+	c.buf = nil
+}
+
+func (l *evLoop) takeOut() []byte {
+	if n := len(l.outs); n > 0 {
+		b := l.outs[n-1]
+		l.outs = l.outs[:n-1]
+		return b
+	}
+	return make([]byte, 0, 1024)
+}
+
+// freeOut gives c's request buffer back (nothing refers to it once the
+// request has ended).
+func (l *evLoop) freeOut(c *evConn) {
+	if c.out == nil {
+		return
+	}
+	if len(l.outs) < maxFreeBufs && cap(c.out) <= 4*rawReadBuffer {
+		l.outs = append(l.outs, c.out[:0])
+	}
+	c.out = nil
 }
 
 // releaseBack ends b's exchange: back to the idle list, or closed.
@@ -1253,6 +1470,10 @@ func (l *evLoop) closeClient(c *evConn) {
 	l.clients[c.fd] = nil
 	l.nconns--
 	syscall.Close(c.fd)
+	c.ln.cap.leave()
+	c.n = 0
+	l.idleBuf(c)
+	l.freeOut(c)
 }
 
 // detach takes c off the loop and returns it as a net.Conn.
@@ -1263,7 +1484,12 @@ func (l *evLoop) detach(c *evConn) (net.Conn, error) {
 	}
 	l.clients[c.fd] = nil
 	l.nconns--
-	return l.toConn(c.fd)
+	nc, err := l.toConn(c.fd)
+	if err != nil {
+		c.ln.cap.leave()
+		return nil, err
+	}
+	return &capConn{Conn: nc, cap: c.ln.cap}, nil // its place goes with it
 }
 
 // toConn gives a descriptor to the Go netpoller.
@@ -1288,7 +1514,10 @@ func (l *evLoop) handoff(c *evConn, first func(rc *rawConn) bool) {
 		// breaker told), writing to a connection that is gone.
 		nc = deadConn{}
 	}
-	c.ln.raw.adopt(nc, c.buf[:c.n], first)
+	c.ln.raw.adopt(nc, c.buf[:c.n], first) // copies them
+	c.n = 0
+	l.idleBuf(c)
+	l.freeOut(c) // exchangeState took a copy
 	l.yield = true
 }
 
@@ -1310,6 +1539,8 @@ func (l *evLoop) handoffH2(c *evConn) {
 		return
 	}
 	pc := &prefixConn{Conn: nc, prefix: append([]byte(nil), c.buf[:c.n]...)}
+	c.n = 0
+	l.idleBuf(c)
 	ctx, h2 := l.s.ctx, c.ln.h2
 	l.yield = true
 	go func() {
@@ -1323,7 +1554,7 @@ func (l *evLoop) handoffH2(c *evConn) {
 func (l *evLoop) exchangeState(c *evConn) func(rc *rawConn) {
 	head, replay, connClose := c.head, c.replay, c.connClose
 	out := append([]byte(nil), c.out...)
-	deadline := c.f.start.Add(l.p.cfg.RequestTimeout)
+	deadline := c.f.deadline
 	return func(rc *rawConn) {
 		// as serveOne: a client that does not read its answer holds the
 		// instance's connection only until the request's deadline

@@ -18,3 +18,6 @@ func newEvServer(context.Context, *Proxy, []*httpListener) (*evServer, error) {
 
 func (s *evServer) serve()                      {}
 func (s *evServer) stopAccepting(time.Duration) {}
+
+func cgroupCPULimit() int         { return 0 }
+func maxEventLoops(limit int) int { return 1 }

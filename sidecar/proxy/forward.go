@@ -57,15 +57,22 @@ type fwd struct {
 	n        int
 	res      result
 	next     *endpoint // already picked for the next try
+	pol      *Policy   // a gateway route's settings; nil: the proxy's
 }
 
 // forward runs the request through the breaker, the balancer and the retry
 // policy. replayable says whether the request may be sent more than once.
 func (t *target) forward(ctx context.Context, x exchange, replayable bool) result {
+	return t.forwardWith(ctx, x, replayable, nil)
+}
+
+// forwardWith is forward with a gateway route's settings (nil: the proxy's).
+func (t *target) forwardWith(ctx context.Context, x exchange, replayable bool, pol *Policy) result {
 	var f fwd
 	if res, ok := t.begin(ctx, &f, time.Now()); !ok {
 		return res
 	}
+	f.with(t.p, pol)
 	return t.forwardFrom(ctx, x, replayable, &f, 0)
 }
 
@@ -153,9 +160,9 @@ func (t *target) forwardFrom(ctx context.Context, x exchange, replayable bool, f
 // trial call gives up at SlowCallDuration: slower, it fails the trial
 // anyway, and its caller gets the fallback rather than waiting.
 func (f *fwd) tryDeadline(p *Proxy) time.Time {
-	d := f.t0.Add(p.cfg.TryTimeout)
+	d := f.t0.Add(f.tryTimeout(p))
 	if f.call.Trial() {
-		d = f.t0.Add(min(p.cfg.TryTimeout, p.br.Config().SlowCallDuration))
+		d = f.t0.Add(min(f.tryTimeout(p), p.br.Config().SlowCallDuration))
 	}
 	if d.After(f.deadline) {
 		return f.deadline
@@ -198,7 +205,7 @@ func (t *target) report(f *fwd, ep *endpoint, status int, err error, end time.Ti
 // retryAfter says whether a failed try is retried, and after what backoff.
 func (t *target) retryAfter(f *fwd, replayable bool, status int, err error) (time.Duration, bool) {
 	p := t.p
-	if !replayable || f.n > p.cfg.MaxRetries || (err == nil && !p.retryOn[status%600]) {
+	if !replayable || f.n > f.maxRetries(p) || (err == nil && !p.retryOn[status%600]) {
 		return 0, false
 	}
 	if t.svc.Tripped() { // the breaker opened meanwhile: answer now

@@ -11,10 +11,31 @@ import (
 	"time"
 )
 
-// stdHandler serves requests that arrive over h2c, with net/http.
-func (p *Proxy) stdHandler(fixed *target) http.Handler {
+// stdHandler serves requests that arrive over h2c, or over TLS on a
+// gateway listener, with net/http.
+func (p *Proxy) stdHandler(rt *routing) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		t := fixed
+		var t *target
+		var pol *Policy
+		gw := rt != nil && rt.router != nil
+		ip, _, err := net.SplitHostPort(r.RemoteAddr)
+		if err != nil {
+			ip = r.RemoteAddr
+		}
+		uri := r.URL.RequestURI()
+		if gw {
+			d, t2, c, ok := p.routeTarget(r.Context(), rt, stdRouteHead(r, ip))
+			if !ok {
+				p.stdCanned(w, c)
+				return
+			}
+			t, pol = t2, d.Policy
+			if d.Path != "" {
+				uri = d.Path
+			}
+		} else if rt != nil {
+			t = rt.fixed
+		}
 		if t == nil {
 			name, ok := serviceFromHost(r.Host, p.cfg.Domain)
 			if !ok {
@@ -36,19 +57,18 @@ func (p *Proxy) stdHandler(fixed *target) http.Handler {
 		if te := r.Header.Get("Te"); strings.Contains(strings.ToLower(te), "trailers") {
 			out.Set("Te", "trailers") // gRPC needs it end to end
 		}
-		ip, _, err := net.SplitHostPort(r.RemoteAddr)
-		if err != nil {
-			ip = r.RemoteAddr
-		}
 		if prior := out.Get("X-Forwarded-For"); prior != "" {
 			out.Set("X-Forwarded-For", prior+", "+ip)
 		} else {
 			out.Set("X-Forwarded-For", ip)
 		}
-		if out.Get("X-Forwarded-Proto") == "" {
+		if gw {
+			out.Set("X-Real-IP", ip)
+			out.Set("X-Forwarded-Proto", rt.proto)
+		} else if out.Get("X-Forwarded-Proto") == "" {
 			out.Set("X-Forwarded-Proto", "http")
 		}
-		x := &stdExchange{p: p, t: t, r: r, hdr: out}
+		x := &stdExchange{p: p, t: t, r: r, hdr: out, uri: uri}
 		replayable := idempotent([]byte(r.Method)) || r.Header.Get("Idempotency-Key") != ""
 		switch {
 		case r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0:
@@ -75,7 +95,7 @@ func (p *Proxy) stdHandler(fixed *target) http.Handler {
 			x.stream = r.Body
 			replayable = false
 		}
-		res := t.forward(r.Context(), x, replayable)
+		res := t.forwardWith(r.Context(), x, replayable, pol)
 		ct := t // whose answer res is
 		if fb, cause := t.fallbackFor(res); fb != nil && fb.Service != "" {
 			if t2, err := p.lookupTarget(r.Context(), fb.Service); err == nil {
@@ -123,6 +143,7 @@ type stdExchange struct {
 	t      *target
 	r      *http.Request
 	hdr    http.Header
+	uri    string    // the target sent to the instance
 	body   []byte    // buffered body, replayable
 	stream io.Reader // unbuffered body, one try only
 	resp   *http.Response
@@ -174,7 +195,7 @@ func (x *stdExchange) try(ep *endpoint, deadline time.Time) (int, error) {
 		body = x.stream
 		x.stream = nil
 	}
-	req, err := http.NewRequestWithContext(ctx, x.r.Method, "http://"+ep.addr+x.r.URL.RequestURI(), body)
+	req, err := http.NewRequestWithContext(ctx, x.r.Method, "http://"+ep.addr+x.uri, body)
 	if err != nil {
 		cancel()
 		return 0, err

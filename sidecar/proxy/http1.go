@@ -18,21 +18,30 @@ import (
 )
 
 // httpListener is one HTTP listener and what serves it: HTTP/1.1 on the
-// fast path (fasthttp behind it), h2c on net/http. fixed is the listener's
-// service, nil for the HTTP proxy listener (service from the request's
-// host).
+// fast path (fasthttp behind it), h2c on net/http. rt says where requests
+// go: the upstream's service, a gateway's router, or (nil) the service the
+// request's host names (the HTTP proxy listener).
 type httpListener struct {
-	ln    net.Listener
-	fixed *target
-	fs    *fasthttp.Server
-	raw   *rawServer    // nil with DisableFastPath
-	h2    *chanListener // nil with DisableHTTP2
+	ln  net.Listener
+	rt  *routing // nil: the HTTP proxy listener
+	fs  *fasthttp.Server
+	raw *rawServer    // nil with DisableFastPath
+	h2  *chanListener // nil with DisableHTTP2
+	cap *connCap      // MaxClientConns
 }
 
-func (p *Proxy) newHTTPListener(ctx context.Context, ln net.Listener, fixed *target) *httpListener {
-	h := &httpListener{ln: ln, fixed: fixed}
+func (p *Proxy) newHTTPListener(ctx context.Context, ln net.Listener, rt *routing) *httpListener {
+	h := &httpListener{ln: ln, rt: rt}
+	name := "http-proxy"
+	switch {
+	case rt != nil && rt.router != nil:
+		name = "gateway-" + rt.proto
+	case rt != nil && rt.fixed != nil:
+		name = rt.fixed.name
+	}
+	h.cap = newConnCap(p.cfg.MaxClientConns, p.met, name)
 	h.fs = &fasthttp.Server{
-		Handler:                      func(c *fasthttp.RequestCtx) { p.handleFast(c, fixed) },
+		Handler:                      func(c *fasthttp.RequestCtx) { p.handleFast(c, rt) },
 		NoDefaultServerHeader:        true,
 		NoDefaultDate:                true,
 		NoDefaultContentType:         true,
@@ -42,16 +51,23 @@ func (p *Proxy) newHTTPListener(ctx context.Context, ln net.Listener, fixed *tar
 		ReadBufferSize:               8 << 10,
 		WriteBufferSize:              4 << 10,
 		IdleTimeout:                  p.cfg.IdleTimeout,
-		WriteTimeout:                 p.cfg.RequestTimeout, // a client that does not read holds no instance connection for long
-		CloseOnShutdown:              true,
-		KeepHijackedConns:            true, // tunnels own their connections (closed on shutdown)
-		Logger:                       fastLogger{p},
+		// A head within HeaderTimeout of its first byte; then the body
+		// (up to MaxReplayBody read here, a longer one streamed to the
+		// instance, where the try timeout bounds it too) within BodyTimeout.
+		ReadTimeout: p.cfg.HeaderTimeout,
+		HeaderReceived: func(*fasthttp.RequestHeader) fasthttp.RequestConfig {
+			return fasthttp.RequestConfig{ReadTimeout: p.cfg.BodyTimeout}
+		},
+		WriteTimeout:      p.cfg.RequestTimeout, // a client that does not read holds no instance connection for long
+		CloseOnShutdown:   true,
+		KeepHijackedConns: true, // tunnels own their connections (closed on shutdown)
+		Logger:            fastLogger{p},
 	}
 	if !p.cfg.DisableHTTP2 {
 		h.h2 = newChanListener(ln.Addr())
 	}
 	if !p.cfg.DisableFastPath {
-		h.raw = newRawServer(ctx, p, fixed, h.fs)
+		h.raw = newRawServer(ctx, p, rt, h.fs)
 	}
 	return h
 }
@@ -75,10 +91,13 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 	h1s := make([]net.Listener, len(hls))
 	for i, h := range hls {
 		h1s[i] = h.ln
+		if ev == nil { // the loops count their own
+			h1s[i] = &capListener{Listener: h.ln, cap: h.cap}
+		}
 		h2 := h.h2
 		// Without event loops, a sniffing accept loop splits h2c from HTTP/1.x.
 		if ev == nil && h2 != nil {
-			sl := newSniffListener(h.ln, p.cfg.IdleTimeout)
+			sl := newSniffListener(h1s[i], p.cfg.IdleTimeout, p.cfg.HeaderTimeout)
 			h1s[i], h2 = sl.h1, sl.h2
 			wg.Add(1)
 			go func() {
@@ -88,8 +107,8 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		}
 		if h2 != nil {
 			hs := &http.Server{
-				Handler:           p.stdHandler(h.fixed),
-				ReadHeaderTimeout: 10 * time.Second,
+				Handler:           p.stdHandler(h.rt),
+				ReadHeaderTimeout: p.cfg.HeaderTimeout,
 				IdleTimeout:       p.cfg.IdleTimeout,
 				ErrorLog:          p.log.StandardLogger(nil),
 			}
@@ -183,8 +202,24 @@ var hopHeaders = []string{
 }
 
 // handleFast forwards one HTTP/1.x request.
-func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, fixed *target) {
-	t := fixed
+func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, rt *routing) {
+	var t *target
+	var pol *Policy
+	gw := rt != nil && rt.router != nil
+	if gw {
+		h := fastRouteHead(ctx)
+		d, t2, c, ok := p.routeTarget(ctx, rt, h)
+		if !ok {
+			p.fastCanned(ctx, c)
+			return
+		}
+		t, pol = t2, d.Policy
+		if d.Path != "" {
+			ctx.Request.SetRequestURI(d.Path)
+		}
+	} else if rt != nil {
+		t = rt.fixed
+	}
 	if t == nil {
 		name, ok := serviceFromHost(string(ctx.Host()), p.cfg.Domain)
 		if !ok {
@@ -198,11 +233,32 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, fixed *target) {
 		}
 	}
 	req := &ctx.Request
+	if !targetForm(req.Header.RequestURI(), req.Header.IsOptions()) && !req.Header.IsConnect() {
+		p.fastCanned(ctx, cannedJSON(http.StatusBadRequest, "request target is neither a path nor an absolute http:// URI", t.name))
+		ctx.SetConnectionClose()
+		return
+	}
+	// Host goes on as the client sent it, or as the absolute-form target's
+	// authority names it (RFC 9112 §3.2.2), never lower-cased or rebuilt
+	// by fasthttp, and no Authorization is made of the target's userinfo.
+	if auth := absAuthority(req.Header.RequestURI()); len(auth) > 0 {
+		req.Header.SetHostBytes(auth)
+	}
+	req.UseHostHeader = true
+	req.Header.SetNoDefaultContentType(true) // no Content-Type the client did not send
+	if u := req.URI(); len(u.Username()) > 0 || len(u.Password()) > 0 {
+		u.SetUsernameBytes(nil)
+		u.SetPasswordBytes(nil)
+	}
 	if req.Header.IsConnect() {
 		p.fastCanned(ctx, cannedJSON(http.StatusMethodNotAllowed, "CONNECT is not supported; call http://SERVICE/ through the proxy", t.name))
 		return
 	}
 	h := &req.Header
+	if gw {
+		h.Set("X-Real-IP", fastRemoteIP(ctx))
+		h.Set("X-Forwarded-Proto", rt.proto)
+	}
 	if conn := h.Peek("Connection"); len(conn) > 0 && hasToken(conn, "upgrade") && len(h.Peek("Upgrade")) > 0 {
 		p.tunnelFast(ctx, t)
 		return
@@ -248,11 +304,51 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, fixed *target) {
 		}
 	}
 	x := &fastExchange{req: req, resp: &ctx.Response, replayable: replayable}
-	res := t.forward(ctx, x, replayable)
+	res := t.forwardWith(ctx, x, replayable, pol)
 	p.fastFinish(ctx, t, x, res, true)
 	if clientClose {
 		ctx.SetConnectionClose()
 	}
+}
+
+// targetForm says whether a request target is one a proxy passes on:
+// origin-form ("/path") or absolute-form ("http://host/path"), with every
+// "%" starting an escape (RFC 3986 §2.1), or, for OPTIONS, "*" (RFC 9112
+// §3.2).
+func targetForm(uri []byte, options bool) bool {
+	switch {
+	case len(uri) == 0:
+		return false
+	case uri[0] == '/', len(uri) > 7 && bytes.EqualFold(uri[:7], []byte("http://")):
+		for i := bytes.IndexByte(uri, '%'); i >= 0; i = bytes.IndexByte(uri, '%') {
+			if i+2 >= len(uri) || !isHex(uri[i+1]) || !isHex(uri[i+2]) {
+				return false
+			}
+			uri = uri[i+3:]
+		}
+		return true
+	}
+	return options && string(uri) == "*"
+}
+
+// absAuthority is the host (and port) of an absolute-form target, without
+// userinfo; nil for another form.
+func absAuthority(uri []byte) []byte {
+	if len(uri) <= 7 || !bytes.EqualFold(uri[:7], []byte("http://")) {
+		return nil
+	}
+	a := uri[7:]
+	if i := bytes.IndexAny(a, "/?#"); i >= 0 {
+		a = a[:i]
+	}
+	if i := bytes.LastIndexByte(a, '@'); i >= 0 {
+		a = a[i+1:]
+	}
+	return a
+}
+
+func isHex(c byte) bool {
+	return c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F'
 }
 
 // fastFinish writes the answer for res.
@@ -608,4 +704,21 @@ func (p *Proxy) cannedFor(t *target, res result, mayFallback bool) canned {
 		return cannedJSON(http.StatusBadGateway, "upstream connect error or reset", t.name, "instance", inst, "detail", detail)
 	}
 	return cannedJSON(http.StatusBadGateway, "proxy error", t.name)
+}
+
+// fastHead is a fasthttp request as a Router's header source.
+type fastHead struct{ h *fasthttp.RequestHeader }
+
+func (h fastHead) header(name string) string { return bstr(h.h.Peek(name)) }
+
+func fastRouteHead(ctx *fasthttp.RequestCtx) *Head {
+	return &Head{Method: bstr(ctx.Method()), Host: bstr(ctx.Host()), Path: bstr(ctx.URI().RequestURI()),
+		RemoteIP: fastRemoteIP(ctx), TLS: ctx.IsTLS(), hdr: fastHead{&ctx.Request.Header}}
+}
+
+func fastRemoteIP(ctx *fasthttp.RequestCtx) string {
+	if a, ok := ctx.RemoteAddr().(*net.TCPAddr); ok {
+		return a.AddrPort().Addr().Unmap().String()
+	}
+	return ctx.RemoteIP().String()
 }

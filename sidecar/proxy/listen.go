@@ -5,8 +5,13 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/http"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // h2Preface starts every prior-knowledge HTTP/2 connection (RFC 9113 §3.4).
@@ -19,15 +24,17 @@ var h2Preface = []byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
 type sniffListener struct {
 	ln      net.Listener
 	h1, h2  *chanListener
-	timeout time.Duration
+	timeout time.Duration // for the first byte
+	head    time.Duration // for the rest of the first three
 }
 
-func newSniffListener(ln net.Listener, timeout time.Duration) *sniffListener {
+func newSniffListener(ln net.Listener, timeout, head time.Duration) *sniffListener {
 	return &sniffListener{
 		ln:      ln,
 		h1:      newChanListener(ln.Addr()),
 		h2:      newChanListener(ln.Addr()),
 		timeout: timeout,
+		head:    head,
 	}
 }
 
@@ -70,6 +77,9 @@ func (s *sniffListener) route(ctx context.Context, c net.Conn) {
 	n := 0
 	for n < 3 {
 		m, err := c.Read(buf[n:])
+		if n == 0 && m > 0 {
+			_ = c.SetReadDeadline(time.Now().Add(s.head))
+		}
 		n += m
 		if err != nil {
 			break
@@ -151,3 +161,94 @@ func (l *chanListener) Close() error {
 }
 
 func (l *chanListener) Addr() net.Addr { return l.addr }
+
+// connCap bounds the open client connections of one HTTP listener: one
+// more than max is answered with a 503 and closed, and counted.
+type connCap struct {
+	max     int64
+	n       atomic.Int64
+	open    prometheus.Gauge
+	refused prometheus.Counter
+	full    []byte // the 503 answer
+}
+
+func newConnCap(max int, m *metrics, listener string) *connCap {
+	c := &connCap{max: int64(max), open: m.clientConns.WithLabelValues(listener), refused: m.clientsRefused.WithLabelValues(listener)}
+	c.full = appendCanned(nil, cannedJSON(http.StatusServiceUnavailable, "too many client connections", "", "listener", listener), true, false)
+	return c
+}
+
+// admit takes a place for a new connection; false: there is none (the
+// refusal is counted).
+func (c *connCap) admit() bool {
+	if c.n.Add(1) > c.max {
+		c.n.Add(-1)
+		c.refused.Inc()
+		return false
+	}
+	c.open.Inc()
+	return true
+}
+
+// leave gives a connection's place back.
+func (c *connCap) leave() {
+	c.n.Add(-1)
+	c.open.Dec()
+}
+
+// capConn is an admitted client connection: closing it gives its place
+// back (once).
+type capConn struct {
+	net.Conn
+	cap  *connCap
+	once sync.Once
+}
+
+func (c *capConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.cap.leave)
+	return err
+}
+
+// CloseWrite half-closes the underlying TCP connection when it can.
+func (c *capConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Close()
+}
+
+// capListener admits the connections of ln within its cap; the others are
+// refused where they are accepted.
+type capListener struct {
+	net.Listener
+	cap *connCap
+}
+
+func (l *capListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if l.cap.admit() {
+			return &capConn{Conn: c, cap: l.cap}, nil
+		}
+		refuseConn(c, l.cap.full)
+	}
+}
+
+// refuseConn writes the 503 to a connection just accepted (its socket
+// buffer is empty: the write does not wait), reads what the client may
+// have sent already (closing over unread bytes would reset the connection
+// and could lose the answer) and closes it.
+func refuseConn(c net.Conn, answer []byte) {
+	_ = c.SetDeadline(time.Now().Add(100 * time.Millisecond))
+	_, _ = c.Write(answer)
+	if sc, ok := c.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			_ = rc.Control(func(fd uintptr) { drainNow(fd) })
+		}
+	}
+	c.Close()
+}

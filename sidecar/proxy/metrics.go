@@ -45,6 +45,8 @@ type metrics struct {
 	retries         *prometheus.CounterVec
 	budgetExhausted *prometheus.CounterVec
 	fallbacks       *prometheus.CounterVec
+	clientConns     *prometheus.GaugeVec
+	clientsRefused  *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -64,9 +66,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Retries not made because the retry budget was spent."}, []string{"upstream"}),
 		fallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "attache", Subsystem: "proxy", Name: "fallbacks_total",
 			Help: "Requests answered by the service's fallback, per cause."}, []string{"upstream", "cause"}),
+		clientConns: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: "attache", Subsystem: "proxy", Name: "client_connections",
+			Help: "Open client connections per HTTP listener (upstream name, or http-proxy)."}, []string{"listener"}),
+		clientsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "attache", Subsystem: "proxy", Name: "client_connections_refused_total",
+			Help: "Client connections answered with a 503 and closed because the listener had MaxClientConns open."}, []string{"listener"}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.requests, m.latency, m.tryLatency, m.tryFailures, m.retries, m.budgetExhausted, m.fallbacks} {
+		for _, c := range []prometheus.Collector{m.requests, m.latency, m.tryLatency, m.tryFailures, m.retries, m.budgetExhausted, m.fallbacks, m.clientConns, m.clientsRefused} {
 			if err := reg.Register(c); err != nil {
 				return nil, fmt.Errorf("proxy: register metrics: %w", err)
 			}

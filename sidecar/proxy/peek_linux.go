@@ -10,3 +10,9 @@ func peekDirty(fd uintptr, one []byte) bool {
 	// data (n > 0), the peer's close (n == 0) or an error.
 	return err != syscall.EAGAIN
 }
+
+// drainNow reads, without waiting, what the socket fd holds (up to 4 KiB).
+func drainNow(fd uintptr) {
+	var buf [4096]byte
+	_, _, _ = syscall.Recvfrom(int(fd), buf[:], syscall.MSG_DONTWAIT)
+}

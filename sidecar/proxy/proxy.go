@@ -55,7 +55,10 @@ type Config struct {
 	ConnectTimeout time.Duration // dial timeout per attempt, default 1s
 	TryTimeout     time.Duration // per try, until the whole answer is read, default 5s
 	RequestTimeout time.Duration // whole request including retries, default 15s
-	IdleTimeout    time.Duration // client keepalive idle timeout, default 90s
+	IdleTimeout    time.Duration // client keepalive idle timeout, default 75s (nginx's keepalive_timeout)
+	HeaderTimeout  time.Duration // a request head must arrive whole within this of its first byte, default 10s
+	BodyTimeout    time.Duration // a request body may pause this long between two reads, default 30s
+	MaxClientConns int           // open client connections per HTTP listener; more get a 503 and are closed, default 16384
 
 	MaxRetries        int           // extra tries after the first, default 2; negative disables
 	RetryBudget       float64       // retries at most this share of requests (10s window), default 0.2
@@ -78,6 +81,9 @@ type Config struct {
 	DisableEventLoop  bool          // serve the fast path from a goroutine per connection, not event loops (for comparison)
 	EventLoops        int           // event loops shared by the HTTP listeners (Linux), default half of GOMAXPROCS, at least 1
 	ShutdownGraceTime time.Duration // default 5s
+
+	Gateways            []GatewayListener // gateway listeners (package sidecar/gateway), routed by their Router
+	TLSHandshakeTimeout time.Duration     // gateway TLS listeners, default 10s
 }
 
 func (c Config) withDefaults() Config {
@@ -96,12 +102,18 @@ func (c Config) withDefaults() Config {
 	def(&c.ConnectTimeout, time.Second)
 	def(&c.TryTimeout, 5*time.Second)
 	def(&c.RequestTimeout, 15*time.Second)
-	def(&c.IdleTimeout, 90*time.Second)
+	def(&c.IdleTimeout, 75*time.Second)
+	def(&c.HeaderTimeout, 10*time.Second)
+	def(&c.BodyTimeout, 30*time.Second)
+	if c.MaxClientConns <= 0 {
+		c.MaxClientConns = 16384
+	}
 	def(&c.RetryBackoff, 25*time.Millisecond)
 	def(&c.RetryBackoffMax, 250*time.Millisecond)
 	def(&c.MaxIdleConnTime, 10*time.Second)
 	def(&c.WantTimeout, 2*time.Second)
 	def(&c.ShutdownGraceTime, 5*time.Second)
+	def(&c.TLSHandshakeTimeout, 10*time.Second)
 	if c.TryTimeout > c.RequestTimeout {
 		c.TryTimeout = c.RequestTimeout
 	}
@@ -206,6 +218,14 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 			return nil, fmt.Errorf("proxy: http proxy: %w", err)
 		}
 	}
+	for _, g := range cfg.Gateways {
+		if err := checkListenAddr(g.Addr); err != nil {
+			return nil, fmt.Errorf("proxy: gateway: %w", err)
+		}
+		if g.Router == nil {
+			return nil, fmt.Errorf("proxy: gateway %s: no router", g.Addr)
+		}
+	}
 	fallbacks := make(map[string]*fallback, len(cfg.Fallbacks))
 	for name, fb := range cfg.Fallbacks {
 		f, err := newFallback(name, fb)
@@ -262,6 +282,8 @@ func (p *Proxy) Run(ctx context.Context) error {
 		up  Upstream
 		ln  net.Listener
 		pxy bool
+		gw  *GatewayListener
+		key string // for Addr
 	}
 	var all []bound
 	closeAll := func() {
@@ -286,6 +308,15 @@ func (p *Proxy) Run(ctx context.Context) error {
 		}
 		all = append(all, bound{ln: ln, pxy: true})
 	}
+	for i := range p.cfg.Gateways {
+		g := &p.cfg.Gateways[i]
+		ln, err := lc.Listen(ctx, "tcp", g.Addr)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("proxy: gateway: listen on %s: %w", g.Addr, err)
+		}
+		all = append(all, bound{ln: ln, gw: g, key: gatewayKey(i)})
+	}
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -294,6 +325,12 @@ func (p *Proxy) Run(ctx context.Context) error {
 	var hls []*httpListener
 	for _, b := range all {
 		switch {
+		case b.gw != nil && b.gw.TLS != nil:
+			p.log.Info("gateway listening", "addr", b.ln.Addr().String(), "tls", true)
+			p.serveGatewayTLS(ctx, &wg, errc, b.ln, b.gw)
+		case b.gw != nil:
+			p.log.Info("gateway listening", "addr", b.ln.Addr().String())
+			hls = append(hls, p.newHTTPListener(ctx, b.ln, &routing{router: b.gw.Router, proto: "http"}))
 		case b.pxy:
 			p.log.Info("http proxy listening", "addr", b.ln.Addr().String())
 			hls = append(hls, p.newHTTPListener(ctx, b.ln, nil))
@@ -308,9 +345,9 @@ func (p *Proxy) Run(ctx context.Context) error {
 		default:
 			t := p.target(b.up.Name, "", "")
 			p.log.Info("upstream listening", "service", b.up.Name, "addr", b.ln.Addr().String(), "protocol", b.up.Protocol)
-			hls = append(hls, p.newHTTPListener(ctx, b.ln, t))
+			hls = append(hls, p.newHTTPListener(ctx, b.ln, &routing{fixed: t}))
 		}
-		if !b.pxy {
+		if !b.pxy && b.gw == nil {
 			wg.Add(1)
 			go func(name string) { // start watching the service at once
 				defer wg.Done()
@@ -333,6 +370,10 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}()
 	p.boundMu.Lock()
 	for _, b := range all {
+		if b.key != "" {
+			p.bound[b.key] = b.ln.Addr()
+			continue
+		}
 		p.bound[b.up.Name] = b.ln.Addr()
 	}
 	p.boundMu.Unlock()
@@ -452,6 +493,16 @@ func (p *Proxy) Addr(service string) net.Addr {
 	defer p.boundMu.Unlock()
 	return p.bound[strings.ToLower(service)]
 }
+
+// GatewayAddr returns the bound address of Config.Gateways[i]; nil before
+// Ready.
+func (p *Proxy) GatewayAddr(i int) net.Addr {
+	p.boundMu.Lock()
+	defer p.boundMu.Unlock()
+	return p.bound[gatewayKey(i)]
+}
+
+func gatewayKey(i int) string { return fmt.Sprintf("\x00gateway%d", i) }
 
 // track registers the two connections of a tunnel, to close on shutdown
 // (Run waits for the tunnel to end); it returns false when the proxy is

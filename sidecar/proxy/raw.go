@@ -91,6 +91,9 @@ func parseRawReq(b []byte, r *rawReq) error {
 			return errSlow
 		}
 	}
+	if !targetForm(rest[:sp2], false) {
+		return errSlow // the general path judges it
+	}
 	r.method = span{0, sp1}
 	r.target = span{sp1 + 1, sp1 + 1 + sp2}
 	if string(b[r.method.s:r.method.e]) == "CONNECT" {
@@ -282,8 +285,11 @@ func (r *rawReq) authority(b []byte) (host, path span) {
 		if i := bytes.IndexAny(rest, "/?#"); i >= 0 {
 			end = i
 		}
-		hs := r.target.s + 7
-		return span{hs, hs + end}, span{hs + end, r.target.e}
+		hs, he := r.target.s+7, r.target.s+7+end
+		if i := bytes.LastIndexByte(rest[:end], '@'); i >= 0 {
+			hs += i + 1 // userinfo is no part of the host (RFC 9110 §4.2.4)
+		}
+		return span{hs, he}, span{he, r.target.e}
 	}
 	return span{}, r.target
 }
@@ -316,7 +322,10 @@ func parseRawResp(b []byte, r *rawResp) error {
 	if eol < 0 {
 		return errHeadIncomplete
 	}
-	line := bytes.TrimSuffix(b[:eol], []byte("\r"))
+	if eol < 1 || b[eol-1] != '\r' {
+		return errBadResponse // a bare LF: a client may not split lines there
+	}
+	line := b[:eol-1]
 	if len(line) < 12 || !bytes.HasPrefix(line, []byte("HTTP/1.")) || line[8] != ' ' {
 		return errBadResponse
 	}
@@ -332,8 +341,7 @@ func parseRawResp(b []byte, r *rawResp) error {
 		}
 		st = st*10 + int(c-'0')
 	}
-	if st < 100 || len(line) > 12 && line[12] != ' ' ||
-		bytes.IndexByte(line, '\r') >= 0 || bytes.IndexByte(line, 0) >= 0 {
+	if st < 100 || len(line) > 12 && line[12] != ' ' || !fieldValue(line[12:]) {
 		return errBadResponse
 	}
 	r.status = st
@@ -346,22 +354,28 @@ func parseRawResp(b []byte, r *rawResp) error {
 			return errHeadIncomplete
 		}
 		eol += i
-		line := b[i:eol]
-		if len(line) > 0 && line[len(line)-1] == '\r' {
-			line = line[:len(line)-1]
+		if eol == i || b[eol-1] != '\r' {
+			return errBadResponse // a bare LF
 		}
+		line := b[i : eol-1]
 		if len(line) == 0 {
 			r.headEnd = eol + 1
 			break
 		}
-		if bytes.IndexByte(line, '\r') >= 0 || bytes.IndexByte(line, 0) >= 0 {
-			return errBadResponse // a bare CR or NUL would be passed on as is
-		}
-		if line[0] == ' ' || line[0] == '\t' {
-			return errBadResponse // obsolete line folding
-		}
+		// As strict as the request parser (and net/http's client): a
+		// header name is a token (no space before the colon, no folded
+		// line), a value has no control byte but HTAB. An answer that
+		// breaks this is refused whole, never passed on.
 		colon := bytes.IndexByte(line, ':')
 		if colon <= 0 {
+			return errBadResponse
+		}
+		for _, c := range line[:colon] {
+			if !tokenTable[c] {
+				return errBadResponse
+			}
+		}
+		if !fieldValue(line[colon+1:]) {
 			return errBadResponse
 		}
 		if r.nh == maxRawHeaders {
@@ -423,8 +437,13 @@ func parseRawResp(b []byte, r *rawResp) error {
 			}
 		case 17:
 			if bytes.EqualFold(name, []byte("Transfer-Encoding")) {
-				r.te = true
-				r.chunked = bytes.EqualFold(val, []byte("chunked"))
+				// Only "chunked", once, as net/http's client: another
+				// coding ("gzip, chunked") would have to be decoded to
+				// be framed the same way by every client.
+				if r.te || !bytes.EqualFold(val, []byte("chunked")) {
+					return errBadResponse
+				}
+				r.te, r.chunked = true, true
 			}
 		case 18:
 			if bytes.EqualFold(name, []byte("Proxy-Authenticate")) {
@@ -437,12 +456,8 @@ func parseRawResp(b []byte, r *rawResp) error {
 		r.close = false
 	}
 	if r.te {
-		// Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); a
-		// coding other than chunked alone ends with the connection.
+		// Transfer-Encoding overrides Content-Length (RFC 9112 §6.3).
 		r.clen = -1
-		if !r.chunked {
-			r.close = true
-		}
 		if r.clLine { // the client must not see both
 			for k := 0; k < r.nh; k++ {
 				if bytes.EqualFold(b[r.names[k].s:r.names[k].e], []byte("Content-Length")) {
@@ -466,6 +481,17 @@ func parseRawResp(b []byte, r *rawResp) error {
 		}
 	}
 	return nil
+}
+
+// fieldValue says whether v may stand in a header value or a reason
+// phrase: no control byte but HTAB (RFC 9110 §5.5).
+func fieldValue(v []byte) bool {
+	for _, c := range v {
+		if c < ' ' && c != '\t' || c == 0x7f {
+			return false
+		}
+	}
+	return true
 }
 
 // hasBody says whether the answer to a request with this method carries a

@@ -22,7 +22,7 @@ import (
 // the fasthttp server (with the bytes already read) for the rest of its life.
 type rawServer struct {
 	p       *Proxy
-	fixed   *target
+	rt      *routing // nil: the HTTP proxy listener
 	fs      *fasthttp.Server
 	ctx     context.Context
 	closing atomic.Bool
@@ -31,8 +31,8 @@ type rawServer struct {
 	wg      sync.WaitGroup
 }
 
-func newRawServer(ctx context.Context, p *Proxy, fixed *target, fs *fasthttp.Server) *rawServer {
-	return &rawServer{p: p, fixed: fixed, fs: fs, ctx: ctx, conns: map[*rawConn]struct{}{}}
+func newRawServer(ctx context.Context, p *Proxy, rt *routing, fs *fasthttp.Server) *rawServer {
+	return &rawServer{p: p, rt: rt, fs: fs, ctx: ctx, conns: map[*rawConn]struct{}{}}
 }
 
 // serve accepts until ln is closed.
@@ -112,6 +112,11 @@ type rawConn struct {
 
 	last lastHost // HTTP proxy
 
+	// gateway listeners
+	head    Head
+	hsrc    rawHead
+	decided *decided // the event loop's decision for the first request, when it handed it over
+
 	first func(rc *rawConn) bool // for a connection an event loop handed over: what is left of its request
 }
 
@@ -161,10 +166,23 @@ func (rc *rawConn) run() {
 	if rc.first != nil && (!rc.first(rc) || s.closing.Load()) {
 		return
 	}
+	cfg := &p.cfg
+	var headAt time.Time // when the head under way began to arrive
 	for {
 		err := parseRawReq(rc.buf[:rc.n], &rc.req)
 		if err == errHeadIncomplete && rc.n < len(rc.buf) {
-			if !rc.readMore(p.cfg.IdleTimeout) {
+			// Waiting for a request: IdleTimeout; once it has begun, its
+			// whole head within HeaderTimeout (a head dribbled a byte at a
+			// time is not read for ever).
+			now := time.Now()
+			d, slack := now.Add(cfg.IdleTimeout), cfg.IdleTimeout/16
+			if rc.n > 0 {
+				if headAt.IsZero() {
+					headAt = now
+				}
+				d, slack = headAt.Add(cfg.HeaderTimeout), 0
+			}
+			if !rc.readMore(d, slack) {
 				return
 			}
 			continue
@@ -183,26 +201,30 @@ func (rc *rawConn) run() {
 				return
 			}
 			end += int(r.clen)
-			for rc.n < end {
-				if !rc.readMore(p.cfg.IdleTimeout) {
+			for rc.n < end { // the body keeps moving: BodyTimeout between reads
+				if !rc.readMore(time.Now().Add(cfg.BodyTimeout), cfg.BodyTimeout/16) {
 					return
 				}
 			}
 		}
 		keep := rc.serveOne(end)
 		rc.n = copy(rc.buf, rc.buf[end:rc.n])
+		headAt = time.Time{}
+		if rc.n > 0 { // a pipelined request: its head's time starts now
+			headAt = time.Now()
+		}
 		if !keep || s.closing.Load() {
 			return
 		}
 	}
 }
 
-// readMore reads from the client, keeping a read deadline of the idle
-// timeout (give or take a sixteenth). false: the connection is done.
-func (rc *rawConn) readMore(idle time.Duration) bool {
-	now := time.Now()
-	if d := now.Add(idle); rc.rdl.Before(d) {
-		rc.rdl = d.Add(idle / 16)
+// readMore reads from the client with a read deadline in [d, d+slack]
+// (calling into the runtime only when the one set is not). false: the
+// connection is done.
+func (rc *rawConn) readMore(d time.Time, slack time.Duration) bool {
+	if rc.rdl.Before(d) || rc.rdl.After(d.Add(slack)) {
+		rc.rdl = d.Add(slack)
 		if rc.c.SetReadDeadline(rc.rdl) != nil {
 			return false
 		}
@@ -253,7 +275,13 @@ func (rc *rawConn) serveOne(end int) bool {
 	x.head = string(method) == "HEAD"
 	x.replay = idempotent(method) || r.idemKey
 	host, path := r.authority(b)
-	t := s.fixed
+	if rt := s.rt; rt != nil && rt.router != nil {
+		return rc.serveRouted(end, host, path)
+	}
+	var t *target
+	if s.rt != nil {
+		t = s.rt.fixed
+	}
 	if t == nil {
 		var hb []byte
 		if hb, t = rc.last.lookup(b, r, host); t == nil {
@@ -268,11 +296,49 @@ func (rc *rawConn) serveOne(end int) bool {
 			rc.last.remember(hb, t)
 		}
 	}
-	out := appendRequest(rc.out[:0], b, r, path, end, rc.ip)
+	out := appendRequest(rc.out[:0], b, r, host, path, end, rc.ip)
 	rc.out = out
 
 	x.req = out
 	res := t.forward(s.ctx, x, x.replay)
+	return rc.finish(t, res, true)
+}
+
+// decided is a gateway request's decision made by an event loop, and its
+// target (nil when the loop had no state for the service).
+type decided struct {
+	d Decision
+	t *target
+}
+
+// serveRouted is serveOne on a gateway listener: the router decides.
+func (rc *rawConn) serveRouted(end int, host, path span) bool {
+	s, p, b, r := rc.s, rc.s.p, rc.buf, &rc.req
+	var d Decision
+	var t *target
+	if dc := rc.decided; dc != nil {
+		rc.decided = nil
+		d, t = dc.d, dc.t
+	} else {
+		rawRouteHead(&rc.head, &rc.hsrc, b, r, host, path, rc.ip, false)
+		d, t = p.decide(s.rt, &rc.head)
+		rc.head = Head{}
+	}
+	if d.Answer != nil {
+		return rc.writeCanned(answerCanned(d.Answer))
+	}
+	if t == nil {
+		var err error
+		if t, err = p.lookupTarget(s.ctx, d.Service); err != nil {
+			return rc.writeCanned(cannedJSON(http.StatusServiceUnavailable, err.Error(), d.Service))
+		}
+	}
+	if err := rc.writeDeadline(time.Now().Add(requestTimeout(p, d.Policy))); err != nil {
+		return false
+	}
+	rc.out = appendGatewayRequest(rc.out[:0], b, r, host, path, d.Path, end, rc.ip, s.rt.proto)
+	rc.x.req = rc.out
+	res := t.forwardWith(s.ctx, &rc.x, rc.x.replay, d.Policy)
 	return rc.finish(t, res, true)
 }
 
@@ -303,15 +369,24 @@ func (h *lastHost) remember(host []byte, t *target) {
 }
 
 // appendRequest appends the request parsed into r (its bytes b[:end]) as
-// it goes to an instance: origin-form target, hop-by-hop headers dropped,
+// it goes to an instance: origin-form target, the authority of an
+// absolute-form target (host, when not empty) as Host (RFC 9112 §3.2.2:
+// it replaces whatever Host the client sent), hop-by-hop headers dropped,
 // X-Forwarded-For and X-Forwarded-Proto set, the body after the head.
-func appendRequest(out, b []byte, r *rawReq, path span, end int, ip []byte) []byte {
+func appendRequest(out, b []byte, r *rawReq, host, path span, end int, ip []byte) []byte {
 	out = append(out, b[r.method.s:r.method.e]...)
 	out = append(out, ' ')
 	out = appendPath(out, b, path)
 	out = append(out, " HTTP/1.1\r\n"...)
 	for k := 0; k < r.nh; k++ {
-		if !r.drop[k] {
+		switch {
+		case r.drop[k]:
+		case host.e > host.s && r.vals[k] == r.host:
+			out = append(out, b[r.names[k].s:r.names[k].e]...)
+			out = append(out, ": "...)
+			out = append(out, b[host.s:host.e]...)
+			out = append(out, '\r', '\n')
+		default:
 			out = append(out, b[r.names[k].s:r.vals[k].e]...)
 			out = append(out, '\r', '\n')
 		}
@@ -582,6 +657,9 @@ func (x *rawExchange) try(ep *endpoint, deadline time.Time) (int, error) {
 			err = x.readHead(bc)
 		}
 		if err == nil {
+			err = x.readShortBody(bc)
+		}
+		if err == nil {
 			x.bc, x.pool = bc, ep.pool
 			return x.resp.status, nil
 		}
@@ -615,6 +693,28 @@ func (x *rawExchange) readHead(bc *bconn) error {
 			return err
 		}
 	}
+}
+
+// readShortBody reads the rest of a Content-Length body that fits the
+// buffer with its head, as the event loops do: nothing is sent to the
+// client before it is whole, so an answer cut short or late is a failed
+// try (a 502 or 504, or a retry), not a truncated answer.
+func (x *rawExchange) readShortBody(bc *bconn) error {
+	r := &x.resp
+	if !r.hasBody(x.head) || r.clen < 0 || int64(len(bc.buf)-r.headEnd) < r.clen {
+		return nil
+	}
+	for need := r.headEnd + int(r.clen); x.rn < need; {
+		n, err := bc.c.Read(bc.buf[x.rn:need])
+		x.rn += n
+		if err != nil && x.rn < need {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return err
+		}
+	}
+	return nil
 }
 
 var errHeadTooLarge = errors.New("response head from instance too large")

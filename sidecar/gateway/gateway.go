@@ -1,0 +1,522 @@
+// Package gateway is the sidecar's API gateway: it keeps the route table
+// that the control service publishes in the Consul KV store (and the routes
+// services publish in their meta) compiled and current, and routes each
+// request of the proxy's gateway listeners with it — path and host match,
+// weighted splits, path rewrites, per-route timeouts and retries, rate
+// limits — while the proxy forwards (picking, pools, retries, outlier
+// ejection, breakers). It also holds the TLS certificates the route
+// document names, chosen by SNI and reloaded when their files change.
+package gateway
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+
+	"attache/control/routes"
+	"attache/sidecar/catalog"
+	"attache/sidecar/proxy"
+)
+
+// ServiceName is the gateways' own service in Consul: cluster-scope rate
+// limits divide by the number of its healthy instances.
+const ServiceName = "attache-gateway"
+
+// Config configures the gateway. DefaultConfig holds the defaults.
+type Config struct {
+	Addr    string // plain HTTP listen address; "" none
+	TLSAddr string // HTTPS listen address (HTTP/2 by ALPN); "" none
+	Prefix  string // KV prefix of the routes, default "attache/"
+	Node    string // this node: the key of routes/applied/<node>
+	DataDir string // where the applied version is kept; "" nowhere
+
+	// MaxKeys bounds the keys (clients, API keys) one route's rate limit
+	// holds state for (default 100000).
+	MaxKeys int
+	// CertCheck is how often certificate files are looked at for changes
+	// (default 1s).
+	CertCheck time.Duration
+	// Watch holds the blocking-query rules for routes/current (defaults of
+	// package sidecar/watch).
+	Wait time.Duration // blocking wait, default 5m
+
+	Logger     hclog.Logger
+	Registerer prometheus.Registerer
+}
+
+// DefaultConfig returns the defaults.
+func DefaultConfig() Config {
+	return Config{Prefix: "attache/", MaxKeys: 100_000, CertCheck: time.Second, Wait: 5 * time.Minute}
+}
+
+// Catalog is what the gateway needs of the catalog view: the snapshot (for
+// the healthy gateways of cluster-scope limits, services' route meta and
+// the gateway's fallback) and a way to have a service watched.
+type Catalog interface {
+	Load() *catalog.Snapshot
+	Want(ctx context.Context, service string) *catalog.Snapshot
+	View() *catalog.View
+}
+
+// Gateway routes the requests of the proxy's gateway listeners.
+type Gateway struct {
+	cfg     Config
+	log     hclog.Logger
+	kv      *api.Client
+	cat     Catalog
+	keys    routes.KV
+	met     *metrics
+	certs   *certStore
+	cur     atomic.Pointer[table]
+	doc     atomic.Pointer[applied] // the applied document version (before service routes join)
+	mu      sync.Mutex              // serialises rebuilds
+	swapped chan struct{}           // a new table is in
+	status  atomic.Pointer[Status]
+}
+
+// applied is a document version the gateway took.
+type applied struct {
+	Version uint64 `json:"version"`
+	Source  string `json:"source"` // as stored in KV (a routes.Version)
+	doc     *routes.Document
+}
+
+// table is one compiled route table with each route's settings: immutable.
+type table struct {
+	version  uint64
+	doc      *routes.Document
+	tbl      *routes.Table
+	per      map[*routes.Route]*routeState
+	fallback *proxy.Answer
+	built    time.Time
+}
+
+// routeState is what Route needs of one route, built off the request path.
+type routeState struct {
+	pol *proxy.Policy
+	lim *limiter
+	hdr string // the rate-limit key's header, "" for the client address
+}
+
+// Status is the gateway's state for /v1/routes and tests.
+type Status struct {
+	Version     uint64    `json:"version"`   // applied document version, 0: none
+	FromDisk    bool      `json:"from_disk"` // the version came from the data dir (Consul not heard yet)
+	AppliedAt   time.Time `json:"applied_at,omitzero"`
+	Refused     uint64    `json:"refused_version,omitempty"` // the last version refused
+	RefusedWhy  string    `json:"refused_error,omitempty"`
+	LastError   string    `json:"last_error,omitempty"` // the last KV error
+	ServiceErrs []string  `json:"service_route_errors,omitempty"`
+}
+
+// New builds the gateway; kv talks to the local agent (KV reads, the
+// applied key). It binds nothing: the proxy serves Listeners, Run watches.
+func New(cfg Config, kv *api.Client, cat Catalog) (*Gateway, error) {
+	d := DefaultConfig()
+	if cfg.Prefix == "" {
+		cfg.Prefix = d.Prefix
+	}
+	if !strings.HasSuffix(cfg.Prefix, "/") {
+		cfg.Prefix += "/"
+	}
+	if cfg.MaxKeys <= 0 {
+		cfg.MaxKeys = d.MaxKeys
+	}
+	if cfg.CertCheck <= 0 {
+		cfg.CertCheck = d.CertCheck
+	}
+	if cfg.Wait <= 0 {
+		cfg.Wait = d.Wait
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	if cfg.Addr == "" && cfg.TLSAddr == "" {
+		return nil, fmt.Errorf("gateway: no listen address")
+	}
+	if cfg.Node == "" {
+		return nil, fmt.Errorf("gateway: the node name is needed (the key of routes/applied/<node>)")
+	}
+	met, err := newMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, err
+	}
+	g := &Gateway{cfg: cfg, log: cfg.Logger.Named("gateway"), kv: kv, cat: cat, met: met, keys: routes.NewKV(cfg.Prefix), swapped: make(chan struct{}, 1)}
+	g.certs = newCertStore(g.log)
+	g.status.Store(&Status{})
+	g.cur.Store(&table{doc: &routes.Document{}, per: map[*routes.Route]*routeState{}})
+	if a, err := g.loadDisk(); err != nil {
+		g.log.Warn("no saved routes", "error", err)
+	} else if a != nil {
+		if err := g.install(a, true); err != nil {
+			g.log.Warn("saved routes refused", "version", a.Version, "error", err)
+		}
+	}
+	return g, nil
+}
+
+// Listeners are the proxy's gateway listeners, routed by g.
+func (g *Gateway) Listeners() []proxy.GatewayListener {
+	var ls []proxy.GatewayListener
+	if g.cfg.Addr != "" {
+		ls = append(ls, proxy.GatewayListener{Addr: g.cfg.Addr, Router: g})
+	}
+	if g.cfg.TLSAddr != "" {
+		ls = append(ls, proxy.GatewayListener{Addr: g.cfg.TLSAddr, Router: g, TLS: g.certs.tlsConfig()})
+	}
+	return ls
+}
+
+// Registration is the gateway's entry in Consul: service attache-gateway
+// at its listen address, with a TCP check of it.
+func (g *Gateway) Registration() (*api.AgentServiceRegistration, error) {
+	addr := g.cfg.Addr
+	if addr == "" {
+		addr = g.cfg.TLSAddr
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("gateway: %q: %w", addr, err)
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil {
+		return nil, fmt.Errorf("gateway: %q: port: %w", addr, err)
+	}
+	checkHost := host
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+		host, checkHost = "", "127.0.0.1"
+	}
+	meta := map[string]string{}
+	if g.cfg.TLSAddr != "" {
+		meta["tls"] = g.cfg.TLSAddr
+	}
+	return &api.AgentServiceRegistration{
+		ID: ServiceName, Name: ServiceName, Address: host, Port: p, Meta: meta,
+		Check: &api.AgentServiceCheck{
+			TCP:      net.JoinHostPort(checkHost, port),
+			Interval: "5s",
+			Timeout:  "2s",
+			Status:   api.HealthPassing,
+		},
+	}, nil
+}
+
+// Status returns the gateway's state.
+func (g *Gateway) Status() Status { return *g.status.Load() }
+
+func (g *Gateway) setStatus(f func(s *Status)) {
+	for {
+		old := g.status.Load()
+		s := *old
+		f(&s)
+		if g.status.CompareAndSwap(old, &s) {
+			return
+		}
+	}
+}
+
+// Run watches the routes in KV and the catalog (service routes, healthy
+// gateways), and the certificate files, until ctx ends.
+func (g *Gateway) Run(ctx context.Context) error {
+	eg, ctx := errgroup.WithContext(ctx)
+	eg.Go(func() error { g.watchKV(ctx); return nil })
+	eg.Go(func() error { g.watchCatalog(ctx); return nil })
+	eg.Go(func() error { g.certs.run(ctx, g.cfg.CertCheck); return nil })
+	eg.Go(func() error { g.sweepLimiters(ctx); return nil })
+	return eg.Wait()
+}
+
+// ---------------------------------------------------------------- routing
+
+var notFound = &proxy.Answer{Status: http.StatusNotFound, Header: [][2]string{{"Content-Type", "application/json"}},
+	Body: []byte(`{"error":"no route for this path"}` + "\n")}
+
+// Route implements proxy.Router.
+func (g *Gateway) Route(h *proxy.Head) proxy.Decision {
+	t := g.cur.Load()
+	if t.tbl == nil {
+		return proxy.Decision{Answer: notFound}
+	}
+	path, query := h.Path, ""
+	if i := strings.IndexByte(path, '?'); i >= 0 {
+		path, query = path[:i], path[i:]
+	}
+	r := t.tbl.Match(h.Host, path, h.Method, h.Header)
+	if r == nil {
+		return proxy.Decision{Answer: notFound}
+	}
+	rs := t.per[r]
+	if rs != nil && rs.lim != nil {
+		key := h.RemoteIP
+		if rs.hdr != "" {
+			if v := h.Header(rs.hdr); v != "" {
+				key = v
+			}
+		}
+		if v := rs.lim.allow(key, time.Now()); !v.ok {
+			g.met.limited.WithLabelValues(r.Name).Inc()
+			return proxy.Decision{Answer: &proxy.Answer{Status: http.StatusTooManyRequests, Header: v.headers(),
+				Body: []byte(`{"error":"rate limit exceeded","route":` + strconv.Quote(r.Name) + "}\n")}}
+		}
+	}
+	dst := r.Destinations[0]
+	if len(r.Destinations) > 1 {
+		dst = r.Pick(rand.IntN(100))
+	}
+	d := proxy.Decision{Service: dst.Service}
+	if rs != nil {
+		d.Policy = rs.pol
+	}
+	if r.StripPrefix || r.Rewrite != "" {
+		d.Path = r.RewritePath(path) + query
+	}
+	if t.fallback != nil {
+		if svc, ok := g.cat.Load().Service(dst.Service); ok && len(svc.Instances) == 0 {
+			return proxy.Decision{Answer: t.fallback}
+		}
+	}
+	return d
+}
+
+// ---------------------------------------------------------------- building
+
+// install compiles a document version with the service routes of the
+// current catalog view and swaps the table in; an error leaves the table
+// serving as it was.
+func (g *Gateway) install(a *applied, fromDisk bool) error {
+	if a.doc == nil {
+		v, doc, err := routes.DecodeVersion([]byte(a.Source))
+		if err != nil {
+			return fmt.Errorf("%s: %w", g.keys.Version(a.Version), err)
+		}
+		if v.Number != a.Version {
+			return fmt.Errorf("%s holds version %d", g.keys.Version(a.Version), v.Number)
+		}
+		a.doc = doc
+	}
+	if _, err := routes.Compile(a.doc); err != nil {
+		return err
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if err := g.rebuildLocked(a); err != nil {
+		return err
+	}
+	g.doc.Store(a)
+	g.setStatus(func(s *Status) {
+		s.Version, s.FromDisk, s.AppliedAt = a.Version, fromDisk, time.Now()
+	})
+	g.met.version.Set(float64(a.Version))
+	return nil
+}
+
+// rebuild recompiles the table for the current document and catalog view
+// (a service's route meta changed).
+func (g *Gateway) rebuild() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if err := g.rebuildLocked(g.doc.Load()); err != nil {
+		g.log.Error("route table not rebuilt", "error", err)
+	}
+}
+
+func (g *Gateway) rebuildLocked(a *applied) error {
+	var doc *routes.Document
+	var version uint64
+	if a != nil {
+		doc, version = a.doc, a.Version
+	} else {
+		doc = &routes.Document{}
+	}
+	merged, errs := mergeServiceRoutes(doc, g.cat.Load())
+	g.setStatus(func(s *Status) { s.ServiceErrs = errs })
+	tbl, err := routes.Compile(merged)
+	if err != nil {
+		return err
+	}
+	old := g.cur.Load()
+	oldLim := map[string]*routeState{}
+	for r, rs := range old.per {
+		oldLim[limKey(r)] = rs
+	}
+	n := g.healthyGateways()
+	t := &table{version: version, doc: merged, tbl: tbl, per: map[*routes.Route]*routeState{}, built: time.Now()}
+	for _, r := range tbl.Routes() {
+		rs := &routeState{}
+		if r.TryTimeout > 0 || r.RequestTimeout > 0 || r.Retries != nil {
+			rs.pol = &proxy.Policy{TryTimeout: r.TryTimeout, RequestTimeout: r.RequestTimeout}
+			if r.Retries != nil {
+				rs.pol.Retries = *r.Retries
+				if *r.Retries == 0 {
+					rs.pol.Retries = -1
+				}
+			}
+		}
+		if rl := tbl.RateLimit(r); rl != nil {
+			if prev := oldLim[limKey(r)]; prev != nil && prev.lim != nil {
+				rs.lim = prev.lim // same limit: the buckets carry over
+			} else {
+				rs.lim = newLimiter(rl.RPS, burstOf(rl), rl.Scope == routes.ScopeCluster, g.cfg.MaxKeys)
+			}
+			rs.lim.setShare(n)
+			rs.hdr = rl.Header
+		}
+		t.per[r] = rs
+	}
+	if fb := merged.Gateway.Fallback; fb != nil {
+		st, ct := fb.Status, fb.ContentType
+		if st == 0 {
+			st = http.StatusServiceUnavailable
+		}
+		if ct == "" {
+			ct = "text/plain; charset=utf-8"
+		}
+		t.fallback = &proxy.Answer{Status: st, Header: [][2]string{{"Content-Type", ct}, {"X-Attache-Fallback", "gateway"}}, Body: []byte(fb.Body)}
+	}
+	g.certs.set(merged.Gateway.TLS)
+	g.cur.Store(t)
+	select { // watchCatalog asks the catalog for the table's services
+	case g.swapped <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// limKey identifies a route's limit across tables: a route keeps its
+// buckets while its name and limit stay the same.
+func limKey(r *routes.Route) string {
+	b, _ := json.Marshal(r.RateLimit)
+	return r.Name + "\x00" + string(b)
+}
+
+func burstOf(rl *routes.RateLimit) int {
+	if rl.Burst > 0 {
+		return rl.Burst
+	}
+	return max(int(rl.RPS+0.999999), 1)
+}
+
+// healthyGateways counts the healthy attache-gateway instances in the
+// catalog view (at least 1: this one).
+func (g *Gateway) healthyGateways() int {
+	if svc, ok := g.cat.Load().Service(ServiceName); ok && len(svc.Instances) > 0 {
+		return len(svc.Instances)
+	}
+	return 1
+}
+
+// watchCatalog follows the catalog view: the healthy gateways (cluster
+// shares) and services' route meta.
+func (g *Gateway) watchCatalog(ctx context.Context) {
+	ch, stop := g.cat.View().Subscribe()
+	defer stop()
+	tick := time.NewTicker(30 * time.Second)
+	defer tick.Stop()
+	// The gateways (for cluster shares) and the table's services are
+	// asked for: the proxy would watch a route's service from its first
+	// request, asking now makes that request as quick as the next. The
+	// catalog watches only names it knows, so names not known yet are
+	// asked for again as the catalog changes (this gateway registers after
+	// it first asks); and all of them every 30 s, which keeps on-demand
+	// watches alive.
+	var wanting atomic.Bool
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	want := func(all bool) {
+		if wanting.Load() {
+			return
+		}
+		snap := g.cat.Load()
+		var names []string
+		for _, n := range append([]string{ServiceName}, g.cur.Load().doc.Services()...) {
+			if _, ok := snap.Service(n); all || !ok && (snap.Known[n] || len(snap.Known) == 0) {
+				names = append(names, n)
+			}
+		}
+		if len(names) == 0 {
+			return
+		}
+		wanting.Store(true)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer wanting.Store(false)
+			for _, n := range names {
+				wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+				g.cat.Want(wctx, n)
+				cancel()
+			}
+		}()
+	}
+	want(true)
+	lastShare, lastMeta := 0, ""
+	check := func() {
+		want(false)
+		n := g.healthyGateways()
+		if n != lastShare {
+			lastShare = n
+			for _, rs := range g.cur.Load().per {
+				if rs.lim != nil {
+					rs.lim.setShare(n)
+				}
+			}
+			g.met.gateways.Set(float64(n))
+			g.log.Debug("healthy gateways", "count", n)
+		}
+		if m := serviceRouteKey(g.cat.Load()); m != lastMeta {
+			if lastMeta != "" || m != "" {
+				g.rebuild()
+			}
+			lastMeta = m
+		}
+	}
+	check()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ch:
+			check()
+		case <-g.swapped:
+			check()
+		case <-tick.C:
+			want(true)
+			check()
+		}
+	}
+}
+
+// sweepLimiters drops rate-limit keys whose buckets are full again, so that
+// memory follows the clients seen lately.
+func (g *Gateway) sweepLimiters(ctx context.Context) {
+	tick := time.NewTicker(10 * time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			keys := 0
+			for _, rs := range g.cur.Load().per {
+				if rs.lim != nil {
+					rs.lim.sweep(now)
+					keys += rs.lim.keys()
+				}
+			}
+			g.met.limitKeys.Set(float64(keys))
+		}
+	}
+}

@@ -1,0 +1,331 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+	"unsafe"
+)
+
+// Router decides where each request of a gateway listener goes (package
+// sidecar/gateway implements it over a route table). Route must not keep
+// the Head or its strings: they may point into the connection's buffer.
+type Router interface {
+	Route(h *Head) Decision
+}
+
+// Head is what a Router sees of a request: its method, host (the Host
+// header or the absolute-form authority, port included as sent), target
+// (path and query, origin-form), the client's address and whether it came
+// over TLS.
+type Head struct {
+	Method   string
+	Host     string
+	Path     string
+	RemoteIP string
+	TLS      bool
+	hdr      headerSource
+}
+
+// Header returns the value of the named request header ("" when absent).
+func (h *Head) Header(name string) string {
+	if h.hdr == nil {
+		return ""
+	}
+	return h.hdr.header(name)
+}
+
+type headerSource interface{ header(name string) string }
+
+// Decision is a Router's answer for one request: a service to forward to
+// (with the path to send, when the route rewrites it, and the route's
+// forwarding settings), or an answer of the gateway's own (no route: 404;
+// over a rate limit: 429).
+type Decision struct {
+	Service string  // where the request goes; "" with Answer set
+	Path    string  // the target sent to the instance; "" keeps the request's
+	Policy  *Policy // per-route settings; nil: the proxy's
+	Answer  *Answer // answer this instead of forwarding
+}
+
+// Answer is a response the gateway writes itself.
+type Answer struct {
+	Status int
+	Header [][2]string
+	Body   []byte
+}
+
+// Policy overrides the proxy's forwarding settings for one route. Zero
+// fields keep the proxy's.
+type Policy struct {
+	TryTimeout     time.Duration
+	RequestTimeout time.Duration
+	Retries        int // extra tries after the first; 0 keeps the proxy's, negative: none
+}
+
+// GatewayListener is a listener whose requests a Router sends on. Without
+// TLS it is served as every HTTP listener of the proxy is (event loops,
+// fast path, h2c); with TLS by net/http (HTTP/2 by ALPN, HTTP/1.1).
+type GatewayListener struct {
+	Addr   string
+	Router Router
+	TLS    *tls.Config // nil: plain HTTP
+}
+
+// routing is how one listener finds each request's target — the one seam
+// every engine (event loop, goroutine fast path, fasthttp, net/http) calls:
+// a fixed service (upstream listener), the service its host names (HTTP
+// proxy listener, both fields nil), or a Router (gateway listener).
+type routing struct {
+	fixed  *target
+	router Router
+	proto  string // gateway listeners: X-Forwarded-Proto ("http" or "https")
+}
+
+// decide asks the router about h and finds the decision's target without
+// waiting (nil when the proxy has no state for the service yet: the
+// caller that can wait then calls p.lookupTarget).
+func (p *Proxy) decide(rt *routing, h *Head) (Decision, *target) {
+	d := rt.router.Route(h)
+	if d.Answer != nil || d.Service == "" {
+		if d.Answer == nil {
+			d.Answer = noRouteAnswer
+		}
+		return d, nil
+	}
+	p.mu.Lock()
+	t := p.targets[d.Service]
+	p.mu.Unlock()
+	return d, t
+}
+
+// noRouteAnswer is a Router's empty decision.
+var noRouteAnswer = &Answer{Status: http.StatusNotFound, Header: [][2]string{{"Content-Type", "application/json"}},
+	Body: []byte(`{"error":"no route"}` + "\n")}
+
+// routeTarget is decide for callers that may wait for the catalog: ok
+// false means c is the answer.
+func (p *Proxy) routeTarget(ctx context.Context, rt *routing, h *Head) (d Decision, t *target, c canned, ok bool) {
+	d, t = p.decide(rt, h)
+	if d.Answer != nil {
+		return d, nil, answerCanned(d.Answer), false
+	}
+	if t == nil {
+		var err error
+		if t, err = p.lookupTarget(ctx, d.Service); err != nil {
+			return d, nil, cannedJSON(http.StatusServiceUnavailable, err.Error(), d.Service), false
+		}
+	}
+	return d, t, canned{}, true
+}
+
+func answerCanned(a *Answer) canned {
+	return canned{status: a.Status, hdr: a.Header, body: a.Body}
+}
+
+// ---------------------------------------------------------------- policy
+
+func (f *fwd) tryTimeout(p *Proxy) time.Duration {
+	if f.pol != nil && f.pol.TryTimeout > 0 {
+		return f.pol.TryTimeout
+	}
+	return p.cfg.TryTimeout
+}
+
+func (f *fwd) maxRetries(p *Proxy) int {
+	if f.pol != nil && f.pol.Retries != 0 {
+		return min(max(f.pol.Retries, 0), maxTries-1)
+	}
+	return p.cfg.MaxRetries
+}
+
+// with gives f a route's policy (nil: the proxy's), once admitted.
+func (f *fwd) with(p *Proxy, pol *Policy) {
+	if pol == nil {
+		return
+	}
+	f.pol = pol
+	f.deadline = f.start.Add(requestTimeout(p, pol))
+}
+
+func requestTimeout(p *Proxy, pol *Policy) time.Duration {
+	if pol != nil && pol.RequestTimeout > 0 {
+		return pol.RequestTimeout
+	}
+	return p.cfg.RequestTimeout
+}
+
+// ---------------------------------------------------------------- raw heads
+
+// rawHead is a request parsed in place, as a Router's header source.
+type rawHead struct {
+	b []byte
+	r *rawReq
+}
+
+func (h *rawHead) header(name string) string {
+	for k := 0; k < h.r.nh; k++ {
+		if bytes.EqualFold(h.b[h.r.names[k].s:h.r.names[k].e], []byte(name)) {
+			return bstr(h.b[h.r.vals[k].s:h.r.vals[k].e])
+		}
+	}
+	return ""
+}
+
+// bstr views b as a string without copying; valid while b is unchanged.
+func bstr(b []byte) string {
+	if len(b) == 0 {
+		return ""
+	}
+	return unsafe.String(&b[0], len(b))
+}
+
+// rawRouteHead fills h (and src) for the request parsed into r from b.
+func rawRouteHead(h *Head, src *rawHead, b []byte, r *rawReq, host, path span, ip []byte, tls bool) {
+	if host.e == 0 {
+		host = r.host
+	}
+	*src = rawHead{b: b, r: r}
+	pb := b[path.s:path.e]
+	*h = Head{Method: bstr(b[r.method.s:r.method.e]), Host: bstr(b[host.s:host.e]), Path: bstr(pb),
+		RemoteIP: bstr(ip), TLS: tls, hdr: src}
+	if len(pb) == 0 || pb[0] == '?' {
+		h.Path = "/" + h.Path
+	}
+}
+
+// appendGatewayRequest is appendRequest for a gateway listener: the
+// decision's path when it rewrites, X-Real-IP the client's address and
+// X-Forwarded-Proto the listener's scheme (whatever the client sent in
+// either), X-Forwarded-For appended to.
+// An absolute-form target's authority (host) replaces Host, as on the
+// other listeners (RFC 9112 §3.2.2).
+func appendGatewayRequest(out, b []byte, r *rawReq, host, path span, newPath string, end int, ip []byte, proto string) []byte {
+	out = append(out, b[r.method.s:r.method.e]...)
+	out = append(out, ' ')
+	if newPath != "" {
+		out = append(out, newPath...)
+	} else {
+		out = appendPath(out, b, path)
+	}
+	out = append(out, " HTTP/1.1\r\n"...)
+	for k := 0; k < r.nh; k++ {
+		if r.drop[k] {
+			continue
+		}
+		name := b[r.names[k].s:r.names[k].e]
+		if len(name) == 9 && bytes.EqualFold(name, []byte("X-Real-IP")) ||
+			len(name) == 17 && bytes.EqualFold(name, []byte("X-Forwarded-Proto")) {
+			continue
+		}
+		if host.e > host.s && r.vals[k] == r.host {
+			out = append(out, name...)
+			out = append(out, ": "...)
+			out = append(out, b[host.s:host.e]...)
+		} else {
+			out = append(out, b[r.names[k].s:r.vals[k].e]...)
+		}
+		out = append(out, '\r', '\n')
+	}
+	out = append(out, "X-Forwarded-For: "...)
+	for i := 0; i < r.nxff; i++ {
+		out = append(out, b[r.xff[i].s:r.xff[i].e]...)
+		out = append(out, ", "...)
+	}
+	out = append(out, ip...)
+	out = append(out, "\r\nX-Real-IP: "...)
+	out = append(out, ip...)
+	out = append(out, "\r\nX-Forwarded-Proto: "...)
+	out = append(out, proto...)
+	out = append(out, "\r\n\r\n"...)
+	return append(out, b[r.headEnd:end]...)
+}
+
+// stdHead is a net/http request as a Router's header source.
+type stdHead struct{ r *http.Request }
+
+func (h stdHead) header(name string) string { return h.r.Header.Get(name) }
+
+func stdRouteHead(r *http.Request, ip string) *Head {
+	return &Head{Method: r.Method, Host: r.Host, Path: r.URL.RequestURI(), RemoteIP: ip, TLS: r.TLS != nil, hdr: stdHead{r}}
+}
+
+// serveGatewayTLS serves a gateway listener with TLS. Each connection's
+// handshake runs on a goroutine of its own (at most TLSHandshakeTimeout);
+// then HTTP/1.1 goes to the goroutine fast path (the event loops need a
+// plain socket) with fasthttp behind it, as on plain listeners, and HTTP/2
+// (by ALPN) to net/http; both ask the router and forward through the
+// policy.
+func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc chan<- error, ln net.Listener, g *GatewayListener) {
+	tc := g.TLS.Clone()
+	if tc.MinVersion < tls.VersionTLS12 {
+		tc.MinVersion = tls.VersionTLS12
+	}
+	if len(tc.NextProtos) == 0 {
+		tc.NextProtos = []string{"h2", "http/1.1"}
+	}
+	rt := &routing{router: g.Router, proto: "https"}
+	h := p.newHTTPListener(ctx, ln, rt) // its fasthttp and fast-path servers take HTTP/1.1
+	h2 := newChanListener(ln.Addr())
+	hs := &http.Server{
+		Handler:           p.stdHandler(rt),
+		TLSConfig:         tc,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       p.cfg.IdleTimeout,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          log.New(io.Discard, "", 0), // a scanner's broken handshakes are not news
+	}
+	wg.Add(3)
+	go func() {
+		defer wg.Done()
+		if err := hs.Serve(h2); err != nil && err != http.ErrServerClosed && ctx.Err() == nil {
+			errc <- fmt.Errorf("proxy: gateway tls on %s: %w", ln.Addr(), err)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		acceptEach(ctx, ln, func(c net.Conn) {
+			stop := context.AfterFunc(ctx, func() { c.Close() })
+			conn := tls.Server(c, tc)
+			_ = conn.SetDeadline(time.Now().Add(p.cfg.TLSHandshakeTimeout))
+			err := conn.HandshakeContext(ctx)
+			_ = conn.SetDeadline(time.Time{})
+			stop()
+			switch {
+			case err != nil || ctx.Err() != nil:
+				c.Close()
+			case conn.ConnectionState().NegotiatedProtocol == "h2":
+				if !h2.put(ctx, conn) {
+					c.Close()
+				}
+			case h.raw != nil:
+				h.raw.start(&rawConn{s: h.raw, c: conn}, true)
+			default:
+				_ = h.fs.ServeConn(conn)
+			}
+		})
+	}()
+	go func() {
+		defer wg.Done()
+		<-ctx.Done()
+		ln.Close()
+		h2.Close()
+		sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
+		defer cancel()
+		var sw sync.WaitGroup
+		sw.Add(2)
+		go func() { defer sw.Done(); _ = hs.Shutdown(sctx) }()
+		go func() { defer sw.Done(); _ = h.fs.ShutdownWithContext(sctx) }()
+		if h.raw != nil {
+			h.raw.shutdown(p.cfg.ShutdownGraceTime)
+		}
+		sw.Wait()
+	}()
+}
