@@ -18,6 +18,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	miekg "github.com/miekg/dns"
 
+	"attache/control/routes"
 	"attache/demo"
 	"attache/internal/testcluster"
 	"attache/internal/testrun"
@@ -28,7 +29,7 @@ import (
 // verify_incoming — configured the HashiCorp way (CONSUL_HTTP_ADDR,
 // CONSUL_HTTP_TOKEN, CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY).
 // With the README's sidecar policy, registration, DNS and both proxy
-// listeners work; with a token missing rules, the sidecar names each
+// listeners and a gateway following routes in KV work; with a token missing rules, the sidecar names each
 // missing rule and serves what it may read. No token appears in a log line
 // or an admin endpoint.
 func TestSidecarSecureConsul(t *testing.T) {
@@ -48,7 +49,8 @@ func TestSidecarSecureConsul(t *testing.T) {
 		return f
 	}
 	registered := func(id string) bool {
-		entries, _, err := mgmt.Catalog().Service(strings.Split(id, "-")[0], "", nil)
+		name := strings.TrimRight(id, "-0123456789") // users-1: users; attache-gateway itself
+		entries, _, err := mgmt.Catalog().Service(name, "", nil)
 		for _, e := range entries {
 			if e.ServiceID == id {
 				return true
@@ -70,13 +72,14 @@ func TestSidecarSecureConsul(t *testing.T) {
 		}
 	}
 
-	// The README's policy: everything works.
-	token := c.Token(t, "attache-sidecar", testcluster.READMEPolicy(t, "attache-sidecar"))
-	dnsAddr, upstream, httpProxy := freeAddr(t), freeAddr(t), freeAddr(t)
-	admin, _ := runSidecarEnv(t, env(c.Clients[0], token), &logs, "-service", svcFile("users", "users-1"),
-		"-dns", dnsAddr, "-upstream", "users="+upstream, "-http-proxy", httpProxy, "-data-dir", t.TempDir())
+	// The README's policies (a gateway: the sidecar's and the gateway's
+	// rules, its node named "gateway" as in the README): everything works.
+	token := c.Token(t, "attache-gateway", testcluster.READMEPolicy(t, "attache-sidecar")+testcluster.READMEPolicy(t, "attache-gateway"))
+	dnsAddr, upstream, httpProxy, gw := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
+	admin, _ := runSidecarEnv(t, env(c.Clients[0], token), &logs, "-service", svcFile("users", "users-1"), "-node", "gateway",
+		"-dns", dnsAddr, "-upstream", "users="+upstream, "-http-proxy", httpProxy, "-gateway", gw, "-data-dir", t.TempDir())
 	eventually(t, "/readyz 200", 20*time.Second, func() bool { code, _ := get(admin, "/readyz"); return code == 200 })
-	for _, id := range []string{"attache", "users-1"} {
+	for _, id := range []string{"attache", "users-1", "attache-gateway"} {
 		eventually(t, id+" registered", 10*time.Second, func() bool { return registered(id) })
 	}
 	eventually(t, "users.service.consul from the sidecar's DNS", 10*time.Second, func() bool {
@@ -95,6 +98,24 @@ func TestSidecarSecureConsul(t *testing.T) {
 	} else {
 		resp.Body.Close()
 	}
+	// Routes published in KV (as the control service writes them): the
+	// gateway reads them, serves /users/ and records what it applied.
+	keys := routes.NewKV("")
+	ver, _ := json.Marshal(routes.Version{Number: 1, Created: time.Now().UTC(), Source: "apply",
+		Document: "route \"users\" {\n  prefix  = \"/users/\"\n  service = \"users\"\n}\n"})
+	for k, v := range map[string][]byte{keys.Version(1): ver, keys.Current(): []byte("1")} {
+		if _, err := mgmt.KV().Put(&api.KVPair{Key: k, Value: v}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "the gateway serving /users/", 20*time.Second, func() bool {
+		code, body := get(gw, "/users/1")
+		return code == 200 && strings.Contains(body, `"instance":"users-1"`)
+	})
+	eventually(t, "routes/applied/gateway written", 10*time.Second, func() bool {
+		p, _, err := mgmt.KV().Get(keys.Applied("gateway"), nil)
+		return err == nil && p != nil && strings.Contains(string(p.Value), `"version":1`)
+	})
 	if st := snapshotStatus(t, admin); len(st.ACLDenied) > 0 || !st.Connected {
 		t.Errorf("with the README's policy: connected %v, ACL gaps %q", st.Connected, st.ACLDenied)
 	}
@@ -164,7 +185,7 @@ service "users" { policy = "read" }`)
 			out.WriteString(body)
 		}
 	}
-	for name, secret := range map[string]string{"sidecar": token, "partial": partial, "management": c.ManagementToken, "unknown": "6d2c0e51-3a43-4a8f-9b65-8a1f0b9a2b7e"} {
+	for name, secret := range map[string]string{"gateway": token, "partial": partial, "management": c.ManagementToken, "unknown": "6d2c0e51-3a43-4a8f-9b65-8a1f0b9a2b7e"} {
 		if strings.Contains(out.String(), secret) {
 			t.Errorf("the %s token appears in the sidecars' logs or admin endpoints", name)
 		}
