@@ -32,40 +32,46 @@ import (
 
 // childReport is what the child process prints when done.
 type childReport struct {
-	Mode       string  `json:"mode"`
-	Watched    int     `json:"watched"`
-	Services   int     `json:"services"`
-	Instances  int     `json:"instances"`
-	Answered   int     `json:"answered"` // on-demand: names that answered with every instance when all were asked at once
-	SyncMS     float64 `json:"sync_ms"`
-	RSSKB      int     `json:"rss_kb"`
-	SettledKB  int     `json:"settled_rss_kb"`
-	LiveKB     int     `json:"live_heap_kb"`
-	HeapKB     int     `json:"heap_kb"`
-	StackKB    int     `json:"stack_kb"`
-	Goroutines int     `json:"goroutines"`
-	Queries    float64 `json:"queries"`
-	RestBytes  float64 `json:"rest_bytes"`
-	WindowS    float64 `json:"window_s"`
-	PeakConns  int     `json:"peak_conns"`
-	PeakOpen   int     `json:"peak_open"` // the watcher's own count of its open connections
-	MaxConns   int     `json:"max_conns"`
-	Changes    int     `json:"changes"`
-	Seen       int     `json:"seen"`
-	P50MS      float64 `json:"p50_ms"`
-	P99MS      float64 `json:"p99_ms"`
-	MaxMS      float64 `json:"max_ms"`
-	BytesPer   float64 `json:"bytes_per_change"`
-	CPUPerMS   float64 `json:"cpu_ms_per_change"`
-	WriteCPUMS float64 `json:"write_cpu_ms"`
-	HotChanges int     `json:"hot_changes"`
-	HotSeen    int     `json:"hot_seen"`
-	RawSeen    int     `json:"raw_seen"`
-	HotP50MS   float64 `json:"hot_p50_ms"`
-	HotP99MS   float64 `json:"hot_p99_ms"`
-	RawP50MS   float64 `json:"raw_p50_ms"`
-	RawP99MS   float64 `json:"raw_p99_ms"`
-	RestRSSKB  int     `json:"rest_rss_kb"`
+	Mode        string  `json:"mode"`
+	Watched     int     `json:"watched"`
+	Services    int     `json:"services"`
+	Instances   int     `json:"instances"`
+	Answered    int     `json:"answered"` // on-demand: names that answered with every instance when all were asked at once
+	SyncMS      float64 `json:"sync_ms"`
+	RSSKB       int     `json:"rss_kb"`
+	SettledKB   int     `json:"settled_rss_kb"`
+	LiveKB      int     `json:"live_heap_kb"`
+	HeapKB      int     `json:"heap_kb"`
+	StackKB     int     `json:"stack_kb"`
+	Goroutines  int     `json:"goroutines"`
+	Queries     float64 `json:"queries"`
+	RestBytes   float64 `json:"rest_bytes"`
+	WindowS     float64 `json:"window_s"`
+	PeakConns   int     `json:"peak_conns"`
+	PeakOpen    int     `json:"peak_open"` // the watcher's own count of its open connections
+	MaxConns    int     `json:"max_conns"`
+	Changes     int     `json:"changes"`
+	Seen        int     `json:"seen"`
+	P50MS       float64 `json:"p50_ms"`
+	P99MS       float64 `json:"p99_ms"`
+	MaxMS       float64 `json:"max_ms"`
+	BytesPer    float64 `json:"bytes_per_change"`
+	CPUPerMS    float64 `json:"cpu_ms_per_change"`
+	WriteCPUMS  float64 `json:"write_cpu_ms"`
+	HotChanges  int     `json:"hot_changes"`
+	HotSeen     int     `json:"hot_seen"`
+	RawSeen     int     `json:"raw_seen"`
+	HotP50MS    float64 `json:"hot_p50_ms"`
+	HotP99MS    float64 `json:"hot_p99_ms"`
+	RawP50MS    float64 `json:"raw_p50_ms"`
+	RawP99MS    float64 `json:"raw_p99_ms"`
+	RestRSSKB   int     `json:"rest_rss_kb"`
+	RegChanges  int     `json:"reg_changes"`
+	RegSeen     int     `json:"reg_seen"`
+	RegP50MS    float64 `json:"reg_p50_ms"`
+	RegP99MS    float64 `json:"reg_p99_ms"`
+	RegBytesPer float64 `json:"reg_bytes_per_change"`
+	RegCPUPerMS float64 `json:"reg_cpu_ms_per_change"`
 }
 
 func scale(ctx context.Context, c *testcluster.Cluster, services, instances int, window time.Duration, changes int) error {
@@ -111,6 +117,7 @@ func scale(ctx context.Context, c *testcluster.Cluster, services, instances int,
 		"(default mode, near=_agent, through the agent: the reference at this scale), then %d of any service with nothing else running: "+
 		"bytes = bytes read from Consul, CPU = the child's user+system CPU, both per change, "+
 		"the CPU of the writes themselves (%.2f ms each, measured before the watcher ran) subtracted. "+
+		"Registration changes: an instance added to a random service, then removed (catalog transactions), timed the same way; each makes the watcher probe every watched service. "+
 		"RSS is read at rest (after the window, as the goal is stated), after the changes, and settled (after a GC and returning free pages, as Go's periodic GC leaves an idle process). "+
 		"For scale: the client agent's own RSS is %.1f MB.\n\n",
 		services, instances, regTime.Round(100*time.Millisecond), services, window, reports[0].HotChanges, reports[0].Changes, reports[0].WriteCPUMS, float64(agentRSS)/1024)
@@ -119,7 +126,10 @@ func scale(ctx context.Context, c *testcluster.Cluster, services, instances int,
 		if r.Mode == "on-demand" {
 			answered = fmt.Sprintf("%d / %d", r.Answered, services)
 		}
-		hot, chg, per := "—", "—", "—"
+		hot, chg, per, regc := "—", "—", "—", "—"
+		if r.RegChanges > 0 {
+			regc = fmt.Sprintf("%d / %d: %.1f / %.1f ms, %.1f kB, %.1f ms CPU", r.RegSeen, r.RegChanges, r.RegP50MS, r.RegP99MS, r.RegBytesPer/1024, r.RegCPUPerMS)
+		}
 		if r.HotChanges > 0 && r.RawP99MS > 0 {
 			hot = fmt.Sprintf("%d, %d / %d: %.1f / %.1f vs %.1f / %.1f = %.2f×", r.HotChanges, r.HotSeen, r.RawSeen,
 				r.HotP50MS, r.HotP99MS, r.RawP50MS, r.RawP99MS, r.HotP99MS/r.RawP99MS)
@@ -131,7 +141,7 @@ func scale(ctx context.Context, c *testcluster.Cluster, services, instances int,
 		rows = append(rows, []string{
 			r.Mode, strconv.Itoa(r.Watched), strconv.Itoa(r.Instances), answered, fmt.Sprintf("%.0f", r.SyncMS),
 			fmt.Sprintf("%d (bound %d; its own count %d)", r.PeakConns, r.MaxConns, r.PeakOpen),
-			hot, chg, per,
+			hot, chg, per, regc,
 			fmt.Sprintf("%.1f / %.1f / %.1f", float64(r.RestRSSKB)/1024, float64(r.RSSKB)/1024, float64(r.SettledKB)/1024),
 			fmt.Sprintf("%.2f×", float64(r.RestRSSKB)/1024/30),
 			fmt.Sprintf("%.1f", float64(r.LiveKB)/1024), strconv.Itoa(r.Goroutines),
@@ -142,6 +152,7 @@ func scale(ctx context.Context, c *testcluster.Cluster, services, instances int,
 		"connections to the agent (max seen)",
 		"changes of 8 services, seen by watcher / raw: watcher p50 / p99 vs raw p50 / p99 ms = p99 ratio",
 		"changes of any service, seen: p50 / p99 / max ms", "per change: bytes read, CPU",
+		"registration changes (an instance added, removed), seen: p50 / p99, bytes read and CPU per change",
 		"RSS MB at rest / after the changes / settled", "RSS at rest ÷ 30 MB goal",
 		"live heap MB", "goroutines", "queries/s at rest", "bytes/s at rest"}, rows)
 	return nil
@@ -511,6 +522,70 @@ func timeChanges(ctx context.Context, w *catalog.Watcher, reg *prometheus.Regist
 	// before the watcher ran) are subtracted.
 	rep.CPUPerMS = (c2-c1)/float64(rep.Changes) - writeCPU
 	rep.WriteCPUMS = writeCPU
+
+	// Registration changes: an instance added to a random service, then
+	// removed; every watched service is probed after each.
+	acfg := api.DefaultNonPooledConfig()
+	acfg.Address = server
+	cl, err := api.NewClient(acfg)
+	if err != nil {
+		return err
+	}
+	time.Sleep(500 * time.Millisecond)
+	b2, c3 := metric(reg, "attache_catalog_consul_read_bytes_total"), cpuMS()
+	var regLat []time.Duration
+	const regs = 20
+	for k := 0; k < regs/2 && ctx.Err() == nil; k++ {
+		i := r.IntN(services - 1)
+		svc, id := fmt.Sprintf("svc%04d", i), fmt.Sprintf("svc%04d-extra", i)
+		for _, present := range []bool{true, false} {
+			op := &api.TxnOp{Service: &api.ServiceTxnOp{Verb: api.ServiceSet, Node: "scale-node-0",
+				Service: api.AgentService{ID: id, Service: svc, Port: 20000 + i, Tags: []string{"bench"}}}}
+			if !present {
+				op = &api.TxnOp{Service: &api.ServiceTxnOp{Verb: api.ServiceDelete, Node: "scale-node-0", Service: api.AgentService{ID: id, Service: svc}}}
+			}
+			t0 := time.Now()
+			ok, resp, _, err := cl.Txn().Txn(api.TxnOps{op}, nil)
+			if err == nil && !ok {
+				for _, e := range resp.Errors {
+					err = fmt.Errorf("transaction refused: %s", e.What)
+				}
+			}
+			if err != nil {
+				return fmt.Errorf("registration change: %w", err)
+			}
+			deadline := time.After(10 * time.Second)
+			in := func() bool {
+				s, _ := w.Load().Service(svc)
+				for _, x := range s.Instances {
+					if x.ID == id {
+						return true
+					}
+				}
+				return false
+			}
+		wait:
+			for in() != present {
+				select {
+				case <-ch:
+				case <-deadline:
+					break wait
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+			}
+			if in() == present {
+				regLat = append(regLat, time.Since(t0))
+			}
+			rep.RegChanges++
+			time.Sleep(300 * time.Millisecond) // the probes of the last change are done
+		}
+	}
+	b3, c4 := metric(reg, "attache_catalog_consul_read_bytes_total"), cpuMS()
+	rep.RegSeen = len(regLat)
+	rep.RegP50MS, rep.RegP99MS = pct(regLat, 0.5), pct(regLat, 0.99)
+	rep.RegBytesPer = (b3 - b2) / float64(rep.RegChanges)
+	rep.RegCPUPerMS = (c4-c3)/float64(rep.RegChanges) - writeCPU
 	return nil
 }
 

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Catalog watcher: propagation of health changes (the watcher's View, the
 # attache sidecar's DNS, a raw consul/api blocking query in both consistency
-# modes, Consul's own DNS on the client agent) and its cost with 1,000
-# services × 10 instances. bench/catalog/main.go does the work: it starts its
-# own three-server Consul cluster and a client agent on loopback.
+# modes, Consul's own DNS on the client agent) and, with 1,000 services × 10
+# instances, every name answering, the connections to the agent (counted from
+# /proc), health changes against raw blocking queries, bytes and CPU per
+# change, RSS. bench/catalog/main.go does the work: it starts its own
+# three-server Consul cluster and a client agent (at Consul's default
+# per-client connection limit) on loopback.
 # Environment: CATALOG_BENCH_ARGS adds flags, e.g. "-changes 50 -window 10s".
 set -euo pipefail
 cd "$(dirname "$0")/../.."

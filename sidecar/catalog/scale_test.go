@@ -277,18 +277,15 @@ func countConns(remote string) (int, error) {
 		return 0, err
 	}
 	defer f.Close()
-	n := 0
+	seen := map[string]bool{} // a socket that moves while /proc/net/tcp is read may be listed twice
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		fl := strings.Fields(sc.Text())
-		if len(fl) < 10 || fl[2] != remote || fl[3] != "01" {
-			continue
-		}
-		if inodes[fl[9]] {
-			n++
+		if len(fl) >= 10 && fl[2] == remote && fl[3] == "01" && inodes[fl[9]] {
+			seen[fl[9]] = true
 		}
 	}
-	return n, sc.Err()
+	return len(seen), sc.Err()
 }
 
 // neighbour is another process on this machine asking the agent over new

@@ -489,3 +489,39 @@ func toHealth(t *testing.T, in []*api.ServiceEntry) []healthEntry {
 	}
 	return out
 }
+
+// TestProbesUsedFirst: after a change of registrations, the services used
+// last are probed first.
+func TestProbesUsedFirst(t *testing.T) {
+	f := newFake(t)
+	for i := 0; i < 30; i++ {
+		f.register(fmt.Sprintf("svc%d", i), "i1", "node1", "", 80, api.HealthPassing)
+	}
+	cfg := testConfig(f.addr())
+	cfg.Mode = ModeAll
+	cfg.CoordInterval = -1
+	cfg.MaxConns = minConns // one fetcher: the queue's order is the order of the requests
+	w := runWatcher(t, cfg)
+	waitFor(t, w, 5*time.Second, "synced", func(s *Snapshot) bool { return w.Status().Synced && len(s.Services) == 31 })
+	quiet := func() { // until the fake has seen no request for 200ms
+		for n := -1; n != len(f.seenRequests()); {
+			n = len(f.seenRequests())
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	quiet()
+	w.Want(context.Background(), "svc17")
+	n := len(f.seenRequests())
+	f.register("other", "o1", "node1", "", 80, api.HealthPassing) // a registration: every watched service is probed
+	waitFor(t, w, 5*time.Second, "other", func(s *Snapshot) bool { return same(ids(s, "other"), "o1") })
+	quiet()
+	var probes []string
+	for _, r := range f.seenRequests()[n:] {
+		if strings.HasPrefix(r, "/v1/health/service/svc") {
+			probes = append(probes, strings.Fields(strings.TrimPrefix(r, "/v1/health/service/"))[0])
+		}
+	}
+	if len(probes) == 0 || probes[0] != "svc17" {
+		t.Fatalf("svc17, used last, not among the first probes: %v", probes)
+	}
+}
