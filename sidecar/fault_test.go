@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strings"
 	"net/http/httptest"
 	"sync"
 	"sync/atomic"
@@ -31,6 +32,17 @@ type load struct {
 	sent, failed atomic.Int64
 	stop         context.CancelFunc
 	wg           sync.WaitGroup
+	mu           sync.Mutex
+	why          []string // the first few failures, for the log
+}
+
+func (l *load) fail(format string, args ...any) {
+	l.failed.Add(1)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.why) < 5 {
+		l.why = append(l.why, time.Now().Format("15:04:05.000 ")+fmt.Sprintf(format, args...))
+	}
 }
 
 func startLoad(dnsAddr, upstream string) *load {
@@ -51,17 +63,19 @@ func startLoad(dnsAddr, upstream string) *load {
 			m := new(miekg.Msg)
 			m.SetQuestion("users.service.consul.", miekg.TypeA)
 			l.sent.Add(2)
-			if in, err := miekg.Exchange(m, dnsAddr); err != nil || len(in.Answer) == 0 {
-				l.failed.Add(1)
+			if in, err := miekg.Exchange(m, dnsAddr); err != nil {
+				l.fail("DNS: %v", err)
+			} else if len(in.Answer) == 0 {
+				l.fail("DNS: no answer (%s)", miekg.RcodeToString[in.Rcode])
 			}
 			resp, err := hc.Get("http://" + upstream + "/x")
 			if err != nil {
-				l.failed.Add(1)
+				l.fail("proxy: %v", err)
 				continue
 			}
 			resp.Body.Close()
 			if resp.StatusCode != 200 {
-				l.failed.Add(1)
+				l.fail("proxy: %s (%s)", resp.Status, resp.Header.Get("X-Attache-Fallback"))
 			}
 		}
 	}()
@@ -156,7 +170,7 @@ func TestFaults(t *testing.T) {
 		sent, failed := l.end()
 		t.Logf("FAULT\t%s\tsent=%d\tfailed=%d\trecover=%v", scenario, sent, failed, took.Round(time.Millisecond))
 		if failed > 0 {
-			t.Errorf("%s: %d of %d requests failed: the last view was not served throughout", scenario, failed, sent)
+			t.Errorf("%s: %d of %d requests failed: the last view was not served throughout:\n%s", scenario, failed, sent, strings.Join(l.why, "\n"))
 		}
 	}
 
