@@ -191,7 +191,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("admin: listen on %s: %w", s.cfg.Admin, err)
 	}
-	admin := &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
+	admin := &http.Server{Handler: adminAuth(s.cfg.AdminToken, s.adminHandler()), ReadHeaderTimeout: 10 * time.Second}
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.watcher.Run(gctx) })
@@ -218,6 +218,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		defer cancel()
 		return admin.Shutdown(sctx)
 	})
+	s.warnExposed(s.log)
 	s.log.Info("sidecar running", "admin", s.cfg.Admin, "consul", s.cfg.Consul, "pid", os.Getpid())
 	// The main loop: under systemd, READY=1 when /readyz would answer 200,
 	// watchdog pings, STOPPING=1 as the shutdown starts.
