@@ -181,7 +181,9 @@ func (g *Gateway) Listeners() []proxy.GatewayListener {
 }
 
 // Registration is the gateway's entry in Consul: service attache-gateway
-// at its listen address, with a TCP check of it.
+// at its listen address, with a TCP check of it. Its ID,
+// attache-gateway-<node>, is this gateway's own, so that gateways of
+// several nodes (even on one agent) each keep their registration.
 func (g *Gateway) Registration() (*api.AgentServiceRegistration, error) {
 	addr := g.cfg.Addr
 	if addr == "" {
@@ -204,7 +206,7 @@ func (g *Gateway) Registration() (*api.AgentServiceRegistration, error) {
 		meta["tls"] = g.cfg.TLSAddr
 	}
 	return &api.AgentServiceRegistration{
-		ID: ServiceName, Name: ServiceName, Address: host, Port: p, Meta: meta,
+		ID: ServiceName + "-" + g.cfg.Node, Name: ServiceName, Address: host, Port: p, Meta: meta,
 		Check: &api.AgentServiceCheck{
 			TCP:      net.JoinHostPort(checkHost, port),
 			Interval: "5s",

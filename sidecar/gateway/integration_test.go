@@ -500,8 +500,8 @@ route "keyed" {
 	}
 }
 
-// TestClusterScope: with two gateways, a cluster-scope limit gives each
-// half of it; when one stops (and deregisters), the other takes it whole.
+// TestClusterScope: two gateways on two agents both register (each under
+// its own ID); a cluster-scope limit gives each half of it; when one stops (and deregisters), the other takes it whole.
 func TestClusterScope(t *testing.T) {
 	c := needCluster(t)
 	kv := c.Clients[0].Client()
@@ -527,6 +527,15 @@ func TestClusterScope(t *testing.T) {
 		}
 		return 0
 	}
+	// Each gateway keeps its own registration, attache-gateway-<node>.
+	eventually(t, "both gateways registered and passing", 20*time.Second, func() bool {
+		entries, _, err := kv.Health().Service(ServiceName, "", true, nil)
+		ids := map[string]bool{}
+		for _, e := range entries {
+			ids[e.Service.ID] = true
+		}
+		return err == nil && ids["attache-gateway-gw-a"] && ids["attache-gateway-gw-b"]
+	})
 	eventually(t, "each gateway takes 50/s", 20*time.Second, func() bool { return share(a) == 50 && share(b) == 50 })
 	time.Sleep(200 * time.Millisecond)
 	counts := load("http://"+a.addr()+"/s/x", 2, 2*time.Second, time.Millisecond, nil)
