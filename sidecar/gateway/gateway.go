@@ -106,9 +106,9 @@ type table struct {
 
 // routeState is what Route needs of one route, built off the request path.
 type routeState struct {
-	pol *proxy.Policy
-	lim *limiter
-	hdr string // the rate-limit key's header, "" for the client address
+	pols []*proxy.Policy // by destination: the route's settings and the destination's tag; nil: the proxy's
+	lim  *limiter
+	hdr  string // the rate-limit key's header, "" for the client address
 }
 
 // Status is the gateway's state for /v1/routes and tests.
@@ -274,23 +274,70 @@ func (g *Gateway) Route(h *proxy.Head) proxy.Decision {
 				Body: []byte(`{"error":"rate limit exceeded","route":` + strconv.Quote(r.Name) + "}\n")}}
 		}
 	}
-	dst := r.Destinations[0]
+	i := 0
 	if len(r.Destinations) > 1 {
-		dst = r.Pick(rand.IntN(100))
+		i = pickIndex(r, rand.IntN(100))
 	}
+	dst := r.Destinations[i]
 	d := proxy.Decision{Service: dst.Service}
 	if rs != nil {
-		d.Policy = rs.pol
+		d.Policy = rs.pols[i]
 	}
 	if r.StripPrefix || r.Rewrite != "" {
 		d.Path = r.RewritePath(path) + query
 	}
 	if t.fallback != nil {
-		if svc, ok := g.cat.Load().Service(dst.Service); ok && len(svc.Instances) == 0 {
+		if svc, ok := g.cat.Load().Service(dst.Service); ok && !hasInstance(svc, dst.Tag) {
 			return proxy.Decision{Answer: t.fallback}
 		}
 	}
 	return d
+}
+
+// pickIndex is routes.Route.Pick's choice as an index into r.Destinations.
+func pickIndex(r *routes.Route, n int) int {
+	for i, d := range r.Destinations {
+		if n < d.Weight {
+			return i
+		}
+		n -= d.Weight
+	}
+	return len(r.Destinations) - 1
+}
+
+// hasInstance says whether svc has a healthy instance carrying tag (any
+// instance when tag is "").
+func hasInstance(svc *catalog.Service, tag string) bool {
+	if tag == "" {
+		return len(svc.Instances) > 0
+	}
+	for i := range svc.Instances {
+		if svc.Instances[i].HasTag(tag) {
+			return true
+		}
+	}
+	return false
+}
+
+// policies builds a route's proxy policy per destination: its timeouts,
+// retries and balancer, and the destination's tag. A destination with none
+// of these gets nil (the proxy's settings).
+func policies(r *routes.Route) []*proxy.Policy {
+	base := proxy.Policy{TryTimeout: r.TryTimeout, RequestTimeout: r.RequestTimeout, Balancer: proxy.Balancer(r.Balancer)}
+	if r.Retries != nil {
+		base.Retries = *r.Retries
+		if *r.Retries == 0 {
+			base.Retries = -1
+		}
+	}
+	pols := make([]*proxy.Policy, len(r.Destinations))
+	for i, d := range r.Destinations {
+		if p := base; p != (proxy.Policy{}) || d.Tag != "" {
+			p.Tag = d.Tag
+			pols[i] = &p
+		}
+	}
+	return pols
 }
 
 // ---------------------------------------------------------------- building
@@ -357,16 +404,7 @@ func (g *Gateway) rebuildLocked(a *applied) error {
 	n := g.healthyGateways()
 	t := &table{version: version, doc: merged, tbl: tbl, per: map[*routes.Route]*routeState{}, built: time.Now()}
 	for _, r := range tbl.Routes() {
-		rs := &routeState{}
-		if r.TryTimeout > 0 || r.RequestTimeout > 0 || r.Retries != nil {
-			rs.pol = &proxy.Policy{TryTimeout: r.TryTimeout, RequestTimeout: r.RequestTimeout}
-			if r.Retries != nil {
-				rs.pol.Retries = *r.Retries
-				if *r.Retries == 0 {
-					rs.pol.Retries = -1
-				}
-			}
-		}
+		rs := &routeState{pols: policies(r)}
 		if rl := tbl.RateLimit(r); rl != nil {
 			if prev := oldLim[limKey(r)]; prev != nil && prev.lim != nil {
 				rs.lim = prev.lim // same limit: the buckets carry over

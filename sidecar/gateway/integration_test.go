@@ -81,15 +81,15 @@ func (e *echo) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // backend starts an echo server and registers it with agent as an
-// instance of service (no check: passing).
-func backend(t *testing.T, agent *testcluster.Agent, service, id string) *echo {
+// instance of service (no check: passing), with tags.
+func backend(t *testing.T, agent *testcluster.Agent, service, id string, tags ...string) *echo {
 	t.Helper()
 	e := &echo{service: service, id: id}
 	srv := httptest.NewServer(e)
 	t.Cleanup(srv.Close)
 	host, port, _ := net.SplitHostPort(srv.Listener.Addr().String())
 	p, _ := strconv.Atoi(port)
-	if err := agent.Client().Agent().ServiceRegister(&api.AgentServiceRegistration{ID: id, Name: service, Address: host, Port: p}); err != nil {
+	if err := agent.Client().Agent().ServiceRegister(&api.AgentServiceRegistration{ID: id, Name: service, Address: host, Port: p, Tags: tags}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { agent.Client().Agent().ServiceDeregister(id) })
@@ -411,6 +411,119 @@ func TestWeightedSplit(t *testing.T) {
 	t.Logf("split-v2 took %.1f%% of %d requests (weight 10%%)", 100*share, total)
 	if stable.hits.Load()+canary.hits.Load() != total || share < 0.07 || share > 0.13 {
 		t.Errorf("split: v1 %d, v2 %d of %d: want v2 within 3 points of 10%%", stable.hits.Load(), canary.hits.Load(), total)
+	}
+}
+
+// TestTagsAndBalancer: a split over tags sends each share to the
+// instances carrying its tag only (canary: tag v1 90, tag v2 10); a
+// destination's tag that no instance carries is no healthy instance; a
+// route's lb is the one its requests are balanced with (round-robin
+// alternates strictly where the default least-request draws at random).
+// On the event loops and without them.
+func TestTagsAndBalancer(t *testing.T) {
+	c := needCluster(t)
+	agent := c.Clients[0]
+	kv := agent.Client()
+	v1a := backend(t, agent, "tagged", "tagged-v1-a", "v1")
+	v1b := backend(t, agent, "tagged", "tagged-v1-b", "V1", "stable") // tags compare without case
+	v2 := backend(t, agent, "tagged", "tagged-v2", "v2")
+	backend(t, agent, "balanced", "balanced-a")
+	backend(t, agent, "balanced", "balanced-b")
+	doc := `route "canary" {
+  prefix = "/canary/"
+  split {
+    service = "tagged"
+    tag = "v1"
+    weight = 90
+  }
+  split {
+    service = "tagged"
+    tag = "v2"
+    weight = 10
+  }
+}
+route "stable" {
+  prefix = "/stable/"
+  split {
+    service = "tagged"
+    tag = "stable"
+    weight = 100
+  }
+}
+route "missing" {
+  prefix = "/missing/"
+  split {
+    service = "tagged"
+    tag = "v3"
+    weight = 100
+  }
+}
+route "rr" {
+  prefix = "/rr/"
+  service = "balanced"
+  lb = "round-robin"
+}
+route "lr" {
+  prefix = "/lr/"
+  service = "balanced"
+}`
+	for _, noLoop := range []bool{false, true} {
+		t.Run(map[bool]string{false: "loop", true: "noloop"}[noLoop], func(t *testing.T) {
+			prefix := uniquePrefix(t)
+			n := startNode(t, agent, "gw-tags-"+strconv.FormatBool(noLoop), nodeOpts{noLoop: noLoop, prefix: prefix})
+			apply(t, kv, prefix, 1, doc)
+			base := "http://" + n.addr()
+			eventually(t, "the routes answer", 10*time.Second, func() bool {
+				a, _, _ := getJSON(plain, base+"/canary/x")
+				b, _, _ := getJSON(plain, base+"/rr/x")
+				return a == 200 && b == 200
+			})
+			for _, e := range []*echo{v1a, v1b, v2} {
+				e.hits.Store(0)
+			}
+			const total = 1000
+			for i := 0; i < total; i++ {
+				if code, e, _ := getJSON(plain, base+"/canary/x"); code != 200 {
+					t.Fatalf("request %d: %d %+v", i, code, e)
+				}
+			}
+			share := float64(v2.hits.Load()) / total
+			t.Logf("canary: v1 %d+%d, v2 %d of %d", v1a.hits.Load(), v1b.hits.Load(), v2.hits.Load(), total)
+			if v1a.hits.Load()+v1b.hits.Load()+v2.hits.Load() != total || share < 0.06 || share > 0.14 || v1a.hits.Load() == 0 || v1b.hits.Load() == 0 {
+				t.Errorf("canary split: v1 %d+%d, v2 %d of %d: want v2 within 4 points of 10%%, both v1 instances used",
+					v1a.hits.Load(), v1b.hits.Load(), v2.hits.Load(), total)
+			}
+			for i := 0; i < 20; i++ {
+				if code, e, _ := getJSON(plain, base+"/stable/x"); code != 200 || e.ID != "tagged-v1-b" {
+					t.Fatalf("tag stable: %d %+v, want tagged-v1-b only", code, e)
+				}
+			}
+			if code, e, _ := getJSON(plain, base+"/missing/x"); code != 503 {
+				t.Errorf("a tag no instance carries: %d %+v, want 503", code, e)
+			}
+			// round-robin alternates; least-request (the default) does not
+			// over 20 sequential requests but with odds of 2 in 2^20.
+			alternates := func(path string) bool {
+				last := ""
+				for i := 0; i < 20; i++ {
+					code, e, _ := getJSON(plain, base+path)
+					if code != 200 {
+						t.Fatalf("%s: %d %+v", path, code, e)
+					}
+					if e.ID == last {
+						return false
+					}
+					last = e.ID
+				}
+				return true
+			}
+			if !alternates("/rr/x") {
+				t.Errorf("lb = round-robin: two requests in a row went to one instance")
+			}
+			if alternates("/lr/x") {
+				t.Errorf("the default balancer alternated strictly over 20 requests: is round-robin the route's own?")
+			}
+		})
 	}
 }
 

@@ -886,7 +886,7 @@ func (l *evLoop) start(c *evConn, end int) {
 		return
 	}
 	c.f.with(p, d.Policy)
-	ep := t.pick(set, nil)
+	ep := t.pick(set, nil, c.f.pol)
 	if ep == nil {
 		l.answer(c, t.noHealthy(&c.f))
 		return

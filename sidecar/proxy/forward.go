@@ -129,7 +129,7 @@ func (t *target) forwardFrom(ctx context.Context, x exchange, replayable bool, f
 		ep := f.next
 		f.next = nil
 		if ep == nil {
-			ep = t.pick(f.set, f.tried[:f.n])
+			ep = t.pick(f.set, f.tried[:f.n], f.pol)
 		}
 		if ep == nil {
 			if f.n == 0 {

@@ -260,7 +260,7 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, rt *routing) {
 		h.Set("X-Forwarded-Proto", rt.proto)
 	}
 	if conn := h.Peek("Connection"); len(conn) > 0 && hasToken(conn, "upgrade") && len(h.Peek("Upgrade")) > 0 {
-		p.tunnelFast(ctx, t)
+		p.tunnelFast(ctx, t, pol)
 		return
 	}
 	clientClose := h.ConnectionClose()
@@ -527,7 +527,7 @@ func hasToken(v []byte, tok string) bool {
 
 // tunnelFast forwards an Upgrade request (WebSocket and the like): it sends
 // the request head to an instance and then copies bytes both ways.
-func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target) {
+func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target, pol *Policy) {
 	t.keepWanted(ctx, time.Now(), false)
 	set := t.endpoints()
 	if !set.found {
@@ -544,7 +544,7 @@ func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target) {
 	var conn net.Conn
 	var ep *endpoint
 	for conn == nil {
-		ep = t.pick(set, tried[:n])
+		ep = t.pick(set, tried[:n], pol)
 		if ep == nil {
 			if n == 0 {
 				t.svc.Cancel(call)
