@@ -27,6 +27,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"attache/control/routes"
+	"attache/sidecar/breaker"
 	"attache/sidecar/catalog"
 	"attache/sidecar/proxy"
 )
@@ -52,6 +53,10 @@ type Config struct {
 	// Watch holds the blocking-query rules for routes/current (defaults of
 	// package sidecar/watch).
 	Wait time.Duration // blocking wait, default 5m
+	// Breakers makes the breakers of routes with a breaker block
+	// (breaker.Registry.Custom, starting from its configuration). nil: a
+	// version with such a route is refused.
+	Breakers *breaker.Registry
 
 	Logger     hclog.Logger
 	Registerer prometheus.Registerer
@@ -102,6 +107,7 @@ type table struct {
 	per      map[*routes.Route]*routeState
 	fallback *proxy.Answer
 	built    time.Time
+	breakers map[string]bool // names of the routes' own breakers (Registry.Custom)
 }
 
 // routeState is what Route needs of one route, built off the request path.
@@ -320,9 +326,10 @@ func hasInstance(svc *catalog.Service, tag string) bool {
 }
 
 // policies builds a route's proxy policy per destination: its timeouts,
-// retries and balancer, and the destination's tag. A destination with none
-// of these gets nil (the proxy's settings).
-func policies(r *routes.Route) []*proxy.Policy {
+// retries and balancer, the destination's tag, and the route's own breaker
+// for the destination's service (from brk, by service name). A destination
+// with none of these gets nil (the proxy's settings).
+func policies(r *routes.Route, brk map[string]*breaker.Service) []*proxy.Policy {
 	base := proxy.Policy{TryTimeout: r.TryTimeout, RequestTimeout: r.RequestTimeout, Balancer: proxy.Balancer(r.Balancer)}
 	if r.Retries != nil {
 		base.Retries = *r.Retries
@@ -332,8 +339,8 @@ func policies(r *routes.Route) []*proxy.Policy {
 	}
 	pols := make([]*proxy.Policy, len(r.Destinations))
 	for i, d := range r.Destinations {
-		if p := base; p != (proxy.Policy{}) || d.Tag != "" {
-			p.Tag = d.Tag
+		if p := base; p != (proxy.Policy{}) || d.Tag != "" || brk[d.Service] != nil {
+			p.Tag, p.Breaker = d.Tag, brk[d.Service]
 			pols[i] = &p
 		}
 	}
@@ -402,9 +409,22 @@ func (g *Gateway) rebuildLocked(a *applied) error {
 		oldLim[limKey(r)] = rs
 	}
 	n := g.healthyGateways()
-	t := &table{version: version, doc: merged, tbl: tbl, per: map[*routes.Route]*routeState{}, built: time.Now()}
+	t := &table{version: version, doc: merged, tbl: tbl, per: map[*routes.Route]*routeState{}, built: time.Now(), breakers: map[string]bool{}}
 	for _, r := range tbl.Routes() {
-		rs := &routeState{pols: policies(r)}
+		var brk map[string]*breaker.Service
+		if r.Breaker != nil {
+			if g.cfg.Breakers == nil {
+				return fmt.Errorf("gateway: route %q has a breaker block, but this gateway has no breaker registry", r.Name)
+			}
+			brk = map[string]*breaker.Service{}
+			cfg := breakerConfig(g.cfg.Breakers.Config(), r.Breaker)
+			for _, d := range r.Destinations {
+				name := RouteBreakerName(d.Service, r.Name)
+				brk[d.Service] = g.cfg.Breakers.Custom(name, cfg)
+				t.breakers[strings.ToLower(name)] = true
+			}
+		}
+		rs := &routeState{pols: policies(r, brk)}
 		if rl := tbl.RateLimit(r); rl != nil {
 			if prev := oldLim[limKey(r)]; prev != nil && prev.lim != nil {
 				rs.lim = prev.lim // same limit: the buckets carry over
@@ -428,11 +448,55 @@ func (g *Gateway) rebuildLocked(a *applied) error {
 	}
 	g.certs.set(merged.Gateway.TLS)
 	g.cur.Store(t)
+	for name := range old.breakers {
+		if !t.breakers[name] {
+			g.cfg.Breakers.Drop(name)
+		}
+	}
 	select { // watchCatalog asks the catalog for the table's services
 	case g.swapped <- struct{}{}:
 	default:
 	}
 	return nil
+}
+
+// RouteBreakerName names a route's own breaker for one of its services, in
+// /v1/breakers and the breaker metrics: SERVICE@ROUTE.
+func RouteBreakerName(service, route string) string { return service + "@" + route }
+
+// breakerConfig is base with a route's breaker block over it. A rate of 0
+// turns that rule off; 0 calls mean 1.
+func breakerConfig(base breaker.Config, b *routes.Breaker) breaker.Config {
+	c := base
+	if b.Window > 0 {
+		c.Window = b.Window
+	}
+	if b.MinimumCalls != nil {
+		c.MinimumCalls = max(*b.MinimumCalls, 1)
+	}
+	rate := func(dst *float64, v *float64) {
+		if v != nil {
+			*dst = *v
+			if *v == 0 {
+				*dst = -1
+			}
+		}
+	}
+	rate(&c.FailureRateThreshold, b.FailureRate)
+	rate(&c.SlowCallRateThreshold, b.SlowRate)
+	if b.SlowCall > 0 {
+		c.SlowCallDuration = b.SlowCall
+	}
+	if b.OpenTime > 0 {
+		c.OpenDuration = b.OpenTime
+	}
+	if b.HalfOpenCalls != nil {
+		c.HalfOpenCalls = max(*b.HalfOpenCalls, 1)
+	}
+	if b.Disabled {
+		c.Disabled = true
+	}
+	return c
 }
 
 // limKey identifies a route's limit across tables: a route keeps its

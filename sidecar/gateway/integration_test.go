@@ -100,6 +100,7 @@ func backend(t *testing.T, agent *testcluster.Agent, service, id string, tags ..
 // with the gateway's listeners, the gateway and its registration.
 type node struct {
 	gw     *Gateway
+	br     *breaker.Registry
 	px     *proxy.Proxy
 	w      *catalog.Watcher
 	cancel context.CancelFunc
@@ -158,11 +159,12 @@ func startNode(t *testing.T, agent *testcluster.Agent, name string, o nodeOpts) 
 	if o.tls {
 		gc.TLSAddr = freeAddr(t)
 	}
-	gw, err := New(gc, client, w)
+	br, err := breaker.New(breaker.DefaultConfig(), log, reg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	br, err := breaker.New(breaker.DefaultConfig(), log, reg)
+	gc.Breakers = br
+	gw, err := New(gc, client, w)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -177,7 +179,7 @@ func startNode(t *testing.T, agent *testcluster.Agent, name string, o nodeOpts) 
 	}
 	rg := catalog.NewRegistrar(client, []*api.AgentServiceRegistration{r}, 0, log)
 	ctx, cancel := context.WithCancel(context.Background())
-	n := &node{gw: gw, px: px, w: w, cancel: cancel, done: make(chan error, 1), name: name}
+	n := &node{gw: gw, br: br, px: px, w: w, cancel: cancel, done: make(chan error, 1), name: name}
 	go func() {
 		eg, ctx := errgroup.WithContext(ctx)
 		eg.Go(func() error { return w.Run(ctx) })
@@ -522,6 +524,95 @@ route "lr" {
 			}
 			if alternates("/lr/x") {
 				t.Errorf("the default balancer alternated strictly over 20 requests: is round-robin the route's own?")
+			}
+		})
+	}
+}
+
+// TestRouteBreaker: a route's breaker block gives it a breaker of its own
+// for its service (SERVICE@ROUTE in /v1/breakers), with the route's
+// thresholds: it opens on the route's failures while the service's own
+// breaker (another route's calls) stays closed. On the event loops and
+// without them.
+func TestRouteBreaker(t *testing.T) {
+	c := needCluster(t)
+	agent := c.Clients[0]
+	kv := agent.Client()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusInternalServerError)
+		io.WriteString(w, "backend failed\n")
+	}))
+	defer srv.Close()
+	host, port, _ := net.SplitHostPort(srv.Listener.Addr().String())
+	p, _ := strconv.Atoi(port)
+	if err := agent.Client().Agent().ServiceRegister(&api.AgentServiceRegistration{ID: "failing-a", Name: "failing", Address: host, Port: p}); err != nil {
+		t.Fatal(err)
+	}
+	defer agent.Client().Agent().ServiceDeregister("failing-a")
+	doc := `route "strict" {
+  prefix = "/strict/"
+  service = "failing"
+  retries = 0
+  breaker {
+    minimum_calls = 4
+    failure_rate = 50
+    open_time = "1m"
+  }
+}
+route "plain" {
+  prefix = "/plain/"
+  service = "failing"
+  retries = 0
+}`
+	for _, noLoop := range []bool{false, true} {
+		t.Run(map[bool]string{false: "loop", true: "noloop"}[noLoop], func(t *testing.T) {
+			prefix := uniquePrefix(t)
+			n := startNode(t, agent, "gw-brk-"+strconv.FormatBool(noLoop), nodeOpts{noLoop: noLoop, prefix: prefix})
+			apply(t, kv, prefix, 1, doc)
+			base := "http://" + n.addr()
+			eventually(t, "the routes reach the backend", 10*time.Second, func() bool {
+				code, e, _ := getJSON(plain, base+"/plain/x")
+				return code == 500 && strings.Contains(e.Path, "backend failed")
+			})
+			opened := 0
+			for i := 0; i < 10 && opened == 0; i++ {
+				code, e, h := getJSON(plain, base+"/strict/x")
+				switch {
+				case code == 503 && h.Get("X-Attache-Breaker") == "open":
+					opened = i
+				case code != 500:
+					t.Fatalf("strict request %d: %d %+v", i, code, e)
+				}
+			}
+			if opened < 4 {
+				t.Fatalf("the route's breaker opened after %d calls, want it open after its 4 (minimum_calls)", opened)
+			}
+			// The other route's calls go on: the service's breaker (20 calls
+			// at least) is not the route's.
+			for i := 0; i < 5; i++ {
+				if code, e, _ := getJSON(plain, base+"/plain/x"); code != 500 || !strings.Contains(e.Path, "backend failed") {
+					t.Fatalf("plain request %d: %d %+v, want the backend's 500", i, code, e)
+				}
+			}
+			states := map[string]string{}
+			for _, st := range n.br.State() {
+				states[st.Service] = st.State
+			}
+			if states["failing@strict"] != breaker.Open || states["failing"] != breaker.Closed {
+				t.Errorf("breakers: %v, want failing@strict open, failing closed", states)
+			}
+			// A version without the block drops the route's breaker.
+			apply(t, kv, prefix, 2, strings.Replace(doc, "breaker {\n    minimum_calls = 4\n    failure_rate = 50\n    open_time = \"1m\"\n  }", "", 1))
+			eventually(t, "the route's breaker dropped", 10*time.Second, func() bool {
+				for _, st := range n.br.State() {
+					if st.Service == "failing@strict" {
+						return false
+					}
+				}
+				return true
+			})
+			if code, e, _ := getJSON(plain, base+"/strict/x"); code != 500 || !strings.Contains(e.Path, "backend failed") {
+				t.Errorf("strict after its breaker block went: %d %+v, want the backend's 500", code, e)
 			}
 		})
 	}

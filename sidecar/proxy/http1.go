@@ -534,7 +534,8 @@ func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target, pol *Policy) {
 		set = t.want(ctx)
 	}
 	start := time.Now()
-	call, err := t.svc.Allow(start)
+	svc := t.breakerFor(pol)
+	call, err := svc.Allow(start)
 	if err != nil {
 		p.fastFinish(ctx, t, &fastExchange{req: &ctx.Request, resp: &ctx.Response}, openResult(err), false)
 		return
@@ -547,9 +548,9 @@ func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target, pol *Policy) {
 		ep = t.pick(set, tried[:n], pol)
 		if ep == nil {
 			if n == 0 {
-				t.svc.Cancel(call)
+				svc.Cancel(call)
 			} else {
-				t.svc.Done(call, true, time.Now())
+				svc.Done(call, true, time.Now())
 			}
 			p.fastFinish(ctx, t, &fastExchange{req: &ctx.Request, resp: &ctx.Response}, result{kind: outNoHealthy}, false)
 			return
@@ -560,7 +561,7 @@ func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target, pol *Policy) {
 			tried[n] = ep
 			n++
 			if n > p.cfg.MaxRetries {
-				t.svc.Done(call, true, time.Now())
+				svc.Done(call, true, time.Now())
 				p.fastCanned(ctx, p.cannedFor(t, result{kind: outError, err: err, ep: ep}, false))
 				return
 			}
@@ -569,7 +570,7 @@ func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target, pol *Policy) {
 		conn = c
 	}
 	ep.out.Report(false)
-	t.svc.Done(call, false, time.Now())
+	svc.Done(call, false, time.Now())
 	setForwardedFast(ctx)
 	head := ctx.Request.Header.Header()
 	if _, err := conn.Write(head); err != nil {

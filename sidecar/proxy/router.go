@@ -12,6 +12,8 @@ import (
 	"sync"
 	"time"
 	"unsafe"
+
+	"attache/sidecar/breaker"
 )
 
 // Router decides where each request of a gateway listener goes (package
@@ -74,6 +76,11 @@ type Policy struct {
 	// without case, as Consul's DNS does); none carrying it is "no healthy
 	// instance". "" is every instance.
 	Tag string
+	// Breaker is the route's own breaker for this service
+	// (breaker.Registry.Custom), asked instead of the service's; instances
+	// are still judged (ejection, panic) by the service's state. nil: the
+	// service's.
+	Breaker *breaker.Service
 }
 
 // GatewayListener is a listener whose requests a Router sends on. Without
