@@ -89,6 +89,7 @@ type Gateway struct {
 	doc     atomic.Pointer[applied] // the applied document version (before service routes join)
 	mu      sync.Mutex              // serialises rebuilds
 	swapped chan struct{}           // a new table is in
+	toSave  chan *applied           // the newest applied version not saved to the data dir yet
 	status  atomic.Pointer[Status]
 }
 
@@ -160,7 +161,7 @@ func New(cfg Config, kv *api.Client, cat Catalog) (*Gateway, error) {
 	if err != nil {
 		return nil, err
 	}
-	g := &Gateway{cfg: cfg, log: cfg.Logger.Named("gateway"), kv: kv, cat: cat, met: met, keys: routes.NewKV(cfg.Prefix), swapped: make(chan struct{}, 1)}
+	g := &Gateway{cfg: cfg, log: cfg.Logger.Named("gateway"), kv: kv, cat: cat, met: met, keys: routes.NewKV(cfg.Prefix), swapped: make(chan struct{}, 1), toSave: make(chan *applied, 1)}
 	g.certs = newCertStore(g.log)
 	g.status.Store(&Status{})
 	g.cur.Store(&table{doc: &routes.Document{}, per: map[*routes.Route]*routeState{}})
@@ -244,6 +245,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	eg.Go(func() error { g.watchCatalog(ctx); return nil })
 	eg.Go(func() error { g.certs.run(ctx, g.cfg.CertCheck); return nil })
 	eg.Go(func() error { g.sweepLimiters(ctx); return nil })
+	eg.Go(func() error { g.saveLoop(ctx); return nil })
 	return eg.Wait()
 }
 

@@ -94,11 +94,49 @@ func (g *Gateway) apply(ctx context.Context, v version) {
 	g.met.applies.Inc()
 	g.log.Info("routes applied", "version", v.n, "routes", len(a.doc.Routes))
 	// Consul first: `routes status` (and an operator waiting on it) need
-	// not wait for the fsync. A crash in between restarts on the version
-	// before, until Consul answers.
+	// not wait for the fsync, which saveLoop does off the watch loop (the
+	// next version is not held up by a slow disk either). A crash in
+	// between restarts on the version before, until Consul answers.
 	g.writeApplied(ctx)
-	if err := g.saveDisk(a); err != nil {
-		g.log.Warn("cannot save the applied routes", "error", err)
+	g.queueSave(a)
+}
+
+// queueSave hands a to saveLoop, replacing a version not saved yet.
+func (g *Gateway) queueSave(a *applied) {
+	for {
+		select {
+		case g.toSave <- a:
+			return
+		default:
+		}
+		select {
+		case <-g.toSave:
+		default:
+		}
+	}
+}
+
+// saveLoop saves each applied version handed to it in the data dir (the
+// newest when several came meanwhile) until ctx ends, then the one still
+// waiting.
+func (g *Gateway) saveLoop(ctx context.Context) {
+	save := func(a *applied) {
+		if err := g.saveDisk(a); err != nil {
+			g.log.Warn("cannot save the applied routes", "error", err)
+		}
+	}
+	for {
+		select {
+		case a := <-g.toSave:
+			save(a)
+		case <-ctx.Done():
+			select {
+			case a := <-g.toSave:
+				save(a)
+			default:
+			}
+			return
+		}
 	}
 }
 
