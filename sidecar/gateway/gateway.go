@@ -15,6 +15,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -90,7 +91,10 @@ type Gateway struct {
 	mu      sync.Mutex              // serialises rebuilds
 	swapped chan struct{}           // a new table is in
 	toSave  chan *applied           // the newest applied version not saved to the data dir yet
-	status  atomic.Pointer[Status]
+	// metaServices are the services publishing a route in their meta
+	// (watchServiceRoutes), for the catalog to watch.
+	metaServices atomic.Pointer[[]string]
+	status       atomic.Pointer[Status]
 }
 
 // applied is a document version the gateway took.
@@ -243,6 +247,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	eg, ctx := errgroup.WithContext(ctx)
 	eg.Go(func() error { g.watchKV(ctx); return nil })
 	eg.Go(func() error { g.watchCatalog(ctx); return nil })
+	eg.Go(func() error { g.watchServiceRoutes(ctx); return nil })
 	eg.Go(func() error { g.certs.run(ctx, g.cfg.CertCheck); return nil })
 	eg.Go(func() error { g.sweepLimiters(ctx); return nil })
 	eg.Go(func() error { g.saveLoop(ctx); return nil })
@@ -550,6 +555,13 @@ func (g *Gateway) watchCatalog(ctx context.Context) {
 		for _, n := range append([]string{ServiceName}, g.cur.Load().doc.Services()...) {
 			if _, ok := snap.Service(n); all || !ok && (snap.Known[n] || len(snap.Known) == 0) {
 				names = append(names, n)
+			}
+		}
+		if ms := g.metaServices.Load(); ms != nil {
+			for _, n := range *ms { // Consul just named them: no need to wait for Known
+				if _, ok := snap.Service(n); (all || !ok) && !slices.Contains(names, n) {
+					names = append(names, n)
+				}
 			}
 		}
 		if len(names) == 0 {

@@ -857,8 +857,16 @@ func TestServesFromDiskWithConsulDown(t *testing.T) {
 
 // TestServiceRoutes: a service publishing `attache-route` in its meta joins
 // the table below the document's routes (the document wins a clash), and
-// leaves it when it goes.
+// leaves it when it goes; in the catalog's default on-demand mode (the
+// gateway learns such services from a filtered catalog query) as with
+// -watch all.
 func TestServiceRoutes(t *testing.T) {
+	for _, all := range []bool{false, true} {
+		t.Run(map[bool]string{false: "on-demand", true: "all"}[all], func(t *testing.T) { testServiceRoutes(t, all) })
+	}
+}
+
+func testServiceRoutes(t *testing.T, all bool) {
 	c := needCluster(t)
 	agent := c.Clients[0]
 	kv := agent.Client()
@@ -874,16 +882,17 @@ func TestServiceRoutes(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	reg("/meta/,/doc/")
-	defer agent.Client().Agent().ServiceDeregister("metasvc-a")
 	prefix := uniquePrefix(t)
-	n := startNode(t, agent, "gw-meta", nodeOpts{prefix: prefix, all: true})
+	n := startNode(t, agent, "gw-meta-"+strconv.FormatBool(all), nodeOpts{prefix: prefix, all: all})
 	apply(t, kv, prefix, 1, `route "doc" {
   prefix = "/doc/"
   service = "docsvc"
 }`)
 	base := "http://" + n.addr()
 	eventually(t, "version 1 applied", 10*time.Second, func() bool { return n.gw.Status().Version == 1 })
+	// Registered after the gateway started: it learns of it from Consul.
+	reg("/meta/,/doc/")
+	defer agent.Client().Agent().ServiceDeregister("metasvc-a")
 	eventually(t, "the service's route", 10*time.Second, func() bool {
 		code, e, _ := getJSON(plain, base+"/meta/1")
 		return code == 200 && e.Service == "metasvc"
