@@ -370,11 +370,10 @@ func (g *Gateway) install(a *applied, fromDisk bool) error {
 		}
 		a.doc = doc
 	}
-	if _, err := routes.Compile(a.doc); err != nil {
-		return err
-	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	// One compile, of the document with the service routes: a document
+	// that does not compile alone does not with them either.
 	if err := g.rebuildLocked(a); err != nil {
 		return err
 	}
@@ -405,11 +404,11 @@ func (g *Gateway) rebuildLocked(a *applied) error {
 		doc = &routes.Document{}
 	}
 	merged, errs := mergeServiceRoutes(doc, g.cat.Load())
-	g.setStatus(func(s *Status) { s.ServiceErrs = errs })
 	tbl, err := routes.Compile(merged)
 	if err != nil {
 		return err
 	}
+	g.setStatus(func(s *Status) { s.ServiceErrs = errs })
 	old := g.cur.Load()
 	oldLim := map[string]*routeState{}
 	for r, rs := range old.per {
