@@ -76,21 +76,6 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 		return nil, err
 	}
 	regs = append([]*api.AgentServiceRegistration{self}, regs...)
-	if cfg.Gateway != "" || cfg.GatewayTLS != "" {
-		gc := gateway.DefaultConfig()
-		gc.Addr, gc.TLSAddr, gc.Prefix, gc.Node, gc.DataDir = cfg.Gateway, cfg.GatewayTLS, cfg.RoutesPrefix, cfg.Node, cfg.DataDir
-		gc.Logger, gc.Registerer = log, m
-		if s.gateway, err = gateway.New(gc, client, s.watcher); err != nil {
-			return nil, err
-		}
-		reg, err := s.gateway.Registration()
-		if err != nil {
-			return nil, err
-		}
-		regs = append(regs, reg)
-	}
-	s.registrar = catalog.NewRegistrar(client, regs, 0, log)
-
 	bc := breaker.DefaultConfig()
 	bc.ConsecutiveFailures, bc.BaseEjectionTime = cfg.EjectAfter, cfg.EjectTime
 	bc.SlowCallDuration, bc.MaxRequests = cfg.SlowCall, cfg.MaxRequests
@@ -103,6 +88,21 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 	if s.breakers, err = breaker.New(bc, log, m); err != nil {
 		return nil, err
 	}
+	if cfg.Gateway != "" || cfg.GatewayTLS != "" {
+		gc := gateway.DefaultConfig()
+		gc.Addr, gc.TLSAddr, gc.Prefix, gc.Node, gc.DataDir = cfg.Gateway, cfg.GatewayTLS, cfg.RoutesPrefix, cfg.Node, cfg.DataDir
+		gc.Logger, gc.Registerer, gc.Breakers = log, m, s.breakers
+		if s.gateway, err = gateway.New(gc, client, s.watcher); err != nil {
+			return nil, err
+		}
+		reg, err := s.gateway.Registration()
+		if err != nil {
+			return nil, err
+		}
+		regs = append(regs, reg)
+	}
+	s.registrar = catalog.NewRegistrar(client, regs, 0, log)
+
 	var ejections dns.Ejections // DNS leaves out what the proxy ejected, when there is a proxy
 	if len(cfg.Upstreams) > 0 || cfg.HTTPProxy != "" || s.gateway != nil {
 		pc := proxy.Config{HTTPProxyAddr: cfg.HTTPProxy, Node: cfg.Node, Fallbacks: cfg.Fallbacks, Logger: log, Registerer: m}

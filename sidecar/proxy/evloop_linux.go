@@ -881,12 +881,11 @@ func (l *evLoop) start(c *evConn, end int) {
 	l.idleBuf(c) // the request's bytes are in c.out now
 	c.headAt, c.inBody = time.Time{}, false
 	c.t = t
-	if res, ok := t.admit(&c.f, set, l.now); !ok {
+	if res, ok := t.admit(&c.f, set, l.now, d.Policy); !ok {
 		l.answer(c, res)
 		return
 	}
-	c.f.with(p, d.Policy)
-	ep := t.pick(set, nil)
+	ep := t.pick(set, nil, c.f.pol)
 	if ep == nil {
 		l.answer(c, t.noHealthy(&c.f))
 		return
