@@ -49,7 +49,10 @@ func TestSidecarSecureConsul(t *testing.T) {
 		return f
 	}
 	registered := func(id string) bool {
-		name := strings.TrimRight(id, "-0123456789") // users-1: users; attache-gateway itself
+		name := strings.TrimRight(id, "-0123456789") // users-1: users; attache itself
+		if strings.HasPrefix(id, "attache-gateway-") {
+			name = "attache-gateway" // its ID is attache-gateway-<node>
+		}
 		entries, _, err := mgmt.Catalog().Service(name, "", nil)
 		for _, e := range entries {
 			if e.ServiceID == id {
@@ -79,7 +82,7 @@ func TestSidecarSecureConsul(t *testing.T) {
 	admin, _ := runSidecarEnv(t, env(c.Clients[0], token), &logs, "-service", svcFile("users", "users-1"), "-node", "gateway",
 		"-dns", dnsAddr, "-upstream", "users="+upstream, "-http-proxy", httpProxy, "-gateway", gw, "-data-dir", t.TempDir())
 	eventually(t, "/readyz 200", 20*time.Second, func() bool { code, _ := get(admin, "/readyz"); return code == 200 })
-	for _, id := range []string{"attache", "users-1", "attache-gateway"} {
+	for _, id := range []string{"attache", "users-1", "attache-gateway-gateway"} { // the gateway registers as attache-gateway-<node>
 		eventually(t, id+" registered", 10*time.Second, func() bool { return registered(id) })
 	}
 	eventually(t, "users.service.consul from the sidecar's DNS", 10*time.Second, func() bool {
