@@ -542,11 +542,15 @@ func (g *Gateway) watchCatalog(ctx context.Context) {
 	// asked for again as the catalog changes (this gateway registers after
 	// it first asks); and all of them every 30 s, which keeps on-demand
 	// watches alive.
-	var wanting atomic.Bool
+	// One round of asking at a time; a change seen while one runs asks
+	// again when it ends (else the next chance would be the 30 s tick).
+	var wanting, again atomic.Bool
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	want := func(all bool) {
-		if wanting.Load() {
+	var want func(all bool)
+	want = func(all bool) {
+		if !wanting.CompareAndSwap(false, true) {
+			again.Store(true)
 			return
 		}
 		snap := g.cat.Load()
@@ -564,17 +568,20 @@ func (g *Gateway) watchCatalog(ctx context.Context) {
 			}
 		}
 		if len(names) == 0 {
+			wanting.Store(false)
 			return
 		}
-		wanting.Store(true)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer wanting.Store(false)
 			for _, n := range names {
 				wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 				g.cat.Want(wctx, n)
 				cancel()
+			}
+			wanting.Store(false)
+			if again.Swap(false) && ctx.Err() == nil {
+				want(false) // still counted in wg: this goroutine has not returned
 			}
 		}()
 	}
