@@ -31,6 +31,10 @@ type Config struct {
 	Consul string
 	// ConsulToken is the Consul ACL token. Default none.
 	ConsulToken string
+	// ConsulTLS configures HTTPS to Consul (an https:// address): CA,
+	// client certificate and key, server name. Default none (the system's
+	// roots).
+	ConsulTLS api.TLSConfig
 	// APIToken, when set, is required as "Authorization: Bearer TOKEN" on
 	// every /v1/ request. Required when Addr is not a loopback address.
 	APIToken string
@@ -93,7 +97,7 @@ func New(cfg Config, log hclog.Logger) (*Server, error) {
 	if ip := net.ParseIP(host); cfg.APIToken == "" && (host != "localhost" && (ip == nil || !ip.IsLoopback())) {
 		return nil, fmt.Errorf("control: listening on %s, off loopback, needs an API token (-api-token or $ATTACHE_CONTROL_TOKEN)", cfg.Addr)
 	}
-	c, err := api.NewClient(&api.Config{Address: cfg.Consul, Token: cfg.ConsulToken})
+	c, err := api.NewClient(&api.Config{Address: cfg.Consul, Token: cfg.ConsulToken, TLSConfig: cfg.ConsulTLS})
 	if err != nil {
 		return nil, fmt.Errorf("control: consul client: %w", err)
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"attache/control/routes"
+	"attache/internal/consulacl"
 )
 
 // Errors a caller tells apart.
@@ -60,7 +61,7 @@ func (s *Store) KV() routes.KV { return s.kv }
 func (s *Store) current(ctx context.Context) (uint64, uint64, error) {
 	p, _, err := s.c.KV().Get(s.kv.Current(), (&api.QueryOptions{}).WithContext(ctx))
 	if err != nil {
-		return 0, 0, fmt.Errorf("control: read %s: %w", s.kv.Current(), err)
+		return 0, 0, fmt.Errorf("control: read %s: %w", s.kv.Current(), consulacl.Wrap(err))
 	}
 	if p == nil {
 		return 0, 0, nil
@@ -92,7 +93,7 @@ func (s *Store) Get(ctx context.Context, n uint64) (*routes.Version, *routes.Doc
 	}
 	p, _, err := s.c.KV().Get(s.kv.Version(n), (&api.QueryOptions{}).WithContext(ctx))
 	if err != nil {
-		return nil, nil, fmt.Errorf("control: read %s: %w", s.kv.Version(n), err)
+		return nil, nil, fmt.Errorf("control: read %s: %w", s.kv.Version(n), consulacl.Wrap(err))
 	}
 	if p == nil {
 		return nil, nil, fmt.Errorf("%w: version %d", ErrNotFound, n)
@@ -181,11 +182,16 @@ func (s *Store) Apply(ctx context.Context, doc *routes.Document, source string, 
 	}
 	ok, resp, _, err := s.c.Txn().Txn(ops, (&api.QueryOptions{}).WithContext(ctx))
 	if err != nil {
-		return nil, fmt.Errorf("control: write version %d: %w", next, err)
+		return nil, fmt.Errorf("control: write version %d: %w", next, consulacl.Wrap(err))
 	}
 	if !ok {
 		var what []string
 		for _, e := range resp.Errors {
+			// Consul reports a refused operation among the transaction's
+			// errors, as it does a failed check-and-set: not a conflict.
+			if d := consulacl.Parse(e.What); d != nil {
+				return nil, fmt.Errorf("control: write version %d: %w", next, d)
+			}
 			what = append(what, e.What)
 		}
 		return nil, fmt.Errorf("%w (%s)", ErrConflict, strings.Join(what, "; "))
@@ -215,7 +221,7 @@ func (s *Store) Rollback(ctx context.Context, n uint64, expect *uint64) (*Result
 func (s *Store) versionNumbers(ctx context.Context) ([]uint64, error) {
 	keys, _, err := s.c.KV().Keys(s.kv.Versions(), "/", (&api.QueryOptions{}).WithContext(ctx))
 	if err != nil {
-		return nil, fmt.Errorf("control: list %s: %w", s.kv.Versions(), err)
+		return nil, fmt.Errorf("control: list %s: %w", s.kv.Versions(), consulacl.Wrap(err))
 	}
 	var nums []uint64
 	for _, k := range keys {
@@ -245,7 +251,7 @@ func (s *Store) History(ctx context.Context) (uint64, []HistoryEntry, error) {
 	}
 	pairs, _, err := s.c.KV().List(s.kv.Versions(), (&api.QueryOptions{}).WithContext(ctx))
 	if err != nil {
-		return 0, nil, fmt.Errorf("control: list %s: %w", s.kv.Versions(), err)
+		return 0, nil, fmt.Errorf("control: list %s: %w", s.kv.Versions(), consulacl.Wrap(err))
 	}
 	var out []HistoryEntry
 	for _, p := range pairs {
@@ -288,7 +294,7 @@ func (s *Store) Status(ctx context.Context) (uint64, []GatewayStatus, error) {
 	}
 	pairs, _, err := s.c.KV().List(s.kv.AppliedPrefix(), (&api.QueryOptions{}).WithContext(ctx))
 	if err != nil {
-		return 0, nil, fmt.Errorf("control: list %s: %w", s.kv.AppliedPrefix(), err)
+		return 0, nil, fmt.Errorf("control: list %s: %w", s.kv.AppliedPrefix(), consulacl.Wrap(err))
 	}
 	var out []GatewayStatus
 	for _, p := range pairs[:min(len(pairs), maxGateways)] {
@@ -326,14 +332,16 @@ func (s *Store) Warnings(ctx context.Context, doc *routes.Document) []string {
 				return out
 			}
 			asked++
-			entries, _, err := s.c.Health().Service(d.Service, d.Tag, true, (&api.QueryOptions{}).WithContext(ctx))
+			entries, meta, err := s.c.Health().Service(d.Service, d.Tag, true, (&api.QueryOptions{}).WithContext(ctx))
 			what := "service " + d.Service
 			if d.Tag != "" {
 				what += " (tag " + d.Tag + ")"
 			}
 			switch {
 			case err != nil:
-				out = append(out, fmt.Sprintf("route %q: could not check the health of %s: %v", r.Name, what, err))
+				out = append(out, fmt.Sprintf("route %q: could not check the health of %s: %v", r.Name, what, consulacl.Wrap(err)))
+			case len(entries) == 0 && meta.ResultsFilteredByACLs:
+				out = append(out, fmt.Sprintf("route %q: could not check the health of %s: %v", r.Name, what, consulacl.Filtered("service:read", d.Service, false)))
 			case len(entries) == 0:
 				out = append(out, fmt.Sprintf("route %q: %s has no healthy instance now", r.Name, what))
 			}

@@ -110,7 +110,10 @@ job "attache" {
             "-node", "${attr.unique.consul.name}",
             "-consul", var.consul_addr,
             "-dns", "${NOMAD_ADDR_dns}",
-            "-admin", "${NOMAD_ADDR_admin}",
+            # Loopback (host network): the local agent checks /healthz there. On
+            # the node's address (${NOMAD_ADDR_admin}) the admin API would need
+            # ATTACHE_ADMIN_TOKEN (see attache.nomad.hcl).
+            "-admin", "127.0.0.1:${NOMAD_PORT_admin}",
             # NOMAD_ALLOC_DIR is /alloc inside the container.
             "-data-dir", "${NOMAD_ALLOC_DIR}/data/attache",
             "-log-json",

@@ -168,7 +168,10 @@ job "attache" {
             "-node", "${attr.unique.consul.name}",
             "-consul", var.consul_addr,
             "-dns", "${NOMAD_ADDR_dns}",
-            "-admin", "${NOMAD_ADDR_admin}",
+            # Loopback: the local agent checks /healthz there. On the node's
+            # address (${NOMAD_ADDR_admin}) the admin API needs a token:
+            # render ATTACHE_ADMIN_TOKEN as CONSUL_HTTP_TOKEN below.
+            "-admin", "127.0.0.1:${NOMAD_PORT_admin}",
             "-data-dir", "${NOMAD_ALLOC_DIR}/data/attache",
             "-log-json",
           ],

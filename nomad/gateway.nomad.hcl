@@ -170,7 +170,10 @@ job "attache-gateway" {
           "-gateway", "${NOMAD_ADDR_http}",
           "-gateway-tls", "${NOMAD_ADDR_https}",
           "-dns", "${NOMAD_ADDR_dns}",
-          "-admin", "${NOMAD_ADDR_admin}",
+          # Loopback (host network): the local agent checks /healthz there. On
+          # the node's address (${NOMAD_ADDR_admin}) the admin API would need
+          # ATTACHE_ADMIN_TOKEN (see attache.nomad.hcl).
+          "-admin", "127.0.0.1:${NOMAD_PORT_admin}",
           "-data-dir", "${NOMAD_ALLOC_DIR}/data/attache",
           # Every service in the view, so that a service's own route (its
           # meta attache-route) joins the table.

@@ -35,6 +35,7 @@ type Config struct {
 	DNSDomain     string                    // default "consul."
 	Recursors     []string                  // default: the nameservers of /etc/resolv.conf
 	Admin         string                    // admin HTTP address; default 127.0.0.1:19001
+	AdminToken    string                    // required (Bearer) on the admin API but /healthz and /readyz; needed off loopback; default ATTACHE_ADMIN_TOKEN
 	Upstreams     []string                  // NAME=ADDR[/tcp]
 	HTTPProxy     string                    // HTTP proxy listen address; empty: off
 	Gateway       string                    // API gateway HTTP listen address; empty: off
@@ -104,6 +105,7 @@ func DefaultConfig(env func(string) string) Config {
 	if h, err := os.Hostname(); err == nil {
 		c.Node = h // Consul's default node name
 	}
+	c.AdminToken = env("ATTACHE_ADMIN_TOKEN")
 	w := catalog.ConfigFromEnv(env) // CONSUL_* as the consul CLI reads them
 	c.Consul, c.Token, c.TokenFile, c.TLS, c.SSL = w.Addresses, w.Token, w.TokenFile, w.TLS, w.SSL
 	return c
@@ -142,6 +144,7 @@ func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs.StringVar(&c.DNSDomain, "dns-domain", c.DNSDomain, "DNS `domain` served")
 	fs.Var(&listFlag{dst: &c.Recursors}, "recursor", "DNS recursor `address` for names outside the domain, repeatable (default: /etc/resolv.conf)")
 	fs.StringVar(&c.Admin, "admin", c.Admin, "admin HTTP `address` (/healthz, /readyz, /metrics, /v1/...)")
+	fs.StringVar(&c.AdminToken, "admin-token", c.AdminToken, "`token` the admin API requires (Authorization: Bearer) but on /healthz and /readyz; needed off loopback; $ATTACHE_ADMIN_TOKEN sets the default")
 	fs.Var(&listFlag{dst: &c.Upstreams}, "upstream", "upstream listener `NAME=ADDR[/tcp]`, repeatable")
 	fs.StringVar(&c.HTTPProxy, "http-proxy", c.HTTPProxy, "HTTP proxy listen `address`")
 	fs.StringVar(&c.Gateway, "gateway", c.Gateway, "API gateway HTTP listen `address` (routes from Consul KV)")
@@ -233,6 +236,7 @@ type fileConfig struct {
 	DNSDomain     *string            `hcl:"dns_domain,optional"`
 	Recursors     *[]string          `hcl:"recursor,optional"`
 	Admin         *string            `hcl:"admin,optional"`
+	AdminToken    *string            `hcl:"admin_token,optional"`
 	Upstreams     *[]string          `hcl:"upstream,optional"`
 	HTTPProxy     *string            `hcl:"http_proxy,optional"`
 	Gateway       *string            `hcl:"gateway,optional"`
@@ -305,6 +309,7 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	set(&c.DNSDomain, fc.DNSDomain)
 	set(&c.Recursors, fc.Recursors)
 	set(&c.Admin, fc.Admin)
+	set(&c.AdminToken, fc.AdminToken)
 	set(&c.Upstreams, fc.Upstreams)
 	set(&c.HTTPProxy, fc.HTTPProxy)
 	set(&c.Gateway, fc.Gateway)
@@ -476,6 +481,8 @@ func (c *Config) Validate() error {
 	}
 	if c.Admin == "" {
 		errs = append(errs, errors.New("-admin: an admin address is needed for /healthz and /readyz"))
+	} else if _, _, err := net.SplitHostPort(c.Admin); err == nil && c.AdminToken == "" && !loopback(c.Admin) {
+		errs = append(errs, fmt.Errorf("-admin %s is off loopback: anyone who reaches it could read the view and the breakers; set -admin-token (or $ATTACHE_ADMIN_TOKEN), or listen on 127.0.0.1", c.Admin))
 	}
 	return errors.Join(errs...)
 }

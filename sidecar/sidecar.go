@@ -79,21 +79,6 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 		return nil, err
 	}
 	regs = append([]*api.AgentServiceRegistration{self}, regs...)
-	if cfg.Gateway != "" || cfg.GatewayTLS != "" {
-		gc := gateway.DefaultConfig()
-		gc.Addr, gc.TLSAddr, gc.Prefix, gc.Node, gc.DataDir = cfg.Gateway, cfg.GatewayTLS, cfg.RoutesPrefix, cfg.Node, cfg.DataDir
-		gc.Logger, gc.Registerer = log, m
-		if s.gateway, err = gateway.New(gc, client, s.watcher); err != nil {
-			return nil, err
-		}
-		reg, err := s.gateway.Registration()
-		if err != nil {
-			return nil, err
-		}
-		regs = append(regs, reg)
-	}
-	s.registrar = catalog.NewRegistrar(client, regs, 0, log)
-
 	bc := breaker.DefaultConfig()
 	bc.ConsecutiveFailures, bc.BaseEjectionTime = cfg.EjectAfter, cfg.EjectTime
 	bc.SlowCallDuration, bc.MaxRequests = cfg.SlowCall, cfg.MaxRequests
@@ -106,6 +91,21 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 	if s.breakers, err = breaker.New(bc, log, m); err != nil {
 		return nil, err
 	}
+	if cfg.Gateway != "" || cfg.GatewayTLS != "" {
+		gc := gateway.DefaultConfig()
+		gc.Addr, gc.TLSAddr, gc.Prefix, gc.Node, gc.DataDir = cfg.Gateway, cfg.GatewayTLS, cfg.RoutesPrefix, cfg.Node, cfg.DataDir
+		gc.Logger, gc.Registerer, gc.Breakers = log, m, s.breakers
+		if s.gateway, err = gateway.New(gc, client, s.watcher); err != nil {
+			return nil, err
+		}
+		reg, err := s.gateway.Registration()
+		if err != nil {
+			return nil, err
+		}
+		regs = append(regs, reg)
+	}
+	s.registrar = catalog.NewRegistrar(client, regs, 0, log)
+
 	var ejections dns.Ejections // DNS leaves out what the proxy ejected, when there is a proxy
 	if len(cfg.Upstreams) > 0 || cfg.HTTPProxy != "" || s.gateway != nil {
 		pc := proxy.Config{HTTPProxyAddr: cfg.HTTPProxy, Node: cfg.Node, Fallbacks: cfg.Fallbacks, Logger: log, Registerer: m}
@@ -212,7 +212,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("admin: listen on %s: %w", s.cfg.Admin, err)
 	}
-	admin := &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
+	admin := &http.Server{Handler: adminAuth(s.cfg.AdminToken, s.adminHandler()), ReadHeaderTimeout: 10 * time.Second}
 
 	// Each stage runs under its own context, cancelled in order once gctx
 	// ends (ctx ended, or a component failed).
@@ -253,6 +253,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		defer cancel()
 		return admin.Shutdown(sctx)
 	})
+	s.warnExposed(s.log)
 	s.log.Info("sidecar running", "admin", s.cfg.Admin, "consul", s.cfg.Consul, "pid", os.Getpid())
 	// The main loop: under systemd, READY=1 when /readyz would answer 200,
 	// watchdog pings, STOPPING=1 as the shutdown starts.

@@ -96,7 +96,7 @@ func TestSidecarAgainstCluster(t *testing.T) {
   port = `+strings.Split(backend, ":")[1]+`
 }`), 0o644)
 	dnsAddr, upstream, httpProxy, gw := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
-	admin, stop := runSidecar(t, "-consul", agent.HTTPAddr, "-service", svcFile, "-dns", dnsAddr, "-data-dir", t.TempDir(),
+	admin, stop := runSidecar(t, "-consul", agent.HTTPAddr, "-node", "sidecar-test", "-service", svcFile, "-dns", dnsAddr, "-data-dir", t.TempDir(),
 		"-upstream", "users="+upstream, "-http-proxy", httpProxy, "-gateway", gw)
 
 	eventually(t, "/healthz 200", 5*time.Second, func() bool { code, _ := get(admin, "/healthz"); return code == 200 })
@@ -107,7 +107,7 @@ func TestSidecarAgainstCluster(t *testing.T) {
 		_, ok := svcs[id]
 		return err == nil && ok
 	}
-	for _, id := range []string{"attache", "users-1", "attache-gateway"} {
+	for _, id := range []string{"attache", "users-1", "attache-gateway-sidecar-test"} {
 		eventually(t, id+" registered", 10*time.Second, func() bool { return registered(id) })
 	}
 	// The gateway serves, with no routes applied yet: 404 with a JSON body.
@@ -166,7 +166,7 @@ func TestSidecarAgainstCluster(t *testing.T) {
 	if err := stop(); err != nil {
 		t.Fatalf("Run returned %v", err)
 	}
-	for _, id := range []string{"attache", "users-1", "attache-gateway"} {
+	for _, id := range []string{"attache", "users-1", "attache-gateway-sidecar-test"} {
 		if registered(id) {
 			t.Errorf("%s still registered after shutdown", id)
 		}

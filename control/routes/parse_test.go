@@ -53,9 +53,9 @@ route "users" {
   retries         = 0
   lb              = "round-robin"
   breaker {
-    eject_after  = 3
-    failure_rate = 25
-    open_time    = "5s"
+    minimum_calls = 3
+    failure_rate  = 25
+    open_time     = "5s"
   }
   rate_limit {
     rps   = 2.5
@@ -101,7 +101,7 @@ func TestParseFull(t *testing.T) {
 		u.TryTimeout != 2*time.Second || u.Retries == nil || *u.Retries != 0 || u.Balancer != "round-robin" || u.Line != 21 {
 		t.Errorf("users = %+v", u)
 	}
-	if b := u.Breaker; b == nil || *b.EjectAfter != 3 || *b.FailureRate != 25 || b.OpenTime != 5*time.Second || b.Window != 0 {
+	if b := u.Breaker; b == nil || *b.MinimumCalls != 3 || *b.FailureRate != 25 || b.OpenTime != 5*time.Second || b.Window != 0 {
 		t.Errorf("breaker = %+v", b)
 	}
 	if rl := u.RateLimit; rl.RPS != 2.5 || rl.Burst != 3 || rl.Header != "X-Api-Key" || rl.Key != "header:X-Api-Key" || rl.Scope != ScopeCluster {
@@ -188,6 +188,7 @@ func TestParseErrors(t *testing.T) {
 		{"disabled with rps", "route \"a\" {\n  prefix = \"/a/\"\n  service = \"a\"\n  rate_limit {\n    rps = 3\n    disabled = true\n  }\n}\n", []string{`x.hcl:4,3: rate_limit: disabled = true takes no other field`}},
 		{"fallback status", "gateway {\n  fallback {\n    status = 99\n  }\n}\n", []string{`x.hcl:3,5: fallback: status 99`}},
 		{"tls without key", "gateway {\n  tls {\n    cert = \"a.pem\"\n  }\n}\n", []string{`x.hcl:2,`, `"key" is required`}},
+		{"breaker ejection per route", "route \"a\" {\n  prefix = \"/a/\"\n  service = \"a\"\n  breaker {\n    eject_after = 2\n  }\n}\n", []string{`x.hcl:1: route "a": breaker: eject_after and eject_time cannot be set per route`}},
 		{"breaker percent", "route \"a\" {\n  prefix = \"/a/\"\n  service = \"a\"\n  breaker {\n    slow_rate = 120\n  }\n}\n", []string{`x.hcl:5,5: breaker: slow_rate must be a percentage`}},
 		{"bad header name", "route \"a\" {\n  prefix = \"/a/\"\n  service = \"a\"\n  headers = { \"x y\" = \"1\" }\n}\n", []string{`x.hcl:4,3: headers: "x y" is not a header name`}},
 		{"bad service name", "route \"a\" {\n  prefix = \"/a/\"\n  service = \"a b\"\n}\n", []string{`x.hcl:1: route "a": service "a b"`}},

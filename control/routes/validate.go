@@ -146,6 +146,9 @@ func (v *validator) route(r *Route) {
 		v.add(l, "route %q: lb %q: want least-request, round-robin, weighted or nearest", r.Name, r.Balancer)
 	}
 	if b := r.Breaker; b != nil {
+		if b.EjectAfter != nil || b.EjectTime != 0 {
+			v.add(l, "route %q: breaker: eject_after and eject_time cannot be set per route: outlier ejection judges a service's instances for every caller (set the sidecar's -eject-after and -eject-time)", r.Name)
+		}
 		for _, d := range []struct {
 			name string
 			ok   bool

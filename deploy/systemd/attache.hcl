@@ -14,18 +14,25 @@ consul = ["127.0.0.1:8500"]
 data_dir = "/var/lib/attache"
 
 # DNS for *.service.consul, from memory. Use this node's address (not
-# 127.0.0.1) when other hosts or containers query it.
+# 127.0.0.1) only when other hosts or containers must query it: whoever
+# reaches it reads the catalog (the sidecar logs a warning).
 dns        = "127.0.0.1:8653"
 dns_domain = "consul."
 # Names outside the domain go to these (default: /etc/resolv.conf).
 # recursor = ["10.0.0.2:53"]
 
 # Admin endpoints (/healthz, /readyz, /metrics, /v1/...). The sidecar registers
-# itself in Consul as service "attache" at this address, checked through
-# /healthz: use this node's address so the catalog entry is reachable.
-admin = "10.0.0.21:19001"
+# itself in Consul as service "attache" at this address, checked by the local
+# agent through /healthz. Loopback by default: on the node's address (for a
+# Prometheus elsewhere) every endpoint but /healthz and /readyz needs a token,
+# and the sidecar refuses to start without one (README, "Who may reach which
+# listener"); keep it out of this file: ATTACHE_ADMIN_TOKEN in the unit's
+# EnvironmentFile.
+admin = "127.0.0.1:19001"
+# admin = "10.0.0.21:19001"   # with ATTACHE_ADMIN_TOKEN set
 
 # Outbound calls of this node's apps: an HTTP proxy and per-service listeners.
+# Keep them on loopback: anyone who reaches them can call into the mesh.
 # http_proxy = "127.0.0.1:15001"
 # upstream   = ["users=127.0.0.1:9191", "inventory=127.0.0.1:9192"]
 

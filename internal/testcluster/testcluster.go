@@ -31,6 +31,15 @@ type Options struct {
 	Dir         string // where agents keep data, config and logs; New makes one under the temp dir when empty (Close removes it)
 	ExtraConfig string // HCL appended to every agent's configuration (limits, log_level...)
 	Binary      string // the Consul binary; default Binary()
+	// ACL runs the cluster as production clusters run: ACLs enabled with
+	// default_policy "deny", bootstrapped (Cluster.ManagementToken) and an
+	// agent token set on every agent (a node identity of its own name).
+	// Cluster.Token makes tokens with exactly the rules a test gives.
+	ACL bool
+	// TLS serves the HTTP API over HTTPS only (:8501, plain HTTP off) with
+	// certificates from a CA the cluster makes, and verify_incoming: clients
+	// present the client certificate of Cluster.TLS.
+	TLS bool
 }
 
 // Cluster is a running set of Consul agents.
@@ -39,6 +48,10 @@ type Cluster struct {
 	Clients    []*Agent
 	Datacenter string
 	Dir        string // data, config and logs of the agents
+	// ManagementToken is the bootstrap token (with Options.ACL; else empty).
+	ManagementToken string
+	// TLS holds the CA and a client certificate (with Options.TLS; else nil).
+	TLS *TLSFiles
 
 	removeDir bool
 }
@@ -47,13 +60,17 @@ type Cluster struct {
 type Agent struct {
 	Name     string
 	IP       string
-	HTTPAddr string // ip:8500
+	HTTPAddr string // ip:8500, or ip:8501 (HTTPS) with Options.TLS
+	Scheme   string // http, or https with Options.TLS
 	DNSAddr  string // ip:8600
 	Server   bool
 
-	binary  string
-	config  string
-	logPath string
+	binary     string
+	config     string
+	logPath    string
+	tls        *TLSFiles
+	token      string // what Client sends: the management token with Options.ACL
+	agentToken string // the agent's own token (acl.tokens.agent)
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -146,6 +163,17 @@ func New(opts Options) (*Cluster, error) {
 	if err != nil {
 		return c, err
 	}
+	var authority *ca
+	if opts.TLS {
+		if authority, err = newCA(filepath.Join(c.Dir, "tls")); err != nil {
+			return c, fmt.Errorf("testcluster: CA: %w", err)
+		}
+		cert, key, err := authority.issue("client", []string{"127.0.0.1"}, []string{"localhost"})
+		if err != nil {
+			return c, fmt.Errorf("testcluster: client certificate: %w", err)
+		}
+		c.TLS = &TLSFiles{CAFile: filepath.Join(authority.dir, "ca.pem"), CertFile: cert, KeyFile: key}
+	}
 	var joins []string
 	for _, ip := range ips[:opts.Servers] {
 		joins = append(joins, fmt.Sprintf("%q", ip+":8301"))
@@ -160,15 +188,31 @@ func New(opts Options) (*Cluster, error) {
 		if err := os.MkdirAll(filepath.Join(dir, "data"), 0o755); err != nil {
 			return c, err
 		}
-		cfg := agentConfig(name, ip, dir, server, opts.Servers, joins) + opts.ExtraConfig
-		path := filepath.Join(dir, "agent.hcl")
-		if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-			return c, err
-		}
 		a := &Agent{
 			Name: name, IP: ip, Server: server,
-			HTTPAddr: ip + ":8500", DNSAddr: ip + ":8600",
-			binary: bin, config: path, logPath: filepath.Join(dir, "consul.log"),
+			HTTPAddr: ip + ":8500", Scheme: "http", DNSAddr: ip + ":8600",
+			binary: bin, logPath: filepath.Join(dir, "consul.log"), tls: c.TLS,
+		}
+		var certFile, keyFile string
+		if opts.TLS {
+			a.HTTPAddr, a.Scheme = ip+":8501", "https"
+			role := "client"
+			if server {
+				role = "server"
+			}
+			certFile, keyFile, err = authority.issue(name, []string{ip, "127.0.0.1"}, []string{"localhost", role + ".dc1.consul"})
+			if err != nil {
+				return c, fmt.Errorf("testcluster: certificate of %s: %w", name, err)
+			}
+		}
+		if opts.ACL {
+			a.agentToken = newUUID()
+		}
+		cfg := agentConfig(name, ip, dir, server, opts.Servers, joins, opts.TLS) +
+			secureConfig(opts, a.agentToken, certFile, keyFile, c.TLS.caFile()) + opts.ExtraConfig
+		a.config = filepath.Join(dir, "agent.hcl")
+		if err := os.WriteFile(a.config, []byte(cfg), 0o644); err != nil {
+			return c, err
 		}
 		if server {
 			c.Servers = append(c.Servers, a)
@@ -184,6 +228,11 @@ func New(opts Options) (*Cluster, error) {
 	if _, err := c.waitLeader(); err != nil {
 		return c, err
 	}
+	if opts.ACL {
+		if err := c.bootstrapACL(); err != nil {
+			return c, err
+		}
+	}
 	return c, c.waitMembers()
 }
 
@@ -197,13 +246,17 @@ func (c *Cluster) Close() {
 	}
 }
 
-func agentConfig(name, ip, dir string, server bool, expect int, joins []string) string {
+func agentConfig(name, ip, dir string, server bool, expect int, joins []string, https bool) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "node_name = %q\ndatacenter = \"dc1\"\ndata_dir = %q\n", name, filepath.Join(dir, "data"))
 	fmt.Fprintf(&b, "bind_addr = %q\nclient_addr = %q\nadvertise_addr = %q\n", ip, ip, ip)
 	fmt.Fprintf(&b, "retry_join = [%s]\nretry_interval = \"1s\"\n", strings.Join(joins, ", "))
 	b.WriteString("disable_update_check = true\nlog_level = \"info\"\nenable_script_checks = false\n")
-	b.WriteString("ports {\n  grpc = -1\n  grpc_tls = -1\n}\n")
+	b.WriteString("ports {\n  grpc = -1\n  grpc_tls = -1\n")
+	if https {
+		b.WriteString("  http = -1\n  https = 8501\n")
+	}
+	b.WriteString("}\n")
 	b.WriteString("performance {\n  raft_multiplier = 1\n}\n")
 	if server {
 		fmt.Fprintf(&b, "server = true\nbootstrap_expect = %d\n", expect)
@@ -231,7 +284,7 @@ func freeIPs(n int) ([]string, error) {
 }
 
 func portsFree(ip string) bool {
-	for _, p := range []string{"8300", "8301", "8302", "8500", "8600"} {
+	for _, p := range []string{"8300", "8301", "8302", "8500", "8501", "8600"} {
 		l, err := net.Listen("tcp", net.JoinHostPort(ip, p))
 		if err != nil {
 			return false
@@ -337,11 +390,22 @@ func (a *Agent) Running() bool {
 // API returns a consul/api client for this agent.
 func (a *Agent) API(t testing.TB) *api.Client { return a.Client() }
 
-// Client returns a consul/api client for this agent.
+// URL is the agent's HTTP API as a URL: http://ip:8500, or
+// https://ip:8501 with Options.TLS.
+func (a *Agent) URL() string { return a.Scheme + "://" + a.HTTPAddr }
+
+// Client returns a consul/api client for this agent: with Options.ACL it
+// sends the management token, with Options.TLS it trusts the cluster's CA
+// and presents the client certificate.
 func (a *Agent) Client() *api.Client {
 	cfg := api.DefaultNonPooledConfig()
 	cfg.Address = a.HTTPAddr
-	cfg.Token = ""
+	cfg.Scheme = a.Scheme
+	cfg.Token = a.token
+	cfg.TokenFile = ""
+	if a.tls != nil {
+		cfg.TLSConfig = a.tls.Config()
+	}
 	c, err := api.NewClient(cfg)
 	if err != nil {
 		panic(err) // only for a malformed address, and we built it

@@ -96,34 +96,6 @@ idle_table() {
 	IDLE=${IDLE_CLIENTS:-10000}
 	if ((IDLE > 0)) && (($(ulimit -n) > IDLE + 1000)); then
 		go build -o "$BENCH/idleconns" ./bench/idleconns
-		rss_kb() {
-			local t=0 p
-			for p in "$@"; do
-				[[ -r /proc/$p/status ]] && t=$((t + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status")))
-			done
-			echo "$t"
-		}
-		idle_row() { # LABEL ADDR HOST PIDS...
-			local label=$1 addr=$2 host=$3 before after rps line
-			shift 3
-			sleep 1
-			before=$(rss_kb "$@")
-			coproc IDLEC { exec "$BENCH/idleconns" -addr "$addr" -n "$IDLE" -host "$host" 2>&1; }
-			local cpid=$IDLEC_PID
-			if ! read -r line <&"${IDLEC[0]}" || [[ $line != ready* ]]; then
-				echo "| $label | failed: $line | | |"
-				kill "$cpid" 2>/dev/null || true
-				wait "$cpid" 2>/dev/null || true
-				return
-			fi
-			sleep 2
-			after=$(rss_kb "$@")
-			rps=$(wrk $WRK_ARGS -H "Host: $host" "http://$addr/users/" | awk '/^Requests\/sec/ {print $2}')
-			exec {IDLEC[1]}>&-
-			wait "$cpid" 2>/dev/null || true
-			awk -v l="$label" -v b="$before" -v a="$after" -v n="$IDLE" -v r="$rps" \
-				'BEGIN { printf "| %s | %.0f | %.0f | %.2f | %.0f |\n", l, b/1024, a/1024, (a-b)/n, r }'
-		}
 		echo
 		echo "Idle keep-alive clients: $IDLE connections that each made one request, held open while wrk $WRK_ARGS runs beside them"
 		echo "(the HTTP proxy row comes second in the same process, which reuses the memory the first row's clients left: read its growth as a lower bound):"

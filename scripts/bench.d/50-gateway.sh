@@ -36,7 +36,8 @@ worker_processes 2;
 pid $D/nginx/nginx.pid;
 error_log $D/nginx/error.log warn;
 daemon off;
-events { worker_connections 4096; }
+worker_rlimit_nofile 20000;
+events { worker_connections 16384; }
 http {
   access_log off;
   client_body_temp_path $D/nginx;
@@ -120,10 +121,26 @@ wait_for "nginx" 10 curl -fsS "http://$NGINX:8080/users/"
 wait_for "attache gateway" 20 curl -fsS "http://$GW1:8080/users/1"
 wait_for "attache gateway over TLS" 20 curl -fsS --cacert "$D/tls/ca.crt" "https://$GW1:8443/users/1"
 
+# Idle keep-alive clients on fresh processes, before the load rounds (as in
+# the proxy part): IDLE_CLIENTS (10,000) plain-HTTP connections to /users/
+# each make one request and stay open; RSS growth per client, nginx (master
+# and workers, the seed's block) against the gateway's plain listener.
+IDLE=${IDLE_CLIENTS:-10000}
+WRK_ARGS=${WRK_ARGS:--t2 -c64 -d6s}
+idle_out=""
+if ((IDLE > 0)) && (($(ulimit -n) > IDLE + 1000)); then
+	go build -o "$BENCH/idleconns" ./bench/idleconns
+	idle_out=$(
+		echo "| target | RSS before MiB | RSS with them MiB | KiB per idle client | requests/s meanwhile |"
+		echo "|---|---:|---:|---:|---:|"
+		idle_row nginx "$NGINX:8080" users $(pids_of "nginx -c $D/nginx")
+		idle_row attache-gateway "$GW1:8080" users "$ATTACHE_PID"
+	)
+fi
+
 APPLY=$("$BENCH/gateway-apply" -consul "$CONSUL:8500" -nodes bench-gw1,bench-gw2 -doc "$D/routes.hcl" -n "${APPLIES:-60}")
 
 ROUNDS=${ROUNDS:-3}
-WRK_ARGS=${WRK_ARGS:--t2 -c64 -d6s}
 BACKEND_PIDS=$(pids_of "$BENCH/backend")
 NGINX_PIDS=$(pids_of "nginx -c $D/nginx")
 measure() {
@@ -168,3 +185,12 @@ echo "$rows" | awk '{ r[$1] = $2; p[$1] = $3; line[NR] = $0 }
 	}'
 echo
 echo "Rate-limit state with 100,000 distinct clients on one route: $MEM (Go heap, measured by TestLimiterMemory)."
+if [[ -n $idle_out ]]; then
+	echo
+	echo "Idle keep-alive clients: $IDLE plain-HTTP connections that each made one request, held open while wrk $WRK_ARGS runs beside them (fresh processes):"
+	echo
+	echo "$idle_out"
+else
+	echo
+	echo "(idle clients skipped: ulimit -n $(ulimit -n) is too low for IDLE_CLIENTS=$IDLE)"
+fi

@@ -58,3 +58,38 @@ median_rows() {
 	}
 	END { for (x = 1; x <= k; x++) { l = order[x]; printf "%s %.0f %.2f %.3f %.3f\n", l, med(r, l, n[l]), med(p, l, n[l]), med(c, l, n[l]), med(q, l, n[l]) } }'
 }
+
+# rss_kb PIDS...: the summed VmRSS (kB) of the processes.
+rss_kb() {
+	local t=0 p
+	for p in "$@"; do
+		[[ -r /proc/$p/status ]] && t=$((t + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status")))
+	done
+	echo "$t"
+}
+
+# idle_row LABEL ADDR HOST PIDS...: IDLE keep-alive clients ($BENCH/idleconns)
+# each make one request to ADDR (Host: HOST, path /users/) and stay open;
+# prints a table row: RSS of PIDS before and with them, KiB per idle
+# client, and the requests/s of wrk $WRK_ARGS to /users/ meanwhile.
+idle_row() {
+	local label=$1 addr=$2 host=$3 before after rps line
+	shift 3
+	sleep 1
+	before=$(rss_kb "$@")
+	coproc IDLEC { exec "$BENCH/idleconns" -addr "$addr" -n "$IDLE" -host "$host" 2>&1; }
+	local cpid=$IDLEC_PID
+	if ! read -r line <&"${IDLEC[0]}" || [[ $line != ready* ]]; then
+		echo "| $label | failed: $line | | |"
+		kill "$cpid" 2>/dev/null || true
+		wait "$cpid" 2>/dev/null || true
+		return
+	fi
+	sleep 2
+	after=$(rss_kb "$@")
+	rps=$(wrk $WRK_ARGS -H "Host: $host" "http://$addr/users/" | awk '/^Requests\/sec/ {print $2}')
+	exec {IDLEC[1]}>&-
+	wait "$cpid" 2>/dev/null || true
+	awk -v l="$label" -v b="$before" -v a="$after" -v n="$IDLE" -v r="$rps" \
+		'BEGIN { printf "| %s | %.0f | %.0f | %.2f | %.0f |\n", l, b/1024, a/1024, (a-b)/n, r }'
+}

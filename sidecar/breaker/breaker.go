@@ -310,14 +310,65 @@ func (r *Registry) Service(name string) *Service {
 	if s = r.svcs[key]; s != nil {
 		return s
 	}
-	s = &Service{r: r, name: key, insts: map[string]*Instance{}, gone: map[string]time.Time{},
+	s = r.newService(key, &r.cfg, r.bucket)
+	r.svcs[key] = s
+	return s
+}
+
+func (r *Registry) newService(key string, cfg *Config, bucket time.Duration) *Service {
+	s := &Service{r: r, name: key, cfg: cfg, bucket: bucket, insts: map[string]*Instance{}, gone: map[string]time.Time{},
 		rejected: r.met.rejections.WithLabelValues(key),
 		overflow: r.met.overflow.WithLabelValues(key)}
 	s.lastGood.Store(r.now().UnixNano())
 	r.met.state.WithLabelValues(key).Set(0)
 	r.met.panic.WithLabelValues(key).Set(0)
+	return s
+}
+
+// Custom returns a breaker of its own under name (case-insensitive), with
+// cfg (zero fields take DefaultConfig's; start from Config() to keep the
+// registry's): a gateway route's breaker for one of its services. The same
+// name and cfg give the same Service (its state carries on); a new cfg
+// replaces it with a fresh one. Only its breaker and MaxRequests are used:
+// the proxy keeps judging instances (ejection, panic) by the service's own
+// state. Run looks at it at the registry's pace; Drop removes it.
+func (r *Registry) Custom(name string, cfg Config) *Service {
+	key := strings.ToLower(name)
+	cfg = cfg.withDefaults()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if s := r.svcs[key]; s != nil && *s.cfg == cfg {
+		return s
+	} else if s != nil {
+		r.forgetLocked(s)
+	}
+	bucket := cfg.Window / numBuckets
+	if bucket <= 0 {
+		bucket = time.Millisecond
+	}
+	s := r.newService(key, &cfg, bucket)
 	r.svcs[key] = s
 	return s
+}
+
+// Drop forgets the named breaker (made by Custom) and its metric series. A
+// Service still held by a caller keeps working, unseen.
+func (r *Registry) Drop(name string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if s := r.svcs[strings.ToLower(name)]; s != nil {
+		r.forgetLocked(s)
+	}
+}
+
+func (r *Registry) forgetLocked(s *Service) {
+	delete(r.svcs, s.name)
+	for _, v := range []interface{ DeleteLabelValues(...string) bool }{r.met.state, r.met.panic, r.met.rejections, r.met.overflow} {
+		v.DeleteLabelValues(s.name)
+	}
+	for _, to := range []string{Closed, Open, HalfOpen} {
+		r.met.trans.DeleteLabelValues(s.name, to)
+	}
 }
 
 func (r *Registry) lookup(service string) *Service {
@@ -396,7 +447,7 @@ func (r *Registry) State() []ServiceState {
 			st.OpenUntil = &t
 		}
 		if s.state.Load() == stHalfOpen {
-			st.TrialsLeft = r.cfg.HalfOpenCalls - s.handed
+			st.TrialsLeft = s.cfg.HalfOpenCalls - s.handed
 		}
 		for id, in := range s.insts {
 			status := in.Status()

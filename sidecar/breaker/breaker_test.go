@@ -521,3 +521,50 @@ func TestEjectionTimeResetsAfterHealthyPeriod(t *testing.T) {
 		t.Fatal("ejection time not back to base after a long healthy period")
 	}
 }
+
+// TestCustom: a breaker of its own (a gateway route's) judges by its own
+// configuration, apart from the service's; the same configuration keeps
+// it, a new one replaces it, Drop forgets it.
+func TestCustom(t *testing.T) {
+	r, c := newTest(t, Config{})
+	svc := r.Service("svc")
+	cfg := r.Config()
+	cfg.MinimumCalls, cfg.FailureRateThreshold, cfg.OpenDuration = 4, 25, time.Minute
+	route := r.Custom("svc@route", cfg)
+	run(route, c, 3, false, time.Millisecond)
+	run(route, c, 1, true, time.Millisecond)
+	if route.State() != Open {
+		t.Fatalf("route breaker %s after 1 of 4 failed at 25%%, want open", route.State())
+	}
+	if svc.State() != Closed {
+		t.Fatalf("the service's breaker %s: a route's calls are not its", svc.State())
+	}
+	if _, err := route.Allow(c.now()); !errors.Is(err, ErrOpen) {
+		t.Fatalf("open route breaker allowed a call: %v", err)
+	}
+	if got := route.Config().OpenDuration; got != time.Minute {
+		t.Fatalf("OpenDuration %v, want the route's 1m", got)
+	}
+	if r.Custom("SVC@route", cfg) != route {
+		t.Fatal("the same name and configuration should give the same breaker")
+	}
+	cfg.FailureRateThreshold = 50
+	fresh := r.Custom("svc@route", cfg)
+	if fresh == route || fresh.State() != Closed {
+		t.Fatalf("a new configuration should give a fresh breaker (state %s)", fresh.State())
+	}
+	names := func() map[string]bool {
+		m := map[string]bool{}
+		for _, st := range r.State() {
+			m[st.Service] = true
+		}
+		return m
+	}
+	if n := names(); !n["svc@route"] || !n["svc"] {
+		t.Fatalf("State lists %v", n)
+	}
+	r.Drop("svc@route")
+	if n := names(); n["svc@route"] || !n["svc"] {
+		t.Fatalf("after Drop, State lists %v", n)
+	}
+}

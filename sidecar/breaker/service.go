@@ -33,6 +33,8 @@ const numBuckets = 10
 type Service struct {
 	r        *Registry
 	name     string
+	cfg      *Config       // the registry's, or a route's own (Registry.Custom)
+	bucket   time.Duration // cfg.Window / numBuckets
 	rejected prometheus.Counter
 	overflow prometheus.Counter
 
@@ -74,6 +76,9 @@ type trial struct {
 // Name returns the lower-cased service name.
 func (s *Service) Name() string { return s.name }
 
+// Config returns the service's effective configuration.
+func (s *Service) Config() Config { return *s.cfg }
+
 // Call is a permission to make one call, returned by Allow; hand it back to
 // Done (or Cancel) exactly once.
 type Call struct {
@@ -92,7 +97,7 @@ func (c Call) Trial() bool { return c.trial > 0 }
 // the breaker is open (or half-open with every trial call handed out) or
 // the service has MaxRequests calls in flight.
 func (s *Service) Allow(now time.Time) (Call, error) {
-	cfg := &s.r.cfg
+	cfg := s.cfg
 	if n := s.inflight.Add(1); cfg.MaxRequests > 0 && n > int64(cfg.MaxRequests) {
 		s.inflight.Add(-1)
 		s.overflow.Inc()
@@ -166,7 +171,7 @@ func (s *Service) Done(c Call, failed bool, end time.Time) {
 		return
 	}
 	s.inflight.Add(-1)
-	cfg := &s.r.cfg
+	cfg := s.cfg
 	if cfg.Disabled || c.epoch != s.epoch.Load() {
 		return
 	}
@@ -197,7 +202,7 @@ func (s *Service) Done(c Call, failed bool, end time.Time) {
 	b.inflight.Add(-1)
 	if !failed && !slow {
 		// A good call never opens the breaker: no lock.
-		if e := end.UnixNano(); e-s.lastGood.Load() > int64(s.r.bucket)/16 {
+		if e := end.UnixNano(); e-s.lastGood.Load() > int64(s.bucket)/16 {
 			s.lastGood.Store(e)
 		}
 		return
@@ -222,7 +227,7 @@ func (s *Service) Cancel(c Call) {
 		return
 	}
 	s.inflight.Add(-1)
-	if s.r.cfg.Disabled || c.epoch != s.epoch.Load() {
+	if s.cfg.Disabled || c.epoch != s.epoch.Load() {
 		return
 	}
 	if c.trial > 0 {
@@ -250,10 +255,10 @@ func (s *Service) check(now time.Time, force bool) {
 	if !force && n < next {
 		return
 	}
-	if !s.nextCheck.CompareAndSwap(next, n+int64(s.r.bucket)) && !force {
+	if !s.nextCheck.CompareAndSwap(next, n+int64(s.bucket)) && !force {
 		return
 	}
-	if s.r.cfg.Disabled {
+	if s.cfg.Disabled {
 		return
 	}
 	st := s.state.Load()
@@ -272,7 +277,7 @@ func (s *Service) check(now time.Time, force bool) {
 		s.halfOpenIfDue(now)
 	case stHalfOpen:
 		for _, t := range s.trials {
-			if !t.done && n-t.start >= int64(s.r.cfg.SlowCallDuration) {
+			if !t.done && n-t.start >= int64(s.cfg.SlowCallDuration) {
 				s.open(now, "trial call slow")
 				return
 			}
@@ -298,9 +303,9 @@ type window struct {
 
 // totals sums the buckets inside the window at now.
 func (s *Service) totals(now time.Time) window {
-	cfg := &s.r.cfg
+	cfg := s.cfg
 	n := now.UnixNano()
-	bl := int64(s.r.bucket)
+	bl := int64(s.bucket)
 	cur := n / bl
 	epoch := s.epoch.Load()
 	var w window
@@ -327,7 +332,7 @@ func (s *Service) totals(now time.Time) window {
 
 // judge opens the breaker when the window says so. s.mu must be held.
 func (s *Service) judge(now time.Time) {
-	cfg := &s.r.cfg
+	cfg := s.cfg
 	w := s.totals(now)
 	if cfg.MinimumStalledCalls > 0 && cfg.SlowCallRateThreshold > 0 && w.stalled >= cfg.MinimumStalledCalls &&
 		now.UnixNano()-s.lastGood.Load() >= int64(cfg.SlowCallDuration) {
@@ -353,7 +358,7 @@ func (s *Service) judge(now time.Time) {
 // the counters; a call counted in the instant between may be lost, which
 // a breaker can afford.
 func (s *Service) bucketAt(now time.Time, epoch uint32) (*bucket, int64) {
-	slot := now.UnixNano() / int64(s.r.bucket)
+	slot := now.UnixNano() / int64(s.bucket)
 	key := bucketKey(slot, epoch)
 	b := &s.buckets[slot%numBuckets]
 	if old := b.key.Load(); old != key && b.key.CompareAndSwap(old, key) {
@@ -379,7 +384,7 @@ func (s *Service) resetBuckets() {
 
 // open moves to open. s.mu must be held.
 func (s *Service) open(now time.Time, why string) {
-	s.openUntil.Store(now.Add(s.r.cfg.OpenDuration).UnixNano())
+	s.openUntil.Store(now.Add(s.cfg.OpenDuration).UnixNano())
 	s.reason = why
 	s.transition(stOpen, why)
 }
@@ -444,7 +449,7 @@ func (s *Service) Sync(ids []string) {
 	}
 	had := s.view
 	s.view = len(keep)
-	if had == 0 && s.view > 0 && s.state.Load() != stClosed && !s.r.cfg.Disabled {
+	if had == 0 && s.view > 0 && s.state.Load() != stClosed && !s.cfg.Disabled {
 		s.transition(stClosed, "instances appeared")
 	}
 	s.refreshPanic()
@@ -452,7 +457,7 @@ func (s *Service) Sync(ids []string) {
 
 // refreshPanic recomputes the panic state. s.mu must be held.
 func (s *Service) refreshPanic() {
-	th := s.r.cfg.PanicThreshold
+	th := s.cfg.PanicThreshold
 	n, healthy := len(s.insts), 0
 	for _, in := range s.insts {
 		if in.until.Load() == 0 && !in.failing.Load() {

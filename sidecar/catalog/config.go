@@ -108,6 +108,13 @@ type Config struct {
 	// registration and the coordinates, and the rest fetch changed services
 	// side by side.
 	MaxConns int
+	// ProbeInterval: while queries fail, the watcher asks the agent for the
+	// Raft leader (a cheap query that no ACL guards) this often, and the
+	// moment it answers after failing, every query backing off is retried
+	// at once: an agent that was down or cut off is followed again within
+	// about ProbeInterval of its answering, however long the backoff had
+	// grown (default 500ms; negative disables).
+	ProbeInterval time.Duration
 	// CoordInterval is the least time between two fetches of the network
 	// coordinates (default 10s; negative disables coordinates).
 	CoordInterval time.Duration
@@ -133,6 +140,7 @@ func DefaultConfig() Config {
 		RequestTimeout: 10 * time.Second,
 		CoordInterval:  10 * time.Second,
 		MaxConns:       8,
+		ProbeInterval:  500 * time.Millisecond,
 	}
 }
 
@@ -229,6 +237,9 @@ func (c *Config) finalize() error {
 	}
 	if c.CoordInterval == 0 {
 		c.CoordInterval = d.CoordInterval
+	}
+	if c.ProbeInterval == 0 {
+		c.ProbeInterval = d.ProbeInterval
 	}
 	if c.MaxConns == 0 {
 		c.MaxConns = d.MaxConns

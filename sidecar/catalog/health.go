@@ -402,7 +402,7 @@ func (w *Watcher) fetcher(ctx context.Context) {
 		}
 		if err != nil {
 			n := w.fetchErrs.Add(1)
-			if !watch.Sleep(ctx, watch.Backoff(w.cfg.RetryBase, w.cfg.RetryMax, int(n-1))) {
+			if !w.waker.Sleep(ctx, watch.Backoff(w.cfg.RetryBase, w.cfg.RetryMax, int(n-1))) {
 				return
 			}
 			w.queue.add(name, fetch, urgent)
@@ -423,7 +423,7 @@ func (w *Watcher) look(ctx context.Context, name string, fetch, urgent bool) err
 	}
 	if !fetch && known > 0 {
 		var none []struct{}
-		index, err := w.query(ctx, "probe", name, &none, known, false, never)
+		index, _, err := w.query(ctx, "probe", name, &none, known, false, never)
 		if err != nil {
 			return err
 		}
@@ -437,9 +437,14 @@ func (w *Watcher) look(ctx context.Context, name string, fetch, urgent bool) err
 		}
 	}
 	var entries []healthEntry
-	index, err := w.query(ctx, "service", name, &entries, known, urgent, "")
+	index, filtered, err := w.query(ctx, "service", name, &entries, known, urgent, "")
 	if err != nil {
 		return err
+	}
+	if filtered {
+		w.acl.set("service/"+name, filteredService(name, len(entries)))
+	} else {
+		w.acl.set("service/"+name, nil)
 	}
 	svc, nodes := buildService(name, index, entries, w.cfg.IncludeWarning)
 	w.mu.Lock()
@@ -467,8 +472,8 @@ func (w *Watcher) look(ctx context.Context, name string, fetch, urgent bool) err
 // filter when set) and decodes the answer into out. In stale mode an
 // answer staler than MaxStale is asked again of the leader, and after a
 // change (catchUp) the query waits up to staleCatchUp for an index past
-// known.
-func (w *Watcher) query(ctx context.Context, kind, name string, out any, known uint64, catchUp bool, filter string) (uint64, error) {
+// known. filtered reports that Consul's ACLs left part of the answer out.
+func (w *Watcher) query(ctx context.Context, kind, name string, out any, known uint64, catchUp bool, filter string) (index uint64, filtered bool, err error) {
 	stale := w.cfg.Stale
 	hist := w.met.duration.WithLabelValues(kind)
 	for {
@@ -487,7 +492,7 @@ func (w *Watcher) query(ctx context.Context, kind, name string, out any, known u
 		meta, err := w.clients[int(ci)%len(w.clients)].Raw().Query("/v1/health/service/"+name, out, q.WithContext(qctx))
 		cancel()
 		if ctx.Err() != nil {
-			return 0, ctx.Err()
+			return 0, false, ctx.Err()
 		}
 		hist.Observe(time.Since(start).Seconds())
 		if err == nil && meta.LastIndex == 0 {
@@ -495,14 +500,14 @@ func (w *Watcher) query(ctx context.Context, kind, name string, out any, known u
 		}
 		if err != nil {
 			w.failed(ci, kind, name, err)
-			return 0, err
+			return 0, false, err
 		}
 		w.contact()
 		if stale && w.cfg.MaxStale > 0 && meta.LastContact > w.cfg.MaxStale {
 			stale = false // too stale: ask the leader
 			continue
 		}
-		return meta.LastIndex, nil
+		return meta.LastIndex, meta.ResultsFilteredByACLs, nil
 	}
 }
 

@@ -174,11 +174,11 @@ func TestFetchRequest(t *testing.T) {
 		t.Fatal(err)
 	}
 	var out []healthEntry
-	index, err := w.query(context.Background(), "service", "my web", &out, 5, true, "")
+	index, _, err := w.query(context.Background(), "service", "my web", &out, 5, true, "")
 	if err != nil || index != 7 || len(out) != 1 || out[0].Service.ID != "a" {
 		t.Fatalf("fetch: %v %d %+v", err, index, out)
 	}
-	if _, err := w.query(context.Background(), "probe", "web", &out, 5, false, never); err != nil {
+	if _, _, err := w.query(context.Background(), "probe", "web", &out, 5, false, never); err != nil {
 		t.Fatal(err)
 	}
 	mu.Lock()
@@ -258,7 +258,7 @@ func TestNoUnsolicitedResponseLog(t *testing.T) {
 			defer wg.Done()
 			for i := 0; i < 25; i++ {
 				var out []healthEntry
-				_, err := w.query(context.Background(), "service", "web", &out, 0, false, "")
+				_, _, err := w.query(context.Background(), "service", "web", &out, 0, false, "")
 				mu.Lock()
 				if err == nil {
 					oks++

@@ -2,6 +2,7 @@ package catalog
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -9,6 +10,7 @@ import (
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
 
+	"attache/internal/consulacl"
 	"attache/sidecar/watch"
 )
 
@@ -86,29 +88,33 @@ func (r *Registrar) setStatus(s RegistrarStatus) {
 	r.status = s
 }
 
-// sync registers every service the agent does not have.
+// sync registers every service the agent does not have. One the agent
+// refuses (an ACL token without service:write on it) does not keep the
+// others from registering; every refusal is in the error, naming the rule.
 func (r *Registrar) sync(ctx context.Context) error {
 	have, err := r.agent.ServicesWithFilterOpts("", (&api.QueryOptions{}).WithContext(ctx))
 	if err != nil {
-		return fmt.Errorf("list agent services: %w", err)
+		return fmt.Errorf("list agent services: %w", consulacl.Wrap(err))
 	}
+	var errs []error
 	for _, reg := range r.regs {
 		if _, ok := have[reg.ID]; ok {
 			continue
 		}
 		opts := api.ServiceRegisterOpts{ReplaceExistingChecks: true}.WithContext(ctx)
 		if err := r.agent.ServiceRegisterOpts(reg, opts); err != nil {
-			return fmt.Errorf("register %s: %w", reg.ID, err)
+			errs = append(errs, fmt.Errorf("register %s: %w", reg.ID, consulacl.Wrap(err)))
+			continue
 		}
 		r.log.Info("registered", "service", reg.Name, "id", reg.ID)
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 func (r *Registrar) deregister() {
 	for _, reg := range r.regs {
 		if err := r.agent.ServiceDeregister(reg.ID); err != nil {
-			r.log.Warn("deregister failed", "id", reg.ID, "error", err)
+			r.log.Warn("deregister failed", "id", reg.ID, "error", consulacl.Wrap(err))
 			continue
 		}
 		r.log.Info("deregistered", "id", reg.ID)

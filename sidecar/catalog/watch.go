@@ -16,15 +16,19 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/serf/coordinate"
 
+	"attache/internal/consulacl"
 	"attache/sidecar/watch"
 )
 
 // Status is the watcher's connection state, for /readyz and /v1/snapshot.
 type Status struct {
-	Connected   bool          `json:"connected"`  // the last query to Consul succeeded
-	Address     string        `json:"address"`    // the Consul address in use
-	LastError   string        `json:"last_error"` // the last query error, if any
-	LastErrorAt time.Time     `json:"last_error_at"`
+	Connected   bool      `json:"connected"`  // the last query to Consul succeeded
+	Address     string    `json:"address"`    // the Consul address in use
+	LastError   string    `json:"last_error"` // the last query error, if any
+	LastErrorAt time.Time `json:"last_error_at"`
+	// ACLDenied names each rule Consul's ACLs refused or hid from the
+	// watcher (what it lacks and the policy rule that grants it).
+	ACLDenied   []string      `json:"acl_denied,omitempty"`
 	LastContact time.Time     `json:"last_contact"` // the last answer from Consul (or, from disk, when it was saved)
 	Stale       bool          `json:"stale"`        // serving a snapshot loaded from disk not yet confirmed by Consul
 	Synced      bool          `json:"synced"`       // every watch has had an answer since start
@@ -94,6 +98,8 @@ type Watcher struct {
 	lastErrAt   atomic.Int64
 	lastWarn    atomic.Int64
 	lastErr     atomic.Pointer[string]
+	acl         *aclGaps
+	waker       *watch.Waker // ends the queries' backoff when the probe finds Consul back
 	fetchErrs   atomic.Int64 // fetches failed in a row, for their backoff
 }
 
@@ -117,6 +123,8 @@ func NewWatcher(cfg Config) (*Watcher, error) {
 	w := &Watcher{
 		cfg:         cfg,
 		log:         cfg.Logger.Named("catalog"),
+		acl:         newACLGaps(cfg.Logger.Named("catalog")),
+		waker:       watch.NewWaker(),
 		view:        NewView(),
 		kick:        make(chan struct{}, 1),
 		pinned:      map[string]bool{},
@@ -237,6 +245,7 @@ func (w *Watcher) Status() Status {
 	}
 	st.Connected = lc > 0 && lc >= le && w.contacted.Load()
 	st.DataAge = w.dataAge()
+	st.ACLDenied = w.acl.list()
 	return st
 }
 
@@ -291,6 +300,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 	}
 	if w.cfg.DataDir != "" {
 		w.goRun(func() { w.saver(ctx) })
+	}
+	if w.cfg.ProbeInterval > 0 {
+		w.goRun(func() { w.prober(ctx) })
 	}
 	<-ctx.Done()
 	w.mu.Lock()
@@ -356,6 +368,7 @@ func (w *Watcher) removeWatchLocked(name string) {
 	}
 	delete(w.watches, name)
 	delete(w.fetched, name)
+	w.acl.set("service/"+name, nil)
 	w.setNodesLocked(name, nil)
 	w.reindexLocked()
 	if _, ok := w.services[name]; ok {
@@ -519,9 +532,16 @@ func runLoop[T any](ctx context.Context, w *Watcher, kind string, cfg watch.Conf
 				var zero T
 				return zero, watch.Meta{}, err
 			}
+			if d := filteredList(kind); d != nil {
+				if !meta.ResultsFilteredByACLs {
+					d = nil
+				}
+				w.acl.set(kind+"/", d)
+			}
 			return v, watch.Meta{Index: meta.LastIndex, LastContact: meta.LastContact}, nil
 		},
 		Changed: func(v T, m watch.Meta) { changed(v, m.Index) },
+		Waker:   w.waker,
 		Observe: func(took time.Duration, err error) {
 			hist.Observe(took.Seconds())
 			if err != nil {
@@ -544,9 +564,17 @@ func (w *Watcher) contact() {
 func (w *Watcher) failed(ci uint32, kind, name string, err error) {
 	now := time.Now()
 	w.lastErrAt.Store(now.UnixNano())
+	w.met.errors.WithLabelValues(kind).Inc()
+	if d := consulacl.Explain(err); d != nil {
+		// Every address would refuse the same: stay, and name the rule
+		// (logged once by acl.set).
+		w.acl.set(kind+"/"+name, d)
+		msg := d.Error()
+		w.lastErr.Store(&msg)
+		return
+	}
 	msg := err.Error()
 	w.lastErr.Store(&msg)
-	w.met.errors.WithLabelValues(kind).Inc()
 	if len(w.clients) > 1 && w.cur.CompareAndSwap(ci, ci+1) {
 		w.log.Warn("Consul query failed, moving on to the next address", "address", w.cfg.Addresses[int(ci)%len(w.clients)],
 			"next", w.cfg.Addresses[int(ci+1)%len(w.clients)], "error", err)

@@ -15,6 +15,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -27,6 +28,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"attache/control/routes"
+	"attache/sidecar/breaker"
 	"attache/sidecar/catalog"
 	"attache/sidecar/proxy"
 )
@@ -52,6 +54,10 @@ type Config struct {
 	// Watch holds the blocking-query rules for routes/current (defaults of
 	// package sidecar/watch).
 	Wait time.Duration // blocking wait, default 5m
+	// Breakers makes the breakers of routes with a breaker block
+	// (breaker.Registry.Custom, starting from its configuration). nil: a
+	// version with such a route is refused.
+	Breakers *breaker.Registry
 
 	Logger     hclog.Logger
 	Registerer prometheus.Registerer
@@ -85,7 +91,10 @@ type Gateway struct {
 	mu      sync.Mutex              // serialises rebuilds
 	swapped chan struct{}           // a new table is in
 	toSave  chan *applied           // the newest applied version not saved to the data dir yet
-	status  atomic.Pointer[Status]
+	// metaServices are the services publishing a route in their meta
+	// (watchServiceRoutes), for the catalog to watch.
+	metaServices atomic.Pointer[[]string]
+	status       atomic.Pointer[Status]
 }
 
 // applied is a document version the gateway took.
@@ -103,13 +112,14 @@ type table struct {
 	per      map[*routes.Route]*routeState
 	fallback *proxy.Answer
 	built    time.Time
+	breakers map[string]bool // names of the routes' own breakers (Registry.Custom)
 }
 
 // routeState is what Route needs of one route, built off the request path.
 type routeState struct {
-	pol *proxy.Policy
-	lim *limiter
-	hdr string // the rate-limit key's header, "" for the client address
+	pols []*proxy.Policy // by destination: the route's settings and the destination's tag; nil: the proxy's
+	lim  *limiter
+	hdr  string // the rate-limit key's header, "" for the client address
 }
 
 // Status is the gateway's state for /v1/routes and tests.
@@ -182,7 +192,9 @@ func (g *Gateway) Listeners() []proxy.GatewayListener {
 }
 
 // Registration is the gateway's entry in Consul: service attache-gateway
-// at its listen address, with a TCP check of it.
+// at its listen address, with a TCP check of it. Its ID,
+// attache-gateway-<node>, is this gateway's own, so that gateways of
+// several nodes (even on one agent) each keep their registration.
 func (g *Gateway) Registration() (*api.AgentServiceRegistration, error) {
 	addr := g.cfg.Addr
 	if addr == "" {
@@ -205,7 +217,7 @@ func (g *Gateway) Registration() (*api.AgentServiceRegistration, error) {
 		meta["tls"] = g.cfg.TLSAddr
 	}
 	return &api.AgentServiceRegistration{
-		ID: ServiceName, Name: ServiceName, Address: host, Port: p, Meta: meta,
+		ID: ServiceName + "-" + g.cfg.Node, Name: ServiceName, Address: host, Port: p, Meta: meta,
 		Check: &api.AgentServiceCheck{
 			TCP:      net.JoinHostPort(checkHost, port),
 			Interval: "5s",
@@ -235,6 +247,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	eg, ctx := errgroup.WithContext(ctx)
 	eg.Go(func() error { g.watchKV(ctx); return nil })
 	eg.Go(func() error { g.watchCatalog(ctx); return nil })
+	eg.Go(func() error { g.watchServiceRoutes(ctx); return nil })
 	eg.Go(func() error { g.certs.run(ctx, g.cfg.CertCheck); return nil })
 	eg.Go(func() error { g.sweepLimiters(ctx); return nil })
 	eg.Go(func() error { g.saveLoop(ctx); return nil })
@@ -274,23 +287,71 @@ func (g *Gateway) Route(h *proxy.Head) proxy.Decision {
 				Body: []byte(`{"error":"rate limit exceeded","route":` + strconv.Quote(r.Name) + "}\n")}}
 		}
 	}
-	dst := r.Destinations[0]
+	i := 0
 	if len(r.Destinations) > 1 {
-		dst = r.Pick(rand.IntN(100))
+		i = pickIndex(r, rand.IntN(100))
 	}
+	dst := r.Destinations[i]
 	d := proxy.Decision{Service: dst.Service}
 	if rs != nil {
-		d.Policy = rs.pol
+		d.Policy = rs.pols[i]
 	}
 	if r.StripPrefix || r.Rewrite != "" {
 		d.Path = r.RewritePath(path) + query
 	}
 	if t.fallback != nil {
-		if svc, ok := g.cat.Load().Service(dst.Service); ok && len(svc.Instances) == 0 {
+		if svc, ok := g.cat.Load().Service(dst.Service); ok && !hasInstance(svc, dst.Tag) {
 			return proxy.Decision{Answer: t.fallback}
 		}
 	}
 	return d
+}
+
+// pickIndex is routes.Route.Pick's choice as an index into r.Destinations.
+func pickIndex(r *routes.Route, n int) int {
+	for i, d := range r.Destinations {
+		if n < d.Weight {
+			return i
+		}
+		n -= d.Weight
+	}
+	return len(r.Destinations) - 1
+}
+
+// hasInstance says whether svc has a healthy instance carrying tag (any
+// instance when tag is "").
+func hasInstance(svc *catalog.Service, tag string) bool {
+	if tag == "" {
+		return len(svc.Instances) > 0
+	}
+	for i := range svc.Instances {
+		if svc.Instances[i].HasTag(tag) {
+			return true
+		}
+	}
+	return false
+}
+
+// policies builds a route's proxy policy per destination: its timeouts,
+// retries and balancer, the destination's tag, and the route's own breaker
+// for the destination's service (from brk, by service name). A destination
+// with none of these gets nil (the proxy's settings).
+func policies(r *routes.Route, brk map[string]*breaker.Service) []*proxy.Policy {
+	base := proxy.Policy{TryTimeout: r.TryTimeout, RequestTimeout: r.RequestTimeout, Balancer: proxy.Balancer(r.Balancer)}
+	if r.Retries != nil {
+		base.Retries = *r.Retries
+		if *r.Retries == 0 {
+			base.Retries = -1
+		}
+	}
+	pols := make([]*proxy.Policy, len(r.Destinations))
+	for i, d := range r.Destinations {
+		if p := base; p != (proxy.Policy{}) || d.Tag != "" || brk[d.Service] != nil {
+			p.Tag, p.Breaker = d.Tag, brk[d.Service]
+			pols[i] = &p
+		}
+	}
+	return pols
 }
 
 // ---------------------------------------------------------------- building
@@ -309,11 +370,10 @@ func (g *Gateway) install(a *applied, fromDisk bool) error {
 		}
 		a.doc = doc
 	}
-	if _, err := routes.Compile(a.doc); err != nil {
-		return err
-	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	// One compile, of the document with the service routes: a document
+	// that does not compile alone does not with them either.
 	if err := g.rebuildLocked(a); err != nil {
 		return err
 	}
@@ -344,29 +404,33 @@ func (g *Gateway) rebuildLocked(a *applied) error {
 		doc = &routes.Document{}
 	}
 	merged, errs := mergeServiceRoutes(doc, g.cat.Load())
-	g.setStatus(func(s *Status) { s.ServiceErrs = errs })
 	tbl, err := routes.Compile(merged)
 	if err != nil {
 		return err
 	}
+	g.setStatus(func(s *Status) { s.ServiceErrs = errs })
 	old := g.cur.Load()
 	oldLim := map[string]*routeState{}
 	for r, rs := range old.per {
 		oldLim[limKey(r)] = rs
 	}
 	n := g.healthyGateways()
-	t := &table{version: version, doc: merged, tbl: tbl, per: map[*routes.Route]*routeState{}, built: time.Now()}
+	t := &table{version: version, doc: merged, tbl: tbl, per: map[*routes.Route]*routeState{}, built: time.Now(), breakers: map[string]bool{}}
 	for _, r := range tbl.Routes() {
-		rs := &routeState{}
-		if r.TryTimeout > 0 || r.RequestTimeout > 0 || r.Retries != nil {
-			rs.pol = &proxy.Policy{TryTimeout: r.TryTimeout, RequestTimeout: r.RequestTimeout}
-			if r.Retries != nil {
-				rs.pol.Retries = *r.Retries
-				if *r.Retries == 0 {
-					rs.pol.Retries = -1
-				}
+		var brk map[string]*breaker.Service
+		if r.Breaker != nil {
+			if g.cfg.Breakers == nil {
+				return fmt.Errorf("gateway: route %q has a breaker block, but this gateway has no breaker registry", r.Name)
+			}
+			brk = map[string]*breaker.Service{}
+			cfg := breakerConfig(g.cfg.Breakers.Config(), r.Breaker)
+			for _, d := range r.Destinations {
+				name := RouteBreakerName(d.Service, r.Name)
+				brk[d.Service] = g.cfg.Breakers.Custom(name, cfg)
+				t.breakers[strings.ToLower(name)] = true
 			}
 		}
+		rs := &routeState{pols: policies(r, brk)}
 		if rl := tbl.RateLimit(r); rl != nil {
 			if prev := oldLim[limKey(r)]; prev != nil && prev.lim != nil {
 				rs.lim = prev.lim // same limit: the buckets carry over
@@ -390,11 +454,55 @@ func (g *Gateway) rebuildLocked(a *applied) error {
 	}
 	g.certs.set(merged.Gateway.TLS)
 	g.cur.Store(t)
+	for name := range old.breakers {
+		if !t.breakers[name] {
+			g.cfg.Breakers.Drop(name)
+		}
+	}
 	select { // watchCatalog asks the catalog for the table's services
 	case g.swapped <- struct{}{}:
 	default:
 	}
 	return nil
+}
+
+// RouteBreakerName names a route's own breaker for one of its services, in
+// /v1/breakers and the breaker metrics: SERVICE@ROUTE.
+func RouteBreakerName(service, route string) string { return service + "@" + route }
+
+// breakerConfig is base with a route's breaker block over it. A rate of 0
+// turns that rule off; 0 calls mean 1.
+func breakerConfig(base breaker.Config, b *routes.Breaker) breaker.Config {
+	c := base
+	if b.Window > 0 {
+		c.Window = b.Window
+	}
+	if b.MinimumCalls != nil {
+		c.MinimumCalls = max(*b.MinimumCalls, 1)
+	}
+	rate := func(dst *float64, v *float64) {
+		if v != nil {
+			*dst = *v
+			if *v == 0 {
+				*dst = -1
+			}
+		}
+	}
+	rate(&c.FailureRateThreshold, b.FailureRate)
+	rate(&c.SlowCallRateThreshold, b.SlowRate)
+	if b.SlowCall > 0 {
+		c.SlowCallDuration = b.SlowCall
+	}
+	if b.OpenTime > 0 {
+		c.OpenDuration = b.OpenTime
+	}
+	if b.HalfOpenCalls != nil {
+		c.HalfOpenCalls = max(*b.HalfOpenCalls, 1)
+	}
+	if b.Disabled {
+		c.Disabled = true
+	}
+	return c
 }
 
 // limKey identifies a route's limit across tables: a route keeps its
@@ -434,11 +542,15 @@ func (g *Gateway) watchCatalog(ctx context.Context) {
 	// asked for again as the catalog changes (this gateway registers after
 	// it first asks); and all of them every 30 s, which keeps on-demand
 	// watches alive.
-	var wanting atomic.Bool
+	// One round of asking at a time; a change seen while one runs asks
+	// again when it ends (else the next chance would be the 30 s tick).
+	var wanting, again atomic.Bool
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	want := func(all bool) {
-		if wanting.Load() {
+	var want func(all bool)
+	want = func(all bool) {
+		if !wanting.CompareAndSwap(false, true) {
+			again.Store(true)
 			return
 		}
 		snap := g.cat.Load()
@@ -448,18 +560,28 @@ func (g *Gateway) watchCatalog(ctx context.Context) {
 				names = append(names, n)
 			}
 		}
+		if ms := g.metaServices.Load(); ms != nil {
+			for _, n := range *ms { // Consul just named them: no need to wait for Known
+				if _, ok := snap.Service(n); (all || !ok) && !slices.Contains(names, n) {
+					names = append(names, n)
+				}
+			}
+		}
 		if len(names) == 0 {
+			wanting.Store(false)
 			return
 		}
-		wanting.Store(true)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer wanting.Store(false)
 			for _, n := range names {
 				wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 				g.cat.Want(wctx, n)
 				cancel()
+			}
+			wanting.Store(false)
+			if again.Swap(false) && ctx.Err() == nil {
+				want(false) // still counted in wg: this goroutine has not returned
 			}
 		}()
 	}

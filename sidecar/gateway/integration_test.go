@@ -81,15 +81,15 @@ func (e *echo) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // backend starts an echo server and registers it with agent as an
-// instance of service (no check: passing).
-func backend(t *testing.T, agent *testcluster.Agent, service, id string) *echo {
+// instance of service (no check: passing), with tags.
+func backend(t *testing.T, agent *testcluster.Agent, service, id string, tags ...string) *echo {
 	t.Helper()
 	e := &echo{service: service, id: id}
 	srv := httptest.NewServer(e)
 	t.Cleanup(srv.Close)
 	host, port, _ := net.SplitHostPort(srv.Listener.Addr().String())
 	p, _ := strconv.Atoi(port)
-	if err := agent.Client().Agent().ServiceRegister(&api.AgentServiceRegistration{ID: id, Name: service, Address: host, Port: p}); err != nil {
+	if err := agent.Client().Agent().ServiceRegister(&api.AgentServiceRegistration{ID: id, Name: service, Address: host, Port: p, Tags: tags}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { agent.Client().Agent().ServiceDeregister(id) })
@@ -100,6 +100,7 @@ func backend(t *testing.T, agent *testcluster.Agent, service, id string) *echo {
 // with the gateway's listeners, the gateway and its registration.
 type node struct {
 	gw     *Gateway
+	br     *breaker.Registry
 	px     *proxy.Proxy
 	w      *catalog.Watcher
 	cancel context.CancelFunc
@@ -158,11 +159,12 @@ func startNode(t *testing.T, agent *testcluster.Agent, name string, o nodeOpts) 
 	if o.tls {
 		gc.TLSAddr = freeAddr(t)
 	}
-	gw, err := New(gc, client, w)
+	br, err := breaker.New(breaker.DefaultConfig(), log, reg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	br, err := breaker.New(breaker.DefaultConfig(), log, reg)
+	gc.Breakers = br
+	gw, err := New(gc, client, w)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -177,7 +179,7 @@ func startNode(t *testing.T, agent *testcluster.Agent, name string, o nodeOpts) 
 	}
 	rg := catalog.NewRegistrar(client, []*api.AgentServiceRegistration{r}, 0, log)
 	ctx, cancel := context.WithCancel(context.Background())
-	n := &node{gw: gw, px: px, w: w, cancel: cancel, done: make(chan error, 1), name: name}
+	n := &node{gw: gw, br: br, px: px, w: w, cancel: cancel, done: make(chan error, 1), name: name}
 	go func() {
 		eg, ctx := errgroup.WithContext(ctx)
 		eg.Go(func() error { return w.Run(ctx) })
@@ -414,6 +416,208 @@ func TestWeightedSplit(t *testing.T) {
 	}
 }
 
+// TestTagsAndBalancer: a split over tags sends each share to the
+// instances carrying its tag only (canary: tag v1 90, tag v2 10); a
+// destination's tag that no instance carries is no healthy instance; a
+// route's lb is the one its requests are balanced with (round-robin
+// alternates strictly where the default least-request draws at random).
+// On the event loops and without them.
+func TestTagsAndBalancer(t *testing.T) {
+	c := needCluster(t)
+	agent := c.Clients[0]
+	kv := agent.Client()
+	v1a := backend(t, agent, "tagged", "tagged-v1-a", "v1")
+	v1b := backend(t, agent, "tagged", "tagged-v1-b", "V1", "stable") // tags compare without case
+	v2 := backend(t, agent, "tagged", "tagged-v2", "v2")
+	backend(t, agent, "balanced", "balanced-a")
+	backend(t, agent, "balanced", "balanced-b")
+	doc := `route "canary" {
+  prefix = "/canary/"
+  split {
+    service = "tagged"
+    tag = "v1"
+    weight = 90
+  }
+  split {
+    service = "tagged"
+    tag = "v2"
+    weight = 10
+  }
+}
+route "stable" {
+  prefix = "/stable/"
+  split {
+    service = "tagged"
+    tag = "stable"
+    weight = 100
+  }
+}
+route "missing" {
+  prefix = "/missing/"
+  split {
+    service = "tagged"
+    tag = "v3"
+    weight = 100
+  }
+}
+route "rr" {
+  prefix = "/rr/"
+  service = "balanced"
+  lb = "round-robin"
+}
+route "lr" {
+  prefix = "/lr/"
+  service = "balanced"
+}`
+	for _, noLoop := range []bool{false, true} {
+		t.Run(map[bool]string{false: "loop", true: "noloop"}[noLoop], func(t *testing.T) {
+			prefix := uniquePrefix(t)
+			n := startNode(t, agent, "gw-tags-"+strconv.FormatBool(noLoop), nodeOpts{noLoop: noLoop, prefix: prefix})
+			apply(t, kv, prefix, 1, doc)
+			base := "http://" + n.addr()
+			eventually(t, "the routes answer", 10*time.Second, func() bool {
+				a, _, _ := getJSON(plain, base+"/canary/x")
+				b, _, _ := getJSON(plain, base+"/rr/x")
+				return a == 200 && b == 200
+			})
+			for _, e := range []*echo{v1a, v1b, v2} {
+				e.hits.Store(0)
+			}
+			const total = 1000
+			for i := 0; i < total; i++ {
+				if code, e, _ := getJSON(plain, base+"/canary/x"); code != 200 {
+					t.Fatalf("request %d: %d %+v", i, code, e)
+				}
+			}
+			share := float64(v2.hits.Load()) / total
+			t.Logf("canary: v1 %d+%d, v2 %d of %d", v1a.hits.Load(), v1b.hits.Load(), v2.hits.Load(), total)
+			if v1a.hits.Load()+v1b.hits.Load()+v2.hits.Load() != total || share < 0.06 || share > 0.14 || v1a.hits.Load() == 0 || v1b.hits.Load() == 0 {
+				t.Errorf("canary split: v1 %d+%d, v2 %d of %d: want v2 within 4 points of 10%%, both v1 instances used",
+					v1a.hits.Load(), v1b.hits.Load(), v2.hits.Load(), total)
+			}
+			for i := 0; i < 20; i++ {
+				if code, e, _ := getJSON(plain, base+"/stable/x"); code != 200 || e.ID != "tagged-v1-b" {
+					t.Fatalf("tag stable: %d %+v, want tagged-v1-b only", code, e)
+				}
+			}
+			if code, e, _ := getJSON(plain, base+"/missing/x"); code != 503 {
+				t.Errorf("a tag no instance carries: %d %+v, want 503", code, e)
+			}
+			// round-robin alternates; least-request (the default) does not
+			// over 20 sequential requests but with odds of 2 in 2^20.
+			alternates := func(path string) bool {
+				last := ""
+				for i := 0; i < 20; i++ {
+					code, e, _ := getJSON(plain, base+path)
+					if code != 200 {
+						t.Fatalf("%s: %d %+v", path, code, e)
+					}
+					if e.ID == last {
+						return false
+					}
+					last = e.ID
+				}
+				return true
+			}
+			if !alternates("/rr/x") {
+				t.Errorf("lb = round-robin: two requests in a row went to one instance")
+			}
+			if alternates("/lr/x") {
+				t.Errorf("the default balancer alternated strictly over 20 requests: is round-robin the route's own?")
+			}
+		})
+	}
+}
+
+// TestRouteBreaker: a route's breaker block gives it a breaker of its own
+// for its service (SERVICE@ROUTE in /v1/breakers), with the route's
+// thresholds: it opens on the route's failures while the service's own
+// breaker (another route's calls) stays closed. On the event loops and
+// without them.
+func TestRouteBreaker(t *testing.T) {
+	c := needCluster(t)
+	agent := c.Clients[0]
+	kv := agent.Client()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusInternalServerError)
+		io.WriteString(w, "backend failed\n")
+	}))
+	defer srv.Close()
+	host, port, _ := net.SplitHostPort(srv.Listener.Addr().String())
+	p, _ := strconv.Atoi(port)
+	if err := agent.Client().Agent().ServiceRegister(&api.AgentServiceRegistration{ID: "failing-a", Name: "failing", Address: host, Port: p}); err != nil {
+		t.Fatal(err)
+	}
+	defer agent.Client().Agent().ServiceDeregister("failing-a")
+	doc := `route "strict" {
+  prefix = "/strict/"
+  service = "failing"
+  retries = 0
+  breaker {
+    minimum_calls = 4
+    failure_rate = 50
+    open_time = "1m"
+  }
+}
+route "plain" {
+  prefix = "/plain/"
+  service = "failing"
+  retries = 0
+}`
+	for _, noLoop := range []bool{false, true} {
+		t.Run(map[bool]string{false: "loop", true: "noloop"}[noLoop], func(t *testing.T) {
+			prefix := uniquePrefix(t)
+			n := startNode(t, agent, "gw-brk-"+strconv.FormatBool(noLoop), nodeOpts{noLoop: noLoop, prefix: prefix})
+			apply(t, kv, prefix, 1, doc)
+			base := "http://" + n.addr()
+			eventually(t, "the routes reach the backend", 10*time.Second, func() bool {
+				code, e, _ := getJSON(plain, base+"/plain/x")
+				return code == 500 && strings.Contains(e.Path, "backend failed")
+			})
+			opened := 0
+			for i := 0; i < 10 && opened == 0; i++ {
+				code, e, h := getJSON(plain, base+"/strict/x")
+				switch {
+				case code == 503 && h.Get("X-Attache-Breaker") == "open":
+					opened = i
+				case code != 500:
+					t.Fatalf("strict request %d: %d %+v", i, code, e)
+				}
+			}
+			if opened < 4 {
+				t.Fatalf("the route's breaker opened after %d calls, want it open after its 4 (minimum_calls)", opened)
+			}
+			// The other route's calls go on: the service's breaker (20 calls
+			// at least) is not the route's.
+			for i := 0; i < 5; i++ {
+				if code, e, _ := getJSON(plain, base+"/plain/x"); code != 500 || !strings.Contains(e.Path, "backend failed") {
+					t.Fatalf("plain request %d: %d %+v, want the backend's 500", i, code, e)
+				}
+			}
+			states := map[string]string{}
+			for _, st := range n.br.State() {
+				states[st.Service] = st.State
+			}
+			if states["failing@strict"] != breaker.Open || states["failing"] != breaker.Closed {
+				t.Errorf("breakers: %v, want failing@strict open, failing closed", states)
+			}
+			// A version without the block drops the route's breaker.
+			apply(t, kv, prefix, 2, strings.Replace(doc, "breaker {\n    minimum_calls = 4\n    failure_rate = 50\n    open_time = \"1m\"\n  }", "", 1))
+			eventually(t, "the route's breaker dropped", 10*time.Second, func() bool {
+				for _, st := range n.br.State() {
+					if st.Service == "failing@strict" {
+						return false
+					}
+				}
+				return true
+			})
+			if code, e, _ := getJSON(plain, base+"/strict/x"); code != 500 || !strings.Contains(e.Path, "backend failed") {
+				t.Errorf("strict after its breaker block went: %d %+v, want the backend's 500", code, e)
+			}
+		})
+	}
+}
+
 // load sends requests from workers until d has passed and counts the
 // answers by status. Each worker pauses pause between requests.
 func load(url string, workers int, d, pause time.Duration, hdr func(w int) []string) map[int]int {
@@ -500,8 +704,8 @@ route "keyed" {
 	}
 }
 
-// TestClusterScope: with two gateways, a cluster-scope limit gives each
-// half of it; when one stops (and deregisters), the other takes it whole.
+// TestClusterScope: two gateways on two agents both register (each under
+// its own ID); a cluster-scope limit gives each half of it; when one stops (and deregisters), the other takes it whole.
 func TestClusterScope(t *testing.T) {
 	c := needCluster(t)
 	kv := c.Clients[0].Client()
@@ -527,6 +731,15 @@ func TestClusterScope(t *testing.T) {
 		}
 		return 0
 	}
+	// Each gateway keeps its own registration, attache-gateway-<node>.
+	eventually(t, "both gateways registered and passing", 20*time.Second, func() bool {
+		entries, _, err := kv.Health().Service(ServiceName, "", true, nil)
+		ids := map[string]bool{}
+		for _, e := range entries {
+			ids[e.Service.ID] = true
+		}
+		return err == nil && ids["attache-gateway-gw-a"] && ids["attache-gateway-gw-b"]
+	})
 	eventually(t, "each gateway takes 50/s", 20*time.Second, func() bool { return share(a) == 50 && share(b) == 50 })
 	time.Sleep(200 * time.Millisecond)
 	counts := load("http://"+a.addr()+"/s/x", 2, 2*time.Second, time.Millisecond, nil)
@@ -644,8 +857,16 @@ func TestServesFromDiskWithConsulDown(t *testing.T) {
 
 // TestServiceRoutes: a service publishing `attache-route` in its meta joins
 // the table below the document's routes (the document wins a clash), and
-// leaves it when it goes.
+// leaves it when it goes; in the catalog's default on-demand mode (the
+// gateway learns such services from a filtered catalog query) as with
+// -watch all.
 func TestServiceRoutes(t *testing.T) {
+	for _, all := range []bool{false, true} {
+		t.Run(map[bool]string{false: "on-demand", true: "all"}[all], func(t *testing.T) { testServiceRoutes(t, all) })
+	}
+}
+
+func testServiceRoutes(t *testing.T, all bool) {
 	c := needCluster(t)
 	agent := c.Clients[0]
 	kv := agent.Client()
@@ -661,16 +882,17 @@ func TestServiceRoutes(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	reg("/meta/,/doc/")
-	defer agent.Client().Agent().ServiceDeregister("metasvc-a")
 	prefix := uniquePrefix(t)
-	n := startNode(t, agent, "gw-meta", nodeOpts{prefix: prefix, all: true})
+	n := startNode(t, agent, "gw-meta-"+strconv.FormatBool(all), nodeOpts{prefix: prefix, all: all})
 	apply(t, kv, prefix, 1, `route "doc" {
   prefix = "/doc/"
   service = "docsvc"
 }`)
 	base := "http://" + n.addr()
 	eventually(t, "version 1 applied", 10*time.Second, func() bool { return n.gw.Status().Version == 1 })
+	// Registered after the gateway started: it learns of it from Consul.
+	reg("/meta/,/doc/")
+	defer agent.Client().Agent().ServiceDeregister("metasvc-a")
 	eventually(t, "the service's route", 10*time.Second, func() bool {
 		code, e, _ := getJSON(plain, base+"/meta/1")
 		return code == 200 && e.Service == "metasvc"

@@ -22,6 +22,8 @@ import (
 type version struct {
 	n   uint64
 	src string
+	got time.Time     // when the pointer's answer came
+	rd  time.Duration // reading the version it names
 }
 
 // watchKV follows routes/current with a blocking query (the rules of
@@ -46,6 +48,7 @@ func (g *Gateway) watchKV(ctx context.Context) {
 				return version{}, m, fmt.Errorf("gateway: %s holds %q, not a version number", cur, p.Value)
 			}
 			key := g.keys.Version(n)
+			got := time.Now()
 			vp, _, err := kv.Get(key, (&api.QueryOptions{}).WithContext(ctx))
 			if err != nil {
 				return version{}, m, err
@@ -53,9 +56,9 @@ func (g *Gateway) watchKV(ctx context.Context) {
 			if vp == nil {
 				return version{}, m, fmt.Errorf("gateway: %s names version %d, but %s is missing", cur, n, key)
 			}
-			return version{n: n, src: string(vp.Value)}, m, nil
+			return version{n: n, src: string(vp.Value), got: got, rd: time.Since(got)}, m, nil
 		},
-		Equal: func(a, b version) bool { return a == b },
+		Equal: func(a, b version) bool { return a.n == b.n && a.src == b.src },
 		Changed: func(v version, _ watch.Meta) {
 			g.setStatus(func(s *Status) { s.LastError = "" })
 			g.apply(ctx, v)
@@ -92,13 +95,15 @@ func (g *Gateway) apply(ctx context.Context, v version) {
 	}
 	g.setStatus(func(s *Status) { s.Refused, s.RefusedWhy = 0, "" })
 	g.met.applies.Inc()
-	g.log.Info("routes applied", "version", v.n, "routes", len(a.doc.Routes))
+	installed := time.Now()
 	// Consul first: `routes status` (and an operator waiting on it) need
 	// not wait for the fsync, which saveLoop does off the watch loop (the
 	// next version is not held up by a slow disk either). A crash in
 	// between restarts on the version before, until Consul answers.
 	g.writeApplied(ctx)
 	g.queueSave(a)
+	g.log.Info("routes applied", "version", v.n, "routes", len(a.doc.Routes),
+		"read", v.rd, "install", installed.Sub(v.got.Add(v.rd)), "write", time.Since(installed))
 }
 
 // queueSave hands a to saveLoop, replacing a version not saved yet.

@@ -25,7 +25,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		refused: prometheus.NewCounter(prometheus.CounterOpts{Name: "attache_gateway_refused_total",
 			Help: "Route document versions refused (invalid); the previous table kept serving."}),
 		kvErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "attache_gateway_kv_errors_total",
-			Help: "Failed queries of the routes in Consul KV."}),
+			Help: "Failed Consul queries of the routes (KV) and of the services publishing routes in their meta."}),
 		limited: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "attache_gateway_rate_limited_total",
 			Help: "Requests answered 429 by a route's rate limit."}, []string{"route"}),
 		gateways: prometheus.NewGauge(prometheus.GaugeOpts{Name: "attache_gateway_healthy_gateways",

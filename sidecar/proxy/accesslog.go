@@ -12,6 +12,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/valyala/fasthttp"
+
+	"attache/sidecar/breaker"
 )
 
 // AccessEntry is one line of the access log: one proxied request, after
@@ -144,10 +146,14 @@ func newAccReq[S string | []byte](p *Proxy, rt *routing, method, host, path S) *
 	return &accReq{listener: l, method: string(method), host: string(host), path: string(path)}
 }
 
-// logAccess records a request that ended with res after tries tries.
-func (t *target) logAccess(a *accReq, start, end time.Time, res result, tries int) {
+// logAccess records a request that ended with res after tries tries; br
+// is the breaker it went through (a route's own, or nil: the service's).
+func (t *target) logAccess(a *accReq, br *breaker.Service, start, end time.Time, res result, tries int) {
+	if br == nil {
+		br = t.svc
+	}
 	e := AccessEntry{Time: start, Listener: a.listener, Method: a.method, Host: a.host, Path: a.path,
-		Service: t.name, Duration: float64(end.Sub(start).Microseconds()) / 1000, Tries: tries, Breaker: t.svc.State()}
+		Service: t.name, Duration: float64(end.Sub(start).Microseconds()) / 1000, Tries: tries, Breaker: br.State()}
 	if res.ep != nil {
 		e.Instance = res.ep.id
 	}

@@ -40,7 +40,7 @@ func inst(id, node string, port, weight int) catalog.Instance {
 func counts(t *target, n int) map[string]int {
 	out := map[string]int{}
 	for i := 0; i < n; i++ {
-		ep := t.pick(t.endpoints(), nil)
+		ep := t.pick(t.endpoints(), nil, nil)
 		if ep == nil {
 			out["<nil>"]++
 			continue
@@ -105,7 +105,7 @@ func TestBalancers(t *testing.T) {
 			t.Fatalf("ejected instance picked: %v", c)
 		}
 		time.Sleep(60 * time.Millisecond)
-		if ep := tg.pick(tg.endpoints(), nil); ep == nil || ep.id != "a" {
+		if ep := tg.pick(tg.endpoints(), nil, nil); ep == nil || ep.id != "a" {
 			t.Fatalf("probe-ready instance not picked first: %v", ep)
 		}
 		if c := counts(tg, 100); c["a"] != 0 {
@@ -118,10 +118,10 @@ func TestBalancers(t *testing.T) {
 				tried = append(tried, ep)
 			}
 		}
-		if ep := tg.pick(set, tried); ep == nil || ep.id != "c" {
+		if ep := tg.pick(set, tried, nil); ep == nil || ep.id != "c" {
 			t.Fatalf("pick with a, b tried = %v", ep)
 		}
-		if ep := tg.pick(set, set.list); ep != nil {
+		if ep := tg.pick(set, set.list, nil); ep != nil {
 			t.Fatalf("all tried but got %s", ep.id)
 		}
 	})
@@ -133,6 +133,66 @@ func TestBalancers(t *testing.T) {
 		}
 		if len(tg.eps) != 1 {
 			t.Fatalf("%d endpoints kept", len(tg.eps))
+		}
+	})
+}
+
+// TestPickPolicy: a route's policy narrows the instances to its tag
+// (without case) and balances with its own balancer.
+func TestPickPolicy(t *testing.T) {
+	tagged := func(id string, port int, tags ...string) catalog.Instance {
+		in := inst(id, "n", port, 1)
+		in.Tags = tags
+		return in
+	}
+	s := snapWith(tagged("a", 1, "v1"), tagged("b", 2, "V1", "stable"), tagged("c", 3, "v2"), tagged("d", 4))
+	for _, tc := range []struct {
+		name string
+		pol  *Policy
+		want map[string]int // of 400 picks; nil: only the keys matter
+	}{
+		{"no policy: every instance", nil, map[string]int{"a": 100, "b": 100, "c": 100, "d": 100}},
+		{"tag v1, either case", &Policy{Tag: "v1"}, map[string]int{"a": 200, "b": 200}},
+		{"tag given upper case", &Policy{Tag: "STABLE"}, map[string]int{"b": 400}},
+		{"tag nobody carries", &Policy{Tag: "v3"}, map[string]int{"<nil>": 400}},
+		{"tag and balancer", &Policy{Tag: "v1", Balancer: LeastRequest}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tg := newPickTarget(t, RoundRobin, "", s, breaker.Config{})
+			got := map[string]int{}
+			for i := 0; i < 400; i++ {
+				if ep := tg.pick(tg.endpoints(), nil, tc.pol); ep == nil {
+					got["<nil>"]++
+				} else {
+					got[ep.id]++
+				}
+			}
+			if tc.want == nil {
+				if len(got) != 2 || got["a"] == 0 || got["b"] == 0 {
+					t.Fatalf("%v, want a and b only", got)
+				}
+				return
+			}
+			if len(got) != len(tc.want) {
+				t.Fatalf("%v, want %v", got, tc.want)
+			}
+			for k, v := range tc.want {
+				if got[k] != v {
+					t.Fatalf("%v, want %v", got, tc.want)
+				}
+			}
+		})
+	}
+	t.Run("the policy's balancer over the service's", func(t *testing.T) {
+		tg := newPickTarget(t, LeastRequest, "", s, breaker.Config{})
+		set := tg.endpoints()
+		last := ""
+		for i := 0; i < 40; i++ {
+			ep := tg.pick(set, nil, &Policy{Balancer: RoundRobin})
+			if ep.id == last {
+				t.Fatalf("round-robin picked %s twice in a row", ep.id)
+			}
+			last = ep.id
 		}
 	})
 }

@@ -883,15 +883,14 @@ func (l *evLoop) start(c *evConn, end int) {
 	c.headAt, c.inBody = time.Time{}, false
 	c.t = t
 	c.f.acc = acc
-	if res, ok := t.admit(&c.f, set, l.now); !ok {
+	if res, ok := t.admit(&c.f, set, l.now, d.Policy); !ok {
 		if c.f.acc != nil {
-			t.logAccess(c.f.acc, l.now, l.now, res, 0)
+			t.logAccess(c.f.acc, nil, l.now, l.now, res, 0)
 		}
 		l.answer(c, res)
 		return
 	}
-	c.f.with(p, d.Policy)
-	ep := t.pick(set, nil)
+	ep := t.pick(set, nil, c.f.pol)
 	if ep == nil {
 		l.answer(c, t.noHealthy(&c.f))
 		return

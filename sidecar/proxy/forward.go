@@ -49,6 +49,7 @@ type result struct {
 // the first try itself and hands a fwd to forwardFrom for the retries.
 type fwd struct {
 	set      *epSet
+	svc      *breaker.Service // the breaker asked: the route's own, else the service's
 	call     breaker.Call
 	start    time.Time
 	deadline time.Time
@@ -72,19 +73,18 @@ func (t *target) forward(ctx context.Context, x exchange, replayable bool) resul
 func (t *target) forwardWith(ctx context.Context, x exchange, replayable bool, pol *Policy, acc *accReq) result {
 	f := fwd{acc: acc}
 	start := time.Now()
-	if res, ok := t.begin(ctx, &f, start); !ok {
+	if res, ok := t.begin(ctx, &f, start, pol); !ok {
 		if acc != nil {
-			t.logAccess(acc, start, time.Now(), res, 0)
+			t.logAccess(acc, nil, start, time.Now(), res, 0)
 		}
 		return res
 	}
-	f.with(t.p, pol)
 	return t.forwardFrom(ctx, x, replayable, &f, 0)
 }
 
 // begin asks the catalog and the breaker whether the request may go out
 // at all; false: res is the answer (unknown service, breaker open).
-func (t *target) begin(ctx context.Context, f *fwd, start time.Time) (result, bool) {
+func (t *target) begin(ctx context.Context, f *fwd, start time.Time, pol *Policy) (result, bool) {
 	t.keepWanted(ctx, start, false)
 	set := t.endpoints()
 	if !set.found {
@@ -94,12 +94,15 @@ func (t *target) begin(ctx context.Context, f *fwd, start time.Time) (result, bo
 			return result{kind: outUnknown}, false
 		}
 	}
-	return t.admit(f, set, start)
+	return t.admit(f, set, start, pol)
 }
 
-// admit is begin's part that never waits: the breaker and the budget.
-func (t *target) admit(f *fwd, set *epSet, start time.Time) (result, bool) {
-	call, err := t.svc.Allow(start)
+// admit is begin's part that never waits: the breaker (pol's own, else the
+// service's) and the budget; once admitted, f follows pol (nil: the
+// proxy's settings).
+func (t *target) admit(f *fwd, set *epSet, start time.Time, pol *Policy) (result, bool) {
+	svc := t.breakerFor(pol)
+	call, err := svc.Allow(start)
 	if err != nil {
 		res := openResult(err)
 		if res.open != nil && res.open.State == breaker.MaxRequests {
@@ -109,9 +112,19 @@ func (t *target) admit(f *fwd, set *epSet, start time.Time) (result, bool) {
 		}
 		return res, false
 	}
-	*f = fwd{set: set, call: call, start: start, deadline: start.Add(t.p.cfg.RequestTimeout), t0: start, acc: f.acc}
+	*f = fwd{set: set, svc: svc, call: call, start: start, deadline: start.Add(t.p.cfg.RequestTimeout), t0: start, acc: f.acc}
+	f.with(t.p, pol)
 	t.budget.request(start)
 	return result{}, true
+}
+
+// breakerFor is the breaker a request with pol asks: the route's own for
+// this service, else the service's.
+func (t *target) breakerFor(pol *Policy) *breaker.Service {
+	if pol != nil && pol.Breaker != nil {
+		return pol.Breaker
+	}
+	return t.svc
 }
 
 // forwardFrom tries instances until one answers well or the retry policy
@@ -126,7 +139,7 @@ func (t *target) forwardFrom(ctx context.Context, x exchange, replayable bool, f
 				case <-timer.C:
 				case <-ctx.Done():
 					timer.Stop()
-					t.svc.Done(f.call, true, time.Now())
+					f.svc.Done(f.call, true, time.Now())
 					return f.res // the last answer, still readable
 				}
 			}
@@ -135,7 +148,7 @@ func (t *target) forwardFrom(ctx context.Context, x exchange, replayable bool, f
 		ep := f.next
 		f.next = nil
 		if ep == nil {
-			ep = t.pick(f.set, f.tried[:f.n])
+			ep = t.pick(f.set, f.tried[:f.n], f.pol)
 		}
 		if ep == nil {
 			if f.n == 0 {
@@ -168,7 +181,7 @@ func (t *target) forwardFrom(ctx context.Context, x exchange, replayable bool, f
 func (f *fwd) tryDeadline(p *Proxy) time.Time {
 	d := f.t0.Add(f.tryTimeout(p))
 	if f.call.Trial() {
-		d = f.t0.Add(min(f.tryTimeout(p), p.br.Config().SlowCallDuration))
+		d = f.t0.Add(min(f.tryTimeout(p), f.svc.Config().SlowCallDuration))
 	}
 	if d.After(f.deadline) {
 		return f.deadline
@@ -180,11 +193,11 @@ func (f *fwd) tryDeadline(p *Proxy) time.Time {
 // has none, which says nothing about its instances (the breaker does not
 // count it).
 func (t *target) noHealthy(f *fwd) result {
-	t.svc.Cancel(f.call)
+	f.svc.Cancel(f.call)
 	t.met.count(classNoHealthy)
 	res := result{kind: outNoHealthy}
 	if f.acc != nil {
-		t.logAccess(f.acc, f.start, time.Now(), res, 0)
+		t.logAccess(f.acc, f.svc, f.start, time.Now(), res, 0)
 	}
 	return res
 }
@@ -218,7 +231,7 @@ func (t *target) retryAfter(f *fwd, replayable bool, status int, err error) (tim
 	if !replayable || f.n > f.maxRetries(p) || (err == nil && !p.retryOn[status%600]) {
 		return 0, false
 	}
-	if t.svc.Tripped() { // the breaker opened meanwhile: answer now
+	if f.svc.Tripped() { // the breaker opened meanwhile: answer now
 		return 0, false
 	}
 	if !t.budget.retry(f.end, p.cfg.RetryBudget, p.cfg.MinRetries) {
@@ -244,7 +257,7 @@ func (t *target) done(f *fwd) result {
 	res := f.res
 	total := f.end.Sub(f.start)
 	finalFailed := res.kind == outError || p.failureOn[res.status%600]
-	t.svc.Done(f.call, finalFailed, f.end)
+	f.svc.Done(f.call, finalFailed, f.end)
 	t.met.latency.Observe(total.Seconds())
 	if res.kind == outError {
 		if isTimeout(res.err) {
@@ -260,7 +273,7 @@ func (t *target) done(f *fwd) result {
 		if !finalFailed && res.ep != nil {
 			tries++ // and the last one, which answered
 		}
-		t.logAccess(f.acc, f.start, f.end, res, tries)
+		t.logAccess(f.acc, f.svc, f.start, f.end, res, tries)
 	}
 	return res
 }

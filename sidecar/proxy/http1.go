@@ -260,7 +260,7 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, rt *routing) {
 		h.Set("X-Forwarded-Proto", rt.proto)
 	}
 	if conn := h.Peek("Connection"); len(conn) > 0 && hasToken(conn, "upgrade") && len(h.Peek("Upgrade")) > 0 {
-		p.tunnelFast(ctx, t)
+		p.tunnelFast(ctx, t, pol)
 		return
 	}
 	clientClose := h.ConnectionClose()
@@ -527,14 +527,15 @@ func hasToken(v []byte, tok string) bool {
 
 // tunnelFast forwards an Upgrade request (WebSocket and the like): it sends
 // the request head to an instance and then copies bytes both ways.
-func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target) {
+func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target, pol *Policy) {
 	t.keepWanted(ctx, time.Now(), false)
 	set := t.endpoints()
 	if !set.found {
 		set = t.want(ctx)
 	}
 	start := time.Now()
-	call, err := t.svc.Allow(start)
+	svc := t.breakerFor(pol)
+	call, err := svc.Allow(start)
 	if err != nil {
 		p.fastFinish(ctx, t, &fastExchange{req: &ctx.Request, resp: &ctx.Response}, openResult(err), false)
 		return
@@ -544,12 +545,12 @@ func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target) {
 	var conn net.Conn
 	var ep *endpoint
 	for conn == nil {
-		ep = t.pick(set, tried[:n])
+		ep = t.pick(set, tried[:n], pol)
 		if ep == nil {
 			if n == 0 {
-				t.svc.Cancel(call)
+				svc.Cancel(call)
 			} else {
-				t.svc.Done(call, true, time.Now())
+				svc.Done(call, true, time.Now())
 			}
 			p.fastFinish(ctx, t, &fastExchange{req: &ctx.Request, resp: &ctx.Response}, result{kind: outNoHealthy}, false)
 			return
@@ -560,7 +561,7 @@ func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target) {
 			tried[n] = ep
 			n++
 			if n > p.cfg.MaxRetries {
-				t.svc.Done(call, true, time.Now())
+				svc.Done(call, true, time.Now())
 				p.fastCanned(ctx, p.cannedFor(t, result{kind: outError, err: err, ep: ep}, false))
 				return
 			}
@@ -569,7 +570,7 @@ func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target) {
 		conn = c
 	}
 	ep.out.Report(false)
-	t.svc.Done(call, false, time.Now())
+	svc.Done(call, false, time.Now())
 	setForwardedFast(ctx)
 	head := ctx.Request.Header.Header()
 	if _, err := conn.Write(head); err != nil {

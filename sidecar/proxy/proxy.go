@@ -656,6 +656,7 @@ type epSet struct {
 	known bool // the catalog knows the service name
 	ips   bool // every instance has an IP address (an event loop can dial them)
 	list  []*endpoint
+	byTag map[string][]*endpoint // lower-cased tag -> the instances carrying it, in list's order
 }
 
 // endpoint is one instance with its connection pool and counters.
@@ -666,6 +667,7 @@ type endpoint struct {
 	weight   int
 	rtt      time.Duration
 	rttKnown bool
+	tags     []string // lower-cased, without duplicates
 	inflight atomic.Int64
 	out      *breaker.Instance
 	hc       *fasthttp.HostClient // the fasthttp path's pool
@@ -720,6 +722,7 @@ func (t *target) rebuild(snap *catalog.Snapshot) *epSet {
 				t.eps[key] = ep
 			}
 			ep.node = in.Node
+			ep.tags = lowerTags(in.Tags)
 			ep.weight = in.Weight
 			if ep.weight <= 0 {
 				ep.weight = 1
@@ -742,20 +745,46 @@ func (t *target) rebuild(snap *catalog.Snapshot) *epSet {
 		}
 	}
 	t.met.retain(live, now)
-	if t.bal == Nearest {
-		sort.SliceStable(set.list, func(i, j int) bool {
-			a, b := set.list[i], set.list[j]
-			if a.rttKnown != b.rttKnown {
-				return a.rttKnown
+	// Nearest first, whatever the service's balancer: a gateway route may
+	// pick with the nearest balancer from the same set.
+	sort.SliceStable(set.list, func(i, j int) bool {
+		a, b := set.list[i], set.list[j]
+		if a.rttKnown != b.rttKnown {
+			return a.rttKnown
+		}
+		return a.rtt < b.rtt
+	})
+	if found {
+		for _, ep := range set.list {
+			for _, tag := range ep.tags {
+				if set.byTag == nil {
+					set.byTag = map[string][]*endpoint{}
+				}
+				set.byTag[tag] = append(set.byTag[tag], ep)
 			}
-			return a.rtt < b.rtt
-		})
+		}
 	}
 	// The breaker follows the view: an instance that left it (Consul
 	// found it unhealthy) and came back starts with a clean record.
 	t.svc.Sync(ids)
 	t.set.Store(set)
 	return set
+}
+
+// lowerTags returns tags lower-cased, each once.
+func lowerTags(tags []string) []string {
+	var out []string
+outer:
+	for _, tag := range tags {
+		tag = strings.ToLower(tag)
+		for _, x := range out {
+			if x == tag {
+				continue outer
+			}
+		}
+		out = append(out, tag)
+	}
+	return out
 }
 
 func (t *target) newEndpoint(id, addr string) *endpoint {
@@ -824,16 +853,26 @@ func (t *target) want(ctx context.Context) *epSet {
 	return t.endpoints()
 }
 
-// pick chooses an endpoint not in tried. An instance whose ejection time is
-// over is taken first, as its probe. While the service panics (too few
-// healthy instances) every instance may be picked. nil means no instance
-// can be tried.
-func (t *target) pick(set *epSet, tried []*endpoint) *endpoint {
+// pick chooses an endpoint not in tried, among those carrying pol's tag
+// (every one without) with pol's balancer (the service's without). An
+// instance whose ejection time is over is taken first, as its probe. While
+// the service panics (too few healthy instances) every instance may be
+// picked. nil means no instance can be tried.
+func (t *target) pick(set *epSet, tried []*endpoint, pol *Policy) *endpoint {
 	var buf [16]*endpoint
 	cand := buf[:0]
 	panicking := t.svc.Panic()
+	list, bal := set.list, t.bal
+	if pol != nil {
+		if pol.Tag != "" {
+			list = set.byTag[strings.ToLower(pol.Tag)]
+		}
+		if pol.Balancer != "" {
+			bal = pol.Balancer
+		}
+	}
 outer:
-	for _, ep := range set.list {
+	for _, ep := range list {
 		for _, x := range tried {
 			if x == ep {
 				continue outer
@@ -858,7 +897,7 @@ outer:
 	case 1:
 		return cand[0]
 	}
-	switch t.bal {
+	switch bal {
 	case RoundRobin:
 		return cand[t.rr.Add(1)%uint64(len(cand))]
 	case Weighted:

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"time"
 	"unsafe"
+
+	"attache/sidecar/breaker"
 )
 
 // Router decides where each request of a gateway listener goes (package
@@ -62,12 +64,23 @@ type Answer struct {
 	Body   []byte
 }
 
-// Policy overrides the proxy's forwarding settings for one route. Zero
-// fields keep the proxy's.
+// Policy overrides the proxy's forwarding settings for one route (and
+// destination). Zero fields keep the proxy's. A Policy is shared by every
+// request of its route: build it once, never change it.
 type Policy struct {
 	TryTimeout     time.Duration
 	RequestTimeout time.Duration
-	Retries        int // extra tries after the first; 0 keeps the proxy's, negative: none
+	Retries        int      // extra tries after the first; 0 keeps the proxy's, negative: none
+	Balancer       Balancer // "" keeps the service's
+	// Tag narrows the instances to those carrying this tag (compared
+	// without case, as Consul's DNS does); none carrying it is "no healthy
+	// instance". "" is every instance.
+	Tag string
+	// Breaker is the route's own breaker for this service
+	// (breaker.Registry.Custom), asked instead of the service's; instances
+	// are still judged (ejection, panic) by the service's state. nil: the
+	// service's.
+	Breaker *breaker.Service
 }
 
 // GatewayListener is a listener whose requests a Router sends on. Without

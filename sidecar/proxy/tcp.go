@@ -35,7 +35,7 @@ func (p *Proxy) handleTCP(ctx context.Context, c net.Conn, t *target) {
 	var tried [maxTries]*endpoint
 	n := 0
 	for {
-		ep := t.pick(set, tried[:n])
+		ep := t.pick(set, tried[:n], nil)
 		if ep == nil {
 			if n == 0 {
 				t.svc.Cancel(call)

@@ -119,6 +119,9 @@ type Loop[T any] struct {
 	// Observe, when set, is told of every query: how long it took and its
 	// error (nil on success). For metrics, logs and failover.
 	Observe func(took time.Duration, err error)
+	// Waker, when set, ends the loop's backoff after an error at once when
+	// woken (Consul found answering again).
+	Waker *Waker
 }
 
 // Run runs the loop until ctx ends.
@@ -162,7 +165,7 @@ func (l *Loop[T]) Run(ctx context.Context) {
 			index = 0
 			d := Backoff(cfg.RetryBase, cfg.RetryMax, retries)
 			retries++
-			if !Sleep(ctx, d) {
+			if !l.Waker.Sleep(ctx, d) {
 				return
 			}
 			continue

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -212,5 +213,41 @@ func TestView(t *testing.T) {
 	}
 	if v.Load().s != "c" || v.Version() != 3 || first.s != "a" {
 		t.Fatalf("after three publishes: %+v %d", v.Load(), v.Version())
+	}
+}
+
+// TestWakerEndsBackoff: a loop backing off after errors (here 30 s) queries
+// again at once when its Waker wakes.
+func TestWakerEndsBackoff(t *testing.T) {
+	waker := NewWaker()
+	var calls atomic.Int32
+	answered := make(chan struct{})
+	l := &Loop[int]{
+		Config: Config{RetryBase: 30 * time.Second, RetryMax: 30 * time.Second, MinInterval: -1},
+		Fetch: func(ctx context.Context, q Query) (int, Meta, error) {
+			if calls.Add(1) == 1 {
+				return 0, Meta{}, errors.New("agent down")
+			}
+			return 1, Meta{Index: 1}, nil
+		},
+		Changed: func(int, Meta) { close(answered) },
+		Waker:   waker,
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go l.Run(ctx)
+	for calls.Load() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(20 * time.Millisecond) // into its backoff (15-30 s)
+	waker.Wake()
+	select {
+	case <-answered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the loop slept on after Wake")
+	}
+	var nilWaker *Waker
+	if !nilWaker.Sleep(ctx, time.Millisecond) {
+		t.Fatal("a nil Waker's Sleep reported the context ended")
 	}
 }
