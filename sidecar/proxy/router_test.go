@@ -295,38 +295,6 @@ func FuzzGatewayListener(f *testing.F) {
 	<-p.Ready()
 	addr := p.GatewayAddr(0).String()
 	f.Fuzz(func(t *testing.T, in []byte) {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-		if _, err := c.Write(in); err != nil {
-			return
-		}
-		_ = c.(*net.TCPConn).CloseWrite()
-		out, err := io.ReadAll(c)
-		if err != nil && !isReset(err) {
-			t.Fatalf("reading the answers: %v (the gateway neither answered nor closed)", err)
-		}
-		if len(out) > 0 {
-			if resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(out)), nil); err == nil {
-				io.Copy(io.Discard, resp.Body)
-				if resp.StatusCode < 100 || resp.StatusCode > 599 {
-					t.Fatalf("status %d", resp.StatusCode)
-				}
-			}
-		}
-		c2, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c2.Close()
-		_ = c2.SetDeadline(time.Now().Add(10 * time.Second))
-		io.WriteString(c2, "GET /a/items/1 HTTP/1.1\r\nHost: gw\r\n\r\n")
-		resp, err := http.ReadResponse(bufio.NewReader(c2), nil)
-		if err != nil || resp.StatusCode != 200 {
-			t.Fatalf("a plain request after the input: %v %v", err, resp)
-		}
+		fuzzListener(t, addr, in, "GET /a/items/1 HTTP/1.1\r\nHost: gw\r\n\r\n")
 	})
 }
