@@ -3,6 +3,7 @@ package sidecar
 import (
 	"encoding/json"
 	"net/http"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
@@ -23,7 +24,7 @@ func (s *Sidecar) adminHandler() http.Handler {
 			Snapshot *catalog.Snapshot `json:"snapshot"`
 		}{s.watcher.Status(), s.watcher.Load()}, http.StatusOK)
 	})
-	mux.Handle("GET /v1/breakers", s.breakers.Handler())
+	mux.HandleFunc("GET /v1/breakers", s.breakersJSON)
 	if s.gateway != nil {
 		mux.Handle("GET /v1/routes", s.gateway.Handler())
 	} else {
@@ -85,4 +86,48 @@ func writeJSON(w http.ResponseWriter, v any, code int) {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	_ = enc.Encode(v)
+}
+
+// breakerJSON is the JSON form of one service's breaker in /v1/breakers.
+type breakerJSON struct {
+	Service    string         `json:"service"`
+	State      string         `json:"state"`
+	Panic      bool           `json:"panic"`
+	OpenUntil  *time.Time     `json:"open_until,omitempty"`
+	Reason     string         `json:"reason,omitempty"`
+	InFlight   int            `json:"in_flight"`
+	Calls      int            `json:"window_calls"`
+	Failures   int            `json:"window_failures"`
+	SlowCalls  int            `json:"window_slow_calls"`
+	Instances  []instanceJSON `json:"instances"`
+	TrialsLeft int            `json:"trials_left,omitempty"`
+}
+
+// instanceJSON is the JSON form of one instance's outlier state.
+type instanceJSON struct {
+	ID                  string     `json:"id"`
+	Ejected             bool       `json:"ejected"`
+	EjectedUntil        *time.Time `json:"ejected_until,omitempty"`
+	ProbeReady          bool       `json:"probe_ready,omitempty"`
+	Probing             bool       `json:"probing,omitempty"`
+	Failing             bool       `json:"failing,omitempty"`
+	ConsecutiveFailures int        `json:"consecutive_failures"`
+	TimesEjected        int        `json:"times_ejected"`
+}
+
+// breakersJSON serves /v1/breakers: every service's breaker state
+// (breaker.Registry.State), field names as documented in the README.
+func (s *Sidecar) breakersJSON(w http.ResponseWriter, r *http.Request) {
+	states := s.breakers.State()
+	out := make([]breakerJSON, len(states))
+	for i, st := range states {
+		b := breakerJSON{Service: st.Service, State: st.State, Panic: st.Panic, OpenUntil: st.OpenUntil,
+			Reason: st.Reason, InFlight: st.InFlight, Calls: st.Calls, Failures: st.Failures,
+			SlowCalls: st.SlowCalls, TrialsLeft: st.TrialsLeft, Instances: make([]instanceJSON, len(st.Instances))}
+		for j, in := range st.Instances {
+			b.Instances[j] = instanceJSON(in)
+		}
+		out[i] = b
+	}
+	writeJSON(w, map[string]any{"services": out}, http.StatusOK)
 }

@@ -11,10 +11,8 @@ package breaker
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"net/http"
 	"sort"
 	"strings"
 	"sync"
@@ -402,34 +400,35 @@ func (r *Registry) BreakerOpen(service string) bool {
 
 // ---------------------------------------------------------------- state
 
-// ServiceState is the JSON form of one service for /v1/breakers.
+// ServiceState is one service's breaker and the outlier state of its
+// instances, as State reads them (the admin API renders it as JSON).
 type ServiceState struct {
-	Service    string          `json:"service"`
-	State      string          `json:"state"`
-	Panic      bool            `json:"panic"`
-	OpenUntil  *time.Time      `json:"open_until,omitempty"`
-	Reason     string          `json:"reason,omitempty"` // why it last opened
-	InFlight   int             `json:"in_flight"`
-	Calls      int             `json:"window_calls"` // started in the window
-	Failures   int             `json:"window_failures"`
-	SlowCalls  int             `json:"window_slow_calls"` // finished slow, or in flight longer than SlowCallDuration
-	Instances  []InstanceState `json:"instances"`
-	TrialsLeft int             `json:"trials_left,omitempty"`
+	Service    string
+	State      string
+	Panic      bool
+	OpenUntil  *time.Time // while open
+	Reason     string     // why it last opened
+	InFlight   int
+	Calls      int // started in the window
+	Failures   int
+	SlowCalls  int // finished slow, or in flight longer than SlowCallDuration
+	Instances  []InstanceState
+	TrialsLeft int // while half-open
 }
 
-// InstanceState is the JSON form of one instance's outlier state.
+// InstanceState is one instance's outlier state.
 type InstanceState struct {
-	ID                  string     `json:"id"`
-	Ejected             bool       `json:"ejected"` // left out now (as DNS leaves it out)
-	EjectedUntil        *time.Time `json:"ejected_until,omitempty"`
-	ProbeReady          bool       `json:"probe_ready,omitempty"` // ejection over; the next request is its probe
-	Probing             bool       `json:"probing,omitempty"`
-	Failing             bool       `json:"failing,omitempty"` // would be ejected but for MaxEjectionPercent
-	ConsecutiveFailures int        `json:"consecutive_failures"`
-	TimesEjected        int        `json:"times_ejected"` // since it last joined the view
+	ID                  string
+	Ejected             bool // left out now (as DNS leaves it out)
+	EjectedUntil        *time.Time
+	ProbeReady          bool // ejection over; the next request is its probe
+	Probing             bool
+	Failing             bool // would be ejected but for MaxEjectionPercent
+	ConsecutiveFailures int
+	TimesEjected        int // since it last joined the view
 }
 
-// State returns every service's state, sorted by name, ready to marshal.
+// State returns every service's state, sorted by name.
 func (r *Registry) State() []ServiceState {
 	svcs := r.services()
 	sort.Slice(svcs, func(i, j int) bool { return svcs[i].name < svcs[j].name })
@@ -467,19 +466,4 @@ func (r *Registry) State() []ServiceState {
 		out = append(out, st)
 	}
 	return out
-}
-
-// Handler serves State as JSON (GET /v1/breakers).
-func (r *Registry) Handler() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
-		if req.Method != http.MethodGet && req.Method != http.MethodHead {
-			w.Header().Set("Allow", "GET, HEAD")
-			http.Error(w, "breaker: method not allowed", http.StatusMethodNotAllowed)
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		_ = enc.Encode(map[string]any{"services": r.State()})
-	})
 }

@@ -1,10 +1,8 @@
 package breaker
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
-	"net/http/httptest"
 	"sync"
 	"testing"
 	"time"
@@ -443,28 +441,6 @@ func TestBreakerOpenHalfOpenClose(t *testing.T) {
 	}
 	if _, err := s.Allow(c.now()); err != nil {
 		t.Fatal(err)
-	}
-}
-
-func TestHandler(t *testing.T) {
-	r, _ := newTest(t, Config{})
-	r.Service("b").Instance("i1")
-	r.Service("a")
-	rec := httptest.NewRecorder()
-	r.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/v1/breakers", nil))
-	var body struct {
-		Services []ServiceState `json:"services"`
-	}
-	if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil {
-		t.Fatal(err)
-	}
-	if len(body.Services) != 2 || body.Services[0].Service != "a" || body.Services[1].Instances[0].ID != "i1" {
-		t.Fatalf("body %s", rec.Body)
-	}
-	rec = httptest.NewRecorder()
-	r.Handler().ServeHTTP(rec, httptest.NewRequest("POST", "/v1/breakers", nil))
-	if rec.Code != 405 {
-		t.Fatalf("POST code %d", rec.Code)
 	}
 }
 
