@@ -526,51 +526,17 @@ func hasToken(v []byte, tok string) bool {
 }
 
 // tunnelFast forwards an Upgrade request (WebSocket and the like): it sends
-// the request head to an instance and then copies bytes both ways.
+// the request head to an instance and then copies bytes both ways. The
+// connect goes through the same policy as any request (forward: breaker,
+// balancer, retries, outlier reports), as a raw TCP upstream's does.
 func (p *Proxy) tunnelFast(ctx *fasthttp.RequestCtx, t *target, pol *Policy) {
-	t.keepWanted(ctx, time.Now(), false)
-	set := t.endpoints()
-	if !set.found {
-		set = t.want(ctx)
-	}
-	start := time.Now()
-	svc := t.breakerFor(pol)
-	call, err := svc.Allow(start)
-	if err != nil {
-		p.fastFinish(ctx, t, &fastExchange{req: &ctx.Request, resp: &ctx.Response}, openResult(err), false)
+	x := &tcpConnect{ctx: ctx, d: &p.dialer}
+	res := t.forwardWith(ctx, x, true, pol, nil)
+	if res.kind != outAnswered || x.up == nil {
+		p.fastCanned(ctx, p.cannedFor(t, res, false))
 		return
 	}
-	var tried [maxTries]*endpoint
-	n := 0
-	var conn net.Conn
-	var ep *endpoint
-	for conn == nil {
-		ep = t.pick(set, tried[:n], pol)
-		if ep == nil {
-			if n == 0 {
-				svc.Cancel(call)
-			} else {
-				svc.Done(call, true, time.Now())
-			}
-			p.fastFinish(ctx, t, &fastExchange{req: &ctx.Request, resp: &ctx.Response}, result{kind: outNoHealthy}, false)
-			return
-		}
-		c, err := p.dialer.DialContext(ctx, "tcp", ep.addr)
-		if err != nil {
-			ep.out.Report(true)
-			tried[n] = ep
-			n++
-			if n > p.cfg.MaxRetries {
-				svc.Done(call, true, time.Now())
-				p.fastCanned(ctx, p.cannedFor(t, result{kind: outError, err: err, ep: ep}, false))
-				return
-			}
-			continue
-		}
-		conn = c
-	}
-	ep.out.Report(false)
-	svc.Done(call, false, time.Now())
+	conn, ep := x.up, res.ep
 	setForwardedFast(ctx)
 	head := ctx.Request.Header.Header()
 	if _, err := conn.Write(head); err != nil {

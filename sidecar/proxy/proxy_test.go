@@ -648,6 +648,17 @@ func TestTCPUpstream(t *testing.T) {
 			t.Fatalf("tcp echo %q", got)
 		}
 	}
+	// Every instance down: the client's connection is closed, not held.
+	ln.Close()
+	c, err := net.Dial("tcp", tp.p.Addr("echo").String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil || os.IsTimeout(err) {
+		t.Fatalf("with no instance up: read %d, %v; want the connection closed", n, err)
+	}
 }
 
 func TestRunAddressInUse(t *testing.T) {

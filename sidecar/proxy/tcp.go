@@ -17,57 +17,44 @@ func (p *Proxy) serveTCP(ctx context.Context, ln net.Listener, t *target) {
 	acceptEach(ctx, ln, func(c net.Conn) { p.handleTCP(ctx, c, t) })
 }
 
+// handleTCP goes through the same policy as an HTTP request (forward: the
+// breaker, the balancer, retries with their budget and backoff, outlier
+// reports), a try being a connect; then it splices the two connections.
 func (p *Proxy) handleTCP(ctx context.Context, c net.Conn, t *target) {
-	t.keepWanted(ctx, time.Now(), false)
-	set := t.endpoints()
-	if !set.found {
-		set = t.want(ctx)
-	}
-	start := time.Now()
-	call, err := t.svc.Allow(start)
-	if err != nil {
-		p.log.Debug("tcp connection refused", "service", t.name, "error", err)
-		t.met.count(classOpen)
+	x := &tcpConnect{ctx: ctx, d: &p.dialer}
+	res := t.forward(ctx, x, true)
+	if res.kind != outAnswered || x.up == nil {
+		p.log.Debug("tcp connection refused", "service", t.name, "outcome", res.kind, "error", res.err)
 		c.Close()
 		return
 	}
-	t.budget.request(start)
-	var tried [maxTries]*endpoint
-	n := 0
-	for {
-		ep := t.pick(set, tried[:n], nil)
-		if ep == nil {
-			if n == 0 {
-				t.svc.Cancel(call)
-				t.met.count(classNoHealthy)
-			} else {
-				t.svc.Done(call, true, time.Now())
-				t.met.count(classError)
-			}
-			c.Close()
-			return
-		}
-		ep.inflight.Add(1)
-		t0 := time.Now()
-		up, err := p.dialer.DialContext(ctx, "tcp", ep.addr)
-		ep.met.observe(time.Since(t0), err != nil)
-		ep.out.Report(err != nil)
-		if err == nil {
-			t.svc.Done(call, false, time.Now())
-			t.met.count(class2xx)
-			p.splice(c, up)
-			ep.inflight.Add(-1)
-			return
-		}
-		ep.inflight.Add(-1)
-		tried[n] = ep
-		n++
-		if n > p.cfg.MaxRetries || !t.budget.retry(time.Now(), p.cfg.RetryBudget, p.cfg.MinRetries) {
-			t.svc.Done(call, true, time.Now())
-			t.met.count(classError)
-			c.Close()
-			return
-		}
-		t.met.retries.Inc()
-	}
+	// The connection counts as in flight for the least-request balancer as
+	// long as it lasts.
+	res.ep.inflight.Add(1)
+	p.splice(c, x.up)
+	res.ep.inflight.Add(-1)
 }
+
+// tcpConnect is the exchange of a raw TCP upstream: a try connects to the
+// instance; a connection counts as an answer (status 200: the breaker and
+// the outlier detector count it a success), a refused or timed-out connect
+// as a failed try.
+type tcpConnect struct {
+	ctx context.Context
+	d   *net.Dialer
+	up  net.Conn // the connection of the try that succeeded
+}
+
+func (x *tcpConnect) try(ep *endpoint, deadline time.Time) (int, error) {
+	ctx, cancel := context.WithDeadline(x.ctx, deadline)
+	defer cancel()
+	up, err := x.d.DialContext(ctx, "tcp", ep.addr)
+	if err != nil {
+		return 0, err
+	}
+	x.up = up
+	return 200, nil
+}
+
+// discard has nothing to drop: a failed connect left no connection.
+func (x *tcpConnect) discard() {}
