@@ -74,8 +74,11 @@ type Config struct {
 	SlowCall      time.Duration             // breaker: a call this long is slow, in flight or done (default 2s)
 	MaxRequests   int                       // breaker: calls in flight per service (default 1024; -1 no limit)
 	Fallbacks     map[string]proxy.Fallback // per-service answer for refused and failed calls (HCL only)
-	LogLevel      string                    // trace, debug, info, warn, error
-	LogJSON       bool
+	// UpstreamSettings are services' own settings, by lower-case name
+	// (HCL only: upstream "NAME" { ... } blocks).
+	UpstreamSettings map[string]UpstreamSettings
+	LogLevel         string // trace, debug, info, warn, error
+	LogJSON          bool
 }
 
 // DefaultConfig returns the defaults, with CONSUL_HTTP_ADDR and
@@ -275,6 +278,7 @@ type fileConfig struct {
 	SlowCall      *string            `hcl:"slow_call,optional"`
 	MaxRequests   *int               `hcl:"max_requests,optional"`
 	Fallbacks     []fallbackBlock    `hcl:"fallback,block"`
+	UpstreamBlock []upstreamBlock    `hcl:"upstream,block"`
 	LogLevel      *string            `hcl:"log_level,optional"`
 	LogJSON       *bool              `hcl:"log_json,optional"`
 }
@@ -311,6 +315,25 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	set(&c.Admin, fc.Admin)
 	set(&c.AdminToken, fc.AdminToken)
 	set(&c.Upstreams, fc.Upstreams)
+	if len(fc.UpstreamBlock) > 0 {
+		us, err := upstreamSettings(name, f.Body, fc.UpstreamBlock)
+		if err != nil {
+			return err
+		}
+		c.UpstreamSettings = us
+		for _, b := range fc.UpstreamBlock {
+			u := us[strings.ToLower(b.Name)]
+			if u.Listen == "" {
+				continue
+			}
+			for _, l := range c.Upstreams {
+				if n, _, _ := strings.Cut(l, "="); strings.EqualFold(n, b.Name) {
+					return fmt.Errorf("%s: upstream %q: listen is set, and the upstream list has a listener for it too (%s): keep one", name, b.Name, l)
+				}
+			}
+			c.Upstreams = append(c.Upstreams, b.Name+"="+u.Listen)
+		}
+	}
 	set(&c.HTTPProxy, fc.HTTPProxy)
 	set(&c.Gateway, fc.Gateway)
 	set(&c.GatewayTLS, fc.GatewayTLS)
@@ -466,6 +489,7 @@ func (c *Config) Validate() error {
 	for _, r := range c.Recursors {
 		addr("recursor", r)
 	}
+
 	switch c.Watch {
 	case "on-demand", "all", "list":
 	default:

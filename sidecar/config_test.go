@@ -27,6 +27,30 @@ func TestParseArgs(t *testing.T) {
 	fb := file("fb.hcl", "fallback \"inventory\" {\n  body = \"Stock status unavailable\"\n  content_type = \"text/plain\"\n  on = [\"breaker-open\", \"timeout\"]\n}\n")
 	drain := file("drain.hcl", "drain_timeout = \"30s\"\n")
 	badCause := file("cause.hcl", "fallback \"inventory\" {\n  on = [\"sometimes\"]\n}\n")
+	ups := file("ups.hcl", `upstream = ["db=127.0.0.1:5432/tcp"]
+upstream "Users" {
+  listen          = "127.0.0.1:9192"
+  lb              = "rr"
+  try_timeout     = "1s"
+  request_timeout = "3s"
+  retries         = -1
+  eject_after     = 3
+  eject_time      = "10s"
+  slow_call       = "500ms"
+  max_requests    = 100
+  failure_rate    = 0
+  window          = "20s"
+  open_time       = "5s"
+}
+upstream "inventory" {
+  retries = 1
+}
+`)
+	upsBad := file("upsbad.hcl", "upstream \"users\" {\n  retries = 1\n}\n\nupstream \"inventory\" {\n  retries = 20\n}\n")
+	upsDur := file("upsdur.hcl", "upstream \"users\" {\n  try_timeout = \"soon\"\n}\n")
+	upsTwice := file("upstwice.hcl", "upstream = [\"users=127.0.0.1:9191\"]\nupstream \"users\" {\n  listen = \"127.0.0.1:9192\"\n}\n")
+	upsLB := file("upslb.hcl", "upstream \"users\" {\n  lb = \"random\"\n}\n")
+	upsAttr := file("upsattr.hcl", "upstream \"users\" {\n  timeout = \"1s\"\n}\n")
 
 	tests := []struct {
 		name    string
@@ -76,6 +100,30 @@ func TestParseArgs(t *testing.T) {
 		{name: "unknown attribute names file and line", args: []string{"-config", badAttr}, wantErr: "bad.hcl:2,1: Unsupported argument"},
 		{name: "syntax error names file and line", args: []string{"-config", badSyntax}, wantErr: "syntax.hcl:1,"},
 		{name: "bad duration", args: []string{"-config", badDur}, wantErr: "max_stale"},
+		{name: "upstream blocks", args: []string{"-config", ups}, check: func(t *testing.T, c Config) {
+			if strings.Join(c.Upstreams, " ") != "db=127.0.0.1:5432/tcp Users=127.0.0.1:9192" {
+				t.Errorf("upstream listeners %v", c.Upstreams)
+			}
+			u := c.UpstreamSettings["users"]
+			if u.Listen != "127.0.0.1:9192" || u.Balancer != "rr" || u.TryTimeout != time.Second || u.ReqTimeout != 3*time.Second ||
+				*u.Retries != -1 || *u.EjectAfter != 3 || u.EjectTime != 10*time.Second || u.SlowCall != 500*time.Millisecond ||
+				*u.MaxRequests != 100 || *u.FailureRate != 0 || u.Window != 20*time.Second || u.OpenTime != 5*time.Second {
+				t.Errorf("users: %+v", u)
+			}
+			if inv := c.UpstreamSettings["inventory"]; *inv.Retries != 1 || inv.Listen != "" {
+				t.Errorf("inventory: %+v", inv)
+			}
+		}},
+		{name: "upstream flag replaces the file's listeners", args: []string{"-config", ups, "-upstream", "x=127.0.0.1:9300"}, check: func(t *testing.T, c Config) {
+			if strings.Join(c.Upstreams, " ") != "x=127.0.0.1:9300" || c.UpstreamSettings["users"].TryTimeout != time.Second {
+				t.Errorf("upstreams %v, settings %v", c.Upstreams, c.UpstreamSettings)
+			}
+		}},
+		{name: "upstream block out of range names file and line", args: []string{"-config", upsBad}, wantErr: `upsbad.hcl:5: upstream "inventory": retries 20: want -1 (none) to 10`},
+		{name: "upstream block bad duration", args: []string{"-config", upsDur}, wantErr: `upsdur.hcl:1: upstream "users": try_timeout: time: invalid duration`},
+		{name: "upstream listener twice", args: []string{"-config", upsTwice}, wantErr: `upstream "users": listen is set, and the upstream list has a listener for it too`},
+		{name: "upstream block bad balancer", args: []string{"-config", upsLB}, wantErr: `upslb.hcl:1: upstream "users": lb:`},
+		{name: "upstream block unknown attribute", args: []string{"-config", upsAttr}, wantErr: `upsattr.hcl:2,3: Unsupported argument`},
 		{name: "gateway flags", args: []string{"-gateway", "127.0.0.30:8080", "-gateway-tls", "127.0.0.30:8443"}, check: func(t *testing.T, c Config) {
 			if c.Gateway != "127.0.0.30:8080" || c.GatewayTLS != "127.0.0.30:8443" || c.RoutesPrefix != "attache/" {
 				t.Errorf("gateway flags: %q %q %q", c.Gateway, c.GatewayTLS, c.RoutesPrefix)

@@ -142,6 +142,9 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 			}
 			pc.Upstreams = append(pc.Upstreams, up)
 		}
+		if err := applyUpstreams(cfg.UpstreamSettings, s.breakers, &pc); err != nil {
+			return nil, err
+		}
 		if s.proxy, err = proxy.New(pc, s.watcher, s.breakers); err != nil {
 			return nil, err
 		}

@@ -323,6 +323,27 @@ func (r *Registry) newService(key string, cfg *Config, bucket time.Duration) *Se
 	return s
 }
 
+// Configure gives the named service settings of its own (zero fields take
+// DefaultConfig's; start from Config() to keep the registry's), for all of
+// it: outlier ejection, panic, the breaker and MaxRequests. It must come
+// before the service's first use (Service): a service already in use keeps
+// the settings it has, and Configure says so.
+func (r *Registry) Configure(name string, cfg Config) error {
+	key := strings.ToLower(name)
+	cfg = cfg.withDefaults()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.svcs[key] != nil {
+		return fmt.Errorf("breaker settings of %s: the service is in use already", name)
+	}
+	bucket := cfg.Window / numBuckets
+	if bucket <= 0 {
+		bucket = time.Millisecond
+	}
+	r.svcs[key] = r.newService(key, &cfg, bucket)
+	return nil
+}
+
 // Custom returns a breaker of its own under name (case-insensitive), with
 // cfg (zero fields take DefaultConfig's; start from Config() to keep the
 // registry's): a gateway route's breaker for one of its services. The same

@@ -3,6 +3,7 @@ package breaker
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -542,5 +543,36 @@ func TestCustom(t *testing.T) {
 	r.Drop("svc@route")
 	if n := names(); n["svc@route"] || !n["svc"] {
 		t.Fatalf("after Drop, State lists %v", n)
+	}
+}
+
+// TestConfigure gives one service settings of its own: its instances are
+// ejected after 2 failures while another service's wait for the
+// registry's 5; a service already in use cannot be configured.
+func TestConfigure(t *testing.T) {
+	r, _ := newTest(t, Config{MaxEjectionPercent: 50})
+	own := r.Config()
+	own.ConsecutiveFailures = 2
+	if err := r.Configure("Users", own); err != nil {
+		t.Fatal(err)
+	}
+	users := r.Service("users")
+	if users.Config().ConsecutiveFailures != 2 {
+		t.Fatalf("users' settings %+v", users.Config())
+	}
+	other := r.Service("other")
+	for _, s := range []*Service{users, other} {
+		s.Instance("a")
+		s.Instance("b")
+		for i := 0; i < 2; i++ {
+			s.Instance("a").Report(true)
+		}
+	}
+	if !users.Instance("a").Ejected() || other.Instance("a").Ejected() {
+		t.Fatalf("after 2 failures: users ejected %v (want true), other %v (want false)",
+			users.Instance("a").Ejected(), other.Instance("a").Ejected())
+	}
+	if err := r.Configure("other", own); err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("Configure of a service in use = %v", err)
 	}
 }

@@ -1298,7 +1298,7 @@ func (l *evLoop) reply(c *evConn, out []byte, closeClient bool) {
 	} else if len(rest) > 0 { // a client slow to read: a goroutine waits for it
 		rest = append([]byte(nil), rest...)
 		l.handoff(c, func(rc *rawConn) bool {
-			if rc.writeDeadline(time.Now().Add(rc.s.p.cfg.RequestTimeout)) != nil {
+			if rc.writeDeadline(time.Now().Add(requestTimeout(rc.s.p, c.f.pol, c.f.own))) != nil {
 				return false
 			}
 			_, err := rc.c.Write(rest)

@@ -58,7 +58,8 @@ type fwd struct {
 	n        int
 	res      result
 	next     *endpoint // already picked for the next try
-	pol      *Policy   // a gateway route's settings; nil: the proxy's
+	pol      *Policy   // a gateway route's settings; nil: none
+	own      *Policy   // the service's own settings (Config.Policies); nil: none
 	acc      *accReq   // the access log's fields; nil: not logged
 }
 
@@ -98,8 +99,8 @@ func (t *target) begin(ctx context.Context, f *fwd, start time.Time, pol *Policy
 }
 
 // admit is begin's part that never waits: the breaker (pol's own, else the
-// service's) and the budget; once admitted, f follows pol (nil: the
-// proxy's settings).
+// service's) and the budget; once admitted, f follows pol, then the
+// service's own settings, then the proxy's.
 func (t *target) admit(f *fwd, set *epSet, start time.Time, pol *Policy) (result, bool) {
 	svc := t.breakerFor(pol)
 	call, err := svc.Allow(start)
@@ -113,7 +114,7 @@ func (t *target) admit(f *fwd, set *epSet, start time.Time, pol *Policy) (result
 		return res, false
 	}
 	*f = fwd{set: set, svc: svc, call: call, start: start, deadline: start.Add(t.p.cfg.RequestTimeout), t0: start, acc: f.acc}
-	f.with(t.p, pol)
+	f.with(t.p, pol, t.pol)
 	t.budget.request(start)
 	return result{}, true
 }

@@ -58,7 +58,7 @@ func (p *Proxy) newHTTPListener(ctx context.Context, ln net.Listener, rt *routin
 		HeaderReceived: func(*fasthttp.RequestHeader) fasthttp.RequestConfig {
 			return fasthttp.RequestConfig{ReadTimeout: p.cfg.BodyTimeout}
 		},
-		WriteTimeout:      p.cfg.RequestTimeout, // a client that does not read holds no instance connection for long
+		WriteTimeout:      p.maxRequestTimeout, // a client that does not read holds no instance connection for long
 		CloseOnShutdown:   true,
 		KeepHijackedConns: true, // tunnels own their connections (closed on shutdown)
 		Logger:            fastLogger{p},

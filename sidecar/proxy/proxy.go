@@ -61,19 +61,25 @@ type Config struct {
 	BodyTimeout    time.Duration // a request body may pause this long between two reads, default 30s
 	MaxClientConns int           // open client connections per HTTP listener; more get a 503 and are closed, default 16384
 
-	MaxRetries        int           // extra tries after the first, default 2; negative disables
-	RetryBudget       float64       // retries at most this share of requests (10s window), default 0.2
-	MinRetries        int           // retries always allowed per 10s window, default 10
-	RetryBackoff      time.Duration // base of the full-jitter backoff, default 25ms
-	RetryBackoffMax   time.Duration // default 250ms
-	RetryStatuses     []int         // answers retried (idempotent requests only, on another instance), default 500, 502, 503, 504
-	FailureStatuses   []int         // answers counted as instance failures, default every 5xx
-	MaxReplayBody     int           // request bodies up to this size are buffered for retries, default 64 KiB
-	MaxConnsPerHost   int           // connection pool limit per instance, default 512
-	MaxIdleConnTime   time.Duration // idle pooled connection lifetime, default 10s
-	WantTimeout       time.Duration // wait for a service's first catalog answer, default 2s
-	MaxServices       int           // distinct services the HTTP proxy keeps state for, default 1024
-	Fallbacks         map[string]Fallback
+	MaxRetries      int           // extra tries after the first, default 2; negative disables
+	RetryBudget     float64       // retries at most this share of requests (10s window), default 0.2
+	MinRetries      int           // retries always allowed per 10s window, default 10
+	RetryBackoff    time.Duration // base of the full-jitter backoff, default 25ms
+	RetryBackoffMax time.Duration // default 250ms
+	RetryStatuses   []int         // answers retried (idempotent requests only, on another instance), default 500, 502, 503, 504
+	FailureStatuses []int         // answers counted as instance failures, default every 5xx
+	MaxReplayBody   int           // request bodies up to this size are buffered for retries, default 64 KiB
+	MaxConnsPerHost int           // connection pool limit per instance, default 512
+	MaxIdleConnTime time.Duration // idle pooled connection lifetime, default 10s
+	WantTimeout     time.Duration // wait for a service's first catalog answer, default 2s
+	MaxServices     int           // distinct services the HTTP proxy keeps state for, default 1024
+	Fallbacks       map[string]Fallback
+	// Policies are per-service forwarding settings (the sidecar's
+	// `upstream "NAME" { ... }` blocks), used by every request to that
+	// service through any listener; a gateway route's own Policy wins.
+	// Keys are service names; Tag and Breaker are not used here (a
+	// service's breaker settings belong to its breaker.Registry entry).
+	Policies          map[string]*Policy
 	Node              string // this node's name, for the nearest balancer
 	Logger            hclog.Logger
 	Registerer        prometheus.Registerer
@@ -181,7 +187,11 @@ type Proxy struct {
 	failureOn [600]bool
 	dialer    net.Dialer
 	fallbacks map[string]*fallback
-	acc       *accessLog // nil: no access log
+	policies  map[string]*Policy // Config.Policies by lower-case name
+	// maxRequestTimeout is the longest request timeout of the proxy's and
+	// the services' own: the write timeout of fasthttp's server.
+	maxRequestTimeout time.Duration
+	acc               *accessLog // nil: no access log
 
 	mu      sync.Mutex
 	targets map[string]*target
@@ -252,8 +262,22 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 		}
 		fallbacks[strings.ToLower(name)] = f
 	}
+	policies := make(map[string]*Policy, len(cfg.Policies))
+	for name, pol := range cfg.Policies {
+		if err := checkServiceName(strings.ToLower(name)); err != nil {
+			return nil, fmt.Errorf("proxy: settings of %q: %w", name, err)
+		}
+		if _, err := ParseBalancer(string(pol.Balancer)); pol.Balancer != "" && err != nil {
+			return nil, fmt.Errorf("proxy: settings of %s: %w", name, err)
+		}
+		if pol.Tag != "" || pol.Breaker != nil {
+			return nil, fmt.Errorf("proxy: settings of %s: a service's own settings take no tag or breaker", name)
+		}
+		policies[strings.ToLower(name)] = pol
+	}
 	p := &Proxy{
 		cfg:       cfg,
+		policies:  policies,
 		fallbacks: fallbacks,
 		src:       src,
 		br:        br,
@@ -265,6 +289,13 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 		dialer:    net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second},
 	}
 	p.slack = cfg.TryTimeout / 32
+	p.maxRequestTimeout = cfg.RequestTimeout
+	for _, pol := range policies { // timeouts are swept at a 32nd of the shortest try timeout
+		if pol.TryTimeout > 0 {
+			p.slack = min(p.slack, pol.TryTimeout/32)
+		}
+		p.maxRequestTimeout = max(p.maxRequestTimeout, pol.RequestTimeout)
+	}
 	for _, s := range cfg.RetryStatuses {
 		if s >= 100 && s < 600 {
 			p.retryOn[s] = true
@@ -587,6 +618,9 @@ func (p *Proxy) target(name string, bal Balancer, proto string) *target {
 		met:  p.met.forTarget(name),
 	}
 	t.fallback = p.fallbacks[name]
+	if t.pol = p.policies[name]; t.pol != nil && t.pol.Balancer != "" {
+		t.bal = t.pol.Balancer // the service's own balancer: a route's wins in pick
+	}
 	p.targets[name] = t
 	return t
 }
@@ -635,6 +669,7 @@ type target struct {
 	h2up     bool // send h2c requests to instances over h2c
 	svc      *breaker.Service
 	fallback *fallback
+	pol      *Policy // the service's own settings (Config.Policies); nil: the proxy's
 	met      *targetMetrics
 	rr       atomic.Uint64
 	budget   budget

@@ -939,3 +939,62 @@ func mustBreaker(t *testing.T) *breaker.Registry {
 	}
 	return br
 }
+
+// TestServicePolicies gives one service settings of its own
+// (Config.Policies): "once" is tried once and answers within its own try
+// timeout, while "twice" keeps the proxy's retries, through its upstream
+// listener and through the HTTP proxy listener alike.
+func TestServicePolicies(t *testing.T) {
+	var onceN, twiceN atomic.Int64
+	h := func(n *atomic.Int64) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			n.Add(1)
+			if r.URL.Path == "/slow" {
+				time.Sleep(2 * time.Second)
+			}
+			w.WriteHeader(503)
+		})
+	}
+	o1, o2 := newBackend(t, "once", "o1", h(&onceN)), newBackend(t, "once", "o2", h(&onceN))
+	t1, t2 := newBackend(t, "twice", "t1", h(&twiceN)), newBackend(t, "twice", "t2", h(&twiceN))
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("once"), upstream("twice")}, HTTPProxyAddr: "127.0.0.1:0",
+		MaxRetries: 1, MinRetries: 100,
+		Policies: map[string]*Policy{"Once": {Retries: -1, TryTimeout: 300 * time.Millisecond}}},
+		breaker.Config{Disabled: true, ConsecutiveFailures: -1},
+		map[string][]*backend{"once": {o1, o2}, "twice": {t1, t2}})
+	c := newClient()
+	viaProxy := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		Proxy: http.ProxyURL(&url.URL{Scheme: "http", Host: tp.p.Addr("").String()})}}
+	for _, cl := range []struct {
+		name string
+		get  func(service, path string) int
+	}{
+		{"upstream listener", func(service, path string) int { code, _, _ := get(t, c, tp.url(service, path)); return code }},
+		{"http proxy", func(service, path string) int {
+			resp, err := viaProxy.Get("http://" + service + ".service.consul" + path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			return resp.StatusCode
+		}},
+	} {
+		onceN.Store(0)
+		twiceN.Store(0)
+		for i := 0; i < 10; i++ {
+			cl.get("once", "/x")
+			cl.get("twice", "/x")
+		}
+		if onceN.Load() != 10 || twiceN.Load() != 20 {
+			t.Errorf("%s: 10 requests each: once tried %d times (want 10), twice %d (want 20)", cl.name, onceN.Load(), twiceN.Load())
+		}
+		start := time.Now()
+		if code := cl.get("once", "/slow"); code != http.StatusGatewayTimeout {
+			t.Errorf("%s: a try slower than the service's try timeout: %d, want 504", cl.name, code)
+		}
+		if d := time.Since(start); d > 1500*time.Millisecond {
+			t.Errorf("%s: the service's 300ms try timeout answered after %v", cl.name, d)
+		}
+	}
+}

@@ -296,6 +296,11 @@ func (rc *rawConn) serveOne(end int) bool {
 			rc.last.remember(hb, t)
 		}
 	}
+	if t.pol != nil && t.pol.RequestTimeout > 0 { // the service's own, set above with the proxy's
+		if err := rc.writeDeadline(time.Now().Add(t.pol.RequestTimeout)); err != nil {
+			return false
+		}
+	}
 	out := appendRequest(rc.out[:0], b, r, host, path, end, rc.ip)
 	rc.out = out
 
@@ -333,7 +338,7 @@ func (rc *rawConn) serveRouted(end int, host, path span) bool {
 			return rc.writeCanned(cannedJSON(http.StatusServiceUnavailable, err.Error(), d.Service))
 		}
 	}
-	if err := rc.writeDeadline(time.Now().Add(requestTimeout(p, d.Policy))); err != nil {
+	if err := rc.writeDeadline(time.Now().Add(requestTimeout(p, d.Policy, t.pol))); err != nil {
 		return false
 	}
 	rc.out = appendGatewayRequest(rc.out[:0], b, r, host, path, d.Path, end, rc.ip, s.rt.proto)

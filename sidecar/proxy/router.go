@@ -145,9 +145,15 @@ func answerCanned(a *Answer) canned {
 
 // ---------------------------------------------------------------- policy
 
+// A request's settings come from its route's Policy (f.pol), else its
+// service's own (f.own, Config.Policies), else the proxy's Config.
+
 func (f *fwd) tryTimeout(p *Proxy) time.Duration {
 	if f.pol != nil && f.pol.TryTimeout > 0 {
 		return f.pol.TryTimeout
+	}
+	if f.own != nil && f.own.TryTimeout > 0 {
+		return f.own.TryTimeout
 	}
 	return p.cfg.TryTimeout
 }
@@ -156,21 +162,30 @@ func (f *fwd) maxRetries(p *Proxy) int {
 	if f.pol != nil && f.pol.Retries != 0 {
 		return min(max(f.pol.Retries, 0), maxTries-1)
 	}
+	if f.own != nil && f.own.Retries != 0 {
+		return min(max(f.own.Retries, 0), maxTries-1)
+	}
 	return p.cfg.MaxRetries
 }
 
-// with gives f a route's policy (nil: the proxy's), once admitted.
-func (f *fwd) with(p *Proxy, pol *Policy) {
-	if pol == nil {
+// with gives f a route's policy and the service's own settings (nil
+// both: the proxy's), once admitted.
+func (f *fwd) with(p *Proxy, pol, own *Policy) {
+	if pol == nil && own == nil {
 		return
 	}
-	f.pol = pol
-	f.deadline = f.start.Add(requestTimeout(p, pol))
+	f.pol, f.own = pol, own
+	f.deadline = f.start.Add(requestTimeout(p, pol, own))
 }
 
-func requestTimeout(p *Proxy, pol *Policy) time.Duration {
+// requestTimeout is the request timeout of a route's pol, else of the
+// service's own settings, else the proxy's.
+func requestTimeout(p *Proxy, pol, own *Policy) time.Duration {
 	if pol != nil && pol.RequestTimeout > 0 {
 		return pol.RequestTimeout
+	}
+	if own != nil && own.RequestTimeout > 0 {
+		return own.RequestTimeout
 	}
 	return p.cfg.RequestTimeout
 }
