@@ -112,9 +112,9 @@ func DefaultConfig() Config {
 	}
 }
 
-// ParseResolvConf returns the nameservers of a resolv.conf file as
+// parseResolvConf returns the nameservers of a resolv.conf file as
 // "host:port" addresses, in file order.
-func ParseResolvConf(path string) ([]string, error) {
+func parseResolvConf(path string) ([]string, error) {
 	cc, err := miekg.ClientConfigFromFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("dns: read resolvers from %s: %w", path, err)

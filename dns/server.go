@@ -146,7 +146,7 @@ func New(cfg Config, src Source, ej Ejections) (*Server, error) {
 
 	recs := cfg.Recursors
 	if len(recs) == 0 && cfg.ResolvConf != "" {
-		r, err := ParseResolvConf(cfg.ResolvConf)
+		r, err := parseResolvConf(cfg.ResolvConf)
 		if err != nil {
 			s.log.Warn("no recursors: names outside the domain will be refused", "error", err)
 		}

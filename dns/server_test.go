@@ -196,14 +196,14 @@ func TestParseResolvConf(t *testing.T) {
 	if err := writeFile(p, "# test\nnameserver 127.0.0.53\nnameserver ::1\noptions edns0\n"); err != nil {
 		t.Fatal(err)
 	}
-	got, err := ParseResolvConf(p)
+	got, err := parseResolvConf(p)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if strings.Join(got, ",") != "127.0.0.53:53,[::1]:53" {
 		t.Fatalf("got %v", got)
 	}
-	if _, err := ParseResolvConf(dir + "/missing"); err == nil {
+	if _, err := parseResolvConf(dir + "/missing"); err == nil {
 		t.Fatal("no error for a missing file")
 	}
 	for in, want := range map[string]string{"1.1.1.1": "1.1.1.1:53", "127.0.0.1:5353": "127.0.0.1:5353", "::1": "[::1]:53", "[::1]:54": "[::1]:54"} {

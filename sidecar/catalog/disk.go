@@ -23,7 +23,7 @@ const SnapshotFile = "catalog-snapshot.json"
 // snapshotFormat is the version of the file layout.
 const snapshotFormat = 1
 
-// diskFile is what SaveSnapshot writes.
+// diskFile is what saveSnapshot writes.
 type diskFile struct {
 	Format   int       `json:"format"`
 	Saved    time.Time `json:"saved"`
@@ -31,11 +31,11 @@ type diskFile struct {
 	Snapshot *Snapshot `json:"snapshot"`
 }
 
-// SaveSnapshot writes s to dir/SnapshotFile atomically: a temporary file in
+// saveSnapshot writes s to dir/SnapshotFile atomically: a temporary file in
 // the same directory, fsync, rename, fsync of the directory. A reader sees
 // the old file or the new one, never a mix. contact is when Consul last
 // answered (it becomes the data's age after a restart).
-func SaveSnapshot(dir string, s *Snapshot, contact time.Time) error {
+func saveSnapshot(dir string, s *Snapshot, contact time.Time) error {
 	b, err := json.Marshal(diskFile{Format: snapshotFormat, Saved: time.Now().UTC(), Contact: contact.UTC(), Snapshot: s})
 	if err != nil {
 		return fmt.Errorf("catalog: encoding snapshot: %w", err)
@@ -70,19 +70,19 @@ func SaveSnapshot(dir string, s *Snapshot, contact time.Time) error {
 	return nil
 }
 
-// ReadSnapshot reads dir/SnapshotFile. It returns fs.ErrNotExist (wrapped)
+// readSnapshot reads dir/SnapshotFile. It returns fs.ErrNotExist (wrapped)
 // when there is none. The snapshot comes back marked Stale, with every map
 // non-nil and entries that make no sense dropped.
-func ReadSnapshot(dir string) (*Snapshot, time.Time, error) {
+func readSnapshot(dir string) (*Snapshot, time.Time, error) {
 	b, err := os.ReadFile(filepath.Join(dir, SnapshotFile))
 	if err != nil {
 		return nil, time.Time{}, fmt.Errorf("catalog: reading saved snapshot: %w", err)
 	}
-	return DecodeSnapshot(b)
+	return decodeSnapshot(b)
 }
 
-// DecodeSnapshot parses a saved snapshot file (see ReadSnapshot).
-func DecodeSnapshot(b []byte) (*Snapshot, time.Time, error) {
+// decodeSnapshot parses a saved snapshot file (see readSnapshot).
+func decodeSnapshot(b []byte) (*Snapshot, time.Time, error) {
 	var f diskFile
 	if err := json.Unmarshal(b, &f); err != nil {
 		return nil, time.Time{}, fmt.Errorf("catalog: saved snapshot is not valid JSON: %w", err)
@@ -156,7 +156,7 @@ func validCoord(c *coordinate.Coordinate) bool {
 
 // loadDisk serves the saved snapshot, marked stale, until Consul confirms it.
 func (w *Watcher) loadDisk() error {
-	s, contact, err := ReadSnapshot(w.cfg.DataDir)
+	s, contact, err := readSnapshot(w.cfg.DataDir)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
@@ -204,7 +204,7 @@ func (w *Watcher) saver(ctx context.Context) {
 			return // nothing new, or nothing confirmed by Consul
 		}
 		contact := time.Unix(0, w.lastContact.Load())
-		if err := SaveSnapshot(w.cfg.DataDir, s, contact); err != nil {
+		if err := saveSnapshot(w.cfg.DataDir, s, contact); err != nil {
 			w.log.Warn("could not save the snapshot", "error", err)
 			w.met.errors.WithLabelValues("disk").Inc()
 			return

@@ -29,15 +29,15 @@ func sampleSnapshot() *Snapshot {
 
 func TestSaveAndReadSnapshot(t *testing.T) {
 	dir := t.TempDir()
-	if _, _, err := ReadSnapshot(dir); !errors.Is(err, fs.ErrNotExist) {
+	if _, _, err := readSnapshot(dir); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("no file: %v", err)
 	}
 	s := sampleSnapshot()
 	contact := time.Now().Add(-time.Minute).UTC().Truncate(time.Millisecond)
-	if err := SaveSnapshot(dir, s, contact); err != nil {
+	if err := saveSnapshot(dir, s, contact); err != nil {
 		t.Fatal(err)
 	}
-	got, gotContact, err := ReadSnapshot(dir)
+	got, gotContact, err := readSnapshot(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -59,12 +59,12 @@ func TestDecodeSnapshotRejectsBadFiles(t *testing.T) {
 		{"no snapshot", `{"format": 1}`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if _, _, err := DecodeSnapshot([]byte(tc.in)); err == nil {
+			if _, _, err := decodeSnapshot([]byte(tc.in)); err == nil {
 				t.Fatal("accepted")
 			}
 		})
 	}
-	s, _, err := DecodeSnapshot([]byte(`{"format":1,"snapshot":{"services":{"WEB":{"name":"web"},"x":null},"coords":{"n":{"Vec":[]}},"known":{"":true}}}`))
+	s, _, err := decodeSnapshot([]byte(`{"format":1,"snapshot":{"services":{"WEB":{"name":"web"},"x":null},"coords":{"n":{"Vec":[]}},"known":{"":true}}}`))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -79,7 +79,7 @@ func FuzzDecodeSnapshot(f *testing.F) {
 	f.Add([]byte(`{"format":1,"snapshot":{"services":{"web":{"name":"web","instances":[{"id":"a"}]}}}}`))
 	f.Add([]byte(`{"format":1,"snapshot":{"coords":{"n":{"Vec":[1,2],"Error":1}}}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		s, _, err := DecodeSnapshot(data)
+		s, _, err := decodeSnapshot(data)
 		if err != nil {
 			return
 		}
@@ -153,7 +153,7 @@ func TestLastKnownGood(t *testing.T) {
 	// And the new state reaches the disk.
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		d, _, err := ReadSnapshot(dir)
+		d, _, err := readSnapshot(dir)
 		if err == nil && same(ids(d, "web"), "web1", "web2") {
 			break
 		}

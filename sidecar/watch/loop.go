@@ -140,7 +140,7 @@ func (l *Loop[T]) Run(ctx context.Context) {
 	}
 	for ctx.Err() == nil {
 		if lim != nil {
-			if d := lim.Reserve().Delay(); d > 0 && !Sleep(ctx, d+Jitter(cfg.MinInterval/5)) {
+			if d := lim.Reserve().Delay(); d > 0 && !Sleep(ctx, d+jitter(cfg.MinInterval/5)) {
 				return
 			}
 		}
@@ -200,11 +200,11 @@ func Backoff(base, maxD time.Duration, retries int) time.Duration {
 		d *= 2
 	}
 	d = min(d, maxD)
-	return d/2 + Jitter(d/2)
+	return d/2 + jitter(d/2)
 }
 
-// Jitter returns a random duration in [0, d).
-func Jitter(d time.Duration) time.Duration {
+// jitter returns a random duration in [0, d).
+func jitter(d time.Duration) time.Duration {
 	if d <= 0 {
 		return 0
 	}
