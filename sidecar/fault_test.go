@@ -36,6 +36,8 @@ type load struct {
 	// confirms it): the view follows Consul then, as it should.
 	followed atomic.Int64
 	consul   atomic.Pointer[func() bool] // set once Consul answers again: has it a passing users instance?
+	lastNone atomic.Int64                // when Consul was last seen without one (unix ns), by followConsul
+	ctx      context.Context
 	stop     context.CancelFunc
 	wg       sync.WaitGroup
 	mu       sync.Mutex
@@ -43,13 +45,30 @@ type load struct {
 }
 
 // empty records an answer that had no instance: a failure, unless Consul
-// itself had none to give.
+// itself had none to give, now or within the last second (the view
+// follows Consul a blocking query's round trip later).
 func (l *load) empty(format string, args ...any) {
-	if has := l.consul.Load(); has != nil && !(*has)() {
+	if has := l.consul.Load(); has != nil && (!(*has)() || time.Since(time.Unix(0, l.lastNone.Load())) < time.Second) {
 		l.followed.Add(1)
 		return
 	}
 	l.fail(format, args...)
+}
+
+// followConsul sets has as Consul's word on the users instances and asks
+// it every 10 ms until the load stops, remembering when it had none.
+func (l *load) followConsul(has func() bool) {
+	l.consul.Store(&has)
+	l.wg.Add(1)
+	go func() {
+		defer l.wg.Done()
+		for l.ctx.Err() == nil {
+			if !has() {
+				l.lastNone.Store(time.Now().UnixNano())
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}()
 }
 
 func (l *load) fail(format string, args ...any) {
@@ -63,7 +82,7 @@ func (l *load) fail(format string, args ...any) {
 
 func startLoad(dnsAddr, upstream string) *load {
 	ctx, cancel := context.WithCancel(context.Background())
-	l := &load{stop: cancel}
+	l := &load{ctx: ctx, stop: cancel}
 	hc := &http.Client{Timeout: 5 * time.Second}
 	l.wg.Add(1)
 	go func() {
@@ -233,7 +252,7 @@ func TestFaults(t *testing.T) {
 			entries, _, err := c.Servers[0].Client().Health().Service("users", "", true, (&api.QueryOptions{}).WithContext(ctx))
 			return err != nil || len(entries) > 0 // no answer: not Consul's word
 		}
-		l.consul.Store(&has)
+		l.followConsul(has)
 		for _, s := range c.Servers {
 			s.Start(t)
 		}
