@@ -45,23 +45,23 @@ type NetNS struct {
 func NewNet(t testing.TB, hostIPs int, spaces ...string) *Net {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("network partition: needs root (it makes network namespaces and veth pairs)")
+		t.Skip("no network partition: needs root (it makes network namespaces and veth pairs)")
 	}
 	if _, err := exec.LookPath("ip"); err != nil {
-		t.Skip("network partition: needs iproute2's ip command")
+		t.Skip("no network partition: needs iproute2's ip command")
 	}
 	host, err := os.Open("/proc/thread-self/ns/net")
 	if err != nil {
-		t.Skipf("network partition: no network namespaces here: %v", err)
+		t.Skipf("no network partition: no network namespaces here: %v", err)
 	}
 	tag := fmt.Sprintf("%06x", rand.IntN(1<<24))
 	n := &Net{Bridge: "at" + tag + "br", host: host}
 	t.Cleanup(n.close)
 	if n.Prefix, err = freePrefix(); err != nil {
-		t.Skipf("network partition: %v", err)
+		t.Skipf("no network partition: %v", err)
 	}
 	if err := ipCmd("link", "add", n.Bridge, "type", "bridge"); err != nil {
-		t.Skipf("network partition: cannot make a bridge: %v", err)
+		t.Skipf("no network partition: cannot make a bridge: %v", err)
 	}
 	if err := ipCmd("link", "set", n.Bridge, "up"); err != nil {
 		t.Fatal(err)
@@ -75,7 +75,7 @@ func NewNet(t testing.TB, hostIPs int, spaces ...string) *Net {
 		ns := &NetNS{Name: "attache-" + tag + "-" + name, IP: fmt.Sprintf("%s%d", n.Prefix, 2+i),
 			hostIf: fmt.Sprintf("at%s%dh", tag, i), host: host}
 		if err := ipCmd("netns", "add", ns.Name); err != nil {
-			t.Skipf("network partition: cannot make a network namespace: %v", err)
+			t.Skipf("no network partition: cannot make a network namespace: %v", err)
 		}
 		n.Spaces = append(n.Spaces, ns)
 		in := fmt.Sprintf("at%s%dn", tag, i)
@@ -88,7 +88,7 @@ func NewNet(t testing.TB, hostIPs int, spaces ...string) *Net {
 			{"-n", ns.Name, "link", "set", "lo", "up"},
 		} {
 			if err := ipCmd(args...); err != nil {
-				t.Skipf("network partition: cannot join a namespace to the bridge: %v", err)
+				t.Skipf("no network partition: cannot join a namespace to the bridge: %v", err)
 			}
 		}
 		if ns.fd, err = os.Open("/run/netns/" + ns.Name); err != nil {
