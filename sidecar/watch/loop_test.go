@@ -251,3 +251,59 @@ func TestWakerEndsBackoff(t *testing.T) {
 		t.Fatal("a nil Waker's Sleep reported the context ended")
 	}
 }
+
+// TestWakeReasksQueryUnderWay: a query hung on a dead connection (here one
+// that answers only when its context ends) is ended by Wake and asked
+// again at once, with the same index, and is not counted as an error.
+func TestWakeReasksQueryUnderWay(t *testing.T) {
+	waker := NewWaker()
+	var calls atomic.Int32
+	var errs atomic.Int32
+	indexes := make(chan uint64, 4)
+	answered := make(chan int, 4)
+	l := &Loop[int]{
+		Config: Config{MinInterval: -1, RetryBase: 30 * time.Second, RetryMax: 30 * time.Second},
+		Fetch: func(ctx context.Context, q Query) (int, Meta, error) {
+			indexes <- q.Index
+			switch calls.Add(1) {
+			case 1:
+				return 1, Meta{Index: 7}, nil
+			case 2:
+				<-ctx.Done() // hung until the loop gives up on it
+				return 0, Meta{}, ctx.Err()
+			}
+			return 2, Meta{Index: 8}, nil
+		},
+		Changed: func(v int, _ Meta) { answered <- v },
+		Observe: func(_ time.Duration, err error) {
+			if err != nil {
+				errs.Add(1)
+			}
+		},
+		Waker: waker,
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go l.Run(ctx)
+	if v := <-answered; v != 1 {
+		t.Fatalf("first answer %d", v)
+	}
+	for calls.Load() < 2 {
+		time.Sleep(time.Millisecond)
+	}
+	waker.Wake()
+	select {
+	case v := <-answered:
+		if v != 2 {
+			t.Fatalf("answer after Wake %d", v)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the hung query was not asked again after Wake")
+	}
+	if got := []uint64{<-indexes, <-indexes, <-indexes}; got[1] != 7 || got[2] != 7 {
+		t.Errorf("indexes asked %v, want [0 7 7]", got)
+	}
+	if errs.Load() != 0 {
+		t.Errorf("a query ended by Wake was counted as %d errors", errs.Load())
+	}
+}
