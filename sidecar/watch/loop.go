@@ -9,7 +9,6 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -121,8 +120,7 @@ type Loop[T any] struct {
 	// error (nil on success). For metrics, logs and failover.
 	Observe func(took time.Duration, err error)
 	// Waker, when set, ends the loop's backoff after an error at once when
-	// woken (Consul found answering again), and ends a query under way,
-	// which the loop asks again at once (with the same index; not an error).
+	// woken (Consul found answering again).
 	Waker *Waker
 }
 
@@ -152,19 +150,10 @@ func (l *Loop[T]) Run(ctx context.Context) {
 		}
 		start := time.Now()
 		qctx, cancel := context.WithTimeout(ctx, timeout)
-		var woken atomic.Bool
-		stopWake := func() bool { return true }
-		if l.Waker != nil {
-			stopWake = context.AfterFunc(l.Waker.context(), func() { woken.Store(true); cancel() })
-		}
 		v, meta, err := l.Fetch(qctx, Query{Index: index, Wait: cfg.Wait, Stale: stale})
-		stopWake()
 		cancel()
 		if ctx.Err() != nil {
 			return
-		}
-		if err != nil && woken.Load() {
-			continue // ended by Wake: ask again at once
 		}
 		if err == nil && meta.Index == 0 {
 			err = ErrZeroIndex

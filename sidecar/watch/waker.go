@@ -9,40 +9,28 @@ import (
 // Waker ends the error backoff of every loop sleeping on it at once: when
 // something cheap finds Consul answering again (a probe of the local
 // agent), the loops need not sleep out a backoff that grew while it was
-// down. It also ends the queries its loops have under way, which they ask
-// again at once: one sent before the outage may hang on a connection that
-// broke meanwhile (after a network partition, the agent's forwarded query
-// waits on TCP retransmissions, which back off to tens of seconds). The
-// zero value is not usable: NewWaker.
+// down. The zero value is not usable: NewWaker.
 type Waker struct {
-	mu     sync.Mutex
-	ctx    context.Context // ends at the next Wake
-	cancel context.CancelFunc
+	mu sync.Mutex
+	ch chan struct{}
 }
 
 // NewWaker returns a Waker.
-func NewWaker() *Waker {
-	w := &Waker{}
-	w.ctx, w.cancel = context.WithCancel(context.Background())
-	return w
-}
+func NewWaker() *Waker { return &Waker{ch: make(chan struct{})} }
 
-// Wake ends every Sleep and every query under way.
+// Wake ends every Sleep under way.
 func (w *Waker) Wake() {
 	w.mu.Lock()
-	w.cancel()
-	w.ctx, w.cancel = context.WithCancel(context.Background())
+	close(w.ch)
+	w.ch = make(chan struct{})
 	w.mu.Unlock()
 }
 
-// context returns a context that ends at the next Wake.
-func (w *Waker) context() context.Context {
+func (w *Waker) c() <-chan struct{} {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return w.ctx
+	return w.ch
 }
-
-func (w *Waker) c() <-chan struct{} { return w.context().Done() }
 
 // Sleep waits d, or until ctx ends, or until Wake (a nil Waker: d or ctx
 // alone); it reports whether ctx is still live.
