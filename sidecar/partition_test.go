@@ -94,11 +94,13 @@ func runNode(spec string) int {
 //   - The cut node's sidecar keeps serving its last view: DNS answers and
 //     proxying to the instance it can still reach, its own; nothing fails.
 //   - When the cut ends the node rejoins: users-a is back in the other
-//     node's answers and users-c in the cut node's (time to recover logged).
+//     node's answers and users-c in the cut node's (times logged); users-b
+//     is back in the cut node's once the ejection by its breaker ends.
 //
 // It logs FAULT lines as TestFaults does; scripts/faults runs it with a
-// 60 s cut, which Serf heals through its reconnect (every 30 s) rather than
-// through gossip still sent to a member dead for less than 30 s.
+// 60 s cut: Serf gossips to a member it declared failed for 30 s only, so
+// after a longer cut the node rejoins through Serf's reconnect attempts
+// (every 30 s).
 func TestPartition(t *testing.T) {
 	if testing.Short() {
 		t.Skip("faults of a real cluster")
