@@ -38,6 +38,7 @@ type load struct {
 	consul   atomic.Pointer[func() bool] // set once Consul answers again: has it a passing users instance?
 	lastNone atomic.Int64                // when Consul was last seen without one (unix ns), by followConsul
 	ctx      context.Context
+	slowest  atomic.Int64 // the longest proxied request, in ns
 	stop     context.CancelFunc
 	wg       sync.WaitGroup
 	mu       sync.Mutex
@@ -80,13 +81,53 @@ func (l *load) fail(format string, args ...any) {
 	}
 }
 
-func startLoad(dnsAddr, upstream string) *load {
+func startLoad(dnsAddr, upstream string) *load { return startLoadVia(nil, dnsAddr, upstream) }
+
+// dialFunc dials a connection (net.Dialer's DialContext, or one that
+// dials from inside a network namespace).
+type dialFunc func(ctx context.Context, network, addr string) (net.Conn, error)
+
+// askDNS asks dnsAddr for the A records of name through dial (nil: the
+// host's network) and returns the answer.
+func askDNS(dial dialFunc, dnsAddr, name string) (*miekg.Msg, error) {
+	if dial == nil {
+		dial = (&net.Dialer{}).DialContext
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	c, err := dial(ctx, "udp", dnsAddr)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	deadline, _ := ctx.Deadline()
+	c.SetDeadline(deadline)
+	co := &miekg.Conn{Conn: c}
+	m := new(miekg.Msg)
+	m.SetQuestion(name, miekg.TypeA)
+	if err := co.WriteMsg(m); err != nil {
+		return nil, err
+	}
+	return co.ReadMsg()
+}
+
+// startLoadVia is startLoad through dial (nil: the host's network).
+func startLoadVia(dial dialFunc, dnsAddr, upstream string) *load {
 	ctx, cancel := context.WithCancel(context.Background())
 	l := &load{ctx: ctx, stop: cancel}
-	hc := &http.Client{Timeout: 5 * time.Second}
+	tr := &http.Transport{}
+	if dial != nil {
+		tr.DialContext = dial
+	}
+	// The client waits a little longer than the sidecar's whole request
+	// timeout (15 s by default), as a caller of the sidecar should: a
+	// request sent to an instance just before it became unreachable gets
+	// its answer from a retry after the sidecar's try timeout (5 s).
+	hc := &http.Client{Timeout: 16 * time.Second, Transport: tr}
 	l.wg.Add(1)
 	go func() {
 		defer l.wg.Done()
+		defer tr.CloseIdleConnections()
 		t := time.NewTicker(20 * time.Millisecond)
 		defer t.Stop()
 		for n := 0; n < 10000; n++ { // bounded: at most 200 s of it
@@ -95,15 +136,17 @@ func startLoad(dnsAddr, upstream string) *load {
 				return
 			case <-t.C:
 			}
-			m := new(miekg.Msg)
-			m.SetQuestion("users.service.consul.", miekg.TypeA)
 			l.sent.Add(2)
-			if in, err := miekg.Exchange(m, dnsAddr); err != nil {
+			if in, err := askDNS(dial, dnsAddr, "users.service.consul."); err != nil {
 				l.fail("DNS: %v", err)
 			} else if len(in.Answer) == 0 {
 				l.empty("DNS: no answer (%s)", miekg.RcodeToString[in.Rcode])
 			}
+			start := time.Now()
 			resp, err := hc.Get("http://" + upstream + "/x")
+			if d := int64(time.Since(start)); d > l.slowest.Load() {
+				l.slowest.Store(d)
+			}
 			if err != nil {
 				l.fail("proxy: %v", err)
 				continue

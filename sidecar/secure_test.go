@@ -3,6 +3,7 @@ package sidecar
 import (
 	"bytes"
 	"encoding/json"
+	"html"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -172,6 +173,26 @@ service "users" { policy = "read" }`)
 		}
 	}
 
+	// A gateway whose token lacks key:read on the routes: /v1/routes (and
+	// the status page, which shows the same status) names the README's
+	// rule, not Consul's text with the token's accessor ID.
+	noKey := c.Token(t, "no-key-read", testcluster.READMEPolicy(t, "attache-sidecar")+`service "attache-gateway" { policy = "write" }`)
+	admin4, _ := runSidecarEnv(t, env(c.Clients[1], noKey), &logs, "-gateway", freeAddr(t), "-data-dir", t.TempDir())
+	wantGW := `Consul refused the ACL token: it lacks key:read on "attache/routes/current" (key_prefix "attache/routes/" { policy = "read" })`
+	var gwStatus struct {
+		LastError string `json:"last_error"`
+	}
+	eventually(t, "the gateway's missing key:read named in /v1/routes", 20*time.Second, func() bool {
+		_, body := get(admin4, "/v1/routes")
+		return json.Unmarshal([]byte(body), &gwStatus) == nil && gwStatus.LastError != ""
+	})
+	if gwStatus.LastError != wantGW {
+		t.Errorf("/v1/routes last_error\n got %s\nwant %s", gwStatus.LastError, wantGW)
+	}
+	if _, page := get(admin4, "/"); !strings.Contains(page, html.EscapeString(wantGW)) {
+		t.Errorf("the status page does not show %s", wantGW)
+	}
+
 	// An unknown token is said to be unknown.
 	admin3, _ := runSidecarEnv(t, env(c.Clients[1], "6d2c0e51-3a43-4a8f-9b65-8a1f0b9a2b7e"), &logs, "-watch-service", "users")
 	eventually(t, "an unknown token named on /readyz", 20*time.Second, func() bool {
@@ -182,13 +203,13 @@ service "users" { policy = "read" }`)
 	// No token anywhere: logs, every admin endpoint of every sidecar.
 	var out bytes.Buffer
 	out.WriteString(logs.String())
-	for _, a := range []string{admin, admin2, admin3} {
+	for _, a := range []string{admin, admin2, admin3, admin4} {
 		for _, p := range []string{"/", "/healthz", "/readyz", "/metrics", "/v1/snapshot", "/v1/breakers", "/v1/routes"} {
 			_, body := get(a, p)
 			out.WriteString(body)
 		}
 	}
-	for name, secret := range map[string]string{"gateway": token, "partial": partial, "management": c.ManagementToken, "unknown": "6d2c0e51-3a43-4a8f-9b65-8a1f0b9a2b7e"} {
+	for name, secret := range map[string]string{"gateway": token, "partial": partial, "no-key-read": noKey, "management": c.ManagementToken, "unknown": "6d2c0e51-3a43-4a8f-9b65-8a1f0b9a2b7e"} {
 		if strings.Contains(out.String(), secret) {
 			t.Errorf("the %s token appears in the sidecars' logs or admin endpoints", name)
 		}

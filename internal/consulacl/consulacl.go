@@ -33,6 +33,20 @@ type Denied struct {
 	// Filtered: no refusal, but Consul left out of an answer what the token
 	// may not read.
 	Filtered bool
+
+	// grant, when set by Under, is the prefix the rule of Rule covers
+	// instead of Resource alone.
+	grant *string
+}
+
+// Under returns a copy of d whose Rule grants the permission on every name
+// under prefix, as the documented policy does (a gateway refused
+// key:read on "attache/routes/current" is told of
+// key_prefix "attache/routes/"), rather than on the one name refused.
+func (d *Denied) Under(prefix string) *Denied {
+	c := *d
+	c.grant = &prefix
+	return &c
 }
 
 func (d *Denied) Error() string {
@@ -68,10 +82,14 @@ func (d *Denied) Rule() string {
 	default:
 		return fmt.Sprintf("%s = %q", res, access) // acl, operator, keyring, mesh
 	}
-	if d.Prefix {
+	name := d.Resource
+	if d.grant != nil {
+		name = *d.grant
+		res += "_prefix"
+	} else if d.Prefix {
 		res += "_prefix"
 	}
-	return fmt.Sprintf("%s %q { policy = %q }", res, d.Resource, access)
+	return fmt.Sprintf("%s %q { policy = %q }", res, name, access)
 }
 
 // Is makes errors.Is(err, &Denied{}) match any Denied.

@@ -97,6 +97,8 @@ func TestExplain(t *testing.T) {
 	}
 }
 
+// TestFiltered: the messages of answers Consul filtered, and of refusals
+// whose rule covers a prefix (Under).
 func TestFiltered(t *testing.T) {
 	for _, tc := range []struct {
 		d    *Denied
@@ -104,6 +106,9 @@ func TestFiltered(t *testing.T) {
 	}{
 		{Filtered("service:read", "users", false), `Consul left out what the ACL token may not read: it lacks service:read on "users" (service "users" { policy = "read" })`},
 		{Filtered("node:read", "", true), `Consul left out what the ACL token may not read: it lacks node:read on names starting with "" (node_prefix "" { policy = "read" })`},
+		{Parse(`Permission denied: token with AccessorID 'a' lacks permission 'key:read' on "attache/routes/current"`).Under("attache/routes/"),
+			`Consul refused the ACL token: it lacks key:read on "attache/routes/current" (key_prefix "attache/routes/" { policy = "read" })`},
+		{Parse(`lacks permission 'operator:read' on ""`).Under("x/"), `Consul refused the ACL token: it lacks operator:read on "" (operator = "read")`},
 	} {
 		if tc.d.Error() != tc.want {
 			t.Errorf("\n got %s\nwant %s", tc.d.Error(), tc.want)

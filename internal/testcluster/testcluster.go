@@ -40,6 +40,13 @@ type Options struct {
 	// certificates from a CA the cluster makes, and verify_incoming: clients
 	// present the client certificate of Cluster.TLS.
 	TLS bool
+	// IPs, when set, are the addresses of the servers and then of the
+	// clients (Servers+Clients of them) instead of random free loopback
+	// ones: with a Net, its host addresses and its namespaces' addresses.
+	IPs []string
+	// NetNS runs client i in network namespace NetNS[i] when that is not
+	// nil (IPs must then give client i that namespace's address).
+	NetNS []*NetNS
 }
 
 // Cluster is a running set of Consul agents.
@@ -64,6 +71,7 @@ type Agent struct {
 	Scheme   string // http, or https with Options.TLS
 	DNSAddr  string // ip:8600
 	Server   bool
+	NetNS    *NetNS // the network namespace it runs in; nil: the host's
 
 	binary     string
 	config     string
@@ -159,10 +167,16 @@ func New(opts Options) (*Cluster, error) {
 		}
 		c.Dir, c.removeDir = dir, true
 	}
-	ips, err := freeIPs(opts.Servers + opts.Clients)
-	if err != nil {
-		return c, err
+	ips := opts.IPs
+	if ips == nil {
+		var err error
+		if ips, err = freeIPs(opts.Servers + opts.Clients); err != nil {
+			return c, err
+		}
+	} else if len(ips) != opts.Servers+opts.Clients {
+		return c, fmt.Errorf("testcluster: %d IPs for %d agents", len(ips), opts.Servers+opts.Clients)
 	}
+	var err error
 	var authority *ca
 	if opts.TLS {
 		if authority, err = newCA(filepath.Join(c.Dir, "tls")); err != nil {
@@ -192,6 +206,9 @@ func New(opts Options) (*Cluster, error) {
 			Name: name, IP: ip, Server: server,
 			HTTPAddr: ip + ":8500", Scheme: "http", DNSAddr: ip + ":8600",
 			binary: bin, logPath: filepath.Join(dir, "consul.log"), tls: c.TLS,
+		}
+		if k := i - opts.Servers; k >= 0 && k < len(opts.NetNS) {
+			a.NetNS = opts.NetNS[k]
 		}
 		var certFile, keyFile string
 		if opts.TLS {
@@ -316,6 +333,13 @@ func (a *Agent) start() error {
 		return err
 	}
 	cmd := exec.Command(a.binary, "agent", "-config-file="+a.config)
+	dial := (&net.Dialer{Timeout: time.Second}).DialContext
+	if a.NetNS != nil {
+		// ip netns exec enters the namespace and execs Consul: the
+		// process (and its pid) is Consul's.
+		cmd = a.NetNS.Command(a.binary, "agent", "-config-file="+a.config)
+		dial = a.NetNS.DialContext
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -331,7 +355,10 @@ func (a *Agent) start() error {
 	a.cmd, a.done = cmd, done
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		if conn, err := net.DialTimeout("tcp", a.HTTPAddr, time.Second); err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		conn, err := dial(ctx, "tcp", a.HTTPAddr)
+		cancel()
+		if err == nil {
 			conn.Close()
 			return nil
 		}
@@ -405,6 +432,9 @@ func (a *Agent) Client() *api.Client {
 	cfg.TokenFile = ""
 	if a.tls != nil {
 		cfg.TLSConfig = a.tls.Config()
+	}
+	if a.NetNS != nil {
+		cfg.Transport.DialContext = a.NetNS.DialContext
 	}
 	c, err := api.NewClient(cfg)
 	if err != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"attache/control/routes"
+	"attache/internal/consulacl"
 	"attache/sidecar/catalog"
 	"attache/sidecar/watch"
 )
@@ -66,8 +67,9 @@ func (g *Gateway) watchKV(ctx context.Context) {
 		Observe: func(_ time.Duration, err error) {
 			if err != nil {
 				g.met.kvErrors.Inc()
-				g.setStatus(func(s *Status) { s.LastError = err.Error() })
-				g.log.Debug("routes query failed", "error", err)
+				msg := g.explain(err)
+				g.setStatus(func(s *Status) { s.LastError = msg })
+				g.log.Debug("routes query failed", "error", msg)
 			}
 		},
 	}
@@ -145,6 +147,21 @@ func (g *Gateway) saveLoop(ctx context.Context) {
 	}
 }
 
+// explain returns err's message, or for an ACL refusal the message of
+// package consulacl naming the missing rule (never Consul's own text, which
+// holds the token's accessor ID): a refused read of the routes names the
+// README's key_prefix rule on the routes prefix rather than the one key.
+func (g *Gateway) explain(err error) string {
+	d := consulacl.Explain(err)
+	if d == nil {
+		return err.Error()
+	}
+	if routes := g.keys.Prefix + "routes/"; d.Permission == "key:read" && strings.HasPrefix(d.Resource, routes) {
+		d = d.Under(routes)
+	}
+	return d.Error()
+}
+
 func oneLine(err error) string { return strings.ReplaceAll(err.Error(), "\n", "; ") }
 
 // writeApplied records what the gateway serves at routes/applied/<node>
@@ -167,7 +184,7 @@ func (g *Gateway) writeApplied(ctx context.Context) {
 		if err == nil {
 			return
 		}
-		g.log.Debug("cannot write the applied version", "key", key, "error", err)
+		g.log.Debug("cannot write the applied version", "key", key, "error", g.explain(err))
 		if !watch.Sleep(ctx, watch.Backoff(100*time.Millisecond, 2*time.Second, i)) {
 			return
 		}
