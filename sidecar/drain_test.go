@@ -46,7 +46,7 @@ func TestGracefulStop(t *testing.T) {
 	users2 := httptest.NewServer(demo.New("users", "users-2"))
 	defer users2.Close()
 	slowDemo := demo.New("slow", "slow-1")
-	if err := slowDemo.SetFault(demo.ModeSlow, 3*time.Second); err != nil {
+	if err := slowDemo.SetFault(demo.ModeSlow, 6*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	slow := httptest.NewServer(slowDemo)
@@ -56,7 +56,7 @@ func TestGracefulStop(t *testing.T) {
 	svcA := svcFile(t, "users", map[string]string{"users-1": users1.Listener.Addr().String()})
 	svcSlow := svcFile(t, "slow", map[string]string{"slow-1": slow.Listener.Addr().String()})
 	adminA, stopA := runSidecar(t, "-consul", c.Clients[0].HTTPAddr, "-service", svcA, "-service", svcSlow,
-		"-data-dir", t.TempDir(), "-upstream", "users="+upA, "-upstream", "slow="+upSlowA, "-drain-timeout", "10s")
+		"-data-dir", t.TempDir(), "-upstream", "users="+upA, "-upstream", "slow="+upSlowA, "-drain-timeout", "10s", "-try-timeout", "10s")
 	accessLog := filepath.Join(t.TempDir(), "access.log")
 	adminB, _ := runSidecar(t, "-consul", c.Clients[1].HTTPAddr, "-data-dir", t.TempDir(), "-access-log", accessLog, "-access-log-all",
 		"-service", svcFile(t, "users", map[string]string{"users-2": users2.Listener.Addr().String()}),
@@ -131,7 +131,7 @@ func TestGracefulStop(t *testing.T) {
 	})
 	// Deregistered while the request under way still runs.
 	agentA := c.Clients[0].API(t)
-	eventually(t, "A's services to leave its agent", 2*time.Second, func() bool {
+	eventually(t, "A's services to leave its agent", 4*time.Second, func() bool {
 		svcs, err := agentA.Agent().Services()
 		return err == nil && len(svcs) == 0
 	})
