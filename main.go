@@ -54,7 +54,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	defer stop()
 	switch args[0] {
 	case "sidecar":
-		return runSidecar(ctx, args[1:], stderr)
+		return runSidecar(ctx, args[1:], stdout, stderr)
 	case "control":
 		return runControl(ctx, args[1:], stderr)
 	case "routes":
@@ -71,7 +71,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-func runSidecar(ctx context.Context, args []string, stderr io.Writer) int {
+func runSidecar(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	cfg, err := sidecar.ParseArgs(args, sidecar.DefaultConfig(os.Getenv), stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
@@ -79,6 +79,10 @@ func runSidecar(ctx context.Context, args []string, stderr io.Writer) int {
 	if err != nil {
 		fmt.Fprintf(stderr, "attache sidecar: %v\n", err)
 		return 2
+	}
+	if cfg.PrintConfig {
+		_, _ = stdout.Write(cfg.HCL())
+		return 0
 	}
 	log := newLogger(cfg.LogLevel, cfg.LogJSON, stderr)
 	s, err := sidecar.New(cfg, log)

@@ -76,6 +76,7 @@ type Config struct {
 	Fallbacks     map[string]proxy.Fallback // per-service answer for refused and failed calls (HCL only)
 	LogLevel      string                    // trace, debug, info, warn, error
 	LogJSON       bool
+	PrintConfig   bool // -print-config (command line only): print the effective configuration and exit
 }
 
 // DefaultConfig returns the defaults, with CONSUL_HTTP_ADDR and
@@ -183,6 +184,7 @@ func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs.IntVar(&c.MaxRequests, "max-requests", c.MaxRequests, "breaker: calls in flight per service; more are refused at once (-1: no limit)")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log `level`: trace, debug, info, warn, error")
 	fs.BoolVar(&c.LogJSON, "log-json", c.LogJSON, "log as JSON")
+	fs.BoolVar(&c.PrintConfig, "print-config", c.PrintConfig, "print the effective configuration (defaults, environment, file, flags) as a config file, secrets redacted, and exit")
 	return fs
 }
 
