@@ -149,14 +149,14 @@ func (f *fwd) tryTimeout(p *Proxy) time.Duration {
 	if f.pol != nil && f.pol.TryTimeout > 0 {
 		return f.pol.TryTimeout
 	}
-	return p.cfg.TryTimeout
+	return p.live.Load().tryTimeout
 }
 
 func (f *fwd) maxRetries(p *Proxy) int {
 	if f.pol != nil && f.pol.Retries != 0 {
 		return min(max(f.pol.Retries, 0), maxTries-1)
 	}
-	return p.cfg.MaxRetries
+	return p.live.Load().maxRetries
 }
 
 // with gives f a route's policy (nil: the proxy's), once admitted.
@@ -172,7 +172,7 @@ func requestTimeout(p *Proxy, pol *Policy) time.Duration {
 	if pol != nil && pol.RequestTimeout > 0 {
 		return pol.RequestTimeout
 	}
-	return p.cfg.RequestTimeout
+	return p.live.Load().requestTimeout
 }
 
 // ---------------------------------------------------------------- raw heads

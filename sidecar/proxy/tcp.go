@@ -62,7 +62,7 @@ func (p *Proxy) handleTCP(ctx context.Context, c net.Conn, t *target) {
 		ep.inflight.Add(-1)
 		tried[n] = ep
 		n++
-		if n > p.cfg.MaxRetries || !t.budget.retry(time.Now(), p.cfg.RetryBudget, p.cfg.MinRetries) {
+		if n > p.live.Load().maxRetries || !t.budget.retry(time.Now(), p.cfg.RetryBudget, p.cfg.MinRetries) {
 			t.svc.Done(call, true, time.Now())
 			t.met.count(classError)
 			c.Close()
