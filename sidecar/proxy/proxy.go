@@ -181,7 +181,7 @@ type Proxy struct {
 	failureOn [600]bool
 	dialer    net.Dialer
 	fallbacks map[string]*fallback
-	acc       *accessLog // nil: no access log
+	acc       *accessLog           // nil: no access log
 	live      atomic.Pointer[live] // the settings a reload may change (reload.go)
 
 	// The listeners (reload.go): lnMu serialises Run's binding, Update and

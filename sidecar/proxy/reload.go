@@ -33,11 +33,11 @@ type runState struct {
 
 // served is one upstream or HTTP proxy listener serving.
 type served struct {
-	up   Upstream       // an upstream's; zero for the HTTP proxy
-	addr string         // the configured address (Addr may differ: port 0)
-	ln   net.Listener   //
-	h    *httpListener  // nil: a TCP upstream
-	stop func()         // a TCP upstream's: stops its accept loop
+	up   Upstream      // an upstream's; zero for the HTTP proxy
+	addr string        // the configured address (Addr may differ: port 0)
+	ln   net.Listener  //
+	h    *httpListener // nil: a TCP upstream
+	stop func()        // a TCP upstream's: stops its accept loop
 }
 
 const httpProxyKey = "\x00http-proxy"
