@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -566,5 +567,38 @@ func TestCustom(t *testing.T) {
 	r.Drop("svc@route")
 	if n := names(); n["svc@route"] || !n["svc"] {
 		t.Fatalf("after Drop, State lists %v", n)
+	}
+}
+
+// TestSetConfig: a reload's thresholds apply to the services and
+// instances already known, from their next report; the window cannot change.
+func TestSetConfig(t *testing.T) {
+	r, _ := newTest(t, Config{ConsecutiveFailures: 5, MaxEjectionPercent: 100})
+	s := r.Service("svc")
+	a := s.Instance("a")
+	s.Instance("b")
+	a.Report(true)
+	a.Report(true)
+	if a.Ejected() {
+		t.Fatal("ejected after 2 of 5 failures")
+	}
+	cfg := r.Config()
+	cfg.ConsecutiveFailures = 3
+	if err := r.SetConfig(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if s.Config().ConsecutiveFailures != 3 {
+		t.Fatalf("service sees %d", s.Config().ConsecutiveFailures)
+	}
+	a.Report(true)
+	if !a.Ejected() {
+		t.Fatal("not ejected after 3 failures with the new threshold of 3")
+	}
+	cfg.Window *= 2
+	if err := r.SetConfig(cfg); err == nil || !strings.Contains(err.Error(), "window") {
+		t.Fatalf("window change: %v", err)
+	}
+	if r.Config().Window == cfg.Window {
+		t.Fatal("refused change applied")
 	}
 }
