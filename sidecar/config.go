@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/hcl/v2"
 	"github.com/hashicorp/hcl/v2/gohcl"
 	"github.com/hashicorp/hcl/v2/hclparse"
+	"github.com/hashicorp/hcl/v2/hclsyntax"
 
 	"attache/sidecar/catalog"
 	"attache/sidecar/proxy"
@@ -303,6 +304,16 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	if diags := gohcl.DecodeBody(f.Body, nil, &fc); diags.HasErrors() {
 		return diagError(diags)
 	}
+	// at is where attr is set, as file:line,column, for errors found
+	// after decoding.
+	at := func(attr string) string {
+		if b, ok := f.Body.(*hclsyntax.Body); ok {
+			if a := b.Attributes[attr]; a != nil {
+				return fmt.Sprintf("%s:%d,%d", name, a.SrcRange.Start.Line, a.SrcRange.Start.Column)
+			}
+		}
+		return name
+	}
 	set(&c.Node, fc.Node)
 	set(&c.Consul, fc.Consul)
 	set(&c.Token, fc.Token)
@@ -381,7 +392,7 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 		}
 		v, err := time.ParseDuration(*d.v)
 		if err != nil {
-			return fmt.Errorf("%s: %s: %w (use a duration such as \"2s\")", name, d.attr, err)
+			return fmt.Errorf("%s: %s: %w (use a duration such as \"2s\")", at(d.attr), d.attr, err)
 		}
 		*d.dst = v
 	}
@@ -390,7 +401,7 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 		for svc, v := range *fc.DNSServiceTTL {
 			d, err := time.ParseDuration(v)
 			if err != nil {
-				return fmt.Errorf("%s: dns_service_ttl[%q]: %w (use a duration such as \"5s\")", name, svc, err)
+				return fmt.Errorf("%s: dns_service_ttl[%q]: %w (use a duration such as \"5s\")", at("dns_service_ttl"), svc, err)
 			}
 			c.DNSServiceTTL[strings.ToLower(svc)] = d
 		}

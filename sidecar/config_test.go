@@ -75,7 +75,7 @@ func TestParseArgs(t *testing.T) {
 		{name: "missing file", args: []string{"-config", filepath.Join(dir, "nope.hcl")}, wantErr: "no such file"},
 		{name: "unknown attribute names file and line", args: []string{"-config", badAttr}, wantErr: "bad.hcl:2,1: Unsupported argument"},
 		{name: "syntax error names file and line", args: []string{"-config", badSyntax}, wantErr: "syntax.hcl:1,"},
-		{name: "bad duration", args: []string{"-config", badDur}, wantErr: "max_stale"},
+		{name: "bad duration names file and line", args: []string{"-config", badDur}, wantErr: "dur.hcl:1,1: max_stale"},
 		{name: "gateway flags", args: []string{"-gateway", "127.0.0.30:8080", "-gateway-tls", "127.0.0.30:8443"}, check: func(t *testing.T, c Config) {
 			if c.Gateway != "127.0.0.30:8080" || c.GatewayTLS != "127.0.0.30:8443" || c.RoutesPrefix != "attache/" {
 				t.Errorf("gateway flags: %q %q %q", c.Gateway, c.GatewayTLS, c.RoutesPrefix)
