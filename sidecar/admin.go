@@ -24,6 +24,7 @@ func (s *Sidecar) adminHandler() http.Handler {
 		}{s.watcher.Status(), s.watcher.Load()}, http.StatusOK)
 	})
 	mux.Handle("GET /v1/breakers", s.breakers.Handler())
+	mux.HandleFunc("GET /v1/stats", s.statsHandler)
 	if s.gateway != nil {
 		mux.Handle("GET /v1/routes", s.gateway.Handler())
 	} else {

@@ -46,6 +46,7 @@ type Sidecar struct {
 	stopping   atomic.Bool            // set as the graceful stop begins: /readyz answers 503 from then on
 	reloadMu   sync.Mutex             // one Reload at a time
 	applied    atomic.Pointer[Config] // the configuration in force after a reload; nil: cfg
+	stats      statsRing              // the last minute's samples of the counters (stats.go)
 }
 
 // New builds the sidecar from cfg. It binds nothing and contacts nobody: Run does.
@@ -208,6 +209,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 
 	g.Go(func() error { return s.watcher.Run(baseCtx) })
 	g.Go(func() error { return s.breakers.Run(baseCtx) })
+	g.Go(func() error { return s.runStats(baseCtx) })
 	g.Go(func() error { defer close(regDone); return s.registrar.Run(regCtx) })
 	if s.dns != nil {
 		srv.Go(func() error { return s.dns.Run(srvCtx) })
