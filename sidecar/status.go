@@ -22,6 +22,7 @@ var webFS embed.FS
 var statusTmpl = template.Must(template.New("status.html").Funcs(template.FuncMap{
 	"age": func(d time.Duration) string { return d.Round(time.Second).String() },
 	"pct": func(f float64) float64 { return 100 * f },
+	"val": func(f *float64) float64 { return *f },
 	"ts": func(t time.Time) string {
 		if t.IsZero() {
 			return "never"

@@ -109,6 +109,9 @@ func TestStatusPageInBrowser(t *testing.T) {
 			t.Errorf("the page lacks %q:\n%s", want, dom)
 		}
 	}
+	if strings.Contains(dom, "%!") {
+		t.Errorf("a number the template could not format:\n%s", dom)
+	}
 	if t.Failed() {
 		return
 	}
