@@ -385,7 +385,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 			hls = append(hls, h)
 			p.served[httpProxyKey] = &served{addr: p.cfg.HTTPProxyAddr, ln: b.ln, h: h}
 		default:
-			hls = append(hls, p.startUpstream(b.up, b.ln, false)...)
+			hls = append(hls, p.startUpstream(b.up, b.ln)...)
 		}
 	}
 	p.serveHTTP(ctx, &wg, errc, hls)

@@ -33,20 +33,19 @@ type runState struct {
 
 // served is one upstream or HTTP proxy listener serving.
 type served struct {
-	up   Upstream      // an upstream's; zero for the HTTP proxy
-	addr string        // the configured address (Addr may differ: port 0)
-	ln   net.Listener  //
+	up   Upstream // an upstream's; zero for the HTTP proxy
+	addr string   // the configured address (Addr may differ: port 0)
+	ln   net.Listener
 	h    *httpListener // nil: a TCP upstream
-	stop func()        // a TCP upstream's: stops its accept loop
 }
 
 const httpProxyKey = "\x00http-proxy"
 
 // startUpstream serves u on ln: its target, its accept loop (TCP), and the
 // catalog watch asked for at once. It returns u's HTTP listener, if any,
-// which the caller serves (serveHTTP, or onLoops...). The caller holds
-// p.lnMu.
-func (p *Proxy) startUpstream(u Upstream, ln net.Listener, reload bool) []*httpListener {
+// for the caller to serve (serveHTTP at start, startHTTP on a reload). The
+// caller holds p.lnMu.
+func (p *Proxy) startUpstream(u Upstream, ln net.Listener) []*httpListener {
 	r := p.run
 	t := p.target(u.Name, "", "")
 	p.log.Info("upstream listening", "service", u.Name, "addr", ln.Addr().String(), "protocol", u.Protocol)
@@ -60,12 +59,12 @@ func (p *Proxy) startUpstream(u Upstream, ln net.Listener, reload bool) []*httpL
 		p.src.Want(wctx, name)
 	}(u.Name)
 	if u.Protocol == ProtoTCP {
-		ctx, stop := context.WithCancel(r.ctx)
-		s.stop = stop
+		// Closing ln (a reload removing it) ends the accept loop; the
+		// connections under way keep r.ctx, so that they are not cut.
 		r.wg.Add(1)
 		go func() {
 			defer r.wg.Done()
-			p.serveTCP(ctx, ln, t)
+			p.serveTCP(r.ctx, ln, t)
 		}()
 		return nil
 	}
@@ -194,7 +193,7 @@ func (p *Proxy) Update(cfg Config) error {
 			p.served[key] = &served{addr: want[key].addr, ln: ln, h: h}
 			hls = []*httpListener{h}
 		} else {
-			hls = p.startUpstream(want[key].up, ln, true)
+			hls = p.startUpstream(want[key].up, ln)
 		}
 		for _, h := range hls {
 			onLoops := p.ev != nil && p.ev.addListener(h)
@@ -242,9 +241,6 @@ func (p *Proxy) stopListener(key string) {
 		if s.h.h1 != nil {
 			s.h.h1.Close()
 		}
-	}
-	if s.stop != nil {
-		s.stop()
 	}
 	s.ln.Close()
 	p.log.Info("listener removed", "addr", s.ln.Addr().String(), "service", s.up.Name)
