@@ -15,8 +15,9 @@ import (
 )
 
 // TestUpdateUnderLoad: while keep-alive clients call users without a
-// pause, a reload adds an upstream and the HTTP proxy listener and
-// shortens the timeouts, another removes the upstream again, and a bad one
+// pause, a reload adds upstreams (HTTP and TCP) and the HTTP proxy
+// listener and shortens the timeouts, another removes them again and moves
+// one to another address, and a bad one
 // (an upstream's balancer changing) is refused: no call to users fails,
 // the new listeners serve, the new timeout applies, the removed one
 // refuses connections.
@@ -26,7 +27,7 @@ func TestUpdateUnderLoad(t *testing.T) {
 	slow := newBackend(t, "slow", "s1", nil)
 	slow.demo.SetFault(demo.ModeSlow, 5*time.Second)
 	cfg := Config{Upstreams: []Upstream{upstream("users"), upstream("slow")}}
-	tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"users": users, "inventory": {inv}, "slow": {slow}})
+	tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"users": users, "inventory": {inv}, "slow": {slow}, "raw": {inv}})
 
 	const workers, maxCalls = 4, 200000
 	var calls, failed atomic.Int64
@@ -71,8 +72,8 @@ func TestUpdateUnderLoad(t *testing.T) {
 	}
 	waitCalls(200)
 
-	// 1: an upstream and the HTTP proxy added, the timeouts shortened.
-	cfg.Upstreams = append(cfg.Upstreams, upstream("inventory"))
+	// 1: an upstream (HTTP and TCP) and the HTTP proxy added, the timeouts shortened.
+	cfg.Upstreams = append(cfg.Upstreams, upstream("inventory"), Upstream{Name: "raw", Addr: "127.0.0.1:0", Protocol: ProtoTCP})
 	cfg.HTTPProxyAddr = "127.0.0.1:0"
 	cfg.TryTimeout, cfg.RequestTimeout, cfg.MaxRetries = 1500*time.Millisecond, 2*time.Second, -1
 	if err := tp.p.Update(cfg); err != nil {
@@ -101,24 +102,45 @@ func TestUpdateUnderLoad(t *testing.T) {
 	}
 	waitCalls(200)
 
-	// 2: the upstream removed again.
-	invAddr := tp.p.Addr("inventory").String()
-	cfg.Upstreams = cfg.Upstreams[:2]
+	if code, _, body := get(t, c, tp.url("raw", "/r")); code != 200 || !strings.Contains(string(body), "inventory") {
+		t.Fatalf("new TCP upstream: %d %s", code, body)
+	}
+
+	// 2: the upstreams removed again, slow moved to another address.
+	invAddr, rawAddr, slowAddr := tp.p.Addr("inventory").String(), tp.p.Addr("raw").String(), tp.p.Addr("slow").String()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	moved := l.Addr().String()
+	l.Close()
+	cfg.Upstreams = []Upstream{cfg.Upstreams[0], {Name: "slow", Addr: moved, Protocol: ProtoHTTP}}
 	if err := tp.p.Update(cfg); err != nil {
 		t.Fatal(err)
 	}
-	if tp.p.Addr("inventory") != nil {
-		t.Error("removed upstream still has an address")
+	for _, name := range []string{"inventory", "raw"} {
+		if tp.p.Addr(name) != nil {
+			t.Errorf("removed upstream %s still has an address", name)
+		}
 	}
-	if conn, err := net.DialTimeout("tcp", invAddr, time.Second); err == nil {
-		conn.Close()
-		t.Errorf("removed upstream %s still accepts connections", invAddr)
+	for _, a := range []string{invAddr, rawAddr, slowAddr} {
+		if conn, err := net.DialTimeout("tcp", a, time.Second); err == nil {
+			conn.Close()
+			t.Errorf("removed listener %s still accepts connections", a)
+		}
+	}
+	if got := tp.p.Addr("slow").String(); got != moved {
+		t.Errorf("slow listens on %s, want %s", got, moved)
+	}
+	slow.demo.SetFault(demo.ModeOK, 0)
+	if code, _, _ := get(t, c, tp.url("slow", "/s")); code != 200 {
+		t.Errorf("moved upstream: %d", code)
 	}
 	waitCalls(200)
 
 	// 3: refused, nothing changes.
 	bad := cfg
-	bad.Upstreams = []Upstream{{Name: "users", Addr: "127.0.0.1:0", Protocol: ProtoHTTP, Balancer: RoundRobin}, upstream("slow")}
+	bad.Upstreams = []Upstream{{Name: "users", Addr: "127.0.0.1:0", Protocol: ProtoHTTP, Balancer: RoundRobin}, cfg.Upstreams[1]}
 	if err := tp.p.Update(bad); err == nil || !strings.Contains(err.Error(), "cannot change without a restart") {
 		t.Fatalf("balancer change: %v", err)
 	}
