@@ -449,6 +449,14 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("-consul: at least one Consul address is needed"))
 	}
 	addr("dns", c.DNS)
+	if c.DNSTTL < 0 || c.DNSNodeTTL < 0 || c.DNSNegTTL < 0 {
+		errs = append(errs, errors.New("-dns-ttl, -dns-node-ttl and -dns-negative-ttl must not be negative"))
+	}
+	for svc, ttl := range c.DNSServiceTTL {
+		if ttl < 0 {
+			errs = append(errs, fmt.Errorf("dns_service_ttl[%q] must not be negative", svc))
+		}
+	}
 	if c.DNSRateLimit < 0 || c.DNSRateBurst < 0 {
 		errs = append(errs, errors.New("-dns-rate-limit and -dns-rate-burst must not be negative (0: no limit)"))
 	}

@@ -65,6 +65,7 @@ func TestParseArgs(t *testing.T) {
 				t.Errorf("rate limit %v burst %d", c.DNSRateLimit, c.DNSRateBurst)
 			}
 		}},
+		{name: "negative DNS TTL", args: []string{"-dns-ttl", "-1s"}, wantErr: "must not be negative"},
 		{name: "negative DNS rate limit", args: []string{"-dns-rate-limit", "-1"}, wantErr: "-dns-rate-limit and -dns-rate-burst must not be negative"},
 		{name: "flag without value", args: []string{"-dns"}, wantErr: "flag needs an argument: -dns"},
 		{name: "unknown flag", args: []string{"-frob"}, wantErr: "flag provided but not defined: -frob"},
