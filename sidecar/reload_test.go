@@ -1,7 +1,10 @@
 package sidecar
 
 import (
+	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -75,4 +78,64 @@ func TestReloadWhatChanges(t *testing.T) {
 	if got := s.Config(); len(got.Upstreams) != 2 {
 		t.Errorf("refused reload changed the upstreams: %v", got.Upstreams)
 	}
+}
+
+// TestReloadArgs: a reload reads the file again under the same command
+// line, whose flags still win; a broken file is refused with one log line
+// naming file and line, and nothing changes.
+func TestReloadArgs(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "attache.hcl")
+	write := func(s string) {
+		if err := os.WriteFile(file, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	users := freeAddr(t)
+	write(fmt.Sprintf("consul = [%q]\nupstream = [\"users=%s\"]\ntry_timeout = \"1s\"\nretries = 1\n", freeAddr(t), users))
+	args := []string{"-config", file, "-admin", freeAddr(t), "-try-timeout", "3s"}
+	cfg, err := ParseArgs(args, DefaultConfig(noEnv), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs syncBuffer
+	s, err := New(cfg, hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Info}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	testrun.Start(t, s)
+	<-s.proxy.Ready()
+
+	write(strings.Replace(strings.Replace(mustRead(t, file), `"1s"`, `"2s"`, 1), "retries = 1", "retries = 3", 1))
+	if err := s.ReloadArgs(args, DefaultConfig(noEnv)); err != nil {
+		t.Fatal(err)
+	}
+	if c := s.Config(); c.TryTimeout != 3*time.Second || c.Retries != 3 {
+		t.Errorf("try timeout %v (the flag's 3s wins) retries %d (the file's 3)", c.TryTimeout, c.Retries)
+	}
+	write("retries = \n")
+	err = s.ReloadArgs(args, DefaultConfig(noEnv))
+	if err == nil || !strings.Contains(err.Error(), "attache.hcl:1,") {
+		t.Fatalf("broken file: %v", err)
+	}
+	if c := s.Config(); c.Retries != 3 {
+		t.Errorf("refused reload changed retries to %d", c.Retries)
+	}
+	var refused []string
+	for _, l := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(l, "reload refused") {
+			refused = append(refused, l)
+		}
+	}
+	if len(refused) != 1 || !strings.Contains(refused[0], "attache.hcl:1,") {
+		t.Errorf("want one refusal line naming file and line, got %q", refused)
+	}
+}
+
+func mustRead(t *testing.T, p string) string {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }
