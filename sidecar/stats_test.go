@@ -1,8 +1,12 @@
 package sidecar
 
 import (
+	"fmt"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 )
 
 // TestStatsWindow: rates and the p99 come from the difference between the
@@ -69,5 +73,28 @@ func TestStatsWindow(t *testing.T) {
 	}
 	if n := len(r.samples); n != 61 {
 		t.Errorf("ring holds %d samples, want 61", n)
+	}
+}
+
+// BenchmarkSampleStats: the cost of one sample (taken once a second) with
+// 20 upstream services and the Go and process collectors registered.
+func BenchmarkSampleStats(b *testing.B) {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	req := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "attache_proxy_requests_total"}, []string{"upstream", "result"})
+	lat := prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "attache_proxy_request_duration_seconds",
+		Buckets: []float64{.0002, .0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}}, []string{"upstream"})
+	reg.MustRegister(req, lat)
+	for i := 0; i < 20; i++ {
+		name := fmt.Sprintf("svc-%d", i)
+		for _, c := range []string{"2xx", "5xx", "error", "breaker_open"} {
+			req.WithLabelValues(name, c).Add(100)
+		}
+		lat.WithLabelValues(name).Observe(0.003)
+	}
+	s := &Sidecar{metrics: reg}
+	b.ReportAllocs()
+	for b.Loop() {
+		s.sampleStats(time.Now())
 	}
 }
