@@ -54,7 +54,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	defer stop()
 	switch args[0] {
 	case "sidecar":
-		return runSidecar(ctx, args[1:], stderr)
+		return runSidecar(ctx, args[1:], stdout, stderr)
 	case "control":
 		return runControl(ctx, args[1:], stderr)
 	case "routes":
@@ -71,7 +71,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-func runSidecar(ctx context.Context, args []string, stderr io.Writer) int {
+func runSidecar(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	// SIGHUP reloads the configuration (caught from the start: its
+	// default action would end the process).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	cfg, err := sidecar.ParseArgs(args, sidecar.DefaultConfig(os.Getenv), stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
@@ -80,12 +85,29 @@ func runSidecar(ctx context.Context, args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "attache sidecar: %v\n", err)
 		return 2
 	}
+	if cfg.PrintConfig {
+		_, _ = stdout.Write(cfg.HCL())
+		return 0
+	}
 	log := newLogger(cfg.LogLevel, cfg.LogJSON, stderr)
 	s, err := sidecar.New(cfg, log)
 	if err != nil {
 		fmt.Fprintf(stderr, "attache sidecar: %v\n", err)
 		return 2
 	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				log.Info("SIGHUP: reading the configuration again")
+				_ = s.ReloadArgs(args, sidecar.DefaultConfig(os.Getenv)) // logs what it did or why not
+			}
+		}
+	}()
 	if err := s.Run(ctx); err != nil {
 		log.Error("exiting", "error", err)
 		return 1

@@ -30,6 +30,7 @@ func TestRunExitCodes(t *testing.T) {
 		{"sidecar bad address", []string{"sidecar", "-admin", "nowhere"}, 2, `-admin "nowhere": want HOST:PORT`},
 		{"sidecar missing config", []string{"sidecar", "-config", "/nonexistent/attache.hcl"}, 2, "no such file"},
 		{"sidecar missing service file", []string{"sidecar", "-service", "/nonexistent/svc.hcl"}, 2, "service file"},
+		{"sidecar print-config redacts", []string{"sidecar", "-print-config", "-token", "s3cret", "-upstream", "users=127.0.0.1:9191"}, 0, `"<redacted>"`},
 		{"control bad flag", []string{"control", "-listen"}, 2, "flag needs an argument"},
 		{"control address in use", []string{"control", "-listen", "256.0.0.1:1", "-api-token", "x"}, 1, "control: listen on 256.0.0.1:1"},
 		{"control off loopback without token", []string{"control", "-listen", "0.0.0.0:9500"}, 2, "needs an API token"},

@@ -198,14 +198,14 @@ func (s *Server) nxdomain(di int, resp *miekg.Msg) {
 func (s *Server) soa(di int) *miekg.SOA {
 	d := s.domains[di]
 	return &miekg.SOA{
-		Hdr:     miekg.RR_Header{Name: d, Rrtype: miekg.TypeSOA, Class: miekg.ClassINET, Ttl: s.negTTL},
+		Hdr:     miekg.RR_Header{Name: d, Rrtype: miekg.TypeSOA, Class: miekg.ClassINET, Ttl: s.tun.Load().negTTL},
 		Ns:      "ns." + d,
 		Mbox:    "hostmaster." + d,
 		Serial:  uint32(time.Now().Unix()),
 		Refresh: soaRefresh,
 		Retry:   soaRetry,
 		Expire:  soaExpire,
-		Minttl:  s.negTTL,
+		Minttl:  s.tun.Load().negTTL,
 	}
 }
 
@@ -248,7 +248,7 @@ func (s *Server) pick(se *svcEntry, tag string, buf []int, b *build) []int {
 	if len(idx) == 0 {
 		return idx
 	}
-	if s.ej != nil && s.cfg.HonourEjections {
+	if s.ej != nil && s.tun.Load().honourEjections {
 		if b != nil {
 			b.ej = true
 		}
@@ -270,13 +270,13 @@ func (s *Server) pick(se *svcEntry, tag string, buf []int, b *build) []int {
 	}
 	if b != nil {
 		b.n = len(idx)
-		if s.cfg.Nearest && s.cfg.Node != "" {
+		if s.tun.Load().nearest && s.cfg.Node != "" {
 			b.noCache = true
 		}
 		return rotate(idx, b.z.seed, b.rot)
 	}
 	rand.Shuffle(len(idx), func(a, b int) { idx[a], idx[b] = idx[b], idx[a] })
-	if s.cfg.Nearest && s.cfg.Node != "" && len(idx) > 1 {
+	if s.tun.Load().nearest && s.cfg.Node != "" && len(idx) > 1 {
 		s.sortNearest(se, idx)
 	}
 	return idx
@@ -469,11 +469,11 @@ func (s *Server) answerNode(q miekg.Question, pq query, di int, z *zone, resp *m
 		switch {
 		case ne.ip == nil && ne.host != "":
 			resp.Answer = append(resp.Answer, &miekg.CNAME{
-				Hdr:    miekg.RR_Header{Name: q.Name, Rrtype: miekg.TypeCNAME, Class: miekg.ClassINET, Ttl: s.nodeTTL},
+				Hdr:    miekg.RR_Header{Name: q.Name, Rrtype: miekg.TypeCNAME, Class: miekg.ClassINET, Ttl: s.tun.Load().nodeTTL},
 				Target: ne.host,
 			})
 		case ne.ip != nil && ((ne.v4 && wantV4(qt)) || (!ne.v4 && wantV6(qt))):
-			resp.Answer = append(resp.Answer, ipRR(q.Name, ne.ip, ne.v4, s.nodeTTL))
+			resp.Answer = append(resp.Answer, ipRR(q.Name, ne.ip, ne.v4, s.tun.Load().nodeTTL))
 		}
 	}
 	if qt == miekg.TypeTXT || qt == miekg.TypeANY || s.cfg.NodeMetaTXT {
@@ -483,7 +483,7 @@ func (s *Server) answerNode(q miekg.Question, pq query, di int, z *zone, resp *m
 		}
 		for _, t := range ne.txt {
 			*target = append(*target, &miekg.TXT{
-				Hdr: miekg.RR_Header{Name: q.Name, Rrtype: miekg.TypeTXT, Class: miekg.ClassINET, Ttl: s.nodeTTL},
+				Hdr: miekg.RR_Header{Name: q.Name, Rrtype: miekg.TypeTXT, Class: miekg.ClassINET, Ttl: s.tun.Load().nodeTTL},
 				Txt: []string{t},
 			})
 		}
@@ -507,7 +507,7 @@ func (s *Server) answerAddr(q miekg.Question, pq query, resp *miekg.Msg) {
 		resp.Ns = append(resp.Ns, s.soa(s.domainOf(q.Name)))
 		return
 	}
-	rr := ipRR(q.Name, net.IP(b), v4, s.nodeTTL)
+	rr := ipRR(q.Name, net.IP(b), v4, s.tun.Load().nodeTTL)
 	if (v4 && wantV4(q.Qtype)) || (!v4 && wantV6(q.Qtype)) {
 		resp.Answer = append(resp.Answer, rr)
 	} else {
@@ -546,11 +546,11 @@ func (s *Server) nameservers(di int) (ns, glue []miekg.RR) {
 			continue
 		}
 		ns = append(ns, &miekg.NS{
-			Hdr: miekg.RR_Header{Name: domain, Rrtype: miekg.TypeNS, Class: miekg.ClassINET, Ttl: s.nodeTTL},
+			Hdr: miekg.RR_Header{Name: domain, Rrtype: miekg.TypeNS, Class: miekg.ClassINET, Ttl: s.tun.Load().nodeTTL},
 			Ns:  name,
 		})
 		if ne.ip != nil {
-			glue = append(glue, ipRR(name, ne.ip, ne.v4, s.nodeTTL))
+			glue = append(glue, ipRR(name, ne.ip, ne.v4, s.tun.Load().nodeTTL))
 		}
 		if len(ns) >= maxNS {
 			break
@@ -561,13 +561,13 @@ func (s *Server) nameservers(di int) (ns, glue []miekg.RR) {
 
 // serviceTTL returns the TTL for a (lower-cased) service, in seconds.
 func (s *Server) serviceTTL(name string) uint32 {
-	if t, ok := s.ttlExact[name]; ok {
+	if t, ok := s.tun.Load().ttlExact[name]; ok {
 		return t
 	}
-	for _, p := range s.ttlPrefix { // longest prefix first
+	for _, p := range s.tun.Load().ttlPrefix { // longest prefix first
 		if strings.HasPrefix(name, p.prefix) {
 			return p.ttl
 		}
 	}
-	return s.defTTL
+	return s.tun.Load().defTTL
 }

@@ -49,6 +49,7 @@ const (
 // answerCache holds the packed answers made from one snapshot.
 type answerCache struct {
 	snap  *catalog.Snapshot
+	tun   *tuning // the settings its answers were built with (a reload replaces the cache)
 	mu    sync.RWMutex
 	m     map[string]*entry
 	bytes int
@@ -164,20 +165,22 @@ func cacheKey(dst, b []byte, q wireQuery) []byte {
 	return append(dst, flags, byte(size>>8), byte(size))
 }
 
-// cacheFor returns the cache of the current snapshot, or nil when another
-// goroutine just replaced it with one of another snapshot (the slow path
-// answers then).
+// cacheFor returns the cache of the current snapshot and settings, or nil
+// when another goroutine just replaced it with one of another snapshot
+// (the slow path answers then). An answer built after a reload may go
+// into the cache of the settings before it, which is dropped then: a
+// cache never holds answers older than its settings.
 func (s *Server) cacheFor() *answerCache {
-	snap := s.src.Load()
+	snap, tun := s.src.Load(), s.tun.Load()
 	c := s.cache.Load()
-	if c != nil && c.snap == snap {
+	if c != nil && c.snap == snap && c.tun == tun {
 		return c
 	}
-	nc := &answerCache{snap: snap, m: map[string]*entry{}}
+	nc := &answerCache{snap: snap, tun: tun, m: map[string]*entry{}}
 	if s.cache.CompareAndSwap(c, nc) {
 		return nc
 	}
-	if c = s.cache.Load(); c != nil && c.snap == snap {
+	if c = s.cache.Load(); c != nil && c.snap == snap && c.tun == tun {
 		return c
 	}
 	return nil

@@ -20,7 +20,7 @@ func (s *Server) recurse(req, resp *miekg.Msg, from netip.Addr, proto string) *m
 		proto = "udp"
 	}
 	c := &miekg.Client{Net: proto, Timeout: s.cfg.RecursorTimeout}
-	for _, r := range s.recursors {
+	for _, r := range s.tun.Load().recursors {
 		in, _, err := c.Exchange(req, r)
 		if err != nil {
 			s.log.Debug("recursor failed", "recursor", r, "question", req.Question[0].Name, "error", err)
@@ -34,7 +34,7 @@ func (s *Server) recurse(req, resp *miekg.Msg, from netip.Addr, proto string) *m
 		in.Compress = true
 		return in
 	}
-	s.log.Warn("all recursors failed", "question", req.Question[0].Name, "recursors", s.recursors)
+	s.log.Warn("all recursors failed", "question", req.Question[0].Name, "recursors", s.tun.Load().recursors)
 	resp.Rcode = miekg.RcodeServerFailure
 	resp.RecursionAvailable = true
 	return resp

@@ -55,14 +55,8 @@ type Server struct {
 	domains     []string // lower-cased, fully qualified: Domain, then AltDomain if any
 	domainOrder []int    // indexes of domains, longest first
 
-	recursors []string
-	allow     []netip.Prefix
-
-	ttlExact  map[string]uint32
-	ttlPrefix []ttlPrefix // longest first
-	defTTL    uint32
-	nodeTTL   uint32
-	negTTL    uint32
+	allow []netip.Prefix
+	tun   atomic.Pointer[tuning] // what a reload may change (SetTuning)
 
 	zones zoneCache
 	cache atomic.Pointer[answerCache] // packed answers of the current snapshot (cache.go)
@@ -75,6 +69,82 @@ type Server struct {
 	mu        sync.Mutex
 	addr      string
 	udpConns  int // UDP sockets bound by Run
+}
+
+// tuning is the part of the configuration a reload may change (TTLs,
+// recursors, nearest-first order, ejections honoured): one immutable value
+// that a query reads with an atomic load, replaced whole by SetTuning.
+// Cached answers are kept per tuning (answerCache.tun).
+type tuning struct {
+	recursors       []string
+	ttlExact        map[string]uint32
+	ttlPrefix       []ttlPrefix // longest first
+	defTTL          uint32
+	nodeTTL         uint32
+	negTTL          uint32
+	nearest         bool
+	honourEjections bool
+}
+
+// newTuning checks the tunable fields of cfg (its defaults filled).
+func (s *Server) newTuning(cfg Config) (*tuning, error) {
+	t := &tuning{nearest: cfg.Nearest, honourEjections: cfg.HonourEjections}
+	recs := cfg.Recursors
+	if len(recs) == 0 && cfg.ResolvConf != "" {
+		r, err := parseResolvConf(cfg.ResolvConf)
+		if err != nil {
+			s.log.Warn("no recursors: names outside the domain will be refused", "error", err)
+		}
+		recs = r
+	}
+	for _, r := range recs {
+		a, err := recursorAddr(r)
+		if err != nil {
+			return nil, fmt.Errorf("dns: %w", err)
+		}
+		if a == s.cfg.Addr {
+			s.log.Warn("skipping recursor that is this server's own address", "recursor", a)
+			continue
+		}
+		t.recursors = append(t.recursors, a)
+	}
+	t.ttlExact = map[string]uint32{}
+	for k, v := range cfg.ServiceTTL {
+		if v < 0 {
+			return nil, fmt.Errorf("dns: service TTL for %q is negative", k)
+		}
+		k = toLower(k)
+		if len(k) > 0 && k[len(k)-1] == '*' {
+			t.ttlPrefix = append(t.ttlPrefix, ttlPrefix{k[:len(k)-1], seconds(v)})
+		} else {
+			t.ttlExact[k] = seconds(v)
+		}
+	}
+	sort.Slice(t.ttlPrefix, func(a, b int) bool { return len(t.ttlPrefix[a].prefix) > len(t.ttlPrefix[b].prefix) })
+	for _, d := range []time.Duration{cfg.DefaultServiceTTL, cfg.NodeTTL, cfg.NegativeTTL} {
+		if d < 0 {
+			return nil, errors.New("dns: TTLs must not be negative")
+		}
+	}
+	t.defTTL, t.nodeTTL, t.negTTL = seconds(cfg.DefaultServiceTTL), seconds(cfg.NodeTTL), seconds(cfg.NegativeTTL)
+	return t, nil
+}
+
+// SetTuning applies a reload's Recursors (ResolvConf when none), TTLs,
+// Nearest and HonourEjections from cfg; its other fields need a restart
+// and are not looked at. Answers cached with the old settings are dropped;
+// queries under way finish with the settings they started with. An error
+// changes nothing.
+func (s *Server) SetTuning(cfg Config) error {
+	if cfg.ResolvConf == "" {
+		cfg.ResolvConf = s.cfg.ResolvConf
+	}
+	t, err := s.newTuning(cfg)
+	if err != nil {
+		return err
+	}
+	s.tun.Store(t)
+	return nil
 }
 
 type ttlPrefix struct {
@@ -144,48 +214,14 @@ func New(cfg Config, src Source, ej Ejections) (*Server, error) {
 		}
 	}
 
-	recs := cfg.Recursors
-	if len(recs) == 0 && cfg.ResolvConf != "" {
-		r, err := parseResolvConf(cfg.ResolvConf)
-		if err != nil {
-			s.log.Warn("no recursors: names outside the domain will be refused", "error", err)
-		}
-		recs = r
-	}
-	for _, r := range recs {
-		a, err := recursorAddr(r)
-		if err != nil {
-			return nil, fmt.Errorf("dns: %w", err)
-		}
-		if a == cfg.Addr {
-			s.log.Warn("skipping recursor that is this server's own address", "recursor", a)
-			continue
-		}
-		s.recursors = append(s.recursors, a)
-	}
 	for _, p := range cfg.AllowRecursion {
 		s.allow = append(s.allow, p.Masked())
 	}
-
-	s.ttlExact = map[string]uint32{}
-	for k, v := range cfg.ServiceTTL {
-		if v < 0 {
-			return nil, fmt.Errorf("dns: service TTL for %q is negative", k)
-		}
-		k = toLower(k)
-		if len(k) > 0 && k[len(k)-1] == '*' {
-			s.ttlPrefix = append(s.ttlPrefix, ttlPrefix{k[:len(k)-1], seconds(v)})
-		} else {
-			s.ttlExact[k] = seconds(v)
-		}
+	tun, err := s.newTuning(cfg)
+	if err != nil {
+		return nil, err
 	}
-	sort.Slice(s.ttlPrefix, func(a, b int) bool { return len(s.ttlPrefix[a].prefix) > len(s.ttlPrefix[b].prefix) })
-	for _, d := range []time.Duration{cfg.DefaultServiceTTL, cfg.NodeTTL, cfg.NegativeTTL} {
-		if d < 0 {
-			return nil, errors.New("dns: TTLs must not be negative")
-		}
-	}
-	s.defTTL, s.nodeTTL, s.negTTL = seconds(cfg.DefaultServiceTTL), seconds(cfg.NodeTTL), seconds(cfg.NegativeTTL)
+	s.tun.Store(tun)
 
 	s.m, err = newMetrics(cfg.Registerer)
 	if err != nil {
@@ -221,7 +257,7 @@ func toLower(s string) string {
 
 // canRecurse reports whether from may use the recursors.
 func (s *Server) canRecurse(from netip.Addr) bool {
-	if len(s.recursors) == 0 {
+	if len(s.tun.Load().recursors) == 0 {
 		return false
 	}
 	from = from.Unmap()
@@ -349,7 +385,7 @@ func (s *Server) Run(ctx context.Context) error {
 		errc <- err
 	}
 	s.readyOnce.Do(func() { close(s.ready) })
-	s.log.Info("serving DNS", "addr", s.Addr(), "domains", s.domains, "udp_sockets", len(pcs), "recursors", s.recursors)
+	s.log.Info("serving DNS", "addr", s.Addr(), "domains", s.domains, "udp_sockets", len(pcs), "recursors", s.tun.Load().recursors)
 
 	var runErr error
 	select {

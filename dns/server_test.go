@@ -465,3 +465,44 @@ func TestUDPOneAtATime(t *testing.T) {
 		t.Fatalf("reply control message without a query's: %x", b)
 	}
 }
+
+// TestSetTuning: a reload's TTLs show in the next answers over UDP (the
+// cached path) and TCP; a bad one changes nothing.
+func TestSetTuning(t *testing.T) {
+	s, _ := newTestServer(t, func(c *Config) { c.Addr = "127.0.0.1:0"; c.DefaultServiceTTL = 5 * time.Second }, nil)
+	addr := runServer(t, s)
+	ttl := func(proto string) uint32 {
+		t.Helper()
+		m := new(miekg.Msg)
+		m.SetQuestion("users.service.consul.", miekg.TypeA)
+		r, _, err := (&miekg.Client{Net: proto, Timeout: 2 * time.Second}).Exchange(m, addr)
+		if err != nil || len(r.Answer) == 0 {
+			t.Fatalf("%s: %v %v", proto, err, r)
+		}
+		return r.Answer[0].Header().Ttl
+	}
+	for range 3 { // cached after the first
+		if got := ttl("udp"); got != 5 {
+			t.Fatalf("TTL %d before the reload, want 5", got)
+		}
+	}
+	cfg := DefaultConfig()
+	cfg.ResolvConf = ""
+	cfg.DefaultServiceTTL = 5 * time.Second
+	cfg.ServiceTTL = map[string]time.Duration{"users": 42 * time.Second}
+	if err := s.SetTuning(cfg); err != nil {
+		t.Fatal(err)
+	}
+	for _, proto := range []string{"udp", "udp", "tcp"} {
+		if got := ttl(proto); got != 42 {
+			t.Fatalf("%s: TTL %d after the reload, want 42", proto, got)
+		}
+	}
+	cfg.NodeTTL = -time.Second
+	if err := s.SetTuning(cfg); err == nil {
+		t.Fatal("negative TTL accepted")
+	}
+	if got := ttl("udp"); got != 42 {
+		t.Fatalf("TTL %d after a refused reload, want 42", got)
+	}
+}

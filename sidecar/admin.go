@@ -25,6 +25,7 @@ func (s *Sidecar) adminHandler() http.Handler {
 		}{s.watcher.Status(), s.watcher.Load()}, http.StatusOK)
 	})
 	mux.HandleFunc("GET /v1/breakers", s.breakersJSON)
+	mux.HandleFunc("GET /v1/stats", s.statsHandler)
 	if s.gateway != nil {
 		mux.Handle("GET /v1/routes", s.gateway.Handler())
 	} else {

@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/hcl/v2"
 	"github.com/hashicorp/hcl/v2/gohcl"
 	"github.com/hashicorp/hcl/v2/hclparse"
+	"github.com/hashicorp/hcl/v2/hclsyntax"
 
 	"attache/sidecar/catalog"
 	"attache/sidecar/proxy"
@@ -79,6 +80,7 @@ type Config struct {
 	UpstreamSettings map[string]UpstreamSettings
 	LogLevel         string // trace, debug, info, warn, error
 	LogJSON          bool
+	PrintConfig      bool // -print-config (command line only): print the effective configuration and exit
 }
 
 // DefaultConfig returns the defaults, with CONSUL_HTTP_ADDR and
@@ -186,6 +188,7 @@ func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs.IntVar(&c.MaxRequests, "max-requests", c.MaxRequests, "breaker: calls in flight per service; more are refused at once (-1: no limit)")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log `level`: trace, debug, info, warn, error")
 	fs.BoolVar(&c.LogJSON, "log-json", c.LogJSON, "log as JSON")
+	fs.BoolVar(&c.PrintConfig, "print-config", c.PrintConfig, "print the effective configuration (defaults, environment, file, flags) as a config file, secrets redacted, and exit")
 	return fs
 }
 
@@ -278,9 +281,17 @@ type fileConfig struct {
 	SlowCall      *string            `hcl:"slow_call,optional"`
 	MaxRequests   *int               `hcl:"max_requests,optional"`
 	Fallbacks     []fallbackBlock    `hcl:"fallback,block"`
-	UpstreamBlock []upstreamBlock    `hcl:"upstream,block"`
-	LogLevel      *string            `hcl:"log_level,optional"`
-	LogJSON       *bool              `hcl:"log_json,optional"`
+	// Rest holds the upstream "NAME" blocks (fileBlocks): gohcl's encoder,
+	// which -print-config uses, cannot have a block and an attribute of
+	// one name in one struct.
+	Rest     hcl.Body `hcl:",remain"`
+	LogLevel *string  `hcl:"log_level,optional"`
+	LogJSON  *bool    `hcl:"log_json,optional"`
+}
+
+// fileBlocks is what fileConfig leaves: the upstream "NAME" blocks.
+type fileBlocks struct {
+	Upstreams []upstreamBlock `hcl:"upstream,block"`
 }
 
 // fallbackBlock is `fallback "inventory" { status = 200 body = "Stock status unavailable" }`
@@ -305,6 +316,20 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	if diags := gohcl.DecodeBody(f.Body, nil, &fc); diags.HasErrors() {
 		return diagError(diags)
 	}
+	var fb fileBlocks
+	if diags := gohcl.DecodeBody(fc.Rest, nil, &fb); diags.HasErrors() {
+		return diagError(diags)
+	}
+	// at is where attr is set, as file:line,column, for errors found
+	// after decoding.
+	at := func(attr string) string {
+		if b, ok := f.Body.(*hclsyntax.Body); ok {
+			if a := b.Attributes[attr]; a != nil {
+				return fmt.Sprintf("%s:%d,%d", name, a.SrcRange.Start.Line, a.SrcRange.Start.Column)
+			}
+		}
+		return name
+	}
 	set(&c.Node, fc.Node)
 	set(&c.Consul, fc.Consul)
 	set(&c.Token, fc.Token)
@@ -315,13 +340,13 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	set(&c.Admin, fc.Admin)
 	set(&c.AdminToken, fc.AdminToken)
 	set(&c.Upstreams, fc.Upstreams)
-	if len(fc.UpstreamBlock) > 0 {
-		us, err := upstreamSettings(name, f.Body, fc.UpstreamBlock)
+	if len(fb.Upstreams) > 0 {
+		us, err := upstreamSettings(name, f.Body, fb.Upstreams)
 		if err != nil {
 			return err
 		}
 		c.UpstreamSettings = us
-		for _, b := range fc.UpstreamBlock {
+		for _, b := range fb.Upstreams {
 			u := us[strings.ToLower(b.Name)]
 			if u.Listen == "" {
 				continue
@@ -402,7 +427,7 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 		}
 		v, err := time.ParseDuration(*d.v)
 		if err != nil {
-			return fmt.Errorf("%s: %s: %w (use a duration such as \"2s\")", name, d.attr, err)
+			return fmt.Errorf("%s: %s: %w (use a duration such as \"2s\")", at(d.attr), d.attr, err)
 		}
 		*d.dst = v
 	}
@@ -411,7 +436,7 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 		for svc, v := range *fc.DNSServiceTTL {
 			d, err := time.ParseDuration(v)
 			if err != nil {
-				return fmt.Errorf("%s: dns_service_ttl[%q]: %w (use a duration such as \"5s\")", name, svc, err)
+				return fmt.Errorf("%s: dns_service_ttl[%q]: %w (use a duration such as \"5s\")", at("dns_service_ttl"), svc, err)
 			}
 			c.DNSServiceTTL[strings.ToLower(svc)] = d
 		}
@@ -459,6 +484,14 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("-consul: at least one Consul address is needed"))
 	}
 	addr("dns", c.DNS)
+	if c.DNSTTL < 0 || c.DNSNodeTTL < 0 || c.DNSNegTTL < 0 {
+		errs = append(errs, errors.New("-dns-ttl, -dns-node-ttl and -dns-negative-ttl must not be negative"))
+	}
+	for svc, ttl := range c.DNSServiceTTL {
+		if ttl < 0 {
+			errs = append(errs, fmt.Errorf("dns_service_ttl[%q] must not be negative", svc))
+		}
+	}
 	if c.DNSRateLimit < 0 || c.DNSRateBurst < 0 {
 		errs = append(errs, errors.New("-dns-rate-limit and -dns-rate-burst must not be negative (0: no limit)"))
 	}

@@ -89,6 +89,7 @@ upstream "inventory" {
 				t.Errorf("rate limit %v burst %d", c.DNSRateLimit, c.DNSRateBurst)
 			}
 		}},
+		{name: "negative DNS TTL", args: []string{"-dns-ttl", "-1s"}, wantErr: "must not be negative"},
 		{name: "negative DNS rate limit", args: []string{"-dns-rate-limit", "-1"}, wantErr: "-dns-rate-limit and -dns-rate-burst must not be negative"},
 		{name: "flag without value", args: []string{"-dns"}, wantErr: "flag needs an argument: -dns"},
 		{name: "unknown flag", args: []string{"-frob"}, wantErr: "flag provided but not defined: -frob"},
@@ -99,7 +100,8 @@ upstream "inventory" {
 		{name: "missing file", args: []string{"-config", filepath.Join(dir, "nope.hcl")}, wantErr: "no such file"},
 		{name: "unknown attribute names file and line", args: []string{"-config", badAttr}, wantErr: "bad.hcl:2,1: Unsupported argument"},
 		{name: "syntax error names file and line", args: []string{"-config", badSyntax}, wantErr: "syntax.hcl:1,"},
-		{name: "bad duration", args: []string{"-config", badDur}, wantErr: "max_stale"},
+		{name: "bad duration names file and line", args: []string{"-config", badDur}, wantErr: "dur.hcl:1,1: max_stale"},
+
 		{name: "upstream blocks", args: []string{"-config", ups}, check: func(t *testing.T, c Config) {
 			if strings.Join(c.Upstreams, " ") != "db=127.0.0.1:5432/tcp Users=127.0.0.1:9192" {
 				t.Errorf("upstream listeners %v", c.Upstreams)

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -41,8 +42,11 @@ type Sidecar struct {
 	gateway    *gateway.Gateway // nil without -gateway or -gateway-tls
 	dns        *dns.Server      // nil without -dns
 	notifier   *sdnotify.Notifier
-	accessFile *os.File    // the -access-log file, closed when Run returns
-	stopping   atomic.Bool // set as the graceful stop begins: /readyz answers 503 from then on
+	accessFile *os.File               // the -access-log file, closed when Run returns
+	stopping   atomic.Bool            // set as the graceful stop begins: /readyz answers 503 from then on
+	reloadMu   sync.Mutex             // one Reload at a time
+	applied    atomic.Pointer[Config] // the configuration in force after a reload; nil: cfg
+	stats      statsRing              // the last minute's samples of the counters (stats.go)
 }
 
 // New builds the sidecar from cfg. It binds nothing and contacts nobody: Run does.
@@ -79,16 +83,7 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 		return nil, err
 	}
 	regs = append([]*api.AgentServiceRegistration{self}, regs...)
-	bc := breaker.DefaultConfig()
-	bc.ConsecutiveFailures, bc.BaseEjectionTime = cfg.EjectAfter, cfg.EjectTime
-	bc.SlowCallDuration, bc.MaxRequests = cfg.SlowCall, cfg.MaxRequests
-	if bc.MaxRequests == 0 {
-		bc.MaxRequests = -1 // the breaker reads 0 as "the default"
-	}
-	if bc.ConsecutiveFailures == 0 {
-		bc.ConsecutiveFailures = -1 // the breaker reads 0 as "the default"
-	}
-	if s.breakers, err = breaker.New(bc, log, m); err != nil {
+	if s.breakers, err = breaker.New(breakerConfig(cfg), log, m); err != nil {
 		return nil, err
 	}
 	if cfg.Gateway != "" || cfg.GatewayTLS != "" {
@@ -113,7 +108,6 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 			pc.Gateways = s.gateway.Listeners()
 		}
 		pc.Balancer, _ = proxy.ParseBalancer(cfg.Balancer) // checked by Validate
-		pc.TryTimeout, pc.RequestTimeout, pc.MaxRetries = cfg.TryTimeout, cfg.ReqTimeout, cfg.Retries
 		pc.IdleTimeout, pc.HeaderTimeout, pc.BodyTimeout, pc.MaxClientConns = cfg.ClientIdle, cfg.HeaderTimeout, cfg.BodyTimeout, cfg.MaxClients
 		pc.ShutdownGraceTime = cfg.DrainTimeout
 		if cfg.AccessLog != "off" && (s.gateway != nil || cfg.AccessLogAll) {
@@ -129,18 +123,8 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 			}
 			pc.AccessLogAll, pc.AccessLogSample = cfg.AccessLogAll, cfg.AccessSample
 		}
-		if pc.MaxRetries == 0 {
-			pc.MaxRetries = -1 // the proxy reads 0 as "the default"
-		}
-		for _, u := range cfg.Upstreams {
-			up, err := proxy.ParseUpstream(u)
-			if err != nil {
-				return nil, fmt.Errorf("-upstream: %w", err)
-			}
-			if up.Balancer == "" {
-				up.Balancer = pc.Balancer
-			}
-			pc.Upstreams = append(pc.Upstreams, up)
+		if err := proxyReloadable(&pc, cfg); err != nil {
+			return nil, err
 		}
 		if err := applyUpstreams(cfg.UpstreamSettings, s.breakers, &pc); err != nil {
 			return nil, err
@@ -151,10 +135,7 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 		ejections = s.breakers
 	}
 	if cfg.DNS != "" {
-		dc := dns.DefaultConfig()
-		dc.Addr, dc.Domain, dc.Recursors = cfg.DNS, cfg.DNSDomain, cfg.Recursors
-		dc.DefaultServiceTTL, dc.ServiceTTL, dc.NodeTTL, dc.NegativeTTL = cfg.DNSTTL, cfg.DNSServiceTTL, cfg.DNSNodeTTL, cfg.DNSNegTTL
-		dc.Nearest, dc.Node, dc.HonourEjections = cfg.DNSNearest, cfg.Node, cfg.DNSEjections
+		dc := dnsConfig(cfg)
 		dc.RateLimit, dc.RateBurst = cfg.DNSRateLimit, cfg.DNSRateBurst
 		dc.Logger, dc.Registerer = log, m
 		if s.dns, err = dns.New(dc, s.watcher, ejections); err != nil {
@@ -231,6 +212,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 
 	g.Go(func() error { return s.watcher.Run(baseCtx) })
 	g.Go(func() error { return s.breakers.Run(baseCtx) })
+	g.Go(func() error { return s.runStats(baseCtx) })
 	g.Go(func() error { defer close(regDone); return s.registrar.Run(regCtx) })
 	if s.dns != nil {
 		srv.Go(func() error { return s.dns.Run(srvCtx) })

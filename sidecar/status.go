@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"sort"
 	"strconv"
-	"strings"
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
@@ -22,6 +21,8 @@ var webFS embed.FS
 
 var statusTmpl = template.Must(template.New("status.html").Funcs(template.FuncMap{
 	"age": func(d time.Duration) string { return d.Round(time.Second).String() },
+	"pct": func(f float64) float64 { return 100 * f },
+	"val": func(f *float64) float64 { return *f },
 	"ts": func(t time.Time) string {
 		if t.IsZero() {
 			return "never"
@@ -53,6 +54,8 @@ type statusPage struct {
 	Upstreams []countRow
 	Gateway   *gateway.RoutesView
 	DNS       *countRow
+	Window    float64                           // seconds the rates are over (a minute, less just after start)
+	DNSQPS    *float64                          // DNS queries/s over the window
 	AccessLog *struct{ Lines, Dropped float64 } // nil without an access log
 }
 
@@ -76,6 +79,7 @@ type countRow struct {
 	Name          string
 	Total, Errors float64
 	ByClass       []classCount
+	Rate          *UpstreamStats // the last minute's (/v1/stats); nil: none yet
 	classes       map[string]float64
 }
 
@@ -86,6 +90,7 @@ type classCount struct {
 
 func (s *Sidecar) statusPage(w http.ResponseWriter, r *http.Request) {
 	p := statusPage{Node: s.cfg.Node, Admin: s.cfg.Admin, Now: time.Now().UTC()}
+	cfg := s.Config() // with what reloads changed
 	p.Reasons = s.notReady()
 	p.Ready = len(p.Reasons) == 0
 	st := s.watcher.Status()
@@ -118,33 +123,42 @@ func (s *Sidecar) statusPage(w http.ResponseWriter, r *http.Request) {
 	for _, m := range byName["attache_proxy_client_connections"].GetMetric() {
 		conns[label(m, "listener")] = m.GetGauge().GetValue()
 	}
-	for _, u := range s.cfg.Upstreams {
+	for _, u := range cfg.Upstreams {
 		up, err := proxy.ParseUpstream(u) // checked by Validate
 		if err != nil {
 			continue
 		}
 		p.Listeners = append(p.Listeners, listenerRow{Kind: "upstream " + up.Protocol, Name: up.Name, Addr: up.Addr, Conns: conns[up.Name]})
 	}
-	if s.cfg.HTTPProxy != "" {
-		p.Listeners = append(p.Listeners, listenerRow{Kind: "http proxy", Name: "http-proxy", Addr: s.cfg.HTTPProxy, Conns: conns["http-proxy"]})
+	if cfg.HTTPProxy != "" {
+		p.Listeners = append(p.Listeners, listenerRow{Kind: "http proxy", Name: "http-proxy", Addr: cfg.HTTPProxy, Conns: conns["http-proxy"]})
 	}
-	if s.cfg.Gateway != "" {
-		p.Listeners = append(p.Listeners, listenerRow{Kind: "gateway", Name: "gateway-http", Addr: s.cfg.Gateway, Conns: conns["gateway-http"]})
+	if cfg.Gateway != "" {
+		p.Listeners = append(p.Listeners, listenerRow{Kind: "gateway", Name: "gateway-http", Addr: cfg.Gateway, Conns: conns["gateway-http"]})
 	}
-	if s.cfg.GatewayTLS != "" {
-		p.Listeners = append(p.Listeners, listenerRow{Kind: "gateway (TLS)", Name: "gateway-https", Addr: s.cfg.GatewayTLS, Conns: conns["gateway-https"]})
+	if cfg.GatewayTLS != "" {
+		p.Listeners = append(p.Listeners, listenerRow{Kind: "gateway (TLS)", Name: "gateway-https", Addr: cfg.GatewayTLS, Conns: conns["gateway-https"]})
 	}
-	if s.cfg.DNS != "" {
-		p.Listeners = append(p.Listeners, listenerRow{Kind: "dns", Name: "dns", Addr: s.cfg.DNS})
+	if cfg.DNS != "" {
+		p.Listeners = append(p.Listeners, listenerRow{Kind: "dns", Name: "dns", Addr: cfg.DNS})
 	}
 	// attache_proxy_requests_total{upstream, result}: errors are the
 	// answers the proxy could not get (5xx, error, breaker_open, ...).
 	ups := map[string]*countRow{}
 	for _, m := range byName["attache_proxy_requests_total"].GetMetric() {
 		name, class := label(m, "upstream"), label(m, "result")
-		add(ups, name, class, m.GetCounter().GetValue(), !strings.HasPrefix(class, "1") && !strings.HasPrefix(class, "2") && !strings.HasPrefix(class, "3") && !strings.HasPrefix(class, "4"))
+		add(ups, name, class, m.GetCounter().GetValue(), isErrorClass(class))
 	}
 	p.Upstreams = rows(ups)
+	rates := s.stats.stats(s.dns != nil)
+	p.Window, p.DNSQPS = rates.WindowSeconds, rates.DNSQPS
+	for i := range p.Upstreams {
+		for j := range rates.Upstreams {
+			if rates.Upstreams[j].Name == p.Upstreams[i].Name {
+				p.Upstreams[i].Rate = &rates.Upstreams[j]
+			}
+		}
+	}
 	if f := byName["attache_proxy_access_log_lines_total"]; f != nil {
 		p.AccessLog = &struct{ Lines, Dropped float64 }{}
 		for _, m := range f.GetMetric() {

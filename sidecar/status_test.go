@@ -2,6 +2,7 @@ package sidecar
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http/httptest"
@@ -85,13 +86,31 @@ func TestStatusPageInBrowser(t *testing.T) {
 		}
 	}
 
+	// The last minute's rates (sampled once a second) show the calls and
+	// the queries, in /v1/stats as on the page.
+	var stats Stats
+	eventually(t, "rates in /v1/stats", 10*time.Second, func() bool {
+		_, body := get(admin, "/v1/stats")
+		stats = Stats{}
+		_ = json.Unmarshal([]byte(body), &stats)
+		return len(stats.Upstreams) == 1 && stats.Upstreams[0].Name == "users" && stats.Upstreams[0].RPS > 0 &&
+			stats.Upstreams[0].P99ms != nil && stats.DNSQPS != nil && *stats.DNSQPS > 0
+	})
+	if u := stats.Upstreams[0]; u.ErrorRate != 0 || *u.P99ms <= 0 || *u.P99ms > 10000 {
+		t.Errorf("users over the last minute: %+v (p99 %v ms)", u, *u.P99ms)
+	}
+
 	url := "http://" + admin + "/"
 	dom := chromium(t, bin, url, "--dump-dom")
 	for _, want := range []string{"attache on node-a", `<meta http-equiv="refresh" content="5">`, "connected", "fresh",
-		"users-1", "users-2", "passing", "upstream http", up, dnsAddr, "Breakers", "closed", "Requests by upstream service", "2xx: ", "NOERROR: 3", "access log: "} {
+		"users-1", "users-2", "passing", "upstream http", up, dnsAddr, "Breakers", "closed", "Requests by upstream service", "2xx: ", "NOERROR: 3", "access log: ",
+		"requests/s", "error rate", "p99 ms", "0.00%", "queries/s", "/v1/stats"} {
 		if !strings.Contains(dom, want) {
 			t.Errorf("the page lacks %q:\n%s", want, dom)
 		}
+	}
+	if strings.Contains(dom, "%!") {
+		t.Errorf("a number the template could not format:\n%s", dom)
 	}
 	if t.Failed() {
 		return

@@ -228,3 +228,25 @@ func applyUpstreams(settings map[string]UpstreamSettings, br *breaker.Registry, 
 	}
 	return nil
 }
+
+// block is the HCL form of the settings of service name, for
+// -print-config. Its listener, if any, is in the upstream list already.
+func (u UpstreamSettings) block(name string) upstreamBlock {
+	b := upstreamBlock{Name: name, Retries: u.Retries, EjectAfter: u.EjectAfter, MaxRequests: u.MaxRequests, FailureRate: u.FailureRate}
+	if u.Balancer != "" {
+		b.Balancer = &u.Balancer
+	}
+	for _, d := range []struct {
+		v   time.Duration
+		dst **string
+	}{
+		{u.TryTimeout, &b.TryTimeout}, {u.ReqTimeout, &b.ReqTimeout}, {u.EjectTime, &b.EjectTime},
+		{u.SlowCall, &b.SlowCall}, {u.Window, &b.Window}, {u.OpenTime, &b.OpenTime},
+	} {
+		if d.v > 0 {
+			s := d.v.String()
+			*d.dst = &s
+		}
+	}
+	return b
+}

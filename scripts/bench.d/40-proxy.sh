@@ -14,6 +14,9 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 B1=127.0.4.1:8081 B2=127.0.4.2:8081
 NGINX=127.0.4.10:8080 HAPROXY=127.0.4.11:8080 UPSTREAM=127.0.4.12:8080 HTTPPROXY=127.0.4.13:8080
+# The access log's cost: bench/proxy (attache's proxy over a static view)
+# twice, the same but for -access-log, each with an upstream listener only.
+LOGOFF=127.0.4.14:8080 LOGON=127.0.4.15:8080
 mkdir -p "$BENCH/proxy-nginx" "$BENCH/proxy-haproxy"
 [[ -x $BENCH/backend ]] || go build -o "$BENCH/backend" ./bench/backend
 go build -o "$BENCH/attache-proxy" ./bench/proxy
@@ -80,11 +83,18 @@ bg haproxy -f "$BENCH/proxy-haproxy/haproxy.cfg"
 # shellcheck disable=SC2086
 bg $ATTACHE_PROXY_CMD
 ATTACHE_PID=${PIDS[-1]}
+bg "$BENCH/attache-proxy" -backends "$B1,$B2" -upstream "$LOGOFF" -http-proxy ""
+LOGOFF_PID=${PIDS[-1]}
+: >"$BENCH/proxy-access.log"
+bg "$BENCH/attache-proxy" -backends "$B1,$B2" -upstream "$LOGON" -http-proxy "" -access-log "$BENCH/proxy-access.log"
+LOGON_PID=${PIDS[-1]}
 wait_for "backend" 10 curl -fsS "http://$B1/users/"
 wait_for "nginx" 10 curl -fsS "http://$NGINX/users/"
 wait_for "haproxy" 10 curl -fsS "http://$HAPROXY/users/"
 wait_for "attache upstream listener" 20 curl -fsS "http://$UPSTREAM/users/"
 wait_for "attache http proxy" 20 curl -fsS -x "http://$HTTPPROXY" http://users.service.consul/users/
+wait_for "bench/proxy, access log off" 10 curl -fsS "http://$LOGOFF/users/"
+wait_for "bench/proxy, access log on" 10 curl -fsS "http://$LOGON/users/"
 
 # Idle keep-alive clients: IDLE_CLIENTS (10,000) connections each make one
 # request and stay open, idle; the row is the proxy's RSS growth per client
@@ -134,9 +144,11 @@ measure() {
 	haproxy) wrk_row haproxy "http://$HAPROXY/users/" "$(pids_of "haproxy -f $BENCH/proxy-haproxy")" "$BACKEND_PIDS" ;;
 	attache-upstream) wrk_row attache-upstream "http://$UPSTREAM/users/" "$ATTACHE_PID" "$BACKEND_PIDS" ;;
 	attache-http-proxy) proxy_row attache-http-proxy "http://$HTTPPROXY/users/" "$ATTACHE_PID" "$BACKEND_PIDS" ;;
+	access-log-off) wrk_row access-log-off "http://$LOGOFF/users/" "$LOGOFF_PID" "$BACKEND_PIDS" ;;
+	access-log-on) wrk_row access-log-on "http://$LOGON/users/" "$LOGON_PID" "$BACKEND_PIDS" ;;
 	esac
 }
-TARGETS=(${PROXY_TARGETS:-direct nginx haproxy attache-upstream attache-http-proxy})
+TARGETS=(${PROXY_TARGETS:-direct nginx haproxy attache-upstream attache-http-proxy access-log-off access-log-on})
 raw=$(
 	for t in "${TARGETS[@]}"; do WRK_WARMUP="-t2 -c64 -d2s" measure "$t" >/dev/null; done
 	for ((r = 0; r < ROUNDS; r++)); do
@@ -155,6 +167,11 @@ echo
 echo "| target | requests/s | ratio vs nginx | p99 ms | p99 vs nginx | CPU s / 10k req | backend CPU s / 10k req |"
 echo "|---|---:|---:|---:|---:|---:|---:|"
 echo "$rows" | awk '$1=="nginx"{n=$2; p=$3} {r[NR]=$0} END {for (i=1;i<=NR;i++) {split(r[i],f," "); printf "| %s | %d | %.2f× | %.2f | %.2f× | %.3f | %.3f |\n", f[1], f[2], f[2]/n, f[3], (p>0 ? f[3]/p : 0), f[4], f[5]}}'
+# The access log's cost, from the rounds' pairs (each round measures both).
+echo "$raw" | awk '$1=="access-log-off"{off[++a]=$2; offc[a]=$4} $1=="access-log-on"{on[++b]=$2; onc[b]=$4}
+	function med(v, m,   i, j, t) { for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }; return (m % 2) ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2 }
+	END { m = (a < b ? a : b); if (m == 0) exit; for (i = 1; i <= m; i++) { r[i] = on[i] / off[i]; c[i] = (offc[i] > 0 ? onc[i] / offc[i] : 0) }
+		printf "\nAccess log cost (bench/proxy with -access-log FILE vs without, every request logged; median of %d paired rounds): %.2f× the requests/s (goal ≥ 0.95×), %.2f× the CPU per request.\n", m, med(r, m), med(c, m) }'
 
 # Latency at a fixed rate (half of nginx's max above), which wrk's closed loop
 # cannot show: hey with -q paces each of its workers.

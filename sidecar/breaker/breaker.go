@@ -16,6 +16,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -201,7 +202,7 @@ const departedRetention = 10 * time.Minute
 // Registry holds the state of every service and instance the proxy has
 // called. It is safe for concurrent use.
 type Registry struct {
-	cfg    Config
+	cfg    atomic.Pointer[Config] // replaced whole by SetConfig; the services read it per call
 	log    hclog.Logger
 	now    func() time.Time
 	mu     sync.RWMutex
@@ -226,12 +227,13 @@ func New(cfg Config, logger hclog.Logger, reg prometheus.Registerer) (*Registry,
 		logger = hclog.NewNullLogger()
 	}
 	r := &Registry{
-		cfg:  cfg.withDefaults(),
 		log:  logger.Named("breaker"),
 		now:  time.Now,
 		svcs: map[string]*Service{},
 	}
-	r.bucket = r.cfg.Window / numBuckets
+	cfg = cfg.withDefaults()
+	r.cfg.Store(&cfg)
+	r.bucket = cfg.Window / numBuckets
 	if r.bucket <= 0 {
 		r.bucket = time.Millisecond
 	}
@@ -263,7 +265,21 @@ func New(cfg Config, logger hclog.Logger, reg prometheus.Registerer) (*Registry,
 }
 
 // Config returns the effective configuration (defaults applied).
-func (r *Registry) Config() Config { return r.cfg }
+func (r *Registry) Config() Config { return *r.cfg.Load() }
+
+// SetConfig replaces the registry's settings (a reload): calls, instances
+// and services carry on with their state and follow the new thresholds
+// from their next call or report. The window cannot change (its buckets
+// are sized by it): a new Window is an error and nothing changes. Route
+// breakers (Custom) keep their own settings.
+func (r *Registry) SetConfig(cfg Config) error {
+	cfg = cfg.withDefaults()
+	if cur := r.cfg.Load(); cfg.Window != cur.Window {
+		return fmt.Errorf("breaker: the window (%v) cannot change without a restart", cur.Window)
+	}
+	r.cfg.Store(&cfg)
+	return nil
+}
 
 // Run looks at every service four times per window bucket until ctx ends,
 // so that calls in flight for longer than SlowCallDuration and the end of
@@ -313,7 +329,7 @@ func (r *Registry) Service(name string) *Service {
 	return s
 }
 
-func (r *Registry) newService(key string, cfg *Config, bucket time.Duration) *Service {
+func (r *Registry) newService(key string, cfg *atomic.Pointer[Config], bucket time.Duration) *Service {
 	s := &Service{r: r, name: key, cfg: cfg, bucket: bucket, insts: map[string]*Instance{}, gone: map[string]time.Time{},
 		rejected: r.met.rejections.WithLabelValues(key),
 		overflow: r.met.overflow.WithLabelValues(key)}
@@ -327,7 +343,8 @@ func (r *Registry) newService(key string, cfg *Config, bucket time.Duration) *Se
 // DefaultConfig's; start from Config() to keep the registry's), for all of
 // it: outlier ejection, panic, the breaker and MaxRequests. It must come
 // before the service's first use (Service): a service already in use keeps
-// the settings it has, and Configure says so.
+// the settings it has, and Configure says so. A reload (SetConfig) leaves
+// these settings alone: they are the service's own.
 func (r *Registry) Configure(name string, cfg Config) error {
 	key := strings.ToLower(name)
 	cfg = cfg.withDefaults()
@@ -340,7 +357,9 @@ func (r *Registry) Configure(name string, cfg Config) error {
 	if bucket <= 0 {
 		bucket = time.Millisecond
 	}
-	r.svcs[key] = r.newService(key, &cfg, bucket)
+	own := new(atomic.Pointer[Config]) // its own: a reload's SetConfig leaves it alone
+	own.Store(&cfg)
+	r.svcs[key] = r.newService(key, own, bucket)
 	return nil
 }
 
@@ -356,7 +375,7 @@ func (r *Registry) Custom(name string, cfg Config) *Service {
 	cfg = cfg.withDefaults()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if s := r.svcs[key]; s != nil && *s.cfg == cfg {
+	if s := r.svcs[key]; s != nil && *s.cfg.Load() == cfg {
 		return s
 	} else if s != nil {
 		r.forgetLocked(s)
@@ -365,7 +384,9 @@ func (r *Registry) Custom(name string, cfg Config) *Service {
 	if bucket <= 0 {
 		bucket = time.Millisecond
 	}
-	s := r.newService(key, &cfg, bucket)
+	own := new(atomic.Pointer[Config])
+	own.Store(&cfg)
+	s := r.newService(key, own, bucket)
 	r.svcs[key] = s
 	return s
 }
@@ -467,7 +488,7 @@ func (r *Registry) State() []ServiceState {
 			st.OpenUntil = &t
 		}
 		if s.state.Load() == stHalfOpen {
-			st.TrialsLeft = s.cfg.HalfOpenCalls - s.handed
+			st.TrialsLeft = s.cfg.Load().HalfOpenCalls - s.handed
 		}
 		for id, in := range s.insts {
 			status := in.Status()

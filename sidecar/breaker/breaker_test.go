@@ -576,3 +576,36 @@ func TestConfigure(t *testing.T) {
 		t.Fatalf("Configure of a service in use = %v", err)
 	}
 }
+
+// TestSetConfig: a reload's thresholds apply to the services and
+// instances already known, from their next report; the window cannot change.
+func TestSetConfig(t *testing.T) {
+	r, _ := newTest(t, Config{ConsecutiveFailures: 5, MaxEjectionPercent: 100})
+	s := r.Service("svc")
+	a := s.Instance("a")
+	s.Instance("b")
+	a.Report(true)
+	a.Report(true)
+	if a.Ejected() {
+		t.Fatal("ejected after 2 of 5 failures")
+	}
+	cfg := r.Config()
+	cfg.ConsecutiveFailures = 3
+	if err := r.SetConfig(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if s.Config().ConsecutiveFailures != 3 {
+		t.Fatalf("service sees %d", s.Config().ConsecutiveFailures)
+	}
+	a.Report(true)
+	if !a.Ejected() {
+		t.Fatal("not ejected after 3 failures with the new threshold of 3")
+	}
+	cfg.Window *= 2
+	if err := r.SetConfig(cfg); err == nil || !strings.Contains(err.Error(), "window") {
+		t.Fatalf("window change: %v", err)
+	}
+	if r.Config().Window == cfg.Window {
+		t.Fatal("refused change applied")
+	}
+}

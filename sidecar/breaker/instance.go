@@ -64,7 +64,7 @@ func (in *Instance) Status() int {
 		return Ejected
 	}
 	p := in.probing.Load()
-	if p != 0 && now-p < int64(in.svc.cfg.ProbeTimeout) {
+	if p != 0 && now-p < int64(in.svc.cfg.Load().ProbeTimeout) {
 		return Ejected
 	}
 	return ProbeReady
@@ -90,7 +90,7 @@ func (in *Instance) Report(failed bool) {
 		return
 	}
 	s := in.svc
-	cfg := s.cfg
+	cfg := s.cfg.Load()
 	if !failed {
 		if in.consecutive.Load() != 0 {
 			in.consecutive.Store(0)
@@ -158,7 +158,7 @@ func (in *Instance) Report(failed bool) {
 // eject ejects the instance for base × times ejected. svc.mu must be held.
 func (in *Instance) eject(why string) {
 	s := in.svc
-	cfg := s.cfg
+	cfg := s.cfg.Load()
 	now := s.r.now()
 	// An instance that stayed healthy for MaxEjectionTime since it last
 	// came back starts again from the base ejection time.

@@ -33,8 +33,8 @@ const numBuckets = 10
 type Service struct {
 	r        *Registry
 	name     string
-	cfg      *Config       // the registry's, or a route's own (Registry.Custom)
-	bucket   time.Duration // cfg.Window / numBuckets
+	cfg      *atomic.Pointer[Config] // the registry's (a reload may replace it: Registry.SetConfig), or a route's own (Registry.Custom)
+	bucket   time.Duration           // cfg.Window / numBuckets
 	rejected prometheus.Counter
 	overflow prometheus.Counter
 
@@ -77,7 +77,7 @@ type trial struct {
 func (s *Service) Name() string { return s.name }
 
 // Config returns the service's effective configuration.
-func (s *Service) Config() Config { return *s.cfg }
+func (s *Service) Config() Config { return *s.cfg.Load() }
 
 // Call is a permission to make one call, returned by Allow; hand it back to
 // Done (or Cancel) exactly once.
@@ -97,7 +97,7 @@ func (c Call) Trial() bool { return c.trial > 0 }
 // the breaker is open (or half-open with every trial call handed out) or
 // the service has MaxRequests calls in flight.
 func (s *Service) Allow(now time.Time) (Call, error) {
-	cfg := s.cfg
+	cfg := s.cfg.Load()
 	if n := s.inflight.Add(1); cfg.MaxRequests > 0 && n > int64(cfg.MaxRequests) {
 		s.inflight.Add(-1)
 		s.overflow.Inc()
@@ -171,7 +171,7 @@ func (s *Service) Done(c Call, failed bool, end time.Time) {
 		return
 	}
 	s.inflight.Add(-1)
-	cfg := s.cfg
+	cfg := s.cfg.Load()
 	if cfg.Disabled || c.epoch != s.epoch.Load() {
 		return
 	}
@@ -227,7 +227,7 @@ func (s *Service) Cancel(c Call) {
 		return
 	}
 	s.inflight.Add(-1)
-	if s.cfg.Disabled || c.epoch != s.epoch.Load() {
+	if s.cfg.Load().Disabled || c.epoch != s.epoch.Load() {
 		return
 	}
 	if c.trial > 0 {
@@ -258,7 +258,7 @@ func (s *Service) check(now time.Time, force bool) {
 	if !s.nextCheck.CompareAndSwap(next, n+int64(s.bucket)) && !force {
 		return
 	}
-	if s.cfg.Disabled {
+	if s.cfg.Load().Disabled {
 		return
 	}
 	st := s.state.Load()
@@ -277,7 +277,7 @@ func (s *Service) check(now time.Time, force bool) {
 		s.halfOpenIfDue(now)
 	case stHalfOpen:
 		for _, t := range s.trials {
-			if !t.done && n-t.start >= int64(s.cfg.SlowCallDuration) {
+			if !t.done && n-t.start >= int64(s.cfg.Load().SlowCallDuration) {
 				s.open(now, "trial call slow")
 				return
 			}
@@ -303,7 +303,7 @@ type window struct {
 
 // totals sums the buckets inside the window at now.
 func (s *Service) totals(now time.Time) window {
-	cfg := s.cfg
+	cfg := s.cfg.Load()
 	n := now.UnixNano()
 	bl := int64(s.bucket)
 	cur := n / bl
@@ -332,7 +332,7 @@ func (s *Service) totals(now time.Time) window {
 
 // judge opens the breaker when the window says so. s.mu must be held.
 func (s *Service) judge(now time.Time) {
-	cfg := s.cfg
+	cfg := s.cfg.Load()
 	w := s.totals(now)
 	if cfg.MinimumStalledCalls > 0 && cfg.SlowCallRateThreshold > 0 && w.stalled >= cfg.MinimumStalledCalls &&
 		now.UnixNano()-s.lastGood.Load() >= int64(cfg.SlowCallDuration) {
@@ -384,7 +384,7 @@ func (s *Service) resetBuckets() {
 
 // open moves to open. s.mu must be held.
 func (s *Service) open(now time.Time, why string) {
-	s.openUntil.Store(now.Add(s.cfg.OpenDuration).UnixNano())
+	s.openUntil.Store(now.Add(s.cfg.Load().OpenDuration).UnixNano())
 	s.reason = why
 	s.transition(stOpen, why)
 }
@@ -449,7 +449,7 @@ func (s *Service) Sync(ids []string) {
 	}
 	had := s.view
 	s.view = len(keep)
-	if had == 0 && s.view > 0 && s.state.Load() != stClosed && !s.cfg.Disabled {
+	if had == 0 && s.view > 0 && s.state.Load() != stClosed && !s.cfg.Load().Disabled {
 		s.transition(stClosed, "instances appeared")
 	}
 	s.refreshPanic()
@@ -457,7 +457,7 @@ func (s *Service) Sync(ids []string) {
 
 // refreshPanic recomputes the panic state. s.mu must be held.
 func (s *Service) refreshPanic() {
-	th := s.cfg.PanicThreshold
+	th := s.cfg.Load().PanicThreshold
 	n, healthy := len(s.insts), 0
 	for _, in := range s.insts {
 		if in.until.Load() == 0 && !in.failing.Load() {

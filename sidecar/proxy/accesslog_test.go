@@ -5,7 +5,9 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"math"
 	"net/http"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -205,4 +207,53 @@ func TestAccessLogGateway(t *testing.T) {
 			t.Errorf("%+v: access log lines: %+v", engine, es)
 		}
 	}
+}
+
+// FuzzAppendAccess: the hand-written encoder gives the line encoding/json
+// gives, once both are read back, whatever the request's strings hold
+// (quotes, control characters, invalid UTF-8) and whatever the time and
+// its zone (two lines through one time cache, the second ns later), and
+// one line only.
+func FuzzAppendAccess(f *testing.F) {
+	f.Add("GET", "users.service.consul", "/a\"b\\c\n\x00\xff\u2028<&>", "i-1", int64(1700000000123456789), int64(1), 3600, 12.345, 200)
+	f.Add("", "", "", "", int64(0), int64(0), 0, 0.0, 0)
+	f.Add("GET", "h", "/", "", int64(1700000000999999999), int64(1), -34200, 0.5, 503)
+	f.Fuzz(func(t *testing.T, method, host, path, instance string, ns, later int64, offset int, dur float64, status int) {
+		if math.IsNaN(dur) || math.IsInf(dur, 0) || offset <= -24*3600 || offset >= 24*3600 || later < 0 {
+			return
+		}
+		zone := time.UTC
+		if offset != 0 {
+			zone = time.FixedZone("z", offset)
+		}
+		var tc timeCache
+		for _, at := range []int64{ns, ns + later} {
+			e := AccessEntry{Time: time.Unix(0, at).In(zone), Listener: "users", Method: method, Host: host, Path: path,
+				Service: "users", Instance: instance, Status: status, Duration: dur, Tries: 2, Breaker: "closed"}
+			if e.Time.Year() > 9999 || e.Time.Year() < 0 {
+				return
+			}
+			line := appendAccess(nil, &e, &tc)
+			if bytes.Count(line, []byte("\n")) != 1 || line[len(line)-1] != '\n' {
+				t.Fatalf("not one line: %q", line)
+			}
+			want, err := json.Marshal(&e)
+			if err != nil {
+				t.Skip(err)
+			}
+			if got, exp := bytes.SplitN(line, []byte(`","`), 2)[0], bytes.SplitN(want, []byte(`","`), 2)[0]; !bytes.Equal(got, exp) {
+				t.Fatalf("time %s, encoding/json %s", got, exp)
+			}
+			var got, exp AccessEntry
+			if err := json.Unmarshal(line, &got); err != nil {
+				t.Fatalf("%v: %s", err, line)
+			}
+			if err := json.Unmarshal(want, &exp); err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(got, exp) {
+				t.Fatalf("got  %+v\nwant %+v\nline %s", got, exp, line)
+			}
+		}
+	})
 }

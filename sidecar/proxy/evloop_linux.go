@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -156,7 +157,8 @@ func maxEventLoops(limit int) int {
 type evServer struct {
 	p       *Proxy
 	ctx     context.Context
-	lns     []*evListener // the epoll data of a listener's event is its index
+	mu      sync.Mutex    // serialises listener changes (addListener, removeListener)
+	lns     []*evListener // the epoll data of a listener's event is its index; removed: nil, never reused
 	loops   []*evLoop
 	hot     bool // the loops wait holding their P (GOMAXPROCS raised for them)
 	closing atomic.Bool
@@ -172,16 +174,8 @@ type evListener struct {
 func newEvServer(ctx context.Context, p *Proxy, hls []*httpListener) (*evServer, error) {
 	s := &evServer{p: p, ctx: ctx}
 	for _, h := range hls {
-		tl, ok := h.ln.(*net.TCPListener)
-		if !ok {
-			return nil, errors.New("not a TCP listener")
-		}
-		sc, err := tl.SyscallConn()
+		el, err := newEvListener(h)
 		if err != nil {
-			return nil, err
-		}
-		el := &evListener{fd: -1, httpListener: h}
-		if err := sc.Control(func(fd uintptr) { el.fd = int(fd) }); err != nil {
 			return nil, err
 		}
 		s.lns = append(s.lns, el)
@@ -205,6 +199,84 @@ func newEvServer(ctx context.Context, p *Proxy, hls []*httpListener) (*evServer,
 	// until serve returns
 	s.hot = !asyncPreemptOff(os.Getenv("GODEBUG")) && loopProcs.raise(len(s.loops), limit)
 	return s, nil
+}
+
+func newEvListener(h *httpListener) (*evListener, error) {
+	tl, ok := h.ln.(*net.TCPListener)
+	if !ok {
+		return nil, errors.New("not a TCP listener")
+	}
+	sc, err := tl.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	el := &evListener{fd: -1, httpListener: h}
+	if err := sc.Control(func(fd uintptr) { el.fd = int(fd) }); err != nil {
+		return nil, err
+	}
+	return el, nil
+}
+
+// lnChange is a listener added to (ln set) or removed from (ln nil) the
+// loops' epoll sets at index idx, which each loop makes itself (it alone
+// touches its listener list and its epoll set's listener entries, also
+// when it pauses accepting) and then acknowledges.
+type lnChange struct {
+	idx int
+	ln  *evListener
+	ack chan struct{}
+}
+
+// addListener makes the loops accept h's connections too (a reload).
+// false: the loops are stopping (or cannot take h) and serve it no more.
+func (s *evServer) addListener(h *httpListener) bool {
+	el, err := newEvListener(h)
+	if err != nil {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing.Load() {
+		return false
+	}
+	s.lns = append(s.lns, el)
+	s.change(lnChange{idx: len(s.lns) - 1, ln: el})
+	return true
+}
+
+// removeListener makes every loop let go of h's listener, which may be
+// closed once this returns; its connections stay on their loops until
+// they close (idle, or at shutdown).
+func (s *evServer) removeListener(h *httpListener) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, el := range s.lns {
+		if el != nil && el.httpListener == h {
+			s.lns[i] = nil
+			s.change(lnChange{idx: i})
+		}
+	}
+}
+
+// change hands ch to every loop and waits until each has made it (or
+// has stopped).
+func (s *evServer) change(ch lnChange) {
+	acks := make([]chan struct{}, len(s.loops))
+	for i, l := range s.loops {
+		ch.ack = make(chan struct{})
+		acks[i] = ch.ack
+		select {
+		case l.lnc <- ch:
+			l.wakeUp()
+		case <-l.exited:
+		}
+	}
+	for i, l := range s.loops {
+		select {
+		case <-acks[i]:
+		case <-l.exited:
+		}
+	}
 }
 
 // serve runs the loops until shutdown has let them finish.
@@ -325,7 +397,10 @@ type evLoop struct {
 	busy     int // requests under way
 	graceEnd atomic.Int64
 	released chan struct{}
-	let      bool // the listener is no longer watched
+	let      bool          // the listener is no longer watched
+	lns      []*evListener // the listeners this loop watches, by index (nil: removed)
+	lnc      chan lnChange // listener changes to make (evServer.change)
+	exited   chan struct{} // closed when run returns
 	paused   time.Time
 	gen      int32
 	yield    bool // a goroutine was woken: let it run before waiting
@@ -343,7 +418,8 @@ func newEvLoop(s *evServer) (*evLoop, error) {
 		return nil, os.NewSyscallError("epoll_create1", err)
 	}
 	l := &evLoop{s: s, p: s.p, ep: ep, wake: -1, evs: make([]syscall.EpollEvent, 256),
-		idle: map[*endpoint][]*evBack{}, released: make(chan struct{}), shedc: make(chan *endpoint, 16)}
+		idle: map[*endpoint][]*evBack{}, released: make(chan struct{}), shedc: make(chan *endpoint, 16),
+		lns: slices.Clone(s.lns), lnc: make(chan lnChange, 1), exited: make(chan struct{})}
 	fail := func(op string, err error) (*evLoop, error) {
 		l.closeFDs()
 		return nil, os.NewSyscallError(op, err)
@@ -366,7 +442,10 @@ func newEvLoop(s *evServer) (*evLoop, error) {
 // loop is woken per new connection (EPOLLEXCLUSIVE).
 func (l *evLoop) watchListeners() error {
 	const epollExclusive = 1 << 28
-	for i, ln := range l.s.lns {
+	for i, ln := range l.lns {
+		if ln == nil {
+			continue
+		}
 		if err := syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, ln.fd, &syscall.EpollEvent{Events: syscall.EPOLLIN | epollExclusive, Fd: int32(i), Pad: genListener}); err != nil {
 			l.unwatchListeners()
 			return err
@@ -377,7 +456,10 @@ func (l *evLoop) watchListeners() error {
 
 // unwatchListeners takes the listeners out of the loop's epoll set.
 func (l *evLoop) unwatchListeners() {
-	for _, ln := range l.s.lns {
+	for _, ln := range l.lns {
+		if ln == nil {
+			continue
+		}
 		_ = syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_DEL, ln.fd, nil)
 	}
 }
@@ -456,6 +538,7 @@ func (l *evLoop) epollWait(ms int, raw bool) (int, syscall.Errno) {
 }
 
 func (l *evLoop) run() {
+	defer close(l.exited)
 	defer l.release()
 	for {
 		l.nev = 0
@@ -480,13 +563,14 @@ func (l *evLoop) run() {
 			fd := int(ev.Fd)
 			switch {
 			case ev.Pad == genListener:
-				if !l.let {
-					l.accept(l.s.lns[ev.Fd])
+				if !l.let && int(ev.Fd) < len(l.lns) && l.lns[ev.Fd] != nil {
+					l.accept(l.lns[ev.Fd])
 				}
 			case ev.Pad == genWake:
 				var b [8]byte
 				_, _ = syscall.Read(l.wake, b[:])
 				l.shedIdle()
+				l.changeListeners()
 			case fd < len(l.clients) && l.clients[fd] != nil && l.clients[fd].gen == ev.Pad:
 				l.clientEvent(l.clients[fd], ev.Events)
 			case fd < len(l.backs) && l.backs[fd] != nil && l.backs[fd].gen == ev.Pad:
@@ -511,6 +595,34 @@ func (l *evLoop) shedIdle() {
 			for _, b := range list {
 				l.giveToPool(b)
 			}
+		default:
+			return
+		}
+	}
+}
+
+// changeListeners makes the listener changes asked for (evServer.change).
+func (l *evLoop) changeListeners() {
+	const epollExclusive = 1 << 28
+	for {
+		select {
+		case ch := <-l.lnc:
+			for ch.idx >= len(l.lns) {
+				l.lns = append(l.lns, nil)
+			}
+			if old := l.lns[ch.idx]; old != nil {
+				_ = syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_DEL, old.fd, nil)
+			}
+			l.lns[ch.idx] = ch.ln
+			// Watched now unless the loop let go of its listeners
+			// (stopping) or pauses accepting (it watches them all again
+			// when the pause ends).
+			if ch.ln != nil && !l.let && l.paused.IsZero() {
+				if err := syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, ch.ln.fd, &syscall.EpollEvent{Events: syscall.EPOLLIN | epollExclusive, Fd: int32(ch.idx), Pad: genListener}); err != nil {
+					l.p.log.Warn("event loop: cannot watch a new listener", "addr", ch.ln.ln.Addr().String(), "error", err)
+				}
+			}
+			close(ch.ack)
 		default:
 			return
 		}

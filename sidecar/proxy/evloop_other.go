@@ -21,3 +21,6 @@ func (s *evServer) stopAccepting(time.Duration) {}
 
 func cgroupCPULimit() int         { return 0 }
 func maxEventLoops(limit int) int { return 1 }
+
+func (s *evServer) addListener(*httpListener) bool { return false }
+func (s *evServer) removeListener(*httpListener)   {}

@@ -113,7 +113,7 @@ func (t *target) admit(f *fwd, set *epSet, start time.Time, pol *Policy) (result
 		}
 		return res, false
 	}
-	*f = fwd{set: set, svc: svc, call: call, start: start, deadline: start.Add(t.p.cfg.RequestTimeout), t0: start, acc: f.acc}
+	*f = fwd{set: set, svc: svc, call: call, start: start, deadline: start.Add(t.p.live.Load().requestTimeout), t0: start, acc: f.acc}
 	f.with(t.p, pol, t.pol)
 	t.budget.request(start)
 	return result{}, true

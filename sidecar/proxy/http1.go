@@ -10,8 +10,10 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -28,6 +30,9 @@ type httpListener struct {
 	raw *rawServer    // nil with DisableFastPath
 	h2  *chanListener // nil with DisableHTTP2
 	cap *connCap      // MaxClientConns
+	h1  net.Listener  // what the accept loop takes HTTP/1.x connections from (set by startHTTP)
+
+	removed atomic.Bool // a reload removed it: its accept loop ending is no error
 }
 
 func (p *Proxy) newHTTPListener(ctx context.Context, ln net.Listener, rt *routing) *httpListener {
@@ -73,7 +78,8 @@ func (p *Proxy) newHTTPListener(ctx context.Context, ln net.Listener, rt *routin
 }
 
 // serveHTTP serves the HTTP listeners until ctx ends, on one set of event
-// loops where it can, each on goroutines otherwise.
+// loops where it can, each on goroutines otherwise. The caller holds
+// p.lnMu; listeners a reload adds later join them (Proxy.Update).
 func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- error, hls []*httpListener) {
 	var ev *evServer
 	if !p.cfg.DisableFastPath && !p.cfg.DisableEventLoop && len(hls) > 0 {
@@ -83,64 +89,9 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 			ev = nil
 		}
 	}
-	fail := func(h *httpListener, what string, err error) {
-		if err != nil && ctx.Err() == nil {
-			errc <- fmt.Errorf("proxy: %s on %s: %w", what, h.ln.Addr(), err)
-		}
-	}
-	h1s := make([]net.Listener, len(hls))
-	for i, h := range hls {
-		h1s[i] = h.ln
-		if ev == nil { // the loops count their own
-			h1s[i] = &capListener{Listener: h.ln, cap: h.cap}
-		}
-		h2 := h.h2
-		// Without event loops, a sniffing accept loop splits h2c from HTTP/1.x.
-		if ev == nil && h2 != nil {
-			sl := newSniffListener(h1s[i], p.cfg.IdleTimeout, p.cfg.HeaderTimeout)
-			h1s[i], h2 = sl.h1, sl.h2
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				sl.run(ctx)
-			}()
-		}
-		if h2 != nil {
-			hs := &http.Server{
-				Handler:           p.stdHandler(h.rt),
-				ReadHeaderTimeout: p.cfg.HeaderTimeout,
-				IdleTimeout:       p.cfg.IdleTimeout,
-				ErrorLog:          p.log.StandardLogger(nil),
-			}
-			hs.Protocols = new(http.Protocols)
-			hs.Protocols.SetUnencryptedHTTP2(true)
-			wg.Add(2)
-			go func() {
-				defer wg.Done()
-				if err := hs.Serve(h2); err != http.ErrServerClosed {
-					fail(h, "h2c", err)
-				}
-			}()
-			go func() {
-				defer wg.Done()
-				<-ctx.Done()
-				h2.Close()
-				sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
-				defer cancel()
-				_ = hs.Shutdown(sctx)
-			}()
-		}
-		if ev == nil {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				if h.raw != nil {
-					fail(h, "serve", h.raw.serve(h1s[i]))
-				} else {
-					fail(h, "serve", h.fs.Serve(h1s[i]))
-				}
-			}()
-		}
+	p.ev = ev
+	for _, h := range hls {
+		p.startHTTP(ctx, wg, errc, h, ev != nil)
 	}
 	evDone := make(chan struct{})
 	if ev != nil {
@@ -158,9 +109,17 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		if ev != nil {
 			ev.stopAccepting(p.cfg.ShutdownGraceTime) // the loops let go of the listeners before they close
 		}
-		for i, h := range hls {
+		// Every listener served, those a reload removed too: their
+		// connections may still be open.
+		p.lnMu.Lock()
+		p.stopped = true
+		hls := slices.Clone(p.hls)
+		p.lnMu.Unlock()
+		for _, h := range hls {
 			h.ln.Close()
-			h1s[i].Close()
+			if h.h1 != nil {
+				h.h1.Close()
+			}
 		}
 		sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
 		defer cancel()
@@ -186,6 +145,73 @@ func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		}
 		fsWG.Wait()
 	}()
+}
+
+// startHTTP serves h until ctx ends (or a reload removes it): its h2c
+// server, and its accept loop unless the event loops accept for it. The
+// caller holds p.lnMu.
+func (p *Proxy) startHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- error, h *httpListener, onLoops bool) {
+	p.hls = append(p.hls, h)
+	fail := func(what string, err error) {
+		if err != nil && ctx.Err() == nil && !h.removed.Load() {
+			select {
+			case errc <- fmt.Errorf("proxy: %s on %s: %w", what, h.ln.Addr(), err):
+			default: // one error stops the proxy; the first is enough
+			}
+		}
+	}
+	var h1 net.Listener = h.ln
+	if !onLoops { // the loops count their own
+		h1 = &capListener{Listener: h.ln, cap: h.cap}
+	}
+	h2 := h.h2
+	// Without event loops, a sniffing accept loop splits h2c from HTTP/1.x.
+	if !onLoops && h2 != nil {
+		sl := newSniffListener(h1, p.cfg.IdleTimeout, p.cfg.HeaderTimeout)
+		h1, h2 = sl.h1, sl.h2
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sl.run(ctx)
+		}()
+	}
+	h.h1 = h1
+	if h2 != nil {
+		hs := &http.Server{
+			Handler:           p.stdHandler(h.rt),
+			ReadHeaderTimeout: p.cfg.HeaderTimeout,
+			IdleTimeout:       p.cfg.IdleTimeout,
+			ErrorLog:          p.log.StandardLogger(nil),
+		}
+		hs.Protocols = new(http.Protocols)
+		hs.Protocols.SetUnencryptedHTTP2(true)
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			if err := hs.Serve(h2); err != http.ErrServerClosed {
+				fail("h2c", err)
+			}
+		}()
+		go func() {
+			defer wg.Done()
+			<-ctx.Done()
+			h2.Close()
+			sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
+			defer cancel()
+			_ = hs.Shutdown(sctx)
+		}()
+	}
+	if !onLoops {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if h.raw != nil {
+				fail("serve", h.raw.serve(h1))
+			} else {
+				fail("serve", h.fs.Serve(h1))
+			}
+		}()
+	}
 }
 
 type fastLogger struct{ p *Proxy }

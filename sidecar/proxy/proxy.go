@@ -191,7 +191,17 @@ type Proxy struct {
 	// maxRequestTimeout is the longest request timeout of the proxy's and
 	// the services' own: the write timeout of fasthttp's server.
 	maxRequestTimeout time.Duration
-	acc               *accessLog // nil: no access log
+	acc               *accessLog           // nil: no access log
+	live              atomic.Pointer[live] // the settings a reload may change (reload.go)
+
+	// The listeners (reload.go): lnMu serialises Run's binding, Update and
+	// the shutdown's look at them.
+	lnMu    sync.Mutex
+	run     *runState          // nil until Run binds
+	stopped bool               // the shutdown has taken the list: no more listeners
+	ev      *evServer          // the event loops, nil where goroutines serve
+	hls     []*httpListener    // every HTTP listener served, removed ones too
+	served  map[string]*served // the upstream and HTTP proxy listeners serving, by key (listenerKey)
 
 	mu      sync.Mutex
 	targets map[string]*target
@@ -235,6 +245,9 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 		}
 		if _, err := ParseBalancer(string(u.Balancer)); err != nil {
 			return nil, err
+		}
+		if u.Balancer == "" {
+			cfg.Upstreams[i].Balancer = cfg.Balancer
 		}
 		if seen[u.Addr] && !strings.HasSuffix(u.Addr, ":0") {
 			return nil, fmt.Errorf("proxy: two upstreams listen on %s", u.Addr)
@@ -286,6 +299,7 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 		conns:     map[net.Conn]struct{}{},
 		ready:     make(chan struct{}),
 		bound:     map[string]net.Addr{},
+		served:    map[string]*served{},
 		dialer:    net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second},
 	}
 	p.slack = cfg.TryTimeout / 32
@@ -296,6 +310,7 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 		}
 		p.maxRequestTimeout = max(p.maxRequestTimeout, pol.RequestTimeout)
 	}
+	p.live.Store(newLive(cfg))
 	for _, s := range cfg.RetryStatuses {
 		if s >= 100 && s < 600 {
 			p.retryOn[s] = true
@@ -385,6 +400,8 @@ func (p *Proxy) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	errc := make(chan error, 2*len(all)+1)
 	var hls []*httpListener
+	p.lnMu.Lock()
+	p.run = &runState{ctx: ctx, wg: &wg, errc: errc}
 	for _, b := range all {
 		switch {
 		case b.gw != nil && b.gw.TLS != nil:
@@ -395,31 +412,15 @@ func (p *Proxy) Run(ctx context.Context) error {
 			hls = append(hls, p.newHTTPListener(ctx, b.ln, &routing{router: b.gw.Router, proto: "http"}))
 		case b.pxy:
 			p.log.Info("http proxy listening", "addr", b.ln.Addr().String())
-			hls = append(hls, p.newHTTPListener(ctx, b.ln, nil))
-		case b.up.Protocol == ProtoTCP:
-			t := p.target(b.up.Name, "", "")
-			p.log.Info("upstream listening", "service", b.up.Name, "addr", b.ln.Addr().String(), "protocol", b.up.Protocol)
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				p.serveTCP(ctx, b.ln, t)
-			}()
+			h := p.newHTTPListener(ctx, b.ln, nil)
+			hls = append(hls, h)
+			p.served[httpProxyKey] = &served{addr: p.cfg.HTTPProxyAddr, ln: b.ln, h: h}
 		default:
-			t := p.target(b.up.Name, "", "")
-			p.log.Info("upstream listening", "service", b.up.Name, "addr", b.ln.Addr().String(), "protocol", b.up.Protocol)
-			hls = append(hls, p.newHTTPListener(ctx, b.ln, &routing{fixed: t}))
-		}
-		if !b.pxy && b.gw == nil {
-			wg.Add(1)
-			go func(name string) { // start watching the service at once
-				defer wg.Done()
-				wctx, c := context.WithTimeout(ctx, p.cfg.WantTimeout)
-				defer c()
-				p.src.Want(wctx, name)
-			}(b.up.Name)
+			hls = append(hls, p.startUpstream(b.up, b.ln)...)
 		}
 	}
 	p.serveHTTP(ctx, &wg, errc, hls)
+	p.lnMu.Unlock()
 	wg.Add(1)
 	go func() {
 		defer wg.Done()

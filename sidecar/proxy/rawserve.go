@@ -267,7 +267,7 @@ func (rc *rawConn) handOff() {
 func (rc *rawConn) serveOne(end int) bool {
 	s, p, b, r := rc.s, rc.s.p, rc.buf, &rc.req
 	rc.extra = rc.extra[:0]
-	if err := rc.writeDeadline(time.Now().Add(p.cfg.RequestTimeout)); err != nil {
+	if err := rc.writeDeadline(time.Now().Add(p.live.Load().requestTimeout)); err != nil {
 		return false
 	}
 	x := &rc.x

@@ -155,7 +155,7 @@ func (f *fwd) tryTimeout(p *Proxy) time.Duration {
 	if f.own != nil && f.own.TryTimeout > 0 {
 		return f.own.TryTimeout
 	}
-	return p.cfg.TryTimeout
+	return p.live.Load().tryTimeout
 }
 
 func (f *fwd) maxRetries(p *Proxy) int {
@@ -165,7 +165,7 @@ func (f *fwd) maxRetries(p *Proxy) int {
 	if f.own != nil && f.own.Retries != 0 {
 		return min(max(f.own.Retries, 0), maxTries-1)
 	}
-	return p.cfg.MaxRetries
+	return p.live.Load().maxRetries
 }
 
 // with gives f a route's policy and the service's own settings (nil
@@ -187,7 +187,7 @@ func requestTimeout(p *Proxy, pol, own *Policy) time.Duration {
 	if own != nil && own.RequestTimeout > 0 {
 		return own.RequestTimeout
 	}
-	return p.cfg.RequestTimeout
+	return p.live.Load().requestTimeout
 }
 
 // ---------------------------------------------------------------- raw heads
