@@ -273,7 +273,8 @@ func stdRouteHead(r *http.Request, ip string) *Head {
 // serveGatewayTLS serves a gateway listener with TLS. Each connection's
 // handshake runs on a goroutine of its own (at most TLSHandshakeTimeout);
 // then HTTP/1.1 goes to the goroutine fast path (the event loops need a
-// plain socket) with fasthttp behind it, as on plain listeners, and HTTP/2
+// plain socket) with fasthttp behind it, as on plain listeners (fasthttp
+// alone with DisableFastPath), and HTTP/2
 // (by ALPN) to net/http; both ask the router and forward through the
 // policy.
 func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc chan<- error, ln net.Listener, g *GatewayListener) {
@@ -287,6 +288,20 @@ func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc ch
 	rt := &routing{router: g.Router, proto: "https"}
 	h := p.newHTTPListener(ctx, ln, rt) // its fasthttp and fast-path servers take HTTP/1.1
 	h2 := newChanListener(ln.Addr())
+	// Without the fast path, fasthttp serves HTTP/1.1 from a listener of
+	// its own (not ServeConn), so that its shutdown closes the idle
+	// keep-alive connections and waits for the busy ones.
+	var h1 *chanListener
+	if h.raw == nil {
+		h1 = newChanListener(ln.Addr())
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := h.fs.Serve(h1); err != nil && ctx.Err() == nil {
+				errc <- fmt.Errorf("proxy: gateway tls on %s: %w", ln.Addr(), err)
+			}
+		}()
+	}
 	hs := &http.Server{
 		Handler:           p.stdHandler(rt),
 		TLSConfig:         tc,
@@ -321,7 +336,9 @@ func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc ch
 			case h.raw != nil:
 				h.raw.start(&rawConn{s: h.raw, c: conn}, true)
 			default:
-				_ = h.fs.ServeConn(conn)
+				if !h1.put(ctx, conn) {
+					c.Close()
+				}
 			}
 		})
 	}()
@@ -330,6 +347,9 @@ func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc ch
 		<-ctx.Done()
 		ln.Close()
 		h2.Close()
+		if h1 != nil {
+			h1.Close()
+		}
 		sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
 		defer cancel()
 		var sw sync.WaitGroup

@@ -79,15 +79,27 @@ func (e headerEcho) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // fasthttp for a chunked body, net/http for h2c and TLS), and forwards with
 // the decision: the service, the rewritten path, X-Real-IP and
 // X-Forwarded-Proto set, the router's own answers written as they are.
+// The same with goroutines only, and with fasthttp alone (DisableFastPath:
+// HTTP/1.1 over TLS answered 502 there, its URI parsed as https).
 func TestGatewayListener(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+	}{{"default", Config{}}, {"goroutines", Config{DisableEventLoop: true}}, {"fasthttp", Config{DisableFastPath: true}}} {
+		t.Run(tc.name, func(t *testing.T) { testGatewayListener(t, tc.cfg) })
+	}
+}
+
+func testGatewayListener(t *testing.T, cfg Config) {
 	a := newBackend(t, "a", "a1", headerEcho{"a1"})
 	b := newBackend(t, "b", "b1", headerEcho{"b1"})
 	rt := &prefixRouter{routes: map[string]string{"/a/": "a", "/b/": "b"}, strip: true}
 	cert := selfSigned(t)
-	tp := startProxy(t, Config{Gateways: []GatewayListener{
+	cfg.Gateways = []GatewayListener{
 		{Addr: "127.0.0.1:0", Router: rt},
 		{Addr: "127.0.0.1:0", Router: rt, TLS: &tls.Config{Certificates: []tls.Certificate{cert}}},
-	}}, breaker.Config{}, map[string][]*backend{"a": {a}, "b": {b}})
+	}
+	tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"a": {a}, "b": {b}})
 	plain := "http://" + tp.p.GatewayAddr(0).String()
 	secure := "https://" + tp.p.GatewayAddr(1).String()
 	c := newClient()
