@@ -177,21 +177,40 @@ func (t *Table) RateLimit(r *Route) *RateLimit {
 // header's first value by canonical name and may be nil (then routes with
 // header conditions do not match).
 func (t *Table) Match(host, path, method string, header func(string) string) *Route {
-	host = hostOnly(host)
-	if len(t.exact) > 0 && len(host) <= 253 {
-		var buf [253]byte
-		n := copy(buf[:], host)
-		lower(buf[:n])
-		if g := t.exact[string(buf[:n])]; g != nil {
-			if r := g.match(path, method, header); r != nil {
-				return r
+	if e := t.match(host, path, method, header); e != nil {
+		return e.r
+	}
+	return nil
+}
+
+// MatchIndex is Match answering the route's index in the compiled
+// document's Routes (-1: none), for callers that keep per-route state in a
+// slice.
+func (t *Table) MatchIndex(host, path, method string, header func(string) string) int {
+	if e := t.match(host, path, method, header); e != nil {
+		return e.index
+	}
+	return -1
+}
+
+func (t *Table) match(host, path, method string, header func(string) string) *entry {
+	if len(t.exact) > 0 || len(t.wild) > 0 { // the host matters only to host routes
+		host = hostOnly(host)
+		if len(t.exact) > 0 && len(host) <= 253 {
+			var buf [253]byte
+			n := copy(buf[:], host)
+			lower(buf[:n])
+			if g := t.exact[string(buf[:n])]; g != nil {
+				if e := g.match(path, method, header); e != nil {
+					return e
+				}
 			}
 		}
-	}
-	for _, w := range t.wild {
-		if len(host) > len(w.suffix) && hasSuffixFold(host, w.suffix) {
-			if r := w.g.match(path, method, header); r != nil {
-				return r
+		for _, w := range t.wild {
+			if len(host) > len(w.suffix) && hasSuffixFold(host, w.suffix) {
+				if e := w.g.match(path, method, header); e != nil {
+					return e
+				}
 			}
 		}
 	}
@@ -201,19 +220,19 @@ func (t *Table) Match(host, path, method string, header func(string) string) *Ro
 	return nil
 }
 
-func (g *group) match(path, method string, header func(string) string) *Route {
+func (g *group) match(path, method string, header func(string) string) *entry {
 	if len(path) > 1 && path[0] == '/' {
 		if i := strings.IndexByte(path[1:], '/'); i >= 0 {
 			for _, e := range g.bySeg[path[1:1+i]] {
 				if e.ok(path, method, header) {
-					return e.r
+					return e
 				}
 			}
 		}
 	}
 	for _, e := range g.rest {
 		if e.ok(path, method, header) {
-			return e.r
+			return e
 		}
 	}
 	return nil

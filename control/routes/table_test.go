@@ -301,6 +301,9 @@ func checkAgainstReference(t *testing.T, rng *rand.Rand, routes, requests int) {
 		if got != want {
 			t.Fatalf("Match(%q, %q, %q, %v) = %v, reference %v\ntable:\n%s", host, path, method, hdr, name(got), name(want), Encode(d))
 		}
+		if i := tab.MatchIndex(host, path, method, hdr.Get); i < 0 && got != nil || i >= 0 && &d.Routes[i] != got {
+			t.Fatalf("MatchIndex(%q, %q, %q, %v) = %d, Match %v", host, path, method, hdr, i, name(got))
+		}
 	}
 }
 

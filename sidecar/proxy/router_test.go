@@ -310,3 +310,39 @@ func FuzzGatewayListener(f *testing.F) {
 		fuzzListener(t, addr, in, "GET /a/items/1 HTTP/1.1\r\nHost: gw\r\n\r\n")
 	})
 }
+
+// slotRouter sends everything to service a, handing back one TargetSlot.
+type slotRouter struct{ slot TargetSlot }
+
+func (r *slotRouter) Route(*Head) Decision { return Decision{Service: "a", Target: &r.slot} }
+
+// TestTargetSlot: a decision's TargetSlot is filled with the proxy's
+// state for its service and used for the next requests; a proxy never uses
+// the state another proxy left in a slot (two proxies sharing one router
+// each reach their own instance).
+func TestTargetSlot(t *testing.T) {
+	rt := &slotRouter{}
+	a1 := newBackend(t, "a", "a1", headerEcho{"a1"})
+	a2 := newBackend(t, "a", "a2", headerEcho{"a2"})
+	tp1 := startProxy(t, Config{Gateways: []GatewayListener{{Addr: "127.0.0.1:0", Router: rt}}}, breaker.Config{}, map[string][]*backend{"a": {a1}})
+	tp2 := startProxy(t, Config{Gateways: []GatewayListener{{Addr: "127.0.0.1:0", Router: rt}}}, breaker.Config{}, map[string][]*backend{"a": {a2}})
+	c := newClient()
+	for i := 0; i < 3; i++ {
+		for _, tc := range []struct {
+			tp *testProxy
+			id string
+		}{{tp1, "a1"}, {tp2, "a2"}} {
+			code, _, body := get(t, c, "http://"+tc.tp.p.GatewayAddr(0).String()+"/x")
+			var m map[string]string
+			if err := json.Unmarshal(body, &m); err != nil || code != 200 || m["id"] != tc.id {
+				t.Fatalf("round %d: want %s: %d %s", i, tc.id, code, body)
+			}
+			tc.tp.p.mu.Lock()
+			want := tc.tp.p.targets["a"]
+			tc.tp.p.mu.Unlock()
+			if got := rt.slot.t.Load(); got != want {
+				t.Fatalf("round %d: the slot holds %p, the proxy's target is %p", i, got, want)
+			}
+		}
+	}
+}
