@@ -429,7 +429,7 @@ func (g *Gateway) rebuildLocked(a *applied) error {
 			cfg := breakerConfig(g.cfg.Breakers.Config(), r.Breaker)
 			for _, d := range r.Destinations {
 				name := RouteBreakerName(d.Service, r.Name)
-				brk[d.Service] = g.cfg.Breakers.Custom(name, cfg)
+				brk[d.Service] = g.cfg.Breakers.Custom(name, d.Service, cfg)
 				t.breakers[strings.ToLower(name)] = true
 			}
 		}
