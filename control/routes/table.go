@@ -36,7 +36,39 @@ type wildGroup struct {
 // tried first. Both lists are in precedence order.
 type group struct {
 	bySeg map[string][]*entry
+	segs  []segEntries // bySeg as a list while it is short: a few compares cost less than a hash
 	rest  []*entry
+}
+
+type segEntries struct {
+	seg string
+	es  []*entry
+}
+
+// maxSegList is the most first segments a group looks up by list.
+const maxSegList = 8
+
+// seal builds the list form of bySeg when it is short.
+func (g *group) seal() {
+	if len(g.bySeg) > maxSegList {
+		return
+	}
+	for _, seg := range sortedKeys(g.bySeg) {
+		g.segs = append(g.segs, segEntries{seg, g.bySeg[seg]})
+	}
+}
+
+// bucket is bySeg[seg].
+func (g *group) bucket(seg string) []*entry {
+	if len(g.bySeg) > maxSegList {
+		return g.bySeg[seg]
+	}
+	for i := range g.segs {
+		if g.segs[i].seg == seg {
+			return g.segs[i].es
+		}
+	}
+	return nil
 }
 
 type entry struct {
@@ -102,6 +134,15 @@ func Compile(doc *Document) (*Table, error) {
 		}
 	}
 	sort.SliceStable(t.wild, func(i, j int) bool { return len(t.wild[i].suffix) > len(t.wild[j].suffix) })
+	for _, g := range t.exact {
+		g.seal()
+	}
+	for _, w := range t.wild {
+		w.g.seal()
+	}
+	if t.any != nil {
+		t.any.seal()
+	}
 	// Precedence order for Routes: host class, then the order within it.
 	for _, g := range t.exactGroupsSorted() {
 		t.routes = append(t.routes, g.all()...)
@@ -223,7 +264,7 @@ func (t *Table) match(host, path, method string, header func(string) string) *en
 func (g *group) match(path, method string, header func(string) string) *entry {
 	if len(path) > 1 && path[0] == '/' {
 		if i := strings.IndexByte(path[1:], '/'); i >= 0 {
-			for _, e := range g.bySeg[path[1:1+i]] {
+			for _, e := range g.bucket(path[1 : 1+i]) {
 				if e.ok(path, method, header) {
 					return e
 				}
