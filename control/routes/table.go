@@ -36,7 +36,39 @@ type wildGroup struct {
 // tried first. Both lists are in precedence order.
 type group struct {
 	bySeg map[string][]*entry
+	segs  []segEntries // bySeg as a list while it is short: a few compares cost less than a hash
 	rest  []*entry
+}
+
+type segEntries struct {
+	seg string
+	es  []*entry
+}
+
+// maxSegList is the most first segments a group looks up by list.
+const maxSegList = 8
+
+// seal builds the list form of bySeg when it is short.
+func (g *group) seal() {
+	if len(g.bySeg) > maxSegList {
+		return
+	}
+	for _, seg := range sortedKeys(g.bySeg) {
+		g.segs = append(g.segs, segEntries{seg, g.bySeg[seg]})
+	}
+}
+
+// bucket is bySeg[seg].
+func (g *group) bucket(seg string) []*entry {
+	if len(g.bySeg) > maxSegList {
+		return g.bySeg[seg]
+	}
+	for i := range g.segs {
+		if g.segs[i].seg == seg {
+			return g.segs[i].es
+		}
+	}
+	return nil
 }
 
 type entry struct {
@@ -102,6 +134,15 @@ func Compile(doc *Document) (*Table, error) {
 		}
 	}
 	sort.SliceStable(t.wild, func(i, j int) bool { return len(t.wild[i].suffix) > len(t.wild[j].suffix) })
+	for _, g := range t.exact {
+		g.seal()
+	}
+	for _, w := range t.wild {
+		w.g.seal()
+	}
+	if t.any != nil {
+		t.any.seal()
+	}
 	// Precedence order for Routes: host class, then the order within it.
 	for _, g := range t.exactGroupsSorted() {
 		t.routes = append(t.routes, g.all()...)
@@ -177,21 +218,40 @@ func (t *Table) RateLimit(r *Route) *RateLimit {
 // header's first value by canonical name and may be nil (then routes with
 // header conditions do not match).
 func (t *Table) Match(host, path, method string, header func(string) string) *Route {
-	host = hostOnly(host)
-	if len(t.exact) > 0 && len(host) <= 253 {
-		var buf [253]byte
-		n := copy(buf[:], host)
-		lower(buf[:n])
-		if g := t.exact[string(buf[:n])]; g != nil {
-			if r := g.match(path, method, header); r != nil {
-				return r
+	if e := t.match(host, path, method, header); e != nil {
+		return e.r
+	}
+	return nil
+}
+
+// MatchIndex is Match answering the route's index in the compiled
+// document's Routes (-1: none), for callers that keep per-route state in a
+// slice.
+func (t *Table) MatchIndex(host, path, method string, header func(string) string) int {
+	if e := t.match(host, path, method, header); e != nil {
+		return e.index
+	}
+	return -1
+}
+
+func (t *Table) match(host, path, method string, header func(string) string) *entry {
+	if len(t.exact) > 0 || len(t.wild) > 0 { // the host matters only to host routes
+		host = hostOnly(host)
+		if len(t.exact) > 0 && len(host) <= 253 {
+			var buf [253]byte
+			n := copy(buf[:], host)
+			lower(buf[:n])
+			if g := t.exact[string(buf[:n])]; g != nil {
+				if e := g.match(path, method, header); e != nil {
+					return e
+				}
 			}
 		}
-	}
-	for _, w := range t.wild {
-		if len(host) > len(w.suffix) && hasSuffixFold(host, w.suffix) {
-			if r := w.g.match(path, method, header); r != nil {
-				return r
+		for _, w := range t.wild {
+			if len(host) > len(w.suffix) && hasSuffixFold(host, w.suffix) {
+				if e := w.g.match(path, method, header); e != nil {
+					return e
+				}
 			}
 		}
 	}
@@ -201,19 +261,19 @@ func (t *Table) Match(host, path, method string, header func(string) string) *Ro
 	return nil
 }
 
-func (g *group) match(path, method string, header func(string) string) *Route {
+func (g *group) match(path, method string, header func(string) string) *entry {
 	if len(path) > 1 && path[0] == '/' {
 		if i := strings.IndexByte(path[1:], '/'); i >= 0 {
-			for _, e := range g.bySeg[path[1:1+i]] {
+			for _, e := range g.bucket(path[1 : 1+i]) {
 				if e.ok(path, method, header) {
-					return e.r
+					return e
 				}
 			}
 		}
 	}
 	for _, e := range g.rest {
 		if e.ok(path, method, header) {
-			return e.r
+			return e
 		}
 	}
 	return nil

@@ -224,7 +224,9 @@ func less(a, b [5]int) bool {
 // overlap often.
 func randomDoc(rng *rand.Rand, n int) *Document {
 	hosts := []string{"", "", "a.com", "b.a.com", "*.a.com", "*.b.a.com", "c.org"}
-	segs := []string{"", "u", "us", "users", "x"}
+	// Up to 12 first segments: groups above maxSegList look their
+	// buckets up by map, the others by list.
+	segs := []string{"", "u", "us", "users", "x", "a", "b", "c", "d", "e", "f", "g"}
 	methods := []string{"GET", "POST", "PUT"}
 	d := &Document{}
 	seen := map[string]bool{}
@@ -259,7 +261,7 @@ func randomDoc(rng *rand.Rand, n int) *Document {
 
 func randomRequest(rng *rand.Rand) (host, path, method string, hdr http.Header) {
 	hosts := []string{"a.com", "A.com:80", "b.a.com", "x.b.a.com", "z.a.com", "c.org", "other", "", "[::1]:8080", "a.com."}
-	segs := []string{"", "u", "us", "users", "x", "usersx"}
+	segs := []string{"", "u", "us", "users", "x", "usersx", "a", "b", "c", "d", "e", "f", "g"}
 	var p strings.Builder
 	p.WriteString("/")
 	for k := rng.IntN(4); k > 0; k-- {
@@ -282,17 +284,32 @@ func randomRequest(rng *rand.Rand) (host, path, method string, hdr http.Header) 
 // reference over random tables and requests.
 func TestMatchAgainstReference(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
+	var listed, hashed int
 	for round := 0; round < 300; round++ {
-		checkAgainstReference(t, rng, 1+rng.IntN(40), 50)
+		l, h := checkAgainstReference(t, rng, 1+rng.IntN(40), 50)
+		listed, hashed = listed+b2i(l), hashed+b2i(h)
+	}
+	if listed == 0 || hashed == 0 {
+		t.Errorf("tables looked up by list %d times, by map %d: want both", listed, hashed)
 	}
 }
 
-func checkAgainstReference(t *testing.T, rng *rand.Rand, routes, requests int) {
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+func checkAgainstReference(t *testing.T, rng *rand.Rand, routes, requests int) (listed, hashed bool) {
 	t.Helper()
 	d := randomDoc(rng, routes)
 	tab, err := Compile(d)
 	if err != nil {
 		t.Fatalf("compile: %v", err)
+	}
+	if g := tab.any; g != nil {
+		listed, hashed = len(g.bySeg) <= maxSegList, len(g.bySeg) > maxSegList
 	}
 	for i := 0; i < requests; i++ {
 		host, path, method, hdr := randomRequest(rng)
@@ -301,7 +318,11 @@ func checkAgainstReference(t *testing.T, rng *rand.Rand, routes, requests int) {
 		if got != want {
 			t.Fatalf("Match(%q, %q, %q, %v) = %v, reference %v\ntable:\n%s", host, path, method, hdr, name(got), name(want), Encode(d))
 		}
+		if i := tab.MatchIndex(host, path, method, hdr.Get); i < 0 && got != nil || i >= 0 && &d.Routes[i] != got {
+			t.Fatalf("MatchIndex(%q, %q, %q, %v) = %d, Match %v", host, path, method, hdr, i, name(got))
+		}
 	}
+	return listed, hashed
 }
 
 func name(r *Route) string {

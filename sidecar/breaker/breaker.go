@@ -365,17 +365,19 @@ func (r *Registry) Configure(name string, cfg Config) error {
 
 // Custom returns a breaker of its own under name (case-insensitive), with
 // cfg (zero fields take DefaultConfig's; start from Config() to keep the
-// registry's): a gateway route's breaker for one of its services. The same
-// name and cfg give the same Service (its state carries on); a new cfg
-// replaces it with a fresh one. Only its breaker and MaxRequests are used:
-// the proxy keeps judging instances (ejection, panic) by the service's own
-// state. Run looks at it at the registry's pace; Drop removes it.
-func (r *Registry) Custom(name string, cfg Config) *Service {
-	key := strings.ToLower(name)
+// registry's): a gateway route's breaker for calls to service. The same
+// name, service and cfg give the same Service (its state carries on); a new
+// cfg replaces it with a fresh one. Only its breaker and MaxRequests are
+// used: the proxy keeps judging instances (ejection, panic) by the
+// service's own state. It follows the service's view as the service's own
+// breaker does: when the service's Sync sees instances again after none,
+// both close. Run looks at it at the registry's pace; Drop removes it.
+func (r *Registry) Custom(name, service string, cfg Config) *Service {
+	key, follows := strings.ToLower(name), strings.ToLower(service)
 	cfg = cfg.withDefaults()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if s := r.svcs[key]; s != nil && *s.cfg.Load() == cfg {
+	if s := r.svcs[key]; s != nil && *s.cfg.Load() == cfg && s.follows == follows {
 		return s
 	} else if s != nil {
 		r.forgetLocked(s)
@@ -387,8 +389,22 @@ func (r *Registry) Custom(name string, cfg Config) *Service {
 	own := new(atomic.Pointer[Config])
 	own.Store(&cfg)
 	s := r.newService(key, own, bucket)
+	s.follows = follows
 	r.svcs[key] = s
 	return s
+}
+
+// followers are the breakers made by Custom for calls to service.
+func (r *Registry) followers(service string) []*Service {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	var out []*Service
+	for _, s := range r.svcs {
+		if s.follows == service && s.follows != "" {
+			out = append(out, s)
+		}
+	}
+	return out
 }
 
 // Drop forgets the named breaker (made by Custom) and its metric series. A

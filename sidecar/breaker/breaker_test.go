@@ -507,7 +507,7 @@ func TestCustom(t *testing.T) {
 	svc := r.Service("svc")
 	cfg := r.Config()
 	cfg.MinimumCalls, cfg.FailureRateThreshold, cfg.OpenDuration = 4, 25, time.Minute
-	route := r.Custom("svc@route", cfg)
+	route := r.Custom("svc@route", "svc", cfg)
 	run(route, c, 3, false, time.Millisecond)
 	run(route, c, 1, true, time.Millisecond)
 	if route.State() != Open {
@@ -522,11 +522,11 @@ func TestCustom(t *testing.T) {
 	if got := route.Config().OpenDuration; got != time.Minute {
 		t.Fatalf("OpenDuration %v, want the route's 1m", got)
 	}
-	if r.Custom("SVC@route", cfg) != route {
+	if r.Custom("SVC@route", "svc", cfg) != route {
 		t.Fatal("the same name and configuration should give the same breaker")
 	}
 	cfg.FailureRateThreshold = 50
-	fresh := r.Custom("svc@route", cfg)
+	fresh := r.Custom("svc@route", "svc", cfg)
 	if fresh == route || fresh.State() != Closed {
 		t.Fatalf("a new configuration should give a fresh breaker (state %s)", fresh.State())
 	}
@@ -607,5 +607,38 @@ func TestSetConfig(t *testing.T) {
 	}
 	if r.Config().Window == cfg.Window {
 		t.Fatal("refused change applied")
+	}
+}
+
+// TestCustomFollowsService: a route's breaker closes when its service's
+// instances come back to the view after none (the service's Sync), as the
+// service's breaker does; one for another service stays open.
+func TestCustomFollowsService(t *testing.T) {
+	r, c := newTest(t, Config{})
+	svc := r.Service("svc")
+	svc.Sync([]string{"a"})
+	cfg := r.Config()
+	cfg.MinimumCalls, cfg.FailureRateThreshold, cfg.OpenDuration = 4, 25, time.Minute
+	route := r.Custom("svc@route", "svc", cfg)
+	other := r.Custom("other@route", "other", cfg)
+	for _, b := range []*Service{route, other} {
+		run(b, c, 4, true, time.Millisecond)
+		if b.State() != Open {
+			t.Fatalf("%s: %s after 4 failures, want open", b.Name(), b.State())
+		}
+	}
+	svc.Sync(nil)
+	if route.State() != Open {
+		t.Fatalf("route breaker %s with no instance, want open", route.State())
+	}
+	svc.Sync([]string{"a"})
+	if route.State() != Closed || other.State() != Open {
+		t.Fatalf("after svc's instance came back: route %s (want closed), other %s (want open)", route.State(), other.State())
+	}
+	svc.Sync([]string{"a", "b"}) // more instances, none appeared from none: nothing to close
+	run(route, c, 4, true, time.Millisecond)
+	svc.Sync([]string{"a"})
+	if route.State() != Open {
+		t.Fatalf("route breaker %s: instances stayed in the view, want open (trials close it)", route.State())
 	}
 }

@@ -34,6 +34,7 @@ type Service struct {
 	r        *Registry
 	name     string
 	cfg      *atomic.Pointer[Config] // the registry's (a reload may replace it: Registry.SetConfig), or a route's own (Registry.Custom)
+	follows  string                  // Registry.Custom: the service whose view it follows
 	bucket   time.Duration           // cfg.Window / numBuckets
 	rejected prometheus.Counter
 	overflow prometheus.Counter
@@ -423,8 +424,25 @@ func (s *Service) Panic() bool { return s.panic.Load() }
 // instances that left is dropped (one that comes back starts clean: Consul
 // found it healthy again), the ejection bound and the panic threshold
 // follow the new set, and a breaker that is not closed closes when
-// instances appear for a service that had none.
+// instances appear for a service that had none — the service's own and
+// the route breakers made for it (Registry.Custom): Consul found them
+// healthy again, which no trial call has to prove.
 func (s *Service) Sync(ids []string) {
+	if !s.sync(ids) {
+		return
+	}
+	for _, f := range s.r.followers(s.name) {
+		f.mu.Lock()
+		if f.state.Load() != stClosed && !f.cfg.Load().Disabled {
+			f.transition(stClosed, "instances of "+s.name+" appeared")
+		}
+		f.mu.Unlock()
+	}
+}
+
+// sync is Sync for s alone: true when instances appeared for a service
+// that had none.
+func (s *Service) sync(ids []string) bool {
 	keep := make(map[string]bool, len(ids))
 	for _, id := range ids {
 		keep[id] = true
@@ -449,10 +467,12 @@ func (s *Service) Sync(ids []string) {
 	}
 	had := s.view
 	s.view = len(keep)
-	if had == 0 && s.view > 0 && s.state.Load() != stClosed && !s.cfg.Load().Disabled {
+	appeared := had == 0 && s.view > 0
+	if appeared && s.state.Load() != stClosed && !s.cfg.Load().Disabled {
 		s.transition(stClosed, "instances appeared")
 	}
 	s.refreshPanic()
+	return appeared
 }
 
 // refreshPanic recomputes the panic state. s.mu must be held.

@@ -110,6 +110,7 @@ type table struct {
 	doc      *routes.Document
 	tbl      *routes.Table
 	per      map[*routes.Route]*routeState
+	byIndex  []*routeState // per's, by the route's index in doc.Routes (routes.Table.MatchIndex)
 	fallback *proxy.Answer
 	built    time.Time
 	breakers map[string]bool // names of the routes' own breakers (Registry.Custom)
@@ -117,9 +118,10 @@ type table struct {
 
 // routeState is what Route needs of one route, built off the request path.
 type routeState struct {
-	pols []*proxy.Policy // by destination: the route's settings and the destination's tag; nil: the proxy's
-	lim  *limiter
-	hdr  string // the rate-limit key's header, "" for the client address
+	pols    []*proxy.Policy    // by destination: the route's settings and the destination's tag; nil: the proxy's
+	targets []proxy.TargetSlot // by destination: the proxy's state for its service, once looked up
+	lim     *limiter
+	hdr     string // the rate-limit key's header, "" for the client address
 }
 
 // Status is the gateway's state for /v1/routes and tests.
@@ -259,7 +261,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 var notFound = &proxy.Answer{Status: http.StatusNotFound, Header: [][2]string{{"Content-Type", "application/json"}},
 	Body: []byte(`{"error":"no route for this path"}` + "\n")}
 
-// Route implements proxy.Router.
+// Route implements proxy.Router. It allocates nothing but for a 429.
 func (g *Gateway) Route(h *proxy.Head) proxy.Decision {
 	t := g.cur.Load()
 	if t.tbl == nil {
@@ -269,19 +271,23 @@ func (g *Gateway) Route(h *proxy.Head) proxy.Decision {
 	if i := strings.IndexByte(path, '?'); i >= 0 {
 		path, query = path[:i], path[i:]
 	}
-	r := t.tbl.Match(h.Host, path, h.Method, h.Header)
-	if r == nil {
+	ri := t.tbl.MatchIndex(h.Host, path, h.Method, h.Header)
+	if ri < 0 {
 		return proxy.Decision{Answer: notFound}
 	}
-	rs := t.per[r]
-	if rs != nil && rs.lim != nil {
+	r, rs := &t.doc.Routes[ri], t.byIndex[ri]
+	if rs.lim != nil {
 		key := h.RemoteIP
 		if rs.hdr != "" {
 			if v := h.Header(rs.hdr); v != "" {
 				key = v
 			}
 		}
-		if v := rs.lim.allow(key, time.Now()); !v.ok {
+		now := h.Now
+		if now.IsZero() {
+			now = time.Now()
+		}
+		if v := rs.lim.allow(key, now); !v.ok {
 			g.met.limited.WithLabelValues(r.Name).Inc()
 			return proxy.Decision{Answer: &proxy.Answer{Status: http.StatusTooManyRequests, Header: v.headers(),
 				Body: []byte(`{"error":"rate limit exceeded","route":` + strconv.Quote(r.Name) + "}\n")}}
@@ -291,11 +297,8 @@ func (g *Gateway) Route(h *proxy.Head) proxy.Decision {
 	if len(r.Destinations) > 1 {
 		i = pickIndex(r, rand.IntN(100))
 	}
-	dst := r.Destinations[i]
-	d := proxy.Decision{Service: dst.Service}
-	if rs != nil {
-		d.Policy = rs.pols[i]
-	}
+	dst := &r.Destinations[i]
+	d := proxy.Decision{Service: dst.Service, Policy: rs.pols[i], Target: &rs.targets[i]}
 	if r.StripPrefix || r.Rewrite != "" {
 		d.Path = r.RewritePath(path) + query
 	}
@@ -426,11 +429,11 @@ func (g *Gateway) rebuildLocked(a *applied) error {
 			cfg := breakerConfig(g.cfg.Breakers.Config(), r.Breaker)
 			for _, d := range r.Destinations {
 				name := RouteBreakerName(d.Service, r.Name)
-				brk[d.Service] = g.cfg.Breakers.Custom(name, cfg)
+				brk[d.Service] = g.cfg.Breakers.Custom(name, d.Service, cfg)
 				t.breakers[strings.ToLower(name)] = true
 			}
 		}
-		rs := &routeState{pols: policies(r, brk)}
+		rs := &routeState{pols: policies(r, brk), targets: make([]proxy.TargetSlot, len(r.Destinations))}
 		if rl := tbl.RateLimit(r); rl != nil {
 			if prev := oldLim[limKey(r)]; prev != nil && prev.lim != nil {
 				rs.lim = prev.lim // same limit: the buckets carry over
@@ -441,6 +444,10 @@ func (g *Gateway) rebuildLocked(a *applied) error {
 			rs.hdr = rl.Header
 		}
 		t.per[r] = rs
+	}
+	t.byIndex = make([]*routeState, len(merged.Routes))
+	for i := range merged.Routes {
+		t.byIndex[i] = t.per[&merged.Routes[i]]
 	}
 	if fb := merged.Gateway.Fallback; fb != nil {
 		st, ct := fb.Status, fb.ContentType

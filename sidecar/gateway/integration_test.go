@@ -618,6 +618,92 @@ route "plain" {
 	}
 }
 
+// TestRouteBreakerHearsInstancesBack: a route's own breaker, opened by its
+// service's failures, closes as the service's breaker does when the
+// service's instances, gone from the Consul view, come back healthy — not
+// only through trial calls after its open time (here 1m, longer than the
+// test waits).
+func TestRouteBreakerHearsInstancesBack(t *testing.T) {
+	c := needCluster(t)
+	agent := c.Clients[0]
+	kv := agent.Client()
+	var failing atomic.Bool
+	failing.Store(true)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if failing.Load() {
+			w.WriteHeader(http.StatusInternalServerError)
+		}
+		io.WriteString(w, "flaky\n")
+	}))
+	defer srv.Close()
+	host, port, _ := net.SplitHostPort(srv.Listener.Addr().String())
+	p, _ := strconv.Atoi(port)
+	if err := kv.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: "flaky-a", Name: "flaky", Address: host, Port: p,
+		Check: &api.AgentServiceCheck{CheckID: "flaky-a-ttl", TTL: "10m", Status: api.HealthPassing}}); err != nil {
+		t.Fatal(err)
+	}
+	defer kv.Agent().ServiceDeregister("flaky-a")
+	doc := `route "strict" {
+  prefix = "/strict/"
+  service = "flaky"
+  retries = 0
+  breaker {
+    minimum_calls = 4
+    failure_rate = 50
+    open_time = "1m"
+  }
+}`
+	for _, noLoop := range []bool{false, true} {
+		t.Run(map[bool]string{false: "loop", true: "noloop"}[noLoop], func(t *testing.T) {
+			failing.Store(true)
+			if err := kv.Agent().UpdateTTL("flaky-a-ttl", "", api.HealthPassing); err != nil {
+				t.Fatal(err)
+			}
+			prefix := uniquePrefix(t)
+			n := startNode(t, agent, "gw-back-"+strconv.FormatBool(noLoop), nodeOpts{noLoop: noLoop, prefix: prefix})
+			apply(t, kv, prefix, 1, doc)
+			base := "http://" + n.addr() + "/strict/x"
+			eventually(t, "the route's breaker open", 10*time.Second, func() bool {
+				code, _, h := getJSON(plain, base)
+				return code == 503 && h.Get("X-Attache-Breaker") == "open"
+			})
+			state := func(name string) string {
+				for _, st := range n.br.State() {
+					if st.Service == name {
+						return st.State
+					}
+				}
+				return ""
+			}
+			instances := func() int {
+				if svc, ok := n.w.Load().Service("flaky"); ok {
+					return len(svc.Instances)
+				}
+				return 0
+			}
+			// Consul finds the instance failing: it leaves the view; the
+			// route's breaker stays open meanwhile.
+			if err := kv.Agent().UpdateTTL("flaky-a-ttl", "down", api.HealthCritical); err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, "the instance out of the gateway's view", 10*time.Second, func() bool { return instances() == 0 })
+			if st := state("flaky@strict"); st != breaker.Open {
+				t.Fatalf("route breaker %q with no instance, want open", st)
+			}
+			// Mended, and healthy in Consul again: the breaker closes at once.
+			failing.Store(false)
+			if err := kv.Agent().UpdateTTL("flaky-a-ttl", "", api.HealthPassing); err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, "the instance back in the gateway's view", 10*time.Second, func() bool { return instances() == 1 })
+			eventually(t, "the route's breaker closed", 5*time.Second, func() bool { return state("flaky@strict") == breaker.Closed })
+			if code, e, h := getJSON(plain, base); code != 200 {
+				t.Fatalf("after the instance came back: %d %+v %v, want the backend's 200", code, e, h)
+			}
+		})
+	}
+}
+
 // load sends requests from workers until d has passed and counts the
 // answers by status. Each worker pauses pause between requests.
 func load(url string, workers int, d, pause time.Duration, hdr func(w int) []string) map[int]int {

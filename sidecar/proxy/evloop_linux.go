@@ -936,7 +936,7 @@ func (l *evLoop) start(c *evConn, end int) {
 	rt := c.ln.rt
 	gw := rt != nil && rt.router != nil
 	if gw {
-		rawRouteHead(&l.rhead, &l.rhsrc, b, r, host, path, c.ip, false)
+		rawRouteHead(&l.rhead, &l.rhsrc, b, r, host, path, c.ip, false, l.now)
 		d, t = p.decide(rt, &l.rhead)
 		l.rhead, l.rhsrc = Head{}, rawHead{}
 		if d.Answer != nil {

@@ -272,9 +272,16 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, rt *routing) {
 	}
 	req.UseHostHeader = true
 	req.Header.SetNoDefaultContentType(true) // no Content-Type the client did not send
-	if u := req.URI(); len(u.Username()) > 0 || len(u.Password()) > 0 {
+	u := req.URI()
+	if len(u.Username()) > 0 || len(u.Password()) > 0 {
 		u.SetUsernameBytes(nil)
 		u.SetPasswordBytes(nil)
+	}
+	// A request read from a TLS connection (the TLS gateway's HTTP/1.1)
+	// parses as https; the hop to the instance is plain HTTP, and the
+	// instance's client refuses a request of another scheme.
+	if ctx.IsTLS() {
+		u.SetSchemeBytes(httpScheme)
 	}
 	if req.Header.IsConnect() {
 		p.fastCanned(ctx, cannedJSON(http.StatusMethodNotAllowed, "CONNECT is not supported; call http://SERVICE/ through the proxy", t.name))
@@ -336,6 +343,8 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, rt *routing) {
 		ctx.SetConnectionClose()
 	}
 }
+
+var httpScheme = []byte("http")
 
 // targetForm says whether a request target is one a proxy passes on:
 // origin-form ("/path") or absolute-form ("http://host/path"), with every

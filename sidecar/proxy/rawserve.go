@@ -325,7 +325,7 @@ func (rc *rawConn) serveRouted(end int, host, path span) bool {
 		rc.decided = nil
 		d, t = dc.d, dc.t
 	} else {
-		rawRouteHead(&rc.head, &rc.hsrc, b, r, host, path, rc.ip, false)
+		rawRouteHead(&rc.head, &rc.hsrc, b, r, host, path, rc.ip, s.rt.proto == "https", time.Time{})
 		d, t = p.decide(s.rt, &rc.head)
 		rc.head = Head{}
 	}
@@ -334,7 +334,7 @@ func (rc *rawConn) serveRouted(end int, host, path span) bool {
 	}
 	if t == nil {
 		var err error
-		if t, err = p.lookupTarget(s.ctx, d.Service); err != nil {
+		if t, err = p.lookupDecided(s.ctx, &d); err != nil {
 			return rc.writeCanned(cannedJSON(http.StatusServiceUnavailable, err.Error(), d.Service))
 		}
 	}

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -26,13 +27,15 @@ type Router interface {
 // Head is what a Router sees of a request: its method, host (the Host
 // header or the absolute-form authority, port included as sent), target
 // (path and query, origin-form), the client's address and whether it came
-// over TLS.
+// over TLS; Now is the time the listener read it (an event loop's clock
+// of its batch: a Router need not read the clock again).
 type Head struct {
 	Method   string
 	Host     string
 	Path     string
 	RemoteIP string
 	TLS      bool
+	Now      time.Time
 	hdr      headerSource
 }
 
@@ -55,7 +58,16 @@ type Decision struct {
 	Path    string  // the target sent to the instance; "" keeps the request's
 	Policy  *Policy // per-route settings; nil: the proxy's
 	Answer  *Answer // answer this instead of forwarding
+	// Target, when set, is where the proxy keeps its state for Service
+	// once looked up, so that the next decision naming it finds it without
+	// the proxy's lock and map: one slot per route destination, kept as
+	// long as the route (a new slot costs one lookup).
+	Target *TargetSlot
 }
+
+// TargetSlot holds the proxy's state for one service, for a Router to hand
+// back with its decisions (Decision.Target). Its zero value is empty.
+type TargetSlot struct{ t atomic.Pointer[target] }
 
 // Answer is a response the gateway writes itself.
 type Answer struct {
@@ -113,9 +125,20 @@ func (p *Proxy) decide(rt *routing, h *Head) (Decision, *target) {
 		}
 		return d, nil
 	}
+	// A slot's target is the one of d.Service: targets are never dropped
+	// nor replaced, and a slot only ever holds the one found for its
+	// destination's service (by this proxy: another's is looked up again).
+	if d.Target != nil {
+		if t := d.Target.t.Load(); t != nil && t.p == p {
+			return d, t
+		}
+	}
 	p.mu.Lock()
 	t := p.targets[d.Service]
 	p.mu.Unlock()
+	if t != nil && d.Target != nil {
+		d.Target.t.Store(t)
+	}
 	return d, t
 }
 
@@ -132,11 +155,20 @@ func (p *Proxy) routeTarget(ctx context.Context, rt *routing, h *Head) (d Decisi
 	}
 	if t == nil {
 		var err error
-		if t, err = p.lookupTarget(ctx, d.Service); err != nil {
+		if t, err = p.lookupDecided(ctx, &d); err != nil {
 			return d, nil, cannedJSON(http.StatusServiceUnavailable, err.Error(), d.Service), false
 		}
 	}
 	return d, t, canned{}, true
+}
+
+// lookupDecided is lookupTarget for a decision's service, filling its slot.
+func (p *Proxy) lookupDecided(ctx context.Context, d *Decision) (*target, error) {
+	t, err := p.lookupTarget(ctx, d.Service)
+	if err == nil && d.Target != nil {
+		d.Target.t.Store(t)
+	}
+	return t, err
 }
 
 func answerCanned(a *Answer) canned {
@@ -216,14 +248,14 @@ func bstr(b []byte) string {
 }
 
 // rawRouteHead fills h (and src) for the request parsed into r from b.
-func rawRouteHead(h *Head, src *rawHead, b []byte, r *rawReq, host, path span, ip []byte, tls bool) {
+func rawRouteHead(h *Head, src *rawHead, b []byte, r *rawReq, host, path span, ip []byte, tls bool, now time.Time) {
 	if host.e == 0 {
 		host = r.host
 	}
 	*src = rawHead{b: b, r: r}
 	pb := b[path.s:path.e]
 	*h = Head{Method: bstr(b[r.method.s:r.method.e]), Host: bstr(b[host.s:host.e]), Path: bstr(pb),
-		RemoteIP: bstr(ip), TLS: tls, hdr: src}
+		RemoteIP: bstr(ip), TLS: tls, Now: now, hdr: src}
 	if len(pb) == 0 || pb[0] == '?' {
 		h.Path = "/" + h.Path
 	}
@@ -288,7 +320,8 @@ func stdRouteHead(r *http.Request, ip string) *Head {
 // serveGatewayTLS serves a gateway listener with TLS. Each connection's
 // handshake runs on a goroutine of its own (at most TLSHandshakeTimeout);
 // then HTTP/1.1 goes to the goroutine fast path (the event loops need a
-// plain socket) with fasthttp behind it, as on plain listeners, and HTTP/2
+// plain socket) with fasthttp behind it, as on plain listeners (fasthttp
+// alone with DisableFastPath), and HTTP/2
 // (by ALPN) to net/http; both ask the router and forward through the
 // policy.
 func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc chan<- error, ln net.Listener, g *GatewayListener) {
@@ -302,6 +335,20 @@ func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc ch
 	rt := &routing{router: g.Router, proto: "https"}
 	h := p.newHTTPListener(ctx, ln, rt) // its fasthttp and fast-path servers take HTTP/1.1
 	h2 := newChanListener(ln.Addr())
+	// Without the fast path, fasthttp serves HTTP/1.1 from a listener of
+	// its own (not ServeConn), so that its shutdown closes the idle
+	// keep-alive connections and waits for the busy ones.
+	var h1 *chanListener
+	if h.raw == nil {
+		h1 = newChanListener(ln.Addr())
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := h.fs.Serve(h1); err != nil && ctx.Err() == nil {
+				errc <- fmt.Errorf("proxy: gateway tls on %s: %w", ln.Addr(), err)
+			}
+		}()
+	}
 	hs := &http.Server{
 		Handler:           p.stdHandler(rt),
 		TLSConfig:         tc,
@@ -336,7 +383,9 @@ func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc ch
 			case h.raw != nil:
 				h.raw.start(&rawConn{s: h.raw, c: conn}, true)
 			default:
-				_ = h.fs.ServeConn(conn)
+				if !h1.put(ctx, conn) {
+					c.Close()
+				}
 			}
 		})
 	}()
@@ -345,6 +394,9 @@ func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc ch
 		<-ctx.Done()
 		ln.Close()
 		h2.Close()
+		if h1 != nil {
+			h1.Close()
+		}
 		sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
 		defer cancel()
 		var sw sync.WaitGroup

@@ -79,15 +79,27 @@ func (e headerEcho) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // fasthttp for a chunked body, net/http for h2c and TLS), and forwards with
 // the decision: the service, the rewritten path, X-Real-IP and
 // X-Forwarded-Proto set, the router's own answers written as they are.
+// The same with goroutines only, and with fasthttp alone (DisableFastPath:
+// HTTP/1.1 over TLS answered 502 there, its URI parsed as https).
 func TestGatewayListener(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+	}{{"default", Config{}}, {"goroutines", Config{DisableEventLoop: true}}, {"fasthttp", Config{DisableFastPath: true}}} {
+		t.Run(tc.name, func(t *testing.T) { testGatewayListener(t, tc.cfg) })
+	}
+}
+
+func testGatewayListener(t *testing.T, cfg Config) {
 	a := newBackend(t, "a", "a1", headerEcho{"a1"})
 	b := newBackend(t, "b", "b1", headerEcho{"b1"})
 	rt := &prefixRouter{routes: map[string]string{"/a/": "a", "/b/": "b"}, strip: true}
 	cert := selfSigned(t)
-	tp := startProxy(t, Config{Gateways: []GatewayListener{
+	cfg.Gateways = []GatewayListener{
 		{Addr: "127.0.0.1:0", Router: rt},
 		{Addr: "127.0.0.1:0", Router: rt, TLS: &tls.Config{Certificates: []tls.Certificate{cert}}},
-	}}, breaker.Config{}, map[string][]*backend{"a": {a}, "b": {b}})
+	}
+	tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"a": {a}, "b": {b}})
 	plain := "http://" + tp.p.GatewayAddr(0).String()
 	secure := "https://" + tp.p.GatewayAddr(1).String()
 	c := newClient()
@@ -297,4 +309,40 @@ func FuzzGatewayListener(f *testing.F) {
 	f.Fuzz(func(t *testing.T, in []byte) {
 		fuzzListener(t, addr, in, "GET /a/items/1 HTTP/1.1\r\nHost: gw\r\n\r\n")
 	})
+}
+
+// slotRouter sends everything to service a, handing back one TargetSlot.
+type slotRouter struct{ slot TargetSlot }
+
+func (r *slotRouter) Route(*Head) Decision { return Decision{Service: "a", Target: &r.slot} }
+
+// TestTargetSlot: a decision's TargetSlot is filled with the proxy's
+// state for its service and used for the next requests; a proxy never uses
+// the state another proxy left in a slot (two proxies sharing one router
+// each reach their own instance).
+func TestTargetSlot(t *testing.T) {
+	rt := &slotRouter{}
+	a1 := newBackend(t, "a", "a1", headerEcho{"a1"})
+	a2 := newBackend(t, "a", "a2", headerEcho{"a2"})
+	tp1 := startProxy(t, Config{Gateways: []GatewayListener{{Addr: "127.0.0.1:0", Router: rt}}}, breaker.Config{}, map[string][]*backend{"a": {a1}})
+	tp2 := startProxy(t, Config{Gateways: []GatewayListener{{Addr: "127.0.0.1:0", Router: rt}}}, breaker.Config{}, map[string][]*backend{"a": {a2}})
+	c := newClient()
+	for i := 0; i < 3; i++ {
+		for _, tc := range []struct {
+			tp *testProxy
+			id string
+		}{{tp1, "a1"}, {tp2, "a2"}} {
+			code, _, body := get(t, c, "http://"+tc.tp.p.GatewayAddr(0).String()+"/x")
+			var m map[string]string
+			if err := json.Unmarshal(body, &m); err != nil || code != 200 || m["id"] != tc.id {
+				t.Fatalf("round %d: want %s: %d %s", i, tc.id, code, body)
+			}
+			tc.tp.p.mu.Lock()
+			want := tc.tp.p.targets["a"]
+			tc.tp.p.mu.Unlock()
+			if got := rt.slot.t.Load(); got != want {
+				t.Fatalf("round %d: the slot holds %p, the proxy's target is %p", i, got, want)
+			}
+		}
+	}
 }
