@@ -27,6 +27,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	miekg "github.com/miekg/dns"
 
+	"attache/internal/reuseport"
 	"attache/sidecar/catalog"
 )
 
@@ -74,7 +75,8 @@ type Server struct {
 	readyOnce sync.Once
 	mu        sync.Mutex
 	addr      string
-	udpConns  int // UDP sockets bound by Run
+	udpConns  int         // UDP sockets bound by Run
+	draining  atomic.Bool // Run is stopping: a read's timeout ends its reader
 }
 
 type ttlPrefix struct {
@@ -304,9 +306,11 @@ func (s *Server) Addr() string {
 	return s.addr
 }
 
-// Run binds UDP (UDPSockets sockets, with SO_REUSEPORT when more than one)
-// and TCP on Addr and serves until ctx ends; it returns after closing the
-// sockets and waiting for the serving goroutines (the slow path's too).
+// Run binds UDP (UDPSockets sockets) and TCP on Addr, all with
+// SO_REUSEPORT (or takes them from Binder), and serves until ctx ends. Then
+// it stops reading, answers every query it has read, and only then closes
+// the sockets: a datagram still queued stays in the socket for whoever
+// else has it (a successor that took it over, see internal/handover).
 func (s *Server) Run(ctx context.Context) error {
 	pcs, ln, err := s.listen(ctx)
 	if err != nil {
@@ -362,14 +366,19 @@ func (s *Server) Run(ctx context.Context) error {
 	if err := tcp.ShutdownContext(sctx); err != nil && !errors.Is(err, context.Canceled) {
 		s.log.Debug("shutdown", "error", err)
 	}
-	// Closing a socket ends its reader's read; the slow path's goroutines
-	// end on their own (a write to a closed socket fails).
+	// A read deadline in the past ends each reader's read once it has
+	// answered what it read; the slow path's answers are written before
+	// the sockets close too.
+	s.draining.Store(true)
+	for _, pc := range pcs {
+		_ = pc.SetReadDeadline(time.Unix(1, 0))
+	}
+	wg.Wait()
+	slow.Wait()
 	for _, pc := range pcs {
 		pc.Close()
 	}
 	ln.Close()
-	wg.Wait()
-	slow.Wait()
 	return runErr
 }
 
@@ -377,10 +386,7 @@ func (s *Server) Run(ctx context.Context) error {
 // port 0 it retries a few times when TCP's twin port is taken.
 func (s *Server) listen(ctx context.Context) ([]*net.UDPConn, net.Listener, error) {
 	host, port, _ := net.SplitHostPort(s.cfg.Addr)
-	lc := net.ListenConfig{}
-	if s.cfg.UDPSockets > 1 {
-		lc.Control = reusePort
-	}
+	lc := reuseport.Or(s.cfg.Binder)
 	tries := 1
 	if port == "0" {
 		tries = 10
@@ -392,7 +398,7 @@ func (s *Server) listen(ctx context.Context) ([]*net.UDPConn, net.Listener, erro
 			return nil, nil, fmt.Errorf("dns: listen on udp %s: %w", s.cfg.Addr, err)
 		}
 		bound := net.JoinHostPort(host, strconv.Itoa(first.LocalAddr().(*net.UDPAddr).Port))
-		ln, err := (&net.ListenConfig{}).Listen(ctx, "tcp", bound)
+		ln, err := lc.Listen(ctx, "tcp", bound)
 		if err != nil {
 			first.Close()
 			lastErr = fmt.Errorf("dns: listen on tcp %s: %w", bound, err)

@@ -29,6 +29,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"attache/internal/reuseport"
 	"attache/sidecar/breaker"
 	"attache/sidecar/catalog"
 
@@ -52,6 +53,10 @@ type Config struct {
 	HTTPProxyAddr string   // "" disables the HTTP proxy listener
 	Balancer      Balancer // default LeastRequest
 	Domain        string   // DNS domain for http-proxy hosts, default "consul"
+	// Binder binds every listener with SO_REUSEPORT; default nil:
+	// reuseport.Plain (the sidecar passes its handover.Sockets, which
+	// hands out a predecessor's listeners first).
+	Binder reuseport.Binder
 
 	ConnectTimeout time.Duration // dial timeout per attempt, default 1s
 	TryTimeout     time.Duration // per try, until the whole answer is read, default 5s
@@ -322,7 +327,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 			b.ln.Close()
 		}
 	}
-	var lc net.ListenConfig
+	lc := reuseport.Or(p.cfg.Binder)
 	for _, u := range p.cfg.Upstreams {
 		ln, err := lc.Listen(ctx, "tcp", u.Addr)
 		if err != nil {
