@@ -77,6 +77,7 @@ type Server struct {
 	addr      string
 	udpConns  int         // UDP sockets bound by Run
 	draining  atomic.Bool // Run is stopping: a read's timeout ends its reader
+	linger    atomic.Bool // HandOver was called
 }
 
 type ttlPrefix struct {
@@ -322,7 +323,8 @@ func (s *Server) Run(ctx context.Context) error {
 	s.mu.Unlock()
 
 	invalid := func(_ []byte, err error) { s.m.malformed.Inc(); s.log.Trace("malformed query", "error", err) }
-	tcp := &miekg.Server{Listener: ln, Handler: s, MsgInvalidFunc: invalid,
+	hl := &lingerListener{Listener: ln, closed: make(chan struct{})}
+	tcp := &miekg.Server{Listener: hl, Handler: s, MsgInvalidFunc: invalid,
 		ReadTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second, IdleTimeout: func() time.Duration { return 10 * time.Second }}
 
 	errc := make(chan error, len(pcs)+1)
@@ -361,6 +363,9 @@ func (s *Server) Run(ctx context.Context) error {
 	case err := <-errc:
 		runErr = fmt.Errorf("dns: serve on %s: %w", s.Addr(), err)
 	}
+	if s.linger.Load() {
+		hl.pause(tcpFirstQueryWait)
+	}
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := tcp.ShutdownContext(sctx); err != nil && !errors.Is(err, context.Canceled) {
@@ -380,6 +385,80 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	ln.Close()
 	return runErr
+}
+
+// HandOver makes the coming stop (Run's ctx ending) gentler on TCP, for
+// when a successor process serves the same sockets (internal/handover): the
+// listener stops accepting without closing (what is queued stays for the
+// successor), and each connection accepted has its first query answered
+// before the server shuts down (up to tcpFirstQueryWait): a client writes
+// its query right after connecting, and a connection closed before it is
+// read would lose it. UDP needs nothing more than every stop does.
+func (s *Server) HandOver() { s.linger.Store(true) }
+
+// tcpFirstQueryWait bounds the wait for accepted TCP connections' first
+// query when handing over.
+const tcpFirstQueryWait = 2 * time.Second
+
+// lingerListener is the TCP listener as miekg/dns's server sees it: pause
+// stops accepting without closing the socket, and waits for the
+// connections accepted to have their first query answered.
+type lingerListener struct {
+	net.Listener
+	paused    atomic.Bool
+	fresh     atomic.Int64 // accepted connections not read from yet
+	closed    chan struct{}
+	closeOnce sync.Once
+}
+
+func (l *lingerListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil && l.paused.Load() {
+		<-l.closed // not accepting any more: miekg/dns's loop waits here for its shutdown
+		return nil, net.ErrClosed
+	}
+	if err != nil {
+		return nil, err
+	}
+	l.fresh.Add(1)
+	return &firstRead{Conn: c, l: l}, nil
+}
+
+func (l *lingerListener) Close() error {
+	l.closeOnce.Do(func() { close(l.closed) })
+	return l.Listener.Close()
+}
+
+// pause stops accepting (a deadline in the past ends the Accept under way)
+// and waits up to max for the fresh connections' first answers.
+func (l *lingerListener) pause(max time.Duration) {
+	l.paused.Store(true)
+	if tl, ok := l.Listener.(*net.TCPListener); ok {
+		_ = tl.SetDeadline(time.Unix(1, 0))
+	}
+	for end := time.Now().Add(max); l.fresh.Load() > 0 && time.Now().Before(end); {
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// firstRead counts its connection fresh until its first answer is
+// written (miekg/dns reads a query in two reads, length then message: the
+// shutdown's read deadline between them would lose it).
+type firstRead struct {
+	net.Conn
+	l    *lingerListener
+	once sync.Once
+}
+
+func (c *firstRead) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	c.once.Do(func() { c.l.fresh.Add(-1) })
+	return n, err
+}
+
+func (c *firstRead) Close() error {
+	c.once.Do(func() { c.l.fresh.Add(-1) })
+	return c.Conn.Close()
 }
 
 // listen binds the UDP sockets and the TCP listener on the same port. With

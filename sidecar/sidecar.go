@@ -217,6 +217,7 @@ func selfRegistration(cfg Config) (*api.AgentServiceRegistration, error) {
 // above but leaves the registration and /readyz to its successor. Every
 // socket is bound with SO_REUSEPORT, so a successor can bind beside it too.
 func (s *Sidecar) Run(ctx context.Context) error {
+	start := time.Now()
 	hpath := ""
 	if s.cfg.DataDir != "" {
 		hpath = filepath.Join(s.cfg.DataDir, handover.SocketFile)
@@ -243,7 +244,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	defer stopReg()
 	defer stopSrv()
 	defer stopBase()
-	regDone, srvDone, adminDone := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	regDone, srvDone, adminDone, serving := make(chan struct{}), make(chan struct{}), make(chan struct{}), make(chan struct{})
 	var successor atomic.Pointer[handover.Successor]
 
 	g.Go(func() error { return s.watcher.Run(baseCtx) })
@@ -252,9 +253,11 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	g.Go(func() error {
 		defer close(srvDone)
 		// Sockets taken from a running sidecar are served once this one
-		// has a view to serve (from disk or Consul): until then the other
-		// one reads them, and what it leaves waits in their queues.
-		for inherited && !s.watcher.Ready() {
+		// has Consul's view (a saved snapshot may be older than the
+		// running one's view; it is served after handoverWait if Consul
+		// does not answer): until then the other one reads them, and what
+		// it leaves waits in their queues.
+		for inherited && !s.watcher.Status().Synced && !(s.watcher.Ready() && time.Since(start) > handoverWait) {
 			select {
 			case <-gctx.Done():
 				adminLn.Close()
@@ -271,6 +274,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 			}
 			return nil
 		})
+		close(serving)
 		var srv errgroup.Group // the serving listeners: proxy and DNS
 		if s.dns != nil {
 			srv.Go(func() error { return s.dns.Run(srvCtx) })
@@ -287,7 +291,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	defer stopOffer()
 	if hpath != "" {
 		g.Go(func() error { return s.sockets.Serve(hctx, hpath) })
-		g.Go(func() error { return s.tellPredecessor(gctx) })
+		g.Go(func() error { return s.tellPredecessor(gctx, serving) })
 		g.Go(func() error {
 			select {
 			case succ := <-s.sockets.Ready():
@@ -318,10 +322,14 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	return err
 }
 
+// handoverWait is how long a sidecar that took a running one's sockets
+// waits for Consul's view before it serves its saved snapshot instead.
+const handoverWait = 10 * time.Second
+
 // tellPredecessor waits until this sidecar serves (what /readyz says), then
 // tells the sidecar whose sockets it took, which then stops.
-func (s *Sidecar) tellPredecessor(ctx context.Context) error {
-	for len(s.notReady()) > 0 {
+func (s *Sidecar) tellPredecessor(ctx context.Context, serving <-chan struct{}) error {
+	for !closed(serving) || len(s.notReady()) > 0 {
 		select {
 		case <-ctx.Done():
 			return nil
@@ -358,6 +366,12 @@ func (s *Sidecar) stop(succ *handover.Successor, admin *http.Server, adminDone <
 		}
 		s.registrar.Keep(keep)
 		s.notifier.HandOver(pid)
+		if s.proxy != nil {
+			s.proxy.HandOver()
+		}
+		if s.dns != nil {
+			s.dns.HandOver()
+		}
 		s.log.Info("handing over to the other sidecar: leaving the registration to it, draining the listeners", "pid", pid, "drain_timeout", s.cfg.DrainTimeout)
 		// The admin socket goes first: from now on the other sidecar
 		// answers /readyz there, and tells the truth for the node.

@@ -197,6 +197,7 @@ type Proxy struct {
 
 	connsMu sync.Mutex
 	conns   map[net.Conn]struct{} // tunnelled connections, closed on shutdown
+	linger  atomic.Bool           // HandOver: the stop lingers for idle clients' next requests
 	closing bool
 	tunnels sync.WaitGroup
 }
@@ -304,6 +305,18 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 	}
 	return p, nil
 }
+
+// HandOver makes the coming stop (Run's ctx ending) linger, for when a
+// successor process serves the same listening sockets (internal/handover):
+// the event loops stop accepting at once but close no idle client
+// connection; each is answered its next request, with Connection: close,
+// until the client closes it or ShutdownGraceTime ends. A client of the
+// keep-alive kind that sends its next request just as an idle connection
+// closes sees it fail, and nothing hurries this stop: the successor serves
+// every new connection. The fast path's goroutines (-noloop, and off Linux)
+// linger the same way; a connection handed to fasthttp (a chunked request
+// body, say) still has its idle time cut short.
+func (p *Proxy) HandOver() { p.linger.Store(true) }
 
 // Run binds every listener (an error names the address), serves until ctx
 // ends, then stops them all and returns when everything has stopped.
