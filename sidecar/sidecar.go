@@ -296,6 +296,9 @@ func (s *Sidecar) Run(ctx context.Context) error {
 			select {
 			case succ := <-s.sockets.Ready():
 				successor.Store(&succ)
+				// Before the stop begins: the notifier's STOPPING=1 must
+				// not reach systemd, MAINPID= must.
+				s.notifier.HandOver(succ.PID)
 				handOver()
 			case <-gctx.Done():
 			}
@@ -365,7 +368,6 @@ func (s *Sidecar) stop(succ *handover.Successor, admin *http.Server, adminDone <
 			pid = succ.PID
 		}
 		s.registrar.Keep(keep)
-		s.notifier.HandOver(pid)
 		if s.proxy != nil {
 			s.proxy.HandOver()
 		}

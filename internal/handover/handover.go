@@ -41,6 +41,7 @@ import (
 	"io/fs"
 	"net"
 	"os"
+	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
@@ -291,6 +292,9 @@ func (s *Sockets) SayReady(services []string) error {
 // Serve offers the sockets to a successor at path until ctx ends or Leave
 // is called. Successors are served one at a time.
 func (s *Sockets) Serve(ctx context.Context, path string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return fmt.Errorf("handover: %w", err)
+	}
 	_ = os.Remove(path) // a stale one, or the predecessor's (it is done offering)
 	addr := &net.UnixAddr{Name: path, Net: "unixpacket"}
 	ln, err := net.ListenUnix("unixpacket", addr)
