@@ -290,7 +290,7 @@ func (s *Sockets) SayReady(services []string) error {
 }
 
 // Serve offers the sockets to a successor at path until ctx ends or Leave
-// is called. Successors are served one at a time.
+// is called.
 func (s *Sockets) Serve(ctx context.Context, path string) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return fmt.Errorf("handover: %w", err)
@@ -319,7 +319,7 @@ func (s *Sockets) Serve(ctx context.Context, path string) error {
 			c.Close()
 			continue
 		}
-		s.serveOne(ctx, c)
+		go s.serveOne(c)
 	}
 }
 
@@ -330,8 +330,8 @@ func (s *Sockets) isLeaving() bool {
 }
 
 // serveOne passes the sockets to one successor, then waits for its ready
-// (or its end) without blocking the caller past the exchange.
-func (s *Sockets) serveOne(ctx context.Context, c *net.UnixConn) {
+// (or its end).
+func (s *Sockets) serveOne(c *net.UnixConn) {
 	if err := checkPeer(c); err != nil {
 		s.log.Warn("handover refused", "error", err)
 		c.Close()
