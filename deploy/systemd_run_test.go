@@ -247,6 +247,11 @@ systemctl daemon-reload`)
 	if out := must("dig @127.0.0.1 -p 8653 +short attache.service.consul"); out != "127.0.0.1" {
 		t.Errorf("DNS through the upgraded sidecar: %q", out)
 	}
+	// systemd took the successor as an adopted ("alien") main process; on
+	// the legacy cgroup hierarchy inside a container (here) it would not
+	// wait for such a process to stop, and SIGKILLs it at once.
+	// daemon-reload re-reads the main PID, now systemd's own child.
+	must("systemctl daemon-reload")
 
 	// Stop: it deregisters from the agent.
 	must("systemctl stop attache-sidecar")
