@@ -72,9 +72,10 @@ func (l *loadStats) String() string {
 // listener (a new connection per request, and keep-alive connections whose
 // requests Go's client may not retry) and constant DNS queries over UDP and
 // TCP: the new one takes the sockets, serves once it has a view, the old
-// one hands over and exits on its own. No request fails and no query is
-// lost; the registration stays with the new one all along, and when the
-// new one is stopped alone it deregisters as usual.
+// one hands over and exits on its own. Before it, a successor that fails
+// leaves the old one serving. No request fails and no query is lost; the
+// registration stays with the new one all along, and when the new one is
+// stopped alone it deregisters as usual.
 func TestRestartUnderLoad(t *testing.T) {
 	if !reuseport.Supported {
 		t.Skip("no SO_REUSEPORT here")
@@ -157,6 +158,29 @@ func TestRestartUnderLoad(t *testing.T) {
 	loop(2, dnsLoad(&udp, "udp"))
 	loop(1, dnsLoad(&tcp, "tcp"))
 	time.Sleep(time.Second)
+
+	// A successor that fails (here an extra listener whose address another
+	// program holds) takes A's sockets, exits, and leaves A serving, still
+	// the one a later successor takes over from.
+	held, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	doneBad, errBad, _ := startSidecar(t, "bad", append(args, "-upstream", "other="+held.Addr().String())...)
+	select {
+	case <-doneBad:
+		if *errBad == nil || !strings.Contains((*errBad).Error(), held.Addr().String()) {
+			t.Fatalf("the failing successor's Run = %v, want an error naming %s", *errBad, held.Addr())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the failing successor did not fail within 30s")
+	}
+	select {
+	case <-doneA:
+		t.Fatalf("A stopped (%v) when a successor failed", *errA)
+	case <-time.After(500 * time.Millisecond):
+	}
 
 	// B, with the same configuration: it takes A's sockets, and once it
 	// serves, A stops on its own.

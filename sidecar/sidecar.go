@@ -275,12 +275,14 @@ func (s *Sidecar) Run(ctx context.Context) error {
 			return nil
 		})
 		close(serving)
-		var srv errgroup.Group // the serving listeners: proxy and DNS
+		// The serving listeners, proxy and DNS: one failing (an address in
+		// use) stops the other, so that Run returns its error at once.
+		srv, sctx := errgroup.WithContext(srvCtx)
 		if s.dns != nil {
-			srv.Go(func() error { return s.dns.Run(srvCtx) })
+			srv.Go(func() error { return s.dns.Run(sctx) })
 		}
 		if s.proxy != nil {
-			srv.Go(func() error { return s.proxy.Run(srvCtx) })
+			srv.Go(func() error { return s.proxy.Run(sctx) })
 		}
 		return srv.Wait()
 	})
@@ -290,8 +292,15 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	hctx, stopOffer := context.WithCancel(context.Background())
 	defer stopOffer()
 	if hpath != "" {
-		g.Go(func() error { return s.sockets.Serve(hctx, hpath) })
-		g.Go(func() error { return s.tellPredecessor(gctx, serving) })
+		// Offered to a successor only once this one serves: until then
+		// the path stays the predecessor's (if this one fails, a later
+		// successor still finds the sidecar that serves).
+		g.Go(func() error {
+			if !s.tellPredecessor(gctx, serving) {
+				return nil
+			}
+			return s.sockets.Serve(hctx, hpath)
+		})
 		g.Go(func() error {
 			select {
 			case succ := <-s.sockets.Ready():
@@ -330,12 +339,13 @@ func (s *Sidecar) Run(ctx context.Context) error {
 const handoverWait = 10 * time.Second
 
 // tellPredecessor waits until this sidecar serves (what /readyz says), then
-// tells the sidecar whose sockets it took, which then stops.
-func (s *Sidecar) tellPredecessor(ctx context.Context, serving <-chan struct{}) error {
+// tells the sidecar whose sockets it took, if any, which then stops. false:
+// ctx ended first.
+func (s *Sidecar) tellPredecessor(ctx context.Context, serving <-chan struct{}) bool {
 	for !closed(serving) || len(s.notReady()) > 0 {
 		select {
 		case <-ctx.Done():
-			return nil
+			return false
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
@@ -343,7 +353,7 @@ func (s *Sidecar) tellPredecessor(ctx context.Context, serving <-chan struct{}) 
 	if err := s.sockets.SayReady(s.registrar.IDs()); err != nil {
 		s.log.Warn("cannot tell the sidecar being replaced that this one serves; stop it with SIGTERM", "error", err)
 	}
-	return nil
+	return true
 }
 
 // stop runs the graceful stop. Alone, in stages: not ready, then
