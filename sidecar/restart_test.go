@@ -2,6 +2,7 @@ package sidecar
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -15,9 +16,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
 	miekg "github.com/miekg/dns"
 
+	"attache/control/routes"
 	"attache/demo"
 	"attache/internal/handover"
 	"attache/internal/reuseport"
@@ -70,8 +73,8 @@ func (l *loadStats) String() string {
 // TestRestartUnderLoad replaces a running sidecar with a new one started
 // with the same configuration, under constant HTTP load through an upstream
 // listener (a new connection per request, and keep-alive connections whose
-// requests Go's client may not retry) and constant DNS queries over UDP and
-// TCP: the new one takes the sockets, serves once it has a view, the old
+// requests Go's client may not retry), through a gateway listener, and
+// constant DNS queries over UDP and TCP: the new one takes the sockets, serves once it has a view, the old
 // one hands over and exits on its own. Before it, a successor that fails
 // leaves the old one serving. No request fails and no query is lost; the
 // registration stays with the new one all along, and when the new one is
@@ -84,16 +87,28 @@ func TestRestartUnderLoad(t *testing.T) {
 	users := httptest.NewServer(demo.New("users", "users-1"))
 	defer users.Close()
 	svc := svcFile(t, "users", map[string]string{"users-1": users.Listener.Addr().String()})
-	admin, up, dnsAddr := freeAddr(t), freeAddr(t), freeAddr(t)
+	admin, up, dnsAddr, gw := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
 	dataDir := t.TempDir()
 	args := []string{"-admin", admin, "-consul", c.Clients[0].HTTPAddr, "-service", svc, "-data-dir", dataDir,
-		"-upstream", "users=" + up, "-dns", dnsAddr, "-drain-timeout", "5s"}
+		"-upstream", "users=" + up, "-dns", dnsAddr, "-gateway", gw, "-node", "gateway", "-drain-timeout", "5s"}
+	// Routes in KV, as the control service writes them: the gateway
+	// serves /users/.
+	keys := routes.NewKV("")
+	ver, _ := json.Marshal(routes.Version{Number: 1, Created: time.Now().UTC(), Source: "apply",
+		Document: "route \"users\" {\n  prefix  = \"/users/\"\n  service = \"users\"\n}\n"})
+	kv := c.Clients[0].API(t).KV()
+	for k, v := range map[string][]byte{keys.Version(1): ver, keys.Current(): []byte("1")} {
+		if _, err := kv.Put(&api.KVPair{Key: k, Value: v}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	doneA, errA, _ := startSidecar(t, "A", args...)
 	eventually(t, "A's /readyz 200", 20*time.Second, func() bool { code, _ := get(admin, "/readyz"); return code == 200 })
 	eventually(t, "users through A", 10*time.Second, func() bool { code, _ := get(up, "/x"); return code == 200 })
+	eventually(t, "users through A's gateway", 20*time.Second, func() bool { code, _ := get(gw, "/users/x"); return code == 200 })
 
-	var fresh, keep, udp, tcp loadStats
+	var fresh, keep, gateway, udp, tcp loadStats
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	deadline := time.Now().Add(60 * time.Second)
@@ -114,13 +129,13 @@ func TestRestartUnderLoad(t *testing.T) {
 			}()
 		}
 	}
-	httpLoad := func(st *loadStats, cl *http.Client, method string) func(int) {
+	httpLoad := func(st *loadStats, base string, cl *http.Client, method string) func(int) {
 		return func(i int) {
 			var body io.Reader
 			if method == http.MethodPost {
 				body = strings.NewReader("x")
 			}
-			req, _ := http.NewRequest(method, "http://"+up+"/items/"+fmt.Sprint(i), body)
+			req, _ := http.NewRequest(method, "http://"+base+"/items/"+fmt.Sprint(i), body)
 			// A body Go's client cannot rewind: it never retries the
 			// request, not even on a kept-alive connection closed under it.
 			req.GetBody = nil
@@ -138,8 +153,9 @@ func TestRestartUnderLoad(t *testing.T) {
 			}
 		}
 	}
-	loop(2, httpLoad(&fresh, &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}, http.MethodGet))
-	loop(2, httpLoad(&keep, &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{}}, http.MethodPost))
+	loop(2, httpLoad(&fresh, up, &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}, http.MethodGet))
+	loop(1, httpLoad(&gateway, gw+"/users", &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}, http.MethodGet))
+	loop(2, httpLoad(&keep, up, &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{}}, http.MethodPost))
 	dnsLoad := func(st *loadStats, net string) func(int) {
 		cl := &miekg.Client{Net: net, Timeout: 2 * time.Second}
 		return func(int) {
@@ -198,8 +214,8 @@ func TestRestartUnderLoad(t *testing.T) {
 	agent := c.Clients[0].API(t)
 	for i := 0; i < 10; i++ {
 		svcs, err := agent.Agent().Services()
-		if err != nil || svcs["users-1"] == nil || svcs["attache"] == nil {
-			t.Fatalf("after the handover the agent has %v (%v), want users-1 and attache", svcs, err)
+		if err != nil || svcs["users-1"] == nil || svcs["attache"] == nil || svcs["attache-gateway-gateway"] == nil {
+			t.Fatalf("after the handover the agent has %v (%v), want users-1, attache and attache-gateway-gateway", svcs, err)
 		}
 		if code, body := get(admin, "/readyz"); code != 200 {
 			t.Fatalf("/readyz after the handover: %d %s", code, body)
@@ -211,7 +227,7 @@ func TestRestartUnderLoad(t *testing.T) {
 	for _, l := range []struct {
 		name string
 		st   *loadStats
-	}{{"HTTP, a connection per request", &fresh}, {"HTTP, keep-alive, never retried", &keep}, {"DNS over UDP", &udp}, {"DNS over TCP", &tcp}} {
+	}{{"HTTP, a connection per request", &fresh}, {"HTTP, keep-alive, never retried", &keep}, {"gateway, a connection per request", &gateway}, {"DNS over UDP", &udp}, {"DNS over TCP", &tcp}} {
 		t.Logf("%s: %s", l.name, l.st)
 		if l.st.failed.Load() != 0 {
 			t.Errorf("%s: %s", l.name, l.st)

@@ -84,6 +84,7 @@ type Sockets struct {
 
 	mu        sync.Mutex
 	inherited map[string][]*os.File // from the predecessor, not taken yet
+	passed    map[string]bool       // the keys the predecessor passed sockets for
 	own       []owned               // what Listen and ListenPacket returned
 	peers     int                   // open handover connections: another process of this data dir is alive
 	pred      *net.UnixConn         // the connection to the predecessor, while open
@@ -103,7 +104,7 @@ func New(log hclog.Logger) *Sockets {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	return &Sockets{log: log.Named("handover"), inherited: map[string][]*os.File{},
+	return &Sockets{log: log.Named("handover"), inherited: map[string][]*os.File{}, passed: map[string]bool{},
 		conns: map[*net.UnixConn]bool{}, ready: make(chan Successor, 1)}
 }
 
@@ -151,6 +152,7 @@ func (s *Sockets) Take(ctx context.Context, path string) (int, error) {
 		case m.Op == "socket" && f != nil:
 			s.mu.Lock()
 			s.inherited[m.Key] = append(s.inherited[m.Key], f)
+			s.passed[m.Key] = true
 			s.mu.Unlock()
 			n++
 			continue
@@ -221,10 +223,18 @@ func (s *Sockets) Listen(ctx context.Context, network, address string) (net.List
 }
 
 // ListenPacket is Listen for UDP. Several sockets on one address (DNS binds
-// one per CPU) are passed and handed out in turn.
+// one per CPU) are passed and handed out in turn; once those are all taken,
+// no more is bound beside them: a socket of this process alone in the
+// predecessor's reuseport group would take a share of the datagrams, and
+// lose its queue if this process failed and closed it while the
+// predecessor goes on serving.
 func (s *Sockets) ListenPacket(ctx context.Context, network, address string) (net.PacketConn, error) {
 	key := network + " " + address
-	if f := s.take(key); f != nil {
+	f := s.take(key)
+	if f == nil && s.wasPassed(key) {
+		return nil, fmt.Errorf("handover: every socket passed for %s is taken; no more bound beside them", key)
+	}
+	if f != nil {
 		pc, err := net.FilePacketConn(f)
 		f.Close()
 		if err == nil {
@@ -239,6 +249,12 @@ func (s *Sockets) ListenPacket(ctx context.Context, network, address string) (ne
 	}
 	s.keep(key, pc)
 	return pc, nil
+}
+
+func (s *Sockets) wasPassed(key string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.passed[key]
 }
 
 func (s *Sockets) take(key string) *os.File {

@@ -74,13 +74,18 @@ func TestPass(t *testing.T) {
 		t.Fatalf("the successor did not accept the queued connection: %v", err)
 	}
 	ac.Close()
-	// Both UDP sockets on their one address.
-	for i := 0; i < 2; i++ {
-		pc, err := next.ListenPacket(ctx, "udp", udpAddr)
+	// Both UDP sockets, asked for as the owner asked (as DNS does: the
+	// configured address, then the bound one).
+	for i, a := range []string{"127.0.0.1:0", udpAddr} {
+		pc, err := next.ListenPacket(ctx, "udp", a)
 		if err != nil || pc.LocalAddr().String() != udpAddr {
 			t.Fatalf("UDP socket %d: %v %v", i, pc, err)
 		}
 		pc.Close()
+	}
+	if pc, err := next.ListenPacket(ctx, "udp", udpAddr); err == nil {
+		pc.Close()
+		t.Fatal("a third UDP socket bound beside the two passed")
 	}
 	udp1.Close()
 	udp2.Close()
