@@ -221,6 +221,14 @@ func (s *Sidecar) Run(ctx context.Context) error {
 	hpath := ""
 	if s.cfg.DataDir != "" {
 		hpath = filepath.Join(s.cfg.DataDir, handover.SocketFile)
+		if len(hpath) >= handover.MaxPath {
+			s.log.Warn("data dir path too long for the handover socket: restarts bind beside the running sidecar instead of taking its sockets", "path", hpath)
+			hpath = ""
+		}
+	}
+	if hpath != "" {
+		// A sidecar that is there but does not hand over stops this one:
+		// serving beside it, neither would know of the other.
 		if _, err := s.sockets.Take(ctx, hpath); err != nil {
 			return err
 		}
@@ -299,7 +307,10 @@ func (s *Sidecar) Run(ctx context.Context) error {
 			if !s.tellPredecessor(gctx, serving) {
 				return nil
 			}
-			return s.sockets.Serve(hctx, hpath)
+			if err := s.sockets.Serve(hctx, hpath); err != nil { // not fatal: this one serves all the same
+				s.log.Warn("no handover socket: a successor will bind beside this sidecar instead of taking its sockets", "error", err)
+			}
+			return nil
 		})
 		g.Go(func() error {
 			select {

@@ -54,6 +54,10 @@ import (
 // SocketFile is the name of the handover socket in the data directory.
 const SocketFile = "handover.sock"
 
+// MaxPath is the longest socket path a unix socket address holds, with its
+// terminating NUL (108 bytes on Linux).
+const MaxPath = 108
+
 // version of the protocol: a successor speaking another is refused.
 const version = 1
 
