@@ -109,7 +109,9 @@ func (r *Registrar) setStatus(s RegistrarStatus) {
 
 // sync registers every service the agent does not have, and once each one
 // it has that this process has not registered yet (a predecessor's, whose
-// definition may differ). One the agent
+// definition may differ; the agent keeps the status of a check registered
+// again unchanged — checked with Consul 1.14.8: passing stays passing — so
+// a successor's registration does not flap the node's services). One the agent
 // refuses (an ACL token without service:write on it) does not keep the
 // others from registering; every refusal is in the error, naming the rule.
 func (r *Registrar) sync(ctx context.Context) error {
