@@ -20,7 +20,7 @@
 //
 //	successor -> owner   {"op":"hello","version":1}
 //	owner -> successor   {"op":"socket","key":"tcp 127.0.0.1:9191"} + the descriptor (SCM_RIGHTS), one per socket
-//	owner -> successor   {"op":"end"}
+//	owner -> successor   {"op":"end"}   ({"op":"busy"} instead, to a second successor while one takes over)
 //	successor -> owner   {"op":"ready","services":[...]} once it serves
 //
 // The connection then stays open: while it is, each process knows the
@@ -160,6 +160,8 @@ func (s *Sockets) Take(ctx context.Context, path string) (int, error) {
 			s.mu.Unlock()
 			n++
 			continue
+		case m.Op == "busy":
+			return fail(errors.New("another successor is taking over from the running sidecar"))
 		case m.Op == "end" && f == nil:
 		default:
 			if f != nil {
@@ -369,8 +371,15 @@ func (s *Sockets) serveOne(c *net.UnixConn) {
 		return
 	}
 	s.mu.Lock()
+	busy := len(s.conns) > 0
 	own := append([]owned(nil), s.own...)
 	s.mu.Unlock()
+	if busy { // two successors would both serve, neither knowing of the other
+		s.log.Warn("handover refused: another successor is taking over", "pid", pid)
+		_ = send(c, msg{Op: "busy"}, nil)
+		c.Close()
+		return
+	}
 	n := 0
 	for _, o := range own {
 		f, err := o.f.File()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -54,6 +55,11 @@ func TestPass(t *testing.T) {
 		t.Fatal("Inherited false after a Take that passed sockets")
 	}
 	eventually(t, func() bool { return owner.Shared() && next.Shared() })
+
+	// A second successor while one takes over is refused.
+	if _, err := New(nil).Take(ctx, path); err == nil || !strings.Contains(err.Error(), "another successor") {
+		t.Fatalf("second Take = %v, want refused", err)
+	}
 
 	// The TCP listener, by the address the owner asked for.
 	ln2, err := next.Listen(ctx, "tcp", "127.0.0.1:0")
