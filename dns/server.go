@@ -406,22 +406,24 @@ const tcpFirstQueryWait = 2 * time.Second
 type lingerListener struct {
 	net.Listener
 	paused    atomic.Bool
-	fresh     atomic.Int64 // accepted connections not read from yet
+	parked    atomic.Bool  // the accept loop saw the pause
+	fresh     atomic.Int64 // accepted connections not answered yet
 	closed    chan struct{}
 	closeOnce sync.Once
 }
 
 func (l *lingerListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
-	if err != nil && l.paused.Load() {
-		<-l.closed // not accepting any more: miekg/dns's loop waits here for its shutdown
+	if err == nil {
+		l.fresh.Add(1)
+		return &firstRead{Conn: c, l: l}, nil
+	}
+	if l.paused.Load() {
+		l.parked.Store(true) // every connection accepted before is counted in fresh
+		<-l.closed           // not accepting any more: miekg/dns's loop waits here for its shutdown
 		return nil, net.ErrClosed
 	}
-	if err != nil {
-		return nil, err
-	}
-	l.fresh.Add(1)
-	return &firstRead{Conn: c, l: l}, nil
+	return nil, err
 }
 
 func (l *lingerListener) Close() error {
@@ -436,7 +438,9 @@ func (l *lingerListener) pause(max time.Duration) {
 	if tl, ok := l.Listener.(*net.TCPListener); ok {
 		_ = tl.SetDeadline(time.Unix(1, 0))
 	}
-	for end := time.Now().Add(max); l.fresh.Load() > 0 && time.Now().Before(end); {
+	// The accept loop parks first (a connection it accepted just before is
+	// counted by then), then the fresh connections get their answers.
+	for end := time.Now().Add(max); (!l.parked.Load() || l.fresh.Load() > 0) && time.Now().Before(end); {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
