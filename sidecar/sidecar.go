@@ -284,13 +284,25 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		})
 		close(serving)
 		// The serving listeners, proxy and DNS: one failing (an address in
-		// use) stops the other, so that Run returns its error at once.
-		srv, sctx := errgroup.WithContext(srvCtx)
+		// use) stops the other, so that Run returns its error at once —
+		// gently if another sidecar shares the sockets.
+		sctx, stopBoth := context.WithCancel(srvCtx)
+		defer stopBoth()
+		failed := func(err error) error {
+			if err != nil {
+				if s.sockets.Shared() {
+					s.lingerOnStop()
+				}
+				stopBoth()
+			}
+			return err
+		}
+		var srv errgroup.Group
 		if s.dns != nil {
-			srv.Go(func() error { return s.dns.Run(sctx) })
+			srv.Go(func() error { return failed(s.dns.Run(sctx)) })
 		}
 		if s.proxy != nil {
-			srv.Go(func() error { return s.proxy.Run(sctx) })
+			srv.Go(func() error { return failed(s.proxy.Run(sctx)) })
 		}
 		return srv.Wait()
 	})
@@ -389,12 +401,7 @@ func (s *Sidecar) stop(succ *handover.Successor, admin *http.Server, adminDone <
 			pid = succ.PID
 		}
 		s.registrar.Keep(keep)
-		if s.proxy != nil {
-			s.proxy.HandOver()
-		}
-		if s.dns != nil {
-			s.dns.HandOver()
-		}
+		s.lingerOnStop()
 		s.log.Info("handing over to the other sidecar: leaving the registration to it, draining the listeners", "pid", pid, "drain_timeout", s.cfg.DrainTimeout)
 		// The admin socket goes first: from now on the other sidecar
 		// answers /readyz there, and tells the truth for the node.
@@ -412,6 +419,18 @@ func (s *Sidecar) stop(succ *handover.Successor, admin *http.Server, adminDone <
 	stopSrv()
 	<-srvDone
 	shutdown(admin, adminDone)
+}
+
+// lingerOnStop makes the listeners' coming stop leave nothing behind for
+// the other sidecar serving the same sockets (see Proxy.HandOver and
+// dns.Server.HandOver).
+func (s *Sidecar) lingerOnStop() {
+	if s.proxy != nil {
+		s.proxy.HandOver()
+	}
+	if s.dns != nil {
+		s.dns.HandOver()
+	}
 }
 
 // shutdown stops the admin server (at most 5s for the requests under way).
