@@ -120,12 +120,15 @@ func TestUpgradeBySIGUSR2(t *testing.T) {
 	}
 	defer logFile.Close()
 	cmd.Stdout, cmd.Stderr = logFile, logFile
+	// Its own process group, which the successor inherits: the cleanup
+	// kills both even when the test ends before it learns the successor.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	var successor atomic.Int64
 	t.Cleanup(func() {
-		cmd.Process.Kill()
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		if p := successor.Load(); p > 0 {
 			syscall.Kill(int(p), syscall.SIGKILL)
 		}
