@@ -108,6 +108,18 @@ func runSidecar(ctx context.Context, args []string, stdout, stderr io.Writer) in
 			}
 		}
 	}()
+	// SIGUSR2: start a successor (the binary now at this path, same
+	// arguments), which takes over the sockets without dropping a request.
+	usr2 := make(chan os.Signal, 1)
+	signal.Notify(usr2, syscall.SIGUSR2)
+	defer signal.Stop(usr2)
+	go func() {
+		for range usr2 {
+			if _, err := s.StartSuccessor(); err != nil {
+				log.Error("SIGUSR2: no successor started", "error", err)
+			}
+		}
+	}()
 	if err := s.Run(ctx); err != nil {
 		log.Error("exiting", "error", err)
 		return 1

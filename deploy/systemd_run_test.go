@@ -25,7 +25,8 @@ import (
 // shipped, but for ExecStart's directory and the drop-in below) reaches
 // "active" through READY=1 once the sidecar serves, under its user and
 // sandbox; the watchdog (shortened to 4 s by a drop-in) restarts a stopped
-// sidecar; `systemctl stop` deregisters it; attache-control.service serves.
+// sidecar; SIGUSR2 upgrades it in place (a new main process, no restart);
+// `systemctl stop` deregisters it; attache-control.service serves.
 //
 // Skipped, with one line, where no Docker engine answers or systemd does not
 // boot in a container. The drop-in also sets PrivateUsers=no: a container
@@ -219,6 +220,38 @@ systemctl daemon-reload`)
 	if out := must("journalctl -u attache-sidecar --no-pager"); !strings.Contains(out, "Watchdog timeout") {
 		t.Errorf("no watchdog timeout in the journal")
 	}
+
+	// Upgrade in place: SIGUSR2 to the main process starts a successor (the
+	// binary at the same path), which takes the sockets; the old one names
+	// it the main process (MAINPID=) and exits. The unit stays active, is
+	// not restarted, and the watchdog (4 s) follows the new process.
+	pid = must("systemctl show -p MainPID --value attache-sidecar")
+	restarts := must("systemctl show -p NRestarts --value attache-sidecar")
+	must("kill -USR2 " + pid)
+	upgraded := ""
+	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
+		out, _ := sh("systemctl show -p MainPID --value attache-sidecar; systemctl is-active attache-sidecar; kill -0 " + pid + " 2>/dev/null && echo old-alive || echo old-gone")
+		if f := strings.Fields(out); len(f) == 3 && f[0] != pid && f[0] != "0" && f[1] == "active" && f[2] == "old-gone" {
+			upgraded = f[0]
+			break
+		}
+	}
+	if upgraded == "" {
+		out, _ := sh("systemctl status attache-sidecar --no-pager; journalctl -u attache-sidecar --no-pager | tail -30")
+		t.Fatalf("SIGUSR2 did not hand the unit over to a new main process within 60s:\n%s", out)
+	}
+	time.Sleep(10 * time.Second) // two and a half watchdog timeouts
+	if out := must("systemctl show -p MainPID --value attache-sidecar; systemctl is-active attache-sidecar; systemctl show -p NRestarts --value attache-sidecar; curl -s -o /dev/null -w '%{http_code}' 127.0.0.1:19001/readyz"); out != upgraded+"\nactive\n"+restarts+"\n200" {
+		t.Errorf("10s after the upgrade: %q, want MainPID %s, active, %s restarts, /readyz 200", out, upgraded, restarts)
+	}
+	if out := must("dig @127.0.0.1 -p 8653 +short attache.service.consul"); out != "127.0.0.1" {
+		t.Errorf("DNS through the upgraded sidecar: %q", out)
+	}
+	// systemd took the successor as an adopted ("alien") main process; on
+	// the legacy cgroup hierarchy inside a container (here) it would not
+	// wait for such a process to stop, and SIGKILLs it at once.
+	// daemon-reload re-reads the main PID, now systemd's own child.
+	must("systemctl daemon-reload")
 
 	// Stop: it deregisters from the agent.
 	must("systemctl stop attache-sidecar")

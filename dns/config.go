@@ -12,6 +12,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	miekg "github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"attache/internal/reuseport"
 )
 
 // Config configures the DNS server. DefaultConfig returns every default.
@@ -72,10 +74,13 @@ type Config struct {
 	WantTimeout time.Duration
 
 	// UDPSockets is the number of UDP sockets bound to Addr, with
-	// SO_REUSEPORT (Linux) when more than one, each read by its own
-	// goroutine. Default 0: one per GOMAXPROCS (which follows a container's
-	// CPU limit).
+	// SO_REUSEPORT (Linux), each read by its own goroutine. Default 0: one
+	// per GOMAXPROCS (which follows a container's CPU limit).
 	UDPSockets int
+	// Binder binds the sockets (UDP and TCP alike with SO_REUSEPORT).
+	// Default nil: reuseport.Plain; the sidecar passes its
+	// handover.Sockets, which hands out a predecessor's sockets first.
+	Binder reuseport.Binder
 
 	// RateLimit is the queries per second each client address may send;
 	// beyond it (after RateBurst) queries are answered REFUSED. Default 0:

@@ -27,6 +27,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	miekg "github.com/miekg/dns"
 
+	"attache/internal/reuseport"
 	"attache/sidecar/catalog"
 )
 
@@ -68,7 +69,9 @@ type Server struct {
 	readyOnce sync.Once
 	mu        sync.Mutex
 	addr      string
-	udpConns  int // UDP sockets bound by Run
+	udpConns  int         // UDP sockets bound by Run
+	draining  atomic.Bool // Run is stopping: a read's timeout ends its reader
+	linger    atomic.Bool // HandOver was called
 }
 
 // tuning is the part of the configuration a reload may change (TTLs,
@@ -340,9 +343,11 @@ func (s *Server) Addr() string {
 	return s.addr
 }
 
-// Run binds UDP (UDPSockets sockets, with SO_REUSEPORT when more than one)
-// and TCP on Addr and serves until ctx ends; it returns after closing the
-// sockets and waiting for the serving goroutines (the slow path's too).
+// Run binds UDP (UDPSockets sockets) and TCP on Addr, all with
+// SO_REUSEPORT (or takes them from Binder), and serves until ctx ends. Then
+// it stops reading, answers every query it has read, and only then closes
+// the sockets: a datagram still queued stays in the socket for whoever
+// else has it (a successor that took it over, see internal/handover).
 func (s *Server) Run(ctx context.Context) error {
 	pcs, ln, err := s.listen(ctx)
 	if err != nil {
@@ -354,7 +359,8 @@ func (s *Server) Run(ctx context.Context) error {
 	s.mu.Unlock()
 
 	invalid := func(_ []byte, err error) { s.m.malformed.Inc(); s.log.Trace("malformed query", "error", err) }
-	tcp := &miekg.Server{Listener: ln, Handler: s, MsgInvalidFunc: invalid,
+	hl := &lingerListener{Listener: ln, closed: make(chan struct{})}
+	tcp := &miekg.Server{Listener: hl, Handler: s, MsgInvalidFunc: invalid,
 		ReadTimeout: 5 * time.Second, WriteTimeout: 5 * time.Second, IdleTimeout: func() time.Duration { return 10 * time.Second }}
 
 	errc := make(chan error, len(pcs)+1)
@@ -393,30 +399,113 @@ func (s *Server) Run(ctx context.Context) error {
 	case err := <-errc:
 		runErr = fmt.Errorf("dns: serve on %s: %w", s.Addr(), err)
 	}
+	if s.linger.Load() {
+		hl.pause(tcpFirstQueryWait)
+	}
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := tcp.ShutdownContext(sctx); err != nil && !errors.Is(err, context.Canceled) {
 		s.log.Debug("shutdown", "error", err)
 	}
-	// Closing a socket ends its reader's read; the slow path's goroutines
-	// end on their own (a write to a closed socket fails).
+	// A read deadline in the past ends each reader's read once it has
+	// answered what it read; the slow path's answers are written before
+	// the sockets close too.
+	s.draining.Store(true)
+	for _, pc := range pcs {
+		_ = pc.SetReadDeadline(time.Unix(1, 0))
+	}
+	wg.Wait()
+	slow.Wait()
 	for _, pc := range pcs {
 		pc.Close()
 	}
 	ln.Close()
-	wg.Wait()
-	slow.Wait()
 	return runErr
+}
+
+// HandOver makes the coming stop (Run's ctx ending) gentler on TCP, for
+// when a successor process serves the same sockets (internal/handover): the
+// listener stops accepting without closing (what is queued stays for the
+// successor), and each connection accepted has its first query answered
+// before the server shuts down (up to tcpFirstQueryWait): a client writes
+// its query right after connecting, and a connection closed before it is
+// read would lose it. UDP needs nothing more than every stop does.
+func (s *Server) HandOver() { s.linger.Store(true) }
+
+// tcpFirstQueryWait bounds the wait for accepted TCP connections' first
+// query when handing over.
+const tcpFirstQueryWait = 2 * time.Second
+
+// lingerListener is the TCP listener as miekg/dns's server sees it: pause
+// stops accepting without closing the socket, and waits for the
+// connections accepted to have their first query answered.
+type lingerListener struct {
+	net.Listener
+	paused    atomic.Bool
+	parked    atomic.Bool  // the accept loop saw the pause
+	fresh     atomic.Int64 // accepted connections not answered yet
+	closed    chan struct{}
+	closeOnce sync.Once
+}
+
+func (l *lingerListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.fresh.Add(1)
+		return &firstRead{Conn: c, l: l}, nil
+	}
+	if l.paused.Load() {
+		l.parked.Store(true) // every connection accepted before is counted in fresh
+		<-l.closed           // not accepting any more: miekg/dns's loop waits here for its shutdown
+		return nil, net.ErrClosed
+	}
+	return nil, err
+}
+
+func (l *lingerListener) Close() error {
+	l.closeOnce.Do(func() { close(l.closed) })
+	return l.Listener.Close()
+}
+
+// pause stops accepting (a deadline in the past ends the Accept under way)
+// and waits up to max for the fresh connections' first answers.
+func (l *lingerListener) pause(max time.Duration) {
+	l.paused.Store(true)
+	if tl, ok := l.Listener.(*net.TCPListener); ok {
+		_ = tl.SetDeadline(time.Unix(1, 0))
+	}
+	// The accept loop parks first (a connection it accepted just before is
+	// counted by then), then the fresh connections get their answers.
+	for end := time.Now().Add(max); (!l.parked.Load() || l.fresh.Load() > 0) && time.Now().Before(end); {
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// firstRead counts its connection fresh until its first answer is
+// written (miekg/dns reads a query in two reads, length then message: the
+// shutdown's read deadline between them would lose it).
+type firstRead struct {
+	net.Conn
+	l    *lingerListener
+	once sync.Once
+}
+
+func (c *firstRead) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	c.once.Do(func() { c.l.fresh.Add(-1) })
+	return n, err
+}
+
+func (c *firstRead) Close() error {
+	c.once.Do(func() { c.l.fresh.Add(-1) })
+	return c.Conn.Close()
 }
 
 // listen binds the UDP sockets and the TCP listener on the same port. With
 // port 0 it retries a few times when TCP's twin port is taken.
 func (s *Server) listen(ctx context.Context) ([]*net.UDPConn, net.Listener, error) {
 	host, port, _ := net.SplitHostPort(s.cfg.Addr)
-	lc := net.ListenConfig{}
-	if s.cfg.UDPSockets > 1 {
-		lc.Control = reusePort
-	}
+	lc := reuseport.Or(s.cfg.Binder)
 	tries := 1
 	if port == "0" {
 		tries = 10
@@ -428,7 +517,7 @@ func (s *Server) listen(ctx context.Context) ([]*net.UDPConn, net.Listener, erro
 			return nil, nil, fmt.Errorf("dns: listen on udp %s: %w", s.cfg.Addr, err)
 		}
 		bound := net.JoinHostPort(host, strconv.Itoa(first.LocalAddr().(*net.UDPAddr).Port))
-		ln, err := (&net.ListenConfig{}).Listen(ctx, "tcp", bound)
+		ln, err := lc.Listen(ctx, "tcp", bound)
 		if err != nil {
 			first.Close()
 			lastErr = fmt.Errorf("dns: listen on tcp %s: %w", bound, err)

@@ -81,7 +81,7 @@ func (u *udpServer) serve() error {
 			n, from, err = u.conn.ReadFromUDPAddrPort(buf)
 		}
 		if err != nil {
-			if done, err := readError(err); done {
+			if done, err := u.readError(err); done {
 				return err
 			}
 			continue
@@ -110,7 +110,7 @@ func (u *udpServer) serveBatches(b *batchConn) error {
 	for {
 		n, err := b.read()
 		if err != nil {
-			if done, err := readError(err); done {
+			if done, err := u.readError(err); done {
 				return err
 			}
 			continue
@@ -138,7 +138,7 @@ func (u *udpServer) serveBatches(b *batchConn) error {
 			}
 		}
 		if err := b.flush(); err != nil {
-			if done, err := readError(err); done {
+			if done, err := u.readError(err); done {
 				return err
 			}
 		}
@@ -146,14 +146,15 @@ func (u *udpServer) serveBatches(b *batchConn) error {
 }
 
 // readError says whether an error of a read ends the loop (the socket was
-// closed: no error to report) or is passed over (a timeout).
-func readError(err error) (bool, error) {
+// closed, or Run is stopping: no error to report) or is passed over (a
+// timeout).
+func (u *udpServer) readError(err error) (bool, error) {
 	if errors.Is(err, net.ErrClosed) {
 		return true, nil
 	}
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {
-		return false, nil
+		return u.s.draining.Load(), nil
 	}
 	return true, err
 }

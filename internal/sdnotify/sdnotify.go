@@ -14,6 +14,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -43,6 +45,7 @@ type Notifier struct {
 	cfg      Config
 	log      hclog.Logger
 	watchdog time.Duration // the manager's watchdog timeout; 0: off
+	handed   atomic.Bool   // HandOver was called: no STOPPING=1
 }
 
 // New reads the watchdog settings from the environment; a malformed
@@ -95,12 +98,27 @@ func (n *Notifier) Run(ctx context.Context) error {
 		}
 		select {
 		case <-ctx.Done():
-			n.send(daemon.SdNotifyStopping)
+			if !n.handed.Load() {
+				n.send(daemon.SdNotifyStopping)
+			}
 			return nil
 		case <-poll.C:
 		case <-ping:
 			n.send(daemon.SdNotifyWatchdog)
 		}
+	}
+}
+
+// HandOver tells the service manager that the successor process pid (a new
+// attache started to replace this one, see internal/handover) is the
+// service's main process from now on (MAINPID=; pid 0: unknown, not
+// sent), and leaves STOPPING=1 out when this one ends: the service goes on.
+// systemd takes MAINPID= from the main process (NotifyAccess=main), for a
+// process of the service's own control group.
+func (n *Notifier) HandOver(pid int) {
+	n.handed.Store(true)
+	if pid > 0 {
+		n.send("MAINPID=" + strconv.Itoa(pid))
 	}
 }
 

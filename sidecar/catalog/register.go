@@ -25,6 +25,8 @@ type Registrar struct {
 
 	mu     sync.Mutex
 	status RegistrarStatus
+	mine   map[string]bool      // IDs this process has registered (with its definition) since it started
+	keep   func(id string) bool // set by Keep: IDs to leave registered on shutdown
 }
 
 // RegistrarStatus tells /readyz whether registration has succeeded.
@@ -40,7 +42,24 @@ func NewRegistrar(client *api.Client, regs []*api.AgentServiceRegistration, resy
 	if resync <= 0 {
 		resync = 10 * time.Second
 	}
-	return &Registrar{agent: client.Agent(), regs: regs, log: log.Named("register"), resync: resync}
+	return &Registrar{agent: client.Agent(), regs: regs, log: log.Named("register"), resync: resync, mine: map[string]bool{}}
+}
+
+// IDs returns the IDs of the services it registers.
+func (r *Registrar) IDs() []string {
+	ids := make([]string, len(r.regs))
+	for i, reg := range r.regs {
+		ids[i] = reg.ID
+	}
+	return ids
+}
+
+// Keep makes the shutdown leave the services keep returns true for
+// registered: a successor process registered them and serves them.
+func (r *Registrar) Keep(keep func(id string) bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.keep = keep
 }
 
 // Status returns the registration state.
@@ -88,7 +107,11 @@ func (r *Registrar) setStatus(s RegistrarStatus) {
 	r.status = s
 }
 
-// sync registers every service the agent does not have. One the agent
+// sync registers every service the agent does not have, and once each one
+// it has that this process has not registered yet (a predecessor's, whose
+// definition may differ; the agent keeps the status of a check registered
+// again unchanged — checked with Consul 1.14.8: passing stays passing — so
+// a successor's registration does not flap the node's services). One the agent
 // refuses (an ACL token without service:write on it) does not keep the
 // others from registering; every refusal is in the error, naming the rule.
 func (r *Registrar) sync(ctx context.Context) error {
@@ -98,7 +121,10 @@ func (r *Registrar) sync(ctx context.Context) error {
 	}
 	var errs []error
 	for _, reg := range r.regs {
-		if _, ok := have[reg.ID]; ok {
+		r.mu.Lock()
+		mine := r.mine[reg.ID]
+		r.mu.Unlock()
+		if _, ok := have[reg.ID]; ok && mine {
 			continue
 		}
 		opts := api.ServiceRegisterOpts{ReplaceExistingChecks: true}.WithContext(ctx)
@@ -106,13 +132,23 @@ func (r *Registrar) sync(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("register %s: %w", reg.ID, consulacl.Wrap(err)))
 			continue
 		}
+		r.mu.Lock()
+		r.mine[reg.ID] = true
+		r.mu.Unlock()
 		r.log.Info("registered", "service", reg.Name, "id", reg.ID)
 	}
 	return errors.Join(errs...)
 }
 
 func (r *Registrar) deregister() {
+	r.mu.Lock()
+	keep := r.keep
+	r.mu.Unlock()
 	for _, reg := range r.regs {
+		if keep != nil && keep(reg.ID) {
+			r.log.Info("left registered for the successor", "id", reg.ID)
+			continue
+		}
 		if err := r.agent.ServiceDeregister(reg.ID); err != nil {
 			r.log.Warn("deregister failed", "id", reg.ID, "error", consulacl.Wrap(err))
 			continue

@@ -645,6 +645,18 @@ func (l *evLoop) drain() bool {
 	if l.now.UnixNano() >= l.graceEnd.Load() {
 		return true
 	}
+	if l.p.linger.Load() {
+		// Handing over (see Proxy.HandOver): an idle client may be
+		// sending its next request right now, and closing its connection
+		// would fail that request. Each is answered one more request,
+		// with Connection: close, or closes first, or the grace ends.
+		for _, c := range l.clients {
+			if c != nil {
+				return false
+			}
+		}
+		return true
+	}
 	for _, c := range l.clients {
 		if c != nil && !c.busy {
 			l.closeClient(c)
@@ -854,7 +866,7 @@ func (l *evLoop) readClient(c *evConn) {
 func (l *evLoop) serve(c *evConn) {
 	p := l.p
 	for !c.busy && l.clients[c.fd] == c {
-		if l.s.closing.Load() {
+		if l.s.closing.Load() && (!l.p.linger.Load() || c.eof && c.n == 0) {
 			l.closeClient(c)
 			return
 		}

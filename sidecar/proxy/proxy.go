@@ -29,6 +29,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"attache/internal/reuseport"
 	"attache/sidecar/breaker"
 	"attache/sidecar/catalog"
 
@@ -52,6 +53,10 @@ type Config struct {
 	HTTPProxyAddr string   // "" disables the HTTP proxy listener
 	Balancer      Balancer // default LeastRequest
 	Domain        string   // DNS domain for http-proxy hosts, default "consul"
+	// Binder binds every listener with SO_REUSEPORT; default nil:
+	// reuseport.Plain (the sidecar passes its handover.Sockets, which
+	// hands out a predecessor's listeners first).
+	Binder reuseport.Binder
 
 	ConnectTimeout time.Duration // dial timeout per attempt, default 1s
 	TryTimeout     time.Duration // per try, until the whole answer is read, default 5s
@@ -212,6 +217,7 @@ type Proxy struct {
 
 	connsMu sync.Mutex
 	conns   map[net.Conn]struct{} // tunnelled connections, closed on shutdown
+	linger  atomic.Bool           // HandOver: the stop lingers for idle clients' next requests
 	closing bool
 	tunnels sync.WaitGroup
 }
@@ -346,6 +352,18 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 	return p, nil
 }
 
+// HandOver makes the coming stop (Run's ctx ending) linger, for when a
+// successor process serves the same listening sockets (internal/handover):
+// the event loops stop accepting at once but close no idle client
+// connection; each is answered its next request, with Connection: close,
+// until the client closes it or ShutdownGraceTime ends. A client of the
+// keep-alive kind that sends its next request just as an idle connection
+// closes sees it fail, and nothing hurries this stop: the successor serves
+// every new connection. The fast path's goroutines (-noloop, and off Linux)
+// linger the same way; a connection handed to fasthttp (a chunked request
+// body, say) still has its idle time cut short.
+func (p *Proxy) HandOver() { p.linger.Store(true) }
+
 // Run binds every listener (an error names the address), serves until ctx
 // ends, then stops them all and returns when everything has stopped.
 func (p *Proxy) Run(ctx context.Context) error {
@@ -368,7 +386,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 			b.ln.Close()
 		}
 	}
-	var lc net.ListenConfig
+	lc := reuseport.Or(p.cfg.Binder)
 	for _, u := range p.cfg.Upstreams {
 		ln, err := lc.Listen(ctx, "tcp", u.Addr)
 		if err != nil {

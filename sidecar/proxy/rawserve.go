@@ -74,8 +74,10 @@ func (s *rawServer) start(rc *rawConn, refuse bool) {
 func (s *rawServer) shutdown(grace time.Duration) {
 	s.mu.Lock()
 	s.closing.Store(true)
-	for rc := range s.conns {
-		_ = rc.c.SetReadDeadline(time.Now()) // wakes connections waiting for a request
+	if !s.p.linger.Load() { // handing over, each is answered its next request (see Proxy.HandOver)
+		for rc := range s.conns {
+			_ = rc.c.SetReadDeadline(time.Now()) // wakes connections waiting for a request
+		}
 	}
 	s.mu.Unlock()
 	done := make(chan struct{})
@@ -229,7 +231,7 @@ func (rc *rawConn) readMore(d time.Time, slack time.Duration) bool {
 			return false
 		}
 	}
-	if rc.s.closing.Load() {
+	if rc.s.closing.Load() && !rc.s.p.linger.Load() {
 		return false
 	}
 	m, err := rc.c.Read(rc.buf[rc.n:])

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"attache/internal/reuseport"
 )
 
 // live are the proxy settings a reload may change that requests read:
@@ -157,7 +159,7 @@ func (p *Proxy) Update(cfg Config) error {
 			ln.Close()
 		}
 	}
-	var lc net.ListenConfig
+	lc := reuseport.Or(p.cfg.Binder) // SO_REUSEPORT, and known to the handover (a successor gets them too)
 	stopped := map[string]bool{}
 	for _, key := range start {
 		addr := want[key].addr
