@@ -71,13 +71,15 @@ rss_kb() {
 # idle_row LABEL ADDR HOST PIDS...: IDLE keep-alive clients ($BENCH/idleconns)
 # each make one request to ADDR (Host: HOST, path /users/) and stay open;
 # prints a table row: RSS of PIDS before and with them, KiB per idle
-# client, and the requests/s of wrk $WRK_ARGS to /users/ meanwhile.
+# client, and the requests/s of wrk $WRK_ARGS to /users/ meanwhile (the
+# median of IDLE_WRK_ROUNDS, 3, runs). IDLE_TLS=1: over TLS (HTTP/1.1).
 idle_row() {
-	local label=$1 addr=$2 host=$3 before after rps line
+	local label=$1 addr=$2 host=$3 before after rps line scheme=http tlsflag="" i
 	shift 3
+	if [[ ${IDLE_TLS:-} == 1 ]]; then scheme=https tlsflag=-tls; fi
 	sleep 1
 	before=$(rss_kb "$@")
-	coproc IDLEC { exec "$BENCH/idleconns" -addr "$addr" -n "$IDLE" -host "$host" 2>&1; }
+	coproc IDLEC { exec "$BENCH/idleconns" -addr "$addr" -n "$IDLE" -host "$host" $tlsflag 2>&1; }
 	local cpid=$IDLEC_PID
 	if ! read -r line <&"${IDLEC[0]}" || [[ $line != ready* ]]; then
 		echo "| $label | failed: $line | | |"
@@ -87,7 +89,9 @@ idle_row() {
 	fi
 	sleep 2
 	after=$(rss_kb "$@")
-	rps=$(wrk $WRK_ARGS -H "Host: $host" "http://$addr/users/" | awk '/^Requests\/sec/ {print $2}')
+	rps=$(for ((i = 0; i < ${IDLE_WRK_ROUNDS:-3}; i++)); do
+		wrk $WRK_ARGS -H "Host: $host" "$scheme://$addr/users/" | awk '/^Requests\/sec/ {print $2}'
+	done | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
 	exec {IDLEC[1]}>&-
 	wait "$cpid" 2>/dev/null || true
 	awk -v l="$label" -v b="$before" -v a="$after" -v n="$IDLE" -v r="$rps" \

@@ -182,6 +182,8 @@ type Proxy struct {
 	dialer    net.Dialer
 	fallbacks map[string]*fallback
 	acc       *accessLog // nil: no access log
+	parker    *parker    // idle connections of the goroutine path (Linux; nil elsewhere), while Run runs
+	parkAfter time.Duration
 
 	mu      sync.Mutex
 	targets map[string]*target
@@ -265,6 +267,7 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 		dialer:    net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second},
 	}
 	p.slack = cfg.TryTimeout / 32
+	p.parkAfter = defaultParkAfter
 	for _, s := range cfg.RetryStatuses {
 		if s >= 100 && s < 600 {
 			p.retryOn[s] = true
@@ -349,6 +352,13 @@ func (p *Proxy) Run(ctx context.Context) error {
 		all = append(all, bound{ln: ln, gw: g, key: gatewayKey(i)})
 	}
 
+	if k, err := newParker(min(max(p.cfg.IdleTimeout/8, 10*time.Millisecond), time.Second)); err == nil {
+		p.parker = k
+		go k.run()
+		defer k.close() // after every server has stopped (wg.Wait below)
+	} else {
+		p.log.Debug("idle connections of the goroutine path keep their goroutine", "reason", err)
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
