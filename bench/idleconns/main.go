@@ -7,6 +7,7 @@ package main
 
 import (
 	"bufio"
+	"crypto/tls"
 	"flag"
 	"fmt"
 	"io"
@@ -24,7 +25,12 @@ func main() {
 	path := flag.String("path", "/users/", "request path")
 	hold := flag.Duration("hold", 10*time.Minute, "hold the connections at most this long")
 	par := flag.Int("parallel", 64, "connections opened at once")
+	useTLS := flag.Bool("tls", false, "connect over TLS (HTTP/1.1 by ALPN; the certificate is not checked)")
 	flag.Parse()
+	var tc *tls.Config
+	if *useTLS {
+		tc = &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}, ClientSessionCache: tls.NewLRUClientSessionCache(1)}
+	}
 	req := fmt.Sprintf("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n", *path, *host)
 	conns := make([]net.Conn, *n)
 	var wg sync.WaitGroup
@@ -38,7 +44,7 @@ func main() {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			c, err := open(*addr, req)
+			c, err := open(*addr, req, tc)
 			if err != nil {
 				mu.Lock()
 				failed++
@@ -71,11 +77,15 @@ func main() {
 	}
 }
 
-// open connects, sends req and reads its answer; the connection stays open.
-func open(addr, req string) (net.Conn, error) {
+// open connects (over TLS with tc), sends req and reads its answer; the
+// connection stays open.
+func open(addr, req string, tc *tls.Config) (net.Conn, error) {
 	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
 	if err != nil {
 		return nil, err
+	}
+	if tc != nil {
+		c = tls.Client(c, tc)
 	}
 	c.SetDeadline(time.Now().Add(30 * time.Second))
 	if _, err := io.WriteString(c, req); err != nil {

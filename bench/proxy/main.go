@@ -9,9 +9,12 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"flag"
 	"fmt"
 	"net"
+	"net/http"
+	_ "net/http/pprof"
 	"os"
 	"os/signal"
 	"runtime/pprof"
@@ -63,7 +66,15 @@ func main() {
 	loops := flag.Int("loops", 0, "event loops for the listeners (0: the default)")
 	accessLog := flag.String("access-log", "", "write the access log of every listener to this file (\"\": none), to measure its cost")
 	minimal := flag.Bool("minimal", false, "instead of attache, run a minimal fasthttp reverse proxy on -upstream (a reference for profiling)")
+	gw := flag.String("gateway", "", "a plain gateway listener routing every request to -service (\"\" for none)")
+	gwTLS := flag.String("gateway-tls", "", "a TLS gateway listener routing every request to -service (\"\" for none; needs -cert and -key)")
+	cert := flag.String("cert", "", "certificate (PEM) of -gateway-tls")
+	key := flag.String("key", "", "its key (PEM)")
+	pprofAddr := flag.String("pprof", "", "serve net/http/pprof on this address (\"\" for none)")
 	flag.Parse()
+	if *pprofAddr != "" {
+		go func() { _ = http.ListenAndServe(*pprofAddr, nil) }()
+	}
 	if *minimal {
 		if *cpuprofile != "" {
 			f, err := os.Create(*cpuprofile)
@@ -84,13 +95,30 @@ func main() {
 		}
 		return
 	}
-	if err := run(*service, *backends, *upstream, *httpProxy, *balancer, *cpuprofile, *noH2, *noFast, *noLoop, *loops, *accessLog); err != nil {
+	var gws []proxy.GatewayListener
+	if *gw != "" {
+		gws = append(gws, proxy.GatewayListener{Addr: *gw, Router: toService(*service)})
+	}
+	if *gwTLS != "" {
+		c, err := tls.LoadX509KeyPair(*cert, *key)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench/proxy:", err)
+			os.Exit(1)
+		}
+		gws = append(gws, proxy.GatewayListener{Addr: *gwTLS, Router: toService(*service), TLS: &tls.Config{Certificates: []tls.Certificate{c}}})
+	}
+	if err := run(*service, *backends, *upstream, *httpProxy, *balancer, *cpuprofile, *noH2, *noFast, *noLoop, *loops, *accessLog, gws); err != nil {
 		fmt.Fprintln(os.Stderr, "bench/proxy:", err)
 		os.Exit(1)
 	}
 }
 
-func run(service, backends, upstream, httpProxy, balancer, cpuprofile string, noH2, noFast, noLoop bool, loops int, accessLog string) error {
+// toService is a Router sending every request to one service.
+type toService string
+
+func (s toService) Route(*proxy.Head) proxy.Decision { return proxy.Decision{Service: string(s)} }
+
+func run(service, backends, upstream, httpProxy, balancer, cpuprofile string, noH2, noFast, noLoop bool, loops int, accessLog string, gws []proxy.GatewayListener) error {
 	snap := &catalog.Snapshot{
 		Services: map[string]*catalog.Service{},
 		Nodes:    map[string]*catalog.Node{},
@@ -121,7 +149,7 @@ func run(service, backends, upstream, httpProxy, balancer, cpuprofile string, no
 	if err != nil {
 		return err
 	}
-	cfg := proxy.Config{HTTPProxyAddr: httpProxy, Balancer: bal, Logger: log, Registerer: reg, DisableHTTP2: noH2, DisableFastPath: noFast, DisableEventLoop: noLoop, EventLoops: loops}
+	cfg := proxy.Config{HTTPProxyAddr: httpProxy, Balancer: bal, Logger: log, Registerer: reg, DisableHTTP2: noH2, DisableFastPath: noFast, DisableEventLoop: noLoop, EventLoops: loops, Gateways: gws}
 	if accessLog != "" {
 		f, err := os.OpenFile(accessLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
 		if err != nil {

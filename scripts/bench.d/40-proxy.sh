@@ -108,13 +108,13 @@ idle_table() {
 		go build -o "$BENCH/idleconns" ./bench/idleconns
 		echo
 		echo "Idle keep-alive clients: $IDLE connections that each made one request, held open while wrk $WRK_ARGS runs beside them"
-		echo "(the HTTP proxy row comes second in the same process, which reuses the memory the first row's clients left: read its growth as a lower bound):"
+		echo "(nginx's and the upstream listener's held at once, wrk taking turns between them, medians of ${IDLE_WRK_ROUNDS:-3} runs; the HTTP proxy row comes"
+		echo "after them in the same process, which reuses the memory the upstream row's clients left: read its growth as a lower bound):"
 		echo
 		echo "| target | RSS before MiB | RSS with them MiB | KiB per idle client | requests/s meanwhile |"
 		echo "|---|---:|---:|---:|---:|"
-		idle_row nginx "$NGINX" users $(pids_of "nginx -c $BENCH/proxy-nginx")
-		idle_row attache-upstream "$UPSTREAM" users "$ATTACHE_PID"
-		idle_row attache-http-proxy "$HTTPPROXY" users.service.consul "$ATTACHE_PID"
+		idle_rows nginx "$NGINX" users "$(pids_of "nginx -c $BENCH/proxy-nginx")" attache-upstream "$UPSTREAM" users "$ATTACHE_PID"
+		idle_rows attache-http-proxy "$HTTPPROXY" users.service.consul "$ATTACHE_PID"
 	else
 		echo
 		echo "(idle clients skipped: ulimit -n $(ulimit -n) is too low for IDLE_CLIENTS=$IDLE)"

@@ -14,7 +14,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 B1=127.0.5.1:8081 B2=127.0.5.2:8081 B3=127.0.5.3:8081 B4=127.0.5.4:8081
-NGINX=127.0.5.10 GW1=127.0.5.12 GW2=127.0.5.13 CONSUL=127.0.5.20
+NGINX=127.0.5.10 NGINX2=127.0.5.11 GW1=127.0.5.12 GW2=127.0.5.13 CONSUL=127.0.5.20
 D="$BENCH/gateway"
 rm -rf "$D"
 mkdir -p "$D/nginx" "$D/tls"
@@ -120,11 +120,14 @@ wait_for "backend" 10 curl -fsS "http://$B1/users/"
 wait_for "nginx" 10 curl -fsS "http://$NGINX:8080/users/"
 wait_for "attache gateway" 20 curl -fsS "http://$GW1:8080/users/1"
 wait_for "attache gateway over TLS" 20 curl -fsS --cacert "$D/tls/ca.crt" "https://$GW1:8443/users/1"
+wait_for "second gateway over TLS" 20 curl -fsSk "https://$GW2:8443/users/1"
 
 # Idle keep-alive clients on fresh processes, before the load rounds (as in
-# the proxy part): IDLE_CLIENTS (10,000) plain-HTTP connections to /users/
-# each make one request and stay open; RSS growth per client, nginx (master
-# and workers, the seed's block) against the gateway's plain listener.
+# the proxy part): IDLE_CLIENTS (10,000) connections to /users/ each make
+# one request and stay open; RSS growth per client, nginx (master and
+# workers, the seed's block) against the gateway's plain listener, then a
+# second nginx (the same block on NGINX2) against the second gateway's TLS
+# listener (HTTP/1.1 by ALPN), both fresh.
 IDLE=${IDLE_CLIENTS:-10000}
 WRK_ARGS=${WRK_ARGS:--t2 -c64 -d6s}
 idle_out=""
@@ -133,8 +136,15 @@ if ((IDLE > 0)) && (($(ulimit -n) > IDLE + 1000)); then
 	idle_out=$(
 		echo "| target | RSS before MiB | RSS with them MiB | KiB per idle client | requests/s meanwhile |"
 		echo "|---|---:|---:|---:|---:|"
-		idle_row nginx "$NGINX:8080" users $(pids_of "nginx -c $D/nginx")
-		idle_row attache-gateway "$GW1:8080" users "$ATTACHE_PID"
+		idle_rows nginx "$NGINX:8080" users "$(pids_of "nginx -c $D/nginx/")" attache-gateway "$GW1:8080" users "$ATTACHE_PID"
+		mkdir -p "$D/nginx2"
+		sed "s|$NGINX:|$NGINX2:|g; s|$D/nginx/nginx.pid|$D/nginx2/nginx.pid|" "$D/nginx/nginx.conf" >"$D/nginx2/nginx.conf"
+		nginx -c "$D/nginx2/nginx.conf" >>"$BENCH/nginx.log" 2>&1 &
+		n2=$!
+		wait_for "second nginx" 10 curl -fsS "http://$NGINX2:8080/users/" >/dev/null
+		IDLE_TLS=1 idle_rows nginx-tls "$NGINX2:8443" users "$(pids_of "nginx -c $D/nginx2/")" attache-gateway-tls "$GW2:8443" users "$(pgrep -f "attache sidecar -node bench-gw2 ")"
+		kill "$n2"
+		wait "$n2" 2>/dev/null || true
 	)
 fi
 
@@ -187,7 +197,8 @@ echo
 echo "Rate-limit state with 100,000 distinct clients on one route: $MEM (Go heap, measured by TestLimiterMemory)."
 if [[ -n $idle_out ]]; then
 	echo
-	echo "Idle keep-alive clients: $IDLE plain-HTTP connections that each made one request, held open while wrk $WRK_ARGS runs beside them (fresh processes):"
+	echo "Idle keep-alive clients: $IDLE connections that each made one request, held open while wrk $WRK_ARGS runs beside them (fresh processes;"
+	echo "each pair's clients held at once, wrk taking turns between the two, medians of ${IDLE_WRK_ROUNDS:-3} runs; TLS rows: HTTP/1.1 over TLS, another nginx and the second gateway):"
 	echo
 	echo "$idle_out"
 else

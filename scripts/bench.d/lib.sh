@@ -68,28 +68,81 @@ rss_kb() {
 	echo "$t"
 }
 
-# idle_row LABEL ADDR HOST PIDS...: IDLE keep-alive clients ($BENCH/idleconns)
-# each make one request to ADDR (Host: HOST, path /users/) and stay open;
-# prints a table row: RSS of PIDS before and with them, KiB per idle
-# client, and the requests/s of wrk $WRK_ARGS to /users/ meanwhile.
-idle_row() {
-	local label=$1 addr=$2 host=$3 before after rps line
-	shift 3
+# idle_open NAME ADDR HOST: IDLE keep-alive clients ($BENCH/idleconns) each
+# make one request to ADDR (Host: HOST, path /users/; over TLS with
+# IDLE_TLS=1) and stay open until idle_close NAME; returns once they are
+# all open (false, with the reason on stdout, when they could not be).
+idle_open() {
+	local name=$1 addr=$2 host=$3 f="$BENCH/idle-$$-$1" i
+	local tlsflag=""
+	[[ ${IDLE_TLS:-} == 1 ]] && tlsflag=-tls
+	rm -f "$f.in" "$f.out"
+	mkfifo "$f.in"
+	exec {IDLE_FD}<>"$f.in"
+	eval "IDLE_FD_$name=$IDLE_FD"
+	IDLE_FDS="${IDLE_FDS:-} $IDLE_FD"
+	# The client holds no write end of any set's pipe (its own included):
+	# each set hangs up when idle_close closes the shell's.
+	local closes="" x
+	for x in $IDLE_FDS; do closes+=" $x>&-"; done
+	eval "\"\$BENCH/idleconns\" -addr \"\$addr\" -n \"\$IDLE\" -host \"\$host\" $tlsflag <\"\$f.in\" >\"\$f.out\" 2>&1 $closes &"
+	eval "IDLE_PID_$name=$!"
+	for ((i = 0; i < 1200; i++)); do
+		grep -q '^ready' "$f.out" 2>/dev/null && return 0
+		kill -0 "$!" 2>/dev/null || break
+		sleep 0.1
+	done
+	cat "$f.out"
+	return 1
+}
+
+# idle_close NAME: the clients of idle_open NAME hang up.
+idle_close() {
+	local fd pid
+	eval "fd=\$IDLE_FD_$1 pid=\$IDLE_PID_$1"
+	exec {fd}>&-
+	IDLE_FDS=$(echo " ${IDLE_FDS:-} " | sed "s/ $fd / /")
+	wait "$pid" 2>/dev/null || true
+	rm -f "$BENCH/idle-$$-$1.in" "$BENCH/idle-$$-$1.out"
+}
+
+# idle_rows LABEL ADDR HOST "PIDS" [LABEL ADDR HOST "PIDS"]...: for each
+# target in turn, IDLE idle clients (idle_open), the earlier ones held
+# still; a table row for each: RSS of its PIDS just before and with its
+# clients, KiB per idle client, and the requests/s of wrk $WRK_ARGS to
+# /users/ while all of them are held open: the median of
+# IDLE_WRK_ROUNDS (3) runs each, the targets taking turns in an order
+# rotated each round, so that all see the same machine. (Two targets in
+# one process: the second's growth is on top of the first's clients.)
+idle_rows() {
+	local -a label addr host pids before after rps
+	local n=0 i r k scheme=http
+	[[ ${IDLE_TLS:-} == 1 ]] && scheme=https
+	while (($# >= 4)); do
+		label[n]=$1 addr[n]=$2 host[n]=$3 pids[n]=$4 rps[n]=""
+		n=$((n + 1))
+		shift 4
+	done
 	sleep 1
-	before=$(rss_kb "$@")
-	coproc IDLEC { exec "$BENCH/idleconns" -addr "$addr" -n "$IDLE" -host "$host" 2>&1; }
-	local cpid=$IDLEC_PID
-	if ! read -r line <&"${IDLEC[0]}" || [[ $line != ready* ]]; then
-		echo "| $label | failed: $line | | |"
-		kill "$cpid" 2>/dev/null || true
-		wait "$cpid" 2>/dev/null || true
-		return
-	fi
-	sleep 2
-	after=$(rss_kb "$@")
-	rps=$(wrk $WRK_ARGS -H "Host: $host" "http://$addr/users/" | awk '/^Requests\/sec/ {print $2}')
-	exec {IDLEC[1]}>&-
-	wait "$cpid" 2>/dev/null || true
-	awk -v l="$label" -v b="$before" -v a="$after" -v n="$IDLE" -v r="$rps" \
-		'BEGIN { printf "| %s | %.0f | %.0f | %.2f | %.0f |\n", l, b/1024, a/1024, (a-b)/n, r }'
+	for ((i = 0; i < n; i++)); do
+		before[i]=$(rss_kb ${pids[i]})
+		if ! idle_open "T$i" "${addr[i]}" "${host[i]}"; then
+			echo "| ${label[i]} | failed | | | |"
+			for ((k = 0; k <= i; k++)); do idle_close "T$k"; done
+			return
+		fi
+		sleep 2
+		after[i]=$(rss_kb ${pids[i]})
+	done
+	for ((r = 0; r < ${IDLE_WRK_ROUNDS:-3}; r++)); do
+		for ((k = 0; k < n; k++)); do
+			i=$(((k + r) % n))
+			rps[i]+="$(wrk $WRK_ARGS -H "Host: ${host[i]}" "$scheme://${addr[i]}/users/" | awk '/^Requests\/sec/ {print $2}') "
+		done
+	done
+	for ((i = 0; i < n; i++)); do idle_close "T$i"; done
+	for ((i = 0; i < n; i++)); do
+		echo "${rps[i]}" | tr ' ' '\n' | grep . | sort -n | awk -v l="${label[i]}" -v b="${before[i]}" -v a="${after[i]}" -v n="$IDLE" \
+			'{ v[NR] = $1 } END { printf "| %s | %.0f | %.0f | %.2f | %.0f |\n", l, b/1024, a/1024, (a-b)/n, (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+	done
 }

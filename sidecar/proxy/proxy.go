@@ -201,12 +201,14 @@ type Proxy struct {
 
 	// The listeners (reload.go): lnMu serialises Run's binding, Update and
 	// the shutdown's look at them.
-	lnMu    sync.Mutex
-	run     *runState          // nil until Run binds
-	stopped bool               // the shutdown has taken the list: no more listeners
-	ev      *evServer          // the event loops, nil where goroutines serve
-	hls     []*httpListener    // every HTTP listener served, removed ones too
-	served  map[string]*served // the upstream and HTTP proxy listeners serving, by key (listenerKey)
+	lnMu      sync.Mutex
+	run       *runState          // nil until Run binds
+	stopped   bool               // the shutdown has taken the list: no more listeners
+	ev        *evServer          // the event loops, nil where goroutines serve
+	hls       []*httpListener    // every HTTP listener served, removed ones too
+	served    map[string]*served // the upstream and HTTP proxy listeners serving, by key (listenerKey)
+	parker    *parker            // idle connections of the goroutine path (Linux; nil elsewhere), while Run runs
+	parkAfter time.Duration
 
 	mu      sync.Mutex
 	targets map[string]*target
@@ -317,6 +319,7 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 		p.maxRequestTimeout = max(p.maxRequestTimeout, pol.RequestTimeout)
 	}
 	p.live.Store(newLive(cfg))
+	p.parkAfter = defaultParkAfter
 	for _, s := range cfg.RetryStatuses {
 		if s >= 100 && s < 600 {
 			p.retryOn[s] = true
@@ -413,6 +416,13 @@ func (p *Proxy) Run(ctx context.Context) error {
 		all = append(all, bound{ln: ln, gw: g, key: gatewayKey(i)})
 	}
 
+	if k, err := newParker(min(max(p.cfg.IdleTimeout/8, 10*time.Millisecond), time.Second)); err == nil {
+		p.parker = k
+		go k.run()
+		defer k.close() // after every server has stopped (wg.Wait below)
+	} else {
+		p.log.Debug("idle connections of the goroutine path keep their goroutine", "reason", err)
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup

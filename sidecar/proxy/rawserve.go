@@ -29,10 +29,29 @@ type rawServer struct {
 	mu      sync.Mutex
 	conns   map[*rawConn]struct{}
 	wg      sync.WaitGroup
+	park    *parker // nil: idle connections keep their goroutine
 }
 
 func newRawServer(ctx context.Context, p *Proxy, rt *routing, fs *fasthttp.Server) *rawServer {
-	return &rawServer{p: p, rt: rt, fs: fs, ctx: ctx, conns: map[*rawConn]struct{}{}}
+	s := &rawServer{p: p, rt: rt, fs: fs, ctx: ctx, conns: map[*rawConn]struct{}{}}
+	if p.parker != nil && p.cfg.IdleTimeout > 2*p.parkAfter {
+		s.park = p.parker
+	}
+	return s
+}
+
+// defaultParkAfter is how long a goroutine-path connection waits for its
+// next request with its goroutine and buffers before it is parked (between
+// this and 1.5 times this: the read deadline is moved only when it falls
+// out of that range, a few times a second under load, not per request).
+const defaultParkAfter = 50 * time.Millisecond
+
+// resume serves a parked connection that has bytes to read again, on a
+// goroutine with new buffers. (They are not pooled: a pool would keep
+// those of every connection parked since the last two collections.)
+func (s *rawServer) resume(pc *parkedConn) {
+	// Handing over, a stopping server answers it once more (Proxy.HandOver).
+	s.start(&rawConn{s: s, c: pc.c, ip: pc.ip, last: pc.last, idleEnd: pc.expires}, !s.p.linger.Load())
 }
 
 // serve accepts until ln is closed.
@@ -80,15 +99,36 @@ func (s *rawServer) shutdown(grace time.Duration) {
 		}
 	}
 	s.mu.Unlock()
-	done := make(chan struct{})
+	linger := s.p.linger.Load()
+	if s.park != nil && !linger {
+		s.park.closeServer(s) // idle: closed at once
+	}
+	done, giveUp := make(chan struct{}), make(chan struct{})
 	go func() {
 		s.wg.Wait()
+		// Handing over, a parked connection is answered its next request
+		// too (taken up by a goroutine, which wg counts): wait for those
+		// until the grace time is up.
+		for linger && s.park != nil && s.park.parkedOf(s) > 0 {
+			select {
+			case <-giveUp:
+			case <-time.After(10 * time.Millisecond):
+			}
+			if isClosed(giveUp) {
+				break
+			}
+			s.wg.Wait()
+		}
 		close(done)
 	}()
 	select {
 	case <-done:
 		return
 	case <-time.After(grace):
+	}
+	close(giveUp)
+	if s.park != nil {
+		s.park.closeServer(s)
 	}
 	s.mu.Lock()
 	for rc := range s.conns {
@@ -98,19 +138,31 @@ func (s *rawServer) shutdown(grace time.Duration) {
 	<-done
 }
 
+// isClosed reports whether ch is closed.
+func isClosed(ch chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
 // rawConn is one client connection on the fast path.
 type rawConn struct {
-	s     *rawServer
-	c     net.Conn
-	buf   []byte // bytes read from the client
-	n     int
-	out   []byte // the head being written
-	rdl   time.Time
-	wdl   time.Time // write deadline now set on c
-	ip    []byte
-	req   rawReq
-	x     rawExchange
-	extra []byte // an extra response header line ("Name: value\r\n")
+	s        *rawServer
+	c        net.Conn
+	buf      []byte // bytes read from the client
+	n        int
+	out      []byte // the head being written
+	rdl      time.Time
+	wdl      time.Time // write deadline now set on c
+	timedOut bool      // the last read timed out
+	idleEnd  time.Time // when the connection, waiting for a request, has been idle for IdleTimeout
+	ip       []byte
+	req      rawReq
+	x        rawExchange
+	extra    []byte // an extra response header line ("Name: value\r\n")
 
 	last lastHost // HTTP proxy
 
@@ -137,12 +189,12 @@ const rawReadBuffer = 8 << 10
 
 func (rc *rawConn) run() {
 	s := rc.s
-	handedOff := false
+	handedOff, parked := false, false
 	defer func() {
 		s.mu.Lock()
 		delete(s.conns, rc)
 		s.mu.Unlock()
-		if !handedOff {
+		if !handedOff && !parked {
 			rc.c.Close()
 		}
 		s.wg.Done()
@@ -154,7 +206,8 @@ func (rc *rawConn) run() {
 		rc.n = copy(rc.buf, pc.prefix)
 		rc.c = pc.Conn
 	}
-	if a, ok := rc.c.RemoteAddr().(*net.TCPAddr); ok {
+	if rc.ip != nil { // taken up again after it was parked
+	} else if a, ok := rc.c.RemoteAddr().(*net.TCPAddr); ok {
 		rc.ip = a.AddrPort().Addr().Unmap().AppendTo(nil)
 	} else if a := rc.c.RemoteAddr(); a != nil {
 		h, _, err := net.SplitHostPort(a.String())
@@ -172,6 +225,32 @@ func (rc *rawConn) run() {
 	var headAt time.Time // when the head under way began to arrive
 	for {
 		err := parseRawReq(rc.buf[:rc.n], &rc.req)
+		if err == errHeadIncomplete && rc.n == 0 && s.park != nil {
+			// Waiting for the next request: after parkAfter without a
+			// byte, the connection is parked, and this goroutine and its
+			// buffers are given back.
+			// IdleTimeout counts from the first wait, across parkings
+			// (bytes of a TLS record that does not end wake it up, but
+			// bring no request).
+			now := time.Now()
+			if rc.idleEnd.IsZero() {
+				rc.idleEnd = now.Add(cfg.IdleTimeout)
+			}
+			d, slack := now.Add(p.parkAfter), p.parkAfter/2
+			if d.Add(slack).After(rc.idleEnd) {
+				d, slack = rc.idleEnd, 0
+			}
+			if !rc.readMore(d, slack) {
+				if rc.n == 0 && rc.timedOut && !s.closing.Load() && time.Now().Before(rc.idleEnd) {
+					parked = s.park.park(&parkedConn{s: s, c: rc.c, ip: rc.ip, last: rc.last, expires: rc.idleEnd})
+				}
+				return
+			}
+			if rc.n > 0 {
+				rc.idleEnd = time.Time{}
+			}
+			continue
+		}
 		if err == errHeadIncomplete && rc.n < len(rc.buf) {
 			// Waiting for a request: IdleTimeout; once it has begun, its
 			// whole head within HeaderTimeout (a head dribbled a byte at a
@@ -236,6 +315,8 @@ func (rc *rawConn) readMore(d time.Time, slack time.Duration) bool {
 	}
 	m, err := rc.c.Read(rc.buf[rc.n:])
 	rc.n += m
+	var ne net.Error
+	rc.timedOut = err != nil && errors.As(err, &ne) && ne.Timeout()
 	return err == nil || m > 0
 }
 

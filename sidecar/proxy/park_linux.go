@@ -1,0 +1,255 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"errors"
+	"net"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// parker holds the idle keep-alive client connections of the goroutine
+// path (connections handed over by an event loop, all of them with
+// DisableEventLoop, and the TLS gateway listener's) without a goroutine or
+// a buffer, as an nginx worker holds its idle connections: each parked
+// connection's socket is in the parker's own epoll set, and when it has
+// bytes (or is closed) a goroutine takes it up again with a pooled
+// rawConn. One goroutine waits for all of them (a plain blocking
+// epoll_wait: the runtime takes its P back meanwhile) and closes those
+// idle for IdleTimeout, looked at every IdleTimeout/8 (at least 10 ms, at
+// most a second).
+//
+// Safety case. The socket stays registered in the Go netpoller too; no
+// goroutine waits on it there, so that registration only marks it ready,
+// and the next Read reads at once. A parked connection is owned by the
+// parker alone: only the parker closes it (idle timeout, the server's
+// drain, the proxy's end), and always after removing it from its epoll
+// set and its map, both under mu, so no event names a closed descriptor
+// that a new connection got again — except one already returned by
+// epoll_wait before the removal: it may name a new connection parked
+// under the same number since, which is then taken up for nothing, and
+// reads, waits and parks again. The socket is registered EPOLLONESHOT and
+// removed at its first event, so a connection is taken up once. A
+// connection is parked only when a read of it timed out with nothing read
+// (crypto/tls keeps the part of a record it has, a timeout is not sticky
+// there, and bytes it holds whole would have been returned instead): the
+// rest of its next request can only come through the socket.
+type parker struct {
+	epfd  int
+	wake  int // eventfd: a first connection parked, or stop
+	mu    sync.Mutex
+	conns map[int32]*parkedConn
+	stop  bool
+	done  chan struct{}
+	sweep time.Duration // how often idle timeouts are looked at
+}
+
+// parkedConn is what an idle connection keeps: a few words and its
+// net.Conn (crypto/tls's state with it).
+type parkedConn struct {
+	s       *rawServer
+	c       net.Conn
+	fd      int32
+	ip      []byte
+	last    lastHost
+	expires time.Time
+}
+
+func newParker(sweep time.Duration) (*parker, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, err
+	}
+	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		unix.Close(epfd)
+		return nil, err
+	}
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wake, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wake)}); err != nil {
+		unix.Close(epfd)
+		unix.Close(wake)
+		return nil, err
+	}
+	return &parker{epfd: epfd, wake: wake, conns: map[int32]*parkedConn{}, done: make(chan struct{}), sweep: sweep}, nil
+}
+
+// socketFD finds the socket under c (through TLS and our wrappers).
+func socketFD(c net.Conn) (int32, bool) {
+	for {
+		switch x := c.(type) {
+		case *tls.Conn:
+			c = x.NetConn()
+		case *capConn:
+			c = x.Conn
+		case *prefixConn:
+			if len(x.prefix) > 0 {
+				return 0, false
+			}
+			c = x.Conn
+		case syscall.Conn:
+			rc, err := x.SyscallConn()
+			if err != nil {
+				return 0, false
+			}
+			fd := int32(-1)
+			if rc.Control(func(f uintptr) { fd = int32(f) }) != nil || fd < 0 {
+				return 0, false
+			}
+			return fd, true
+		default:
+			return 0, false
+		}
+	}
+}
+
+// park takes pc; false: it did not (the server is draining, the parker
+// stopped, or the socket could not be watched), and the caller closes it.
+func (k *parker) park(pc *parkedConn) bool {
+	fd, ok := socketFD(pc.c)
+	if !ok {
+		return false
+	}
+	pc.fd = fd
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.stop || pc.s.closing.Load() {
+		return false
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: fd}
+	if unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, int(fd), &ev) != nil {
+		return false
+	}
+	k.conns[fd] = pc
+	if len(k.conns) == 1 { // the loop may wait with no timeout: it has idle timeouts to look at now
+		k.poke()
+	}
+	return true
+}
+
+func (k *parker) poke() {
+	one := [8]byte{1}
+	_, _ = unix.Write(k.wake, one[:])
+}
+
+// take removes fd's connection from the set; mu held.
+func (k *parker) take(fd int32) *parkedConn {
+	pc := k.conns[fd]
+	if pc != nil {
+		delete(k.conns, fd)
+		_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, int(fd), nil)
+	}
+	return pc
+}
+
+// run waits for parked connections' bytes until stopped; then it closes
+// what it still holds.
+func (k *parker) run() {
+	defer close(k.done)
+	events := make([]unix.EpollEvent, 128)
+	var ready, expired []*parkedConn
+	lastSweep := time.Now()
+	for {
+		k.mu.Lock()
+		stop, timeout := k.stop, -1
+		if len(k.conns) > 0 {
+			timeout = int(k.sweep / time.Millisecond)
+		}
+		k.mu.Unlock()
+		if stop {
+			break
+		}
+		n, err := unix.EpollWait(k.epfd, events, timeout)
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			break
+		}
+		ready, expired = ready[:0], expired[:0]
+		now := time.Now()
+		k.mu.Lock()
+		for _, ev := range events[:max(n, 0)] {
+			if int(ev.Fd) == k.wake {
+				var b [8]byte
+				_, _ = unix.Read(k.wake, b[:])
+				continue
+			}
+			if pc := k.take(ev.Fd); pc != nil {
+				ready = append(ready, pc)
+			}
+		}
+		if now.Sub(lastSweep) >= k.sweep {
+			lastSweep = now
+			for fd, pc := range k.conns {
+				if now.After(pc.expires) {
+					expired = append(expired, k.take(fd))
+				}
+			}
+		}
+		k.mu.Unlock()
+		for _, pc := range ready {
+			pc.s.resume(pc)
+		}
+		for _, pc := range expired {
+			pc.c.Close()
+		}
+		clear(ready)
+		clear(expired)
+	}
+	k.mu.Lock()
+	k.stop = true
+	for fd := range k.conns {
+		expired = append(expired, k.take(fd))
+	}
+	k.mu.Unlock()
+	for _, pc := range expired {
+		pc.c.Close()
+	}
+	unix.Close(k.epfd)
+	unix.Close(k.wake)
+}
+
+// closeServer closes the connections s parked: it is draining, and they
+// are idle.
+func (k *parker) closeServer(s *rawServer) {
+	var out []*parkedConn
+	k.mu.Lock()
+	for fd, pc := range k.conns {
+		if pc.s == s {
+			out = append(out, k.take(fd))
+		}
+	}
+	k.mu.Unlock()
+	for _, pc := range out {
+		pc.c.Close()
+	}
+}
+
+// parkedOf reports how many connections of s the parker holds.
+func (k *parker) parkedOf(s *rawServer) int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	n := 0
+	for _, pc := range k.conns {
+		if pc.s == s {
+			n++
+		}
+	}
+	return n
+}
+
+// close stops the parker, closing what it holds, and returns when it has.
+func (k *parker) close() {
+	k.mu.Lock()
+	k.stop = true
+	k.poke()
+	k.mu.Unlock()
+	<-k.done
+}
+
+// parked reports how many connections the parker holds.
+func (k *parker) parked() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return len(k.conns)
+}

@@ -1,0 +1,234 @@
+//go:build linux
+
+package proxy
+
+import (
+	"bufio"
+	"crypto/tls"
+	"io"
+	"net"
+	"net/http"
+	"runtime"
+	"testing"
+	"time"
+
+	"attache/sidecar/breaker"
+)
+
+// Idle keep-alive connections of the goroutine path (DisableEventLoop, the
+// TLS gateway listener) are parked: no goroutine holds them; a request on
+// one is answered as before; the idle timeout and the drain close them.
+func TestIdleConnectionsPark(t *testing.T) {
+	b := newBackend(t, "a", "a1", headerEcho{"a1"})
+	rt := &prefixRouter{routes: map[string]string{"/a/": "a"}}
+	for _, tc := range []struct {
+		name string
+		tls  bool
+	}{{"goroutine path", false}, {"tls gateway", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			const n, idle = 30, 2 * time.Second
+			cfg := Config{IdleTimeout: idle, ShutdownGraceTime: 20 * time.Second}
+			if tc.tls {
+				cfg.Gateways = []GatewayListener{{Addr: "127.0.0.1:0", Router: rt, TLS: &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}}}}
+			} else {
+				cfg.Upstreams, cfg.DisableEventLoop = []Upstream{upstream("a")}, true
+			}
+			tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"a": {b}})
+			addr := func() string {
+				if tc.tls {
+					return tp.p.GatewayAddr(0).String()
+				}
+				return tp.p.Addr("a").String()
+			}()
+			if tp.p.parker == nil {
+				t.Fatal("no parker on Linux")
+			}
+			type client struct {
+				c  net.Conn
+				br *bufio.Reader
+			}
+			dial := func() client {
+				c, err := net.Dial("tcp", addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { c.Close() })
+				if tc.tls {
+					c = tls.Client(c, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}})
+				}
+				c.SetDeadline(time.Now().Add(20 * time.Second))
+				return client{c, bufio.NewReader(c)}
+			}
+			get := func(cl client) {
+				t.Helper()
+				if _, err := io.WriteString(cl.c, "GET /a/x HTTP/1.1\r\nHost: gw\r\n\r\n"); err != nil {
+					t.Fatal(err)
+				}
+				resp, err := http.ReadResponse(cl.br, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 || resp.Close {
+					t.Fatalf("status %d, close %v", resp.StatusCode, resp.Close)
+				}
+			}
+			waitParked := func(want int) {
+				t.Helper()
+				for end := time.Now().Add(5 * time.Second); tp.p.parker.parked() != want; time.Sleep(10 * time.Millisecond) {
+					if time.Now().After(end) {
+						t.Fatalf("%d connections parked, want %d", tp.p.parker.parked(), want)
+					}
+				}
+			}
+			closedBy := func(cl client, by time.Time) {
+				t.Helper()
+				cl.c.SetReadDeadline(by)
+				if _, err := cl.br.ReadByte(); err != io.EOF {
+					t.Fatalf("read %v, want the proxy's close (EOF) by %v", err, by.Format("15:04:05.000"))
+				}
+			}
+
+			before := runtime.NumGoroutine()
+			var cls []client
+			for range n {
+				cl := dial()
+				get(cl)
+				cls = append(cls, cl)
+			}
+			waitParked(n)
+			if g := runtime.NumGoroutine(); g > before+n/3 {
+				t.Errorf("%d goroutines with %d parked connections, %d before them", g, n, before)
+			}
+			for _, cl := range cls { // taken up again, each answered
+				get(cl)
+			}
+			waitParked(n)
+			start := time.Now()
+			for _, cl := range cls { // the idle timeout counts across parkings
+				closedBy(cl, start.Add(idle+2*time.Second))
+			}
+			if d := time.Since(start); d < idle/2 {
+				t.Errorf("closed after %v idle, want about %v", d, idle)
+			}
+
+			// Drain: the idle ones are closed at once, not after the grace time.
+			var rest []client
+			for range n {
+				cl := dial()
+				get(cl)
+				rest = append(rest, cl)
+			}
+			waitParked(len(rest))
+			tp.cancel()
+			for _, cl := range rest {
+				closedBy(cl, time.Now().Add(idle))
+			}
+			select {
+			case <-tp.stopped:
+			case <-time.After(5 * time.Second):
+				t.Fatal("Run did not return within 5 s of its end with only idle connections")
+			}
+		})
+	}
+}
+
+// Bytes of a TLS record that never ends wake a parked connection but bring
+// no request: they do not put its idle timeout off.
+func TestParkedTLSDribbleTimesOut(t *testing.T) {
+	b := newBackend(t, "a", "a1", headerEcho{"a1"})
+	rt := &prefixRouter{routes: map[string]string{"/a/": "a"}}
+	const idle = 1500 * time.Millisecond
+	tp := startProxy(t, Config{IdleTimeout: idle, Gateways: []GatewayListener{
+		{Addr: "127.0.0.1:0", Router: rt, TLS: &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}}}}},
+		breaker.Config{}, map[string][]*backend{"a": {b}})
+	raw, err := net.Dial("tcp", tp.p.GatewayAddr(0).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	c := tls.Client(raw, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}})
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c, "GET /a/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	start := time.Now()
+	closed := make(chan time.Duration, 1)
+	go func() {
+		var one [1]byte
+		raw.SetReadDeadline(time.Now().Add(4 * idle))
+		raw.Read(one[:]) // the alert or EOF of the proxy's close
+		closed <- time.Since(start)
+	}()
+	// An application-data record of 16 KiB, a byte every 100 ms.
+	rec := append([]byte{0x17, 0x03, 0x03, 0x40, 0x00}, make([]byte, 100)...)
+	for i := 0; i < len(rec); i++ {
+		select {
+		case d := <-closed:
+			if d > idle+time.Second {
+				t.Fatalf("closed after %v, want about %v", d, idle)
+			}
+			return
+		case <-time.After(100 * time.Millisecond):
+		}
+		if _, err := raw.Write(rec[i : i+1]); err != nil {
+			return // closed
+		}
+	}
+	t.Fatal("a dribbling TLS client was never closed")
+}
+
+// TestParkedAnsweredWhenHandingOver: a stop that hands over (Proxy.HandOver)
+// answers a parked connection's next request, with Connection: close, as
+// it does a connection whose goroutine waits; without it the request would
+// find the connection closed.
+func TestParkedAnsweredWhenHandingOver(t *testing.T) {
+	b := newBackend(t, "a", "a1", headerEcho{"a1"})
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("a")}, DisableEventLoop: true, ShutdownGraceTime: 10 * time.Second},
+		breaker.Config{}, map[string][]*backend{"a": {b}})
+	if tp.p.parker == nil {
+		t.Fatal("no parker on Linux")
+	}
+	c, err := net.Dial("tcp", tp.p.Addr("a").String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(c)
+	get := func() *http.Response {
+		t.Helper()
+		if _, err := io.WriteString(c, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp
+	}
+	get()
+	for end := time.Now().Add(5 * time.Second); tp.p.parker.parked() != 1; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatal("the connection was not parked")
+		}
+	}
+	tp.p.HandOver()
+	tp.cancel()
+	time.Sleep(200 * time.Millisecond) // the stop is under way
+	if resp := get(); resp.StatusCode != 200 || !resp.Close {
+		t.Fatalf("parked connection's request while handing over: %d, close %v; want 200 and Connection: close", resp.StatusCode, resp.Close)
+	}
+	select {
+	case <-tp.stopped:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not return once the parked connection was answered")
+	}
+}
