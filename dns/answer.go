@@ -196,16 +196,17 @@ func (s *Server) nxdomain(di int, resp *miekg.Msg) {
 }
 
 func (s *Server) soa(di int) *miekg.SOA {
+	tun := s.tun.Load() // one reading of the settings for the whole answer
 	d := s.domains[di]
 	return &miekg.SOA{
-		Hdr:     miekg.RR_Header{Name: d, Rrtype: miekg.TypeSOA, Class: miekg.ClassINET, Ttl: s.tun.Load().negTTL},
+		Hdr:     miekg.RR_Header{Name: d, Rrtype: miekg.TypeSOA, Class: miekg.ClassINET, Ttl: tun.negTTL},
 		Ns:      "ns." + d,
 		Mbox:    "hostmaster." + d,
 		Serial:  uint32(time.Now().Unix()),
 		Refresh: soaRefresh,
 		Retry:   soaRetry,
 		Expire:  soaExpire,
-		Minttl:  s.tun.Load().negTTL,
+		Minttl:  tun.negTTL,
 	}
 }
 
@@ -238,6 +239,7 @@ func (s *Server) lookupService(z *zone, name string) (*zone, *svcEntry) {
 // shuffled or nearest first; for a build, rotation b.rot of one shuffle
 // fixed per zone. buf is scratch space.
 func (s *Server) pick(se *svcEntry, tag string, buf []int, b *build) []int {
+	tun := s.tun.Load() // one reading of the settings for the whole answer
 	idx := buf[:0]
 	for i := range se.instances {
 		if tag != "" && !se.instances[i].inst.HasTag(tag) {
@@ -248,7 +250,7 @@ func (s *Server) pick(se *svcEntry, tag string, buf []int, b *build) []int {
 	if len(idx) == 0 {
 		return idx
 	}
-	if s.ej != nil && s.tun.Load().honourEjections {
+	if s.ej != nil && tun.honourEjections {
 		if b != nil {
 			b.ej = true
 		}
@@ -270,13 +272,13 @@ func (s *Server) pick(se *svcEntry, tag string, buf []int, b *build) []int {
 	}
 	if b != nil {
 		b.n = len(idx)
-		if s.tun.Load().nearest && s.cfg.Node != "" {
+		if tun.nearest && s.cfg.Node != "" {
 			b.noCache = true
 		}
 		return rotate(idx, b.z.seed, b.rot)
 	}
 	rand.Shuffle(len(idx), func(a, b int) { idx[a], idx[b] = idx[b], idx[a] })
-	if s.tun.Load().nearest && s.cfg.Node != "" && len(idx) > 1 {
+	if tun.nearest && s.cfg.Node != "" && len(idx) > 1 {
 		s.sortNearest(se, idx)
 	}
 	return idx
@@ -456,6 +458,7 @@ func (s *Server) txtRecords(q miekg.Question, se *svcEntry, idx []int, ttl uint3
 }
 
 func (s *Server) answerNode(q miekg.Question, pq query, di int, z *zone, resp *miekg.Msg) {
+	tun := s.tun.Load() // one reading of the settings for the whole answer
 	ne := z.nodes[pq.node]
 	if ne == nil {
 		s.nxdomain(di, resp)
@@ -469,11 +472,11 @@ func (s *Server) answerNode(q miekg.Question, pq query, di int, z *zone, resp *m
 		switch {
 		case ne.ip == nil && ne.host != "":
 			resp.Answer = append(resp.Answer, &miekg.CNAME{
-				Hdr:    miekg.RR_Header{Name: q.Name, Rrtype: miekg.TypeCNAME, Class: miekg.ClassINET, Ttl: s.tun.Load().nodeTTL},
+				Hdr:    miekg.RR_Header{Name: q.Name, Rrtype: miekg.TypeCNAME, Class: miekg.ClassINET, Ttl: tun.nodeTTL},
 				Target: ne.host,
 			})
 		case ne.ip != nil && ((ne.v4 && wantV4(qt)) || (!ne.v4 && wantV6(qt))):
-			resp.Answer = append(resp.Answer, ipRR(q.Name, ne.ip, ne.v4, s.tun.Load().nodeTTL))
+			resp.Answer = append(resp.Answer, ipRR(q.Name, ne.ip, ne.v4, tun.nodeTTL))
 		}
 	}
 	if qt == miekg.TypeTXT || qt == miekg.TypeANY || s.cfg.NodeMetaTXT {
@@ -483,7 +486,7 @@ func (s *Server) answerNode(q miekg.Question, pq query, di int, z *zone, resp *m
 		}
 		for _, t := range ne.txt {
 			*target = append(*target, &miekg.TXT{
-				Hdr: miekg.RR_Header{Name: q.Name, Rrtype: miekg.TypeTXT, Class: miekg.ClassINET, Ttl: s.tun.Load().nodeTTL},
+				Hdr: miekg.RR_Header{Name: q.Name, Rrtype: miekg.TypeTXT, Class: miekg.ClassINET, Ttl: tun.nodeTTL},
 				Txt: []string{t},
 			})
 		}
@@ -523,6 +526,7 @@ func (s *Server) domainOf(name string) int {
 // nameservers returns NS records naming up to three Consul servers (the
 // "consul" service) and their addresses, as Consul.
 func (s *Server) nameservers(di int) (ns, glue []miekg.RR) {
+	tun := s.tun.Load() // one reading of the settings for the whole answer
 	_, se := s.lookupService(s.zones.get(s.src.Load()), "consul")
 	if se == nil {
 		return nil, nil
@@ -546,11 +550,11 @@ func (s *Server) nameservers(di int) (ns, glue []miekg.RR) {
 			continue
 		}
 		ns = append(ns, &miekg.NS{
-			Hdr: miekg.RR_Header{Name: domain, Rrtype: miekg.TypeNS, Class: miekg.ClassINET, Ttl: s.tun.Load().nodeTTL},
+			Hdr: miekg.RR_Header{Name: domain, Rrtype: miekg.TypeNS, Class: miekg.ClassINET, Ttl: tun.nodeTTL},
 			Ns:  name,
 		})
 		if ne.ip != nil {
-			glue = append(glue, ipRR(name, ne.ip, ne.v4, s.tun.Load().nodeTTL))
+			glue = append(glue, ipRR(name, ne.ip, ne.v4, tun.nodeTTL))
 		}
 		if len(ns) >= maxNS {
 			break
@@ -561,13 +565,14 @@ func (s *Server) nameservers(di int) (ns, glue []miekg.RR) {
 
 // serviceTTL returns the TTL for a (lower-cased) service, in seconds.
 func (s *Server) serviceTTL(name string) uint32 {
-	if t, ok := s.tun.Load().ttlExact[name]; ok {
+	tun := s.tun.Load() // one reading of the settings for the whole answer
+	if t, ok := tun.ttlExact[name]; ok {
 		return t
 	}
-	for _, p := range s.tun.Load().ttlPrefix { // longest prefix first
+	for _, p := range tun.ttlPrefix { // longest prefix first
 		if strings.HasPrefix(name, p.prefix) {
 			return p.ttl
 		}
 	}
-	return s.tun.Load().defTTL
+	return tun.defTTL
 }
