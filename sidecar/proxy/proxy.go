@@ -96,13 +96,13 @@ type Config struct {
 
 	// AccessLog, when not nil, gets one JSON line per proxied request on
 	// the gateway listeners (and, with AccessLogAll, on the upstream and
-	// HTTP-proxy listeners too), from a writer goroutine: a request never
-	// waits for it; a line the buffer has no room for is dropped and
-	// counted (attache_proxy_access_log_dropped_total).
+	// HTTP-proxy listeners too), written in chunks by a writer goroutine:
+	// a request never waits for it; a line the buffer has no room for is
+	// dropped and counted (attache_proxy_access_log_dropped_total).
 	AccessLog       io.Writer
 	AccessLogAll    bool
 	AccessLogSample float64 // the share of requests logged, default 1 (all)
-	AccessLogBuffer int     // lines queued for the writer, default 4096
+	AccessLogBuffer int     // bytes of lines buffered for the writer, default 1 MiB (about 4000 lines)
 
 	Gateways            []GatewayListener // gateway listeners (package sidecar/gateway), routed by their Router
 	TLSHandshakeTimeout time.Duration     // gateway TLS listeners, default 10s
@@ -139,7 +139,7 @@ func (c Config) withDefaults() Config {
 		c.AccessLogSample = 1
 	}
 	if c.AccessLogBuffer <= 0 {
-		c.AccessLogBuffer = 4096
+		c.AccessLogBuffer = 1 << 20
 	}
 	def(&c.TLSHandshakeTimeout, 10*time.Second)
 	if c.TryTimeout > c.RequestTimeout {
