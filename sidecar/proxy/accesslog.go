@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
+	"unsafe"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
@@ -255,11 +256,32 @@ func (a *accessLog) pending() bool {
 // timeCache keeps the formatted second and zone of the last time written
 // (formatting a whole time was half the writer's CPU): lines of one
 // second share them. A zone's offset changes only on a second's boundary.
+// It keeps the encoding of the fields that repeat too (appendConst).
 type timeCache struct {
 	sec    int64
 	loc    *time.Location
 	prefix []byte // "2006-01-02T15:04:05"
 	zone   []byte // "Z" or "-07:00"
+	consts [4]encoded
+}
+
+// encoded is a string as appendJSONString encodes it.
+type encoded struct {
+	p   *byte
+	n   int
+	enc []byte
+}
+
+// appendConst is appendJSONString for the fields that repeat from line to
+// line (listener, service, instance, breaker state): the last string of
+// slot i is encoded once. Strings are immutable: the same data at the same
+// address is the same string.
+func (c *timeCache) appendConst(b []byte, i int, s string) []byte {
+	k := &c.consts[i]
+	if p := unsafe.StringData(s); p != k.p || len(s) != k.n || k.enc == nil {
+		k.p, k.n, k.enc = p, len(s), appendJSONString(k.enc[:0], s)
+	}
+	return append(b, k.enc...)
 }
 
 // appendTime appends t as time.RFC3339Nano does.
@@ -292,7 +314,7 @@ func appendAccess(b []byte, e *AccessEntry, tc *timeCache) []byte {
 	b = append(b, `{"time":"`...)
 	b = tc.appendTime(b, e.Time)
 	b = append(b, `","listener":`...)
-	b = appendJSONString(b, e.Listener)
+	b = tc.appendConst(b, 0, e.Listener)
 	b = append(b, `,"method":`...)
 	b = appendJSONString(b, e.Method)
 	b = append(b, `,"host":`...)
@@ -300,10 +322,10 @@ func appendAccess(b []byte, e *AccessEntry, tc *timeCache) []byte {
 	b = append(b, `,"path":`...)
 	b = appendJSONString(b, e.Path)
 	b = append(b, `,"service":`...)
-	b = appendJSONString(b, e.Service)
+	b = tc.appendConst(b, 1, e.Service)
 	if e.Instance != "" {
 		b = append(b, `,"instance":`...)
-		b = appendJSONString(b, e.Instance)
+		b = tc.appendConst(b, 2, e.Instance)
 	}
 	b = append(b, `,"status":`...)
 	b = strconv.AppendInt(b, int64(e.Status), 10)
@@ -312,7 +334,7 @@ func appendAccess(b []byte, e *AccessEntry, tc *timeCache) []byte {
 	b = append(b, `,"tries":`...)
 	b = strconv.AppendInt(b, int64(e.Tries), 10)
 	b = append(b, `,"breaker":`...)
-	b = appendJSONString(b, e.Breaker)
+	b = tc.appendConst(b, 3, e.Breaker)
 	return append(b, "}\n"...)
 }
 
@@ -393,13 +415,17 @@ func appendJSONString(b []byte, s string) []byte {
 
 // accReq is what the access log needs of a request the proxy forwards;
 // nil on a request that is not logged. Its method, host and path are
-// copied into one buffer, in the same allocation for most requests.
+// copied into one buffer, inl unless they are longer; accReqs recycles it.
 type accReq struct {
 	listener string
 	m, h     int    // method is b[:m], host b[m:h], path b[h:]
 	b        []byte // in inl unless longer
 	inl      [96]byte
 }
+
+// accReqs recycles accReqs: one is taken per logged request and given
+// back once its line is recorded (a request is logged once).
+var accReqs = sync.Pool{New: func() any { return new(accReq) }}
 
 func (a *accReq) method() string { return bstr(a.b[:a.m]) }
 func (a *accReq) host() string   { return bstr(a.b[a.m:a.h]) }
@@ -441,7 +467,8 @@ func newAccReq[S string | []byte](p *Proxy, rt *routing, method, host, path S) *
 	if l == "" {
 		return nil
 	}
-	a := &accReq{listener: l, m: len(method), h: len(method) + len(host)}
+	a := accReqs.Get().(*accReq)
+	a.listener, a.m, a.h = l, len(method), len(method)+len(host)
 	a.b = append(append(append(a.inl[:0], method...), host...), path...)
 	return a
 }
@@ -463,6 +490,8 @@ func (t *target) logAccess(a *accReq, br *breaker.Service, start, end time.Time,
 		e.Status = t.p.cannedFor(t, res, false).status
 	}
 	t.p.acc.record(&e)
+	a.listener = ""
+	accReqs.Put(a)
 }
 
 // rawAccReq is newAccReq for a request parsed in b (the fast path and the
