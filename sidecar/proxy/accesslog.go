@@ -60,7 +60,8 @@ type accessLog struct {
 	all     bool
 	chunk   int           // a shard's buffer is handed over at this many bytes
 	shards  []accessShard //
-	free    chan []byte   // empty chunks
+	freeMu  sync.Mutex    //
+	free    [][]byte      // empty chunks, the last freed on top: it is the one still in the cache
 	full    chan []byte   // chunks for the writer; room for every chunk: never blocks
 	kick    chan struct{} // the first line after a quiet spell wakes the writer
 	idle    atomic.Bool   // the writer has no flush timer set: the next line kicks it
@@ -95,7 +96,7 @@ func newAccessLog(cfg Config, log hclog.Logger) *accessLog {
 	a := &accessLog{
 		w: cfg.AccessLog, sample: cfg.AccessLogSample, all: cfg.AccessLogAll, log: log,
 		chunk: chunk, shards: make([]accessShard, n),
-		free: make(chan []byte, chunks), full: make(chan []byte, chunks), kick: make(chan struct{}, 1),
+		free: make([][]byte, 0, chunks), full: make(chan []byte, chunks), kick: make(chan struct{}, 1),
 		dropped: prometheus.NewCounter(prometheus.CounterOpts{Namespace: "attache", Subsystem: "proxy", Name: "access_log_dropped_total",
 			Help: "Access log lines dropped because the writer fell behind (its buffer was full)."}),
 		lines: prometheus.NewCounter(prometheus.CounterOpts{Namespace: "attache", Subsystem: "proxy", Name: "access_log_lines_total",
@@ -106,7 +107,7 @@ func newAccessLog(cfg Config, log hclog.Logger) *accessLog {
 		a.shards[i].buf = make([]byte, 0, chunk+512)
 	}
 	for range chunks - n {
-		a.free <- make([]byte, 0, chunk+512)
+		a.free = append(a.free, make([]byte, 0, chunk+512))
 	}
 	return a
 }
@@ -149,14 +150,26 @@ func (a *accessLog) lockShard() *accessShard {
 // handOver passes s's buffer to the writer for an empty chunk; false when
 // none is free. s is locked.
 func (a *accessLog) handOver(s *accessShard) bool {
-	select {
-	case nb := <-a.free:
-		a.full <- s.buf
-		s.buf = nb
-		return true
-	default:
+	nb := a.popFree()
+	if nb == nil {
 		return false
 	}
+	a.full <- s.buf
+	s.buf = nb
+	return true
+}
+
+// popFree takes the chunk freed last; nil when none is free.
+func (a *accessLog) popFree() []byte {
+	a.freeMu.Lock()
+	defer a.freeMu.Unlock()
+	n := len(a.free)
+	if n == 0 {
+		return nil
+	}
+	b := a.free[n-1]
+	a.free = a.free[:n-1]
+	return b
 }
 
 // run writes the chunks the shards hand over, and what they hold every
@@ -197,7 +210,9 @@ func (a *accessLog) write(b []byte) {
 		a.log.Warn("access log: write failed", "error", err)
 	}
 	a.lines.Add(float64(bytes.Count(b, []byte{'\n'})))
-	a.free <- b[:0]
+	a.freeMu.Lock()
+	a.free = append(a.free, b[:0])
+	a.freeMu.Unlock()
 }
 
 // flushShards writes what every shard holds; false when all were empty.
@@ -217,7 +232,9 @@ func (a *accessLog) flushShards() bool {
 		s.buf = nb
 		s.mu.Unlock()
 		if len(b) == 0 { // handed over meanwhile
-			a.free <- b
+			a.freeMu.Lock()
+			a.free = append(a.free, b)
+			a.freeMu.Unlock()
 			continue
 		}
 		a.write(b)
@@ -227,15 +244,14 @@ func (a *accessLog) flushShards() bool {
 }
 
 // takeFree returns an empty chunk, writing full ones to free them: the
-// writer holds none, so one of the two channels has one.
+// writer holds none, so one is free or full (or being handed over, then
+// full at once).
 func (a *accessLog) takeFree() []byte {
 	for {
-		select {
-		case b := <-a.free:
+		if b := a.popFree(); b != nil {
 			return b
-		case b := <-a.full:
-			a.write(b)
 		}
+		a.write(<-a.full)
 	}
 }
 
