@@ -428,7 +428,7 @@ func (g *Gateway) rebuildLocked(a *applied) error {
 			brk = map[string]*breaker.Service{}
 			cfg := breakerConfig(g.cfg.Breakers.Config(), r.Breaker)
 			for _, d := range r.Destinations {
-				name := RouteBreakerName(d.Service, r.Name)
+				name := routeBreakerName(d.Service, r.Name)
 				brk[d.Service] = g.cfg.Breakers.Custom(name, d.Service, cfg)
 				t.breakers[strings.ToLower(name)] = true
 			}
@@ -473,9 +473,9 @@ func (g *Gateway) rebuildLocked(a *applied) error {
 	return nil
 }
 
-// RouteBreakerName names a route's own breaker for one of its services, in
+// routeBreakerName names a route's own breaker for one of its services, in
 // /v1/breakers and the breaker metrics: SERVICE@ROUTE.
-func RouteBreakerName(service, route string) string { return service + "@" + route }
+func routeBreakerName(service, route string) string { return service + "@" + route }
 
 // breakerConfig is base with a route's breaker block over it. A rate of 0
 // turns that rule off; 0 calls mean 1.
