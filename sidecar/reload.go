@@ -30,11 +30,11 @@ func breakerConfig(cfg Config) breaker.Config {
 	bc := breaker.DefaultConfig()
 	bc.ConsecutiveFailures, bc.BaseEjectionTime = cfg.EjectAfter, cfg.EjectTime
 	bc.SlowCallDuration, bc.MaxRequests = cfg.SlowCall, cfg.MaxRequests
-	if bc.MaxRequests == 0 {
-		bc.MaxRequests = -1 // the breaker reads 0 as "the default"
+	if bc.MaxRequests <= 0 { // -max-requests 0 or -1: no limit
+		bc.MaxRequests, bc.NoRequestLimit = 0, true
 	}
-	if bc.ConsecutiveFailures == 0 {
-		bc.ConsecutiveFailures = -1 // the breaker reads 0 as "the default"
+	if bc.ConsecutiveFailures <= 0 { // -eject-after 0 or -1: never
+		bc.ConsecutiveFailures, bc.NoEjection = 0, true
 	}
 	return bc
 }
@@ -55,9 +55,10 @@ func dnsConfig(cfg Config) dns.Config {
 func proxyReloadable(pc *proxy.Config, cfg Config) error {
 	pc.HTTPProxyAddr = cfg.HTTPProxy
 	pc.TryTimeout, pc.RequestTimeout, pc.MaxRetries = cfg.TryTimeout, cfg.ReqTimeout, cfg.Retries
-	if pc.MaxRetries == 0 {
-		pc.MaxRetries = -1 // the proxy reads 0 as "the default"
+	if pc.MaxRetries <= 0 { // -retries 0 or -1: none
+		pc.MaxRetries, pc.NoRetries = 0, true
 	}
+	pc.MaxRetries = min(pc.MaxRetries, proxy.MostRetries) // more were always taken as the most
 	pc.Upstreams = nil
 	for _, u := range cfg.Upstreams {
 		up, err := proxy.ParseUpstream(u)

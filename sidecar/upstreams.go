@@ -169,9 +169,9 @@ func (u UpstreamSettings) policy() *proxy.Policy {
 func (u UpstreamSettings) breakerConfig(base breaker.Config) (c breaker.Config, ok bool) {
 	c = base
 	if u.EjectAfter != nil {
-		c.ConsecutiveFailures = *u.EjectAfter
-		if c.ConsecutiveFailures == 0 {
-			c.ConsecutiveFailures = -1 // the breaker reads 0 as "the default"
+		c.ConsecutiveFailures, c.NoEjection = *u.EjectAfter, *u.EjectAfter <= 0
+		if c.NoEjection {
+			c.ConsecutiveFailures = 0
 		}
 	}
 	if u.EjectTime > 0 {
@@ -181,9 +181,9 @@ func (u UpstreamSettings) breakerConfig(base breaker.Config) (c breaker.Config, 
 		c.SlowCallDuration = u.SlowCall
 	}
 	if u.MaxRequests != nil {
-		c.MaxRequests = *u.MaxRequests
-		if c.MaxRequests == 0 {
-			c.MaxRequests = -1
+		c.MaxRequests, c.NoRequestLimit = *u.MaxRequests, *u.MaxRequests <= 0
+		if c.NoRequestLimit {
+			c.MaxRequests = 0
 		}
 	}
 	if u.FailureRate != nil {
