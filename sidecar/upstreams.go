@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/hcl/v2"
-	"github.com/hashicorp/hcl/v2/hclsyntax"
+	"github.com/hashicorp/hcl/v2/gohcl"
 
 	"attache/sidecar/breaker"
 	"attache/sidecar/proxy"
@@ -53,25 +53,18 @@ type upstreamBlock struct {
 	OpenTime    *string  `hcl:"open_time,optional"`
 }
 
-// upstreamSettings turns the blocks of body into checked settings by
-// service name; errors name the file and the block's line.
-func upstreamSettings(file string, body hcl.Body, blocks []upstreamBlock) (map[string]UpstreamSettings, error) {
-	lines := map[string][]int{} // the lines of each name's blocks, in order
-	if sb, ok := body.(*hclsyntax.Body); ok {
-		for _, b := range sb.Blocks {
-			if b.Type == "upstream" && len(b.Labels) == 1 {
-				lines[b.Labels[0]] = append(lines[b.Labels[0]], b.DefRange().Start.Line)
-			}
-		}
-	}
+// upstreamSettings turns the upstream "NAME" blocks of a config file into
+// checked settings by service name; errors name the file and the block's
+// line.
+func upstreamSettings(file string, blocks []*hcl.Block) (map[string]UpstreamSettings, error) {
 	out := make(map[string]UpstreamSettings, len(blocks))
-	seen := map[string]int{}
-	for _, b := range blocks {
-		at := file
-		if l := lines[b.Name]; seen[b.Name] < len(l) {
-			at = fmt.Sprintf("%s:%d", file, l[seen[b.Name]])
+	for _, blk := range blocks {
+		var b upstreamBlock
+		if diags := gohcl.DecodeBody(blk.Body, nil, &b); diags.HasErrors() {
+			return nil, diagError(diags)
 		}
-		seen[b.Name]++
+		b.Name = blk.Labels[0]
+		at := fmt.Sprintf("%s:%d", file, blk.DefRange.Start.Line)
 		name := strings.ToLower(b.Name)
 		if _, dup := out[name]; dup {
 			return nil, fmt.Errorf("%s: upstream %q: set twice", at, b.Name)
