@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"reflect"
 	"slices"
 	"strings"
 	"time"
@@ -16,6 +17,7 @@ import (
 	"github.com/hashicorp/hcl/v2/hclparse"
 
 	"attache/dns"
+	"attache/internal/fielderr"
 	"attache/sidecar/breaker"
 	"attache/sidecar/catalog"
 	"attache/sidecar/gateway"
@@ -489,6 +491,51 @@ func assign(p any, expr hcl.Expression) error {
 	return nil
 }
 
+// componentErrors are what the components' own checks find wrong with
+// their part of c, each bad field named by the flag (or file attribute)
+// bound to it.
+func (c *Config) componentErrors() []error {
+	var errs []error
+	for _, part := range []struct {
+		name string
+		cfg  any // a pointer into c
+		err  error
+	}{
+		{"dns", &c.DNS, c.DNS.Validate()},
+		{"proxy", &c.Proxy, c.Proxy.Validate()},
+		{"breaker", &c.Breaker, c.Breaker.Validate()},
+	} {
+		fields, others := fielderr.All(part.err)
+		for _, fe := range fields {
+			errs = append(errs, fmt.Errorf("%s %s", c.nameOf(part.name, part.cfg, fe.Field), fe.Msg))
+		}
+		for _, o := range others {
+			errs = append(errs, fmt.Errorf("%s: %w", part.name, o))
+		}
+	}
+	return errs
+}
+
+// nameOf is the flag (-dns-ttl), or the file attribute when no flag sets
+// it (dns_service_ttl), of the field of a component's config (a pointer
+// into c); "component: Field" when neither sets it.
+func (c *Config) nameOf(component string, cfg any, field string) string {
+	if f := reflect.ValueOf(cfg).Elem().FieldByName(field); f.IsValid() {
+		for _, b := range bindings {
+			p := reflect.ValueOf(b.ptr(c))
+			// The address alone could be the struct's own (its first
+			// field): the kind tells them apart.
+			if p.Pointer() == f.Addr().Pointer() && p.Elem().Kind() == f.Kind() {
+				if b.fileOnly || b.block != "" {
+					return b.attr()
+				}
+				return "-" + b.name
+			}
+		}
+	}
+	return component + ": " + field
+}
+
 // located is an error that names its file and line already.
 type located struct{ error }
 
@@ -520,10 +567,11 @@ func diagError(diags hcl.Diagnostics) error {
 }
 
 // Validate checks the configuration and says what to fix, naming the flag
-// (the file's attribute is the same name with '_'). The components check
-// their own Config again as they are built (New).
+// (the file's attribute is the same name with '_'): the sidecar's own
+// rules, and each component's (its Config's Validate, which its New calls
+// too), the bad fields named by the flags bound to them.
 func (c *Config) Validate() error {
-	var errs []error
+	errs := c.componentErrors()
 	addr := func(flag, v string) {
 		if v == "" {
 			return
@@ -535,18 +583,6 @@ func (c *Config) Validate() error {
 	if len(c.Catalog.Addresses) == 0 {
 		errs = append(errs, errors.New("-consul: at least one Consul address is needed"))
 	}
-	addr("dns", c.DNS.Addr)
-	if c.DNS.DefaultServiceTTL < 0 || c.DNS.NodeTTL < 0 || c.DNS.NegativeTTL < 0 {
-		errs = append(errs, errors.New("-dns-ttl, -dns-node-ttl and -dns-negative-ttl must not be negative"))
-	}
-	for svc, ttl := range c.DNS.ServiceTTL {
-		if ttl < 0 {
-			errs = append(errs, fmt.Errorf("dns_service_ttl[%q] must not be negative", svc))
-		}
-	}
-	if c.DNS.RateLimit < 0 || c.DNS.RateBurst < 0 {
-		errs = append(errs, errors.New("-dns-rate-limit and -dns-rate-burst must not be negative (0: no limit)"))
-	}
 	if c.Proxy.AccessLogSample <= 0 || c.Proxy.AccessLogSample > 1 {
 		errs = append(errs, fmt.Errorf("-access-log-sample %v: want a fraction above 0 and at most 1", c.Proxy.AccessLogSample))
 	}
@@ -557,14 +593,10 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("-drain-timeout must be positive, e.g. 10s"))
 	}
 	addr("admin", c.Admin)
-	addr("http-proxy", c.Proxy.HTTPProxyAddr)
 	addr("gateway", c.Gateway.Addr)
 	addr("gateway-tls", c.Gateway.TLSAddr)
 	if (c.Gateway.Addr != "" || c.Gateway.TLSAddr != "") && c.Gateway.Prefix == "" {
 		errs = append(errs, errors.New("-routes-prefix: the gateway needs a KV prefix, e.g. attache/"))
-	}
-	if _, err := proxy.ParseBalancer(string(c.Proxy.Balancer)); err != nil {
-		errs = append(errs, fmt.Errorf("-lb: %w", err))
 	}
 	for _, r := range c.DNS.Recursors {
 		addr("recursor", r)

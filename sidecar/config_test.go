@@ -26,6 +26,7 @@ func TestParseArgs(t *testing.T) {
 	gw := file("gw.hcl", "gateway = \"127.0.0.30:8080\"\ngateway_tls = \"127.0.0.30:8443\"\nroutes_prefix = \"team/\"\n")
 	fb := file("fb.hcl", "fallback \"inventory\" {\n  body = \"Stock status unavailable\"\n  content_type = \"text/plain\"\n  on = [\"breaker-open\", \"timeout\"]\n}\n")
 	drain := file("drain.hcl", "drain_timeout = \"30s\"\n")
+	svcTTL := file("svcttl.hcl", "dns_service_ttl = { \"Users\" = \"-1s\" }\n")
 	badCause := file("cause.hcl", "fallback \"inventory\" {\n  on = [\"sometimes\"]\n}\n")
 	ups := file("ups.hcl", `upstream = ["db=127.0.0.1:5432/tcp"]
 upstream "Users" {
@@ -90,7 +91,9 @@ upstream "inventory" {
 			}
 		}},
 		{name: "negative DNS TTL", args: []string{"-dns-ttl", "-1s"}, wantErr: "must not be negative"},
-		{name: "negative DNS rate limit", args: []string{"-dns-rate-limit", "-1"}, wantErr: "-dns-rate-limit and -dns-rate-burst must not be negative"},
+		{name: "negative DNS rate limit", args: []string{"-dns-rate-limit", "-1"}, wantErr: "-dns-rate-limit -1: must not be negative (0: no limit)"},
+		{name: "bad balancer", args: []string{"-lb", "random"}, wantErr: `-lb "random": proxy: unknown balancer`},
+		{name: "negative service TTL names the attribute", args: []string{"-config", svcTTL}, wantErr: `dns_service_ttl ["users"] -1s: must not be negative`},
 		{name: "flag without value", args: []string{"-dns"}, wantErr: "flag needs an argument: -dns"},
 		{name: "unknown flag", args: []string{"-frob"}, wantErr: "flag provided but not defined: -frob"},
 		{name: "stray argument", args: []string{"users"}, wantErr: `unexpected argument "users"`},

@@ -21,6 +21,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"attache/internal/fielderr"
 )
 
 // Config holds the outlier and breaker settings. Zero fields take the
@@ -114,17 +116,21 @@ func DefaultConfig() Config {
 	}
 }
 
-// validate says what is wrong with c (zero fields are fine: they take the
-// defaults).
-func (c Config) validate() error {
+// Validate says what is wrong with c, each bad field as a
+// *fielderr.Error (zero fields are fine: they take the defaults). New,
+// SetConfig and Configure call it.
+func (c Config) Validate() error {
 	var errs []error
 	if c.ConsecutiveFailures < 0 {
-		errs = append(errs, fmt.Errorf("breaker: ConsecutiveFailures %d must not be negative (NoEjection turns ejection off)", c.ConsecutiveFailures))
+		errs = append(errs, fielderr.New("ConsecutiveFailures", "%d: must not be negative (NoEjection turns ejection off)", c.ConsecutiveFailures))
 	}
 	if c.MaxRequests < 0 {
-		errs = append(errs, fmt.Errorf("breaker: MaxRequests %d must not be negative (NoRequestLimit lifts the limit)", c.MaxRequests))
+		errs = append(errs, fielderr.New("MaxRequests", "%d: must not be negative (NoRequestLimit lifts the limit)", c.MaxRequests))
 	}
-	return errors.Join(errs...)
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("breaker: %w", err)
+	}
+	return nil
 }
 
 // withDefaults gives zero fields DefaultConfig's values.
@@ -251,7 +257,7 @@ func New(cfg Config, logger hclog.Logger, reg prometheus.Registerer) (*Registry,
 		now:  time.Now,
 		svcs: map[string]*Service{},
 	}
-	if err := cfg.validate(); err != nil {
+	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	cfg = cfg.withDefaults()
@@ -296,7 +302,7 @@ func (r *Registry) Config() Config { return *r.cfg.Load() }
 // are sized by it): a new Window is an error and nothing changes. Route
 // breakers (Custom) keep their own settings.
 func (r *Registry) SetConfig(cfg Config) error {
-	if err := cfg.validate(); err != nil {
+	if err := cfg.Validate(); err != nil {
 		return err
 	}
 	cfg = cfg.withDefaults()
@@ -373,7 +379,7 @@ func (r *Registry) newService(key string, cfg *atomic.Pointer[Config], bucket ti
 // these settings alone: they are the service's own.
 func (r *Registry) Configure(name string, cfg Config) error {
 	key := strings.ToLower(name)
-	if err := cfg.validate(); err != nil {
+	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("breaker settings of %s: %w", name, err)
 	}
 	cfg = cfg.withDefaults()

@@ -16,7 +16,7 @@ func TestDefaultConfig(t *testing.T) {
 	if d := DefaultConfig().withDefaults(); d.MaxRetries != 2 || d.NoRetries {
 		t.Errorf("default retries: %d off %v", d.MaxRetries, d.NoRetries)
 	}
-	if err := (Config{MaxRetries: -1}).validate(); err == nil {
+	if err := (Config{MaxRetries: -1}).Validate(); err == nil {
 		t.Error("MaxRetries -1 accepted: off is NoRetries")
 	}
 	if l := newLive(Config{NoRetries: true}.withDefaults()); l.maxRetries != 0 {

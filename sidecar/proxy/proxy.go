@@ -29,6 +29,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"attache/internal/fielderr"
 	"attache/internal/reuseport"
 	"attache/sidecar/breaker"
 	"attache/sidecar/catalog"
@@ -140,16 +141,23 @@ func DefaultConfig() Config {
 	}
 }
 
-// validate says what is wrong with c (zero fields are fine: they take the
-// defaults).
-func (c Config) validate() error {
-	if c.MaxRetries < 0 || c.MaxRetries > maxTries-1 {
-		return fmt.Errorf("proxy: MaxRetries %d: want 0 to %d (NoRetries turns retries off)", c.MaxRetries, maxTries-1)
+// Validate says what is wrong with c, each bad field as a
+// *fielderr.Error (zero fields are fine: they take the defaults). New and
+// Update call it; they check the upstreams and gateways further.
+func (c Config) Validate() error {
+	var errs []error
+	if c.MaxRetries < 0 || c.MaxRetries > MostRetries {
+		errs = append(errs, fielderr.New("MaxRetries", "%d: want 0 to %d (NoRetries turns retries off)", c.MaxRetries, MostRetries))
 	}
-	if _, err := ParseBalancer(string(c.Balancer)); c.Balancer != "" && err != nil {
-		return err
+	if _, err := ParseBalancer(string(c.Balancer)); err != nil {
+		errs = append(errs, fielderr.New("Balancer", "%q: %v", c.Balancer, err))
 	}
-	return nil
+	if c.HTTPProxyAddr != "" {
+		if err := checkListenAddr(c.HTTPProxyAddr); err != nil {
+			errs = append(errs, fielderr.New("HTTPProxyAddr", "%q: %v", c.HTTPProxyAddr, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // withDefaults gives zero fields DefaultConfig's values.
@@ -274,13 +282,10 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 	if br == nil {
 		return nil, errors.New("proxy: no breaker registry")
 	}
-	if err := cfg.validate(); err != nil {
-		return nil, err
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("proxy: %w", err)
 	}
 	cfg = cfg.withDefaults()
-	if _, err := ParseBalancer(string(cfg.Balancer)); err != nil {
-		return nil, err
-	}
 	seen := map[string]bool{}
 	for i, u := range cfg.Upstreams {
 		if err := checkServiceName(u.Name); err != nil {
@@ -306,11 +311,6 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 			return nil, fmt.Errorf("proxy: two upstreams listen on %s", u.Addr)
 		}
 		seen[u.Addr] = true
-	}
-	if cfg.HTTPProxyAddr != "" {
-		if err := checkListenAddr(cfg.HTTPProxyAddr); err != nil {
-			return nil, fmt.Errorf("proxy: http proxy: %w", err)
-		}
 	}
 	for _, g := range cfg.Gateways {
 		if err := checkListenAddr(g.Addr); err != nil {

@@ -91,8 +91,8 @@ func (p *Proxy) startUpstream(u Upstream, ln net.Listener) []*httpListener {
 // proxy stops. An upstream's protocol or load balancer cannot change
 // (requests read them without a lock): that is an error too.
 func (p *Proxy) Update(cfg Config) error {
-	if err := cfg.validate(); err != nil {
-		return err
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("proxy: %w", err)
 	}
 	cfg = cfg.withDefaults()
 	want := map[string]*served{}
