@@ -504,6 +504,7 @@ func (c *Config) componentErrors() []error {
 		{"dns", &c.DNS, c.DNS.Validate()},
 		{"proxy", &c.Proxy, c.Proxy.Validate()},
 		{"breaker", &c.Breaker, c.Breaker.Validate()},
+		{"gateway", &c.Gateway, c.Gateway.Validate()},
 	} {
 		fields, others := fielderr.All(part.err)
 		for _, fe := range fields {
@@ -593,8 +594,6 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("-drain-timeout must be positive, e.g. 10s"))
 	}
 	addr("admin", c.Admin)
-	addr("gateway", c.Gateway.Addr)
-	addr("gateway-tls", c.Gateway.TLSAddr)
 	if (c.Gateway.Addr != "" || c.Gateway.TLSAddr != "") && c.Gateway.Prefix == "" {
 		errs = append(errs, errors.New("-routes-prefix: the gateway needs a KV prefix, e.g. attache/"))
 	}
