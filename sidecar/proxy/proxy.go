@@ -136,7 +136,7 @@ func DefaultConfig() Config {
 		MaxServices:         1024,
 		ShutdownGraceTime:   5 * time.Second,
 		AccessLogSample:     1,
-		AccessLogBuffer:     4096,
+		AccessLogBuffer:     1 << 20,
 		TLSHandshakeTimeout: 10 * time.Second,
 	}
 }
