@@ -56,7 +56,8 @@ import (
 // under any container limit; the pages given back are those no live
 // object holds, which later allocation takes back with page faults, once;
 // with GOGC=off (the operator wants no collections but the memory
-// limit's) it does nothing; close waits for a collection in progress.
+// limit's) it does nothing; GOMEMLIMIT and GODEBUG's settings apply to it
+// as to any collection; close waits for a collection in progress.
 type parker struct {
 	epfd  int
 	wake  int // eventfd: a first connection parked, or stop
@@ -163,7 +164,9 @@ func (k *parker) park(pc *parkedConn) bool {
 	k.conns[fd] = pc
 	k.sinceSettle++
 	k.lastPark = time.Now()
-	if len(k.conns) == 1 || k.sinceSettle == k.settleAfter { // the loop may wait with no timeout: it has idle timeouts to look at now
+	// The loop may wait with no timeout, or a long one: it has idle
+	// timeouts to look at now, or a burst to see the end of.
+	if len(k.conns) == 1 || k.sinceSettle == k.settleAfter {
 		k.poke()
 	}
 	return true
