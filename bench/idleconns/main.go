@@ -26,13 +26,17 @@ func main() {
 	hold := flag.Duration("hold", 10*time.Minute, "hold the connections at most this long")
 	par := flag.Int("parallel", 64, "connections opened at once")
 	useTLS := flag.Bool("tls", false, "connect over TLS (HTTP/1.1 by ALPN; the certificate is not checked)")
+	useH2 := flag.Bool("h2", false, "with -tls: HTTP/2 by ALPN (one request on each connection, as with HTTP/1.1)")
 	flag.Parse()
 	var tc *tls.Config
 	if *useTLS {
 		tc = &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}, ClientSessionCache: tls.NewLRUClientSessionCache(1)}
+		if *useH2 {
+			tc.NextProtos = []string{"h2"}
+		}
 	}
 	req := fmt.Sprintf("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n", *path, *host)
-	conns := make([]net.Conn, *n)
+	conns := make([]io.Closer, *n)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var failed int
@@ -44,7 +48,13 @@ func main() {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			c, err := open(*addr, req, tc)
+			var c io.Closer
+			var err error
+			if *useH2 && tc != nil {
+				c, err = openH2(*addr, *host, *path, tc)
+			} else {
+				c, err = open(*addr, req, tc)
+			}
 			if err != nil {
 				mu.Lock()
 				failed++
@@ -105,4 +115,34 @@ func open(addr, req string, tc *tls.Config) (net.Conn, error) {
 	}
 	c.SetDeadline(time.Time{})
 	return c, nil
+}
+
+// h2Conn is an HTTP/2 client connection held by a Transport of its own.
+type h2Conn struct{ tr *http.Transport }
+
+func (c h2Conn) Close() error {
+	c.tr.CloseIdleConnections()
+	return nil
+}
+
+// openH2 connects over TLS with HTTP/2, makes one request and keeps the
+// connection (idle in a Transport of its own).
+func openH2(addr, host, path string, tc *tls.Config) (io.Closer, error) {
+	tr := &http.Transport{TLSClientConfig: tc, ForceAttemptHTTP2: true, MaxConnsPerHost: 1}
+	req, err := http.NewRequest("GET", "https://"+addr+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Host = host
+	resp, err := (&http.Client{Transport: tr, Timeout: 30 * time.Second}).Do(req)
+	if err != nil {
+		return nil, err
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.ProtoMajor != 2 {
+		tr.CloseIdleConnections()
+		return nil, fmt.Errorf("status %d, %s", resp.StatusCode, resp.Proto)
+	}
+	return h2Conn{tr}, nil
 }

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -339,6 +340,68 @@ func TestClientConnectionCap(t *testing.T) {
 			t.Fatalf("the freed place was not taken again: %v %v", err, resp)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// The TLS gateway listener's cap: one more than MaxClientConns is closed
+// at once (no handshake; a TLS client cannot read a plain-text 503),
+// counted; a place freed is taken again.
+func TestTLSClientConnectionCap(t *testing.T) {
+	b := newBackend(t, "a", "a1", headerEcho{"a1"})
+	rt := &prefixRouter{routes: map[string]string{"/a/": "a"}}
+	cfg := Config{MaxClientConns: 2, Gateways: []GatewayListener{{Addr: "127.0.0.1:0", Router: rt, TLS: &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}}}}}
+	tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"a": {b}})
+	addr := tp.p.GatewayAddr(0).String()
+	get := func() (*tls.Conn, error) {
+		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}})
+		if err != nil {
+			return nil, err
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(c, "GET /a/x HTTP/1.1\r\nHost: gw\r\n\r\n"); err != nil {
+			c.Close()
+			return nil, err
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			c.Close()
+			return nil, err
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			c.Close()
+			return nil, fmt.Errorf("status %d", resp.StatusCode)
+		}
+		return c, nil
+	}
+	var held []*tls.Conn
+	for i := range 2 {
+		c, err := get()
+		if err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		t.Cleanup(func() { c.Close() })
+		held = append(held, c)
+	}
+	refused := tp.p.met.clientsRefused.WithLabelValues("gateway-https")
+	if c, err := get(); err == nil {
+		c.Close()
+		t.Fatal("a third connection was served over a cap of 2")
+	}
+	if v := counterValue(t, refused); v != 1 {
+		t.Errorf("refused %v, want 1", v)
+	}
+	held[0].Close()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		c, err := get()
+		if err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the freed place was not taken again: %v", err)
+		}
 	}
 }
 

@@ -238,13 +238,15 @@ func (l *capListener) Accept() (net.Conn, error) {
 	}
 }
 
-// refuseConn writes the 503 to a connection just accepted (its socket
+// refuseConn writes the 503 (if any) to a connection just accepted (its socket
 // buffer is empty: the write does not wait), reads what the client may
 // have sent already (closing over unread bytes would reset the connection
 // and could lose the answer) and closes it.
 func refuseConn(c net.Conn, answer []byte) {
 	_ = c.SetDeadline(time.Now().Add(100 * time.Millisecond))
-	_, _ = c.Write(answer)
+	if len(answer) > 0 {
+		_, _ = c.Write(answer)
+	}
 	if sc, ok := c.(syscall.Conn); ok {
 		if rc, err := sc.SyscallConn(); err == nil {
 			_ = rc.Control(func(fd uintptr) { drainNow(fd) })

@@ -69,7 +69,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		clientConns: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: "attache", Subsystem: "proxy", Name: "client_connections",
 			Help: "Open client connections per HTTP listener (upstream name, or http-proxy)."}, []string{"listener"}),
 		clientsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "attache", Subsystem: "proxy", Name: "client_connections_refused_total",
-			Help: "Client connections answered with a 503 and closed because the listener had MaxClientConns open."}, []string{"listener"}),
+			Help: "Client connections refused because the listener had MaxClientConns open: answered with a 503 and closed, over TLS closed at once."}, []string{"listener"}),
 	}
 	if reg != nil {
 		for _, c := range []prometheus.Collector{m.requests, m.latency, m.tryLatency, m.tryFailures, m.retries, m.budgetExhausted, m.fallbacks, m.clientConns, m.clientsRefused} {

@@ -4,7 +4,10 @@ import (
 	"crypto/tls"
 	"errors"
 	"net"
+	"runtime/debug"
+	rtmetrics "runtime/metrics"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -37,6 +40,24 @@ import (
 // (crypto/tls keeps the part of a record it has, a timeout is not sticky
 // there, and bytes it holds whole would have been returned instead): the
 // rest of its next request can only come through the socket.
+//
+// Settling. A burst of new connections (each a TLS handshake, its first
+// request) leaves the heap grown to the garbage collector's goal, about
+// twice what the parked connections hold, and with no more allocation no
+// collection comes to shrink it until the runtime's own forced one two
+// minutes later; meanwhile the process keeps that memory. So when at
+// least settleAfter connections have parked since the last time, none for
+// settleQuiet, and the last time is settleEvery ago, the parker starts
+// one collection that gives the freed pages back (debug.FreeOSMemory) on
+// a goroutine of its own. Safety case: it is one ordinary concurrent
+// collection (stop-the-world phases as short as any cycle's), the same
+// work the runtime's two-minute forced collection does, at most one every
+// settleEvery and only after a burst has ended, so its CPU is bounded
+// under any container limit; the pages given back are those no live
+// object holds, which later allocation takes back with page faults, once;
+// with GOGC=off (the operator wants no collections but the memory
+// limit's) it does nothing; GOMEMLIMIT and GODEBUG's settings apply to it
+// as to any collection; close waits for a collection in progress.
 type parker struct {
 	epfd  int
 	wake  int // eventfd: a first connection parked, or stop
@@ -45,7 +66,24 @@ type parker struct {
 	stop  bool
 	done  chan struct{}
 	sweep time.Duration // how often idle timeouts are looked at
+
+	settleAfter int           // parks since the last settling that make a burst
+	settleQuiet time.Duration // with no park for this long: the burst ended
+	settleEvery time.Duration // at least this long between two settlings
+	sinceSettle int           // parks since the last settling; mu
+	lastPark    time.Time     // mu
+	lastSettle  time.Time     // run's goroutine only
+	settling    sync.WaitGroup
+	settles     atomic.Int64 // settlings done
 }
+
+// Settling's defaults: a burst is a thousand connections; a quarter of a
+// second without a park ends it; ten seconds at least between two.
+const (
+	settleAfter = 1024
+	settleQuiet = 250 * time.Millisecond
+	settleEvery = 10 * time.Second
+)
 
 // parkedConn is what an idle connection keeps: a few words and its
 // net.Conn (crypto/tls's state with it).
@@ -73,7 +111,8 @@ func newParker(sweep time.Duration) (*parker, error) {
 		unix.Close(wake)
 		return nil, err
 	}
-	return &parker{epfd: epfd, wake: wake, conns: map[int32]*parkedConn{}, done: make(chan struct{}), sweep: sweep}, nil
+	return &parker{epfd: epfd, wake: wake, conns: map[int32]*parkedConn{}, done: make(chan struct{}), sweep: sweep,
+		settleAfter: settleAfter, settleQuiet: settleQuiet, settleEvery: settleEvery}, nil
 }
 
 // socketFD finds the socket under c (through TLS and our wrappers).
@@ -123,7 +162,11 @@ func (k *parker) park(pc *parkedConn) bool {
 		return false
 	}
 	k.conns[fd] = pc
-	if len(k.conns) == 1 { // the loop may wait with no timeout: it has idle timeouts to look at now
+	k.sinceSettle++
+	k.lastPark = time.Now()
+	// The loop may wait with no timeout, or a long one: it has idle
+	// timeouts to look at now, or a burst to see the end of.
+	if len(k.conns) == 1 || k.sinceSettle == k.settleAfter {
 		k.poke()
 	}
 	return true
@@ -157,6 +200,11 @@ func (k *parker) run() {
 		if len(k.conns) > 0 {
 			timeout = int(k.sweep / time.Millisecond)
 		}
+		if k.sinceSettle >= k.settleAfter { // a burst: look again when it may have ended
+			if q := int(k.settleQuiet / time.Millisecond); timeout < 0 || timeout > q {
+				timeout = q
+			}
+		}
 		k.mu.Unlock()
 		if stop {
 			break
@@ -178,6 +226,12 @@ func (k *parker) run() {
 				ready = append(ready, pc)
 			}
 		}
+		settle := k.sinceSettle >= k.settleAfter && now.Sub(k.lastPark) >= k.settleQuiet &&
+			(k.lastSettle.IsZero() || now.Sub(k.lastSettle) >= k.settleEvery)
+		if settle {
+			k.sinceSettle = 0
+			k.lastSettle = now
+		}
 		if now.Sub(lastSweep) >= k.sweep {
 			lastSweep = now
 			for fd, pc := range k.conns {
@@ -187,6 +241,14 @@ func (k *parker) run() {
 			}
 		}
 		k.mu.Unlock()
+		if settle && gcOn() {
+			k.settling.Add(1)
+			go func() {
+				defer k.settling.Done()
+				debug.FreeOSMemory()
+				k.settles.Add(1)
+			}()
+		}
 		for _, pc := range ready {
 			pc.s.resume(pc)
 		}
@@ -207,6 +269,15 @@ func (k *parker) run() {
 	}
 	unix.Close(k.epfd)
 	unix.Close(k.wake)
+	k.settling.Wait()
+}
+
+// gcOn reports whether the garbage collector runs on its own (GOGC is not
+// off).
+func gcOn() bool {
+	s := []rtmetrics.Sample{{Name: "/gc/gogc:percent"}}
+	rtmetrics.Read(s)
+	return s[0].Value.Kind() != rtmetrics.KindUint64 || int64(s[0].Value.Uint64()) >= 0 // off reads as -1
 }
 
 // closeServer closes the connections s parked: it is draining, and they

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"runtime"
+	"runtime/debug"
 	"testing"
 	"time"
 
@@ -230,5 +231,67 @@ func TestParkedAnsweredWhenHandingOver(t *testing.T) {
 	case <-tp.stopped:
 	case <-time.After(5 * time.Second):
 		t.Fatal("Run did not return once the parked connection was answered")
+	}
+}
+
+// A burst of parked connections, then none: the parker settles the heap
+// once (a collection that gives the freed pages back), and counts a new
+// burst from there.
+func TestParkerSettlesAfterABurst(t *testing.T) {
+	b := newBackend(t, "a", "a1", headerEcho{"a1"})
+	rt := &prefixRouter{routes: map[string]string{"/a/": "a"}}
+	cfg := Config{IdleTimeout: time.Minute, Gateways: []GatewayListener{{Addr: "127.0.0.1:0", Router: rt, TLS: &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}}}}}
+	tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"a": {b}})
+	k := tp.p.parker
+	if k == nil {
+		t.Fatal("no parker on Linux")
+	}
+	const burst = 8
+	k.mu.Lock()
+	k.settleAfter, k.settleQuiet, k.settleEvery = burst, 20*time.Millisecond, 0
+	k.mu.Unlock()
+	for range burst {
+		c, err := tls.Dial("tcp", tp.p.GatewayAddr(0).String(), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		if _, err := io.WriteString(c, "GET /a/x HTTP/1.1\r\nHost: gw\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	for end := time.Now().Add(10 * time.Second); k.settles.Load() == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatalf("no settling after %d parks (%d parked)", burst, k.parked())
+		}
+	}
+	k.mu.Lock()
+	since := k.sinceSettle
+	k.mu.Unlock()
+	if since != 0 {
+		t.Errorf("%d parks counted after the settling, want 0", since)
+	}
+	if got := k.parked(); got != burst {
+		t.Errorf("%d parked after the settling, want %d", got, burst)
+	}
+}
+
+// Settling leaves a collector the operator turned off (GOGC=off) alone.
+func TestGCOn(t *testing.T) {
+	old := debug.SetGCPercent(-1)
+	off := gcOn()
+	debug.SetGCPercent(old)
+	if off {
+		t.Error("gcOn with GOGC=off")
+	}
+	if !gcOn() {
+		t.Errorf("not gcOn with GOGC=%d", old)
 	}
 }

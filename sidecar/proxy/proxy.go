@@ -66,7 +66,7 @@ type Config struct {
 	IdleTimeout    time.Duration // client keepalive idle timeout, default 75s (nginx's keepalive_timeout)
 	HeaderTimeout  time.Duration // a request head must arrive whole within this of its first byte, default 10s
 	BodyTimeout    time.Duration // a request body may pause this long between two reads, default 30s
-	MaxClientConns int           // open client connections per HTTP listener; more get a 503 and are closed, default 16384
+	MaxClientConns int           // open client connections per HTTP listener; more get a 503 and are closed (over TLS closed at once), default 16384
 
 	MaxRetries      int           // extra tries after the first (at most 7), default 2; not used with NoRetries
 	NoRetries       bool          // no request is tried again, default false

@@ -317,8 +317,10 @@ func stdRouteHead(r *http.Request, ip string) *Head {
 	return &Head{Method: r.Method, Host: r.Host, Path: r.URL.RequestURI(), RemoteIP: ip, TLS: r.TLS != nil, hdr: stdHead{r}}
 }
 
-// serveGatewayTLS serves a gateway listener with TLS. Each connection's
-// handshake runs on a goroutine of its own (at most TLSHandshakeTimeout);
+// serveGatewayTLS serves a gateway listener with TLS. At most
+// MaxClientConns connections are open (the others closed as accepted);
+// each connection's handshake runs on a goroutine of its own (at most
+// TLSHandshakeTimeout);
 // then HTTP/1.1 goes to the goroutine fast path (the event loops need a
 // plain socket) with fasthttp behind it, as on plain listeners (fasthttp
 // alone with DisableFastPath), and HTTP/2
@@ -367,6 +369,13 @@ func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc ch
 	go func() {
 		defer wg.Done()
 		acceptEach(ctx, ln, func(c net.Conn) {
+			// MaxClientConns: one more is closed at once, unread (a TLS
+			// client cannot read a plain-text 503), and counted.
+			if !h.cap.admit() {
+				refuseConn(c, nil)
+				return
+			}
+			c = &capConn{Conn: c, cap: h.cap}
 			stop := context.AfterFunc(ctx, func() { c.Close() })
 			conn := tls.Server(c, tc)
 			_ = conn.SetDeadline(time.Now().Add(p.cfg.TLSHandshakeTimeout))
