@@ -14,7 +14,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 B1=127.0.5.1:8081 B2=127.0.5.2:8081 B3=127.0.5.3:8081 B4=127.0.5.4:8081
-NGINX=127.0.5.10 NGINX2=127.0.5.11 GW1=127.0.5.12 GW2=127.0.5.13 CONSUL=127.0.5.20
+NGINX=127.0.5.10 NGINX2=127.0.5.11 GW1=127.0.5.12 GW2=127.0.5.13 GW3=127.0.5.14 NGINX3=127.0.5.15 CONSUL=127.0.5.20
 D="$BENCH/gateway"
 rm -rf "$D"
 mkdir -p "$D/nginx" "$D/tls"
@@ -108,19 +108,21 @@ for s in users:$B1 users:$B2 inventory:$B3 inventory:$B4; do
 done
 bg "$BENCH/backend" -listen "$B1,$B2,$B3,$B4"
 bg nginx -c "$D/nginx/nginx.conf"
-for g in 1 2; do
+for g in 1 2 3; do
 	ip=$GW1
 	((g == 2)) && ip=$GW2
+	((g == 3)) && ip=$GW3
 	bg "$BIN/attache" sidecar -node "bench-gw$g" -consul "$CONSUL:8500" -admin "$ip:19001" -data-dir "$D/gw$g" \
 		-gateway "$ip:8080" -gateway-tls "$ip:8443" -log-level warn -access-log off # as nginx: access_log off
 done
 ATTACHE_PID=$(pgrep -f "attache sidecar -node bench-gw1 ")
-"$BENCH/gateway-apply" -consul "$CONSUL:8500" -nodes bench-gw1,bench-gw2 -doc "$D/routes.hcl" -n 1 >/dev/null
+"$BENCH/gateway-apply" -consul "$CONSUL:8500" -nodes bench-gw1,bench-gw2,bench-gw3 -doc "$D/routes.hcl" -n 1 >/dev/null
 wait_for "backend" 10 curl -fsS "http://$B1/users/"
 wait_for "nginx" 10 curl -fsS "http://$NGINX:8080/users/"
 wait_for "attache gateway" 20 curl -fsS "http://$GW1:8080/users/1"
 wait_for "attache gateway over TLS" 20 curl -fsS --cacert "$D/tls/ca.crt" "https://$GW1:8443/users/1"
 wait_for "second gateway over TLS" 20 curl -fsSk "https://$GW2:8443/users/1"
+wait_for "third gateway over TLS" 20 curl -fsSk "https://$GW3:8443/users/1"
 
 # Idle keep-alive clients on fresh processes, before the load rounds (as in
 # the proxy part): IDLE_CLIENTS (10,000) connections to /users/ each make
@@ -145,6 +147,14 @@ if ((IDLE > 0)) && (($(ulimit -n) > IDLE + 1000)); then
 		IDLE_TLS=1 idle_rows nginx-tls "$NGINX2:8443" users "$(pids_of "nginx -c $D/nginx2/")" attache-gateway-tls "$GW2:8443" users "$(pgrep -f "attache sidecar -node bench-gw2 ")"
 		kill "$n2"
 		wait "$n2" 2>/dev/null || true
+		mkdir -p "$D/nginx3"
+		sed "s|$NGINX:|$NGINX3:|g; s|$D/nginx/nginx.pid|$D/nginx3/nginx.pid|" "$D/nginx/nginx.conf" >"$D/nginx3/nginx.conf"
+		nginx -c "$D/nginx3/nginx.conf" >>"$BENCH/nginx.log" 2>&1 &
+		n3=$!
+		wait_for "third nginx" 10 curl -fsS "http://$NGINX3:8080/users/" >/dev/null
+		IDLE_TLS=1 IDLE_H2=1 idle_rows nginx-h2 "$NGINX3:8443" users "$(pids_of "nginx -c $D/nginx3/")" attache-gateway-h2 "$GW3:8443" users "$(pgrep -f "attache sidecar -node bench-gw3 ")"
+		kill "$n3"
+		wait "$n3" 2>/dev/null || true
 	)
 fi
 
@@ -198,7 +208,7 @@ echo "Rate-limit state with 100,000 distinct clients on one route: $MEM (Go heap
 if [[ -n $idle_out ]]; then
 	echo
 	echo "Idle keep-alive clients: $IDLE connections that each made one request, held open while wrk $WRK_ARGS runs beside them (fresh processes;"
-	echo "each pair's clients held at once, wrk taking turns between the two, medians of ${IDLE_WRK_ROUNDS:-3} runs; TLS rows: HTTP/1.1 over TLS, another nginx and the second gateway):"
+	echo "each pair's clients held at once, wrk taking turns between the two, medians of ${IDLE_WRK_ROUNDS:-3} runs; TLS rows: HTTP/1.1 over TLS, another nginx and the second gateway; h2 rows: HTTP/2 over TLS by ALPN, a third nginx and a third gateway):"
 	echo
 	echo "$idle_out"
 else

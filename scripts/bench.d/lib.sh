@@ -76,6 +76,7 @@ idle_open() {
 	local name=$1 addr=$2 host=$3 f="$BENCH/idle-$$-$1" i
 	local tlsflag=""
 	[[ ${IDLE_TLS:-} == 1 ]] && tlsflag=-tls
+	[[ ${IDLE_H2:-} == 1 ]] && tlsflag+=" -h2"
 	rm -f "$f.in" "$f.out"
 	mkfifo "$f.in"
 	exec {IDLE_FD}<>"$f.in"

@@ -182,6 +182,7 @@ func (p *Proxy) startHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 			ReadHeaderTimeout: p.cfg.HeaderTimeout,
 			IdleTimeout:       p.cfg.IdleTimeout,
 			ErrorLog:          p.log.StandardLogger(nil),
+			ConnState:         p.h2State,
 		}
 		hs.Protocols = new(http.Protocols)
 		hs.Protocols.SetUnencryptedHTTP2(true)
@@ -723,4 +724,12 @@ func fastRemoteIP(ctx *fasthttp.RequestCtx) string {
 		return a.AddrPort().Addr().Unmap().String()
 	}
 	return ctx.RemoteIP().String()
+}
+
+// h2State is the HTTP/2 servers' ConnState: a connection with no stream
+// left counts toward the parker's settling (see parker.wentIdle).
+func (p *Proxy) h2State(_ net.Conn, st http.ConnState) {
+	if st == http.StateIdle && p.parker != nil {
+		p.parker.wentIdle()
+	}
 }

@@ -162,14 +162,36 @@ func (k *parker) park(pc *parkedConn) bool {
 		return false
 	}
 	k.conns[fd] = pc
-	k.sinceSettle++
-	k.lastPark = time.Now()
+	k.countIdle()
 	// The loop may wait with no timeout, or a long one: it has idle
-	// timeouts to look at now, or a burst to see the end of.
-	if len(k.conns) == 1 || k.sinceSettle == k.settleAfter {
+	// timeouts to look at now.
+	if len(k.conns) == 1 {
 		k.poke()
 	}
 	return true
+}
+
+// wentIdle counts a connection that went idle without being parked (an
+// HTTP/2 connection, served by net/http, with no stream left) in the
+// burst that settling looks for: a burst of such connections leaves the
+// same garbage, and their idle goroutines' stacks shrink at a collection.
+func (k *parker) wentIdle() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if !k.stop {
+		k.countIdle()
+	}
+}
+
+// countIdle counts one more connection gone idle since the last settling;
+// mu held. At a burst's size it wakes the loop, which may wait with no
+// timeout or a long one, to see the burst's end.
+func (k *parker) countIdle() {
+	k.sinceSettle++
+	k.lastPark = time.Now()
+	if k.sinceSettle == k.settleAfter {
+		k.poke()
+	}
 }
 
 func (k *parker) poke() {

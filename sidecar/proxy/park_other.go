@@ -23,6 +23,7 @@ type parkedConn struct {
 func newParker(time.Duration) (*parker, error) { return nil, errors.New("no parking on this system") }
 func (k *parker) park(*parkedConn) bool        { return false }
 func (k *parker) run()                         {}
+func (k *parker) wentIdle()                    {}
 func (k *parker) closeServer(*rawServer)       {}
 func (k *parker) close()                       {}
 func (k *parker) parked() int                  { return 0 }

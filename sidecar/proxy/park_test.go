@@ -4,6 +4,7 @@ package proxy
 
 import (
 	"bufio"
+	"context"
 	"crypto/tls"
 	"io"
 	"net"
@@ -238,6 +239,15 @@ func TestParkedAnsweredWhenHandingOver(t *testing.T) {
 // once (a collection that gives the freed pages back), and counts a new
 // burst from there.
 func TestParkerSettlesAfterABurst(t *testing.T) {
+	for _, proto := range []string{"http/1.1", "h2"} {
+		t.Run(proto, func(t *testing.T) { testParkerSettles(t, proto) })
+	}
+}
+
+// testParkerSettles: a burst of connections over the TLS gateway listener,
+// each one request then idle, ends in one settling: HTTP/1.1 ones parked,
+// HTTP/2 ones counted when net/http reports them idle (no stream left).
+func testParkerSettles(t *testing.T, proto string) {
 	b := newBackend(t, "a", "a1", headerEcho{"a1"})
 	rt := &prefixRouter{routes: map[string]string{"/a/": "a"}}
 	cfg := Config{IdleTimeout: time.Minute, Gateways: []GatewayListener{{Addr: "127.0.0.1:0", Router: rt, TLS: &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}}}}}
@@ -250,13 +260,29 @@ func TestParkerSettlesAfterABurst(t *testing.T) {
 	k.mu.Lock()
 	k.settleAfter, k.settleQuiet, k.settleEvery = burst, 20*time.Millisecond, 0
 	k.mu.Unlock()
+	addr := tp.p.GatewayAddr(0).String()
 	for range burst {
-		c, err := tls.Dial("tcp", tp.p.GatewayAddr(0).String(), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}})
+		c, err := tls.Dial("tcp", addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{proto}})
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { c.Close() })
 		c.SetDeadline(time.Now().Add(20 * time.Second))
+		if got := c.ConnectionState().NegotiatedProtocol; got != proto {
+			t.Fatalf("ALPN %q, want %q", got, proto)
+		}
+		if proto == "h2" {
+			tr := &http.Transport{Protocols: new(http.Protocols), DialTLSContext: func(context.Context, string, string) (net.Conn, error) { return c, nil }}
+			tr.Protocols.SetHTTP2(true)
+			t.Cleanup(tr.CloseIdleConnections)
+			resp, err := (&http.Client{Transport: tr}).Get("https://gw/a/x")
+			if err != nil {
+				t.Fatal(err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			continue
+		}
 		if _, err := io.WriteString(c, "GET /a/x HTTP/1.1\r\nHost: gw\r\n\r\n"); err != nil {
 			t.Fatal(err)
 		}
@@ -269,17 +295,21 @@ func TestParkerSettlesAfterABurst(t *testing.T) {
 	}
 	for end := time.Now().Add(10 * time.Second); k.settles.Load() == 0; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(end) {
-			t.Fatalf("no settling after %d parks (%d parked)", burst, k.parked())
+			t.Fatalf("no settling after a burst of %d %s connections (%d parked)", burst, proto, k.parked())
 		}
 	}
 	k.mu.Lock()
 	since := k.sinceSettle
 	k.mu.Unlock()
 	if since != 0 {
-		t.Errorf("%d parks counted after the settling, want 0", since)
+		t.Errorf("%d idle connections counted after the settling, want 0", since)
 	}
-	if got := k.parked(); got != burst {
-		t.Errorf("%d parked after the settling, want %d", got, burst)
+	want := burst
+	if proto == "h2" {
+		want = 0 // net/http keeps its connections
+	}
+	if got := k.parked(); got != want {
+		t.Errorf("%d parked after the settling, want %d", got, want)
 	}
 }
 

@@ -358,6 +358,7 @@ func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc ch
 		IdleTimeout:       p.cfg.IdleTimeout,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          log.New(io.Discard, "", 0), // a scanner's broken handshakes are not news
+		ConnState:         p.h2State,
 	}
 	wg.Add(3)
 	go func() {
