@@ -127,9 +127,8 @@ func runFuzzProxy(f *testing.F, service string, inst catalog.Instance, cfg Confi
 		Known: map[string]bool{service: true}})
 	br, _ := breaker.New(breaker.Config{ConsecutiveFailures: -1, FailureRateThreshold: -1}, nil, nil)
 	cfg.Upstreams = []Upstream{{Name: service, Addr: "127.0.0.1:0", Protocol: ProtoHTTP}}
-	cfg.DisableEventLoop = *noLoop
 	cfg.WantTimeout = time.Millisecond
-	p, err := New(cfg, src, br)
+	p, err := New(cfg, src, br, WithEngines(testEngines()))
 	if err != nil {
 		f.Fatal(err)
 	}

@@ -133,7 +133,7 @@ func FuzzListener(f *testing.F) {
 	publish(src, map[string][]*backend{"inventory": {b}})
 	br, _ := breaker.New(breaker.Config{}, nil, nil)
 	p, err := New(Config{HTTPProxyAddr: "127.0.0.1:0", TryTimeout: time.Second, RequestTimeout: 2 * time.Second,
-		WantTimeout: time.Millisecond, IdleTimeout: 3 * time.Second, DisableEventLoop: *noLoop}, src, br)
+		WantTimeout: time.Millisecond, IdleTimeout: 3 * time.Second}, src, br, WithEngines(testEngines()))
 	if err != nil {
 		f.Fatal(err)
 	}

@@ -584,8 +584,8 @@ func TestGOMAXPROCSChild(t *testing.T) {
 	}
 	// The same load with a goroutine per connection, for the log: how
 	// long the cgroup was throttled (a measurement, not a verdict).
-	tp = startProxy(t, Config{Upstreams: []Upstream{upstream("inventory")}, DisableEventLoop: true}, breaker.Config{},
-		map[string][]*backend{"inventory": {b}})
+	tp = startProxy(t, Config{Upstreams: []Upstream{upstream("inventory")}}, breaker.Config{},
+		map[string][]*backend{"inventory": {b}}, Engines{NoEventLoops: true})
 	throttledGoroutines := throttledDuring(t, tp)
 	t.Logf("throttled during 2000 requests: %v with the loops, %v with goroutines", throttledLoops, throttledGoroutines)
 }

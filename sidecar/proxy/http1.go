@@ -27,7 +27,7 @@ type httpListener struct {
 	ln  net.Listener
 	rt  *routing // nil: the HTTP proxy listener
 	fs  *fasthttp.Server
-	raw *rawServer    // nil with DisableFastPath
+	raw *rawServer    // nil with Engines.NoFastPath
 	h2  *chanListener // nil with DisableHTTP2
 	cap *connCap      // MaxClientConns
 	h1  net.Listener  // what the accept loop takes HTTP/1.x connections from (set by startHTTP)
@@ -71,7 +71,7 @@ func (p *Proxy) newHTTPListener(ctx context.Context, ln net.Listener, rt *routin
 	if !p.cfg.DisableHTTP2 {
 		h.h2 = newChanListener(ln.Addr())
 	}
-	if !p.cfg.DisableFastPath {
+	if !p.eng.NoFastPath {
 		h.raw = newRawServer(ctx, p, rt, h.fs)
 	}
 	return h
@@ -82,7 +82,7 @@ func (p *Proxy) newHTTPListener(ctx context.Context, ln net.Listener, rt *routin
 // p.lnMu; listeners a reload adds later join them (Proxy.Update).
 func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- error, hls []*httpListener) {
 	var ev *evServer
-	if !p.cfg.DisableFastPath && !p.cfg.DisableEventLoop && len(hls) > 0 {
+	if !p.eng.NoFastPath && !p.eng.NoEventLoops && len(hls) > 0 {
 		var err error
 		if ev, err = newEvServer(ctx, p, hls); err != nil {
 			p.log.Debug("no event loops; goroutines serve", "reason", err)

@@ -129,8 +129,8 @@ func TestRetriesRunOutKeepLastAnswer(t *testing.T) {
 			for i := 0; i < tc.instances; i++ {
 				bs = append(bs, newBackend(t, "down", string(rune('a'+i)), h))
 			}
-			tp := startProxy(t, Config{Upstreams: []Upstream{upstream("down")}, DisableFastPath: tc.slow, DisableHTTP2: true},
-				breaker.Config{Disabled: true, ConsecutiveFailures: -1}, map[string][]*backend{"down": bs})
+			tp := startProxy(t, Config{Upstreams: []Upstream{upstream("down")}, DisableHTTP2: true},
+				breaker.Config{Disabled: true, ConsecutiveFailures: -1}, map[string][]*backend{"down": bs}, Engines{NoFastPath: tc.slow})
 			c := dialRaw(t, tp.p.Addr("down"))
 			for i := 0; i < 3; i++ {
 				resp, body, err := c.do("GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
@@ -223,8 +223,8 @@ func TestClientNotReadingFreesInstance(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			tp := startProxy(t, Config{Upstreams: []Upstream{upstream("big")}, MaxConnsPerHost: 1,
-				TryTimeout: 300 * time.Millisecond, RequestTimeout: 500 * time.Millisecond, DisableFastPath: slow, DisableHTTP2: true},
-				breaker.Config{Disabled: true, ConsecutiveFailures: -1}, map[string][]*backend{"big": {b}})
+				TryTimeout: 300 * time.Millisecond, RequestTimeout: 500 * time.Millisecond, DisableHTTP2: true},
+				breaker.Config{Disabled: true, ConsecutiveFailures: -1}, map[string][]*backend{"big": {b}}, Engines{NoFastPath: slow})
 			stuck := dialRaw(t, tp.p.Addr("big"))
 			if _, err := stuck.c.Write([]byte("GET /big HTTP/1.1\r\nHost: big\r\n\r\n")); err != nil {
 				t.Fatal(err)

@@ -321,7 +321,7 @@ func stdRouteHead(r *http.Request, ip string) *Head {
 // handshake runs on a goroutine of its own (at most TLSHandshakeTimeout);
 // then HTTP/1.1 goes to the goroutine fast path (the event loops need a
 // plain socket) with fasthttp behind it, as on plain listeners (fasthttp
-// alone with DisableFastPath), and HTTP/2
+// alone with Engines.NoFastPath), and HTTP/2
 // (by ALPN) to net/http; both ask the router and forward through the
 // policy.
 func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc chan<- error, ln net.Listener, g *GatewayListener) {
