@@ -407,7 +407,7 @@ type evLoop struct {
 	rhead    Head // gateway listeners: what the router sees of the request under way
 	rhsrc    rawHead
 	shedc    chan *endpoint // endpoints whose idle connections to close
-	req      rawReq         // the request head being parsed (one at a time)
+	req      Request        // the request head being parsed (one at a time)
 	bufs     [][]byte       // free client read buffers
 	outs     [][]byte       // free request buffers
 }
@@ -905,13 +905,13 @@ func (l *evLoop) serve(c *evConn) {
 			l.handoff(c, nil)
 			return
 		}
-		end := l.req.headEnd
-		if l.req.clen > 0 {
-			if l.req.clen > int64(p.cfg.MaxReplayBody) || int64(len(c.buf)-end) < l.req.clen {
+		end := l.req.HeadEnd
+		if l.req.ContentLength > 0 {
+			if l.req.ContentLength > int64(p.cfg.MaxReplayBody) || int64(len(c.buf)-end) < l.req.ContentLength {
 				l.handoff(c, nil)
 				return
 			}
-			end += int(l.req.clen)
+			end += int(l.req.ContentLength)
 			if c.n < end {
 				c.inBody = true // the sweep holds it to BodyTimeout between reads
 				if l.readOn(c) {
@@ -988,10 +988,10 @@ func (l *evLoop) start(c *evConn, end int) {
 		return
 	}
 	t.keepWanted(s.ctx, l.now, true)
-	method := b[r.method.s:r.method.e]
+	method := b[r.Method.Start:r.Method.End]
 	c.head = string(method) == "HEAD"
-	c.replay = idempotent(method) || r.idemKey
-	c.connClose = r.connClose
+	c.replay = idempotent(method) || r.IdemKey
+	c.connClose = r.ConnClose
 	c.redialed = false
 	if c.out == nil {
 		c.out = l.takeOut()
@@ -1266,29 +1266,29 @@ func (l *evLoop) answered(b *evBack) {
 		}
 		b.headDone = true
 		if !l.simple(b) { // streamed by a goroutine: the try counts now
-			if l.counted(c, r.status) {
+			if l.counted(c, r.Status) {
 				l.handoffAnswer(c)
 			}
 			return
 		}
 	}
-	need := r.headEnd
+	need := r.HeadEnd
 	if r.hasBody(c.head) {
-		need += int(r.clen)
+		need += int(r.ContentLength)
 	}
 	if b.n < need {
 		return
 	}
 	// Whole: only now is the try a success (an answer cut short or late
 	// before this is a failed try, and the client is told so).
-	if !l.counted(c, r.status) {
+	if !l.counted(c, r.Status) {
 		return
 	}
 	closeClient := c.connClose || c.eof && c.n == 0 || l.s.closing.Load() // requests read before the client's close are answered
 	out := appendAnswerHead(l.out[:0], b.buf, r, closeClient, nil)
-	out = append(out, b.buf[r.headEnd:need]...)
+	out = append(out, b.buf[r.HeadEnd:need]...)
 	l.out = out
-	l.releaseBack(b, !r.close && b.n == need)
+	l.releaseBack(b, !r.Close && b.n == need)
 	l.reply(c, out, closeClient)
 }
 
@@ -1318,7 +1318,7 @@ func (l *evLoop) simple(b *evBack) bool {
 	if !r.hasBody(b.c.head) {
 		return true
 	}
-	return r.clen >= 0 && r.clen <= int64(len(b.buf)-r.headEnd)
+	return r.ContentLength >= 0 && r.ContentLength <= int64(len(b.buf)-r.HeadEnd)
 }
 
 // backFailed handles an instance connection that failed before the whole
@@ -1391,9 +1391,9 @@ func (l *evLoop) answer(c *evConn, res result) {
 
 // answerOwn answers the request parsed into r, c.buf[:end], with a
 // gateway's own answer (no route, over a rate limit).
-func (l *evLoop) answerOwn(c *evConn, r *rawReq, end int, a *Answer) {
-	c.head = string(c.buf[r.method.s:r.method.e]) == "HEAD"
-	closeClient := r.connClose || c.eof || l.s.closing.Load()
+func (l *evLoop) answerOwn(c *evConn, r *Request, end int, a *Answer) {
+	c.head = string(c.buf[r.Method.Start:r.Method.End]) == "HEAD"
+	closeClient := r.ConnClose || c.eof || l.s.closing.Load()
 	out := appendCanned(l.out[:0], answerCanned(a), closeClient, c.head)
 	l.out = out
 	c.n = copy(c.buf, c.buf[end:c.n])
@@ -1687,7 +1687,7 @@ func (l *evLoop) exchangeState(c *evConn) func(rc *rawConn) {
 		// as serveOne: a client that does not read its answer holds the
 		// instance's connection only until the request's deadline
 		_ = rc.writeDeadline(deadline)
-		rc.req.connClose = connClose
+		rc.req.ConnClose = connClose
 		rc.out = out
 		rc.x.req, rc.x.head, rc.x.replay = out, head, replay
 	}
@@ -1708,7 +1708,7 @@ func (l *evLoop) takeAnswer(c *evConn) func(x *rawExchange) {
 	_ = bc.c.SetDeadline(c.f.tryDeadline(l.p))
 	pool, n, resp := b.ep.pool, b.n, b.resp
 	if len(b.wpend) > 0 { // the instance answered before it had the whole request
-		resp.close = true
+		resp.Close = true
 	}
 	return func(x *rawExchange) {
 		x.bc, x.pool, x.rn, x.resp = bc, pool, n, resp

@@ -18,27 +18,27 @@ import (
 
 const maxRawHeaders = 64
 
-// span is a [start, end) range of a head buffer.
-type span struct{ s, e int }
+// Span is a [start, end) range of a head buffer.
+type Span struct{ Start, End int }
 
-// rawReq is a parsed request head. Spans index the connection's buffer.
-type rawReq struct {
-	headEnd     int // bytes of the head including the blank line
-	method      span
-	target      span
-	host        span // Host header value; e == 0 when absent
-	clen        int64
-	connClose   bool
-	connTokens  bool // Connection names headers to drop
-	conn        span // Connection header value
-	hop         bool // some header must be dropped
-	idemKey     bool
-	hasXFP      bool
-	nxff        int
-	xff         [4]span
-	nh          int
-	names, vals [maxRawHeaders]span
-	drop        [maxRawHeaders]bool
+// Request is a parsed request head. Spans index the connection's buffer.
+type Request struct {
+	HeadEnd       int // bytes of the head including the blank line
+	Method        Span
+	Target        Span
+	Host          Span // Host header value; e == 0 when absent
+	ContentLength int64
+	ConnClose     bool
+	ConnTokens    bool // Connection names headers to drop
+	Conn          Span // Connection header value
+	Hop           bool // some header must be dropped
+	IdemKey       bool
+	HasXFP        bool
+	NumXFF        int
+	XFF           [4]Span
+	NumHeaders    int
+	Names, Vals   [maxRawHeaders]Span
+	Drop          [maxRawHeaders]bool
 }
 
 // errSlow says the request needs the fasthttp path.
@@ -61,8 +61,8 @@ var tokenTable = func() (t [256]bool) {
 // parseRawReq parses the request head at the start of b. It returns
 // errHeadIncomplete when b holds no complete head and errSlow when the
 // request must take the general path.
-func parseRawReq(b []byte, r *rawReq) error {
-	*r = rawReq{clen: -1}
+func parseRawReq(b []byte, r *Request) error {
+	*r = Request{ContentLength: -1}
 	// request line
 	eol := bytes.IndexByte(b, '\n')
 	if eol < 0 {
@@ -94,9 +94,9 @@ func parseRawReq(b []byte, r *rawReq) error {
 	if !targetForm(rest[:sp2], false) {
 		return errSlow // the general path judges it
 	}
-	r.method = span{0, sp1}
-	r.target = span{sp1 + 1, sp1 + 1 + sp2}
-	if string(b[r.method.s:r.method.e]) == "CONNECT" {
+	r.Method = Span{0, sp1}
+	r.Target = Span{sp1 + 1, sp1 + 1 + sp2}
+	if string(b[r.Method.Start:r.Method.End]) == "CONNECT" {
 		return errSlow
 	}
 	i := eol + 1
@@ -110,7 +110,7 @@ func parseRawReq(b []byte, r *rawReq) error {
 			return errSlow
 		}
 		if eol == i+1 { // blank line
-			r.headEnd = eol + 1
+			r.HeadEnd = eol + 1
 			break
 		}
 		line := b[i : eol-1]
@@ -135,25 +135,25 @@ func parseRawReq(b []byte, r *rawReq) error {
 				return errSlow
 			}
 		}
-		if r.nh == maxRawHeaders {
+		if r.NumHeaders == maxRawHeaders {
 			return errSlow
 		}
-		k := r.nh
-		r.nh++
-		r.names[k] = span{i, i + colon}
-		r.vals[k] = span{i + vs, i + ve}
+		k := r.NumHeaders
+		r.NumHeaders++
+		r.Names[k] = Span{i, i + colon}
+		r.Vals[k] = Span{i + vs, i + ve}
 		name, val := line[:colon], line[vs:ve]
 		switch len(name) {
 		case 2:
 			if bytes.EqualFold(name, []byte("TE")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 4:
 			if bytes.EqualFold(name, []byte("Host")) {
-				if r.host.e != 0 {
+				if r.Host.End != 0 {
 					return errSlow
 				}
-				r.host = r.vals[k]
+				r.Host = r.Vals[k]
 			}
 		case 6:
 			if bytes.EqualFold(name, []byte("Expect")) {
@@ -164,21 +164,21 @@ func parseRawReq(b []byte, r *rawReq) error {
 				return errSlow
 			}
 			if bytes.EqualFold(name, []byte("Trailer")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 10:
 			if bytes.EqualFold(name, []byte("Connection")) {
-				if r.conn.e != 0 {
+				if r.Conn.End != 0 {
 					return errSlow
 				}
-				r.conn = r.vals[k]
-				r.drop[k], r.hop = true, true
+				r.Conn = r.Vals[k]
+				r.Drop[k], r.Hop = true, true
 			} else if bytes.EqualFold(name, []byte("Keep-Alive")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 14:
 			if bytes.EqualFold(name, []byte("Content-Length")) {
-				if r.clen >= 0 || len(val) == 0 || len(val) > 15 {
+				if r.ContentLength >= 0 || len(val) == 0 || len(val) > 15 {
 					return errSlow
 				}
 				var n int64
@@ -188,61 +188,61 @@ func parseRawReq(b []byte, r *rawReq) error {
 					}
 					n = n*10 + int64(c-'0')
 				}
-				r.clen = n
+				r.ContentLength = n
 			}
 		case 15:
 			if bytes.EqualFold(name, []byte("X-Forwarded-For")) {
-				if r.nxff == len(r.xff) {
+				if r.NumXFF == len(r.XFF) {
 					return errSlow
 				}
-				r.xff[r.nxff] = r.vals[k]
-				r.nxff++
-				r.drop[k] = true
+				r.XFF[r.NumXFF] = r.Vals[k]
+				r.NumXFF++
+				r.Drop[k] = true
 			}
 			if bytes.EqualFold(name, []byte("Idempotency-Key")) && len(val) > 0 {
-				r.idemKey = true
+				r.IdemKey = true
 			}
 		case 16:
 			if bytes.EqualFold(name, []byte("Proxy-Connection")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 17:
 			if bytes.EqualFold(name, []byte("Transfer-Encoding")) {
 				return errSlow
 			}
 			if bytes.EqualFold(name, []byte("X-Forwarded-Proto")) {
-				r.hasXFP = true
+				r.HasXFP = true
 			}
 		case 18:
 			if bytes.EqualFold(name, []byte("Proxy-Authenticate")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 19:
 			if bytes.EqualFold(name, []byte("Proxy-Authorization")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		}
 		i = eol + 1
 	}
-	if r.host.e == 0 {
+	if r.Host.End == 0 {
 		return errSlow
 	}
-	if r.conn.e != 0 {
-		for _, tok := range bytes.Split(b[r.conn.s:r.conn.e], []byte(",")) {
+	if r.Conn.End != 0 {
+		for _, tok := range bytes.Split(b[r.Conn.Start:r.Conn.End], []byte(",")) {
 			tok = bytes.TrimSpace(tok)
 			switch {
 			case len(tok) == 0 || bytes.EqualFold(tok, []byte("keep-alive")):
 			case bytes.EqualFold(tok, []byte("close")):
-				r.connClose = true
+				r.ConnClose = true
 			case bytes.EqualFold(tok, []byte("upgrade")):
 				return errSlow
 			case framingHeader(tok):
 				// Never dropped: the body sent on is framed by it.
 			default:
-				r.connTokens = true
-				for k := 0; k < r.nh; k++ {
-					if bytes.EqualFold(b[r.names[k].s:r.names[k].e], tok) {
-						r.drop[k] = true
+				r.ConnTokens = true
+				for k := 0; k < r.NumHeaders; k++ {
+					if bytes.EqualFold(b[r.Names[k].Start:r.Names[k].End], tok) {
+						r.Drop[k] = true
 					}
 				}
 			}
@@ -268,48 +268,48 @@ func framingHeader(name []byte) bool {
 
 // appendPath appends the origin-form path to send on: "/" for an empty
 // one, and "/" before a query that starts it ("http://svc?q=1").
-func appendPath(out, b []byte, path span) []byte {
-	if path.s == path.e || b[path.s] == '?' {
+func appendPath(out, b []byte, path Span) []byte {
+	if path.Start == path.End || b[path.Start] == '?' {
 		out = append(out, '/')
 	}
-	return append(out, b[path.s:path.e]...)
+	return append(out, b[path.Start:path.End]...)
 }
 
 // authority returns the host of an absolute-form target ("" span when the
 // target is in origin-form) and the origin-form path to send on.
-func (r *rawReq) authority(b []byte) (host, path span) {
-	t := b[r.target.s:r.target.e]
+func (r *Request) authority(b []byte) (host, path Span) {
+	t := b[r.Target.Start:r.Target.End]
 	if len(t) > 7 && t[0] != '/' && bytes.EqualFold(t[:7], []byte("http://")) {
 		rest := t[7:]
 		end := len(rest)
 		if i := bytes.IndexAny(rest, "/?#"); i >= 0 {
 			end = i
 		}
-		hs, he := r.target.s+7, r.target.s+7+end
+		hs, he := r.Target.Start+7, r.Target.Start+7+end
 		if i := bytes.LastIndexByte(rest[:end], '@'); i >= 0 {
 			hs += i + 1 // userinfo is no part of the host (RFC 9110 §4.2.4)
 		}
-		return span{hs, he}, span{he, r.target.e}
+		return Span{hs, he}, Span{he, r.Target.End}
 	}
-	return span{}, r.target
+	return Span{}, r.Target
 }
 
 // rawResp is a parsed response head.
 type rawResp struct {
-	headEnd   int
-	status    int
-	reason    span // after the status code, including the leading space
-	clen      int64
-	chunked   bool
-	te        bool // Transfer-Encoding present
-	clLine    bool // Content-Length present
-	close     bool // the instance closes the connection after this answer
-	hop       bool // a header must be dropped
-	conn      span
-	nh        int
-	names     [maxRawHeaders]span
-	lineStart [maxRawHeaders]int
-	drop      [maxRawHeaders]bool
+	HeadEnd          int
+	Status           int
+	Reason           Span // after the status code, including the leading space
+	ContentLength    int64
+	Chunked          bool
+	TE               bool // Transfer-Encoding present
+	HasContentLength bool // Content-Length present
+	Close            bool // the instance closes the connection after this answer
+	Hop              bool // a header must be dropped
+	Conn             Span
+	NumHeaders       int
+	Names            [maxRawHeaders]Span
+	LineStart        [maxRawHeaders]int
+	Drop             [maxRawHeaders]bool
 }
 
 var errBadResponse = errors.New("malformed response from instance")
@@ -317,7 +317,7 @@ var errBadResponse = errors.New("malformed response from instance")
 // parseRawResp parses the response head at the start of b; it returns
 // errHeadIncomplete when more bytes are needed.
 func parseRawResp(b []byte, r *rawResp) error {
-	*r = rawResp{clen: -1}
+	*r = rawResp{ContentLength: -1}
 	eol := bytes.IndexByte(b, '\n')
 	if eol < 0 {
 		return errHeadIncomplete
@@ -330,7 +330,7 @@ func parseRawResp(b []byte, r *rawResp) error {
 		return errBadResponse
 	}
 	if line[7] == '0' {
-		r.close = true
+		r.Close = true
 	} else if line[7] != '1' {
 		return errBadResponse
 	}
@@ -344,8 +344,8 @@ func parseRawResp(b []byte, r *rawResp) error {
 	if st < 100 || len(line) > 12 && line[12] != ' ' || !fieldValue(line[12:]) {
 		return errBadResponse
 	}
-	r.status = st
-	r.reason = span{12, len(line)}
+	r.Status = st
+	r.Reason = Span{12, len(line)}
 	keepAlive := false
 	i := eol + 1
 	for {
@@ -359,7 +359,7 @@ func parseRawResp(b []byte, r *rawResp) error {
 		}
 		line := b[i : eol-1]
 		if len(line) == 0 {
-			r.headEnd = eol + 1
+			r.HeadEnd = eol + 1
 			break
 		}
 		// As strict as the request parser (and net/http's client): a
@@ -378,40 +378,40 @@ func parseRawResp(b []byte, r *rawResp) error {
 		if !fieldValue(line[colon+1:]) {
 			return errBadResponse
 		}
-		if r.nh == maxRawHeaders {
+		if r.NumHeaders == maxRawHeaders {
 			return errBadResponse
 		}
-		k := r.nh
-		r.nh++
-		r.lineStart[k] = i
-		r.names[k] = span{i, i + colon}
+		k := r.NumHeaders
+		r.NumHeaders++
+		r.LineStart[k] = i
+		r.Names[k] = Span{i, i + colon}
 		name := line[:colon]
 		val := bytes.TrimSpace(line[colon+1:])
 		switch len(name) {
 		case 2:
 			if bytes.EqualFold(name, []byte("TE")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 7:
 			if bytes.EqualFold(name, []byte("Upgrade")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 10:
 			if bytes.EqualFold(name, []byte("Connection")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 				for _, tok := range bytes.Split(val, []byte(",")) {
 					tok = bytes.TrimSpace(tok)
 					switch {
 					case bytes.EqualFold(tok, []byte("close")):
-						r.close = true
+						r.Close = true
 					case bytes.EqualFold(tok, []byte("keep-alive")):
 						keepAlive = true
 					}
 				}
 				vs := i + colon + 1 + bytes.Index(line[colon+1:], val)
-				r.conn = span{vs, vs + len(val)}
+				r.Conn = Span{vs, vs + len(val)}
 			} else if bytes.EqualFold(name, []byte("Keep-Alive")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 14:
 			if bytes.EqualFold(name, []byte("Content-Length")) {
@@ -425,57 +425,57 @@ func parseRawResp(b []byte, r *rawResp) error {
 					}
 					n = n*10 + int64(c-'0')
 				}
-				if r.clen >= 0 && r.clen != n {
+				if r.ContentLength >= 0 && r.ContentLength != n {
 					return errBadResponse
 				}
-				r.clen = n
-				r.clLine = true
+				r.ContentLength = n
+				r.HasContentLength = true
 			}
 		case 16:
 			if bytes.EqualFold(name, []byte("Proxy-Connection")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 17:
 			if bytes.EqualFold(name, []byte("Transfer-Encoding")) {
 				// Only "chunked", once, as net/http's client: another
 				// coding ("gzip, chunked") would have to be decoded to
 				// be framed the same way by every client.
-				if r.te || !bytes.EqualFold(val, []byte("chunked")) {
+				if r.TE || !bytes.EqualFold(val, []byte("chunked")) {
 					return errBadResponse
 				}
-				r.te, r.chunked = true, true
+				r.TE, r.Chunked = true, true
 			}
 		case 18:
 			if bytes.EqualFold(name, []byte("Proxy-Authenticate")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		}
 		i = eol + 1
 	}
 	if line[7] == '0' && keepAlive {
-		r.close = false
+		r.Close = false
 	}
-	if r.te {
+	if r.TE {
 		// Transfer-Encoding overrides Content-Length (RFC 9112 §6.3).
-		r.clen = -1
-		if r.clLine { // the client must not see both
-			for k := 0; k < r.nh; k++ {
-				if bytes.EqualFold(b[r.names[k].s:r.names[k].e], []byte("Content-Length")) {
-					r.drop[k], r.hop = true, true
+		r.ContentLength = -1
+		if r.HasContentLength { // the client must not see both
+			for k := 0; k < r.NumHeaders; k++ {
+				if bytes.EqualFold(b[r.Names[k].Start:r.Names[k].End], []byte("Content-Length")) {
+					r.Drop[k], r.Hop = true, true
 				}
 			}
 		}
 	}
-	if r.conn.e != 0 {
-		for _, tok := range bytes.Split(b[r.conn.s:r.conn.e], []byte(",")) {
+	if r.Conn.End != 0 {
+		for _, tok := range bytes.Split(b[r.Conn.Start:r.Conn.End], []byte(",")) {
 			tok = bytes.TrimSpace(tok)
 			if len(tok) == 0 || bytes.EqualFold(tok, []byte("close")) || bytes.EqualFold(tok, []byte("keep-alive")) ||
 				framingHeader(tok) {
 				continue
 			}
-			for k := 0; k < r.nh; k++ {
-				if bytes.EqualFold(b[r.names[k].s:r.names[k].e], tok) {
-					r.drop[k] = true
+			for k := 0; k < r.NumHeaders; k++ {
+				if bytes.EqualFold(b[r.Names[k].Start:r.Names[k].End], tok) {
+					r.Drop[k] = true
 				}
 			}
 		}
@@ -497,7 +497,7 @@ func fieldValue(v []byte) bool {
 // hasBody says whether the answer to a request with this method carries a
 // body (RFC 9112 §6.3).
 func (r *rawResp) hasBody(head bool) bool {
-	return !head && r.status >= 200 && r.status != 204 && r.status != 304
+	return !head && r.Status >= 200 && r.Status != 204 && r.Status != 304
 }
 
 // chunkScan follows chunked framing (RFC 9112 §7.1) through a byte stream

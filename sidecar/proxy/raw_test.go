@@ -16,10 +16,10 @@ func TestParseRawReq(t *testing.T) {
 	tests := []struct {
 		name, in string
 		err      error
-		check    func(t *testing.T, b []byte, r *rawReq)
+		check    func(t *testing.T, b []byte, r *Request)
 	}{
-		{"simple", "GET /a HTTP/1.1\r\nHost: x\r\n\r\n", nil, func(t *testing.T, b []byte, r *rawReq) {
-			if string(b[r.host.s:r.host.e]) != "x" || r.clen != -1 || r.hop {
+		{"simple", "GET /a HTTP/1.1\r\nHost: x\r\n\r\n", nil, func(t *testing.T, b []byte, r *Request) {
+			if string(b[r.Host.Start:r.Host.End]) != "x" || r.ContentLength != -1 || r.Hop {
 				t.Errorf("%+v", r)
 			}
 		}},
@@ -35,39 +35,39 @@ func TestParseRawReq(t *testing.T) {
 		{"two lengths", "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n", errSlow, nil},
 		{"bad length", "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", errSlow, nil},
 		{"hop headers", "GET /a HTTP/1.1\r\nHost: x\r\nConnection: close, X-P\r\nX-P: 1\r\nKeep-Alive: 5\r\nX-Forwarded-For: 1.2.3.4\r\nIdempotency-Key: k\r\n\r\n", nil,
-			func(t *testing.T, b []byte, r *rawReq) {
-				if !r.connClose || !r.hop || !r.idemKey || r.nxff != 1 {
+			func(t *testing.T, b []byte, r *Request) {
+				if !r.ConnClose || !r.Hop || !r.IdemKey || r.NumXFF != 1 {
 					t.Errorf("%+v", r)
 				}
-				for k := 0; k < r.nh; k++ {
-					name := string(b[r.names[k].s:r.names[k].e])
-					if want := name != "Host" && name != "Idempotency-Key"; r.drop[k] != want {
-						t.Errorf("%s: drop %v", name, r.drop[k])
+				for k := 0; k < r.NumHeaders; k++ {
+					name := string(b[r.Names[k].Start:r.Names[k].End])
+					if want := name != "Host" && name != "Idempotency-Key"; r.Drop[k] != want {
+						t.Errorf("%s: drop %v", name, r.Drop[k])
 					}
 				}
 			}},
-		{"absolute form", "GET http://inventory.service.consul:80?q HTTP/1.1\r\nHost: inventory\r\n\r\n", nil, func(t *testing.T, b []byte, r *rawReq) {
+		{"absolute form", "GET http://inventory.service.consul:80?q HTTP/1.1\r\nHost: inventory\r\n\r\n", nil, func(t *testing.T, b []byte, r *Request) {
 			h, p := r.authority(b)
-			if path := appendPath(nil, b, p); string(b[h.s:h.e]) != "inventory.service.consul:80" || string(path) != "/?q" {
-				t.Errorf("authority %q path %q", b[h.s:h.e], path)
+			if path := appendPath(nil, b, p); string(b[h.Start:h.End]) != "inventory.service.consul:80" || string(path) != "/?q" {
+				t.Errorf("authority %q path %q", b[h.Start:h.End], path)
 			}
 		}},
 		{"connection names framing", "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: Content-Length, host, X-P\r\nX-P: 1\r\n\r\nA", nil,
-			func(t *testing.T, b []byte, r *rawReq) {
-				if r.clen != 1 {
-					t.Errorf("clen %d", r.clen)
+			func(t *testing.T, b []byte, r *Request) {
+				if r.ContentLength != 1 {
+					t.Errorf("clen %d", r.ContentLength)
 				}
-				for k := 0; k < r.nh; k++ {
-					name := string(b[r.names[k].s:r.names[k].e])
-					if want := name == "Connection" || name == "X-P"; r.drop[k] != want {
-						t.Errorf("%s: drop %v", name, r.drop[k])
+				for k := 0; k < r.NumHeaders; k++ {
+					name := string(b[r.Names[k].Start:r.Names[k].End])
+					if want := name == "Connection" || name == "X-P"; r.Drop[k] != want {
+						t.Errorf("%s: drop %v", name, r.Drop[k])
 					}
 				}
 			}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			var r rawReq
+			var r Request
 			b := []byte(tc.in)
 			if err := parseRawReq(b, &r); err != tc.err {
 				t.Fatalf("err %v, want %v", err, tc.err)
@@ -116,22 +116,22 @@ func FuzzRawParsers(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		var rq rawReq
+		var rq Request
 		if parseRawReq(b, &rq) == nil {
-			if rq.headEnd > len(b) {
+			if rq.HeadEnd > len(b) {
 				t.Fatal("head past the input")
 			}
-			for k := 0; k < rq.nh; k++ {
-				if rq.names[k].e > rq.vals[k].e || rq.vals[k].e > rq.headEnd {
+			for k := 0; k < rq.NumHeaders; k++ {
+				if rq.Names[k].End > rq.Vals[k].End || rq.Vals[k].End > rq.HeadEnd {
 					t.Fatal("span out of range")
 				}
 			}
 			h, p := rq.authority(b)
-			_, _ = b[h.s:h.e], b[p.s:p.e]
+			_, _ = b[h.Start:h.End], b[p.Start:p.End]
 		}
 		var rs rawResp
 		if parseRawResp(b, &rs) == nil {
-			if rs.headEnd > len(b) || rs.reason.e > rs.headEnd || rs.status < 100 || rs.status > 999 {
+			if rs.HeadEnd > len(b) || rs.Reason.End > rs.HeadEnd || rs.Status < 100 || rs.Status > 999 {
 				t.Fatal("bad response parse")
 			}
 		}

@@ -412,10 +412,10 @@ func TestParseRawRespRejects(t *testing.T) {
 	if err := parseRawResp(in, &r); err != nil {
 		t.Fatal(err)
 	}
-	for k := 0; k < r.nh; k++ {
-		name := string(in[r.names[k].s:r.names[k].e])
-		if want := name != "Transfer-Encoding"; r.drop[k] != want {
-			t.Errorf("%s: drop %v, want %v", name, r.drop[k], want)
+	for k := 0; k < r.NumHeaders; k++ {
+		name := string(in[r.Names[k].Start:r.Names[k].End])
+		if want := name != "Transfer-Encoding"; r.Drop[k] != want {
+			t.Errorf("%s: drop %v, want %v", name, r.Drop[k], want)
 		}
 	}
 }

@@ -160,7 +160,7 @@ type rawConn struct {
 	timedOut bool      // the last read timed out
 	idleEnd  time.Time // when the connection, waiting for a request, has been idle for IdleTimeout
 	ip       []byte
-	req      rawReq
+	req      Request
 	x        rawExchange
 	extra    []byte // an extra response header line ("Name: value\r\n")
 
@@ -274,14 +274,14 @@ func (rc *rawConn) run() {
 			return
 		}
 		r := &rc.req
-		end := r.headEnd
-		if r.clen > 0 {
-			if r.clen > int64(p.cfg.MaxReplayBody) || int64(len(rc.buf)-end) < r.clen {
+		end := r.HeadEnd
+		if r.ContentLength > 0 {
+			if r.ContentLength > int64(p.cfg.MaxReplayBody) || int64(len(rc.buf)-end) < r.ContentLength {
 				handedOff = true
 				rc.handOff()
 				return
 			}
-			end += int(r.clen)
+			end += int(r.ContentLength)
 			for rc.n < end { // the body keeps moving: BodyTimeout between reads
 				if !rc.readMore(time.Now().Add(cfg.BodyTimeout), cfg.BodyTimeout/16) {
 					return
@@ -354,9 +354,9 @@ func (rc *rawConn) serveOne(end int) bool {
 		return false
 	}
 	x := &rc.x
-	method := b[r.method.s:r.method.e]
+	method := b[r.Method.Start:r.Method.End]
 	x.head = string(method) == "HEAD"
-	x.replay = idempotent(method) || r.idemKey
+	x.replay = idempotent(method) || r.IdemKey
 	host, path := r.authority(b)
 	if rt := s.rt; rt != nil && rt.router != nil {
 		return rc.serveRouted(end, host, path)
@@ -400,7 +400,7 @@ type decided struct {
 }
 
 // serveRouted is serveOne on a gateway listener: the router decides.
-func (rc *rawConn) serveRouted(end int, host, path span) bool {
+func (rc *rawConn) serveRouted(end int, host, path Span) bool {
 	s, p, b, r := rc.s, rc.s.p, rc.buf, &rc.req
 	var d Decision
 	var t *target
@@ -440,11 +440,11 @@ type lastHost struct {
 // lookup returns the host of the request parsed into r from b (the
 // absolute-form target's authority, else the Host header) and the target
 // remembered for it, if any.
-func (h *lastHost) lookup(b []byte, r *rawReq, authority span) ([]byte, *target) {
-	if authority.e == 0 {
-		authority = r.host
+func (h *lastHost) lookup(b []byte, r *Request, authority Span) ([]byte, *target) {
+	if authority.End == 0 {
+		authority = r.Host
 	}
-	hb := b[authority.s:authority.e]
+	hb := b[authority.Start:authority.End]
 	if h.t != nil && bytes.Equal(hb, h.host) {
 		return hb, h.t
 	}
@@ -461,36 +461,36 @@ func (h *lastHost) remember(host []byte, t *target) {
 // absolute-form target (host, when not empty) as Host (RFC 9112 §3.2.2:
 // it replaces whatever Host the client sent), hop-by-hop headers dropped,
 // X-Forwarded-For and X-Forwarded-Proto set, the body after the head.
-func appendRequest(out, b []byte, r *rawReq, host, path span, end int, ip []byte) []byte {
-	out = append(out, b[r.method.s:r.method.e]...)
+func appendRequest(out, b []byte, r *Request, host, path Span, end int, ip []byte) []byte {
+	out = append(out, b[r.Method.Start:r.Method.End]...)
 	out = append(out, ' ')
 	out = appendPath(out, b, path)
 	out = append(out, " HTTP/1.1\r\n"...)
-	for k := 0; k < r.nh; k++ {
+	for k := 0; k < r.NumHeaders; k++ {
 		switch {
-		case r.drop[k]:
-		case host.e > host.s && r.vals[k] == r.host:
-			out = append(out, b[r.names[k].s:r.names[k].e]...)
+		case r.Drop[k]:
+		case host.End > host.Start && r.Vals[k] == r.Host:
+			out = append(out, b[r.Names[k].Start:r.Names[k].End]...)
 			out = append(out, ": "...)
-			out = append(out, b[host.s:host.e]...)
+			out = append(out, b[host.Start:host.End]...)
 			out = append(out, '\r', '\n')
 		default:
-			out = append(out, b[r.names[k].s:r.vals[k].e]...)
+			out = append(out, b[r.Names[k].Start:r.Vals[k].End]...)
 			out = append(out, '\r', '\n')
 		}
 	}
 	out = append(out, "X-Forwarded-For: "...)
-	for i := 0; i < r.nxff; i++ {
-		out = append(out, b[r.xff[i].s:r.xff[i].e]...)
+	for i := 0; i < r.NumXFF; i++ {
+		out = append(out, b[r.XFF[i].Start:r.XFF[i].End]...)
 		out = append(out, ", "...)
 	}
 	out = append(out, ip...)
 	out = append(out, '\r', '\n')
-	if !r.hasXFP {
+	if !r.HasXFP {
 		out = append(out, "X-Forwarded-Proto: http\r\n"...)
 	}
 	out = append(out, '\r', '\n')
-	return append(out, b[r.headEnd:end]...)
+	return append(out, b[r.HeadEnd:end]...)
 }
 
 // finish writes the answer for res (the instance's, a fallback's or our
@@ -528,7 +528,7 @@ func (rc *rawConn) finish(t *target, res result, mayFallback bool) bool {
 
 var errAnswerGone = errors.New("proxy: the instance's answer was dropped")
 
-func (rc *rawConn) closeAfter() bool { return rc.req.connClose || rc.s.closing.Load() }
+func (rc *rawConn) closeAfter() bool { return rc.req.ConnClose || rc.s.closing.Load() }
 
 // writeCanned writes one of the proxy's own answers.
 func (rc *rawConn) writeCanned(c canned) bool {
@@ -573,25 +573,25 @@ func (rc *rawConn) writeAnswer() bool {
 	b := bc.buf
 	closeClient := rc.closeAfter()
 	bodyless := !r.hasBody(x.head)
-	untilClose := !bodyless && r.clen < 0 && !r.chunked
+	untilClose := !bodyless && r.ContentLength < 0 && !r.Chunked
 	if untilClose {
 		closeClient = true
 	}
 	out := appendAnswerHead(rc.out[:0], b, r, closeClient, rc.extra)
-	avail := b[r.headEnd:x.rn]
+	avail := b[r.HeadEnd:x.rn]
 	reuse := false
 	var err error
 	switch {
 	case bodyless:
 		rc.out = out
 		_, err = rc.c.Write(out)
-		reuse = !r.close && len(avail) == 0
-	case r.clen >= 0:
-		if int64(len(avail)) >= r.clen {
-			out = append(out, avail[:r.clen]...)
+		reuse = !r.Close && len(avail) == 0
+	case r.ContentLength >= 0:
+		if int64(len(avail)) >= r.ContentLength {
+			out = append(out, avail[:r.ContentLength]...)
 			rc.out = out
 			_, err = rc.c.Write(out)
-			reuse = !r.close && int64(len(avail)) == r.clen
+			reuse = !r.Close && int64(len(avail)) == r.ContentLength
 			break
 		}
 		out = append(out, avail...)
@@ -599,7 +599,7 @@ func (rc *rawConn) writeAnswer() bool {
 		if _, err = rc.c.Write(out); err != nil {
 			break
 		}
-		left := r.clen - int64(len(avail))
+		left := r.ContentLength - int64(len(avail))
 		for left > 0 && err == nil {
 			n := len(b)
 			if int64(n) > left {
@@ -617,8 +617,8 @@ func (rc *rawConn) writeAnswer() bool {
 				err = io.ErrUnexpectedEOF
 			}
 		}
-		reuse = err == nil && !r.close
-	case r.chunked:
+		reuse = err == nil && !r.Close
+	case r.Chunked:
 		var cs chunkScan
 		n, done, serr := cs.scan(avail)
 		out = append(out, avail[:n]...)
@@ -643,7 +643,7 @@ func (rc *rawConn) writeAnswer() bool {
 				err = io.ErrUnexpectedEOF
 			}
 		}
-		reuse = err == nil && done && !extra && !r.close
+		reuse = err == nil && done && !extra && !r.Close
 	default: // until the instance closes
 		out = append(out, avail...)
 		rc.out = out
@@ -672,22 +672,22 @@ func (rc *rawConn) writeAnswer() bool {
 func appendAnswerHead(out, b []byte, r *rawResp, closeClient bool, extra []byte) []byte {
 	out = append(out, "HTTP/1.1 "...)
 	out = append(out, b[9:12]...)
-	out = append(out, b[r.reason.s:r.reason.e]...)
+	out = append(out, b[r.Reason.Start:r.Reason.End]...)
 	out = append(out, '\r', '\n')
-	if r.nh > 0 {
-		if !r.hop {
-			out = append(out, b[r.lineStart[0]:r.headEnd]...)
+	if r.NumHeaders > 0 {
+		if !r.Hop {
+			out = append(out, b[r.LineStart[0]:r.HeadEnd]...)
 			out = trimBlankLine(out)
 		} else {
-			for k := 0; k < r.nh; k++ {
-				if r.drop[k] {
+			for k := 0; k < r.NumHeaders; k++ {
+				if r.Drop[k] {
 					continue
 				}
-				e := r.headEnd
-				if k+1 < r.nh {
-					e = r.lineStart[k+1]
+				e := r.HeadEnd
+				if k+1 < r.NumHeaders {
+					e = r.LineStart[k+1]
 				}
-				out = append(out, b[r.lineStart[k]:e]...)
+				out = append(out, b[r.LineStart[k]:e]...)
 			}
 			out = trimBlankLine(out)
 		}
@@ -749,7 +749,7 @@ func (x *rawExchange) try(ep *endpoint, deadline time.Time) (int, error) {
 		}
 		if err == nil {
 			x.bc, x.pool = bc, ep.pool
-			return x.resp.status, nil
+			return x.resp.Status, nil
 		}
 		// A pooled connection the instance closed while it was idle:
 		// once more on a new connection, for requests that may be resent.
@@ -789,10 +789,10 @@ func (x *rawExchange) readHead(bc *bconn) error {
 // try (a 502 or 504, or a retry), not a truncated answer.
 func (x *rawExchange) readShortBody(bc *bconn) error {
 	r := &x.resp
-	if !r.hasBody(x.head) || r.clen < 0 || int64(len(bc.buf)-r.headEnd) < r.clen {
+	if !r.hasBody(x.head) || r.ContentLength < 0 || int64(len(bc.buf)-r.HeadEnd) < r.ContentLength {
 		return nil
 	}
-	for need := r.headEnd + int(r.clen); x.rn < need; {
+	for need := r.HeadEnd + int(r.ContentLength); x.rn < need; {
 		n, err := bc.c.Read(bc.buf[x.rn:need])
 		x.rn += n
 		if err != nil && x.rn < need {
@@ -822,13 +822,13 @@ func scanAnswerHead(buf []byte, n int, r *rawResp) (int, bool, error) {
 		if err != nil {
 			return n, false, err
 		}
-		if r.status >= 200 {
+		if r.Status >= 200 {
 			return n, true, nil
 		}
-		if r.status == http.StatusSwitchingProtocols {
+		if r.Status == http.StatusSwitchingProtocols {
 			return n, false, errBadResponse
 		}
-		n = copy(buf, buf[r.headEnd:n])
+		n = copy(buf, buf[r.HeadEnd:n])
 	}
 	return n, false, nil
 }
@@ -839,9 +839,9 @@ func (x *rawExchange) discard() {
 		return
 	}
 	r := &x.resp
-	full := !r.hasBody(x.head) && x.rn == r.headEnd ||
-		r.clen >= 0 && int64(x.rn-r.headEnd) == r.clen
-	x.release(full && !r.close)
+	full := !r.hasBody(x.head) && x.rn == r.HeadEnd ||
+		r.ContentLength >= 0 && int64(x.rn-r.HeadEnd) == r.ContentLength
+	x.release(full && !r.Close)
 }
 
 func (x *rawExchange) release(reuse bool) {
