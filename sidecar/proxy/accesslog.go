@@ -14,6 +14,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"attache/sidecar/breaker"
+	"attache/sidecar/proxy/h1"
 )
 
 // AccessEntry is one line of the access log: one proxied request, after
@@ -300,7 +301,7 @@ func (t *target) logAccess(a *accReq, br *breaker.Service, start, end time.Time,
 
 // rawAccReq is newAccReq for a request parsed in b (the fast path and the
 // event loops): host is the absolute-form target's, else the Host header's.
-func rawAccReq(p *Proxy, rt *routing, b []byte, r *Request, host, path Span) *accReq {
+func rawAccReq(p *Proxy, rt *routing, b []byte, r *h1.Request, host, path h1.Span) *accReq {
 	if p.acc == nil {
 		return nil
 	}

@@ -16,6 +16,7 @@ import (
 
 	"attache/sidecar/breaker"
 	"attache/sidecar/catalog"
+	"attache/sidecar/proxy/h1"
 )
 
 // Differential fuzzers: byte streams through a running proxy (the event
@@ -186,7 +187,7 @@ func endToEnd(h http.Header) http.Header {
 	out := h.Clone()
 	for _, v := range h.Values("Connection") {
 		for _, tok := range strings.Split(v, ",") {
-			if tok = strings.TrimSpace(tok); tok != "" && !framingHeader([]byte(tok)) {
+			if tok = strings.TrimSpace(tok); tok != "" && !h1.FramingHeader([]byte(tok)) {
 				out.Del(tok)
 			}
 		}
@@ -298,7 +299,7 @@ func referenceAnswer(in []byte) (*http.Response, []byte, error) {
 			return nil, nil, err
 		}
 		if resp.StatusCode == 101 {
-			return nil, nil, errBadResponse
+			return nil, nil, h1.ErrBadResponse
 		}
 		if resp.StatusCode >= 200 {
 			body, err := io.ReadAll(resp.Body)

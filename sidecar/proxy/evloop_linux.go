@@ -17,6 +17,8 @@ import (
 	"unsafe"
 
 	"github.com/valyala/fasthttp"
+
+	"attache/sidecar/proxy/h1"
 )
 
 // The event loops serve the plain HTTP/1.1 exchanges of the HTTP listeners
@@ -376,7 +378,7 @@ type evBack struct {
 	idleAt     time.Time
 	headDone   bool
 	hup        bool // the instance closed its side
-	resp       rawResp
+	resp       h1.Response
 }
 
 type evLoop struct {
@@ -407,7 +409,7 @@ type evLoop struct {
 	rhead    Head // gateway listeners: what the router sees of the request under way
 	rhsrc    rawHead
 	shedc    chan *endpoint // endpoints whose idle connections to close
-	req      Request        // the request head being parsed (one at a time)
+	req      h1.Request     // the request head being parsed (one at a time)
 	bufs     [][]byte       // free client read buffers
 	outs     [][]byte       // free request buffers
 }
@@ -894,8 +896,8 @@ func (l *evLoop) serve(c *evConn) {
 			return
 		}
 		c.inBody = false
-		err := parseRawReq(c.buf[:c.n], &l.req)
-		if err == errHeadIncomplete && c.n < len(c.buf) {
+		err := h1.ParseRequest(c.buf[:c.n], &l.req)
+		if err == h1.ErrIncomplete && c.n < len(c.buf) {
 			if l.readOn(c) {
 				continue
 			}
@@ -942,7 +944,7 @@ func (l *evLoop) readOn(c *evConn) bool {
 // start forwards the request parsed into l.req whose bytes are c.buf[:end].
 func (l *evLoop) start(c *evConn, end int) {
 	s, p, b, r := l.s, l.p, c.buf, &l.req
-	host, path := r.authority(b)
+	host, path := r.Authority(b)
 	var t *target
 	var d Decision
 	rt := c.ln.rt
@@ -1273,7 +1275,7 @@ func (l *evLoop) answered(b *evBack) {
 		}
 	}
 	need := r.HeadEnd
-	if r.hasBody(c.head) {
+	if r.HasBody(c.head) {
 		need += int(r.ContentLength)
 	}
 	if b.n < need {
@@ -1315,7 +1317,7 @@ func (l *evLoop) counted(c *evConn, status int) bool {
 // loop: no body, or a Content-Length one that fits b's buffer.
 func (l *evLoop) simple(b *evBack) bool {
 	r := &b.resp
-	if !r.hasBody(b.c.head) {
+	if !r.HasBody(b.c.head) {
 		return true
 	}
 	return r.ContentLength >= 0 && r.ContentLength <= int64(len(b.buf)-r.HeadEnd)
@@ -1391,7 +1393,7 @@ func (l *evLoop) answer(c *evConn, res result) {
 
 // answerOwn answers the request parsed into r, c.buf[:end], with a
 // gateway's own answer (no route, over a rate limit).
-func (l *evLoop) answerOwn(c *evConn, r *Request, end int, a *Answer) {
+func (l *evLoop) answerOwn(c *evConn, r *h1.Request, end int, a *Answer) {
 	c.head = string(c.buf[r.Method.Start:r.Method.End]) == "HEAD"
 	closeClient := r.ConnClose || c.eof || l.s.closing.Load()
 	out := appendCanned(l.out[:0], answerCanned(a), closeClient, c.head)

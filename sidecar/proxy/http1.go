@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/valyala/fasthttp"
+
+	"attache/sidecar/proxy/h1"
 )
 
 // httpListener is one HTTP listener and what serves it: HTTP/1.1 on the
@@ -259,7 +261,7 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, rt *routing) {
 		}
 	}
 	req := &ctx.Request
-	if !targetForm(req.Header.RequestURI(), req.Header.IsOptions()) && !req.Header.IsConnect() {
+	if !h1.TargetForm(req.Header.RequestURI(), req.Header.IsOptions()) && !req.Header.IsConnect() {
 		p.fastCanned(ctx, cannedJSON(http.StatusBadRequest, "request target is neither a path nor an absolute http:// URI", t.name))
 		ctx.SetConnectionClose()
 		return
@@ -346,26 +348,6 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, rt *routing) {
 
 var httpScheme = []byte("http")
 
-// targetForm says whether a request target is one a proxy passes on:
-// origin-form ("/path") or absolute-form ("http://host/path"), with every
-// "%" starting an escape (RFC 3986 §2.1), or, for OPTIONS, "*" (RFC 9112
-// §3.2).
-func targetForm(uri []byte, options bool) bool {
-	switch {
-	case len(uri) == 0:
-		return false
-	case uri[0] == '/', len(uri) > 7 && bytes.EqualFold(uri[:7], []byte("http://")):
-		for i := bytes.IndexByte(uri, '%'); i >= 0; i = bytes.IndexByte(uri, '%') {
-			if i+2 >= len(uri) || !isHex(uri[i+1]) || !isHex(uri[i+2]) {
-				return false
-			}
-			uri = uri[i+3:]
-		}
-		return true
-	}
-	return options && string(uri) == "*"
-}
-
 // absAuthority is the host (and port) of an absolute-form target, without
 // userinfo; nil for another form.
 func absAuthority(uri []byte) []byte {
@@ -380,10 +362,6 @@ func absAuthority(uri []byte) []byte {
 		a = a[i+1:]
 	}
 	return a
-}
-
-func isHex(c byte) bool {
-	return c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F'
 }
 
 // fastFinish writes the answer for res.
@@ -492,7 +470,7 @@ func stripHopFast(h *fasthttp.RequestHeader) {
 	if conn := h.Peek("Connection"); len(conn) > 0 {
 		for _, tok := range bytes.Split(conn, []byte(",")) {
 			tok = bytes.TrimSpace(tok)
-			if len(tok) > 0 && !bytes.EqualFold(tok, []byte("close")) && !bytes.EqualFold(tok, []byte("keep-alive")) && !framingHeader(tok) {
+			if len(tok) > 0 && !bytes.EqualFold(tok, []byte("close")) && !bytes.EqualFold(tok, []byte("keep-alive")) && !h1.FramingHeader(tok) {
 				h.DelBytes(tok)
 			}
 		}
@@ -517,7 +495,7 @@ func stripHopResp(h *fasthttp.ResponseHeader) {
 	if conn := h.Peek("Connection"); len(conn) > 0 {
 		for _, tok := range bytes.Split(conn, []byte(",")) {
 			tok = bytes.TrimSpace(tok)
-			if len(tok) > 0 && !bytes.EqualFold(tok, []byte("close")) && !bytes.EqualFold(tok, []byte("keep-alive")) && !framingHeader(tok) {
+			if len(tok) > 0 && !bytes.EqualFold(tok, []byte("close")) && !bytes.EqualFold(tok, []byte("keep-alive")) && !h1.FramingHeader(tok) {
 				h.DelBytes(tok)
 			}
 		}

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/valyala/fasthttp"
+
+	"attache/sidecar/proxy/h1"
 )
 
 // rawServer serves the HTTP/1.x connections of one listener. Each request
@@ -160,7 +162,7 @@ type rawConn struct {
 	timedOut bool      // the last read timed out
 	idleEnd  time.Time // when the connection, waiting for a request, has been idle for IdleTimeout
 	ip       []byte
-	req      Request
+	req      h1.Request
 	x        rawExchange
 	extra    []byte // an extra response header line ("Name: value\r\n")
 
@@ -224,8 +226,8 @@ func (rc *rawConn) run() {
 	cfg := &p.cfg
 	var headAt time.Time // when the head under way began to arrive
 	for {
-		err := parseRawReq(rc.buf[:rc.n], &rc.req)
-		if err == errHeadIncomplete && rc.n == 0 && s.park != nil {
+		err := h1.ParseRequest(rc.buf[:rc.n], &rc.req)
+		if err == h1.ErrIncomplete && rc.n == 0 && s.park != nil {
 			// Waiting for the next request: after parkAfter without a
 			// byte, the connection is parked, and this goroutine and its
 			// buffers are given back.
@@ -251,7 +253,7 @@ func (rc *rawConn) run() {
 			}
 			continue
 		}
-		if err == errHeadIncomplete && rc.n < len(rc.buf) {
+		if err == h1.ErrIncomplete && rc.n < len(rc.buf) {
 			// Waiting for a request: IdleTimeout; once it has begun, its
 			// whole head within HeaderTimeout (a head dribbled a byte at a
 			// time is not read for ever).
@@ -357,7 +359,7 @@ func (rc *rawConn) serveOne(end int) bool {
 	method := b[r.Method.Start:r.Method.End]
 	x.head = string(method) == "HEAD"
 	x.replay = idempotent(method) || r.IdemKey
-	host, path := r.authority(b)
+	host, path := r.Authority(b)
 	if rt := s.rt; rt != nil && rt.router != nil {
 		return rc.serveRouted(end, host, path)
 	}
@@ -400,7 +402,7 @@ type decided struct {
 }
 
 // serveRouted is serveOne on a gateway listener: the router decides.
-func (rc *rawConn) serveRouted(end int, host, path Span) bool {
+func (rc *rawConn) serveRouted(end int, host, path h1.Span) bool {
 	s, p, b, r := rc.s, rc.s.p, rc.buf, &rc.req
 	var d Decision
 	var t *target
@@ -440,7 +442,7 @@ type lastHost struct {
 // lookup returns the host of the request parsed into r from b (the
 // absolute-form target's authority, else the Host header) and the target
 // remembered for it, if any.
-func (h *lastHost) lookup(b []byte, r *Request, authority Span) ([]byte, *target) {
+func (h *lastHost) lookup(b []byte, r *h1.Request, authority h1.Span) ([]byte, *target) {
 	if authority.End == 0 {
 		authority = r.Host
 	}
@@ -461,10 +463,10 @@ func (h *lastHost) remember(host []byte, t *target) {
 // absolute-form target (host, when not empty) as Host (RFC 9112 §3.2.2:
 // it replaces whatever Host the client sent), hop-by-hop headers dropped,
 // X-Forwarded-For and X-Forwarded-Proto set, the body after the head.
-func appendRequest(out, b []byte, r *Request, host, path Span, end int, ip []byte) []byte {
+func appendRequest(out, b []byte, r *h1.Request, host, path h1.Span, end int, ip []byte) []byte {
 	out = append(out, b[r.Method.Start:r.Method.End]...)
 	out = append(out, ' ')
-	out = appendPath(out, b, path)
+	out = h1.AppendPath(out, b, path)
 	out = append(out, " HTTP/1.1\r\n"...)
 	for k := 0; k < r.NumHeaders; k++ {
 		switch {
@@ -572,7 +574,7 @@ func (rc *rawConn) writeAnswer() bool {
 	bc, r := x.bc, &x.resp
 	b := bc.buf
 	closeClient := rc.closeAfter()
-	bodyless := !r.hasBody(x.head)
+	bodyless := !r.HasBody(x.head)
 	untilClose := !bodyless && r.ContentLength < 0 && !r.Chunked
 	if untilClose {
 		closeClient = true
@@ -619,8 +621,8 @@ func (rc *rawConn) writeAnswer() bool {
 		}
 		reuse = err == nil && !r.Close
 	case r.Chunked:
-		var cs chunkScan
-		n, done, serr := cs.scan(avail)
+		var cs h1.ChunkScan
+		n, done, serr := cs.Scan(avail)
 		out = append(out, avail[:n]...)
 		rc.out = out
 		if _, err = rc.c.Write(out); err == nil {
@@ -631,7 +633,7 @@ func (rc *rawConn) writeAnswer() bool {
 			var m int
 			m, err = bc.c.Read(b)
 			if m > 0 {
-				n, done, serr = cs.scan(b[:m])
+				n, done, serr = cs.Scan(b[:m])
 				extra = n < m
 				if _, werr := rc.c.Write(b[:n]); werr != nil {
 					err = werr
@@ -669,7 +671,7 @@ func (rc *rawConn) writeAnswer() bool {
 // (its bytes b) as it goes to the client: hop-by-hop headers dropped,
 // Connection: close when the client connection ends after it, extra
 // header lines added.
-func appendAnswerHead(out, b []byte, r *rawResp, closeClient bool, extra []byte) []byte {
+func appendAnswerHead(out, b []byte, r *h1.Response, closeClient bool, extra []byte) []byte {
 	out = append(out, "HTTP/1.1 "...)
 	out = append(out, b[9:12]...)
 	out = append(out, b[r.Reason.Start:r.Reason.End]...)
@@ -717,7 +719,7 @@ type rawExchange struct {
 	replay bool // the request may be sent again
 	bc     *bconn
 	pool   *bpool
-	resp   rawResp
+	resp   h1.Response
 	rn     int // bytes of the answer in bc.buf
 }
 
@@ -789,7 +791,7 @@ func (x *rawExchange) readHead(bc *bconn) error {
 // try (a 502 or 504, or a retry), not a truncated answer.
 func (x *rawExchange) readShortBody(bc *bconn) error {
 	r := &x.resp
-	if !r.hasBody(x.head) || r.ContentLength < 0 || int64(len(bc.buf)-r.HeadEnd) < r.ContentLength {
+	if !r.HasBody(x.head) || r.ContentLength < 0 || int64(len(bc.buf)-r.HeadEnd) < r.ContentLength {
 		return nil
 	}
 	for need := r.HeadEnd + int(r.ContentLength); x.rn < need; {
@@ -810,10 +812,10 @@ var errHeadTooLarge = errors.New("response head from instance too large")
 // scanAnswerHead parses the answer whose first n bytes are in buf into r,
 // dropping interim 1xx answers (it returns how many bytes are left). done:
 // r holds a final answer's head.
-func scanAnswerHead(buf []byte, n int, r *rawResp) (int, bool, error) {
+func scanAnswerHead(buf []byte, n int, r *h1.Response) (int, bool, error) {
 	for n > 0 {
-		err := parseRawResp(buf[:n], r)
-		if err == errHeadIncomplete {
+		err := h1.ParseResponse(buf[:n], r)
+		if err == h1.ErrIncomplete {
 			if n == len(buf) {
 				return n, false, errHeadTooLarge
 			}
@@ -826,7 +828,7 @@ func scanAnswerHead(buf []byte, n int, r *rawResp) (int, bool, error) {
 			return n, true, nil
 		}
 		if r.Status == http.StatusSwitchingProtocols {
-			return n, false, errBadResponse
+			return n, false, h1.ErrBadResponse
 		}
 		n = copy(buf, buf[r.HeadEnd:n])
 	}
@@ -839,7 +841,7 @@ func (x *rawExchange) discard() {
 		return
 	}
 	r := &x.resp
-	full := !r.hasBody(x.head) && x.rn == r.HeadEnd ||
+	full := !r.HasBody(x.head) && x.rn == r.HeadEnd ||
 		r.ContentLength >= 0 && int64(x.rn-r.HeadEnd) == r.ContentLength
 	x.release(full && !r.Close)
 }

@@ -15,6 +15,7 @@ import (
 	"unsafe"
 
 	"attache/sidecar/breaker"
+	"attache/sidecar/proxy/h1"
 )
 
 // Router decides where each request of a gateway listener goes (package
@@ -227,7 +228,7 @@ func requestTimeout(p *Proxy, pol, own *Policy) time.Duration {
 // rawHead is a request parsed in place, as a Router's header source.
 type rawHead struct {
 	b []byte
-	r *Request
+	r *h1.Request
 }
 
 func (h *rawHead) header(name string) string {
@@ -248,7 +249,7 @@ func bstr(b []byte) string {
 }
 
 // rawRouteHead fills h (and src) for the request parsed into r from b.
-func rawRouteHead(h *Head, src *rawHead, b []byte, r *Request, host, path Span, ip []byte, tls bool, now time.Time) {
+func rawRouteHead(h *Head, src *rawHead, b []byte, r *h1.Request, host, path h1.Span, ip []byte, tls bool, now time.Time) {
 	if host.End == 0 {
 		host = r.Host
 	}
@@ -267,13 +268,13 @@ func rawRouteHead(h *Head, src *rawHead, b []byte, r *Request, host, path Span, 
 // either), X-Forwarded-For appended to.
 // An absolute-form target's authority (host) replaces Host, as on the
 // other listeners (RFC 9112 §3.2.2).
-func appendGatewayRequest(out, b []byte, r *Request, host, path Span, newPath string, end int, ip []byte, proto string) []byte {
+func appendGatewayRequest(out, b []byte, r *h1.Request, host, path h1.Span, newPath string, end int, ip []byte, proto string) []byte {
 	out = append(out, b[r.Method.Start:r.Method.End]...)
 	out = append(out, ' ')
 	if newPath != "" {
 		out = append(out, newPath...)
 	} else {
-		out = appendPath(out, b, path)
+		out = h1.AppendPath(out, b, path)
 	}
 	out = append(out, " HTTP/1.1\r\n"...)
 	for k := 0; k < r.NumHeaders; k++ {

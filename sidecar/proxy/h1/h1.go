@@ -1,10 +1,9 @@
-package proxy
-
-import (
-	"bytes"
-	"errors"
-)
-
+// Package h1 is the proxy fast path's HTTP/1.1 parser: request and
+// response heads parsed in place into spans of the caller's buffer, and
+// chunked framing followed through a stream that is passed on unchanged.
+// It does no I/O and allocates nothing; the engines in package proxy read
+// and write, and decide what to do with what it finds.
+//
 // The hand-written HTTP/1.1 fast path parses only what a proxy needs and
 // copies everything else byte for byte. Why by hand: the goal is to be at
 // least as fast as nginx on the same machine, and no maintained Go library
@@ -15,8 +14,15 @@ import (
 // exactly (HTTP/1.0, chunked or large request bodies, Expect, Upgrade,
 // CONNECT, obsolete line folding, bare LF, very many headers) goes to the
 // fasthttp path instead, which answers it as before.
+package h1
 
-const maxRawHeaders = 64
+import (
+	"bytes"
+	"errors"
+)
+
+// MaxHeaders is the most header lines a head may have.
+const MaxHeaders = 64
 
 // Span is a [start, end) range of a head buffer.
 type Span struct{ Start, End int }
@@ -26,7 +32,7 @@ type Request struct {
 	HeadEnd       int // bytes of the head including the blank line
 	Method        Span
 	Target        Span
-	Host          Span // Host header value; e == 0 when absent
+	Host          Span // Host header value; End == 0 when absent
 	ContentLength int64
 	ConnClose     bool
 	ConnTokens    bool // Connection names headers to drop
@@ -37,15 +43,15 @@ type Request struct {
 	NumXFF        int
 	XFF           [4]Span
 	NumHeaders    int
-	Names, Vals   [maxRawHeaders]Span
-	Drop          [maxRawHeaders]bool
+	Names, Vals   [MaxHeaders]Span
+	Drop          [MaxHeaders]bool
 }
 
-// errSlow says the request needs the fasthttp path.
-var errSlow = errors.New("proxy: request needs the general path")
+// ErrSlow says the request needs the fasthttp path.
+var ErrSlow = errors.New("h1: request needs the general path")
 
-// errHeadIncomplete says more bytes are needed.
-var errHeadIncomplete = errors.New("proxy: head incomplete")
+// ErrIncomplete says more bytes are needed.
+var ErrIncomplete = errors.New("h1: head incomplete")
 
 func isTokenByte(c byte) bool {
 	return c > ' ' && c < 0x7f && !bytes.ContainsRune([]byte("\"(),/:;<=>?@[\\]{}"), rune(c))
@@ -58,56 +64,56 @@ var tokenTable = func() (t [256]bool) {
 	return
 }()
 
-// parseRawReq parses the request head at the start of b. It returns
-// errHeadIncomplete when b holds no complete head and errSlow when the
+// ParseRequest parses the request head at the start of b. It returns
+// ErrIncomplete when b holds no complete head and ErrSlow when the
 // request must take the general path.
-func parseRawReq(b []byte, r *Request) error {
+func ParseRequest(b []byte, r *Request) error {
 	*r = Request{ContentLength: -1}
 	// request line
 	eol := bytes.IndexByte(b, '\n')
 	if eol < 0 {
-		return errHeadIncomplete
+		return ErrIncomplete
 	}
 	if eol < 1 || b[eol-1] != '\r' {
-		return errSlow
+		return ErrSlow
 	}
 	line := b[:eol-1]
 	sp1 := bytes.IndexByte(line, ' ')
 	if sp1 <= 0 {
-		return errSlow
+		return ErrSlow
 	}
 	for _, c := range line[:sp1] {
 		if !tokenTable[c] {
-			return errSlow
+			return ErrSlow
 		}
 	}
 	rest := line[sp1+1:]
 	sp2 := bytes.IndexByte(rest, ' ')
 	if sp2 <= 0 || string(rest[sp2+1:]) != "HTTP/1.1" {
-		return errSlow
+		return ErrSlow
 	}
 	for _, c := range rest[:sp2] {
 		if c <= ' ' || c >= 0x7f {
-			return errSlow
+			return ErrSlow
 		}
 	}
-	if !targetForm(rest[:sp2], false) {
-		return errSlow // the general path judges it
+	if !TargetForm(rest[:sp2], false) {
+		return ErrSlow // the general path judges it
 	}
 	r.Method = Span{0, sp1}
 	r.Target = Span{sp1 + 1, sp1 + 1 + sp2}
 	if string(b[r.Method.Start:r.Method.End]) == "CONNECT" {
-		return errSlow
+		return ErrSlow
 	}
 	i := eol + 1
 	for {
 		eol := bytes.IndexByte(b[i:], '\n')
 		if eol < 0 {
-			return errHeadIncomplete
+			return ErrIncomplete
 		}
 		eol += i
 		if eol == i || b[eol-1] != '\r' {
-			return errSlow
+			return ErrSlow
 		}
 		if eol == i+1 { // blank line
 			r.HeadEnd = eol + 1
@@ -116,11 +122,11 @@ func parseRawReq(b []byte, r *Request) error {
 		line := b[i : eol-1]
 		colon := bytes.IndexByte(line, ':')
 		if colon <= 0 {
-			return errSlow
+			return ErrSlow
 		}
 		for _, c := range line[:colon] {
 			if !tokenTable[c] {
-				return errSlow
+				return ErrSlow
 			}
 		}
 		vs, ve := colon+1, len(line)
@@ -132,11 +138,11 @@ func parseRawReq(b []byte, r *Request) error {
 		}
 		for _, c := range line[vs:ve] {
 			if c < ' ' && c != '\t' || c == 0x7f {
-				return errSlow
+				return ErrSlow
 			}
 		}
-		if r.NumHeaders == maxRawHeaders {
-			return errSlow
+		if r.NumHeaders == MaxHeaders {
+			return ErrSlow
 		}
 		k := r.NumHeaders
 		r.NumHeaders++
@@ -151,17 +157,17 @@ func parseRawReq(b []byte, r *Request) error {
 		case 4:
 			if bytes.EqualFold(name, []byte("Host")) {
 				if r.Host.End != 0 {
-					return errSlow
+					return ErrSlow
 				}
 				r.Host = r.Vals[k]
 			}
 		case 6:
 			if bytes.EqualFold(name, []byte("Expect")) {
-				return errSlow
+				return ErrSlow
 			}
 		case 7:
 			if bytes.EqualFold(name, []byte("Upgrade")) {
-				return errSlow
+				return ErrSlow
 			}
 			if bytes.EqualFold(name, []byte("Trailer")) {
 				r.Drop[k], r.Hop = true, true
@@ -169,7 +175,7 @@ func parseRawReq(b []byte, r *Request) error {
 		case 10:
 			if bytes.EqualFold(name, []byte("Connection")) {
 				if r.Conn.End != 0 {
-					return errSlow
+					return ErrSlow
 				}
 				r.Conn = r.Vals[k]
 				r.Drop[k], r.Hop = true, true
@@ -179,12 +185,12 @@ func parseRawReq(b []byte, r *Request) error {
 		case 14:
 			if bytes.EqualFold(name, []byte("Content-Length")) {
 				if r.ContentLength >= 0 || len(val) == 0 || len(val) > 15 {
-					return errSlow
+					return ErrSlow
 				}
 				var n int64
 				for _, c := range val {
 					if c < '0' || c > '9' {
-						return errSlow
+						return ErrSlow
 					}
 					n = n*10 + int64(c-'0')
 				}
@@ -193,7 +199,7 @@ func parseRawReq(b []byte, r *Request) error {
 		case 15:
 			if bytes.EqualFold(name, []byte("X-Forwarded-For")) {
 				if r.NumXFF == len(r.XFF) {
-					return errSlow
+					return ErrSlow
 				}
 				r.XFF[r.NumXFF] = r.Vals[k]
 				r.NumXFF++
@@ -208,7 +214,7 @@ func parseRawReq(b []byte, r *Request) error {
 			}
 		case 17:
 			if bytes.EqualFold(name, []byte("Transfer-Encoding")) {
-				return errSlow
+				return ErrSlow
 			}
 			if bytes.EqualFold(name, []byte("X-Forwarded-Proto")) {
 				r.HasXFP = true
@@ -225,7 +231,7 @@ func parseRawReq(b []byte, r *Request) error {
 		i = eol + 1
 	}
 	if r.Host.End == 0 {
-		return errSlow
+		return ErrSlow
 	}
 	if r.Conn.End != 0 {
 		for _, tok := range bytes.Split(b[r.Conn.Start:r.Conn.End], []byte(",")) {
@@ -235,8 +241,8 @@ func parseRawReq(b []byte, r *Request) error {
 			case bytes.EqualFold(tok, []byte("close")):
 				r.ConnClose = true
 			case bytes.EqualFold(tok, []byte("upgrade")):
-				return errSlow
-			case framingHeader(tok):
+				return ErrSlow
+			case FramingHeader(tok):
 				// Never dropped: the body sent on is framed by it.
 			default:
 				r.ConnTokens = true
@@ -251,10 +257,10 @@ func parseRawReq(b []byte, r *Request) error {
 	return nil
 }
 
-// framingHeader says whether a header named in Connection frames the
+// FramingHeader says whether a header named in Connection frames the
 // message (or routes it): such a header is never dropped, whatever
 // Connection says, so that the bytes passed on stay framed the same way.
-func framingHeader(name []byte) bool {
+func FramingHeader(name []byte) bool {
 	switch len(name) {
 	case 4:
 		return bytes.EqualFold(name, []byte("Host"))
@@ -266,18 +272,18 @@ func framingHeader(name []byte) bool {
 	return false
 }
 
-// appendPath appends the origin-form path to send on: "/" for an empty
+// AppendPath appends the origin-form path to send on: "/" for an empty
 // one, and "/" before a query that starts it ("http://svc?q=1").
-func appendPath(out, b []byte, path Span) []byte {
+func AppendPath(out, b []byte, path Span) []byte {
 	if path.Start == path.End || b[path.Start] == '?' {
 		out = append(out, '/')
 	}
 	return append(out, b[path.Start:path.End]...)
 }
 
-// authority returns the host of an absolute-form target ("" span when the
+// Authority returns the host of an absolute-form target ("" span when the
 // target is in origin-form) and the origin-form path to send on.
-func (r *Request) authority(b []byte) (host, path Span) {
+func (r *Request) Authority(b []byte) (host, path Span) {
 	t := b[r.Target.Start:r.Target.End]
 	if len(t) > 7 && t[0] != '/' && bytes.EqualFold(t[:7], []byte("http://")) {
 		rest := t[7:]
@@ -294,8 +300,8 @@ func (r *Request) authority(b []byte) (host, path Span) {
 	return Span{}, r.Target
 }
 
-// rawResp is a parsed response head.
-type rawResp struct {
+// Response is a parsed response head.
+type Response struct {
 	HeadEnd          int
 	Status           int
 	Reason           Span // after the status code, including the leading space
@@ -307,42 +313,43 @@ type rawResp struct {
 	Hop              bool // a header must be dropped
 	Conn             Span
 	NumHeaders       int
-	Names            [maxRawHeaders]Span
-	LineStart        [maxRawHeaders]int
-	Drop             [maxRawHeaders]bool
+	Names            [MaxHeaders]Span
+	LineStart        [MaxHeaders]int
+	Drop             [MaxHeaders]bool
 }
 
-var errBadResponse = errors.New("malformed response from instance")
+// ErrBadResponse says an answer is not one a strict client takes.
+var ErrBadResponse = errors.New("malformed response from instance")
 
-// parseRawResp parses the response head at the start of b; it returns
-// errHeadIncomplete when more bytes are needed.
-func parseRawResp(b []byte, r *rawResp) error {
-	*r = rawResp{ContentLength: -1}
+// ParseResponse parses the response head at the start of b; it returns
+// ErrIncomplete when more bytes are needed.
+func ParseResponse(b []byte, r *Response) error {
+	*r = Response{ContentLength: -1}
 	eol := bytes.IndexByte(b, '\n')
 	if eol < 0 {
-		return errHeadIncomplete
+		return ErrIncomplete
 	}
 	if eol < 1 || b[eol-1] != '\r' {
-		return errBadResponse // a bare LF: a client may not split lines there
+		return ErrBadResponse // a bare LF: a client may not split lines there
 	}
 	line := b[:eol-1]
 	if len(line) < 12 || !bytes.HasPrefix(line, []byte("HTTP/1.")) || line[8] != ' ' {
-		return errBadResponse
+		return ErrBadResponse
 	}
 	if line[7] == '0' {
 		r.Close = true
 	} else if line[7] != '1' {
-		return errBadResponse
+		return ErrBadResponse
 	}
 	st := 0
 	for _, c := range line[9:12] {
 		if c < '0' || c > '9' {
-			return errBadResponse
+			return ErrBadResponse
 		}
 		st = st*10 + int(c-'0')
 	}
 	if st < 100 || len(line) > 12 && line[12] != ' ' || !fieldValue(line[12:]) {
-		return errBadResponse
+		return ErrBadResponse
 	}
 	r.Status = st
 	r.Reason = Span{12, len(line)}
@@ -351,11 +358,11 @@ func parseRawResp(b []byte, r *rawResp) error {
 	for {
 		eol := bytes.IndexByte(b[i:], '\n')
 		if eol < 0 {
-			return errHeadIncomplete
+			return ErrIncomplete
 		}
 		eol += i
 		if eol == i || b[eol-1] != '\r' {
-			return errBadResponse // a bare LF
+			return ErrBadResponse // a bare LF
 		}
 		line := b[i : eol-1]
 		if len(line) == 0 {
@@ -368,18 +375,18 @@ func parseRawResp(b []byte, r *rawResp) error {
 		// breaks this is refused whole, never passed on.
 		colon := bytes.IndexByte(line, ':')
 		if colon <= 0 {
-			return errBadResponse
+			return ErrBadResponse
 		}
 		for _, c := range line[:colon] {
 			if !tokenTable[c] {
-				return errBadResponse
+				return ErrBadResponse
 			}
 		}
 		if !fieldValue(line[colon+1:]) {
-			return errBadResponse
+			return ErrBadResponse
 		}
-		if r.NumHeaders == maxRawHeaders {
-			return errBadResponse
+		if r.NumHeaders == MaxHeaders {
+			return ErrBadResponse
 		}
 		k := r.NumHeaders
 		r.NumHeaders++
@@ -416,17 +423,17 @@ func parseRawResp(b []byte, r *rawResp) error {
 		case 14:
 			if bytes.EqualFold(name, []byte("Content-Length")) {
 				if len(val) == 0 || len(val) > 18 {
-					return errBadResponse
+					return ErrBadResponse
 				}
 				var n int64
 				for _, c := range val {
 					if c < '0' || c > '9' {
-						return errBadResponse
+						return ErrBadResponse
 					}
 					n = n*10 + int64(c-'0')
 				}
 				if r.ContentLength >= 0 && r.ContentLength != n {
-					return errBadResponse
+					return ErrBadResponse
 				}
 				r.ContentLength = n
 				r.HasContentLength = true
@@ -441,7 +448,7 @@ func parseRawResp(b []byte, r *rawResp) error {
 				// coding ("gzip, chunked") would have to be decoded to
 				// be framed the same way by every client.
 				if r.TE || !bytes.EqualFold(val, []byte("chunked")) {
-					return errBadResponse
+					return ErrBadResponse
 				}
 				r.TE, r.Chunked = true, true
 			}
@@ -470,7 +477,7 @@ func parseRawResp(b []byte, r *rawResp) error {
 		for _, tok := range bytes.Split(b[r.Conn.Start:r.Conn.End], []byte(",")) {
 			tok = bytes.TrimSpace(tok)
 			if len(tok) == 0 || bytes.EqualFold(tok, []byte("close")) || bytes.EqualFold(tok, []byte("keep-alive")) ||
-				framingHeader(tok) {
+				FramingHeader(tok) {
 				continue
 			}
 			for k := 0; k < r.NumHeaders; k++ {
@@ -494,15 +501,15 @@ func fieldValue(v []byte) bool {
 	return true
 }
 
-// hasBody says whether the answer to a request with this method carries a
+// HasBody says whether the answer to a request with this method carries a
 // body (RFC 9112 §6.3).
-func (r *rawResp) hasBody(head bool) bool {
+func (r *Response) HasBody(head bool) bool {
 	return !head && r.Status >= 200 && r.Status != 204 && r.Status != 304
 }
 
-// chunkScan follows chunked framing (RFC 9112 §7.1) through a byte stream
+// ChunkScan follows chunked framing (RFC 9112 §7.1) through a byte stream
 // that is passed on unchanged, to find where the body ends.
-type chunkScan struct {
+type ChunkScan struct {
 	state  int
 	size   int64
 	digits int
@@ -523,11 +530,12 @@ const (
 	csDone
 )
 
-var errBadChunk = errors.New("malformed chunked body from instance")
+// ErrBadChunk says a chunked body is malformed.
+var ErrBadChunk = errors.New("malformed chunked body from instance")
 
-// scan consumes p and returns how many bytes of it belong to the body, and
+// Scan consumes p and returns how many bytes of it belong to the body, and
 // whether the body ended there.
-func (s *chunkScan) scan(p []byte) (int, bool, error) {
+func (s *ChunkScan) Scan(p []byte) (int, bool, error) {
 	i := 0
 	for i < len(p) {
 		c := p[i]
@@ -542,36 +550,36 @@ func (s *chunkScan) scan(p []byte) (int, bool, error) {
 				s.size = s.size<<4 | int64(c-'A'+10)
 			case c == ';' || c == ' ' || c == '\t':
 				if s.digits == 0 {
-					return i, false, errBadChunk
+					return i, false, ErrBadChunk
 				}
 				s.state = csExt
 				i++
 				continue
 			case c == '\r':
 				if s.digits == 0 {
-					return i, false, errBadChunk
+					return i, false, ErrBadChunk
 				}
 				s.state = csSizeLF
 				i++
 				continue
 			default:
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 			s.digits++
 			if s.digits > 12 {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 		case csExt:
 			if c == '\r' {
 				s.state = csSizeLF
 			} else if c == '\n' {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			} else if s.line++; s.line > 4096 {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 		case csSizeLF:
 			if c != '\n' {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 			s.line = 0
 			if s.size == 0 {
@@ -592,19 +600,19 @@ func (s *chunkScan) scan(p []byte) (int, bool, error) {
 			continue
 		case csDataCR:
 			if c != '\r' {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 			s.state = csDataLF
 		case csDataLF:
 			if c != '\n' {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 			s.state, s.size, s.digits = csSize, 0, 0
 		case csTrailerStart:
 			if c == '\r' {
 				s.state = csEndLF
 			} else if c == '\n' {
-				return i, false, errBadChunk // a bare LF: no guessing where the body ends
+				return i, false, ErrBadChunk // a bare LF: no guessing where the body ends
 			} else {
 				s.state = csTrailerLine
 				s.line = 1
@@ -613,18 +621,18 @@ func (s *chunkScan) scan(p []byte) (int, bool, error) {
 			if c == '\r' {
 				s.state = csTrailerLF
 			} else if c == '\n' {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			} else if s.line++; s.line > 8192 {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 		case csTrailerLF:
 			if c != '\n' {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 			s.state = csTrailerStart
 		case csEndLF:
 			if c != '\n' {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 			s.state = csDone
 			return i + 1, true, nil
@@ -632,4 +640,29 @@ func (s *chunkScan) scan(p []byte) (int, bool, error) {
 		i++
 	}
 	return i, false, nil
+}
+
+// TargetForm says whether a request target is one a proxy passes on:
+// origin-form ("/path") or absolute-form ("http://host/path"), with every
+// "%" starting an escape (RFC 3986 §2.1), or, for OPTIONS, "*" (RFC 9112
+// §3.2).
+func TargetForm(uri []byte, options bool) bool {
+	switch {
+	case len(uri) == 0:
+		return false
+	case uri[0] == '/', len(uri) > 7 && bytes.EqualFold(uri[:7], []byte("http://")):
+		for i := bytes.IndexByte(uri, '%'); i >= 0; i = bytes.IndexByte(uri, '%') {
+			if i+2 >= len(uri) || !isHex(uri[i+1]) || !isHex(uri[i+2]) {
+				return false
+			}
+			uri = uri[i+3:]
+		}
+		return true
+	}
+	return options && string(uri) == "*"
+}
+
+// isHex says whether c is a hexadecimal digit.
+func isHex(c byte) bool {
+	return c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F'
 }
