@@ -462,6 +462,12 @@ func ParseResponse(b []byte, r *Response) error {
 	if line[7] == '0' && keepAlive {
 		r.Close = false
 	}
+	if line[7] == '0' && r.TE {
+		// Faulty framing (RFC 9112 §6.1): net/http's client ignores
+		// Transfer-Encoding in an HTTP/1.0 answer, others do not; no
+		// guessing where the answer ends.
+		return ErrBadResponse
+	}
 	if r.TE {
 		// Transfer-Encoding overrides Content-Length (RFC 9112 §6.3).
 		r.ContentLength = -1
@@ -518,6 +524,7 @@ type ChunkScan struct {
 
 const (
 	csSize = iota
+	csBWS
 	csExt
 	csSizeLF
 	csData
@@ -553,6 +560,9 @@ func (s *ChunkScan) Scan(p []byte) (int, bool, error) {
 					return i, false, ErrBadChunk
 				}
 				s.state = csExt
+				if c != ';' {
+					s.state = csBWS
+				}
 				i++
 				continue
 			case c == '\r':
@@ -567,6 +577,17 @@ func (s *ChunkScan) Scan(p []byte) (int, bool, error) {
 			}
 			s.digits++
 			if s.digits > 12 {
+				return i, false, ErrBadChunk
+			}
+		case csBWS: // blanks after the size: only the line's end may follow (net/http takes no blank before ";")
+			switch c {
+			case ' ', '\t':
+				if s.line++; s.line > 4096 {
+					return i, false, ErrBadChunk
+				}
+			case '\r':
+				s.state = csSizeLF
+			default:
 				return i, false, ErrBadChunk
 			}
 		case csExt:

@@ -72,7 +72,7 @@ func TestParseRequest(t *testing.T) {
 }
 
 func TestChunkScan(t *testing.T) {
-	body := "4;ext=1\r\nabcd\r\n10\r\n0123456789abcdef\r\n0\r\nTrailer: x\r\n\r\n"
+	body := "4;ext=1\r\nabcd\r\n10 \t\r\n0123456789abcdef\r\n0 \r\nTrailer: x\r\n\r\n"
 	for split := 1; split <= len(body); split++ { // every way of cutting it in two reads
 		var cs ChunkScan
 		n1, done, err := cs.Scan([]byte(body[:split]))
@@ -88,7 +88,7 @@ func TestChunkScan(t *testing.T) {
 		}
 	}
 	for _, bad := range []string{"x\r\n", "\r\n", "4\r\nabcdXY", "4\nabcd", "1234567890abc\r\n",
-		"0\r\n\nHTTP/1.1 299 Forged\r\n\r\n", "0\r\nX: y\n\r\n"} {
+		"0\r\n\nHTTP/1.1 299 Forged\r\n\r\n", "0\r\nX: y\n\r\n", "0 0\r\n\r\n", "0 ;x\r\n\r\n"} {
 		var cs ChunkScan
 		if _, _, err := cs.Scan([]byte(bad)); err == nil {
 			t.Errorf("%q: no error", bad)
@@ -145,6 +145,7 @@ func TestParseResponseRejects(t *testing.T) {
 		{"bare CR in value", "HTTP/1.1 200 OK\r\nX: a\rb\r\n\r\n", ErrBadResponse},
 		{"NUL in value", "HTTP/1.1 200 OK\r\nX: a\x00b\r\n\r\n", ErrBadResponse},
 		{"bare CR in reason", "HTTP/1.1 200 O\rK\r\n\r\n", ErrBadResponse},
+		{"chunked HTTP/1.0", "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n", ErrBadResponse},
 		{"good", "HTTP/1.1 200 OK\r\nContent-Length: 05\r\nX: a b\r\n\r\n", nil},
 	}
 	for _, tc := range tests {
