@@ -6,7 +6,8 @@
 // CPU limit and never under GODEBUG=asyncpreemptoff=1 (HoldP, Release) —,
 // nonblocking writes (WriteSome) and the hand-over of a descriptor to Go's
 // netpoller (ToConn). Package proxy runs its exchanges on it
-// (sidecar/proxy/evloop_linux.go).
+// (sidecar/proxy/evloop_linux.go), and parks idle connections of its
+// goroutine path in a Poller of their own (park_linux.go).
 package evloop
 
 import (
