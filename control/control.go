@@ -101,7 +101,7 @@ func New(cfg Config, log hclog.Logger) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("control: consul client: %w", err)
 	}
-	return &Server{cfg: cfg, log: log.Named("control"), store: NewStore(c, cfg.KVPrefix, cfg.Keep)}, nil
+	return &Server{cfg: cfg, log: log.Named("control"), store: newStore(c, cfg.KVPrefix, cfg.Keep)}, nil
 }
 
 // Run serves until ctx ends.

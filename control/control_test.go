@@ -66,7 +66,7 @@ func doc(t *testing.T, routesHCL ...string) *routes.Document {
 
 func TestApplyGetHistory(t *testing.T) {
 	ctx := context.Background()
-	s := NewStore(consul(t), prefix(t), 50)
+	s := newStore(consul(t), prefix(t), 50)
 	if _, _, err := s.Get(ctx, 0); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("get before any apply: %v", err)
 	}
@@ -110,7 +110,7 @@ func TestApplyGetHistory(t *testing.T) {
 
 func TestRollback(t *testing.T) {
 	ctx := context.Background()
-	s := NewStore(consul(t), prefix(t), 50)
+	s := newStore(consul(t), prefix(t), 50)
 	a, b := doc(t, "/a/"), doc(t, "/b/")
 	for _, d := range []*routes.Document{a, b} {
 		if _, err := s.Apply(ctx, d, "apply", nil); err != nil {
@@ -141,7 +141,7 @@ func TestConcurrentApplies(t *testing.T) {
 	ctx := context.Background()
 	c := consul(t)
 	p := prefix(t)
-	if _, err := NewStore(c, p, 50).Apply(ctx, doc(t, "/base/"), "apply", nil); err != nil {
+	if _, err := newStore(c, p, 50).Apply(ctx, doc(t, "/base/"), "apply", nil); err != nil {
 		t.Fatal(err)
 	}
 	var barrier sync.WaitGroup
@@ -149,7 +149,7 @@ func TestConcurrentApplies(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make([]error, 2)
 	for i := range 2 {
-		s := NewStore(c, p, 50) // two control services
+		s := newStore(c, p, 50) // two control services
 		s.beforeTxn = func() { barrier.Done(); barrier.Wait() }
 		wg.Add(1)
 		go func() {
@@ -172,7 +172,7 @@ func TestConcurrentApplies(t *testing.T) {
 	if wins != 1 || conflicts != 1 {
 		t.Fatalf("wins %d conflicts %d, errors %v", wins, conflicts, errs)
 	}
-	s := NewStore(c, p, 50)
+	s := newStore(c, p, 50)
 	cur, hist, err := s.History(ctx)
 	if err != nil || cur != 2 || len(hist) != 2 {
 		t.Fatalf("after the race: current %d history %+v %v", cur, hist, err)
@@ -195,7 +195,7 @@ func TestConcurrentAppliesNoLostUpdate(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			s := NewStore(c, p, 100)
+			s := newStore(c, p, 100)
 			for i := 0; i < each; i++ {
 				path := fmt.Sprintf("/w%d-%d/", w, i)
 				for try := 0; ; try++ {
@@ -220,7 +220,7 @@ func TestConcurrentAppliesNoLostUpdate(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	cur, hist, err := NewStore(c, p, 100).History(ctx)
+	cur, hist, err := newStore(c, p, 100).History(ctx)
 	if err != nil || cur != writers*each || len(hist) != writers*each || len(seen) != writers*each {
 		t.Fatalf("current %d, %d versions, %d successes, %v", cur, len(hist), len(seen), err)
 	}
@@ -229,7 +229,7 @@ func TestConcurrentAppliesNoLostUpdate(t *testing.T) {
 
 func TestPruneKeepsN(t *testing.T) {
 	ctx := context.Background()
-	s := NewStore(consul(t), prefix(t), 3)
+	s := newStore(consul(t), prefix(t), 3)
 	for i := range 6 {
 		res, err := s.Apply(ctx, doc(t, fmt.Sprintf("/v%d/", i)), "apply", nil)
 		if err != nil {
@@ -252,7 +252,7 @@ func TestPruneKeepsN(t *testing.T) {
 func TestStatus(t *testing.T) {
 	ctx := context.Background()
 	c := consul(t)
-	s := NewStore(c, prefix(t), 50)
+	s := newStore(c, prefix(t), 50)
 	for _, d := range []*routes.Document{doc(t, "/a/"), doc(t, "/a/", "/b/")} {
 		if _, err := s.Apply(ctx, d, "apply", nil); err != nil {
 			t.Fatal(err)
@@ -435,7 +435,7 @@ func TestLargeDocument(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("canonical document: %d bytes", len(routes.Encode(d)))
-	s := NewStore(consul(t), prefix(t), 50)
+	s := newStore(consul(t), prefix(t), 50)
 	if _, err := s.Apply(ctx, d, "apply", nil); err != nil {
 		t.Fatal(err)
 	}
@@ -449,7 +449,7 @@ func TestLargeDocument(t *testing.T) {
 func TestRepairCorrupt(t *testing.T) {
 	ctx := context.Background()
 	c := consul(t)
-	s := NewStore(c, prefix(t), 50)
+	s := newStore(c, prefix(t), 50)
 	put := func(k, v string) {
 		if _, err := c.KV().Put(&api.KVPair{Key: k, Value: []byte(v)}, nil); err != nil {
 			t.Fatal(err)
@@ -516,7 +516,7 @@ route "gone" {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := NewStore(c, prefix(t), 50)
+	s := newStore(c, prefix(t), 50)
 	var ws []string
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 		ws = s.Warnings(ctx, d)

@@ -48,8 +48,8 @@ const maxPrunePerApply = 32
 // leaving room under Consul's 512 KiB for the other operations.
 const maxTxnValue = 480 << 10
 
-// NewStore returns a store keeping the last keep versions under prefix.
-func NewStore(c *api.Client, prefix string, keep int) *Store {
+// newStore returns a store keeping the last keep versions under prefix.
+func newStore(c *api.Client, prefix string, keep int) *Store {
 	return &Store{kv: routes.NewKV(prefix), c: c, keep: max(1, keep), now: time.Now}
 }
 

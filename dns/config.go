@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -13,6 +14,7 @@ import (
 	miekg "github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"attache/internal/fielderr"
 	"attache/internal/reuseport"
 )
 
@@ -115,6 +117,49 @@ func DefaultConfig() Config {
 		HonourEjections: true,
 		WantTimeout:     2 * time.Second,
 	}
+}
+
+// Validate says what is wrong with c, each bad field as a *fielderr.Error
+// (zero fields are fine: New gives them their defaults). New and SetTuning
+// call it.
+func (c Config) Validate() error {
+	var errs []error
+	if c.Addr != "" {
+		if _, _, err := net.SplitHostPort(c.Addr); err != nil {
+			errs = append(errs, fielderr.New("Addr", "%q: want HOST:PORT, e.g. 127.0.0.1:8653 (%v)", c.Addr, err))
+		}
+	}
+	for _, d := range []struct {
+		field string
+		v     time.Duration
+	}{{"DefaultServiceTTL", c.DefaultServiceTTL}, {"NodeTTL", c.NodeTTL}, {"NegativeTTL", c.NegativeTTL}} {
+		if d.v < 0 {
+			errs = append(errs, fielderr.New(d.field, "%v: must not be negative", d.v))
+		}
+	}
+	keys := make([]string, 0, len(c.ServiceTTL))
+	for k := range c.ServiceTTL {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		if v := c.ServiceTTL[k]; v < 0 {
+			errs = append(errs, fielderr.New("ServiceTTL", "[%q] %v: must not be negative", k, v))
+		}
+	}
+	if c.RateLimit < 0 {
+		errs = append(errs, fielderr.New("RateLimit", "%v: must not be negative (0: no limit)", c.RateLimit))
+	}
+	if c.RateBurst < 0 {
+		errs = append(errs, fielderr.New("RateBurst", "%d: must not be negative (0: the rate)", c.RateBurst))
+	}
+	if c.RateLimitClients < 0 {
+		errs = append(errs, fielderr.New("RateLimitClients", "%d: must not be negative", c.RateLimitClients))
+	}
+	if c.UDPAnswerLimit < 0 {
+		errs = append(errs, fielderr.New("UDPAnswerLimit", "%d: must not be negative (0: no cap)", c.UDPAnswerLimit))
+	}
+	return errors.Join(errs...)
 }
 
 // parseResolvConf returns the nameservers of a resolv.conf file as

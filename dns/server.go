@@ -112,10 +112,7 @@ func (s *Server) newTuning(cfg Config) (*tuning, error) {
 		t.recursors = append(t.recursors, a)
 	}
 	t.ttlExact = map[string]uint32{}
-	for k, v := range cfg.ServiceTTL {
-		if v < 0 {
-			return nil, fmt.Errorf("dns: service TTL for %q is negative", k)
-		}
+	for k, v := range cfg.ServiceTTL { // not negative: checked by Validate
 		k = toLower(k)
 		if len(k) > 0 && k[len(k)-1] == '*' {
 			t.ttlPrefix = append(t.ttlPrefix, ttlPrefix{k[:len(k)-1], seconds(v)})
@@ -124,11 +121,6 @@ func (s *Server) newTuning(cfg Config) (*tuning, error) {
 		}
 	}
 	sort.Slice(t.ttlPrefix, func(a, b int) bool { return len(t.ttlPrefix[a].prefix) > len(t.ttlPrefix[b].prefix) })
-	for _, d := range []time.Duration{cfg.DefaultServiceTTL, cfg.NodeTTL, cfg.NegativeTTL} {
-		if d < 0 {
-			return nil, errors.New("dns: TTLs must not be negative")
-		}
-	}
 	t.defTTL, t.nodeTTL, t.negTTL = seconds(cfg.DefaultServiceTTL), seconds(cfg.NodeTTL), seconds(cfg.NegativeTTL)
 	return t, nil
 }
@@ -139,6 +131,9 @@ func (s *Server) newTuning(cfg Config) (*tuning, error) {
 // queries under way finish with the settings they started with. An error
 // changes nothing.
 func (s *Server) SetTuning(cfg Config) error {
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("dns: %w", err)
+	}
 	if cfg.ResolvConf == "" {
 		cfg.ResolvConf = s.cfg.ResolvConf
 	}
@@ -160,12 +155,12 @@ func New(cfg Config, src Source, ej Ejections) (*Server, error) {
 	if src == nil {
 		return nil, errors.New("dns: a catalog source is required")
 	}
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("dns: %w", err)
+	}
 	def := DefaultConfig()
 	if cfg.Addr == "" {
 		cfg.Addr = def.Addr
-	}
-	if _, _, err := net.SplitHostPort(cfg.Addr); err != nil {
-		return nil, fmt.Errorf("dns: address %q: %w", cfg.Addr, err)
 	}
 	if cfg.Domain == "" {
 		cfg.Domain = def.Domain
@@ -182,12 +177,6 @@ func New(cfg Config, src Source, ej Ejections) (*Server, error) {
 	if cfg.UDPSockets <= 0 {
 		// GOMAXPROCS, not NumCPU: it follows a container's CPU limit.
 		cfg.UDPSockets = runtime.GOMAXPROCS(0)
-	}
-	if cfg.RateLimit < 0 || cfg.RateBurst < 0 || cfg.RateLimitClients < 0 {
-		return nil, errors.New("dns: rate limit settings must not be negative")
-	}
-	if cfg.UDPAnswerLimit < 0 {
-		return nil, fmt.Errorf("dns: UDPAnswerLimit %d must not be negative", cfg.UDPAnswerLimit)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()

@@ -7,113 +7,166 @@ import (
 	"io"
 	"net"
 	"os"
+	"reflect"
 	"slices"
 	"strings"
 	"time"
 
-	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/hcl/v2"
 	"github.com/hashicorp/hcl/v2/gohcl"
 	"github.com/hashicorp/hcl/v2/hclparse"
-	"github.com/hashicorp/hcl/v2/hclsyntax"
 
+	"attache/dns"
+	"attache/internal/fielderr"
+	"attache/sidecar/breaker"
 	"attache/sidecar/catalog"
+	"attache/sidecar/gateway"
 	"attache/sidecar/proxy"
 )
 
-// Config is the sidecar's configuration. Flags and an HCL file (-config) set
-// the same fields; a flag given on the command line wins over the file, the
-// file over CONSUL_HTTP_ADDR / CONSUL_HTTP_TOKEN, those over the defaults.
+// Config is the sidecar's configuration: its own settings, and each
+// component's Config, which holds that component's defaults (its
+// DefaultConfig) and checks itself in its New. Flags and an HCL file
+// (-config) set the same fields through one table (bindings); a flag given
+// on the command line wins over the file, the file over the environment
+// (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, ATTACHE_ADMIN_TOKEN, ...), those
+// over the defaults.
 type Config struct {
-	Node          string                    // this node's Consul name; default: asked of the local agent
-	Consul        []string                  // Consul HTTP addresses, tried in order; default CONSUL_HTTP_ADDR or 127.0.0.1:8500
-	Token         string                    // ACL token; default CONSUL_HTTP_TOKEN
-	TokenFile     string                    // file holding the ACL token; default CONSUL_HTTP_TOKEN_FILE
-	TLS           api.TLSConfig             // HTTPS to Consul; defaults from CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY...
-	SSL           bool                      // https for addresses without a scheme; default CONSUL_HTTP_SSL
-	DataDir       string                    // last-known-good snapshot; empty: none
-	DNS           string                    // DNS listen address (UDP and TCP); empty: off
-	DNSDomain     string                    // default "consul."
-	Recursors     []string                  // default: the nameservers of /etc/resolv.conf
-	Admin         string                    // admin HTTP address; default 127.0.0.1:19001
-	AdminToken    string                    // required (Bearer) on the admin API but /healthz and /readyz; needed off loopback; default ATTACHE_ADMIN_TOKEN
-	Upstreams     []string                  // NAME=ADDR[/tcp]
-	HTTPProxy     string                    // HTTP proxy listen address; empty: off
-	Gateway       string                    // API gateway HTTP listen address; empty: off
-	GatewayTLS    string                    // API gateway HTTPS listen address (HTTP/2 by ALPN); empty: off
-	RoutesPrefix  string                    // KV prefix of the gateway's routes (default "attache/")
-	ServiceFiles  []string                  // HCL files of local services to register
-	Watch         string                    // which services to watch: on-demand (default), all, or list
-	WatchList     []string                  // the services to watch with Watch = list (and always, with on-demand)
-	WatchIdle     time.Duration             // an on-demand watch nobody used for this long stops (default 10m)
-	Streaming     bool                      // let the agent answer health queries from its streaming cache (~a heartbeat later, fewer server queries)
-	Stale         bool                      // allow stale blocking queries answered by any server
-	MaxStale      time.Duration             // with Stale, how stale an answer may be before the leader is asked
-	Warning       bool                      // include instances whose checks warn
-	DNSTTL        time.Duration             // TTL of service answers (default 0, as Consul)
-	DNSNodeTTL    time.Duration             // TTL of node answers (default 0)
-	DNSNegTTL     time.Duration             // SOA minimum: how long resolvers may cache NXDOMAIN (default 0)
-	DNSNearest    bool                      // order DNS answers nearest first by network coordinates
-	DNSEjections  bool                      // leave instances the proxy ejected out of DNS answers (default true)
-	DNSServiceTTL map[string]time.Duration  // per-service TTLs (HCL only), "prefix*" keys allowed
-	DNSRateLimit  float64                   // DNS queries per second per client address, REFUSED beyond (default 0: no limit)
-	DNSRateBurst  int                       // queries a client may send at once above DNSRateLimit (default 0: the rate)
-	Balancer      string                    // default load balancer of upstreams: least-request, round-robin, weighted, nearest
-	TryTimeout    time.Duration             // proxy: per try (default 5s)
-	ReqTimeout    time.Duration             // proxy: whole request, retries included (default 15s)
-	Retries       int                       // proxy: extra tries after the first (default 2; -1 none)
-	ClientIdle    time.Duration             // proxy: idle keep-alive client connections close after this (0: the proxy's 75s)
-	HeaderTimeout time.Duration             // proxy: a request head must arrive whole within this (0: the proxy's 10s)
-	BodyTimeout   time.Duration             // proxy: a request body may pause this long between reads (0: the proxy's 30s)
-	MaxClients    int                       // proxy: open client connections per HTTP listener (0: the proxy's 16384)
-	DrainTimeout  time.Duration             // stop: in-flight requests may finish for this long after deregistration (default 10s)
-	AccessLog     string                    // access log destination: "stdout" (default), a file path, or "off"
-	AccessLogAll  bool                      // log the upstream and HTTP-proxy listeners too, not only the gateway's
-	AccessSample  float64                   // share of requests logged (default 1)
-	EjectAfter    int                       // outlier ejection after this many consecutive failures (default 5)
-	EjectTime     time.Duration             // base ejection time, times the number of ejections (default 30s)
-	SlowCall      time.Duration             // breaker: a call this long is slow, in flight or done (default 2s)
-	MaxRequests   int                       // breaker: calls in flight per service (default 1024; -1 no limit)
-	Fallbacks     map[string]proxy.Fallback // per-service answer for refused and failed calls (HCL only)
+	Node         string   // this node's Consul name, given to every component; default: the host name (Consul's default)
+	DataDir      string   // last-known-good snapshot, applied routes, the handover socket; empty: none
+	Admin        string   // admin HTTP address; default 127.0.0.1:19001
+	AdminToken   string   // required (Bearer) on the admin API but /healthz and /readyz; needed off loopback; default ATTACHE_ADMIN_TOKEN
+	ServiceFiles []string // HCL files of local services to register
+	AccessLog    string   // access log destination: "stdout" (default), a file path, or "off"
 	// UpstreamSettings are services' own settings, by lower-case name
 	// (HCL only: upstream "NAME" { ... } blocks).
 	UpstreamSettings map[string]UpstreamSettings
-	LogLevel         string // trace, debug, info, warn, error
+	LogLevel         string // trace, debug, info, warn, error; default info
 	LogJSON          bool
 	PrintConfig      bool // -print-config (command line only): print the effective configuration and exit
+
+	// The components. The sidecar fills in what they share (Node,
+	// DataDir, logger, metrics, sockets) when it builds them.
+	Catalog catalog.Config // Consul addresses, token and TLS from the environment (catalog.ConfigFromEnv)
+	DNS     dns.Config     // Addr "" (the default here): no DNS server
+	Proxy   proxy.Config   // no proxy without upstreams, an HTTP proxy listener or a gateway; ShutdownGraceTime (-drain-timeout) 10s here
+	Breaker breaker.Config
+	Gateway gateway.Config // Addr and TLSAddr "" (the default): no gateway
 }
 
-// DefaultConfig returns the defaults, with CONSUL_HTTP_ADDR and
-// CONSUL_HTTP_TOKEN taken from env (pass os.Getenv).
+// DefaultConfig returns the defaults: each component's DefaultConfig, with
+// the sidecar's own choices over them (listeners off until asked for, a
+// 10s drain) and the environment's Consul settings (pass os.Getenv).
 func DefaultConfig(env func(string) string) Config {
 	c := Config{
-		Consul:       []string{"127.0.0.1:8500"},
-		DNSDomain:    "consul.",
-		Admin:        "127.0.0.1:19001",
-		Watch:        "on-demand",
-		WatchIdle:    10 * time.Minute,
-		LogLevel:     "info",
-		DNSEjections: true,
-		Balancer:     string(proxy.LeastRequest),
-		RoutesPrefix: "attache/",
-		TryTimeout:   5 * time.Second,
-		ReqTimeout:   15 * time.Second,
-		Retries:      2,
-		EjectAfter:   5,
-		EjectTime:    30 * time.Second,
-		SlowCall:     2 * time.Second,
-		MaxRequests:  1024,
-		DrainTimeout: 10 * time.Second,
-		AccessLog:    "stdout",
-		AccessSample: 1,
+		Admin:     "127.0.0.1:19001",
+		AccessLog: "stdout",
+		LogLevel:  "info",
+		Catalog:   catalog.ConfigFromEnv(env), // CONSUL_* as the consul CLI reads them
+		DNS:       dns.DefaultConfig(),
+		Proxy:     proxy.DefaultConfig(),
+		Breaker:   breaker.DefaultConfig(),
+		Gateway:   gateway.DefaultConfig(),
 	}
+	c.DNS.Addr = ""
+	c.Proxy.ShutdownGraceTime = 10 * time.Second
 	if h, err := os.Hostname(); err == nil {
 		c.Node = h // Consul's default node name
 	}
 	c.AdminToken = env("ATTACHE_ADMIN_TOKEN")
-	w := catalog.ConfigFromEnv(env) // CONSUL_* as the consul CLI reads them
-	c.Consul, c.Token, c.TokenFile, c.TLS, c.SSL = w.Addresses, w.Token, w.TokenFile, w.TLS, w.SSL
 	return c
+}
+
+// binding ties a flag and its config file attribute to the field the value
+// lands in. Flag parsing, the file, -print-config and the reload all go
+// through the one table (bindings).
+type binding struct {
+	name  string // the flag; the file's attribute is the same with '_' for '-'
+	usage string
+	// ptr is the field: *string, *[]string, *bool, *int, *float64,
+	// *time.Duration, *[]proxy.Upstream; the file-only settings
+	// (fileOnly, block) are maps.
+	ptr func(c *Config) any
+	// off is the explicit switch an int setting turns on when it is given
+	// as 0 or -1 (the spellings of "none" the flags have always taken).
+	off func(c *Config) *bool
+	// shown is the default -h shows when it is not the field's (the
+	// usage says what 0 means).
+	shown    string
+	reload   bool   // a reload (SIGHUP) changes it while serving
+	secret   bool   // -print-config redacts it
+	flagOnly bool   // no file attribute
+	fileOnly bool   // no flag
+	block    string // the file's blocks of this type (decodeHCL reads them), no flag, no attribute
+}
+
+func (b binding) attr() string { return strings.ReplaceAll(b.name, "-", "_") }
+
+// setting is how the reload names it.
+func (b binding) setting() string {
+	if b.block != "" {
+		return b.block + " blocks"
+	}
+	return b.attr()
+}
+
+// bindings is every setting of the command line and the config file.
+var bindings = []binding{
+	{name: "node", usage: "this node's Consul `name` (the origin of network-coordinate distances)", ptr: func(c *Config) any { return &c.Node }},
+	{name: "consul", usage: "Consul HTTP `address`, repeatable for failover; $CONSUL_HTTP_ADDR sets the default", ptr: func(c *Config) any { return &c.Catalog.Addresses }},
+	{name: "token", usage: "Consul ACL `token`; $CONSUL_HTTP_TOKEN sets the default", ptr: func(c *Config) any { return &c.Catalog.Token }, secret: true},
+	{name: "data-dir", usage: "`dir` for the last-known-good catalog snapshot", ptr: func(c *Config) any { return &c.DataDir }},
+	{name: "dns", usage: "DNS listen `address` (UDP and TCP), e.g. 127.0.0.1:8653", ptr: func(c *Config) any { return &c.DNS.Addr }},
+	{name: "dns-domain", usage: "DNS `domain` served", ptr: func(c *Config) any { return &c.DNS.Domain }},
+	{name: "recursor", usage: "DNS recursor `address` for names outside the domain, repeatable (default: /etc/resolv.conf)", ptr: func(c *Config) any { return &c.DNS.Recursors }, reload: true},
+	{name: "admin", usage: "admin HTTP `address` (/healthz, /readyz, /metrics, /v1/...)", ptr: func(c *Config) any { return &c.Admin }},
+	{name: "admin-token", usage: "`token` the admin API requires (Authorization: Bearer) but on /healthz and /readyz; needed off loopback; $ATTACHE_ADMIN_TOKEN sets the default", ptr: func(c *Config) any { return &c.AdminToken }, secret: true},
+	{name: "upstream", usage: "upstream listener `NAME=ADDR[/tcp]`, repeatable", ptr: func(c *Config) any { return &c.Proxy.Upstreams }, reload: true},
+	{name: "http-proxy", usage: "HTTP proxy listen `address`", ptr: func(c *Config) any { return &c.Proxy.HTTPProxyAddr }, reload: true},
+	{name: "gateway", usage: "API gateway HTTP listen `address` (routes from Consul KV)", ptr: func(c *Config) any { return &c.Gateway.Addr }},
+	{name: "gateway-tls", usage: "API gateway HTTPS listen `address` (HTTP/2 by ALPN; certificates from the route document)", ptr: func(c *Config) any { return &c.Gateway.TLSAddr }},
+	{name: "routes-prefix", usage: "Consul KV `prefix` of the gateway's routes (PREFIX/routes/current...)", ptr: func(c *Config) any { return &c.Gateway.Prefix }},
+	{name: "service", usage: "HCL `file` of local services to register, repeatable", ptr: func(c *Config) any { return &c.ServiceFiles }},
+	{name: "watch", usage: "which services to watch: on-demand, all or list", ptr: func(c *Config) any { return (*string)(&c.Catalog.Mode) }},
+	{name: "watch-service", usage: "`service` to watch from start, repeatable", ptr: func(c *Config) any { return &c.Catalog.Services }},
+	{name: "watch-idle", usage: "stop an on-demand watch unused for this long", ptr: func(c *Config) any { return &c.Catalog.IdleTimeout }},
+	{name: "watch-streaming", usage: "let the agent answer from its streaming cache: fewer server queries, ~100 ms staler", ptr: func(c *Config) any { return &c.Catalog.Streaming }},
+	{name: "stale", usage: "let any server answer blocking queries (fresher load spread, ~100 ms later)", ptr: func(c *Config) any { return &c.Catalog.Stale }},
+	{name: "max-stale", usage: "with -stale, the oldest answer accepted before asking the leader", ptr: func(c *Config) any { return &c.Catalog.MaxStale }},
+	{name: "warning", usage: "include instances whose checks warn", ptr: func(c *Config) any { return &c.Catalog.IncludeWarning }},
+	{name: "dns-ttl", usage: "TTL of DNS service answers", ptr: func(c *Config) any { return &c.DNS.DefaultServiceTTL }, reload: true},
+	{name: "dns-node-ttl", usage: "TTL of DNS node answers", ptr: func(c *Config) any { return &c.DNS.NodeTTL }, reload: true},
+	{name: "dns-negative-ttl", usage: "SOA minimum TTL: how long resolvers may cache NXDOMAIN", ptr: func(c *Config) any { return &c.DNS.NegativeTTL }, reload: true},
+	{name: "dns-nearest", usage: "order DNS answers nearest first (network coordinates) instead of shuffled", ptr: func(c *Config) any { return &c.DNS.Nearest }, reload: true},
+	{name: "dns-ejections", usage: "leave instances the proxy has ejected out of DNS answers", ptr: func(c *Config) any { return &c.DNS.HonourEjections }, reload: true},
+	{name: "dns-service-ttl", ptr: func(c *Config) any { return &c.DNS.ServiceTTL }, reload: true, fileOnly: true},
+	{name: "dns-rate-limit", usage: "DNS `queries` per second per client address, REFUSED beyond it (0: no limit)", ptr: func(c *Config) any { return &c.DNS.RateLimit }},
+	{name: "dns-rate-burst", usage: "DNS `queries` a client may send at once above -dns-rate-limit (0: the rate)", ptr: func(c *Config) any { return &c.DNS.RateBurst }},
+	{name: "lb", usage: "default load `balancer` of upstreams: least-request, round-robin, weighted or nearest", ptr: func(c *Config) any { return (*string)(&c.Proxy.Balancer) }},
+	{name: "try-timeout", usage: "proxy: timeout of one try", ptr: func(c *Config) any { return &c.Proxy.TryTimeout }, reload: true},
+	{name: "request-timeout", usage: "proxy: timeout of a whole request, retries included", ptr: func(c *Config) any { return &c.Proxy.RequestTimeout }, reload: true},
+	{name: "retries", usage: "proxy: extra tries after the first, for idempotent requests (-1: none)", ptr: func(c *Config) any { return &c.Proxy.MaxRetries },
+		off: func(c *Config) *bool { return &c.Proxy.NoRetries }, reload: true},
+	{name: "client-idle-timeout", usage: "proxy: close idle keep-alive client connections after this (0: 75s)", ptr: func(c *Config) any { return &c.Proxy.IdleTimeout }, shown: "0s"},
+	{name: "header-timeout", usage: "proxy: a request head must arrive whole within this (0: 10s)", ptr: func(c *Config) any { return &c.Proxy.HeaderTimeout }, shown: "0s"},
+	{name: "body-timeout", usage: "proxy: a request body may pause this long between two reads (0: 30s)", ptr: func(c *Config) any { return &c.Proxy.BodyTimeout }, shown: "0s"},
+	{name: "max-client-conns", usage: "proxy: open client connections per HTTP listener; more get a 503 (0: 16384)", ptr: func(c *Config) any { return &c.Proxy.MaxClientConns }, shown: "0"},
+	{name: "drain-timeout", usage: "on SIGTERM, after deregistering: how long requests under way may finish", ptr: func(c *Config) any { return &c.Proxy.ShutdownGraceTime }},
+	{name: "access-log", usage: "access log `destination`: stdout, a file path (appended to) or off; the gateway's requests are logged, see -access-log-all", ptr: func(c *Config) any { return &c.AccessLog }},
+	{name: "access-log-all", usage: "access log: the upstream and HTTP-proxy listeners' requests too", ptr: func(c *Config) any { return &c.Proxy.AccessLogAll }},
+	{name: "access-log-sample", usage: "access log: the `fraction` of requests logged (0 < f <= 1)", ptr: func(c *Config) any { return &c.Proxy.AccessLogSample }},
+	{name: "eject-after", usage: "eject an instance after this many consecutive failures (-1: never)", ptr: func(c *Config) any { return &c.Breaker.ConsecutiveFailures },
+		off: func(c *Config) *bool { return &c.Breaker.NoEjection }, reload: true},
+	{name: "eject-time", usage: "base ejection time, multiplied by the times ejected", ptr: func(c *Config) any { return &c.Breaker.BaseEjectionTime }, reload: true},
+	{name: "slow-call", usage: "breaker: a call this long is slow (counted while still in flight)", ptr: func(c *Config) any { return &c.Breaker.SlowCallDuration }, reload: true},
+	{name: "max-requests", usage: "breaker: calls in flight per service; more are refused at once (-1: no limit)", ptr: func(c *Config) any { return &c.Breaker.MaxRequests },
+		off: func(c *Config) *bool { return &c.Breaker.NoRequestLimit }, reload: true},
+	{name: "fallback", ptr: func(c *Config) any { return &c.Proxy.Fallbacks }, block: "fallback"},
+	{name: "upstream-settings", ptr: func(c *Config) any { return &c.UpstreamSettings }, block: "upstream"},
+	{name: "log-level", usage: "log `level`: trace, debug, info, warn, error", ptr: func(c *Config) any { return &c.LogLevel }, reload: true},
+	{name: "log-json", usage: "log as JSON", ptr: func(c *Config) any { return &c.LogJSON }},
+	{name: "print-config", usage: "print the effective configuration (defaults, environment, file, flags) as a config file, secrets redacted, and exit",
+		ptr: func(c *Config) any { return &c.PrintConfig }, reload: true, flagOnly: true},
 }
 
 // listFlag is a repeatable flag. The first use on the command line replaces
@@ -138,57 +191,81 @@ func (l *listFlag) Set(v string) error {
 	return nil
 }
 
+// upstreamsFlag is -upstream: repeatable as listFlag, each value parsed
+// (proxy.ParseUpstream) as it is given.
+type upstreamsFlag struct {
+	dst *[]proxy.Upstream
+	set bool
+}
+
+func (l *upstreamsFlag) String() string {
+	if l.dst == nil {
+		return ""
+	}
+	return strings.Join(upstreamStrings(*l.dst), ",")
+}
+
+func (l *upstreamsFlag) Set(v string) error {
+	u, err := proxy.ParseUpstream(v)
+	if err != nil {
+		return err
+	}
+	if !l.set {
+		*l.dst, l.set = nil, true
+	}
+	*l.dst = append(*l.dst, u)
+	return nil
+}
+
+// upstreamString is the -upstream form of u (proxy.ParseUpstream reads it back).
+func upstreamString(u proxy.Upstream) string {
+	s := u.Name + "=" + u.Addr
+	if u.Protocol != "" && u.Protocol != proxy.ProtoHTTP {
+		s += "/" + u.Protocol
+	}
+	if u.Balancer != "" {
+		s += ",lb=" + string(u.Balancer)
+	}
+	return s
+}
+
+func upstreamStrings(us []proxy.Upstream) []string {
+	out := make([]string, len(us))
+	for i, u := range us {
+		out[i] = upstreamString(u)
+	}
+	return out
+}
+
 func (c *Config) flags(name string, configFile *string) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.StringVar(configFile, "config", "", "HCL `file` setting any of these options (flags win)")
-	fs.StringVar(&c.Node, "node", c.Node, "this node's Consul `name` (the origin of network-coordinate distances)")
-	fs.Var(&listFlag{dst: &c.Consul}, "consul", "Consul HTTP `address`, repeatable for failover; $CONSUL_HTTP_ADDR sets the default")
-	fs.StringVar(&c.Token, "token", c.Token, "Consul ACL `token`; $CONSUL_HTTP_TOKEN sets the default")
-	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "`dir` for the last-known-good catalog snapshot")
-	fs.StringVar(&c.DNS, "dns", c.DNS, "DNS listen `address` (UDP and TCP), e.g. 127.0.0.1:8653")
-	fs.StringVar(&c.DNSDomain, "dns-domain", c.DNSDomain, "DNS `domain` served")
-	fs.Var(&listFlag{dst: &c.Recursors}, "recursor", "DNS recursor `address` for names outside the domain, repeatable (default: /etc/resolv.conf)")
-	fs.StringVar(&c.Admin, "admin", c.Admin, "admin HTTP `address` (/healthz, /readyz, /metrics, /v1/...)")
-	fs.StringVar(&c.AdminToken, "admin-token", c.AdminToken, "`token` the admin API requires (Authorization: Bearer) but on /healthz and /readyz; needed off loopback; $ATTACHE_ADMIN_TOKEN sets the default")
-	fs.Var(&listFlag{dst: &c.Upstreams}, "upstream", "upstream listener `NAME=ADDR[/tcp]`, repeatable")
-	fs.StringVar(&c.HTTPProxy, "http-proxy", c.HTTPProxy, "HTTP proxy listen `address`")
-	fs.StringVar(&c.Gateway, "gateway", c.Gateway, "API gateway HTTP listen `address` (routes from Consul KV)")
-	fs.StringVar(&c.GatewayTLS, "gateway-tls", c.GatewayTLS, "API gateway HTTPS listen `address` (HTTP/2 by ALPN; certificates from the route document)")
-	fs.StringVar(&c.RoutesPrefix, "routes-prefix", c.RoutesPrefix, "Consul KV `prefix` of the gateway's routes (PREFIX/routes/current...)")
-	fs.Var(&listFlag{dst: &c.ServiceFiles}, "service", "HCL `file` of local services to register, repeatable")
-	fs.StringVar(&c.Watch, "watch", c.Watch, "which services to watch: on-demand, all or list")
-	fs.Var(&listFlag{dst: &c.WatchList}, "watch-service", "`service` to watch from start, repeatable")
-	fs.DurationVar(&c.WatchIdle, "watch-idle", c.WatchIdle, "stop an on-demand watch unused for this long")
-	fs.BoolVar(&c.Streaming, "watch-streaming", c.Streaming, "let the agent answer from its streaming cache: fewer server queries, ~100 ms staler")
-	fs.BoolVar(&c.Stale, "stale", c.Stale, "let any server answer blocking queries (fresher load spread, ~100 ms later)")
-	fs.DurationVar(&c.MaxStale, "max-stale", c.MaxStale, "with -stale, the oldest answer accepted before asking the leader")
-	fs.BoolVar(&c.Warning, "warning", c.Warning, "include instances whose checks warn")
-	fs.DurationVar(&c.DNSTTL, "dns-ttl", c.DNSTTL, "TTL of DNS service answers")
-	fs.DurationVar(&c.DNSNodeTTL, "dns-node-ttl", c.DNSNodeTTL, "TTL of DNS node answers")
-	fs.DurationVar(&c.DNSNegTTL, "dns-negative-ttl", c.DNSNegTTL, "SOA minimum TTL: how long resolvers may cache NXDOMAIN")
-	fs.BoolVar(&c.DNSNearest, "dns-nearest", c.DNSNearest, "order DNS answers nearest first (network coordinates) instead of shuffled")
-	fs.BoolVar(&c.DNSEjections, "dns-ejections", c.DNSEjections, "leave instances the proxy has ejected out of DNS answers")
-	fs.Float64Var(&c.DNSRateLimit, "dns-rate-limit", c.DNSRateLimit, "DNS `queries` per second per client address, REFUSED beyond it (0: no limit)")
-	fs.IntVar(&c.DNSRateBurst, "dns-rate-burst", c.DNSRateBurst, "DNS `queries` a client may send at once above -dns-rate-limit (0: the rate)")
-	fs.StringVar(&c.Balancer, "lb", c.Balancer, "default load `balancer` of upstreams: least-request, round-robin, weighted or nearest")
-	fs.DurationVar(&c.TryTimeout, "try-timeout", c.TryTimeout, "proxy: timeout of one try")
-	fs.DurationVar(&c.ReqTimeout, "request-timeout", c.ReqTimeout, "proxy: timeout of a whole request, retries included")
-	fs.IntVar(&c.Retries, "retries", c.Retries, "proxy: extra tries after the first, for idempotent requests (-1: none)")
-	fs.DurationVar(&c.ClientIdle, "client-idle-timeout", c.ClientIdle, "proxy: close idle keep-alive client connections after this (0: 75s)")
-	fs.DurationVar(&c.HeaderTimeout, "header-timeout", c.HeaderTimeout, "proxy: a request head must arrive whole within this (0: 10s)")
-	fs.DurationVar(&c.BodyTimeout, "body-timeout", c.BodyTimeout, "proxy: a request body may pause this long between two reads (0: 30s)")
-	fs.StringVar(&c.AccessLog, "access-log", c.AccessLog, "access log `destination`: stdout, a file path (appended to) or off; the gateway's requests are logged, see -access-log-all")
-	fs.BoolVar(&c.AccessLogAll, "access-log-all", c.AccessLogAll, "access log: the upstream and HTTP-proxy listeners' requests too")
-	fs.Float64Var(&c.AccessSample, "access-log-sample", c.AccessSample, "access log: the `fraction` of requests logged (0 < f <= 1)")
-	fs.DurationVar(&c.DrainTimeout, "drain-timeout", c.DrainTimeout, "on SIGTERM, after deregistering: how long requests under way may finish")
-	fs.IntVar(&c.MaxClients, "max-client-conns", c.MaxClients, "proxy: open client connections per HTTP listener; more get a 503 (0: 16384)")
-	fs.IntVar(&c.EjectAfter, "eject-after", c.EjectAfter, "eject an instance after this many consecutive failures (-1: never)")
-	fs.DurationVar(&c.EjectTime, "eject-time", c.EjectTime, "base ejection time, multiplied by the times ejected")
-	fs.DurationVar(&c.SlowCall, "slow-call", c.SlowCall, "breaker: a call this long is slow (counted while still in flight)")
-	fs.IntVar(&c.MaxRequests, "max-requests", c.MaxRequests, "breaker: calls in flight per service; more are refused at once (-1: no limit)")
-	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log `level`: trace, debug, info, warn, error")
-	fs.BoolVar(&c.LogJSON, "log-json", c.LogJSON, "log as JSON")
-	fs.BoolVar(&c.PrintConfig, "print-config", c.PrintConfig, "print the effective configuration (defaults, environment, file, flags) as a config file, secrets redacted, and exit")
+	for _, b := range bindings {
+		if b.fileOnly || b.block != "" {
+			continue
+		}
+		switch p := b.ptr(c).(type) {
+		case *string:
+			fs.StringVar(p, b.name, *p, b.usage)
+		case *[]string:
+			fs.Var(&listFlag{dst: p}, b.name, b.usage)
+		case *[]proxy.Upstream:
+			fs.Var(&upstreamsFlag{dst: p}, b.name, b.usage)
+		case *bool:
+			fs.BoolVar(p, b.name, *p, b.usage)
+		case *int:
+			fs.IntVar(p, b.name, *p, b.usage)
+		case *float64:
+			fs.Float64Var(p, b.name, *p, b.usage)
+		case *time.Duration:
+			fs.DurationVar(p, b.name, *p, b.usage)
+		default:
+			panic(fmt.Sprintf("flag -%s: no flag for %T", b.name, p))
+		}
+		if b.shown != "" {
+			fs.Lookup(b.name).DefValue = b.shown
+		}
+	}
 	return fs
 }
 
@@ -228,70 +305,43 @@ func ParseArgs(args []string, defaults Config, out io.Writer) (Config, error) {
 			return Config{}, err
 		}
 	}
+	cfg.settle()
 	return cfg, cfg.Validate()
 }
 
-// fileConfig is the HCL form: attribute names are the flag names with
-// underscores; lists are HCL lists.
-type fileConfig struct {
-	Node          *string            `hcl:"node,optional"`
-	Consul        *[]string          `hcl:"consul,optional"`
-	Token         *string            `hcl:"token,optional"`
-	DataDir       *string            `hcl:"data_dir,optional"`
-	DNS           *string            `hcl:"dns,optional"`
-	DNSDomain     *string            `hcl:"dns_domain,optional"`
-	Recursors     *[]string          `hcl:"recursor,optional"`
-	Admin         *string            `hcl:"admin,optional"`
-	AdminToken    *string            `hcl:"admin_token,optional"`
-	Upstreams     *[]string          `hcl:"upstream,optional"`
-	HTTPProxy     *string            `hcl:"http_proxy,optional"`
-	Gateway       *string            `hcl:"gateway,optional"`
-	GatewayTLS    *string            `hcl:"gateway_tls,optional"`
-	RoutesPrefix  *string            `hcl:"routes_prefix,optional"`
-	ServiceFiles  *[]string          `hcl:"service,optional"`
-	Watch         *string            `hcl:"watch,optional"`
-	WatchList     *[]string          `hcl:"watch_service,optional"`
-	WatchIdle     *string            `hcl:"watch_idle,optional"`
-	Streaming     *bool              `hcl:"watch_streaming,optional"`
-	Stale         *bool              `hcl:"stale,optional"`
-	MaxStale      *string            `hcl:"max_stale,optional"`
-	Warning       *bool              `hcl:"warning,optional"`
-	DNSTTL        *string            `hcl:"dns_ttl,optional"`
-	DNSNodeTTL    *string            `hcl:"dns_node_ttl,optional"`
-	DNSNegTTL     *string            `hcl:"dns_negative_ttl,optional"`
-	DNSNearest    *bool              `hcl:"dns_nearest,optional"`
-	DNSEjections  *bool              `hcl:"dns_ejections,optional"`
-	DNSServiceTTL *map[string]string `hcl:"dns_service_ttl,optional"`
-	DNSRateLimit  *float64           `hcl:"dns_rate_limit,optional"`
-	DNSRateBurst  *int               `hcl:"dns_rate_burst,optional"`
-	Balancer      *string            `hcl:"lb,optional"`
-	TryTimeout    *string            `hcl:"try_timeout,optional"`
-	ReqTimeout    *string            `hcl:"request_timeout,optional"`
-	Retries       *int               `hcl:"retries,optional"`
-	ClientIdle    *string            `hcl:"client_idle_timeout,optional"`
-	HeaderTimeout *string            `hcl:"header_timeout,optional"`
-	BodyTimeout   *string            `hcl:"body_timeout,optional"`
-	MaxClients    *int               `hcl:"max_client_conns,optional"`
-	DrainTimeout  *string            `hcl:"drain_timeout,optional"`
-	AccessLog     *string            `hcl:"access_log,optional"`
-	AccessLogAll  *bool              `hcl:"access_log_all,optional"`
-	AccessSample  *float64           `hcl:"access_log_sample,optional"`
-	EjectAfter    *int               `hcl:"eject_after,optional"`
-	EjectTime     *string            `hcl:"eject_time,optional"`
-	SlowCall      *string            `hcl:"slow_call,optional"`
-	MaxRequests   *int               `hcl:"max_requests,optional"`
-	Fallbacks     []fallbackBlock    `hcl:"fallback,block"`
-	// Rest holds the upstream "NAME" blocks (fileBlocks): gohcl's encoder,
-	// which -print-config uses, cannot have a block and an attribute of
-	// one name in one struct.
-	Rest     hcl.Body `hcl:",remain"`
-	LogLevel *string  `hcl:"log_level,optional"`
-	LogJSON  *bool    `hcl:"log_json,optional"`
+// settle turns the spellings the flags and the file take into the
+// components' explicit settings: 0 or -1 of retries, eject-after and
+// max-requests turn them off (binding.off), more retries than the proxy
+// makes are the most it makes, and a balancer's alias is its name. It is
+// idempotent.
+func (c *Config) settle() {
+	for _, b := range bindings {
+		if b.off == nil {
+			continue
+		}
+		if n := b.ptr(c).(*int); *n <= 0 {
+			*n, *b.off(c) = 0, true
+		}
+	}
+	c.Proxy.MaxRetries = min(c.Proxy.MaxRetries, proxy.MostRetries) // more were always taken as the most
+	if lb, err := proxy.ParseBalancer(string(c.Proxy.Balancer)); err == nil {
+		c.Proxy.Balancer = lb
+	}
 }
 
-// fileBlocks is what fileConfig leaves: the upstream "NAME" blocks.
-type fileBlocks struct {
-	Upstreams []upstreamBlock `hcl:"upstream,block"`
+// fileSchema is the config file's: the bindings' attributes and the
+// fallback and upstream blocks.
+func fileSchema() *hcl.BodySchema {
+	s := &hcl.BodySchema{Blocks: []hcl.BlockHeaderSchema{
+		{Type: "fallback", LabelNames: []string{"service"}},
+		{Type: "upstream", LabelNames: []string{"name"}},
+	}}
+	for _, b := range bindings {
+		if !b.flagOnly && b.block == "" {
+			s.Attributes = append(s.Attributes, hcl.AttributeSchema{Name: b.attr()})
+		}
+	}
+	return s
 }
 
 // fallbackBlock is `fallback "inventory" { status = 200 body = "Stock status unavailable" }`
@@ -312,73 +362,63 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 	if diags.HasErrors() {
 		return diagError(diags)
 	}
-	var fc fileConfig
-	if diags := gohcl.DecodeBody(f.Body, nil, &fc); diags.HasErrors() {
+	content, diags := f.Body.Content(fileSchema())
+	if diags.HasErrors() {
 		return diagError(diags)
 	}
-	var fb fileBlocks
-	if diags := gohcl.DecodeBody(fc.Rest, nil, &fb); diags.HasErrors() {
-		return diagError(diags)
-	}
-	// at is where attr is set, as file:line,column, for errors found
-	// after decoding.
-	at := func(attr string) string {
-		if b, ok := f.Body.(*hclsyntax.Body); ok {
-			if a := b.Attributes[attr]; a != nil {
-				return fmt.Sprintf("%s:%d,%d", name, a.SrcRange.Start.Line, a.SrcRange.Start.Column)
-			}
+	for _, b := range bindings {
+		a := content.Attributes[b.attr()]
+		if a == nil || b.flagOnly || b.block != "" {
+			continue
 		}
-		return name
+		at := fmt.Sprintf("%s:%d,%d: %s", name, a.Range.Start.Line, a.Range.Start.Column, b.attr())
+		if err := assign(b.ptr(c), a.Expr); err != nil {
+			var located located
+			if errors.As(err, &located) {
+				return err
+			}
+			return fmt.Errorf("%s: %w", at, err)
+		}
 	}
-	set(&c.Node, fc.Node)
-	set(&c.Consul, fc.Consul)
-	set(&c.Token, fc.Token)
-	set(&c.DataDir, fc.DataDir)
-	set(&c.DNS, fc.DNS)
-	set(&c.DNSDomain, fc.DNSDomain)
-	set(&c.Recursors, fc.Recursors)
-	set(&c.Admin, fc.Admin)
-	set(&c.AdminToken, fc.AdminToken)
-	set(&c.Upstreams, fc.Upstreams)
-	if len(fb.Upstreams) > 0 {
-		us, err := upstreamSettings(name, f.Body, fb.Upstreams)
+	var fallbacks, upstreams []*hcl.Block
+	for _, blk := range content.Blocks {
+		if blk.Type == "fallback" {
+			fallbacks = append(fallbacks, blk)
+		} else {
+			upstreams = append(upstreams, blk)
+		}
+	}
+	if len(upstreams) > 0 {
+		us, err := upstreamSettings(name, upstreams)
 		if err != nil {
 			return err
 		}
 		c.UpstreamSettings = us
-		for _, b := range fb.Upstreams {
-			u := us[strings.ToLower(b.Name)]
+		for _, blk := range upstreams {
+			u := us[strings.ToLower(blk.Labels[0])]
 			if u.Listen == "" {
 				continue
 			}
-			for _, l := range c.Upstreams {
-				if n, _, _ := strings.Cut(l, "="); strings.EqualFold(n, b.Name) {
-					return fmt.Errorf("%s: upstream %q: listen is set, and the upstream list has a listener for it too (%s): keep one", name, b.Name, l)
+			for _, l := range c.Proxy.Upstreams {
+				if strings.EqualFold(l.Name, blk.Labels[0]) {
+					return fmt.Errorf("%s: upstream %q: listen is set, and the upstream list has a listener for it too (%s): keep one", name, blk.Labels[0], upstreamString(l))
 				}
 			}
-			c.Upstreams = append(c.Upstreams, b.Name+"="+u.Listen)
+			l, err := proxy.ParseUpstream(blk.Labels[0] + "=" + u.Listen) // checked by upstreamSettings
+			if err != nil {
+				return err
+			}
+			c.Proxy.Upstreams = append(c.Proxy.Upstreams, l)
 		}
 	}
-	set(&c.HTTPProxy, fc.HTTPProxy)
-	set(&c.Gateway, fc.Gateway)
-	set(&c.GatewayTLS, fc.GatewayTLS)
-	set(&c.RoutesPrefix, fc.RoutesPrefix)
-	set(&c.ServiceFiles, fc.ServiceFiles)
-	set(&c.Watch, fc.Watch)
-	set(&c.WatchList, fc.WatchList)
-	set(&c.Stale, fc.Stale)
-	set(&c.Warning, fc.Warning)
-	set(&c.LogLevel, fc.LogLevel)
-	set(&c.LogJSON, fc.LogJSON)
-	set(&c.Streaming, fc.Streaming)
-	set(&c.Balancer, fc.Balancer)
-	set(&c.Retries, fc.Retries)
-	set(&c.MaxClients, fc.MaxClients)
-	set(&c.EjectAfter, fc.EjectAfter)
-	set(&c.MaxRequests, fc.MaxRequests)
-	if len(fc.Fallbacks) > 0 {
-		c.Fallbacks = map[string]proxy.Fallback{}
-		for _, f := range fc.Fallbacks {
+	if len(fallbacks) > 0 {
+		c.Proxy.Fallbacks = map[string]proxy.Fallback{}
+		for _, blk := range fallbacks {
+			var f fallbackBlock
+			if diags := gohcl.DecodeBody(blk.Body, nil, &f); diags.HasErrors() {
+				return diagError(diags)
+			}
+			f.Service = blk.Labels[0]
 			fb := proxy.Fallback{Status: 200}
 			set(&fb.Status, f.Status)
 			set(&fb.Body, f.Body)
@@ -393,56 +433,114 @@ func (c *Config) decodeHCL(name string, src []byte) error {
 			if fb.Status < 100 || fb.Status > 599 {
 				return fmt.Errorf("%s: fallback %q: status %d is not an HTTP status", name, f.Service, fb.Status)
 			}
-			c.Fallbacks[strings.ToLower(f.Service)] = fb
-		}
-	}
-	set(&c.DNSNearest, fc.DNSNearest)
-	set(&c.DNSEjections, fc.DNSEjections)
-	set(&c.DNSRateLimit, fc.DNSRateLimit)
-	set(&c.DNSRateBurst, fc.DNSRateBurst)
-	set(&c.AccessLog, fc.AccessLog)
-	set(&c.AccessLogAll, fc.AccessLogAll)
-	set(&c.AccessSample, fc.AccessSample)
-	for _, d := range []struct {
-		attr string
-		v    *string
-		dst  *time.Duration
-	}{
-		{"max_stale", fc.MaxStale, &c.MaxStale},
-		{"dns_ttl", fc.DNSTTL, &c.DNSTTL},
-		{"dns_node_ttl", fc.DNSNodeTTL, &c.DNSNodeTTL},
-		{"dns_negative_ttl", fc.DNSNegTTL, &c.DNSNegTTL},
-		{"try_timeout", fc.TryTimeout, &c.TryTimeout},
-		{"watch_idle", fc.WatchIdle, &c.WatchIdle},
-		{"request_timeout", fc.ReqTimeout, &c.ReqTimeout},
-		{"eject_time", fc.EjectTime, &c.EjectTime},
-		{"slow_call", fc.SlowCall, &c.SlowCall},
-		{"client_idle_timeout", fc.ClientIdle, &c.ClientIdle},
-		{"header_timeout", fc.HeaderTimeout, &c.HeaderTimeout},
-		{"body_timeout", fc.BodyTimeout, &c.BodyTimeout},
-		{"drain_timeout", fc.DrainTimeout, &c.DrainTimeout},
-	} {
-		if d.v == nil {
-			continue
-		}
-		v, err := time.ParseDuration(*d.v)
-		if err != nil {
-			return fmt.Errorf("%s: %s: %w (use a duration such as \"2s\")", at(d.attr), d.attr, err)
-		}
-		*d.dst = v
-	}
-	if fc.DNSServiceTTL != nil {
-		c.DNSServiceTTL = map[string]time.Duration{}
-		for svc, v := range *fc.DNSServiceTTL {
-			d, err := time.ParseDuration(v)
-			if err != nil {
-				return fmt.Errorf("%s: dns_service_ttl[%q]: %w (use a duration such as \"5s\")", at("dns_service_ttl"), svc, err)
-			}
-			c.DNSServiceTTL[strings.ToLower(svc)] = d
+			c.Proxy.Fallbacks[strings.ToLower(f.Service)] = fb
 		}
 	}
 	return nil
 }
+
+// assign sets the field p to the value of the config file's expression.
+// Errors of type carry the file and line already.
+func assign(p any, expr hcl.Expression) error {
+	decode := func(v any) error {
+		if diags := gohcl.DecodeExpression(expr, nil, v); diags.HasErrors() {
+			return located{diagError(diags)}
+		}
+		return nil
+	}
+	switch p := p.(type) {
+	case *time.Duration:
+		var s string
+		if err := decode(&s); err != nil {
+			return err
+		}
+		d, err := time.ParseDuration(s)
+		if err != nil {
+			return fmt.Errorf("%w (use a duration such as \"2s\")", err)
+		}
+		*p = d
+	case *[]proxy.Upstream:
+		var ss []string
+		if err := decode(&ss); err != nil {
+			return err
+		}
+		*p = nil
+		for _, s := range ss {
+			u, err := proxy.ParseUpstream(s)
+			if err != nil {
+				return err
+			}
+			*p = append(*p, u)
+		}
+	case *map[string]time.Duration:
+		var m map[string]string
+		if err := decode(&m); err != nil {
+			return err
+		}
+		*p = make(map[string]time.Duration, len(m))
+		for k, s := range m {
+			d, err := time.ParseDuration(s)
+			if err != nil {
+				return fmt.Errorf("[%q]: %w (use a duration such as \"5s\")", k, err)
+			}
+			(*p)[strings.ToLower(k)] = d
+		}
+	default:
+		return decode(p)
+	}
+	return nil
+}
+
+// componentErrors are what the components' own checks find wrong with
+// their part of c, each bad field named by the flag (or file attribute)
+// bound to it.
+func (c *Config) componentErrors() []error {
+	var errs []error
+	for _, part := range []struct {
+		name string
+		cfg  any // a pointer into c
+		err  error
+	}{
+		{"dns", &c.DNS, c.DNS.Validate()},
+		{"proxy", &c.Proxy, c.Proxy.Validate()},
+		{"breaker", &c.Breaker, c.Breaker.Validate()},
+		{"gateway", &c.Gateway, c.Gateway.Validate()},
+	} {
+		fields, others := fielderr.All(part.err)
+		for _, fe := range fields {
+			errs = append(errs, fmt.Errorf("%s %s", c.nameOf(part.name, part.cfg, fe.Field), fe.Msg))
+		}
+		for _, o := range others {
+			errs = append(errs, fmt.Errorf("%s: %w", part.name, o))
+		}
+	}
+	return errs
+}
+
+// nameOf is the flag (-dns-ttl), or the file attribute when no flag sets
+// it (dns_service_ttl), of the field of a component's config (a pointer
+// into c); "component: Field" when neither sets it.
+func (c *Config) nameOf(component string, cfg any, field string) string {
+	if f := reflect.ValueOf(cfg).Elem().FieldByName(field); f.IsValid() {
+		for _, b := range bindings {
+			p := reflect.ValueOf(b.ptr(c))
+			// The address alone could be the struct's own (its first
+			// field): the kind tells them apart.
+			if p.Pointer() == f.Addr().Pointer() && p.Elem().Kind() == f.Kind() {
+				if b.fileOnly || b.block != "" {
+					return b.attr()
+				}
+				return "-" + b.name
+			}
+		}
+	}
+	return component + ": " + field
+}
+
+// located is an error that names its file and line already.
+type located struct{ error }
+
+func (l located) Unwrap() error { return l.error }
 
 func set[T any](dst *T, v *T) {
 	if v != nil {
@@ -469,9 +567,12 @@ func diagError(diags hcl.Diagnostics) error {
 	return errors.New(strings.Join(msgs, "\n"))
 }
 
-// Validate checks the configuration and says what to fix.
+// Validate checks the configuration and says what to fix, naming the flag
+// (the file's attribute is the same name with '_'): the sidecar's own
+// rules, and each component's (its Config's Validate, which its New calls
+// too), the bad fields named by the flags bound to them.
 func (c *Config) Validate() error {
-	var errs []error
+	errs := c.componentErrors()
 	addr := func(flag, v string) {
 		if v == "" {
 			return
@@ -480,55 +581,32 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("-%s %q: want HOST:PORT, e.g. 127.0.0.1:8653 (%v)", flag, v, err))
 		}
 	}
-	if len(c.Consul) == 0 {
+	if len(c.Catalog.Addresses) == 0 {
 		errs = append(errs, errors.New("-consul: at least one Consul address is needed"))
 	}
-	addr("dns", c.DNS)
-	if c.DNSTTL < 0 || c.DNSNodeTTL < 0 || c.DNSNegTTL < 0 {
-		errs = append(errs, errors.New("-dns-ttl, -dns-node-ttl and -dns-negative-ttl must not be negative"))
-	}
-	for svc, ttl := range c.DNSServiceTTL {
-		if ttl < 0 {
-			errs = append(errs, fmt.Errorf("dns_service_ttl[%q] must not be negative", svc))
-		}
-	}
-	if c.DNSRateLimit < 0 || c.DNSRateBurst < 0 {
-		errs = append(errs, errors.New("-dns-rate-limit and -dns-rate-burst must not be negative (0: no limit)"))
-	}
-	if c.AccessSample <= 0 || c.AccessSample > 1 {
-		errs = append(errs, fmt.Errorf("-access-log-sample %v: want a fraction above 0 and at most 1", c.AccessSample))
+	if c.Proxy.AccessLogSample <= 0 || c.Proxy.AccessLogSample > 1 {
+		errs = append(errs, fmt.Errorf("-access-log-sample %v: want a fraction above 0 and at most 1", c.Proxy.AccessLogSample))
 	}
 	if c.AccessLog == "" {
 		errs = append(errs, errors.New("-access-log: want stdout, a file path or off"))
 	}
-	if c.DrainTimeout <= 0 {
+	if c.Proxy.ShutdownGraceTime <= 0 {
 		errs = append(errs, errors.New("-drain-timeout must be positive, e.g. 10s"))
 	}
 	addr("admin", c.Admin)
-	addr("http-proxy", c.HTTPProxy)
-	addr("gateway", c.Gateway)
-	addr("gateway-tls", c.GatewayTLS)
-	if (c.Gateway != "" || c.GatewayTLS != "") && c.RoutesPrefix == "" {
+	if (c.Gateway.Addr != "" || c.Gateway.TLSAddr != "") && c.Gateway.Prefix == "" {
 		errs = append(errs, errors.New("-routes-prefix: the gateway needs a KV prefix, e.g. attache/"))
 	}
-	if _, err := proxy.ParseBalancer(c.Balancer); err != nil {
-		errs = append(errs, fmt.Errorf("-lb: %w", err))
-	}
-	for _, u := range c.Upstreams {
-		if _, err := proxy.ParseUpstream(u); err != nil {
-			errs = append(errs, fmt.Errorf("-upstream: %w", err))
-		}
-	}
-	for _, r := range c.Recursors {
+	for _, r := range c.DNS.Recursors {
 		addr("recursor", r)
 	}
 
-	switch c.Watch {
-	case "on-demand", "all", "list":
+	switch c.Catalog.Mode {
+	case catalog.ModeOnDemand, catalog.ModeAll, catalog.ModeList:
 	default:
-		errs = append(errs, fmt.Errorf("-watch %q: want on-demand, all or list", c.Watch))
+		errs = append(errs, fmt.Errorf("-watch %q: want on-demand, all or list", c.Catalog.Mode))
 	}
-	if c.Watch == "list" && len(c.WatchList) == 0 {
+	if c.Catalog.Mode == catalog.ModeList && len(c.Catalog.Services) == 0 {
 		errs = append(errs, errors.New("-watch list needs at least one -watch-service NAME"))
 	}
 	switch strings.ToLower(c.LogLevel) {

@@ -26,6 +26,7 @@ func TestParseArgs(t *testing.T) {
 	gw := file("gw.hcl", "gateway = \"127.0.0.30:8080\"\ngateway_tls = \"127.0.0.30:8443\"\nroutes_prefix = \"team/\"\n")
 	fb := file("fb.hcl", "fallback \"inventory\" {\n  body = \"Stock status unavailable\"\n  content_type = \"text/plain\"\n  on = [\"breaker-open\", \"timeout\"]\n}\n")
 	drain := file("drain.hcl", "drain_timeout = \"30s\"\n")
+	svcTTL := file("svcttl.hcl", "dns_service_ttl = { \"Users\" = \"-1s\" }\n")
 	badCause := file("cause.hcl", "fallback \"inventory\" {\n  on = [\"sometimes\"]\n}\n")
 	ups := file("ups.hcl", `upstream = ["db=127.0.0.1:5432/tcp"]
 upstream "Users" {
@@ -60,37 +61,39 @@ upstream "inventory" {
 		check   func(t *testing.T, c Config)
 	}{
 		{name: "defaults", check: func(t *testing.T, c Config) {
-			if c.Admin != "127.0.0.1:19001" || c.Consul[0] != "127.0.0.1:8500" || c.DNSDomain != "consul." {
+			if c.Admin != "127.0.0.1:19001" || c.Catalog.Addresses[0] != "127.0.0.1:8500" || c.DNS.Domain != "consul." {
 				t.Errorf("defaults: %+v", c)
 			}
 		}},
 		{name: "env", env: map[string]string{"CONSUL_HTTP_ADDR": "127.0.0.9:8500", "CONSUL_HTTP_TOKEN": "s3cret"}, check: func(t *testing.T, c Config) {
-			if c.Consul[0] != "127.0.0.9:8500" || c.Token != "s3cret" {
+			if c.Catalog.Addresses[0] != "127.0.0.9:8500" || c.Catalog.Token != "s3cret" {
 				t.Errorf("env not applied: %+v", c)
 			}
 		}},
 		{name: "repeatable flag replaces default", args: []string{"-consul", "127.0.0.2:8500", "-consul", "127.0.0.3:8500"}, check: func(t *testing.T, c Config) {
-			if strings.Join(c.Consul, ",") != "127.0.0.2:8500,127.0.0.3:8500" {
-				t.Errorf("consul = %v", c.Consul)
+			if strings.Join(c.Catalog.Addresses, ",") != "127.0.0.2:8500,127.0.0.3:8500" {
+				t.Errorf("consul = %v", c.Catalog.Addresses)
 			}
 		}},
 		{name: "file", args: []string{"-config", good}, check: func(t *testing.T, c Config) {
-			if c.DNS != "127.0.0.1:8653" || len(c.Consul) != 2 || c.Upstreams[0] != "users=127.0.0.1:9191" || c.MaxStale.String() != "2s" {
+			if c.DNS.Addr != "127.0.0.1:8653" || len(c.Catalog.Addresses) != 2 || upstreamString(c.Proxy.Upstreams[0]) != "users=127.0.0.1:9191" || c.Catalog.MaxStale.String() != "2s" {
 				t.Errorf("file not applied: %+v", c)
 			}
 		}},
 		{name: "flag wins over file", args: []string{"-config", good, "-dns", "127.0.0.1:9999"}, check: func(t *testing.T, c Config) {
-			if c.DNS != "127.0.0.1:9999" {
-				t.Errorf("dns = %q", c.DNS)
+			if c.DNS.Addr != "127.0.0.1:9999" {
+				t.Errorf("dns = %q", c.DNS.Addr)
 			}
 		}},
 		{name: "DNS rate limit", args: []string{"-dns-rate-limit", "50", "-dns-rate-burst", "200"}, check: func(t *testing.T, c Config) {
-			if c.DNSRateLimit != 50 || c.DNSRateBurst != 200 {
-				t.Errorf("rate limit %v burst %d", c.DNSRateLimit, c.DNSRateBurst)
+			if c.DNS.RateLimit != 50 || c.DNS.RateBurst != 200 {
+				t.Errorf("rate limit %v burst %d", c.DNS.RateLimit, c.DNS.RateBurst)
 			}
 		}},
 		{name: "negative DNS TTL", args: []string{"-dns-ttl", "-1s"}, wantErr: "must not be negative"},
-		{name: "negative DNS rate limit", args: []string{"-dns-rate-limit", "-1"}, wantErr: "-dns-rate-limit and -dns-rate-burst must not be negative"},
+		{name: "negative DNS rate limit", args: []string{"-dns-rate-limit", "-1"}, wantErr: "-dns-rate-limit -1: must not be negative (0: no limit)"},
+		{name: "bad balancer", args: []string{"-lb", "random"}, wantErr: `-lb "random": proxy: unknown balancer`},
+		{name: "negative service TTL names the attribute", args: []string{"-config", svcTTL}, wantErr: `dns_service_ttl ["users"] -1s: must not be negative`},
 		{name: "flag without value", args: []string{"-dns"}, wantErr: "flag needs an argument: -dns"},
 		{name: "unknown flag", args: []string{"-frob"}, wantErr: "flag provided but not defined: -frob"},
 		{name: "stray argument", args: []string{"users"}, wantErr: `unexpected argument "users"`},
@@ -103,8 +106,8 @@ upstream "inventory" {
 		{name: "bad duration names file and line", args: []string{"-config", badDur}, wantErr: "dur.hcl:1,1: max_stale"},
 
 		{name: "upstream blocks", args: []string{"-config", ups}, check: func(t *testing.T, c Config) {
-			if strings.Join(c.Upstreams, " ") != "db=127.0.0.1:5432/tcp Users=127.0.0.1:9192" {
-				t.Errorf("upstream listeners %v", c.Upstreams)
+			if strings.Join(upstreamStrings(c.Proxy.Upstreams), " ") != "db=127.0.0.1:5432/tcp users=127.0.0.1:9192" {
+				t.Errorf("upstream listeners %v", c.Proxy.Upstreams)
 			}
 			u := c.UpstreamSettings["users"]
 			if u.Listen != "127.0.0.1:9192" || u.Balancer != "rr" || u.TryTimeout != time.Second || u.ReqTimeout != 3*time.Second ||
@@ -117,8 +120,8 @@ upstream "inventory" {
 			}
 		}},
 		{name: "upstream flag replaces the file's listeners", args: []string{"-config", ups, "-upstream", "x=127.0.0.1:9300"}, check: func(t *testing.T, c Config) {
-			if strings.Join(c.Upstreams, " ") != "x=127.0.0.1:9300" || c.UpstreamSettings["users"].TryTimeout != time.Second {
-				t.Errorf("upstreams %v, settings %v", c.Upstreams, c.UpstreamSettings)
+			if strings.Join(upstreamStrings(c.Proxy.Upstreams), " ") != "x=127.0.0.1:9300" || c.UpstreamSettings["users"].TryTimeout != time.Second {
+				t.Errorf("upstreams %v, settings %v", c.Proxy.Upstreams, c.UpstreamSettings)
 			}
 		}},
 		{name: "upstream block out of range names file and line", args: []string{"-config", upsBad}, wantErr: `upsbad.hcl:5: upstream "inventory": retries 20: want -1 (none) to 10`},
@@ -127,46 +130,46 @@ upstream "inventory" {
 		{name: "upstream block bad balancer", args: []string{"-config", upsLB}, wantErr: `upslb.hcl:1: upstream "users": lb:`},
 		{name: "upstream block unknown attribute", args: []string{"-config", upsAttr}, wantErr: `upsattr.hcl:2,3: Unsupported argument`},
 		{name: "gateway flags", args: []string{"-gateway", "127.0.0.30:8080", "-gateway-tls", "127.0.0.30:8443"}, check: func(t *testing.T, c Config) {
-			if c.Gateway != "127.0.0.30:8080" || c.GatewayTLS != "127.0.0.30:8443" || c.RoutesPrefix != "attache/" {
-				t.Errorf("gateway flags: %q %q %q", c.Gateway, c.GatewayTLS, c.RoutesPrefix)
+			if c.Gateway.Addr != "127.0.0.30:8080" || c.Gateway.TLSAddr != "127.0.0.30:8443" || c.Gateway.Prefix != "attache/" {
+				t.Errorf("gateway flags: %q %q %q", c.Gateway.Addr, c.Gateway.TLSAddr, c.Gateway.Prefix)
 			}
 		}},
 		{name: "gateway file", args: []string{"-config", gw}, check: func(t *testing.T, c Config) {
-			if c.Gateway != "127.0.0.30:8080" || c.GatewayTLS != "127.0.0.30:8443" || c.RoutesPrefix != "team/" {
-				t.Errorf("gateway file: %q %q %q", c.Gateway, c.GatewayTLS, c.RoutesPrefix)
+			if c.Gateway.Addr != "127.0.0.30:8080" || c.Gateway.TLSAddr != "127.0.0.30:8443" || c.Gateway.Prefix != "team/" {
+				t.Errorf("gateway file: %q %q %q", c.Gateway.Addr, c.Gateway.TLSAddr, c.Gateway.Prefix)
 			}
 		}},
 		{name: "bad gateway address", args: []string{"-gateway", "8080"}, wantErr: `-gateway "8080": want HOST:PORT`},
 		{name: "fallback", args: []string{"-config", fb}, check: func(t *testing.T, c Config) {
-			f := c.Fallbacks["inventory"]
+			f := c.Proxy.Fallbacks["inventory"]
 			if f.Status != 200 || f.Body != "Stock status unavailable" || f.ContentType != "text/plain" || strings.Join(f.On, ",") != "breaker-open,timeout" {
 				t.Errorf("fallback = %+v", f)
 			}
 		}},
 		{name: "fallback cause", args: []string{"-config", badCause}, wantErr: `unknown cause "sometimes"`},
 		{name: "drain timeout default", check: func(t *testing.T, c Config) {
-			if c.DrainTimeout != 10*time.Second {
-				t.Errorf("drain timeout = %v, want 10s", c.DrainTimeout)
+			if c.Proxy.ShutdownGraceTime != 10*time.Second {
+				t.Errorf("drain timeout = %v, want 10s", c.Proxy.ShutdownGraceTime)
 			}
 		}},
 		{name: "drain timeout file", args: []string{"-config", drain}, check: func(t *testing.T, c Config) {
-			if c.DrainTimeout != 30*time.Second {
-				t.Errorf("drain timeout = %v, want 30s", c.DrainTimeout)
+			if c.Proxy.ShutdownGraceTime != 30*time.Second {
+				t.Errorf("drain timeout = %v, want 30s", c.Proxy.ShutdownGraceTime)
 			}
 		}},
 		{name: "drain timeout flag", args: []string{"-drain-timeout", "2s"}, check: func(t *testing.T, c Config) {
-			if c.DrainTimeout != 2*time.Second {
-				t.Errorf("drain timeout = %v, want 2s", c.DrainTimeout)
+			if c.Proxy.ShutdownGraceTime != 2*time.Second {
+				t.Errorf("drain timeout = %v, want 2s", c.Proxy.ShutdownGraceTime)
 			}
 		}},
 		{name: "access log defaults", check: func(t *testing.T, c Config) {
-			if c.AccessLog != "stdout" || c.AccessLogAll || c.AccessSample != 1 {
-				t.Errorf("access log %q all %v sample %v", c.AccessLog, c.AccessLogAll, c.AccessSample)
+			if c.AccessLog != "stdout" || c.Proxy.AccessLogAll || c.Proxy.AccessLogSample != 1 {
+				t.Errorf("access log %q all %v sample %v", c.AccessLog, c.Proxy.AccessLogAll, c.Proxy.AccessLogSample)
 			}
 		}},
 		{name: "access log flags", args: []string{"-access-log", "/tmp/x.log", "-access-log-all", "-access-log-sample", "0.25"}, check: func(t *testing.T, c Config) {
-			if c.AccessLog != "/tmp/x.log" || !c.AccessLogAll || c.AccessSample != 0.25 {
-				t.Errorf("access log %q all %v sample %v", c.AccessLog, c.AccessLogAll, c.AccessSample)
+			if c.AccessLog != "/tmp/x.log" || !c.Proxy.AccessLogAll || c.Proxy.AccessLogSample != 0.25 {
+				t.Errorf("access log %q all %v sample %v", c.AccessLog, c.Proxy.AccessLogAll, c.Proxy.AccessLogSample)
 			}
 		}},
 		{name: "access log sample above 1", args: []string{"-access-log-sample", "2"}, wantErr: "-access-log-sample 2: want a fraction"},
@@ -235,7 +238,7 @@ service {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			regs, err := ParseServices("svc.hcl", []byte(tt.src))
+			regs, err := parseServices("svc.hcl", []byte(tt.src))
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 					t.Fatalf("error = %v, want it to contain %q", err, tt.wantErr)
@@ -265,6 +268,6 @@ func FuzzConfigFile(f *testing.F) {
 	f.Fuzz(func(t *testing.T, src []byte) {
 		c := DefaultConfig(noEnv)
 		_ = c.decodeHCL("fuzz.hcl", src)
-		_, _ = ParseServices("fuzz.hcl", src)
+		_, _ = parseServices("fuzz.hcl", src)
 	})
 }

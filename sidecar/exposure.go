@@ -37,13 +37,11 @@ func (s *Sidecar) warnExposed(log hclog.Logger) {
 			log.Warn("listener on a routable address: "+what, "listener", listener, "addr", addr)
 		}
 	}
-	warn("http-proxy", s.cfg.HTTPProxy, "any host that reaches it can relay requests into the mesh through this sidecar")
-	for _, u := range s.cfg.Upstreams {
-		name, rest, _ := strings.Cut(u, "=")
-		addr, _, _ := strings.Cut(rest, "/")
-		warn("upstream "+name, addr, "any host that reaches it can call "+name+" through this sidecar")
+	warn("http-proxy", s.cfg.Proxy.HTTPProxyAddr, "any host that reaches it can relay requests into the mesh through this sidecar")
+	for _, u := range s.cfg.Proxy.Upstreams {
+		warn("upstream "+u.Name, u.Addr, "any host that reaches it can call "+u.Name+" through this sidecar")
 	}
-	warn("dns", s.cfg.DNS, "any host that reaches it can read the catalog (names outside the domain are forwarded for loopback clients only)")
+	warn("dns", s.cfg.DNS.Addr, "any host that reaches it can read the catalog (names outside the domain are forwarded for loopback clients only)")
 	warn("admin", s.cfg.Admin, "every endpoint but /healthz and /readyz needs the admin token")
 }
 

@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/hashicorp/go-hclog"
+
+	"attache/sidecar/proxy"
 )
 
 func TestLoopback(t *testing.T) {
@@ -85,8 +87,10 @@ func TestAdminAuth(t *testing.T) {
 // anyone reaching it can do; loopback ones are not.
 func TestWarnExposed(t *testing.T) {
 	var buf bytes.Buffer
-	s := &Sidecar{cfg: Config{Admin: "10.0.0.21:19001", AdminToken: "s3cret", DNS: "127.0.0.1:8653",
-		HTTPProxy: "0.0.0.0:15001", Upstreams: []string{"users=127.0.0.1:9191", "db=[::]:9300/tcp"}}}
+	cfg := Config{Admin: "10.0.0.21:19001", AdminToken: "s3cret"}
+	cfg.DNS.Addr, cfg.Proxy.HTTPProxyAddr = "127.0.0.1:8653", "0.0.0.0:15001"
+	cfg.Proxy.Upstreams = []proxy.Upstream{{Name: "users", Addr: "127.0.0.1:9191"}, {Name: "db", Addr: "[::]:9300", Protocol: proxy.ProtoTCP}}
+	s := &Sidecar{cfg: cfg}
 	s.warnExposed(hclog.New(&hclog.LoggerOptions{Output: &buf}))
 	out := buf.String()
 	for _, want := range []string{"listener=http-proxy addr=0.0.0.0:15001", "relay requests into the mesh",

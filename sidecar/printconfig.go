@@ -7,76 +7,103 @@ import (
 
 	"github.com/hashicorp/hcl/v2/gohcl"
 	"github.com/hashicorp/hcl/v2/hclwrite"
+	"github.com/zclconf/go-cty/cty"
+
+	"attache/sidecar/proxy"
 )
 
 // redacted stands for a secret in the printed configuration.
 const redacted = "<redacted>"
 
 // HCL returns the configuration as a config file (the -config attribute
-// names), every setting written out, secrets replaced by "<redacted>":
-// the Consul and admin tokens and any password in a Consul address.
-// What the file format cannot say (Consul TLS files, token file, SSL, all
-// from the environment) is left out.
+// names, from the bindings), every setting written out, secrets replaced
+// by "<redacted>": the Consul and admin tokens and any password in a
+// Consul address. What the file format cannot say (Consul TLS files,
+// token file, SSL, all from the environment) is left out.
 func (c Config) HCL() []byte {
-	secret := func(s string) *string {
-		if s != "" {
-			s = redacted
+	f := hclwrite.NewEmptyFile()
+	body := f.Body()
+	strs := func(l []string) cty.Value {
+		if len(l) == 0 {
+			return cty.ListValEmpty(cty.String)
 		}
-		return &s
+		vs := make([]cty.Value, len(l))
+		for i, s := range l {
+			vs[i] = cty.StringVal(s)
+		}
+		return cty.ListVal(vs)
 	}
-	dur := func(d time.Duration) *string { s := d.String(); return &s }
-	consul := make([]string, len(c.Consul))
-	for i, a := range c.Consul {
-		consul[i] = redactURL(a)
+	for _, b := range bindings {
+		if b.flagOnly {
+			continue
+		}
+		var v cty.Value
+		switch p := b.ptr(&c).(type) {
+		case *string:
+			s := *p
+			if b.secret && s != "" {
+				s = redacted
+			}
+			v = cty.StringVal(s)
+		case *[]string:
+			l := *p
+			if b.name == "consul" {
+				l = make([]string, len(*p))
+				for i, a := range *p {
+					l[i] = redactURL(a)
+				}
+			}
+			v = strs(l)
+		case *[]proxy.Upstream:
+			v = strs(upstreamStrings(*p))
+		case *bool:
+			v = cty.BoolVal(*p)
+		case *int:
+			v = cty.NumberIntVal(int64(*p))
+			if b.off != nil && *b.off(&c) {
+				v = cty.NumberIntVal(-1) // the spelling of "none" the flag's usage gives
+			}
+		case *float64:
+			v = cty.NumberFloatVal(*p)
+		case *time.Duration:
+			v = cty.StringVal(p.String())
+		case *map[string]time.Duration:
+			m := map[string]cty.Value{}
+			for k, d := range *p {
+				m[k] = cty.StringVal(d.String())
+			}
+			v = cty.MapValEmpty(cty.String)
+			if len(m) > 0 {
+				v = cty.MapVal(m)
+			}
+		default: // the blocks, below
+			continue
+		}
+		body.SetAttributeValue(b.attr(), v)
 	}
-	svcTTL := map[string]string{}
-	for k, v := range c.DNSServiceTTL {
-		svcTTL[k] = v.String()
-	}
-	fc := fileConfig{
-		Node: &c.Node, Consul: &consul, Token: secret(c.Token), DataDir: &c.DataDir,
-		DNS: &c.DNS, DNSDomain: &c.DNSDomain, Recursors: list(c.Recursors),
-		Admin: &c.Admin, AdminToken: secret(c.AdminToken), Upstreams: list(c.Upstreams),
-		HTTPProxy: &c.HTTPProxy, Gateway: &c.Gateway, GatewayTLS: &c.GatewayTLS,
-		RoutesPrefix: &c.RoutesPrefix, ServiceFiles: list(c.ServiceFiles),
-		Watch: &c.Watch, WatchList: list(c.WatchList), WatchIdle: dur(c.WatchIdle),
-		Streaming: &c.Streaming, Stale: &c.Stale, MaxStale: dur(c.MaxStale), Warning: &c.Warning,
-		DNSTTL: dur(c.DNSTTL), DNSNodeTTL: dur(c.DNSNodeTTL), DNSNegTTL: dur(c.DNSNegTTL),
-		DNSNearest: &c.DNSNearest, DNSEjections: &c.DNSEjections, DNSServiceTTL: &svcTTL,
-		DNSRateLimit: &c.DNSRateLimit, DNSRateBurst: &c.DNSRateBurst, Balancer: &c.Balancer,
-		TryTimeout: dur(c.TryTimeout), ReqTimeout: dur(c.ReqTimeout), Retries: &c.Retries,
-		ClientIdle: dur(c.ClientIdle), HeaderTimeout: dur(c.HeaderTimeout), BodyTimeout: dur(c.BodyTimeout),
-		MaxClients: &c.MaxClients, DrainTimeout: dur(c.DrainTimeout), AccessLog: &c.AccessLog,
-		AccessLogAll: &c.AccessLogAll, AccessSample: &c.AccessSample, EjectAfter: &c.EjectAfter,
-		EjectTime: dur(c.EjectTime), SlowCall: dur(c.SlowCall), MaxRequests: &c.MaxRequests,
-		LogLevel: &c.LogLevel, LogJSON: &c.LogJSON,
-	}
-	names := make([]string, 0, len(c.Fallbacks))
-	for n := range c.Fallbacks {
+	names := make([]string, 0, len(c.Proxy.Fallbacks))
+	for n := range c.Proxy.Fallbacks {
 		names = append(names, n)
 	}
 	sort.Strings(names)
 	for _, n := range names {
-		fb := c.Fallbacks[n]
+		fb := c.Proxy.Fallbacks[n]
 		b := fallbackBlock{Service: n, Status: &fb.Status, Body: &fb.Body, ContentType: &fb.ContentType, On: list(fb.On)}
 		if fb.Service != "" {
 			b = fallbackBlock{Service: n, To: &fb.Service, On: list(fb.On)}
 		}
-		fc.Fallbacks = append(fc.Fallbacks, b)
+		body.AppendNewline()
+		body.AppendBlock(gohcl.EncodeAsBlock(&b, "fallback"))
 	}
 	names = names[:0]
 	for n := range c.UpstreamSettings {
 		names = append(names, n)
 	}
 	sort.Strings(names)
-	f := hclwrite.NewEmptyFile()
-	gohcl.EncodeIntoBody(&fc, f.Body())
-	// The blocks share the name "upstream" with the list of listeners,
-	// which gohcl's encoder cannot tell apart: they are appended here.
 	for _, n := range names {
 		b := c.UpstreamSettings[n].block(n)
-		f.Body().AppendNewline()
-		f.Body().AppendBlock(gohcl.EncodeAsBlock(&b, "upstream"))
+		body.AppendNewline()
+		body.AppendBlock(gohcl.EncodeAsBlock(&b, "upstream"))
 	}
 	return f.Bytes()
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"attache/internal/testrun"
+	"attache/sidecar/proxy"
 )
 
 // TestReloadWhatChanges: a reload changes what it can (an upstream added,
@@ -41,15 +42,15 @@ func TestReloadWhatChanges(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Reload(next); err != nil {
+	if err := s.reload(next); err != nil {
 		t.Fatal(err)
 	}
 	got := s.Config()
-	if got.TryTimeout != time.Second || got.EjectAfter != 3 || len(got.Upstreams) != 2 || got.LogLevel != "debug" {
+	if got.Proxy.TryTimeout != time.Second || got.Breaker.ConsecutiveFailures != 3 || len(got.Proxy.Upstreams) != 2 || got.LogLevel != "debug" {
 		t.Errorf("reloadable settings not applied: %+v", got)
 	}
-	if got.Node != "n1" || got.DNSDomain != "consul." || got.Balancer != "least-request" {
-		t.Errorf("settings needing a restart changed: node %q domain %q lb %q", got.Node, got.DNSDomain, got.Balancer)
+	if got.Node != "n1" || got.DNS.Domain != "consul." || got.Proxy.Balancer != "least-request" {
+		t.Errorf("settings needing a restart changed: node %q domain %q lb %q", got.Node, got.DNS.Domain, got.Proxy.Balancer)
 	}
 	if s.proxy.Addr("inventory") == nil {
 		t.Error("inventory upstream not listening")
@@ -71,12 +72,12 @@ func TestReloadWhatChanges(t *testing.T) {
 	}
 
 	bad := next
-	bad.Upstreams = []string{"users"}
-	if err := s.Reload(bad); err == nil {
+	bad.Proxy.Upstreams = []proxy.Upstream{{Name: "users"}} // no address
+	if err := s.reload(bad); err == nil {
 		t.Fatal("invalid upstream accepted")
 	}
-	if got := s.Config(); len(got.Upstreams) != 2 {
-		t.Errorf("refused reload changed the upstreams: %v", got.Upstreams)
+	if got := s.Config(); len(got.Proxy.Upstreams) != 2 {
+		t.Errorf("refused reload changed the upstreams: %v", got.Proxy.Upstreams)
 	}
 }
 
@@ -109,16 +110,16 @@ func TestReloadArgs(t *testing.T) {
 	if err := s.ReloadArgs(args, DefaultConfig(noEnv)); err != nil {
 		t.Fatal(err)
 	}
-	if c := s.Config(); c.TryTimeout != 3*time.Second || c.Retries != 3 {
-		t.Errorf("try timeout %v (the flag's 3s wins) retries %d (the file's 3)", c.TryTimeout, c.Retries)
+	if c := s.Config(); c.Proxy.TryTimeout != 3*time.Second || c.Proxy.MaxRetries != 3 {
+		t.Errorf("try timeout %v (the flag's 3s wins) retries %d (the file's 3)", c.Proxy.TryTimeout, c.Proxy.MaxRetries)
 	}
 	write("retries = \n")
 	err = s.ReloadArgs(args, DefaultConfig(noEnv))
 	if err == nil || !strings.Contains(err.Error(), "attache.hcl:1,") {
 		t.Fatalf("broken file: %v", err)
 	}
-	if c := s.Config(); c.Retries != 3 {
-		t.Errorf("refused reload changed retries to %d", c.Retries)
+	if c := s.Config(); c.Proxy.MaxRetries != 3 {
+		t.Errorf("refused reload changed retries to %d", c.Proxy.MaxRetries)
 	}
 	var refused []string
 	for _, l := range strings.Split(logs.String(), "\n") {

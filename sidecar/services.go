@@ -53,15 +53,15 @@ type checkBlock struct {
 	InitialStatusPassed *bool   `hcl:"initially_passing,optional"`
 }
 
-// LoadServiceFiles reads every service file, in order.
-func LoadServiceFiles(paths []string) ([]*api.AgentServiceRegistration, error) {
+// loadServiceFiles reads every service file, in order.
+func loadServiceFiles(paths []string) ([]*api.AgentServiceRegistration, error) {
 	var all []*api.AgentServiceRegistration
 	for _, p := range paths {
 		src, err := os.ReadFile(p)
 		if err != nil {
 			return nil, fmt.Errorf("service file: %w", err)
 		}
-		regs, err := ParseServices(p, src)
+		regs, err := parseServices(p, src)
 		if err != nil {
 			return nil, err
 		}
@@ -70,8 +70,8 @@ func LoadServiceFiles(paths []string) ([]*api.AgentServiceRegistration, error) {
 	return all, nil
 }
 
-// ParseServices parses one service file. Errors carry file:line and say what is wrong.
-func ParseServices(name string, src []byte) ([]*api.AgentServiceRegistration, error) {
+// parseServices parses one service file. Errors carry file:line and say what is wrong.
+func parseServices(name string, src []byte) ([]*api.AgentServiceRegistration, error) {
 	f, diags := hclparse.NewParser().ParseHCL(src, name)
 	if diags.HasErrors() {
 		return nil, diagError(diags)

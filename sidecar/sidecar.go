@@ -54,10 +54,11 @@ type Sidecar struct {
 
 // New builds the sidecar from cfg. It binds nothing and contacts nobody: Run does.
 func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
+	cfg.settle()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	regs, err := LoadServiceFiles(cfg.ServiceFiles)
+	regs, err := loadServiceFiles(cfg.ServiceFiles)
 	if err != nil {
 		return nil, err
 	}
@@ -69,12 +70,7 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 	m.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	s := &Sidecar{cfg: cfg, log: log, metrics: m, sockets: handover.New(log)}
 
-	wc := catalog.DefaultConfig()
-	wc.Addresses, wc.Token, wc.TokenFile, wc.TLS, wc.SSL = cfg.Consul, cfg.Token, cfg.TokenFile, cfg.TLS, cfg.SSL
-	wc.Mode = catalog.Mode(cfg.Watch)
-	wc.Services = cfg.WatchList
-	wc.Stale, wc.MaxStale, wc.IncludeWarning = cfg.Stale, cfg.MaxStale, cfg.Warning
-	wc.IdleTimeout, wc.Streaming = cfg.WatchIdle, cfg.Streaming
+	wc := cfg.Catalog
 	wc.DataDir, wc.Node = cfg.DataDir, cfg.Node
 	wc.Logger, wc.Registerer = log, m
 	if s.watcher, err = catalog.NewWatcher(wc); err != nil {
@@ -86,12 +82,12 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 		return nil, err
 	}
 	regs = append([]*api.AgentServiceRegistration{self}, regs...)
-	if s.breakers, err = breaker.New(breakerConfig(cfg), log, m); err != nil {
+	if s.breakers, err = breaker.New(cfg.Breaker, log, m); err != nil {
 		return nil, err
 	}
-	if cfg.Gateway != "" || cfg.GatewayTLS != "" {
-		gc := gateway.DefaultConfig()
-		gc.Addr, gc.TLSAddr, gc.Prefix, gc.Node, gc.DataDir = cfg.Gateway, cfg.GatewayTLS, cfg.RoutesPrefix, cfg.Node, cfg.DataDir
+	if cfg.Gateway.Addr != "" || cfg.Gateway.TLSAddr != "" {
+		gc := cfg.Gateway
+		gc.Node, gc.DataDir = cfg.Node, cfg.DataDir
 		gc.Logger, gc.Registerer, gc.Breakers = log, m, s.breakers
 		if s.gateway, err = gateway.New(gc, client, s.watcher); err != nil {
 			return nil, err
@@ -105,15 +101,13 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 	s.registrar = catalog.NewRegistrar(client, regs, 0, log)
 
 	var ejections dns.Ejections // DNS leaves out what the proxy ejected, when there is a proxy
-	if len(cfg.Upstreams) > 0 || cfg.HTTPProxy != "" || s.gateway != nil {
-		pc := proxy.Config{HTTPProxyAddr: cfg.HTTPProxy, Node: cfg.Node, Fallbacks: cfg.Fallbacks, Logger: log, Registerer: m, Binder: s.sockets}
+	if len(cfg.Proxy.Upstreams) > 0 || cfg.Proxy.HTTPProxyAddr != "" || s.gateway != nil {
+		pc := cfg.Proxy
+		pc.Node, pc.Logger, pc.Registerer, pc.Binder = cfg.Node, log, m, s.sockets
 		if s.gateway != nil {
 			pc.Gateways = s.gateway.Listeners()
 		}
-		pc.Balancer, _ = proxy.ParseBalancer(cfg.Balancer) // checked by Validate
-		pc.IdleTimeout, pc.HeaderTimeout, pc.BodyTimeout, pc.MaxClientConns = cfg.ClientIdle, cfg.HeaderTimeout, cfg.BodyTimeout, cfg.MaxClients
-		pc.ShutdownGraceTime = cfg.DrainTimeout
-		if cfg.AccessLog != "off" && (s.gateway != nil || cfg.AccessLogAll) {
+		if cfg.AccessLog != "off" && (s.gateway != nil || cfg.Proxy.AccessLogAll) {
 			switch cfg.AccessLog {
 			case "stdout":
 				pc.AccessLog = os.Stdout
@@ -124,10 +118,6 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 				}
 				s.accessFile, pc.AccessLog = f, f
 			}
-			pc.AccessLogAll, pc.AccessLogSample = cfg.AccessLogAll, cfg.AccessSample
-		}
-		if err := proxyReloadable(&pc, cfg); err != nil {
-			return nil, err
 		}
 		if err := applyUpstreams(cfg.UpstreamSettings, s.breakers, &pc); err != nil {
 			return nil, err
@@ -137,10 +127,9 @@ func New(cfg Config, log hclog.Logger) (*Sidecar, error) {
 		}
 		ejections = s.breakers
 	}
-	if cfg.DNS != "" {
-		dc := dnsConfig(cfg)
-		dc.RateLimit, dc.RateBurst = cfg.DNSRateLimit, cfg.DNSRateBurst
-		dc.Logger, dc.Registerer, dc.Binder = log, m, s.sockets
+	if cfg.DNS.Addr != "" {
+		dc := cfg.DNS
+		dc.Node, dc.Logger, dc.Registerer, dc.Binder = cfg.Node, log, m, s.sockets
 		if s.dns, err = dns.New(dc, s.watcher, ejections); err != nil {
 			return nil, err
 		}
@@ -171,7 +160,7 @@ func selfRegistration(cfg Config) (*api.AgentServiceRegistration, error) {
 		return nil, fmt.Errorf("-admin %q: port: %w", cfg.Admin, err)
 	}
 	meta := map[string]string{}
-	for k, v := range map[string]string{"dns": cfg.DNS, "http_proxy": cfg.HTTPProxy} {
+	for k, v := range map[string]string{"dns": cfg.DNS.Addr, "http_proxy": cfg.Proxy.HTTPProxyAddr} {
 		if v != "" {
 			meta[k] = v
 		}
@@ -330,7 +319,7 @@ func (s *Sidecar) Run(ctx context.Context) error {
 		return nil
 	})
 	s.warnExposed(s.log)
-	s.log.Info("sidecar running", "admin", s.cfg.Admin, "consul", s.cfg.Consul, "pid", os.Getpid(), "took_sockets", inherited)
+	s.log.Info("sidecar running", "admin", s.cfg.Admin, "consul", s.cfg.Catalog.Addresses, "pid", os.Getpid(), "took_sockets", inherited)
 	// The main loop: under systemd, READY=1 when /readyz would answer 200,
 	// watchdog pings, STOPPING=1 as the shutdown starts.
 	s.notifier.Run(gctx)
@@ -387,18 +376,18 @@ func (s *Sidecar) stop(succ *handover.Successor, admin *http.Server, adminDone <
 		}
 		s.registrar.Keep(keep)
 		s.lingerOnStop()
-		s.log.Info("handing over to the other sidecar: leaving the registration to it, draining the listeners", "pid", pid, "drain_timeout", s.cfg.DrainTimeout)
+		s.log.Info("handing over to the other sidecar: leaving the registration to it, draining the listeners", "pid", pid, "drain_timeout", s.cfg.Proxy.ShutdownGraceTime)
 		// The admin socket goes first: from now on the other sidecar
 		// answers /readyz there, and tells the truth for the node.
 		shutdown(admin, adminDone)
 	} else {
 		s.stopping.Store(true)
-		s.log.Info("stopping: deregistering from the agent, then draining the listeners", "drain_timeout", s.cfg.DrainTimeout)
+		s.log.Info("stopping: deregistering from the agent, then draining the listeners", "drain_timeout", s.cfg.Proxy.ShutdownGraceTime)
 	}
 	stopReg()
 	select {
 	case <-regDone:
-	case <-time.After(s.cfg.DrainTimeout): // an agent that does not answer delays the stop no longer than this
+	case <-time.After(s.cfg.Proxy.ShutdownGraceTime): // an agent that does not answer delays the stop no longer than this
 		s.log.Warn("stopping: deregistration did not finish in time; draining anyway")
 	}
 	stopSrv()

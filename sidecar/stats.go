@@ -53,16 +53,16 @@ func (r *statsRing) add(s statsSample) {
 	}
 }
 
-// Stats is /v1/stats: the last minute (or less, just after start).
-type Stats struct {
+// statsReply is /v1/stats: the last minute (or less, just after start).
+type statsReply struct {
 	WindowSeconds float64         `json:"window_seconds"`
-	Upstreams     []UpstreamStats `json:"upstreams"`
+	Upstreams     []upstreamStats `json:"upstreams"`
 	DNSQPS        *float64        `json:"dns_queries_per_second,omitempty"` // nil without DNS
 }
 
-// UpstreamStats is one upstream service's requests through the proxy
+// upstreamStats is one upstream service's requests through the proxy
 // (every listener that sends to it) over the window.
-type UpstreamStats struct {
+type upstreamStats struct {
 	Name      string   `json:"name"`
 	RPS       float64  `json:"requests_per_second"`
 	ErrorRate float64  `json:"error_rate"`       // share of the requests that got no answer or a 5xx (attache_proxy_requests_total's error classes)
@@ -70,10 +70,10 @@ type UpstreamStats struct {
 }
 
 // stats computes the window's figures from the ring.
-func (r *statsRing) stats(withDNS bool) Stats {
+func (r *statsRing) stats(withDNS bool) statsReply {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	st := Stats{Upstreams: []UpstreamStats{}}
+	st := statsReply{Upstreams: []upstreamStats{}}
 	if withDNS {
 		st.DNSQPS = new(float64)
 	}
@@ -89,7 +89,7 @@ func (r *statsRing) stats(withDNS bool) Stats {
 	for name, c := range cur.ups {
 		o := old.ups[name] // zero when it had no series then
 		n := math.Max(0, c.total-o.total)
-		u := UpstreamStats{Name: name, RPS: round2(n / dt)}
+		u := upstreamStats{Name: name, RPS: round2(n / dt)}
 		if n > 0 {
 			u.ErrorRate = round4(math.Max(0, c.errors-o.errors) / n)
 		}

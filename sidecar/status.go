@@ -13,7 +13,6 @@ import (
 
 	"attache/sidecar/breaker"
 	"attache/sidecar/gateway"
-	"attache/sidecar/proxy"
 )
 
 //go:embed web/status.html
@@ -79,7 +78,7 @@ type countRow struct {
 	Name          string
 	Total, Errors float64
 	ByClass       []classCount
-	Rate          *UpstreamStats // the last minute's (/v1/stats); nil: none yet
+	Rate          *upstreamStats // the last minute's (/v1/stats); nil: none yet
 	classes       map[string]float64
 }
 
@@ -123,24 +122,20 @@ func (s *Sidecar) statusPage(w http.ResponseWriter, r *http.Request) {
 	for _, m := range byName["attache_proxy_client_connections"].GetMetric() {
 		conns[label(m, "listener")] = m.GetGauge().GetValue()
 	}
-	for _, u := range cfg.Upstreams {
-		up, err := proxy.ParseUpstream(u) // checked by Validate
-		if err != nil {
-			continue
-		}
+	for _, up := range cfg.Proxy.Upstreams {
 		p.Listeners = append(p.Listeners, listenerRow{Kind: "upstream " + up.Protocol, Name: up.Name, Addr: up.Addr, Conns: conns[up.Name]})
 	}
-	if cfg.HTTPProxy != "" {
-		p.Listeners = append(p.Listeners, listenerRow{Kind: "http proxy", Name: "http-proxy", Addr: cfg.HTTPProxy, Conns: conns["http-proxy"]})
+	if cfg.Proxy.HTTPProxyAddr != "" {
+		p.Listeners = append(p.Listeners, listenerRow{Kind: "http proxy", Name: "http-proxy", Addr: cfg.Proxy.HTTPProxyAddr, Conns: conns["http-proxy"]})
 	}
-	if cfg.Gateway != "" {
-		p.Listeners = append(p.Listeners, listenerRow{Kind: "gateway", Name: "gateway-http", Addr: cfg.Gateway, Conns: conns["gateway-http"]})
+	if cfg.Gateway.Addr != "" {
+		p.Listeners = append(p.Listeners, listenerRow{Kind: "gateway", Name: "gateway-http", Addr: cfg.Gateway.Addr, Conns: conns["gateway-http"]})
 	}
-	if cfg.GatewayTLS != "" {
-		p.Listeners = append(p.Listeners, listenerRow{Kind: "gateway (TLS)", Name: "gateway-https", Addr: cfg.GatewayTLS, Conns: conns["gateway-https"]})
+	if cfg.Gateway.TLSAddr != "" {
+		p.Listeners = append(p.Listeners, listenerRow{Kind: "gateway (TLS)", Name: "gateway-https", Addr: cfg.Gateway.TLSAddr, Conns: conns["gateway-https"]})
 	}
-	if cfg.DNS != "" {
-		p.Listeners = append(p.Listeners, listenerRow{Kind: "dns", Name: "dns", Addr: cfg.DNS})
+	if cfg.DNS.Addr != "" {
+		p.Listeners = append(p.Listeners, listenerRow{Kind: "dns", Name: "dns", Addr: cfg.DNS.Addr})
 	}
 	// attache_proxy_requests_total{upstream, result}: errors are the
 	// answers the proxy could not get (5xx, error, breaker_open, ...).

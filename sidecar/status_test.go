@@ -88,10 +88,10 @@ func TestStatusPageInBrowser(t *testing.T) {
 
 	// The last minute's rates (sampled once a second) show the calls and
 	// the queries, in /v1/stats as on the page.
-	var stats Stats
+	var stats statsReply
 	eventually(t, "rates in /v1/stats", 10*time.Second, func() bool {
 		_, body := get(admin, "/v1/stats")
-		stats = Stats{}
+		stats = statsReply{}
 		_ = json.Unmarshal([]byte(body), &stats)
 		return len(stats.Upstreams) == 1 && stats.Upstreams[0].Name == "users" && stats.Upstreams[0].RPS > 0 &&
 			stats.Upstreams[0].P99ms != nil && stats.DNSQPS != nil && *stats.DNSQPS > 0

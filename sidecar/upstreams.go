@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/hcl/v2"
-	"github.com/hashicorp/hcl/v2/hclsyntax"
+	"github.com/hashicorp/hcl/v2/gohcl"
 
 	"attache/sidecar/breaker"
 	"attache/sidecar/proxy"
@@ -53,25 +53,18 @@ type upstreamBlock struct {
 	OpenTime    *string  `hcl:"open_time,optional"`
 }
 
-// upstreamSettings turns the blocks of body into checked settings by
-// service name; errors name the file and the block's line.
-func upstreamSettings(file string, body hcl.Body, blocks []upstreamBlock) (map[string]UpstreamSettings, error) {
-	lines := map[string][]int{} // the lines of each name's blocks, in order
-	if sb, ok := body.(*hclsyntax.Body); ok {
-		for _, b := range sb.Blocks {
-			if b.Type == "upstream" && len(b.Labels) == 1 {
-				lines[b.Labels[0]] = append(lines[b.Labels[0]], b.DefRange().Start.Line)
-			}
-		}
-	}
+// upstreamSettings turns the upstream "NAME" blocks of a config file into
+// checked settings by service name; errors name the file and the block's
+// line.
+func upstreamSettings(file string, blocks []*hcl.Block) (map[string]UpstreamSettings, error) {
 	out := make(map[string]UpstreamSettings, len(blocks))
-	seen := map[string]int{}
-	for _, b := range blocks {
-		at := file
-		if l := lines[b.Name]; seen[b.Name] < len(l) {
-			at = fmt.Sprintf("%s:%d", file, l[seen[b.Name]])
+	for _, blk := range blocks {
+		var b upstreamBlock
+		if diags := gohcl.DecodeBody(blk.Body, nil, &b); diags.HasErrors() {
+			return nil, diagError(diags)
 		}
-		seen[b.Name]++
+		b.Name = blk.Labels[0]
+		at := fmt.Sprintf("%s:%d", file, blk.DefRange.Start.Line)
 		name := strings.ToLower(b.Name)
 		if _, dup := out[name]; dup {
 			return nil, fmt.Errorf("%s: upstream %q: set twice", at, b.Name)
@@ -169,9 +162,9 @@ func (u UpstreamSettings) policy() *proxy.Policy {
 func (u UpstreamSettings) breakerConfig(base breaker.Config) (c breaker.Config, ok bool) {
 	c = base
 	if u.EjectAfter != nil {
-		c.ConsecutiveFailures = *u.EjectAfter
-		if c.ConsecutiveFailures == 0 {
-			c.ConsecutiveFailures = -1 // the breaker reads 0 as "the default"
+		c.ConsecutiveFailures, c.NoEjection = *u.EjectAfter, *u.EjectAfter <= 0
+		if c.NoEjection {
+			c.ConsecutiveFailures = 0
 		}
 	}
 	if u.EjectTime > 0 {
@@ -181,9 +174,9 @@ func (u UpstreamSettings) breakerConfig(base breaker.Config) (c breaker.Config, 
 		c.SlowCallDuration = u.SlowCall
 	}
 	if u.MaxRequests != nil {
-		c.MaxRequests = *u.MaxRequests
-		if c.MaxRequests == 0 {
-			c.MaxRequests = -1
+		c.MaxRequests, c.NoRequestLimit = *u.MaxRequests, *u.MaxRequests <= 0
+		if c.NoRequestLimit {
+			c.MaxRequests = 0
 		}
 	}
 	if u.FailureRate != nil {

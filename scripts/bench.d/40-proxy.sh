@@ -173,6 +173,26 @@ echo "$raw" | awk '$1=="access-log-off"{off[++a]=$2; offc[a]=$4} $1=="access-log
 	END { m = (a < b ? a : b); if (m == 0) exit; for (i = 1; i <= m; i++) { r[i] = on[i] / off[i]; c[i] = (offc[i] > 0 ? onc[i] / offc[i] : 0) }
 		printf "\nAccess log cost (bench/proxy with -access-log FILE vs without, every request logged; median of %d paired rounds): %.2f× the requests/s (goal ≥ 0.95×), %.2f× the CPU per request.\n", m, med(r, m), med(c, m) }'
 
+# The same cost with both loaded at once (wrk -t1 -c32 on each, side by
+# side, ACCESS_PAIRS times): what else the machine runs then lands on both
+# alike, which rounds one after the other cannot give on a busy machine
+# (there, two identical proxies measured in turn differ by up to 20 %).
+if [[ " ${TARGETS[*]} " == *" access-log-off "* && " ${TARGETS[*]} " == *" access-log-on "* ]]; then
+	hz=$(getconf CLK_TCK)
+	for ((r = 0; r < ${ACCESS_PAIRS:-6}; r++)); do
+		c0=$(cpu_ticks $LOGOFF_PID) c1=$(cpu_ticks $LOGON_PID)
+		wrk -t1 -c32 -d5s "http://$LOGOFF/users/" >"$BENCH/pair-off.txt" &
+		w=$!
+		wrk -t1 -c32 -d5s "http://$LOGON/users/" >"$BENCH/pair-on.txt"
+		wait $w
+		d0=$(($(cpu_ticks $LOGOFF_PID) - c0)) d1=$(($(cpu_ticks $LOGON_PID) - c1))
+		n0=$(awk '/requests in/{print $1}' "$BENCH/pair-off.txt") n1=$(awk '/requests in/{print $1}' "$BENCH/pair-on.txt")
+		echo "$n0 $n1 $d0 $d1"
+	done | awk -v load="$(cut -d' ' -f1 /proc/loadavg)" '{ r[++m] = $2 / $1; c[m] = ($3 > 0 && $2 > 0 ? ($4 / $2) / ($3 / $1) : 0) }
+		function med(v, m,   i, j, t) { for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }; return (m % 2) ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2 }
+		END { if (m) printf "Loaded at once (wrk -t1 -c32 on each, side by side; median of %d pairs, load average %s): %.2f× the requests/s, %.2f× the CPU per request.\n", m, load, med(r, m), med(c, m) }'
+fi
+
 # Latency at a fixed rate (half of nginx's max above), which wrk's closed loop
 # cannot show: hey with -q paces each of its workers.
 if command -v hey >/dev/null; then

@@ -21,6 +21,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"attache/internal/fielderr"
 )
 
 // Config holds the outlier and breaker settings. Zero fields take the
@@ -28,8 +30,11 @@ import (
 type Config struct {
 	// ConsecutiveFailures ejects an instance after this many failed calls in
 	// a row (connect error, reset, timeout, 5xx). Default 5, as Envoy's
-	// consecutive_5xx. A negative value disables outlier ejection.
+	// consecutive_5xx. Not used with NoEjection.
 	ConsecutiveFailures int
+	// NoEjection turns outlier ejection off: no instance is ever ejected.
+	// Default false.
+	NoEjection bool
 	// BaseEjectionTime is multiplied by the number of times the instance has
 	// been ejected. Default 30s (Envoy's).
 	BaseEjectionTime time.Duration
@@ -79,9 +84,12 @@ type Config struct {
 	// breaker, one failure opens it again. Default 3.
 	HalfOpenCalls int
 	// MaxRequests is the most calls in flight per service; more are refused
-	// at once (Envoy's max_requests). Default 1024 (Envoy's). Negative: no
-	// limit.
+	// at once (Envoy's max_requests). Default 1024 (Envoy's). Not used with
+	// NoRequestLimit.
 	MaxRequests int
+	// NoRequestLimit lets any number of calls be in flight per service.
+	// Default false.
+	NoRequestLimit bool
 	// Disabled turns the per-service breaker off (outlier ejection and
 	// MaxRequests stay).
 	Disabled bool
@@ -108,6 +116,24 @@ func DefaultConfig() Config {
 	}
 }
 
+// Validate says what is wrong with c, each bad field as a
+// *fielderr.Error (zero fields are fine: they take the defaults). New,
+// SetConfig and Configure call it.
+func (c Config) Validate() error {
+	var errs []error
+	if c.ConsecutiveFailures < 0 {
+		errs = append(errs, fielderr.New("ConsecutiveFailures", "%d: must not be negative (NoEjection turns ejection off)", c.ConsecutiveFailures))
+	}
+	if c.MaxRequests < 0 {
+		errs = append(errs, fielderr.New("MaxRequests", "%d: must not be negative (NoRequestLimit lifts the limit)", c.MaxRequests))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("breaker: %w", err)
+	}
+	return nil
+}
+
+// withDefaults gives zero fields DefaultConfig's values.
 func (c Config) withDefaults() Config {
 	d := DefaultConfig()
 	if c.ConsecutiveFailures == 0 {
@@ -231,6 +257,9 @@ func New(cfg Config, logger hclog.Logger, reg prometheus.Registerer) (*Registry,
 		now:  time.Now,
 		svcs: map[string]*Service{},
 	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
 	cfg = cfg.withDefaults()
 	r.cfg.Store(&cfg)
 	r.bucket = cfg.Window / numBuckets
@@ -273,6 +302,9 @@ func (r *Registry) Config() Config { return *r.cfg.Load() }
 // are sized by it): a new Window is an error and nothing changes. Route
 // breakers (Custom) keep their own settings.
 func (r *Registry) SetConfig(cfg Config) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
 	cfg = cfg.withDefaults()
 	if cur := r.cfg.Load(); cfg.Window != cur.Window {
 		return fmt.Errorf("breaker: the window (%v) cannot change without a restart", cur.Window)
@@ -347,6 +379,9 @@ func (r *Registry) newService(key string, cfg *atomic.Pointer[Config], bucket ti
 // these settings alone: they are the service's own.
 func (r *Registry) Configure(name string, cfg Config) error {
 	key := strings.ToLower(name)
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("breaker settings of %s: %w", name, err)
+	}
 	cfg = cfg.withDefaults()
 	r.mu.Lock()
 	defer r.mu.Unlock()

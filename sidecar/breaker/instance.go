@@ -112,7 +112,7 @@ func (in *Instance) Report(failed bool) {
 		}
 		return
 	}
-	if cfg.ConsecutiveFailures < 0 {
+	if cfg.NoEjection {
 		return
 	}
 	if in.until.Load() != 0 {

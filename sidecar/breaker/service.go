@@ -99,7 +99,7 @@ func (c Call) Trial() bool { return c.trial > 0 }
 // the service has MaxRequests calls in flight.
 func (s *Service) Allow(now time.Time) (Call, error) {
 	cfg := s.cfg.Load()
-	if n := s.inflight.Add(1); cfg.MaxRequests > 0 && n > int64(cfg.MaxRequests) {
+	if n := s.inflight.Add(1); !cfg.NoRequestLimit && n > int64(cfg.MaxRequests) {
 		s.inflight.Add(-1)
 		s.overflow.Inc()
 		return Call{}, &OpenError{Service: s.name, State: MaxRequests, RetryAfter: time.Second}

@@ -11,6 +11,7 @@ package gateway
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -28,6 +29,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"attache/control/routes"
+	"attache/internal/fielderr"
 	"attache/sidecar/breaker"
 	"attache/sidecar/catalog"
 	"attache/sidecar/proxy"
@@ -135,9 +137,31 @@ type Status struct {
 	ServiceErrs []string  `json:"service_route_errors,omitempty"`
 }
 
+// Validate says what is wrong with c, each bad field as a
+// *fielderr.Error (zero fields are fine: New gives them their defaults).
+// New calls it.
+func (c Config) Validate() error {
+	var errs []error
+	for _, a := range []struct{ field, v string }{{"Addr", c.Addr}, {"TLSAddr", c.TLSAddr}} {
+		if a.v == "" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(a.v); err != nil {
+			errs = append(errs, fielderr.New(a.field, "%q: want HOST:PORT, e.g. 127.0.0.1:8080 (%v)", a.v, err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("gateway: %w", err)
+	}
+	return nil
+}
+
 // New builds the gateway; kv talks to the local agent (KV reads, the
 // applied key). It binds nothing: the proxy serves Listeners, Run watches.
 func New(cfg Config, kv *api.Client, cat Catalog) (*Gateway, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
 	d := DefaultConfig()
 	if cfg.Prefix == "" {
 		cfg.Prefix = d.Prefix
@@ -428,7 +452,7 @@ func (g *Gateway) rebuildLocked(a *applied) error {
 			brk = map[string]*breaker.Service{}
 			cfg := breakerConfig(g.cfg.Breakers.Config(), r.Breaker)
 			for _, d := range r.Destinations {
-				name := RouteBreakerName(d.Service, r.Name)
+				name := routeBreakerName(d.Service, r.Name)
 				brk[d.Service] = g.cfg.Breakers.Custom(name, d.Service, cfg)
 				t.breakers[strings.ToLower(name)] = true
 			}
@@ -473,9 +497,9 @@ func (g *Gateway) rebuildLocked(a *applied) error {
 	return nil
 }
 
-// RouteBreakerName names a route's own breaker for one of its services, in
+// routeBreakerName names a route's own breaker for one of its services, in
 // /v1/breakers and the breaker metrics: SERVICE@ROUTE.
-func RouteBreakerName(service, route string) string { return service + "@" + route }
+func routeBreakerName(service, route string) string { return service + "@" + route }
 
 // breakerConfig is base with a route's breaker block over it. A rate of 0
 // turns that rule off; 0 calls mean 1.

@@ -225,7 +225,9 @@ func FuzzRawConn(f *testing.F) {
 	f.Fuzz(func(t *testing.T, in []byte) {
 		c := &fuzzConn{in: bytes.NewReader(in)}
 		rc := &rawConn{s: s, c: c}
-		s.wg.Add(1)
+		s.mu.Lock()
+		s.conns[rc] = struct{}{} // as start does
+		s.mu.Unlock()
 		serveFuzzConn(t, c, rc.run)
 	})
 }

@@ -29,6 +29,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"attache/internal/fielderr"
 	"attache/internal/reuseport"
 	"attache/sidecar/breaker"
 	"attache/sidecar/catalog"
@@ -47,7 +48,8 @@ type Source interface {
 	Want(ctx context.Context, service string) *catalog.Snapshot
 }
 
-// Config configures the proxy. Zero fields take the defaults noted.
+// Config configures the proxy. DefaultConfig holds the defaults noted on
+// each field; a zero field takes its default too.
 type Config struct {
 	Upstreams     []Upstream
 	HTTPProxyAddr string   // "" disables the HTTP proxy listener
@@ -66,7 +68,8 @@ type Config struct {
 	BodyTimeout    time.Duration // a request body may pause this long between two reads, default 30s
 	MaxClientConns int           // open client connections per HTTP listener; more get a 503 and are closed, default 16384
 
-	MaxRetries      int           // extra tries after the first, default 2; negative disables
+	MaxRetries      int           // extra tries after the first (at most 7), default 2; not used with NoRetries
+	NoRetries       bool          // no request is tried again, default false
 	RetryBudget     float64       // retries at most this share of requests (10s window), default 0.2
 	MinRetries      int           // retries always allowed per 10s window, default 10
 	RetryBackoff    time.Duration // base of the full-jitter backoff, default 25ms
@@ -94,18 +97,68 @@ type Config struct {
 
 	// AccessLog, when not nil, gets one JSON line per proxied request on
 	// the gateway listeners (and, with AccessLogAll, on the upstream and
-	// HTTP-proxy listeners too), from a writer goroutine: a request never
-	// waits for it; a line the buffer has no room for is dropped and
-	// counted (attache_proxy_access_log_dropped_total).
+	// HTTP-proxy listeners too), written in chunks by a writer goroutine:
+	// a request never waits for it; a line the buffer has no room for is
+	// dropped and counted (attache_proxy_access_log_dropped_total).
 	AccessLog       io.Writer
 	AccessLogAll    bool
 	AccessLogSample float64 // the share of requests logged, default 1 (all)
-	AccessLogBuffer int     // lines queued for the writer, default 4096
+	AccessLogBuffer int     // bytes of lines buffered for the writer, default 1 MiB (about 4000 lines)
 
 	Gateways            []GatewayListener // gateway listeners (package sidecar/gateway), routed by their Router
 	TLSHandshakeTimeout time.Duration     // gateway TLS listeners, default 10s
 }
 
+// DefaultConfig returns the defaults documented on Config.
+func DefaultConfig() Config {
+	return Config{
+		Balancer:            LeastRequest,
+		Domain:              "consul",
+		ConnectTimeout:      time.Second,
+		TryTimeout:          5 * time.Second,
+		RequestTimeout:      15 * time.Second,
+		IdleTimeout:         75 * time.Second,
+		HeaderTimeout:       10 * time.Second,
+		BodyTimeout:         30 * time.Second,
+		MaxClientConns:      16384,
+		MaxRetries:          2,
+		RetryBudget:         0.2,
+		MinRetries:          10,
+		RetryBackoff:        25 * time.Millisecond,
+		RetryBackoffMax:     250 * time.Millisecond,
+		RetryStatuses:       []int{500, 502, 503, 504},
+		MaxReplayBody:       64 << 10,
+		MaxConnsPerHost:     512,
+		MaxIdleConnTime:     10 * time.Second,
+		WantTimeout:         2 * time.Second,
+		MaxServices:         1024,
+		ShutdownGraceTime:   5 * time.Second,
+		AccessLogSample:     1,
+		AccessLogBuffer:     1 << 20,
+		TLSHandshakeTimeout: 10 * time.Second,
+	}
+}
+
+// Validate says what is wrong with c, each bad field as a
+// *fielderr.Error (zero fields are fine: they take the defaults). New and
+// Update call it; they check the upstreams and gateways further.
+func (c Config) Validate() error {
+	var errs []error
+	if c.MaxRetries < 0 || c.MaxRetries > MostRetries {
+		errs = append(errs, fielderr.New("MaxRetries", "%d: want 0 to %d (NoRetries turns retries off)", c.MaxRetries, MostRetries))
+	}
+	if _, err := ParseBalancer(string(c.Balancer)); err != nil {
+		errs = append(errs, fielderr.New("Balancer", "%q: %v", c.Balancer, err))
+	}
+	if c.HTTPProxyAddr != "" {
+		if err := checkListenAddr(c.HTTPProxyAddr); err != nil {
+			errs = append(errs, fielderr.New("HTTPProxyAddr", "%q: %v", c.HTTPProxyAddr, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// withDefaults gives zero fields DefaultConfig's values.
 func (c Config) withDefaults() Config {
 	def := func(d *time.Duration, v time.Duration) {
 		if *d <= 0 {
@@ -137,7 +190,7 @@ func (c Config) withDefaults() Config {
 		c.AccessLogSample = 1
 	}
 	if c.AccessLogBuffer <= 0 {
-		c.AccessLogBuffer = 4096
+		c.AccessLogBuffer = 1 << 20
 	}
 	def(&c.TLSHandshakeTimeout, 10*time.Second)
 	if c.TryTimeout > c.RequestTimeout {
@@ -145,12 +198,6 @@ func (c Config) withDefaults() Config {
 	}
 	if c.MaxRetries == 0 {
 		c.MaxRetries = 2
-	}
-	if c.MaxRetries < 0 {
-		c.MaxRetries = 0
-	}
-	if c.MaxRetries > maxTries-1 {
-		c.MaxRetries = maxTries - 1
 	}
 	if c.RetryBudget <= 0 {
 		c.RetryBudget = 0.2
@@ -177,6 +224,9 @@ func (c Config) withDefaults() Config {
 }
 
 const maxTries = 8
+
+// MostRetries is the most Config.MaxRetries may be.
+const MostRetries = maxTries - 1
 
 // Proxy is the set of listeners and the per-service forwarding state.
 type Proxy struct {
@@ -232,10 +282,10 @@ func New(cfg Config, src Source, br *breaker.Registry, opts ...Option) (*Proxy, 
 	if br == nil {
 		return nil, errors.New("proxy: no breaker registry")
 	}
-	cfg = cfg.withDefaults()
-	if _, err := ParseBalancer(string(cfg.Balancer)); err != nil {
-		return nil, err
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("proxy: %w", err)
 	}
+	cfg = cfg.withDefaults()
 	seen := map[string]bool{}
 	for i, u := range cfg.Upstreams {
 		if err := checkServiceName(u.Name); err != nil {
@@ -261,11 +311,6 @@ func New(cfg Config, src Source, br *breaker.Registry, opts ...Option) (*Proxy, 
 			return nil, fmt.Errorf("proxy: two upstreams listen on %s", u.Addr)
 		}
 		seen[u.Addr] = true
-	}
-	if cfg.HTTPProxyAddr != "" {
-		if err := checkListenAddr(cfg.HTTPProxyAddr); err != nil {
-			return nil, fmt.Errorf("proxy: http proxy: %w", err)
-		}
 	}
 	for _, g := range cfg.Gateways {
 		if err := checkListenAddr(g.Addr); err != nil {

@@ -277,7 +277,7 @@ func TestOutlierEjectionAndProbe(t *testing.T) {
 	good := newBackend(t, "inventory", "good", nil)
 	bad := newBackend(t, "inventory", "bad", nil)
 	bad.demo.SetFault(demo.ModeFail, 0)
-	tp := startProxy(t, Config{Upstreams: []Upstream{{Name: "inventory", Addr: "127.0.0.1:0", Balancer: RoundRobin}}, MaxRetries: -1},
+	tp := startProxy(t, Config{Upstreams: []Upstream{{Name: "inventory", Addr: "127.0.0.1:0", Balancer: RoundRobin}}, NoRetries: true},
 		breaker.Config{BaseEjectionTime: 400 * time.Millisecond, Disabled: true},
 		map[string][]*backend{"inventory": {good, bad}})
 	c := newClient()
@@ -395,7 +395,7 @@ func TestBreakerOpensAndRecovers(t *testing.T) {
 	a.demo.SetFault(demo.ModeFail, 0)
 	b.demo.SetFault(demo.ModeFail, 0)
 	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("orders")}},
-		breaker.Config{ConsecutiveFailures: -1, MinimumCalls: 10, OpenDuration: 600 * time.Millisecond, HalfOpenCalls: 2},
+		breaker.Config{NoEjection: true, MinimumCalls: 10, OpenDuration: 600 * time.Millisecond, HalfOpenCalls: 2},
 		map[string][]*backend{"orders": {a, b}})
 	c := newClient()
 	for i := 0; i < 10; i++ {
@@ -466,7 +466,7 @@ func TestRetryRules(t *testing.T) {
 	a := newBackend(t, "pay", "a", h(&aN, 503))
 	b := newBackend(t, "pay", "b", h(&bN, 503))
 	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("pay")}, MaxRetries: 1, MinRetries: 5},
-		breaker.Config{Disabled: true, ConsecutiveFailures: -1},
+		breaker.Config{Disabled: true, NoEjection: true},
 		map[string][]*backend{"pay": {a, b}})
 	c := newClient()
 	post := func(key string) {
@@ -906,7 +906,7 @@ func TestFallbackCauses(t *testing.T) {
 			"all":     {Body: "Stock status unavailable", ContentType: "text/plain"},
 			"refused": {Body: "refused", On: []string{CauseBreakerOpen, CauseMaxRequests}},
 			"other":   {Service: "spare"},
-		}}, breaker.Config{Disabled: true, ConsecutiveFailures: -1},
+		}}, breaker.Config{Disabled: true, NoEjection: true},
 		map[string][]*backend{"all": {failing("all", "a1")}, "refused": {failing("refused", "r1")},
 			"other": {failing("other", "o1")}, "spare": {spare}})
 	c := newClient()
@@ -969,7 +969,7 @@ func TestServicePolicies(t *testing.T) {
 	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("once"), upstream("twice")}, HTTPProxyAddr: "127.0.0.1:0",
 		MaxRetries: 1, MinRetries: 100,
 		Policies: map[string]*Policy{"Once": {Retries: -1, TryTimeout: 300 * time.Millisecond}}},
-		breaker.Config{Disabled: true, ConsecutiveFailures: -1},
+		breaker.Config{Disabled: true, NoEjection: true},
 		map[string][]*backend{"once": {o1, o2}, "twice": {t1, t2}})
 	c := newClient()
 	viaProxy := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{

@@ -130,7 +130,7 @@ func TestRetriesRunOutKeepLastAnswer(t *testing.T) {
 				bs = append(bs, newBackend(t, "down", string(rune('a'+i)), h))
 			}
 			tp := startProxy(t, Config{Upstreams: []Upstream{upstream("down")}, DisableHTTP2: true},
-				breaker.Config{Disabled: true, ConsecutiveFailures: -1}, map[string][]*backend{"down": bs}, Engines{NoFastPath: tc.slow})
+				breaker.Config{Disabled: true, NoEjection: true}, map[string][]*backend{"down": bs}, Engines{NoFastPath: tc.slow})
 			c := dialRaw(t, tp.p.Addr("down"))
 			for i := 0; i < 3; i++ {
 				resp, body, err := c.do("GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
@@ -224,7 +224,7 @@ func TestClientNotReadingFreesInstance(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			tp := startProxy(t, Config{Upstreams: []Upstream{upstream("big")}, MaxConnsPerHost: 1,
 				TryTimeout: 300 * time.Millisecond, RequestTimeout: 500 * time.Millisecond, DisableHTTP2: true},
-				breaker.Config{Disabled: true, ConsecutiveFailures: -1}, map[string][]*backend{"big": {b}}, Engines{NoFastPath: slow})
+				breaker.Config{Disabled: true, NoEjection: true}, map[string][]*backend{"big": {b}}, Engines{NoFastPath: slow})
 			stuck := dialRaw(t, tp.p.Addr("big"))
 			if _, err := stuck.c.Write([]byte("GET /big HTTP/1.1\r\nHost: big\r\n\r\n")); err != nil {
 				t.Fatal(err)

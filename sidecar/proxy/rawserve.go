@@ -29,13 +29,14 @@ type rawServer struct {
 	ctx     context.Context
 	closing atomic.Bool
 	mu      sync.Mutex
-	conns   map[*rawConn]struct{}
-	wg      sync.WaitGroup
-	park    *parker // nil: idle connections keep their goroutine
+	conns   map[*rawConn]struct{} // every connection with a goroutine (run)
+	gone    sync.Cond             // on mu: broadcast when conns empties
+	park    *parker               // nil: idle connections keep their goroutine
 }
 
 func newRawServer(ctx context.Context, p *Proxy, rt *routing, fs *fasthttp.Server) *rawServer {
 	s := &rawServer{p: p, rt: rt, fs: fs, ctx: ctx, conns: map[*rawConn]struct{}{}}
+	s.gone.L = &s.mu
 	if p.parker != nil && p.cfg.IdleTimeout > 2*p.parkAfter {
 		s.park = p.parker
 	}
@@ -85,7 +86,6 @@ func (s *rawServer) start(rc *rawConn, refuse bool) {
 		return
 	}
 	s.conns[rc] = struct{}{}
-	s.wg.Add(1)
 	s.mu.Unlock()
 	go rc.run()
 }
@@ -107,9 +107,9 @@ func (s *rawServer) shutdown(grace time.Duration) {
 	}
 	done, giveUp := make(chan struct{}), make(chan struct{})
 	go func() {
-		s.wg.Wait()
+		s.waitGone()
 		// Handing over, a parked connection is answered its next request
-		// too (taken up by a goroutine, which wg counts): wait for those
+		// too (taken up by a goroutine, which conns counts): wait for those
 		// until the grace time is up.
 		for linger && s.park != nil && s.park.parkedOf(s) > 0 {
 			select {
@@ -119,7 +119,7 @@ func (s *rawServer) shutdown(grace time.Duration) {
 			if isClosed(giveUp) {
 				break
 			}
-			s.wg.Wait()
+			s.waitGone()
 		}
 		close(done)
 	}()
@@ -138,6 +138,17 @@ func (s *rawServer) shutdown(grace time.Duration) {
 	}
 	s.mu.Unlock()
 	<-done
+}
+
+// waitGone returns once no connection has a goroutine. (Not a WaitGroup:
+// handing over, a parked connection taken up again (resume) adds one while
+// shutdown waits, which a WaitGroup forbids once its count has reached zero.)
+func (s *rawServer) waitGone() {
+	s.mu.Lock()
+	for len(s.conns) > 0 {
+		s.gone.Wait()
+	}
+	s.mu.Unlock()
 }
 
 // isClosed reports whether ch is closed.
@@ -193,13 +204,15 @@ func (rc *rawConn) run() {
 	s := rc.s
 	handedOff, parked := false, false
 	defer func() {
-		s.mu.Lock()
-		delete(s.conns, rc)
-		s.mu.Unlock()
 		if !handedOff && !parked {
 			rc.c.Close()
 		}
-		s.wg.Done()
+		s.mu.Lock()
+		delete(s.conns, rc)
+		if len(s.conns) == 0 {
+			s.gone.Broadcast()
+		}
+		s.mu.Unlock()
 	}()
 	if rc.buf == nil {
 		rc.buf = make([]byte, rawReadBuffer)

@@ -23,7 +23,11 @@ type live struct {
 }
 
 func newLive(c Config) *live {
-	return &live{tryTimeout: c.TryTimeout, requestTimeout: c.RequestTimeout, maxRetries: c.MaxRetries}
+	l := &live{tryTimeout: c.TryTimeout, requestTimeout: c.RequestTimeout, maxRetries: c.MaxRetries}
+	if c.NoRetries {
+		l.maxRetries = 0
+	}
+	return l
 }
 
 // runState is what Run serves with, for listeners a reload adds.
@@ -87,6 +91,9 @@ func (p *Proxy) startUpstream(u Upstream, ln net.Listener) []*httpListener {
 // proxy stops. An upstream's protocol or load balancer cannot change
 // (requests read them without a lock): that is an error too.
 func (p *Proxy) Update(cfg Config) error {
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("proxy: %w", err)
+	}
 	cfg = cfg.withDefaults()
 	want := map[string]*served{}
 	for _, u := range cfg.Upstreams {

@@ -75,7 +75,7 @@ func TestUpdateUnderLoad(t *testing.T) {
 	// 1: an upstream (HTTP and TCP) and the HTTP proxy added, the timeouts shortened.
 	cfg.Upstreams = append(cfg.Upstreams, upstream("inventory"), Upstream{Name: "raw", Addr: "127.0.0.1:0", Protocol: ProtoTCP})
 	cfg.HTTPProxyAddr = "127.0.0.1:0"
-	cfg.TryTimeout, cfg.RequestTimeout, cfg.MaxRetries = 1500*time.Millisecond, 2*time.Second, -1
+	cfg.TryTimeout, cfg.RequestTimeout, cfg.NoRetries = 1500*time.Millisecond, 2*time.Second, true
 	if err := tp.p.Update(cfg); err != nil {
 		t.Fatal(err)
 	}
