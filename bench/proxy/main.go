@@ -149,7 +149,7 @@ func run(service, backends, upstream, httpProxy, balancer, cpuprofile string, no
 	if err != nil {
 		return err
 	}
-	cfg := proxy.Config{HTTPProxyAddr: httpProxy, Balancer: bal, Logger: log, Registerer: reg, DisableHTTP2: noH2, DisableFastPath: noFast, DisableEventLoop: noLoop, EventLoops: loops, Gateways: gws}
+	cfg := proxy.Config{HTTPProxyAddr: httpProxy, Balancer: bal, Logger: log, Registerer: reg, DisableHTTP2: noH2, EventLoops: loops, Gateways: gws}
 	if accessLog != "" {
 		f, err := os.OpenFile(accessLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
 		if err != nil {
@@ -161,7 +161,7 @@ func run(service, backends, upstream, httpProxy, balancer, cpuprofile string, no
 	if upstream != "" {
 		cfg.Upstreams = []proxy.Upstream{{Name: service, Addr: upstream, Protocol: proxy.ProtoHTTP}}
 	}
-	p, err := proxy.New(cfg, static{view}, br)
+	p, err := proxy.New(cfg, static{view}, br, proxy.WithEngines(proxy.Engines{NoFastPath: noFast, NoEventLoops: noLoop}))
 	if err != nil {
 		return err
 	}

@@ -169,7 +169,7 @@ func startNode(t *testing.T, agent *testcluster.Agent, name string, o nodeOpts) 
 		t.Fatal(err)
 	}
 	px, err := proxy.New(proxy.Config{Gateways: gw.Listeners(), Node: name, Logger: log, Registerer: reg,
-		DisableEventLoop: o.noLoop, EventLoops: 1}, w, br)
+		EventLoops: 1}, w, br, proxy.WithEngines(proxy.Engines{NoEventLoops: o.noLoop}))
 	if err != nil {
 		t.Fatal(err)
 	}

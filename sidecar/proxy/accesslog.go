@@ -19,6 +19,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"attache/sidecar/breaker"
+	"attache/sidecar/proxy/h1"
 )
 
 // AccessEntry is one line of the access log: one proxied request, after
@@ -515,18 +516,18 @@ func (t *target) logAccess(a *accReq, br *breaker.Service, start, end time.Time,
 
 // rawAccReq is newAccReq for a request parsed in b (the fast path and the
 // event loops): host is the absolute-form target's, else the Host header's.
-func rawAccReq(p *Proxy, rt *routing, b []byte, r *rawReq, host, path span) *accReq {
+func rawAccReq(p *Proxy, rt *routing, b []byte, r *h1.Request, host, path h1.Span) *accReq {
 	if p.acc == nil {
 		return nil
 	}
-	if host.e <= host.s {
-		host = r.host
+	if host.End <= host.Start {
+		host = r.Host
 	}
 	var h []byte
-	if host.e > host.s {
-		h = b[host.s:host.e]
+	if host.End > host.Start {
+		h = b[host.Start:host.End]
 	}
-	return newAccReq(p, rt, b[r.method.s:r.method.e], h, b[path.s:path.e])
+	return newAccReq(p, rt, b[r.Method.Start:r.Method.End], h, b[path.Start:path.End])
 }
 
 // fastAccReq is newAccReq for a fasthttp request. It reads the header's

@@ -61,22 +61,22 @@ func TestAccessLogEngines(t *testing.T) {
 	h2c.Protocols.SetUnencryptedHTTP2(true)
 	for _, tt := range []struct {
 		name   string
-		cfg    Config
+		eng    Engines
 		client *http.Client
 		proto  int
 	}{
-		{"event loops", Config{}, newClient(), 1},
-		{"goroutine fast path", Config{DisableEventLoop: true}, newClient(), 1},
-		{"fasthttp", Config{DisableFastPath: true}, newClient(), 1},
-		{"h2c", Config{}, &http.Client{Transport: h2c, Timeout: 10 * time.Second}, 2},
+		{"event loops", Engines{}, newClient(), 1},
+		{"goroutine fast path", Engines{NoEventLoops: true}, newClient(), 1},
+		{"fasthttp", Engines{NoFastPath: true}, newClient(), 1},
+		{"h2c", Engines{}, &http.Client{Transport: h2c, Timeout: 10 * time.Second}, 2},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			var buf lockedBuf
-			cfg := tt.cfg
+			var cfg Config
 			cfg.AccessLog, cfg.AccessLogAll = &buf, true
 			cfg.Upstreams = []Upstream{upstream("users"), upstream("empty")}
 			b := newBackend(t, "users", "users-1", nil)
-			tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"users": {b}, "empty": {}})
+			tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"users": {b}, "empty": {}}, tt.eng)
 			resp, err := tt.client.Get(tp.url("users", "/items/7?x=1"))
 			if err != nil {
 				t.Fatal(err)
@@ -303,21 +303,21 @@ func TestAccessLogConcurrent(t *testing.T) {
 // TestAccessLogGateway: the gateway's listeners, plain and TLS, log
 // without AccessLogAll (the upstream listeners beside them do not).
 func TestAccessLogGateway(t *testing.T) {
-	for _, engine := range []Config{{}, {DisableEventLoop: true}, {DisableFastPath: true}} {
+	for _, engine := range []Engines{{}, {NoEventLoops: true}, {NoFastPath: true}} {
 		var buf lockedBuf
 		a := newBackend(t, "a", "a1", nil)
 		rt := &prefixRouter{routes: map[string]string{"/a/": "a"}}
-		cfg := engine
+		var cfg Config
 		cfg.AccessLog = &buf
 		cfg.Upstreams = []Upstream{upstream("a")}
 		cfg.Gateways = []GatewayListener{
 			{Addr: "127.0.0.1:0", Router: rt},
 			{Addr: "127.0.0.1:0", Router: rt, TLS: &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}}},
 		}
-		tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"a": {a}})
+		tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"a": {a}}, engine)
 		// HTTP/1.1 over TLS: neither the log nor the engine may leave the
 		// request's URI parsed as https (the instance's client refuses it:
-		// with DisableFastPath this answered 502).
+		// with fasthttp alone this answered 502).
 		c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
 		for _, u := range []string{"http://" + tp.p.GatewayAddr(0).String() + "/a/1", "https://" + tp.p.GatewayAddr(1).String() + "/a/2", tp.url("a", "/a/3")} {
 			if code, _, body := get(t, c, u); code != 200 {
@@ -325,7 +325,7 @@ func TestAccessLogGateway(t *testing.T) {
 			}
 		}
 		tp.cancel()
-		select { // fasthttp alone (DisableFastPath) once kept the TLS keep-alive connection to its idle timeout
+		select { // fasthttp alone (NoFastPath) once kept the TLS keep-alive connection to its idle timeout
 		case <-tp.stopped:
 		case <-time.After(10 * time.Second):
 			t.Fatalf("%+v: Run did not return with a keep-alive TLS client", engine)

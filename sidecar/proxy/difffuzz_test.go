@@ -16,6 +16,7 @@ import (
 
 	"attache/sidecar/breaker"
 	"attache/sidecar/catalog"
+	"attache/sidecar/proxy/h1"
 )
 
 // Differential fuzzers: byte streams through a running proxy (the event
@@ -127,9 +128,8 @@ func runFuzzProxy(f *testing.F, service string, inst catalog.Instance, cfg Confi
 		Known: map[string]bool{service: true}})
 	br, _ := breaker.New(breaker.Config{NoEjection: true, FailureRateThreshold: -1}, nil, nil)
 	cfg.Upstreams = []Upstream{{Name: service, Addr: "127.0.0.1:0", Protocol: ProtoHTTP}}
-	cfg.DisableEventLoop = *noLoop
 	cfg.WantTimeout = time.Millisecond
-	p, err := New(cfg, src, br)
+	p, err := New(cfg, src, br, WithEngines(testEngines()))
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -187,7 +187,7 @@ func endToEnd(h http.Header) http.Header {
 	out := h.Clone()
 	for _, v := range h.Values("Connection") {
 		for _, tok := range strings.Split(v, ",") {
-			if tok = strings.TrimSpace(tok); tok != "" && !framingHeader([]byte(tok)) {
+			if tok = strings.TrimSpace(tok); tok != "" && !h1.FramingHeader([]byte(tok)) {
 				out.Del(tok)
 			}
 		}
@@ -299,7 +299,7 @@ func referenceAnswer(in []byte) (*http.Response, []byte, error) {
 			return nil, nil, err
 		}
 		if resp.StatusCode == 101 {
-			return nil, nil, errBadResponse
+			return nil, nil, h1.ErrBadResponse
 		}
 		if resp.StatusCode >= 200 {
 			body, err := io.ReadAll(resp.Body)

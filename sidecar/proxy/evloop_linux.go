@@ -9,14 +9,15 @@ import (
 	"os"
 	"runtime"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
-	"unsafe"
 
 	"github.com/valyala/fasthttp"
+
+	"attache/internal/evloop"
+	"attache/sidecar/proxy/h1"
 )
 
 // The event loops serve the plain HTTP/1.1 exchanges of the HTTP listeners
@@ -47,7 +48,7 @@ import (
 // nginx's CPU per request: the backend and wrk spent 10 % more CPU per
 // request on the ragged wake-ups; scripts/bench proxy). A busy loop holds its P while it waits,
 // so GOMAXPROCS is raised by one per loop and the rest of the program
-// keeps the processors it had. Such a wait lasts at most hotWait; a quiet
+// keeps the processors it had. Such a wait lasts at most evloop.HotWait; a quiet
 // loop then waits with a plain system call, and the runtime takes its P
 // back. A signal (the runtime preempting, the GC stopping the world) ends
 // either wait with EINTR, and the loop yields; it yields too before it
@@ -58,99 +59,14 @@ import (
 // loop gave the same requests per second as two with a p99 of 4-5 ms
 // instead of 8 (nginx: 5-7), the loop's thread and the app's sharing the
 // cores.
-
-// loopProcs counts the loops that hold a P while they wait (GOMAXPROCS
-// is the process's, so this is too).
 //
-// The safety case for raising GOMAXPROCS: a loop in a hot wait holds its
-// P, so without a P of its own it would take one from the rest of the
-// program for up to hotWait at a time. With GOMAXPROCS raised by one per
-// hot loop, the others keep the processors they had. Raising it must
-// never pass the container's CPU limit (the cgroup's quota, rounded up):
-// past it the extra threads only get throttled, and since Go 1.25 the
-// runtime's own default already follows that limit. So the loops raise
-// it only when base+loops stays within the limit (or there is none);
-// otherwise they wait the plain way (the runtime takes the P back during
-// the system call, as for any blocking call) and GOMAXPROCS is left
-// alone. When the last hot loop stops, the runtime gets its default back
-// (SetDefaultGOMAXPROCS: it follows the cgroup limit again), or the value
-// the program had set itself. While the loops run, a change of the
-// container's limit is not followed.
-var loopProcs procCount
-
-type procCount struct {
-	mu        sync.Mutex
-	hot       int  // loops holding a P while they wait: GOMAXPROCS is raised by as many
-	base      int  // GOMAXPROCS before it was raised
-	byRuntime bool // base was the runtime's default
-}
-
-// others returns the processors the rest of the program has: GOMAXPROCS
-// less the hot loops.
-func (pc *procCount) others() int {
-	pc.mu.Lock()
-	defer pc.mu.Unlock()
-	return runtime.GOMAXPROCS(0) - pc.hot
-}
-
-// raise makes room for n loops that hold a P while they wait: GOMAXPROCS
-// goes up by n unless that would pass limit (the CPU limit; 0: none).
-// false: it did not, and those loops must wait the plain way.
-func (pc *procCount) raise(n, limit int) bool {
-	pc.mu.Lock()
-	defer pc.mu.Unlock()
-	cur := runtime.GOMAXPROCS(0)
-	if limit > 0 && cur+n > limit {
-		return false
-	}
-	if pc.hot == 0 {
-		pc.base = cur
-		runtime.SetDefaultGOMAXPROCS() // is cur the runtime's default, or the program's own?
-		pc.byRuntime = runtime.GOMAXPROCS(0) == cur
-	}
-	pc.hot += n
-	runtime.GOMAXPROCS(cur + n)
-	return true
-}
-
-// lower undoes raise(n). With the last hot loop gone, the runtime has its
-// default back (or the program its own setting).
-func (pc *procCount) lower(n int) {
-	pc.mu.Lock()
-	defer pc.mu.Unlock()
-	pc.hot -= n
-	switch {
-	case pc.hot > 0:
-		runtime.GOMAXPROCS(max(1, runtime.GOMAXPROCS(0)-n))
-	case pc.byRuntime:
-		runtime.SetDefaultGOMAXPROCS()
-	default:
-		runtime.GOMAXPROCS(pc.base)
-	}
-}
-
-// asyncPreemptOff says whether GODEBUG turns asynchronous preemption off:
-// then no signal ends a hot wait, and a stop of the world would wait up to
-// hotWait for every busy loop, so the loops wait the plain way.
-func asyncPreemptOff(godebug string) bool {
-	off := false
-	for _, kv := range strings.Split(godebug, ",") {
-		if k, v, ok := strings.Cut(strings.TrimSpace(kv), "="); ok && k == "asyncpreemptoff" {
-			off = v == "1" // the last setting wins, as in the runtime
-		}
-	}
-	return off
-}
-
-// maxEventLoops bounds EventLoops: no more loops than processors the
-// process may use (the CPU limit, or the machine's).
-func maxEventLoops(limit int) int {
-	n := runtime.NumCPU()
-	if limit > 0 && limit < n {
-		n = limit
-	}
-	return max(1, n)
-}
+// The split: package internal/evloop holds the machinery, which knows
+// nothing of HTTP or of the policy (the epoll set, the hot wait, the
+// GOMAXPROCS raise and its safety case, nonblocking writes, the hand-over
+// of a descriptor to the netpoller); this file holds the exchange state
+// machine (client, instance connection, answer, hand-over to a goroutine),
+// which calls the policy through the same seam as every engine: decide,
+// admit/begin, pick, report, done (forward.go).
 
 // evServer runs the connections of a proxy's HTTP listeners on one set
 // of event loops.
@@ -180,12 +96,12 @@ func newEvServer(ctx context.Context, p *Proxy, hls []*httpListener) (*evServer,
 		}
 		s.lns = append(s.lns, el)
 	}
-	limit := cgroupCPULimit()
+	limit := evloop.CPULimit()
 	n := p.cfg.EventLoops
 	if n <= 0 {
-		n = max(1, loopProcs.others()/2)
+		n = max(1, evloop.Others()/2)
 	}
-	n = min(n, maxEventLoops(limit))
+	n = min(n, evloop.MaxLoops(limit))
 	for i := 0; i < n; i++ {
 		l, err := newEvLoop(s)
 		if err != nil {
@@ -197,7 +113,7 @@ func newEvServer(ctx context.Context, p *Proxy, hls []*httpListener) (*evServer,
 		s.loops = append(s.loops, l)
 	}
 	// until serve returns
-	s.hot = !asyncPreemptOff(os.Getenv("GODEBUG")) && loopProcs.raise(len(s.loops), limit)
+	s.hot = evloop.HoldP(len(s.loops), limit)
 	return s, nil
 }
 
@@ -282,7 +198,7 @@ func (s *evServer) change(ch lnChange) {
 // serve runs the loops until shutdown has let them finish.
 func (s *evServer) serve() {
 	if s.hot {
-		defer loopProcs.lower(len(s.loops))
+		defer evloop.Release(len(s.loops))
 	}
 	var wg sync.WaitGroup
 	for _, l := range s.loops {
@@ -376,18 +292,15 @@ type evBack struct {
 	idleAt     time.Time
 	headDone   bool
 	hup        bool // the instance closed its side
-	resp       rawResp
+	resp       h1.Response
 }
 
 type evLoop struct {
 	s        *evServer
 	p        *Proxy
-	ep       int // epoll descriptor
-	wake     int // eventfd
-	evs      []syscall.EpollEvent
-	nev      int
-	clients  []*evConn // by descriptor
-	backs    []*evBack // by descriptor
+	poll     *evloop.Poller // the loop's epoll set
+	clients  []*evConn      // by descriptor
+	backs    []*evBack      // by descriptor
 	nconns   int
 	idle     map[*endpoint][]*evBack
 	out      []byte
@@ -407,33 +320,22 @@ type evLoop struct {
 	rhead    Head // gateway listeners: what the router sees of the request under way
 	rhsrc    rawHead
 	shedc    chan *endpoint // endpoints whose idle connections to close
-	req      rawReq         // the request head being parsed (one at a time)
+	req      h1.Request     // the request head being parsed (one at a time)
 	bufs     [][]byte       // free client read buffers
 	outs     [][]byte       // free request buffers
 }
 
 func newEvLoop(s *evServer) (*evLoop, error) {
-	ep, err := syscall.EpollCreate1(syscall.EPOLL_CLOEXEC)
+	poll, err := evloop.NewPoller(256)
 	if err != nil {
-		return nil, os.NewSyscallError("epoll_create1", err)
+		return nil, err
 	}
-	l := &evLoop{s: s, p: s.p, ep: ep, wake: -1, evs: make([]syscall.EpollEvent, 256),
+	l := &evLoop{s: s, p: s.p, poll: poll,
 		idle: map[*endpoint][]*evBack{}, released: make(chan struct{}), shedc: make(chan *endpoint, 16),
 		lns: slices.Clone(s.lns), lnc: make(chan lnChange, 1), exited: make(chan struct{})}
-	fail := func(op string, err error) (*evLoop, error) {
-		l.closeFDs()
-		return nil, os.NewSyscallError(op, err)
-	}
-	wfd, _, errno := syscall.Syscall(syscall.SYS_EVENTFD2, 0, syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0)
-	if errno != 0 {
-		return fail("eventfd2", errno)
-	}
-	l.wake = int(wfd)
-	if err := syscall.EpollCtl(ep, syscall.EPOLL_CTL_ADD, l.wake, &syscall.EpollEvent{Events: syscall.EPOLLIN, Fd: int32(l.wake), Pad: genWake}); err != nil {
-		return fail("epoll_ctl", err)
-	}
 	if err := l.watchListeners(); err != nil {
-		return fail("epoll_ctl", err)
+		l.closeFDs()
+		return nil, os.NewSyscallError("epoll_ctl", err)
 	}
 	return l, nil
 }
@@ -446,7 +348,7 @@ func (l *evLoop) watchListeners() error {
 		if ln == nil {
 			continue
 		}
-		if err := syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, ln.fd, &syscall.EpollEvent{Events: syscall.EPOLLIN | epollExclusive, Fd: int32(i), Pad: genListener}); err != nil {
+		if err := l.poll.Add(ln.fd, syscall.EPOLLIN|epollExclusive, int32(i), genListener); err != nil {
 			l.unwatchListeners()
 			return err
 		}
@@ -460,115 +362,45 @@ func (l *evLoop) unwatchListeners() {
 		if ln == nil {
 			continue
 		}
-		_ = syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_DEL, ln.fd, nil)
+		_ = l.poll.Del(ln.fd)
 	}
 }
 
-func (l *evLoop) closeFDs() {
-	syscall.Close(l.ep)
-	if l.wake >= 0 {
-		syscall.Close(l.wake)
-	}
-}
+func (l *evLoop) closeFDs() { l.poll.Close() }
 
-func (l *evLoop) wakeUp() {
-	one := uint64(1)
-	_, _ = syscall.Write(l.wake, (*[8]byte)(unsafe.Pointer(&one))[:])
-}
-
-// hotWait is how long a loop waits for events the nginx way before it
-// waits the runtime's way, giving its P back: shorter than the 10 ms after
-// which sysmon preempts a goroutine that has held its P since it was last
-// scheduled, so a quiet loop is seldom woken by signals (a quiet sidecar
-// wakes about 12 times a second, not 250). It also bounds how long the
-// runtime can wait for a loop to stop for the GC when no signal comes
-// (GODEBUG=asyncpreemptoff=1).
-const hotWait = 5 // ms
-
-// wait blocks until there are events or l.dl has passed, and leaves
-// their number in l.nev.
-func (l *evLoop) wait() error {
-	ms := -1
-	if !l.dl.IsZero() {
-		ms = max(0, int((time.Until(l.dl)+time.Millisecond-1)/time.Millisecond))
-	}
-	if !l.s.hot {
-		n, errno := l.epollWait(ms, false)
-		return l.waited(n, errno)
-	}
-	w := ms
-	if w < 0 || w > hotWait {
-		w = hotWait
-	}
-	n, errno := l.epollWait(w, true)
-	if errno == 0 && n == 0 && w != ms {
-		if ms > 0 {
-			ms -= w
-		}
-		n, errno = l.epollWait(ms, false)
-	}
-	return l.waited(n, errno)
-}
-
-func (l *evLoop) waited(n int, errno syscall.Errno) error {
-	switch errno {
-	case 0:
-		l.nev = n
-	case syscall.EINTR:
-		runtime.Gosched() // the runtime wants the P: a preemption or a stop of the world
-	default:
-		return os.NewSyscallError("epoll_pwait", errno)
-	}
-	return nil
-}
-
-// epollWait waits up to ms milliseconds (-1: with no end) for events. raw
-// keeps it from the runtime: the thread sleeps in the kernel holding its
-// P, and the kernel wakes it straight away.
-func (l *evLoop) epollWait(ms int, raw bool) (int, syscall.Errno) {
-	// epoll_pwait with no signal mask is epoll_wait, which arm64 lacks.
-	var n uintptr
-	var errno syscall.Errno
-	if raw {
-		n, _, errno = syscall.RawSyscall6(syscall.SYS_EPOLL_PWAIT, uintptr(l.ep), uintptr(unsafe.Pointer(&l.evs[0])), uintptr(len(l.evs)), uintptr(ms), 0, 0)
-	} else {
-		n, _, errno = syscall.Syscall6(syscall.SYS_EPOLL_PWAIT, uintptr(l.ep), uintptr(unsafe.Pointer(&l.evs[0])), uintptr(len(l.evs)), uintptr(ms), 0, 0)
-	}
-	return int(n), errno
-}
+func (l *evLoop) wakeUp() { l.poll.Wake() }
 
 func (l *evLoop) run() {
 	defer close(l.exited)
 	defer l.release()
 	for {
-		l.nev = 0
 		if l.yield {
 			// What the loop woke (a goroutine taking a connection
 			// over, a waiter for a pool slot) is queued on the loop's
-			// P, which a wait would hold from it for up to hotWait.
+			// P, which a wait would hold from it for up to evloop.HotWait.
 			l.yield = false
 			runtime.Gosched()
 		}
-		if err := l.wait(); err != nil {
+		evs, err := l.poll.Wait(l.dl, l.s.hot)
+		if err != nil {
 			l.p.log.Error("event loop stopped", "error", err)
 			l.closeAll()
 			return
 		}
 		l.now = time.Now()
-		for i := 0; i < l.nev; i++ {
+		for i := range evs {
 			// A descriptor closed earlier in this batch may already be
 			// reused: an event counts only for the registration (the
 			// generation) it was made for.
-			ev := &l.evs[i]
+			ev := &evs[i]
 			fd := int(ev.Fd)
 			switch {
 			case ev.Pad == genListener:
 				if !l.let && int(ev.Fd) < len(l.lns) && l.lns[ev.Fd] != nil {
 					l.accept(l.lns[ev.Fd])
 				}
-			case ev.Pad == genWake:
-				var b [8]byte
-				_, _ = syscall.Read(l.wake, b[:])
+			case ev.Pad == evloop.Woken:
+				l.poll.ClearWake()
 				l.shedIdle()
 				l.changeListeners()
 			case fd < len(l.clients) && l.clients[fd] != nil && l.clients[fd].gen == ev.Pad:
@@ -611,14 +443,14 @@ func (l *evLoop) changeListeners() {
 				l.lns = append(l.lns, nil)
 			}
 			if old := l.lns[ch.idx]; old != nil {
-				_ = syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_DEL, old.fd, nil)
+				_ = l.poll.Del(old.fd)
 			}
 			l.lns[ch.idx] = ch.ln
 			// Watched now unless the loop let go of its listeners
 			// (stopping) or pauses accepting (it watches them all again
 			// when the pause ends).
 			if ch.ln != nil && !l.let && l.paused.IsZero() {
-				if err := syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, ch.ln.fd, &syscall.EpollEvent{Events: syscall.EPOLLIN | epollExclusive, Fd: int32(ch.idx), Pad: genListener}); err != nil {
+				if err := l.poll.Add(ch.ln.fd, syscall.EPOLLIN|epollExclusive, int32(ch.idx), genListener); err != nil {
 					l.p.log.Warn("event loop: cannot watch a new listener", "addr", ch.ln.ln.Addr().String(), "error", err)
 				}
 			}
@@ -779,7 +611,7 @@ func (l *evLoop) accept(ln *evListener) {
 		}
 		_ = syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, syscall.TCP_NODELAY, 1)
 		gen := l.nextGen()
-		if err := syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, fd, &syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | epollET, Fd: int32(fd), Pad: gen}); err != nil {
+		if err := l.poll.Add(fd, syscall.EPOLLIN|syscall.EPOLLRDHUP|epollET, int32(fd), gen); err != nil {
 			syscall.Close(fd)
 			ln.cap.leave()
 			continue
@@ -803,11 +635,9 @@ func (l *evLoop) accept(ln *evListener) {
 const epollET = 1 << 31
 
 // Generations tell registrations of one descriptor number apart (epoll
-// data beside the descriptor); the listener and the wake-up have their own.
-const (
-	genListener int32 = -1
-	genWake     int32 = -2
-)
+// data beside the descriptor); the listeners have their own, and the
+// wake-up evloop's (evloop.Woken).
+const genListener int32 = -1
 
 func (l *evLoop) nextGen() int32 {
 	l.gen++
@@ -894,8 +724,8 @@ func (l *evLoop) serve(c *evConn) {
 			return
 		}
 		c.inBody = false
-		err := parseRawReq(c.buf[:c.n], &l.req)
-		if err == errHeadIncomplete && c.n < len(c.buf) {
+		err := h1.ParseRequest(c.buf[:c.n], &l.req)
+		if err == h1.ErrIncomplete && c.n < len(c.buf) {
 			if l.readOn(c) {
 				continue
 			}
@@ -905,13 +735,13 @@ func (l *evLoop) serve(c *evConn) {
 			l.handoff(c, nil)
 			return
 		}
-		end := l.req.headEnd
-		if l.req.clen > 0 {
-			if l.req.clen > int64(p.cfg.MaxReplayBody) || int64(len(c.buf)-end) < l.req.clen {
+		end := l.req.HeadEnd
+		if l.req.ContentLength > 0 {
+			if l.req.ContentLength > int64(p.cfg.MaxReplayBody) || int64(len(c.buf)-end) < l.req.ContentLength {
 				l.handoff(c, nil)
 				return
 			}
-			end += int(l.req.clen)
+			end += int(l.req.ContentLength)
 			if c.n < end {
 				c.inBody = true // the sweep holds it to BodyTimeout between reads
 				if l.readOn(c) {
@@ -942,7 +772,7 @@ func (l *evLoop) readOn(c *evConn) bool {
 // start forwards the request parsed into l.req whose bytes are c.buf[:end].
 func (l *evLoop) start(c *evConn, end int) {
 	s, p, b, r := l.s, l.p, c.buf, &l.req
-	host, path := r.authority(b)
+	host, path := r.Authority(b)
 	var t *target
 	var d Decision
 	rt := c.ln.rt
@@ -988,10 +818,10 @@ func (l *evLoop) start(c *evConn, end int) {
 		return
 	}
 	t.keepWanted(s.ctx, l.now, true)
-	method := b[r.method.s:r.method.e]
+	method := b[r.Method.Start:r.Method.End]
 	c.head = string(method) == "HEAD"
-	c.replay = idempotent(method) || r.idemKey
-	c.connClose = r.connClose
+	c.replay = idempotent(method) || r.IdemKey
+	c.connClose = r.ConnClose
 	c.redialed = false
 	if c.out == nil {
 		c.out = l.takeOut()
@@ -1115,7 +945,7 @@ func (l *evLoop) dial(ep *endpoint, held bool) (*evBack, error) {
 		return nil, &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(ep.ap), Err: os.NewSyscallError("connect", err)}
 	}
 	gen := l.nextGen()
-	if err := syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_ADD, fd, &syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLOUT | syscall.EPOLLRDHUP | epollET, Fd: int32(fd), Pad: gen}); err != nil {
+	if err := l.poll.Add(fd, syscall.EPOLLIN|syscall.EPOLLOUT|syscall.EPOLLRDHUP|epollET, int32(fd), gen); err != nil {
 		syscall.Close(fd)
 		l.freeSlot(ep)
 		return nil, os.NewSyscallError("epoll_ctl", err)
@@ -1138,30 +968,12 @@ func (l *evLoop) watchOut(b *evBack, on bool) {
 	if on {
 		ev |= syscall.EPOLLOUT
 	}
-	_ = syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_MOD, b.fd, &syscall.EpollEvent{Events: ev, Fd: int32(b.fd), Pad: b.gen})
-}
-
-// writeSome writes data to a nonblocking socket until it is all sent, the
-// socket is full (the rest is returned, err nil) or writing fails.
-func writeSome(fd int, data []byte) (rest []byte, err error) {
-	for len(data) > 0 {
-		m, err := syscall.Write(fd, data)
-		switch {
-		case m > 0:
-			data = data[m:]
-		case err == syscall.EINTR:
-		case err == syscall.EAGAIN:
-			return data, nil
-		default:
-			return data, err
-		}
-	}
-	return nil, nil
+	_ = l.poll.Mod(b.fd, ev, int32(b.fd), b.gen)
 }
 
 // write sends data to the instance, keeping what the socket did not take.
 func (l *evLoop) write(b *evBack, data []byte) {
-	rest, err := writeSome(b.fd, data)
+	rest, err := evloop.WriteSome(b.fd, data)
 	if err != nil {
 		l.backFailed(b, os.NewSyscallError("write", err))
 		return
@@ -1266,29 +1078,29 @@ func (l *evLoop) answered(b *evBack) {
 		}
 		b.headDone = true
 		if !l.simple(b) { // streamed by a goroutine: the try counts now
-			if l.counted(c, r.status) {
+			if l.counted(c, r.Status) {
 				l.handoffAnswer(c)
 			}
 			return
 		}
 	}
-	need := r.headEnd
-	if r.hasBody(c.head) {
-		need += int(r.clen)
+	need := r.HeadEnd
+	if r.HasBody(c.head) {
+		need += int(r.ContentLength)
 	}
 	if b.n < need {
 		return
 	}
 	// Whole: only now is the try a success (an answer cut short or late
 	// before this is a failed try, and the client is told so).
-	if !l.counted(c, r.status) {
+	if !l.counted(c, r.Status) {
 		return
 	}
 	closeClient := c.connClose || c.eof && c.n == 0 || l.s.closing.Load() // requests read before the client's close are answered
 	out := appendAnswerHead(l.out[:0], b.buf, r, closeClient, nil)
-	out = append(out, b.buf[r.headEnd:need]...)
+	out = append(out, b.buf[r.HeadEnd:need]...)
 	l.out = out
-	l.releaseBack(b, !r.close && b.n == need)
+	l.releaseBack(b, !r.Close && b.n == need)
 	l.reply(c, out, closeClient)
 }
 
@@ -1315,10 +1127,10 @@ func (l *evLoop) counted(c *evConn, status int) bool {
 // loop: no body, or a Content-Length one that fits b's buffer.
 func (l *evLoop) simple(b *evBack) bool {
 	r := &b.resp
-	if !r.hasBody(b.c.head) {
+	if !r.HasBody(b.c.head) {
 		return true
 	}
-	return r.clen >= 0 && r.clen <= int64(len(b.buf)-r.headEnd)
+	return r.ContentLength >= 0 && r.ContentLength <= int64(len(b.buf)-r.HeadEnd)
 }
 
 // backFailed handles an instance connection that failed before the whole
@@ -1391,9 +1203,9 @@ func (l *evLoop) answer(c *evConn, res result) {
 
 // answerOwn answers the request parsed into r, c.buf[:end], with a
 // gateway's own answer (no route, over a rate limit).
-func (l *evLoop) answerOwn(c *evConn, r *rawReq, end int, a *Answer) {
-	c.head = string(c.buf[r.method.s:r.method.e]) == "HEAD"
-	closeClient := r.connClose || c.eof || l.s.closing.Load()
+func (l *evLoop) answerOwn(c *evConn, r *h1.Request, end int, a *Answer) {
+	c.head = string(c.buf[r.Method.Start:r.Method.End]) == "HEAD"
+	closeClient := r.ConnClose || c.eof || l.s.closing.Load()
 	out := appendCanned(l.out[:0], answerCanned(a), closeClient, c.head)
 	l.out = out
 	c.n = copy(c.buf, c.buf[end:c.n])
@@ -1416,7 +1228,7 @@ func (l *evLoop) handoffDecided(c *evConn, d Decision, t *target) {
 
 // reply writes a whole answer to the client and ends the request.
 func (l *evLoop) reply(c *evConn, out []byte, closeClient bool) {
-	rest, err := writeSome(c.fd, out)
+	rest, err := evloop.WriteSome(c.fd, out)
 	if err != nil {
 		closeClient = true
 	} else if len(rest) > 0 { // a client slow to read: a goroutine waits for it
@@ -1540,7 +1352,7 @@ func (l *evLoop) freeSlot(ep *endpoint) {
 func (l *evLoop) toBconn(b *evBack) *bconn {
 	l.backs[b.fd] = nil
 	l.nconns--
-	nc, err := l.toConn(b.fd)
+	nc, err := l.poll.ToConn(b.fd)
 	if err != nil {
 		l.freeSlot(b.ep)
 		return nil
@@ -1612,21 +1424,12 @@ func (l *evLoop) detach(c *evConn) (net.Conn, error) {
 	}
 	l.clients[c.fd] = nil
 	l.nconns--
-	nc, err := l.toConn(c.fd)
+	nc, err := l.poll.ToConn(c.fd)
 	if err != nil {
 		c.ln.cap.leave()
 		return nil, err
 	}
 	return &capConn{Conn: nc, cap: c.ln.cap}, nil // its place goes with it
-}
-
-// toConn gives a descriptor to the Go netpoller.
-func (l *evLoop) toConn(fd int) (net.Conn, error) {
-	_ = syscall.EpollCtl(l.ep, syscall.EPOLL_CTL_DEL, fd, nil)
-	f := os.NewFile(uintptr(fd), "")
-	nc, err := net.FileConn(f) // a duplicate, in non-blocking mode
-	f.Close()
-	return nc, err
 }
 
 // handoff gives the client connection to the goroutine fast path, with
@@ -1687,7 +1490,7 @@ func (l *evLoop) exchangeState(c *evConn) func(rc *rawConn) {
 		// as serveOne: a client that does not read its answer holds the
 		// instance's connection only until the request's deadline
 		_ = rc.writeDeadline(deadline)
-		rc.req.connClose = connClose
+		rc.req.ConnClose = connClose
 		rc.out = out
 		rc.x.req, rc.x.head, rc.x.replay = out, head, replay
 	}
@@ -1708,7 +1511,7 @@ func (l *evLoop) takeAnswer(c *evConn) func(x *rawExchange) {
 	_ = bc.c.SetDeadline(c.f.tryDeadline(l.p))
 	pool, n, resp := b.ep.pool, b.n, b.resp
 	if len(b.wpend) > 0 { // the instance answered before it had the whole request
-		resp.close = true
+		resp.Close = true
 	}
 	return func(x *rawExchange) {
 		x.bc, x.pool, x.rn, x.resp = bc, pool, n, resp

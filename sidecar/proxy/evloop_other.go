@@ -19,8 +19,5 @@ func newEvServer(context.Context, *Proxy, []*httpListener) (*evServer, error) {
 func (s *evServer) serve()                      {}
 func (s *evServer) stopAccepting(time.Duration) {}
 
-func cgroupCPULimit() int         { return 0 }
-func maxEventLoops(limit int) int { return 1 }
-
 func (s *evServer) addListener(*httpListener) bool { return false }
 func (s *evServer) removeListener(*httpListener)   {}

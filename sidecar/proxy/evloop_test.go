@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"attache/internal/evloop"
 	"attache/sidecar/breaker"
 )
 
@@ -282,8 +283,8 @@ func TestListenersShareLoops(t *testing.T) {
 	if runtime.GOOS == "linux" && !*noLoop {
 		// EventLoops is bounded by the processors; GOMAXPROCS is raised
 		// only within the CPU limit, if any.
-		limit := cgroupCPULimit()
-		n := min(3, maxEventLoops(limit))
+		limit := evloop.CPULimit()
+		n := min(3, evloop.MaxLoops(limit))
 		if limit == 0 || before+n <= limit {
 			want += n
 		}

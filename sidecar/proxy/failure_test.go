@@ -157,9 +157,6 @@ func (m *mesh) healthy(service string, n int) {
 // breaker registry (running), and returns the listener's URL.
 func (m *mesh) proxy(service string, cfg Config, bcfg breaker.Config) (string, *breaker.Registry) {
 	t := m.t
-	if *noLoop {
-		cfg.DisableEventLoop = true
-	}
 	if cfg.EventLoops == 0 {
 		cfg.EventLoops = 2
 	}
@@ -169,7 +166,7 @@ func (m *mesh) proxy(service string, cfg Config, bcfg breaker.Config) (string, *
 	}
 	cfg.Upstreams = []Upstream{{Name: service, Addr: "127.0.0.1:0"}}
 	cfg.Logger, cfg.Registerer = m.log, prometheus.NewRegistry()
-	p, err := New(cfg, m.src, br)
+	p, err := New(cfg, m.src, br, WithEngines(testEngines()))
 	if err != nil {
 		t.Fatal(err)
 	}

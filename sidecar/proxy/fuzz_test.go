@@ -133,7 +133,7 @@ func FuzzListener(f *testing.F) {
 	publish(src, map[string][]*backend{"inventory": {b}})
 	br, _ := breaker.New(breaker.Config{}, nil, nil)
 	p, err := New(Config{HTTPProxyAddr: "127.0.0.1:0", TryTimeout: time.Second, RequestTimeout: 2 * time.Second,
-		WantTimeout: time.Millisecond, IdleTimeout: 3 * time.Second, DisableEventLoop: *noLoop}, src, br)
+		WantTimeout: time.Millisecond, IdleTimeout: 3 * time.Second}, src, br, WithEngines(testEngines()))
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -189,4 +189,45 @@ func fuzzListener(t *testing.T, addr string, in []byte, next string) {
 	if err != nil || resp.StatusCode != 200 {
 		t.Fatalf("a plain request after the input: %v %v", err, resp)
 	}
+}
+
+// FuzzRawConn feeds raw bytes, as a client would send them, to the fast
+// path's connection handler in front of a real backend: no panic, and the
+// output is empty or starts with a well-formed response.
+func FuzzRawConn(f *testing.F) {
+	for _, s := range []string{
+		"GET /items/1 HTTP/1.1\r\nHost: inventory\r\n\r\nGET /items/2 HTTP/1.1\r\nHost: inventory.service.consul\r\nConnection: close\r\n\r\n",
+		"GET http://inventory.service.consul/items/1 HTTP/1.1\r\nHost: inventory.service.consul\r\n\r\n",
+		"POST /x HTTP/1.1\r\nHost: inventory\r\nContent-Length: 5\r\n\r\nhello",
+		"POST /x HTTP/1.1\r\nHost: inventory\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+		"HEAD / HTTP/1.1\r\nHost: nosuch\r\n\r\n",
+		"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n",
+	} {
+		f.Add([]byte(s))
+	}
+	b := newBackend(f, "inventory", "i1", nil)
+	src := &viewSource{v: catalog.NewView()}
+	src.v.Publish(&catalog.Snapshot{Services: map[string]*catalog.Service{
+		"inventory": {Name: "inventory", Instances: []catalog.Instance{b.inst}},
+	}, Known: map[string]bool{"inventory": true}})
+	br, _ := breaker.New(breaker.Config{}, nil, nil)
+	p, err := New(Config{TryTimeout: time.Second, WantTimeout: time.Millisecond}, src, br)
+	if err != nil {
+		f.Fatal(err)
+	}
+	fs := &fasthttp.Server{
+		Handler:            func(c *fasthttp.RequestCtx) { p.handleFast(c, nil) },
+		StreamRequestBody:  true,
+		MaxRequestBodySize: p.cfg.MaxReplayBody,
+		ReadTimeout:        2 * time.Second,
+	}
+	s := newRawServer(context.Background(), p, nil, fs)
+	f.Fuzz(func(t *testing.T, in []byte) {
+		c := &fuzzConn{in: bytes.NewReader(in)}
+		rc := &rawConn{s: s, c: c}
+		s.mu.Lock()
+		s.conns[rc] = struct{}{} // as start does
+		s.mu.Unlock()
+		serveFuzzConn(t, c, rc.run)
+	})
 }

@@ -11,12 +11,14 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"attache/internal/evloop"
 	"attache/sidecar/breaker"
 	"attache/sidecar/catalog"
 
@@ -460,59 +462,6 @@ func (s slowReader) Read(p []byte) (int, error) {
 	return s.r.Read(p)
 }
 
-func TestCPULimitFrom(t *testing.T) {
-	files := map[string]string{
-		"/sys/fs/cgroup/a/cpu.max":                              "max 100000\n",
-		"/sys/fs/cgroup/a/b/cpu.max":                            "150000 100000\n",
-		"/sys/fs/cgroup/cpu.max":                                "max 100000",
-		"/sys/fs/cgroup/cpu,cpuacct/docker/x/cpu.cfs_quota_us":  "200000\n",
-		"/sys/fs/cgroup/cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000\n",
-		"/sys/fs/cgroup/cpu,cpuacct/docker/cpu.cfs_quota_us":    "-1\n",
-		"/sys/fs/cgroup/cpu,cpuacct/docker/cpu.cfs_period_us":   "100000\n",
-		"/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us":           "50000\n",
-		"/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us":          "100000\n",
-		"/c/x/cpu.cfs_quota_us":                                 "200000\n",
-		"/c/x/cpu.cfs_period_us":                                "100000\n",
-	}
-	read := func(p string) ([]byte, error) {
-		if s, ok := files[p]; ok {
-			return []byte(s), nil
-		}
-		return nil, os.ErrNotExist
-	}
-	v2 := "30 20 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n"
-	v1 := "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
-	v1root := "32 31 0:29 /docker /c rw - cgroup cgroup rw,cpu,cpuacct\n" // the container's view
-	for _, tc := range []struct {
-		name, cgroup, mountinfo string
-		want                    int
-	}{
-		{"v2 nested, rounded up", "0::/a/b\n", v2, 2},
-		{"v2 no limit", "0::/a\n", v2, 0},
-		{"v1 quota of an ancestor counts", "4:cpu,cpuacct:/docker/x\n", v1, 1},
-		{"v1 under a mount root", "4:cpu,cpuacct:/docker/x\n", v1root, 2},
-		{"no cgroup mount", "0::/a/b\n", "", 0},
-		{"v1 controller elsewhere", "4:memory:/docker/x\n", v1, 0},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			if got := cpuLimitFrom(tc.cgroup, tc.mountinfo, read); got != tc.want {
-				t.Errorf("got %d, want %d", got, tc.want)
-			}
-		})
-	}
-}
-
-func TestAsyncPreemptOff(t *testing.T) {
-	for in, want := range map[string]bool{
-		"": false, "asyncpreemptoff=1": true, "gctrace=1,asyncpreemptoff=1": true,
-		"asyncpreemptoff=1,asyncpreemptoff=0": false, "asyncpreemptoff=0": false, "xasyncpreemptoff=1": false,
-	} {
-		if got := asyncPreemptOff(in); got != want {
-			t.Errorf("%q: %v, want %v", in, got, want)
-		}
-	}
-}
-
 // Under GODEBUG=asyncpreemptoff=1 the loops wait the plain way and leave
 // GOMAXPROCS alone (the loops read GODEBUG when they start).
 func TestAsyncPreemptOffPlainWait(t *testing.T) {
@@ -619,7 +568,7 @@ func TestGOMAXPROCSChild(t *testing.T) {
 	if _, err := fmt.Sscan(os.Getenv("ATTACHE_CPU_CHILD"), &cpus); err != nil {
 		t.Skip("run by TestGOMAXPROCSWithinCPULimit")
 	}
-	limit := cgroupCPULimit()
+	limit := evloop.CPULimit()
 	if limit != cpus {
 		t.Fatalf("cgroup CPU limit read as %d, want %d", limit, cpus)
 	}
@@ -642,13 +591,13 @@ func TestGOMAXPROCSChild(t *testing.T) {
 	if got := runtime.GOMAXPROCS(0); got != def {
 		t.Errorf("GOMAXPROCS %d after the loops stopped, want the default %d", got, def)
 	}
-	if during != def && !loopProcs.byRuntime {
+	if during != def && !evloop.DefaultWasRuntimes() {
 		t.Error("the default was not seen as the runtime's")
 	}
 	// The same load with a goroutine per connection, for the log: how
 	// long the cgroup was throttled (a measurement, not a verdict).
-	tp = startProxy(t, Config{Upstreams: []Upstream{upstream("inventory")}, DisableEventLoop: true}, breaker.Config{},
-		map[string][]*backend{"inventory": {b}})
+	tp = startProxy(t, Config{Upstreams: []Upstream{upstream("inventory")}}, breaker.Config{},
+		map[string][]*backend{"inventory": {b}}, Engines{NoEventLoops: true})
 	throttledGoroutines := throttledDuring(t, tp)
 	t.Logf("throttled during 2000 requests: %v with the loops, %v with goroutines", throttledLoops, throttledGoroutines)
 }
@@ -696,7 +645,7 @@ func cgroupThrottled() time.Duration {
 		switch {
 		case parts[0] == "0" && parts[1] == "":
 			file = "/sys/fs/cgroup" + parts[2] + "/cpu.stat"
-		case hasItem(parts[1], "cpu"):
+		case slices.Contains(strings.Split(parts[1], ","), "cpu"):
 			file = "/sys/fs/cgroup/" + parts[1] + parts[2] + "/cpu.stat"
 		default:
 			continue

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/valyala/fasthttp"
+
+	"attache/sidecar/proxy/h1"
 )
 
 // httpListener is one HTTP listener and what serves it: HTTP/1.1 on the
@@ -27,7 +29,7 @@ type httpListener struct {
 	ln  net.Listener
 	rt  *routing // nil: the HTTP proxy listener
 	fs  *fasthttp.Server
-	raw *rawServer    // nil with DisableFastPath
+	raw *rawServer    // nil with Engines.NoFastPath
 	h2  *chanListener // nil with DisableHTTP2
 	cap *connCap      // MaxClientConns
 	h1  net.Listener  // what the accept loop takes HTTP/1.x connections from (set by startHTTP)
@@ -71,7 +73,7 @@ func (p *Proxy) newHTTPListener(ctx context.Context, ln net.Listener, rt *routin
 	if !p.cfg.DisableHTTP2 {
 		h.h2 = newChanListener(ln.Addr())
 	}
-	if !p.cfg.DisableFastPath {
+	if !p.eng.NoFastPath {
 		h.raw = newRawServer(ctx, p, rt, h.fs)
 	}
 	return h
@@ -82,7 +84,7 @@ func (p *Proxy) newHTTPListener(ctx context.Context, ln net.Listener, rt *routin
 // p.lnMu; listeners a reload adds later join them (Proxy.Update).
 func (p *Proxy) serveHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- error, hls []*httpListener) {
 	var ev *evServer
-	if !p.cfg.DisableFastPath && !p.cfg.DisableEventLoop && len(hls) > 0 {
+	if !p.eng.NoFastPath && !p.eng.NoEventLoops && len(hls) > 0 {
 		var err error
 		if ev, err = newEvServer(ctx, p, hls); err != nil {
 			p.log.Debug("no event loops; goroutines serve", "reason", err)
@@ -260,7 +262,7 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, rt *routing) {
 		}
 	}
 	req := &ctx.Request
-	if !targetForm(req.Header.RequestURI(), req.Header.IsOptions()) && !req.Header.IsConnect() {
+	if !h1.TargetForm(req.Header.RequestURI(), req.Header.IsOptions()) && !req.Header.IsConnect() {
 		p.fastCanned(ctx, cannedJSON(http.StatusBadRequest, "request target is neither a path nor an absolute http:// URI", t.name))
 		ctx.SetConnectionClose()
 		return
@@ -347,26 +349,6 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, rt *routing) {
 
 var httpScheme = []byte("http")
 
-// targetForm says whether a request target is one a proxy passes on:
-// origin-form ("/path") or absolute-form ("http://host/path"), with every
-// "%" starting an escape (RFC 3986 §2.1), or, for OPTIONS, "*" (RFC 9112
-// §3.2).
-func targetForm(uri []byte, options bool) bool {
-	switch {
-	case len(uri) == 0:
-		return false
-	case uri[0] == '/', len(uri) > 7 && bytes.EqualFold(uri[:7], []byte("http://")):
-		for i := bytes.IndexByte(uri, '%'); i >= 0; i = bytes.IndexByte(uri, '%') {
-			if i+2 >= len(uri) || !isHex(uri[i+1]) || !isHex(uri[i+2]) {
-				return false
-			}
-			uri = uri[i+3:]
-		}
-		return true
-	}
-	return options && string(uri) == "*"
-}
-
 // absAuthority is the host (and port) of an absolute-form target, without
 // userinfo; nil for another form.
 func absAuthority(uri []byte) []byte {
@@ -381,10 +363,6 @@ func absAuthority(uri []byte) []byte {
 		a = a[i+1:]
 	}
 	return a
-}
-
-func isHex(c byte) bool {
-	return c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F'
 }
 
 // fastFinish writes the answer for res.
@@ -493,7 +471,7 @@ func stripHopFast(h *fasthttp.RequestHeader) {
 	if conn := h.Peek("Connection"); len(conn) > 0 {
 		for _, tok := range bytes.Split(conn, []byte(",")) {
 			tok = bytes.TrimSpace(tok)
-			if len(tok) > 0 && !bytes.EqualFold(tok, []byte("close")) && !bytes.EqualFold(tok, []byte("keep-alive")) && !framingHeader(tok) {
+			if len(tok) > 0 && !bytes.EqualFold(tok, []byte("close")) && !bytes.EqualFold(tok, []byte("keep-alive")) && !h1.FramingHeader(tok) {
 				h.DelBytes(tok)
 			}
 		}
@@ -518,7 +496,7 @@ func stripHopResp(h *fasthttp.ResponseHeader) {
 	if conn := h.Peek("Connection"); len(conn) > 0 {
 		for _, tok := range bytes.Split(conn, []byte(",")) {
 			tok = bytes.TrimSpace(tok)
-			if len(tok) > 0 && !bytes.EqualFold(tok, []byte("close")) && !bytes.EqualFold(tok, []byte("keep-alive")) && !framingHeader(tok) {
+			if len(tok) > 0 && !bytes.EqualFold(tok, []byte("close")) && !bytes.EqualFold(tok, []byte("keep-alive")) && !h1.FramingHeader(tok) {
 				h.DelBytes(tok)
 			}
 		}

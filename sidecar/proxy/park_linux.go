@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"crypto/tls"
-	"errors"
 	"net"
 	"runtime/debug"
 	rtmetrics "runtime/metrics"
@@ -12,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"attache/internal/evloop"
 )
 
 // parker holds the idle keep-alive client connections of the goroutine
@@ -59,8 +60,7 @@ import (
 // limit's) it does nothing; GOMEMLIMIT and GODEBUG's settings apply to it
 // as to any collection; close waits for a collection in progress.
 type parker struct {
-	epfd  int
-	wake  int // eventfd: a first connection parked, or stop
+	poll  *evloop.Poller // woken: a first connection parked, or stop
 	mu    sync.Mutex
 	conns map[int32]*parkedConn
 	stop  bool
@@ -97,21 +97,11 @@ type parkedConn struct {
 }
 
 func newParker(sweep time.Duration) (*parker, error) {
-	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	poll, err := evloop.NewPoller(128)
 	if err != nil {
 		return nil, err
 	}
-	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
-	if err != nil {
-		unix.Close(epfd)
-		return nil, err
-	}
-	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wake, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wake)}); err != nil {
-		unix.Close(epfd)
-		unix.Close(wake)
-		return nil, err
-	}
-	return &parker{epfd: epfd, wake: wake, conns: map[int32]*parkedConn{}, done: make(chan struct{}), sweep: sweep,
+	return &parker{poll: poll, conns: map[int32]*parkedConn{}, done: make(chan struct{}), sweep: sweep,
 		settleAfter: settleAfter, settleQuiet: settleQuiet, settleEvery: settleEvery}, nil
 }
 
@@ -157,8 +147,7 @@ func (k *parker) park(pc *parkedConn) bool {
 	if k.stop || pc.s.closing.Load() {
 		return false
 	}
-	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: fd}
-	if unix.EpollCtl(k.epfd, unix.EPOLL_CTL_ADD, int(fd), &ev) != nil {
+	if k.poll.Add(int(fd), unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLONESHOT, fd, 0) != nil {
 		return false
 	}
 	k.conns[fd] = pc
@@ -194,17 +183,14 @@ func (k *parker) countIdle() {
 	}
 }
 
-func (k *parker) poke() {
-	one := [8]byte{1}
-	_, _ = unix.Write(k.wake, one[:])
-}
+func (k *parker) poke() { k.poll.Wake() }
 
 // take removes fd's connection from the set; mu held.
 func (k *parker) take(fd int32) *parkedConn {
 	pc := k.conns[fd]
 	if pc != nil {
 		delete(k.conns, fd)
-		_ = unix.EpollCtl(k.epfd, unix.EPOLL_CTL_DEL, int(fd), nil)
+		_ = k.poll.Del(int(fd))
 	}
 	return pc
 }
@@ -213,35 +199,33 @@ func (k *parker) take(fd int32) *parkedConn {
 // what it still holds.
 func (k *parker) run() {
 	defer close(k.done)
-	events := make([]unix.EpollEvent, 128)
 	var ready, expired []*parkedConn
 	lastSweep := time.Now()
 	for {
 		k.mu.Lock()
-		stop, timeout := k.stop, -1
+		stop, until := k.stop, time.Time{}
 		if len(k.conns) > 0 {
-			timeout = int(k.sweep / time.Millisecond)
+			until = time.Now().Add(k.sweep)
 		}
 		if k.sinceSettle >= k.settleAfter { // a burst: look again when it may have ended
-			if q := int(k.settleQuiet / time.Millisecond); timeout < 0 || timeout > q {
-				timeout = q
+			if q := time.Now().Add(k.settleQuiet); until.IsZero() || until.After(q) {
+				until = q
 			}
 		}
 		k.mu.Unlock()
 		if stop {
 			break
 		}
-		n, err := unix.EpollWait(k.epfd, events, timeout)
-		if err != nil && !errors.Is(err, unix.EINTR) {
+		events, err := k.poll.Wait(until, false)
+		if err != nil {
 			break
 		}
 		ready, expired = ready[:0], expired[:0]
 		now := time.Now()
 		k.mu.Lock()
-		for _, ev := range events[:max(n, 0)] {
-			if int(ev.Fd) == k.wake {
-				var b [8]byte
-				_, _ = unix.Read(k.wake, b[:])
+		for _, ev := range events {
+			if ev.Pad == evloop.Woken {
+				k.poll.ClearWake()
 				continue
 			}
 			if pc := k.take(ev.Fd); pc != nil {
@@ -289,8 +273,7 @@ func (k *parker) run() {
 	for _, pc := range expired {
 		pc.c.Close()
 	}
-	unix.Close(k.epfd)
-	unix.Close(k.wake)
+	k.poll.Close()
 	k.settling.Wait()
 }
 

@@ -17,7 +17,7 @@ import (
 	"attache/sidecar/breaker"
 )
 
-// Idle keep-alive connections of the goroutine path (DisableEventLoop, the
+// Idle keep-alive connections of the goroutine path (Engines.NoEventLoops, the
 // TLS gateway listener) are parked: no goroutine holds them; a request on
 // one is answered as before; the idle timeout and the drain close them.
 func TestIdleConnectionsPark(t *testing.T) {
@@ -33,9 +33,9 @@ func TestIdleConnectionsPark(t *testing.T) {
 			if tc.tls {
 				cfg.Gateways = []GatewayListener{{Addr: "127.0.0.1:0", Router: rt, TLS: &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}}}}
 			} else {
-				cfg.Upstreams, cfg.DisableEventLoop = []Upstream{upstream("a")}, true
+				cfg.Upstreams = []Upstream{upstream("a")}
 			}
-			tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"a": {b}})
+			tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"a": {b}}, Engines{NoEventLoops: !tc.tls})
 			addr := func() string {
 				if tc.tls {
 					return tp.p.GatewayAddr(0).String()
@@ -191,8 +191,8 @@ func TestParkedTLSDribbleTimesOut(t *testing.T) {
 // find the connection closed.
 func TestParkedAnsweredWhenHandingOver(t *testing.T) {
 	b := newBackend(t, "a", "a1", headerEcho{"a1"})
-	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("a")}, DisableEventLoop: true, ShutdownGraceTime: 10 * time.Second},
-		breaker.Config{}, map[string][]*backend{"a": {b}})
+	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("a")}, ShutdownGraceTime: 10 * time.Second},
+		breaker.Config{}, map[string][]*backend{"a": {b}}, Engines{NoEventLoops: true})
 	if tp.p.parker == nil {
 		t.Fatal("no parker on Linux")
 	}

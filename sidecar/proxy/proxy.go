@@ -92,8 +92,6 @@ type Config struct {
 	Logger            hclog.Logger
 	Registerer        prometheus.Registerer
 	DisableHTTP2      bool          // don't recognise h2c on HTTP listeners
-	DisableFastPath   bool          // serve every HTTP/1.x request with fasthttp (for comparison)
-	DisableEventLoop  bool          // serve the fast path from a goroutine per connection, not event loops (for comparison)
 	EventLoops        int           // event loops shared by the HTTP listeners (Linux), default half of GOMAXPROCS, at least 1
 	ShutdownGraceTime time.Duration // default 5s
 
@@ -233,6 +231,7 @@ const MostRetries = maxTries - 1
 // Proxy is the set of listeners and the per-service forwarding state.
 type Proxy struct {
 	cfg       Config
+	eng       Engines // which wire engines serve (WithEngines)
 	src       Source
 	br        *breaker.Registry
 	log       hclog.Logger
@@ -275,7 +274,8 @@ type Proxy struct {
 }
 
 // New checks the configuration and builds the proxy; Run binds and serves.
-func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
+// Options are for benchmarks and tests (WithEngines).
+func New(cfg Config, src Source, br *breaker.Registry, opts ...Option) (*Proxy, error) {
 	if src == nil {
 		return nil, errors.New("proxy: no catalog source")
 	}
@@ -354,6 +354,9 @@ func New(cfg Config, src Source, br *breaker.Registry) (*Proxy, error) {
 		bound:     map[string]net.Addr{},
 		served:    map[string]*served{},
 		dialer:    net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second},
+	}
+	for _, o := range opts {
+		o(p)
 	}
 	p.slack = cfg.TryTimeout / 32
 	p.maxRequestTimeout = cfg.RequestTimeout

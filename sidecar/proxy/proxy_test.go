@@ -94,11 +94,20 @@ func (tp *testProxy) url(service, path string) string {
 // loops (scripts/test runs the package both ways).
 var noLoop = flag.Bool("noloop", false, "serve with a goroutine per connection, not event loops")
 
-func startProxy(t *testing.T, cfg Config, bcfg breaker.Config, services map[string][]*backend) *testProxy {
-	t.Helper()
-	if *noLoop {
-		cfg.DisableEventLoop = true
+// testEngines is the engine choice a test asks for (none: the default),
+// with -noloop's on top.
+func testEngines(eng ...Engines) Engines {
+	var e Engines
+	if len(eng) > 0 {
+		e = eng[0]
 	}
+	e.NoEventLoops = e.NoEventLoops || *noLoop
+	return e
+}
+
+func startProxy(t *testing.T, cfg Config, bcfg breaker.Config, services map[string][]*backend, eng ...Engines) *testProxy {
+	t.Helper()
+	e := testEngines(eng...)
 	if cfg.EventLoops == 0 {
 		cfg.EventLoops = 2 // what passes between loops is tested on any machine
 	}
@@ -111,7 +120,7 @@ func startProxy(t *testing.T, cfg Config, bcfg breaker.Config, services map[stri
 	}
 	cfg.Logger = log
 	cfg.Registerer = prometheus.NewRegistry()
-	p, err := New(cfg, src, br)
+	p, err := New(cfg, src, br, WithEngines(e))
 	if err != nil {
 		t.Fatal(err)
 	}

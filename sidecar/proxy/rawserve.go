@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/valyala/fasthttp"
+
+	"attache/sidecar/proxy/h1"
 )
 
 // rawServer serves the HTTP/1.x connections of one listener. Each request
@@ -171,7 +173,7 @@ type rawConn struct {
 	timedOut bool      // the last read timed out
 	idleEnd  time.Time // when the connection, waiting for a request, has been idle for IdleTimeout
 	ip       []byte
-	req      rawReq
+	req      h1.Request
 	x        rawExchange
 	extra    []byte // an extra response header line ("Name: value\r\n")
 
@@ -237,8 +239,8 @@ func (rc *rawConn) run() {
 	cfg := &p.cfg
 	var headAt time.Time // when the head under way began to arrive
 	for {
-		err := parseRawReq(rc.buf[:rc.n], &rc.req)
-		if err == errHeadIncomplete && rc.n == 0 && s.park != nil {
+		err := h1.ParseRequest(rc.buf[:rc.n], &rc.req)
+		if err == h1.ErrIncomplete && rc.n == 0 && s.park != nil {
 			// Waiting for the next request: after parkAfter without a
 			// byte, the connection is parked, and this goroutine and its
 			// buffers are given back.
@@ -264,7 +266,7 @@ func (rc *rawConn) run() {
 			}
 			continue
 		}
-		if err == errHeadIncomplete && rc.n < len(rc.buf) {
+		if err == h1.ErrIncomplete && rc.n < len(rc.buf) {
 			// Waiting for a request: IdleTimeout; once it has begun, its
 			// whole head within HeaderTimeout (a head dribbled a byte at a
 			// time is not read for ever).
@@ -287,14 +289,14 @@ func (rc *rawConn) run() {
 			return
 		}
 		r := &rc.req
-		end := r.headEnd
-		if r.clen > 0 {
-			if r.clen > int64(p.cfg.MaxReplayBody) || int64(len(rc.buf)-end) < r.clen {
+		end := r.HeadEnd
+		if r.ContentLength > 0 {
+			if r.ContentLength > int64(p.cfg.MaxReplayBody) || int64(len(rc.buf)-end) < r.ContentLength {
 				handedOff = true
 				rc.handOff()
 				return
 			}
-			end += int(r.clen)
+			end += int(r.ContentLength)
 			for rc.n < end { // the body keeps moving: BodyTimeout between reads
 				if !rc.readMore(time.Now().Add(cfg.BodyTimeout), cfg.BodyTimeout/16) {
 					return
@@ -367,10 +369,10 @@ func (rc *rawConn) serveOne(end int) bool {
 		return false
 	}
 	x := &rc.x
-	method := b[r.method.s:r.method.e]
+	method := b[r.Method.Start:r.Method.End]
 	x.head = string(method) == "HEAD"
-	x.replay = idempotent(method) || r.idemKey
-	host, path := r.authority(b)
+	x.replay = idempotent(method) || r.IdemKey
+	host, path := r.Authority(b)
 	if rt := s.rt; rt != nil && rt.router != nil {
 		return rc.serveRouted(end, host, path)
 	}
@@ -413,7 +415,7 @@ type decided struct {
 }
 
 // serveRouted is serveOne on a gateway listener: the router decides.
-func (rc *rawConn) serveRouted(end int, host, path span) bool {
+func (rc *rawConn) serveRouted(end int, host, path h1.Span) bool {
 	s, p, b, r := rc.s, rc.s.p, rc.buf, &rc.req
 	var d Decision
 	var t *target
@@ -453,11 +455,11 @@ type lastHost struct {
 // lookup returns the host of the request parsed into r from b (the
 // absolute-form target's authority, else the Host header) and the target
 // remembered for it, if any.
-func (h *lastHost) lookup(b []byte, r *rawReq, authority span) ([]byte, *target) {
-	if authority.e == 0 {
-		authority = r.host
+func (h *lastHost) lookup(b []byte, r *h1.Request, authority h1.Span) ([]byte, *target) {
+	if authority.End == 0 {
+		authority = r.Host
 	}
-	hb := b[authority.s:authority.e]
+	hb := b[authority.Start:authority.End]
 	if h.t != nil && bytes.Equal(hb, h.host) {
 		return hb, h.t
 	}
@@ -474,36 +476,36 @@ func (h *lastHost) remember(host []byte, t *target) {
 // absolute-form target (host, when not empty) as Host (RFC 9112 §3.2.2:
 // it replaces whatever Host the client sent), hop-by-hop headers dropped,
 // X-Forwarded-For and X-Forwarded-Proto set, the body after the head.
-func appendRequest(out, b []byte, r *rawReq, host, path span, end int, ip []byte) []byte {
-	out = append(out, b[r.method.s:r.method.e]...)
+func appendRequest(out, b []byte, r *h1.Request, host, path h1.Span, end int, ip []byte) []byte {
+	out = append(out, b[r.Method.Start:r.Method.End]...)
 	out = append(out, ' ')
-	out = appendPath(out, b, path)
+	out = h1.AppendPath(out, b, path)
 	out = append(out, " HTTP/1.1\r\n"...)
-	for k := 0; k < r.nh; k++ {
+	for k := 0; k < r.NumHeaders; k++ {
 		switch {
-		case r.drop[k]:
-		case host.e > host.s && r.vals[k] == r.host:
-			out = append(out, b[r.names[k].s:r.names[k].e]...)
+		case r.Drop[k]:
+		case host.End > host.Start && r.Vals[k] == r.Host:
+			out = append(out, b[r.Names[k].Start:r.Names[k].End]...)
 			out = append(out, ": "...)
-			out = append(out, b[host.s:host.e]...)
+			out = append(out, b[host.Start:host.End]...)
 			out = append(out, '\r', '\n')
 		default:
-			out = append(out, b[r.names[k].s:r.vals[k].e]...)
+			out = append(out, b[r.Names[k].Start:r.Vals[k].End]...)
 			out = append(out, '\r', '\n')
 		}
 	}
 	out = append(out, "X-Forwarded-For: "...)
-	for i := 0; i < r.nxff; i++ {
-		out = append(out, b[r.xff[i].s:r.xff[i].e]...)
+	for i := 0; i < r.NumXFF; i++ {
+		out = append(out, b[r.XFF[i].Start:r.XFF[i].End]...)
 		out = append(out, ", "...)
 	}
 	out = append(out, ip...)
 	out = append(out, '\r', '\n')
-	if !r.hasXFP {
+	if !r.HasXFP {
 		out = append(out, "X-Forwarded-Proto: http\r\n"...)
 	}
 	out = append(out, '\r', '\n')
-	return append(out, b[r.headEnd:end]...)
+	return append(out, b[r.HeadEnd:end]...)
 }
 
 // finish writes the answer for res (the instance's, a fallback's or our
@@ -541,7 +543,7 @@ func (rc *rawConn) finish(t *target, res result, mayFallback bool) bool {
 
 var errAnswerGone = errors.New("proxy: the instance's answer was dropped")
 
-func (rc *rawConn) closeAfter() bool { return rc.req.connClose || rc.s.closing.Load() }
+func (rc *rawConn) closeAfter() bool { return rc.req.ConnClose || rc.s.closing.Load() }
 
 // writeCanned writes one of the proxy's own answers.
 func (rc *rawConn) writeCanned(c canned) bool {
@@ -585,26 +587,26 @@ func (rc *rawConn) writeAnswer() bool {
 	bc, r := x.bc, &x.resp
 	b := bc.buf
 	closeClient := rc.closeAfter()
-	bodyless := !r.hasBody(x.head)
-	untilClose := !bodyless && r.clen < 0 && !r.chunked
+	bodyless := !r.HasBody(x.head)
+	untilClose := !bodyless && r.ContentLength < 0 && !r.Chunked
 	if untilClose {
 		closeClient = true
 	}
 	out := appendAnswerHead(rc.out[:0], b, r, closeClient, rc.extra)
-	avail := b[r.headEnd:x.rn]
+	avail := b[r.HeadEnd:x.rn]
 	reuse := false
 	var err error
 	switch {
 	case bodyless:
 		rc.out = out
 		_, err = rc.c.Write(out)
-		reuse = !r.close && len(avail) == 0
-	case r.clen >= 0:
-		if int64(len(avail)) >= r.clen {
-			out = append(out, avail[:r.clen]...)
+		reuse = !r.Close && len(avail) == 0
+	case r.ContentLength >= 0:
+		if int64(len(avail)) >= r.ContentLength {
+			out = append(out, avail[:r.ContentLength]...)
 			rc.out = out
 			_, err = rc.c.Write(out)
-			reuse = !r.close && int64(len(avail)) == r.clen
+			reuse = !r.Close && int64(len(avail)) == r.ContentLength
 			break
 		}
 		out = append(out, avail...)
@@ -612,7 +614,7 @@ func (rc *rawConn) writeAnswer() bool {
 		if _, err = rc.c.Write(out); err != nil {
 			break
 		}
-		left := r.clen - int64(len(avail))
+		left := r.ContentLength - int64(len(avail))
 		for left > 0 && err == nil {
 			n := len(b)
 			if int64(n) > left {
@@ -630,10 +632,10 @@ func (rc *rawConn) writeAnswer() bool {
 				err = io.ErrUnexpectedEOF
 			}
 		}
-		reuse = err == nil && !r.close
-	case r.chunked:
-		var cs chunkScan
-		n, done, serr := cs.scan(avail)
+		reuse = err == nil && !r.Close
+	case r.Chunked:
+		var cs h1.ChunkScan
+		n, done, serr := cs.Scan(avail)
 		out = append(out, avail[:n]...)
 		rc.out = out
 		if _, err = rc.c.Write(out); err == nil {
@@ -644,7 +646,7 @@ func (rc *rawConn) writeAnswer() bool {
 			var m int
 			m, err = bc.c.Read(b)
 			if m > 0 {
-				n, done, serr = cs.scan(b[:m])
+				n, done, serr = cs.Scan(b[:m])
 				extra = n < m
 				if _, werr := rc.c.Write(b[:n]); werr != nil {
 					err = werr
@@ -656,7 +658,7 @@ func (rc *rawConn) writeAnswer() bool {
 				err = io.ErrUnexpectedEOF
 			}
 		}
-		reuse = err == nil && done && !extra && !r.close
+		reuse = err == nil && done && !extra && !r.Close
 	default: // until the instance closes
 		out = append(out, avail...)
 		rc.out = out
@@ -682,25 +684,25 @@ func (rc *rawConn) writeAnswer() bool {
 // (its bytes b) as it goes to the client: hop-by-hop headers dropped,
 // Connection: close when the client connection ends after it, extra
 // header lines added.
-func appendAnswerHead(out, b []byte, r *rawResp, closeClient bool, extra []byte) []byte {
+func appendAnswerHead(out, b []byte, r *h1.Response, closeClient bool, extra []byte) []byte {
 	out = append(out, "HTTP/1.1 "...)
 	out = append(out, b[9:12]...)
-	out = append(out, b[r.reason.s:r.reason.e]...)
+	out = append(out, b[r.Reason.Start:r.Reason.End]...)
 	out = append(out, '\r', '\n')
-	if r.nh > 0 {
-		if !r.hop {
-			out = append(out, b[r.lineStart[0]:r.headEnd]...)
+	if r.NumHeaders > 0 {
+		if !r.Hop {
+			out = append(out, b[r.LineStart[0]:r.HeadEnd]...)
 			out = trimBlankLine(out)
 		} else {
-			for k := 0; k < r.nh; k++ {
-				if r.drop[k] {
+			for k := 0; k < r.NumHeaders; k++ {
+				if r.Drop[k] {
 					continue
 				}
-				e := r.headEnd
-				if k+1 < r.nh {
-					e = r.lineStart[k+1]
+				e := r.HeadEnd
+				if k+1 < r.NumHeaders {
+					e = r.LineStart[k+1]
 				}
-				out = append(out, b[r.lineStart[k]:e]...)
+				out = append(out, b[r.LineStart[k]:e]...)
 			}
 			out = trimBlankLine(out)
 		}
@@ -730,7 +732,7 @@ type rawExchange struct {
 	replay bool // the request may be sent again
 	bc     *bconn
 	pool   *bpool
-	resp   rawResp
+	resp   h1.Response
 	rn     int // bytes of the answer in bc.buf
 }
 
@@ -762,7 +764,7 @@ func (x *rawExchange) try(ep *endpoint, deadline time.Time) (int, error) {
 		}
 		if err == nil {
 			x.bc, x.pool = bc, ep.pool
-			return x.resp.status, nil
+			return x.resp.Status, nil
 		}
 		// A pooled connection the instance closed while it was idle:
 		// once more on a new connection, for requests that may be resent.
@@ -802,10 +804,10 @@ func (x *rawExchange) readHead(bc *bconn) error {
 // try (a 502 or 504, or a retry), not a truncated answer.
 func (x *rawExchange) readShortBody(bc *bconn) error {
 	r := &x.resp
-	if !r.hasBody(x.head) || r.clen < 0 || int64(len(bc.buf)-r.headEnd) < r.clen {
+	if !r.HasBody(x.head) || r.ContentLength < 0 || int64(len(bc.buf)-r.HeadEnd) < r.ContentLength {
 		return nil
 	}
-	for need := r.headEnd + int(r.clen); x.rn < need; {
+	for need := r.HeadEnd + int(r.ContentLength); x.rn < need; {
 		n, err := bc.c.Read(bc.buf[x.rn:need])
 		x.rn += n
 		if err != nil && x.rn < need {
@@ -823,10 +825,10 @@ var errHeadTooLarge = errors.New("response head from instance too large")
 // scanAnswerHead parses the answer whose first n bytes are in buf into r,
 // dropping interim 1xx answers (it returns how many bytes are left). done:
 // r holds a final answer's head.
-func scanAnswerHead(buf []byte, n int, r *rawResp) (int, bool, error) {
+func scanAnswerHead(buf []byte, n int, r *h1.Response) (int, bool, error) {
 	for n > 0 {
-		err := parseRawResp(buf[:n], r)
-		if err == errHeadIncomplete {
+		err := h1.ParseResponse(buf[:n], r)
+		if err == h1.ErrIncomplete {
 			if n == len(buf) {
 				return n, false, errHeadTooLarge
 			}
@@ -835,13 +837,13 @@ func scanAnswerHead(buf []byte, n int, r *rawResp) (int, bool, error) {
 		if err != nil {
 			return n, false, err
 		}
-		if r.status >= 200 {
+		if r.Status >= 200 {
 			return n, true, nil
 		}
-		if r.status == http.StatusSwitchingProtocols {
-			return n, false, errBadResponse
+		if r.Status == http.StatusSwitchingProtocols {
+			return n, false, h1.ErrBadResponse
 		}
-		n = copy(buf, buf[r.headEnd:n])
+		n = copy(buf, buf[r.HeadEnd:n])
 	}
 	return n, false, nil
 }
@@ -852,9 +854,9 @@ func (x *rawExchange) discard() {
 		return
 	}
 	r := &x.resp
-	full := !r.hasBody(x.head) && x.rn == r.headEnd ||
-		r.clen >= 0 && int64(x.rn-r.headEnd) == r.clen
-	x.release(full && !r.close)
+	full := !r.HasBody(x.head) && x.rn == r.HeadEnd ||
+		r.ContentLength >= 0 && int64(x.rn-r.HeadEnd) == r.ContentLength
+	x.release(full && !r.Close)
 }
 
 func (x *rawExchange) release(reuse bool) {

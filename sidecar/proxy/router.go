@@ -15,6 +15,7 @@ import (
 	"unsafe"
 
 	"attache/sidecar/breaker"
+	"attache/sidecar/proxy/h1"
 )
 
 // Router decides where each request of a gateway listener goes (package
@@ -227,13 +228,13 @@ func requestTimeout(p *Proxy, pol, own *Policy) time.Duration {
 // rawHead is a request parsed in place, as a Router's header source.
 type rawHead struct {
 	b []byte
-	r *rawReq
+	r *h1.Request
 }
 
 func (h *rawHead) header(name string) string {
-	for k := 0; k < h.r.nh; k++ {
-		if bytes.EqualFold(h.b[h.r.names[k].s:h.r.names[k].e], []byte(name)) {
-			return bstr(h.b[h.r.vals[k].s:h.r.vals[k].e])
+	for k := 0; k < h.r.NumHeaders; k++ {
+		if bytes.EqualFold(h.b[h.r.Names[k].Start:h.r.Names[k].End], []byte(name)) {
+			return bstr(h.b[h.r.Vals[k].Start:h.r.Vals[k].End])
 		}
 	}
 	return ""
@@ -248,13 +249,13 @@ func bstr(b []byte) string {
 }
 
 // rawRouteHead fills h (and src) for the request parsed into r from b.
-func rawRouteHead(h *Head, src *rawHead, b []byte, r *rawReq, host, path span, ip []byte, tls bool, now time.Time) {
-	if host.e == 0 {
-		host = r.host
+func rawRouteHead(h *Head, src *rawHead, b []byte, r *h1.Request, host, path h1.Span, ip []byte, tls bool, now time.Time) {
+	if host.End == 0 {
+		host = r.Host
 	}
 	*src = rawHead{b: b, r: r}
-	pb := b[path.s:path.e]
-	*h = Head{Method: bstr(b[r.method.s:r.method.e]), Host: bstr(b[host.s:host.e]), Path: bstr(pb),
+	pb := b[path.Start:path.End]
+	*h = Head{Method: bstr(b[r.Method.Start:r.Method.End]), Host: bstr(b[host.Start:host.End]), Path: bstr(pb),
 		RemoteIP: bstr(ip), TLS: tls, Now: now, hdr: src}
 	if len(pb) == 0 || pb[0] == '?' {
 		h.Path = "/" + h.Path
@@ -267,36 +268,36 @@ func rawRouteHead(h *Head, src *rawHead, b []byte, r *rawReq, host, path span, i
 // either), X-Forwarded-For appended to.
 // An absolute-form target's authority (host) replaces Host, as on the
 // other listeners (RFC 9112 §3.2.2).
-func appendGatewayRequest(out, b []byte, r *rawReq, host, path span, newPath string, end int, ip []byte, proto string) []byte {
-	out = append(out, b[r.method.s:r.method.e]...)
+func appendGatewayRequest(out, b []byte, r *h1.Request, host, path h1.Span, newPath string, end int, ip []byte, proto string) []byte {
+	out = append(out, b[r.Method.Start:r.Method.End]...)
 	out = append(out, ' ')
 	if newPath != "" {
 		out = append(out, newPath...)
 	} else {
-		out = appendPath(out, b, path)
+		out = h1.AppendPath(out, b, path)
 	}
 	out = append(out, " HTTP/1.1\r\n"...)
-	for k := 0; k < r.nh; k++ {
-		if r.drop[k] {
+	for k := 0; k < r.NumHeaders; k++ {
+		if r.Drop[k] {
 			continue
 		}
-		name := b[r.names[k].s:r.names[k].e]
+		name := b[r.Names[k].Start:r.Names[k].End]
 		if len(name) == 9 && bytes.EqualFold(name, []byte("X-Real-IP")) ||
 			len(name) == 17 && bytes.EqualFold(name, []byte("X-Forwarded-Proto")) {
 			continue
 		}
-		if host.e > host.s && r.vals[k] == r.host {
+		if host.End > host.Start && r.Vals[k] == r.Host {
 			out = append(out, name...)
 			out = append(out, ": "...)
-			out = append(out, b[host.s:host.e]...)
+			out = append(out, b[host.Start:host.End]...)
 		} else {
-			out = append(out, b[r.names[k].s:r.vals[k].e]...)
+			out = append(out, b[r.Names[k].Start:r.Vals[k].End]...)
 		}
 		out = append(out, '\r', '\n')
 	}
 	out = append(out, "X-Forwarded-For: "...)
-	for i := 0; i < r.nxff; i++ {
-		out = append(out, b[r.xff[i].s:r.xff[i].e]...)
+	for i := 0; i < r.NumXFF; i++ {
+		out = append(out, b[r.XFF[i].Start:r.XFF[i].End]...)
 		out = append(out, ", "...)
 	}
 	out = append(out, ip...)
@@ -305,7 +306,7 @@ func appendGatewayRequest(out, b []byte, r *rawReq, host, path span, newPath str
 	out = append(out, "\r\nX-Forwarded-Proto: "...)
 	out = append(out, proto...)
 	out = append(out, "\r\n\r\n"...)
-	return append(out, b[r.headEnd:end]...)
+	return append(out, b[r.HeadEnd:end]...)
 }
 
 // stdHead is a net/http request as a Router's header source.
@@ -323,7 +324,7 @@ func stdRouteHead(r *http.Request, ip string) *Head {
 // TLSHandshakeTimeout);
 // then HTTP/1.1 goes to the goroutine fast path (the event loops need a
 // plain socket) with fasthttp behind it, as on plain listeners (fasthttp
-// alone with DisableFastPath), and HTTP/2
+// alone with Engines.NoFastPath), and HTTP/2
 // (by ALPN) to net/http; both ask the router and forward through the
 // policy.
 func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc chan<- error, ln net.Listener, g *GatewayListener) {

@@ -79,18 +79,19 @@ func (e headerEcho) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // fasthttp for a chunked body, net/http for h2c and TLS), and forwards with
 // the decision: the service, the rewritten path, X-Real-IP and
 // X-Forwarded-Proto set, the router's own answers written as they are.
-// The same with goroutines only, and with fasthttp alone (DisableFastPath:
+// The same with goroutines only, and with fasthttp alone (NoFastPath:
 // HTTP/1.1 over TLS answered 502 there, its URI parsed as https).
 func TestGatewayListener(t *testing.T) {
 	for _, tc := range []struct {
 		name string
-		cfg  Config
-	}{{"default", Config{}}, {"goroutines", Config{DisableEventLoop: true}}, {"fasthttp", Config{DisableFastPath: true}}} {
-		t.Run(tc.name, func(t *testing.T) { testGatewayListener(t, tc.cfg) })
+		eng  Engines
+	}{{"default", Engines{}}, {"goroutines", Engines{NoEventLoops: true}}, {"fasthttp", Engines{NoFastPath: true}}} {
+		t.Run(tc.name, func(t *testing.T) { testGatewayListener(t, tc.eng) })
 	}
 }
 
-func testGatewayListener(t *testing.T, cfg Config) {
+func testGatewayListener(t *testing.T, eng Engines) {
+	var cfg Config
 	a := newBackend(t, "a", "a1", headerEcho{"a1"})
 	b := newBackend(t, "b", "b1", headerEcho{"b1"})
 	rt := &prefixRouter{routes: map[string]string{"/a/": "a", "/b/": "b"}, strip: true}
@@ -99,7 +100,7 @@ func testGatewayListener(t *testing.T, cfg Config) {
 		{Addr: "127.0.0.1:0", Router: rt},
 		{Addr: "127.0.0.1:0", Router: rt, TLS: &tls.Config{Certificates: []tls.Certificate{cert}}},
 	}
-	tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"a": {a}, "b": {b}})
+	tp := startProxy(t, cfg, breaker.Config{}, map[string][]*backend{"a": {a}, "b": {b}}, eng)
 	plain := "http://" + tp.p.GatewayAddr(0).String()
 	secure := "https://" + tp.p.GatewayAddr(1).String()
 	c := newClient()
@@ -293,7 +294,7 @@ func FuzzGatewayListener(f *testing.F) {
 	br, _ := breaker.New(breaker.Config{}, nil, nil)
 	rt := &prefixRouter{routes: map[string]string{"/a": "a"}, strip: true}
 	p, err := New(Config{Gateways: []GatewayListener{{Addr: "127.0.0.1:0", Router: rt}}, TryTimeout: time.Second, RequestTimeout: 2 * time.Second,
-		WantTimeout: time.Millisecond, IdleTimeout: 3 * time.Second, DisableEventLoop: *noLoop}, src, br)
+		WantTimeout: time.Millisecond, IdleTimeout: 3 * time.Second}, src, br, WithEngines(testEngines()))
 	if err != nil {
 		f.Fatal(err)
 	}

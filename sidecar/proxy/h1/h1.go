@@ -1,10 +1,9 @@
-package proxy
-
-import (
-	"bytes"
-	"errors"
-)
-
+// Package h1 is the proxy fast path's HTTP/1.1 parser: request and
+// response heads parsed in place into spans of the caller's buffer, and
+// chunked framing followed through a stream that is passed on unchanged.
+// It does no I/O and allocates nothing; the engines in package proxy read
+// and write, and decide what to do with what it finds.
+//
 // The hand-written HTTP/1.1 fast path parses only what a proxy needs and
 // copies everything else byte for byte. Why by hand: the goal is to be at
 // least as fast as nginx on the same machine, and no maintained Go library
@@ -15,37 +14,44 @@ import (
 // exactly (HTTP/1.0, chunked or large request bodies, Expect, Upgrade,
 // CONNECT, obsolete line folding, bare LF, very many headers) goes to the
 // fasthttp path instead, which answers it as before.
+package h1
 
-const maxRawHeaders = 64
+import (
+	"bytes"
+	"errors"
+)
 
-// span is a [start, end) range of a head buffer.
-type span struct{ s, e int }
+// MaxHeaders is the most header lines a head may have.
+const MaxHeaders = 64
 
-// rawReq is a parsed request head. Spans index the connection's buffer.
-type rawReq struct {
-	headEnd     int // bytes of the head including the blank line
-	method      span
-	target      span
-	host        span // Host header value; e == 0 when absent
-	clen        int64
-	connClose   bool
-	connTokens  bool // Connection names headers to drop
-	conn        span // Connection header value
-	hop         bool // some header must be dropped
-	idemKey     bool
-	hasXFP      bool
-	nxff        int
-	xff         [4]span
-	nh          int
-	names, vals [maxRawHeaders]span
-	drop        [maxRawHeaders]bool
+// Span is a [start, end) range of a head buffer.
+type Span struct{ Start, End int }
+
+// Request is a parsed request head. Spans index the connection's buffer.
+type Request struct {
+	HeadEnd       int // bytes of the head including the blank line
+	Method        Span
+	Target        Span
+	Host          Span // Host header value; End == 0 when absent
+	ContentLength int64
+	ConnClose     bool
+	ConnTokens    bool // Connection names headers to drop
+	Conn          Span // Connection header value
+	Hop           bool // some header must be dropped
+	IdemKey       bool
+	HasXFP        bool
+	NumXFF        int
+	XFF           [4]Span
+	NumHeaders    int
+	Names, Vals   [MaxHeaders]Span
+	Drop          [MaxHeaders]bool
 }
 
-// errSlow says the request needs the fasthttp path.
-var errSlow = errors.New("proxy: request needs the general path")
+// ErrSlow says the request needs the fasthttp path.
+var ErrSlow = errors.New("h1: request needs the general path")
 
-// errHeadIncomplete says more bytes are needed.
-var errHeadIncomplete = errors.New("proxy: head incomplete")
+// ErrIncomplete says more bytes are needed.
+var ErrIncomplete = errors.New("h1: head incomplete")
 
 func isTokenByte(c byte) bool {
 	return c > ' ' && c < 0x7f && !bytes.ContainsRune([]byte("\"(),/:;<=>?@[\\]{}"), rune(c))
@@ -58,69 +64,69 @@ var tokenTable = func() (t [256]bool) {
 	return
 }()
 
-// parseRawReq parses the request head at the start of b. It returns
-// errHeadIncomplete when b holds no complete head and errSlow when the
+// ParseRequest parses the request head at the start of b. It returns
+// ErrIncomplete when b holds no complete head and ErrSlow when the
 // request must take the general path.
-func parseRawReq(b []byte, r *rawReq) error {
-	*r = rawReq{clen: -1}
+func ParseRequest(b []byte, r *Request) error {
+	*r = Request{ContentLength: -1}
 	// request line
 	eol := bytes.IndexByte(b, '\n')
 	if eol < 0 {
-		return errHeadIncomplete
+		return ErrIncomplete
 	}
 	if eol < 1 || b[eol-1] != '\r' {
-		return errSlow
+		return ErrSlow
 	}
 	line := b[:eol-1]
 	sp1 := bytes.IndexByte(line, ' ')
 	if sp1 <= 0 {
-		return errSlow
+		return ErrSlow
 	}
 	for _, c := range line[:sp1] {
 		if !tokenTable[c] {
-			return errSlow
+			return ErrSlow
 		}
 	}
 	rest := line[sp1+1:]
 	sp2 := bytes.IndexByte(rest, ' ')
 	if sp2 <= 0 || string(rest[sp2+1:]) != "HTTP/1.1" {
-		return errSlow
+		return ErrSlow
 	}
 	for _, c := range rest[:sp2] {
 		if c <= ' ' || c >= 0x7f {
-			return errSlow
+			return ErrSlow
 		}
 	}
-	if !targetForm(rest[:sp2], false) {
-		return errSlow // the general path judges it
+	if !TargetForm(rest[:sp2], false) {
+		return ErrSlow // the general path judges it
 	}
-	r.method = span{0, sp1}
-	r.target = span{sp1 + 1, sp1 + 1 + sp2}
-	if string(b[r.method.s:r.method.e]) == "CONNECT" {
-		return errSlow
+	r.Method = Span{0, sp1}
+	r.Target = Span{sp1 + 1, sp1 + 1 + sp2}
+	if string(b[r.Method.Start:r.Method.End]) == "CONNECT" {
+		return ErrSlow
 	}
 	i := eol + 1
 	for {
 		eol := bytes.IndexByte(b[i:], '\n')
 		if eol < 0 {
-			return errHeadIncomplete
+			return ErrIncomplete
 		}
 		eol += i
 		if eol == i || b[eol-1] != '\r' {
-			return errSlow
+			return ErrSlow
 		}
 		if eol == i+1 { // blank line
-			r.headEnd = eol + 1
+			r.HeadEnd = eol + 1
 			break
 		}
 		line := b[i : eol-1]
 		colon := bytes.IndexByte(line, ':')
 		if colon <= 0 {
-			return errSlow
+			return ErrSlow
 		}
 		for _, c := range line[:colon] {
 			if !tokenTable[c] {
-				return errSlow
+				return ErrSlow
 			}
 		}
 		vs, ve := colon+1, len(line)
@@ -132,117 +138,117 @@ func parseRawReq(b []byte, r *rawReq) error {
 		}
 		for _, c := range line[vs:ve] {
 			if c < ' ' && c != '\t' || c == 0x7f {
-				return errSlow
+				return ErrSlow
 			}
 		}
-		if r.nh == maxRawHeaders {
-			return errSlow
+		if r.NumHeaders == MaxHeaders {
+			return ErrSlow
 		}
-		k := r.nh
-		r.nh++
-		r.names[k] = span{i, i + colon}
-		r.vals[k] = span{i + vs, i + ve}
+		k := r.NumHeaders
+		r.NumHeaders++
+		r.Names[k] = Span{i, i + colon}
+		r.Vals[k] = Span{i + vs, i + ve}
 		name, val := line[:colon], line[vs:ve]
 		switch len(name) {
 		case 2:
 			if bytes.EqualFold(name, []byte("TE")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 4:
 			if bytes.EqualFold(name, []byte("Host")) {
-				if r.host.e != 0 {
-					return errSlow
+				if r.Host.End != 0 {
+					return ErrSlow
 				}
-				r.host = r.vals[k]
+				r.Host = r.Vals[k]
 			}
 		case 6:
 			if bytes.EqualFold(name, []byte("Expect")) {
-				return errSlow
+				return ErrSlow
 			}
 		case 7:
 			if bytes.EqualFold(name, []byte("Upgrade")) {
-				return errSlow
+				return ErrSlow
 			}
 			if bytes.EqualFold(name, []byte("Trailer")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 10:
 			if bytes.EqualFold(name, []byte("Connection")) {
-				if r.conn.e != 0 {
-					return errSlow
+				if r.Conn.End != 0 {
+					return ErrSlow
 				}
-				r.conn = r.vals[k]
-				r.drop[k], r.hop = true, true
+				r.Conn = r.Vals[k]
+				r.Drop[k], r.Hop = true, true
 			} else if bytes.EqualFold(name, []byte("Keep-Alive")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 14:
 			if bytes.EqualFold(name, []byte("Content-Length")) {
-				if r.clen >= 0 || len(val) == 0 || len(val) > 15 {
-					return errSlow
+				if r.ContentLength >= 0 || len(val) == 0 || len(val) > 15 {
+					return ErrSlow
 				}
 				var n int64
 				for _, c := range val {
 					if c < '0' || c > '9' {
-						return errSlow
+						return ErrSlow
 					}
 					n = n*10 + int64(c-'0')
 				}
-				r.clen = n
+				r.ContentLength = n
 			}
 		case 15:
 			if bytes.EqualFold(name, []byte("X-Forwarded-For")) {
-				if r.nxff == len(r.xff) {
-					return errSlow
+				if r.NumXFF == len(r.XFF) {
+					return ErrSlow
 				}
-				r.xff[r.nxff] = r.vals[k]
-				r.nxff++
-				r.drop[k] = true
+				r.XFF[r.NumXFF] = r.Vals[k]
+				r.NumXFF++
+				r.Drop[k] = true
 			}
 			if bytes.EqualFold(name, []byte("Idempotency-Key")) && len(val) > 0 {
-				r.idemKey = true
+				r.IdemKey = true
 			}
 		case 16:
 			if bytes.EqualFold(name, []byte("Proxy-Connection")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 17:
 			if bytes.EqualFold(name, []byte("Transfer-Encoding")) {
-				return errSlow
+				return ErrSlow
 			}
 			if bytes.EqualFold(name, []byte("X-Forwarded-Proto")) {
-				r.hasXFP = true
+				r.HasXFP = true
 			}
 		case 18:
 			if bytes.EqualFold(name, []byte("Proxy-Authenticate")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 19:
 			if bytes.EqualFold(name, []byte("Proxy-Authorization")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		}
 		i = eol + 1
 	}
-	if r.host.e == 0 {
-		return errSlow
+	if r.Host.End == 0 {
+		return ErrSlow
 	}
-	if r.conn.e != 0 {
-		for _, tok := range bytes.Split(b[r.conn.s:r.conn.e], []byte(",")) {
+	if r.Conn.End != 0 {
+		for _, tok := range bytes.Split(b[r.Conn.Start:r.Conn.End], []byte(",")) {
 			tok = bytes.TrimSpace(tok)
 			switch {
 			case len(tok) == 0 || bytes.EqualFold(tok, []byte("keep-alive")):
 			case bytes.EqualFold(tok, []byte("close")):
-				r.connClose = true
+				r.ConnClose = true
 			case bytes.EqualFold(tok, []byte("upgrade")):
-				return errSlow
-			case framingHeader(tok):
+				return ErrSlow
+			case FramingHeader(tok):
 				// Never dropped: the body sent on is framed by it.
 			default:
-				r.connTokens = true
-				for k := 0; k < r.nh; k++ {
-					if bytes.EqualFold(b[r.names[k].s:r.names[k].e], tok) {
-						r.drop[k] = true
+				r.ConnTokens = true
+				for k := 0; k < r.NumHeaders; k++ {
+					if bytes.EqualFold(b[r.Names[k].Start:r.Names[k].End], tok) {
+						r.Drop[k] = true
 					}
 				}
 			}
@@ -251,10 +257,10 @@ func parseRawReq(b []byte, r *rawReq) error {
 	return nil
 }
 
-// framingHeader says whether a header named in Connection frames the
+// FramingHeader says whether a header named in Connection frames the
 // message (or routes it): such a header is never dropped, whatever
 // Connection says, so that the bytes passed on stay framed the same way.
-func framingHeader(name []byte) bool {
+func FramingHeader(name []byte) bool {
 	switch len(name) {
 	case 4:
 		return bytes.EqualFold(name, []byte("Host"))
@@ -266,100 +272,101 @@ func framingHeader(name []byte) bool {
 	return false
 }
 
-// appendPath appends the origin-form path to send on: "/" for an empty
+// AppendPath appends the origin-form path to send on: "/" for an empty
 // one, and "/" before a query that starts it ("http://svc?q=1").
-func appendPath(out, b []byte, path span) []byte {
-	if path.s == path.e || b[path.s] == '?' {
+func AppendPath(out, b []byte, path Span) []byte {
+	if path.Start == path.End || b[path.Start] == '?' {
 		out = append(out, '/')
 	}
-	return append(out, b[path.s:path.e]...)
+	return append(out, b[path.Start:path.End]...)
 }
 
-// authority returns the host of an absolute-form target ("" span when the
+// Authority returns the host of an absolute-form target ("" span when the
 // target is in origin-form) and the origin-form path to send on.
-func (r *rawReq) authority(b []byte) (host, path span) {
-	t := b[r.target.s:r.target.e]
+func (r *Request) Authority(b []byte) (host, path Span) {
+	t := b[r.Target.Start:r.Target.End]
 	if len(t) > 7 && t[0] != '/' && bytes.EqualFold(t[:7], []byte("http://")) {
 		rest := t[7:]
 		end := len(rest)
 		if i := bytes.IndexAny(rest, "/?#"); i >= 0 {
 			end = i
 		}
-		hs, he := r.target.s+7, r.target.s+7+end
+		hs, he := r.Target.Start+7, r.Target.Start+7+end
 		if i := bytes.LastIndexByte(rest[:end], '@'); i >= 0 {
 			hs += i + 1 // userinfo is no part of the host (RFC 9110 §4.2.4)
 		}
-		return span{hs, he}, span{he, r.target.e}
+		return Span{hs, he}, Span{he, r.Target.End}
 	}
-	return span{}, r.target
+	return Span{}, r.Target
 }
 
-// rawResp is a parsed response head.
-type rawResp struct {
-	headEnd   int
-	status    int
-	reason    span // after the status code, including the leading space
-	clen      int64
-	chunked   bool
-	te        bool // Transfer-Encoding present
-	clLine    bool // Content-Length present
-	close     bool // the instance closes the connection after this answer
-	hop       bool // a header must be dropped
-	conn      span
-	nh        int
-	names     [maxRawHeaders]span
-	lineStart [maxRawHeaders]int
-	drop      [maxRawHeaders]bool
+// Response is a parsed response head.
+type Response struct {
+	HeadEnd          int
+	Status           int
+	Reason           Span // after the status code, including the leading space
+	ContentLength    int64
+	Chunked          bool
+	TE               bool // Transfer-Encoding present
+	HasContentLength bool // Content-Length present
+	Close            bool // the instance closes the connection after this answer
+	Hop              bool // a header must be dropped
+	Conn             Span
+	NumHeaders       int
+	Names            [MaxHeaders]Span
+	LineStart        [MaxHeaders]int
+	Drop             [MaxHeaders]bool
 }
 
-var errBadResponse = errors.New("malformed response from instance")
+// ErrBadResponse says an answer is not one a strict client takes.
+var ErrBadResponse = errors.New("malformed response from instance")
 
-// parseRawResp parses the response head at the start of b; it returns
-// errHeadIncomplete when more bytes are needed.
-func parseRawResp(b []byte, r *rawResp) error {
-	*r = rawResp{clen: -1}
+// ParseResponse parses the response head at the start of b; it returns
+// ErrIncomplete when more bytes are needed.
+func ParseResponse(b []byte, r *Response) error {
+	*r = Response{ContentLength: -1}
 	eol := bytes.IndexByte(b, '\n')
 	if eol < 0 {
-		return errHeadIncomplete
+		return ErrIncomplete
 	}
 	if eol < 1 || b[eol-1] != '\r' {
-		return errBadResponse // a bare LF: a client may not split lines there
+		return ErrBadResponse // a bare LF: a client may not split lines there
 	}
 	line := b[:eol-1]
 	if len(line) < 12 || !bytes.HasPrefix(line, []byte("HTTP/1.")) || line[8] != ' ' {
-		return errBadResponse
+		return ErrBadResponse
 	}
 	if line[7] == '0' {
-		r.close = true
+		r.Close = true
 	} else if line[7] != '1' {
-		return errBadResponse
+		return ErrBadResponse
 	}
 	st := 0
 	for _, c := range line[9:12] {
 		if c < '0' || c > '9' {
-			return errBadResponse
+			return ErrBadResponse
 		}
 		st = st*10 + int(c-'0')
 	}
 	if st < 100 || len(line) > 12 && line[12] != ' ' || !fieldValue(line[12:]) {
-		return errBadResponse
+		return ErrBadResponse
 	}
-	r.status = st
-	r.reason = span{12, len(line)}
+	r.Status = st
+	r.Reason = Span{12, len(line)}
 	keepAlive := false
 	i := eol + 1
 	for {
 		eol := bytes.IndexByte(b[i:], '\n')
 		if eol < 0 {
-			return errHeadIncomplete
+			return ErrIncomplete
 		}
 		eol += i
 		if eol == i || b[eol-1] != '\r' {
-			return errBadResponse // a bare LF
+			return ErrBadResponse // a bare LF
 		}
 		line := b[i : eol-1]
 		if len(line) == 0 {
-			r.headEnd = eol + 1
+			r.HeadEnd = eol + 1
 			break
 		}
 		// As strict as the request parser (and net/http's client): a
@@ -368,114 +375,120 @@ func parseRawResp(b []byte, r *rawResp) error {
 		// breaks this is refused whole, never passed on.
 		colon := bytes.IndexByte(line, ':')
 		if colon <= 0 {
-			return errBadResponse
+			return ErrBadResponse
 		}
 		for _, c := range line[:colon] {
 			if !tokenTable[c] {
-				return errBadResponse
+				return ErrBadResponse
 			}
 		}
 		if !fieldValue(line[colon+1:]) {
-			return errBadResponse
+			return ErrBadResponse
 		}
-		if r.nh == maxRawHeaders {
-			return errBadResponse
+		if r.NumHeaders == MaxHeaders {
+			return ErrBadResponse
 		}
-		k := r.nh
-		r.nh++
-		r.lineStart[k] = i
-		r.names[k] = span{i, i + colon}
+		k := r.NumHeaders
+		r.NumHeaders++
+		r.LineStart[k] = i
+		r.Names[k] = Span{i, i + colon}
 		name := line[:colon]
 		val := bytes.TrimSpace(line[colon+1:])
 		switch len(name) {
 		case 2:
 			if bytes.EqualFold(name, []byte("TE")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 7:
 			if bytes.EqualFold(name, []byte("Upgrade")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 10:
 			if bytes.EqualFold(name, []byte("Connection")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 				for _, tok := range bytes.Split(val, []byte(",")) {
 					tok = bytes.TrimSpace(tok)
 					switch {
 					case bytes.EqualFold(tok, []byte("close")):
-						r.close = true
+						r.Close = true
 					case bytes.EqualFold(tok, []byte("keep-alive")):
 						keepAlive = true
 					}
 				}
 				vs := i + colon + 1 + bytes.Index(line[colon+1:], val)
-				r.conn = span{vs, vs + len(val)}
+				r.Conn = Span{vs, vs + len(val)}
 			} else if bytes.EqualFold(name, []byte("Keep-Alive")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 14:
 			if bytes.EqualFold(name, []byte("Content-Length")) {
 				if len(val) == 0 || len(val) > 18 {
-					return errBadResponse
+					return ErrBadResponse
 				}
 				var n int64
 				for _, c := range val {
 					if c < '0' || c > '9' {
-						return errBadResponse
+						return ErrBadResponse
 					}
 					n = n*10 + int64(c-'0')
 				}
-				if r.clen >= 0 && r.clen != n {
-					return errBadResponse
+				if r.ContentLength >= 0 && r.ContentLength != n {
+					return ErrBadResponse
 				}
-				r.clen = n
-				r.clLine = true
+				r.ContentLength = n
+				r.HasContentLength = true
 			}
 		case 16:
 			if bytes.EqualFold(name, []byte("Proxy-Connection")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		case 17:
 			if bytes.EqualFold(name, []byte("Transfer-Encoding")) {
 				// Only "chunked", once, as net/http's client: another
 				// coding ("gzip, chunked") would have to be decoded to
 				// be framed the same way by every client.
-				if r.te || !bytes.EqualFold(val, []byte("chunked")) {
-					return errBadResponse
+				if r.TE || !bytes.EqualFold(val, []byte("chunked")) {
+					return ErrBadResponse
 				}
-				r.te, r.chunked = true, true
+				r.TE, r.Chunked = true, true
 			}
 		case 18:
 			if bytes.EqualFold(name, []byte("Proxy-Authenticate")) {
-				r.drop[k], r.hop = true, true
+				r.Drop[k], r.Hop = true, true
 			}
 		}
 		i = eol + 1
 	}
 	if line[7] == '0' && keepAlive {
-		r.close = false
+		r.Close = false
 	}
-	if r.te {
+	if line[7] == '0' && r.TE {
+		// Faulty framing (RFC 9112 §6.1): net/http's client ignores
+		// Transfer-Encoding in an HTTP/1.0 answer, others do not; no
+		// guessing where the answer ends.
+		return ErrBadResponse
+	}
+	if r.TE {
 		// Transfer-Encoding overrides Content-Length (RFC 9112 §6.3).
-		r.clen = -1
-		if r.clLine { // the client must not see both
-			for k := 0; k < r.nh; k++ {
-				if bytes.EqualFold(b[r.names[k].s:r.names[k].e], []byte("Content-Length")) {
-					r.drop[k], r.hop = true, true
+		r.ContentLength = -1
+		if r.HasContentLength { // the client must not see both
+			for k := 0; k < r.NumHeaders; k++ {
+				if bytes.EqualFold(b[r.Names[k].Start:r.Names[k].End], []byte("Content-Length")) {
+					r.Drop[k], r.Hop = true, true
 				}
 			}
 		}
 	}
-	if r.conn.e != 0 {
-		for _, tok := range bytes.Split(b[r.conn.s:r.conn.e], []byte(",")) {
+	if r.Conn.End != 0 {
+		for _, tok := range bytes.Split(b[r.Conn.Start:r.Conn.End], []byte(",")) {
 			tok = bytes.TrimSpace(tok)
 			if len(tok) == 0 || bytes.EqualFold(tok, []byte("close")) || bytes.EqualFold(tok, []byte("keep-alive")) ||
-				framingHeader(tok) {
+				FramingHeader(tok) {
 				continue
 			}
-			for k := 0; k < r.nh; k++ {
-				if bytes.EqualFold(b[r.names[k].s:r.names[k].e], tok) {
-					r.drop[k] = true
+			for k := 0; k < r.NumHeaders; k++ {
+				if bytes.EqualFold(b[r.Names[k].Start:r.Names[k].End], tok) {
+					r.Drop[k] = true
 				}
 			}
 		}
@@ -494,15 +507,15 @@ func fieldValue(v []byte) bool {
 	return true
 }
 
-// hasBody says whether the answer to a request with this method carries a
+// HasBody says whether the answer to a request with this method carries a
 // body (RFC 9112 §6.3).
-func (r *rawResp) hasBody(head bool) bool {
-	return !head && r.status >= 200 && r.status != 204 && r.status != 304
+func (r *Response) HasBody(head bool) bool {
+	return !head && r.Status >= 200 && r.Status != 204 && r.Status != 304
 }
 
-// chunkScan follows chunked framing (RFC 9112 §7.1) through a byte stream
+// ChunkScan follows chunked framing (RFC 9112 §7.1) through a byte stream
 // that is passed on unchanged, to find where the body ends.
-type chunkScan struct {
+type ChunkScan struct {
 	state  int
 	size   int64
 	digits int
@@ -511,6 +524,7 @@ type chunkScan struct {
 
 const (
 	csSize = iota
+	csBWS
 	csExt
 	csSizeLF
 	csData
@@ -523,11 +537,12 @@ const (
 	csDone
 )
 
-var errBadChunk = errors.New("malformed chunked body from instance")
+// ErrBadChunk says a chunked body is malformed.
+var ErrBadChunk = errors.New("malformed chunked body from instance")
 
-// scan consumes p and returns how many bytes of it belong to the body, and
+// Scan consumes p and returns how many bytes of it belong to the body, and
 // whether the body ended there.
-func (s *chunkScan) scan(p []byte) (int, bool, error) {
+func (s *ChunkScan) Scan(p []byte) (int, bool, error) {
 	i := 0
 	for i < len(p) {
 		c := p[i]
@@ -542,36 +557,50 @@ func (s *chunkScan) scan(p []byte) (int, bool, error) {
 				s.size = s.size<<4 | int64(c-'A'+10)
 			case c == ';' || c == ' ' || c == '\t':
 				if s.digits == 0 {
-					return i, false, errBadChunk
+					return i, false, ErrBadChunk
 				}
 				s.state = csExt
+				if c != ';' {
+					s.state = csBWS
+				}
 				i++
 				continue
 			case c == '\r':
 				if s.digits == 0 {
-					return i, false, errBadChunk
+					return i, false, ErrBadChunk
 				}
 				s.state = csSizeLF
 				i++
 				continue
 			default:
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 			s.digits++
 			if s.digits > 12 {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
+			}
+		case csBWS: // blanks after the size: only the line's end may follow (net/http takes no blank before ";")
+			switch c {
+			case ' ', '\t':
+				if s.line++; s.line > 4096 {
+					return i, false, ErrBadChunk
+				}
+			case '\r':
+				s.state = csSizeLF
+			default:
+				return i, false, ErrBadChunk
 			}
 		case csExt:
 			if c == '\r' {
 				s.state = csSizeLF
 			} else if c == '\n' {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			} else if s.line++; s.line > 4096 {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 		case csSizeLF:
 			if c != '\n' {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 			s.line = 0
 			if s.size == 0 {
@@ -592,19 +621,19 @@ func (s *chunkScan) scan(p []byte) (int, bool, error) {
 			continue
 		case csDataCR:
 			if c != '\r' {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 			s.state = csDataLF
 		case csDataLF:
 			if c != '\n' {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 			s.state, s.size, s.digits = csSize, 0, 0
 		case csTrailerStart:
 			if c == '\r' {
 				s.state = csEndLF
 			} else if c == '\n' {
-				return i, false, errBadChunk // a bare LF: no guessing where the body ends
+				return i, false, ErrBadChunk // a bare LF: no guessing where the body ends
 			} else {
 				s.state = csTrailerLine
 				s.line = 1
@@ -613,18 +642,18 @@ func (s *chunkScan) scan(p []byte) (int, bool, error) {
 			if c == '\r' {
 				s.state = csTrailerLF
 			} else if c == '\n' {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			} else if s.line++; s.line > 8192 {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 		case csTrailerLF:
 			if c != '\n' {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 			s.state = csTrailerStart
 		case csEndLF:
 			if c != '\n' {
-				return i, false, errBadChunk
+				return i, false, ErrBadChunk
 			}
 			s.state = csDone
 			return i + 1, true, nil
@@ -632,4 +661,29 @@ func (s *chunkScan) scan(p []byte) (int, bool, error) {
 		i++
 	}
 	return i, false, nil
+}
+
+// TargetForm says whether a request target is one a proxy passes on:
+// origin-form ("/path") or absolute-form ("http://host/path"), with every
+// "%" starting an escape (RFC 3986 §2.1), or, for OPTIONS, "*" (RFC 9112
+// §3.2).
+func TargetForm(uri []byte, options bool) bool {
+	switch {
+	case len(uri) == 0:
+		return false
+	case uri[0] == '/', len(uri) > 7 && bytes.EqualFold(uri[:7], []byte("http://")):
+		for i := bytes.IndexByte(uri, '%'); i >= 0; i = bytes.IndexByte(uri, '%') {
+			if i+2 >= len(uri) || !isHex(uri[i+1]) || !isHex(uri[i+2]) {
+				return false
+			}
+			uri = uri[i+3:]
+		}
+		return true
+	}
+	return options && string(uri) == "*"
+}
+
+// isHex says whether c is a hexadecimal digit.
+func isHex(c byte) bool {
+	return c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F'
 }

@@ -1,4 +1,4 @@
-package proxy
+package evloop
 
 import (
 	"os"
@@ -7,10 +7,10 @@ import (
 	"strings"
 )
 
-// cgroupCPULimit is the CPU limit of the process's cgroup and its
+// CPULimit is the CPU limit of the process's cgroup and its
 // ancestors (cgroup v2 cpu.max, v1 cpu.cfs_quota_us), rounded up to whole
 // processors; 0 when there is none or it cannot be read.
-func cgroupCPULimit() int {
+func CPULimit() int {
 	cg, err := os.ReadFile("/proc/self/cgroup")
 	if err != nil {
 		return 0
