@@ -17,7 +17,7 @@ import (
 
 // parker holds the idle keep-alive client connections of the goroutine
 // path (connections handed over by an event loop, all of them with
-// DisableEventLoop, and the TLS gateway listener's) without a goroutine or
+// Engines.NoEventLoops, and the TLS gateway listener's) without a goroutine or
 // a buffer, as an nginx worker holds its idle connections: each parked
 // connection's socket is in the parker's own epoll set, and when it has
 // bytes (or is closed) a goroutine takes it up again with a pooled
