@@ -146,10 +146,7 @@ func (u UpstreamSettings) policy() *proxy.Policy {
 		p.Balancer, _ = proxy.ParseBalancer(u.Balancer) // checked by validate
 	}
 	if u.Retries != nil {
-		p.Retries = *u.Retries
-		if p.Retries == 0 {
-			p.Retries = -1 // the proxy reads 0 as "the default"
-		}
+		p.Retries, p.NoRetries = max(*u.Retries, 0), *u.Retries <= 0
 	}
 	if p == (proxy.Policy{}) {
 		return nil
@@ -180,10 +177,7 @@ func (u UpstreamSettings) breakerConfig(base breaker.Config) (c breaker.Config, 
 		}
 	}
 	if u.FailureRate != nil {
-		c.FailureRateThreshold = *u.FailureRate
-		if c.FailureRateThreshold == 0 {
-			c.FailureRateThreshold = -1
-		}
+		c.FailureRateThreshold, c.NoFailureRate = *u.FailureRate, *u.FailureRate == 0
 	}
 	if u.Window > 0 {
 		c.Window = u.Window

@@ -36,11 +36,11 @@ func TestApplyUpstreams(t *testing.T) {
 			}
 		}},
 		{name: "forwarding", u: UpstreamSettings{Balancer: "rr", TryTimeout: time.Second, ReqTimeout: 2 * time.Second, Retries: ptr(0)},
-			wantPol: &proxy.Policy{Balancer: proxy.RoundRobin, TryTimeout: time.Second, RequestTimeout: 2 * time.Second, Retries: -1}},
+			wantPol: &proxy.Policy{Balancer: proxy.RoundRobin, TryTimeout: time.Second, RequestTimeout: 2 * time.Second, NoRetries: true}},
 		{name: "breaker", u: UpstreamSettings{EjectAfter: ptr(0), EjectTime: time.Second, SlowCall: time.Second, MaxRequests: ptr(0),
 			FailureRate: &rate, Window: 20 * time.Second, OpenTime: 3 * time.Second}, check: func(t *testing.T, c breaker.Config) {
 			if !c.NoEjection || c.BaseEjectionTime != time.Second || c.SlowCallDuration != time.Second ||
-				!c.NoRequestLimit || c.FailureRateThreshold != -1 || c.Window != 20*time.Second || c.OpenDuration != 3*time.Second {
+				!c.NoRequestLimit || !c.NoFailureRate || c.Window != 20*time.Second || c.OpenDuration != 3*time.Second {
 				t.Errorf("breaker settings %+v", c)
 			}
 		}},

@@ -47,8 +47,11 @@ type Config struct {
 	// PanicThreshold: when fewer than this percentage of the instances in
 	// the view are healthy (not ejected, not failing), requests go to all of
 	// them and DNS answers with all of them. Default 50 (Envoy's
-	// healthy_panic_threshold). Negative disables.
+	// healthy_panic_threshold). Not used with NoPanic.
 	PanicThreshold float64
+	// NoPanic turns the panic rule off: ejected and failing instances stay
+	// out however few are left. Default false.
+	NoPanic bool
 	// ProbeTimeout frees the probe slot of an instance whose probe never
 	// reported back. Default 30s.
 	ProbeTimeout time.Duration
@@ -61,21 +64,29 @@ type Config struct {
 	// judged. Default 20.
 	MinimumCalls int
 	// FailureRateThreshold opens the breaker when at least this percentage
-	// of judged calls in the window failed. Default 50. Negative disables.
+	// of judged calls in the window failed. Default 50. Not used with
+	// NoFailureRate.
 	FailureRateThreshold float64
+	// NoFailureRate turns the failure-rate rule off. Default false.
+	NoFailureRate bool
 	// SlowCallDuration makes a call slow when it takes at least this long;
 	// a call still in flight counts as slow from then on. Default 2s.
 	SlowCallDuration time.Duration
 	// SlowCallRateThreshold opens the breaker when at least this percentage
-	// of judged calls in the window were slow. Default 100. Negative
-	// disables (the stall rule as well).
+	// of judged calls in the window were slow. Default 100. Not used with
+	// NoSlowCallRate.
 	SlowCallRateThreshold float64
+	// NoSlowCallRate turns the slow-call rule off, and the stall rule with
+	// it. Default false.
+	NoSlowCallRate bool
 	// MinimumStalledCalls opens the breaker when this many calls have been
 	// in flight for longer than SlowCallDuration while no call started
 	// after them has finished well (the service has stopped answering; the
 	// callers are stuck, so the window will never hold MinimumCalls).
-	// Default 2. Negative disables.
+	// Default 2. Not used with NoStallRule.
 	MinimumStalledCalls int
+	// NoStallRule turns the stall rule off. Default false.
+	NoStallRule bool
 	// OpenDuration is how long the breaker stays open before letting trial
 	// calls through. Default 10s.
 	OpenDuration time.Duration
@@ -126,6 +137,21 @@ func (c Config) Validate() error {
 	}
 	if c.MaxRequests < 0 {
 		errs = append(errs, fielderr.New("MaxRequests", "%d: must not be negative (NoRequestLimit lifts the limit)", c.MaxRequests))
+	}
+	for _, p := range []struct {
+		name, off string
+		v         float64
+	}{
+		{"PanicThreshold", "NoPanic", c.PanicThreshold},
+		{"FailureRateThreshold", "NoFailureRate", c.FailureRateThreshold},
+		{"SlowCallRateThreshold", "NoSlowCallRate", c.SlowCallRateThreshold},
+	} {
+		if p.v < 0 || p.v > 100 {
+			errs = append(errs, fielderr.New(p.name, "%g: a percentage from 0 to 100 (%s turns the rule off)", p.v, p.off))
+		}
+	}
+	if c.MinimumStalledCalls < 0 {
+		errs = append(errs, fielderr.New("MinimumStalledCalls", "%d: must not be negative (NoStallRule turns the rule off)", c.MinimumStalledCalls))
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("breaker: %w", err)

@@ -335,7 +335,7 @@ func (s *Service) totals(now time.Time) window {
 func (s *Service) judge(now time.Time) {
 	cfg := s.cfg.Load()
 	w := s.totals(now)
-	if cfg.MinimumStalledCalls > 0 && cfg.SlowCallRateThreshold > 0 && w.stalled >= cfg.MinimumStalledCalls &&
+	if !cfg.NoStallRule && !cfg.NoSlowCallRate && w.stalled >= cfg.MinimumStalledCalls &&
 		now.UnixNano()-s.lastGood.Load() >= int64(cfg.SlowCallDuration) {
 		// The service has stopped answering: its callers are stuck, so
 		// the window would not fill up before their timeouts.
@@ -345,11 +345,11 @@ func (s *Service) judge(now time.Time) {
 	if w.judged < cfg.MinimumCalls {
 		return
 	}
-	if cfg.FailureRateThreshold > 0 && float64(w.fails)*100 >= cfg.FailureRateThreshold*float64(w.judged) {
+	if !cfg.NoFailureRate && float64(w.fails)*100 >= cfg.FailureRateThreshold*float64(w.judged) {
 		s.open(now, fmt.Sprintf("failure rate %.0f%% of %d calls", float64(w.fails)*100/float64(w.judged), w.judged))
 		return
 	}
-	if cfg.SlowCallRateThreshold > 0 && float64(w.slow)*100 >= cfg.SlowCallRateThreshold*float64(w.judged) {
+	if !cfg.NoSlowCallRate && float64(w.slow)*100 >= cfg.SlowCallRateThreshold*float64(w.judged) {
 		s.open(now, fmt.Sprintf("slow-call rate %.0f%% of %d calls", float64(w.slow)*100/float64(w.judged), w.judged))
 	}
 }
@@ -477,14 +477,15 @@ func (s *Service) sync(ids []string) bool {
 
 // refreshPanic recomputes the panic state. s.mu must be held.
 func (s *Service) refreshPanic() {
-	th := s.cfg.Load().PanicThreshold
+	cfg := s.cfg.Load()
+	th := cfg.PanicThreshold
 	n, healthy := len(s.insts), 0
 	for _, in := range s.insts {
 		if in.until.Load() == 0 && !in.failing.Load() {
 			healthy++
 		}
 	}
-	p := th > 0 && n > 0 && float64(healthy)*100 < th*float64(n)
+	p := !cfg.NoPanic && n > 0 && float64(healthy)*100 < th*float64(n)
 	if s.panic.Swap(p) != p {
 		v := 0.0
 		if p {

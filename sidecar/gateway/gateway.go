@@ -366,10 +366,7 @@ func hasInstance(svc *catalog.Service, tag string) bool {
 func policies(r *routes.Route, brk map[string]*breaker.Service) []*proxy.Policy {
 	base := proxy.Policy{TryTimeout: r.TryTimeout, RequestTimeout: r.RequestTimeout, Balancer: proxy.Balancer(r.Balancer)}
 	if r.Retries != nil {
-		base.Retries = *r.Retries
-		if *r.Retries == 0 {
-			base.Retries = -1
-		}
+		base.Retries, base.NoRetries = *r.Retries, *r.Retries == 0
 	}
 	pols := make([]*proxy.Policy, len(r.Destinations))
 	for i, d := range r.Destinations {
@@ -511,16 +508,13 @@ func breakerConfig(base breaker.Config, b *routes.Breaker) breaker.Config {
 	if b.MinimumCalls != nil {
 		c.MinimumCalls = max(*b.MinimumCalls, 1)
 	}
-	rate := func(dst *float64, v *float64) {
+	rate := func(dst *float64, off *bool, v *float64) {
 		if v != nil {
-			*dst = *v
-			if *v == 0 {
-				*dst = -1
-			}
+			*dst, *off = *v, *v == 0
 		}
 	}
-	rate(&c.FailureRateThreshold, b.FailureRate)
-	rate(&c.SlowCallRateThreshold, b.SlowRate)
+	rate(&c.FailureRateThreshold, &c.NoFailureRate, b.FailureRate)
+	rate(&c.SlowCallRateThreshold, &c.NoSlowCallRate, b.SlowRate)
 	if b.SlowCall > 0 {
 		c.SlowCallDuration = b.SlowCall
 	}

@@ -126,7 +126,7 @@ func runFuzzProxy(f *testing.F, service string, inst catalog.Instance, cfg Confi
 	src := &viewSource{v: catalog.NewView()}
 	src.v.Publish(&catalog.Snapshot{Services: map[string]*catalog.Service{service: {Name: service, Instances: []catalog.Instance{inst}}},
 		Known: map[string]bool{service: true}})
-	br, _ := breaker.New(breaker.Config{NoEjection: true, FailureRateThreshold: -1}, nil, nil)
+	br, _ := breaker.New(breaker.Config{NoEjection: true, NoFailureRate: true}, nil, nil)
 	cfg.Upstreams = []Upstream{{Name: service, Addr: "127.0.0.1:0", Protocol: ProtoHTTP}}
 	cfg.WantTimeout = time.Millisecond
 	p, err := New(cfg, src, br, WithEngines(testEngines()))

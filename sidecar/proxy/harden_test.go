@@ -215,7 +215,7 @@ func TestStrictAnswerParser(t *testing.T) {
 		}
 		return "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood", false
 	})
-	never := breaker.Config{NoEjection: true, FailureRateThreshold: -1} // many 502s in a row, on purpose
+	never := breaker.Config{NoEjection: true, NoFailureRate: true} // many 502s in a row, on purpose
 	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("inventory")}, TryTimeout: 2 * time.Second}, never,
 		map[string][]*backend{"inventory": {inv.backend()}})
 	for path := range bad {

@@ -968,7 +968,7 @@ func TestServicePolicies(t *testing.T) {
 	t1, t2 := newBackend(t, "twice", "t1", h(&twiceN)), newBackend(t, "twice", "t2", h(&twiceN))
 	tp := startProxy(t, Config{Upstreams: []Upstream{upstream("once"), upstream("twice")}, HTTPProxyAddr: "127.0.0.1:0",
 		MaxRetries: 1, MinRetries: 100,
-		Policies: map[string]*Policy{"Once": {Retries: -1, TryTimeout: 300 * time.Millisecond}}},
+		Policies: map[string]*Policy{"Once": {NoRetries: true, TryTimeout: 300 * time.Millisecond}}},
 		breaker.Config{Disabled: true, NoEjection: true},
 		map[string][]*backend{"once": {o1, o2}, "twice": {t1, t2}})
 	c := newClient()

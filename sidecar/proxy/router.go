@@ -83,7 +83,8 @@ type Answer struct {
 type Policy struct {
 	TryTimeout     time.Duration
 	RequestTimeout time.Duration
-	Retries        int      // extra tries after the first; 0 keeps the proxy's, negative: none
+	Retries        int      // extra tries after the first; 0 keeps the next layer's (the service's, then the proxy's)
+	NoRetries      bool     // no retry at all, whatever the other layers say
 	Balancer       Balancer // "" keeps the service's
 	// Tag narrows the instances to those carrying this tag (compared
 	// without case, as Consul's DNS does); none carrying it is "no healthy
@@ -192,11 +193,14 @@ func (f *fwd) tryTimeout(p *Proxy) time.Duration {
 }
 
 func (f *fwd) maxRetries(p *Proxy) int {
-	if f.pol != nil && f.pol.Retries != 0 {
-		return min(max(f.pol.Retries, 0), maxTries-1)
-	}
-	if f.own != nil && f.own.Retries != 0 {
-		return min(max(f.own.Retries, 0), maxTries-1)
+	for _, pol := range [2]*Policy{f.pol, f.own} {
+		switch {
+		case pol == nil:
+		case pol.NoRetries:
+			return 0
+		case pol.Retries > 0:
+			return min(pol.Retries, maxTries-1)
+		}
 	}
 	return p.live.Load().maxRetries
 }

@@ -243,7 +243,7 @@ func TestGatewayPolicy(t *testing.T) {
 		})
 	}
 	s1, s2 := newBackend(t, "slow", "s1", slow("s1")), newBackend(t, "slow", "s2", slow("s2"))
-	rt := &prefixRouter{routes: map[string]string{"/": "slow"}, pol: &Policy{TryTimeout: 100 * time.Millisecond, Retries: -1}}
+	rt := &prefixRouter{routes: map[string]string{"/": "slow"}, pol: &Policy{TryTimeout: 100 * time.Millisecond, NoRetries: true}}
 	tp := startProxy(t, Config{Gateways: []GatewayListener{{Addr: "127.0.0.1:0", Router: rt}}}, breaker.Config{},
 		map[string][]*backend{"slow": {s1, s2}})
 	code, _, body := get(t, newClient(), "http://"+tp.p.GatewayAddr(0).String()+"/x")
