@@ -501,6 +501,7 @@ func (c *Config) componentErrors() []error {
 		cfg  any // a pointer into c
 		err  error
 	}{
+		{"catalog", &c.Catalog, c.Catalog.Validate()},
 		{"dns", &c.DNS, c.DNS.Validate()},
 		{"proxy", &c.Proxy, c.Proxy.Validate()},
 		{"breaker", &c.Breaker, c.Breaker.Validate()},
@@ -601,14 +602,6 @@ func (c *Config) Validate() error {
 		addr("recursor", r)
 	}
 
-	switch c.Catalog.Mode {
-	case catalog.ModeOnDemand, catalog.ModeAll, catalog.ModeList:
-	default:
-		errs = append(errs, fmt.Errorf("-watch %q: want on-demand, all or list", c.Catalog.Mode))
-	}
-	if c.Catalog.Mode == catalog.ModeList && len(c.Catalog.Services) == 0 {
-		errs = append(errs, errors.New("-watch list needs at least one -watch-service NAME"))
-	}
 	switch strings.ToLower(c.LogLevel) {
 	case "trace", "debug", "info", "warn", "error":
 	default:

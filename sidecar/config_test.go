@@ -99,7 +99,7 @@ upstream "inventory" {
 		{name: "stray argument", args: []string{"users"}, wantErr: `unexpected argument "users"`},
 		{name: "bad address", args: []string{"-dns", "8653"}, wantErr: `-dns "8653": want HOST:PORT`},
 		{name: "bad watch", args: []string{"-watch", "some"}, wantErr: `-watch "some"`},
-		{name: "watch list needs services", args: []string{"-watch", "list"}, wantErr: "-watch list needs"},
+		{name: "watch list needs services", args: []string{"-watch", "list"}, wantErr: "-watch-service none: the list mode"},
 		{name: "missing file", args: []string{"-config", filepath.Join(dir, "nope.hcl")}, wantErr: "no such file"},
 		{name: "unknown attribute names file and line", args: []string{"-config", badAttr}, wantErr: "bad.hcl:2,1: Unsupported argument"},
 		{name: "syntax error names file and line", args: []string{"-config", badSyntax}, wantErr: "syntax.hcl:1,"},

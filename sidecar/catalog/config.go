@@ -1,6 +1,7 @@
 package catalog
 
 import (
+	"errors"
 	"fmt"
 	"reflect"
 	"strings"
@@ -9,6 +10,8 @@ import (
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"attache/internal/fielderr"
 )
 
 // Mode says which services the watcher follows.
@@ -203,7 +206,32 @@ func envBool(s string) (bool, bool) {
 	return false, false
 }
 
+// Validate says what is wrong with c, each bad field as a
+// *fielderr.Error (zero fields are fine: NewWatcher gives them their
+// defaults). NewWatcher calls it.
+func (c Config) Validate() error {
+	var errs []error
+	switch c.Mode {
+	case "", ModeOnDemand, ModeAll, ModeList:
+	default:
+		errs = append(errs, fielderr.New("Mode", "%q: want on-demand, all or list", c.Mode))
+	}
+	if c.Mode == ModeList && len(c.Services) == 0 {
+		errs = append(errs, fielderr.New("Services", "none: the list mode needs at least one service"))
+	}
+	if c.MaxConns != 0 && c.MaxConns < minConns {
+		errs = append(errs, fielderr.New("MaxConns", "%d: too few: the watcher needs at least %d connections to Consul", c.MaxConns, minConns))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("catalog: %w", err)
+	}
+	return nil
+}
+
 func (c *Config) finalize() error {
+	if err := c.Validate(); err != nil {
+		return err
+	}
 	d := DefaultConfig()
 	if len(c.Addresses) == 0 {
 		c.Addresses = d.Addresses
@@ -213,9 +241,6 @@ func (c *Config) finalize() error {
 	}
 	if c.Mode == "" {
 		c.Mode = d.Mode
-	}
-	if _, err := ParseMode(string(c.Mode)); err != nil {
-		return err
 	}
 	if c.IdleTimeout <= 0 {
 		c.IdleTimeout = d.IdleTimeout
@@ -243,9 +268,6 @@ func (c *Config) finalize() error {
 	}
 	if c.MaxConns == 0 {
 		c.MaxConns = d.MaxConns
-	}
-	if c.MaxConns < minConns {
-		return fmt.Errorf("catalog: MaxConns %d is too few: the watcher needs at least %d connections to Consul", c.MaxConns, minConns)
 	}
 	if c.Logger == nil {
 		c.Logger = hclog.NewNullLogger()
