@@ -19,6 +19,7 @@ package h1
 import (
 	"bytes"
 	"errors"
+	"strings"
 )
 
 // MaxHeaders is the most header lines a head may have.
@@ -672,6 +673,9 @@ func TargetForm(uri []byte, options bool) bool {
 	case len(uri) == 0:
 		return false
 	case uri[0] == '/', len(uri) > 7 && bytes.EqualFold(uri[:7], []byte("http://")):
+		if uri[0] != '/' && !validAuthority(uri[7:]) {
+			return false
+		}
 		for i := bytes.IndexByte(uri, '%'); i >= 0; i = bytes.IndexByte(uri, '%') {
 			if i+2 >= len(uri) || !isHex(uri[i+1]) || !isHex(uri[i+2]) {
 				return false
@@ -681,6 +685,73 @@ func TargetForm(uri []byte, options bool) bool {
 		return true
 	}
 	return options && string(uri) == "*"
+}
+
+// validAuthority says whether the authority at the start of rest (up to
+// "/", "?" or "#") is one a strict URI parser takes (RFC 3986 §3.2, and
+// what net/url refuses is refused here too): userinfo of unreserved and
+// sub-delims characters, ":" and "@"; a reg-name of unreserved and
+// sub-delims characters or a bracketed IPv6 literal of hex digits, ":"
+// and "."; an optional port of digits. Percent-escapes are not taken in an
+// authority at all (stricter than net/url, and never needed for a
+// service's host name).
+func validAuthority(rest []byte) bool {
+	a := rest
+	if i := bytes.IndexAny(a, "/?#"); i >= 0 {
+		a = a[:i]
+	}
+	if i := bytes.LastIndexByte(a, '@'); i >= 0 {
+		for _, c := range a[:i] {
+			if !regNameByte(c) && c != ':' && c != '@' {
+				return false
+			}
+		}
+		a = a[i+1:]
+	}
+	var port []byte
+	if len(a) > 0 && a[0] == '[' {
+		j := bytes.IndexByte(a, ']')
+		if j < 0 {
+			return false
+		}
+		for _, c := range a[1:j] {
+			if !isHex(c) && c != ':' && c != '.' {
+				return false
+			}
+		}
+		switch rest := a[j+1:]; {
+		case len(rest) == 0:
+		case rest[0] == ':':
+			port = rest[1:]
+		default:
+			return false
+		}
+	} else {
+		if j := bytes.LastIndexByte(a, ':'); j >= 0 {
+			a, port = a[:j], a[j+1:]
+		}
+		for _, c := range a {
+			if !regNameByte(c) {
+				return false
+			}
+		}
+	}
+	for _, c := range port {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// regNameByte says whether c may stand in a reg-name unescaped: unreserved
+// or sub-delims (RFC 3986 §3.2.2).
+func regNameByte(c byte) bool {
+	switch {
+	case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
+		return true
+	}
+	return strings.IndexByte("-._~!$&'()*+,;=", c) >= 0
 }
 
 // isHex says whether c is a hexadecimal digit.

@@ -166,3 +166,38 @@ func TestParseResponseRejects(t *testing.T) {
 		}
 	}
 }
+
+// TestTargetForm: the targets a proxy passes on, and absolute-form
+// authorities a strict URI parser refuses (a fuzzer found "invento`y").
+func TestTargetForm(t *testing.T) {
+	for _, tt := range []struct {
+		uri     string
+		options bool
+		want    bool
+	}{
+		{"/a?b=1", false, true},
+		{"/a%2Fb", false, true},
+		{"/a%2", false, false},
+		{"*", true, true},
+		{"*", false, false},
+		{"a/b", false, false},
+		{"http://inventory/items/1", false, true},
+		{"HTTP://inventory.service.consul:8080/x?y#z", false, true},
+		{"http://127.0.0.1:9191", false, true},
+		{"http://[::1]:9191/x", false, true},
+		{"http://[fe80::1%25eth0]/x", false, false}, // zone: stricter than net/url
+		{"http://user:pw@inventory/x", false, true},
+		{"http://inventory:/x", false, true},
+		{"http://invento`y/q?x=1", false, false},
+		{"http://inv{ento}ry/", false, false},
+		{"http://inventory:80a/", false, false},
+		{"http://in%41ventory/", false, false},
+		{"http://[::1/x", false, false},
+		{"http://[::1]x/", false, false},
+		{"http://us`er@inventory/", false, false},
+	} {
+		if got := TargetForm([]byte(tt.uri), tt.options); got != tt.want {
+			t.Errorf("TargetForm(%q, %v) = %v, want %v", tt.uri, tt.options, got, tt.want)
+		}
+	}
+}
