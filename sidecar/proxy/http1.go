@@ -270,7 +270,7 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, rt *routing) {
 	// Host goes on as the client sent it, or as the absolute-form target's
 	// authority names it (RFC 9112 §3.2.2), never lower-cased or rebuilt
 	// by fasthttp, and no Authorization is made of the target's userinfo.
-	if auth := absAuthority(req.Header.RequestURI()); len(auth) > 0 {
+	if auth := h1.AbsAuthority(req.Header.RequestURI()); len(auth) > 0 {
 		req.Header.SetHostBytes(auth)
 	}
 	req.UseHostHeader = true
@@ -348,22 +348,6 @@ func (p *Proxy) handleFast(ctx *fasthttp.RequestCtx, rt *routing) {
 }
 
 var httpScheme = []byte("http")
-
-// absAuthority is the host (and port) of an absolute-form target, without
-// userinfo; nil for another form.
-func absAuthority(uri []byte) []byte {
-	if len(uri) <= 7 || !bytes.EqualFold(uri[:7], []byte("http://")) {
-		return nil
-	}
-	a := uri[7:]
-	if i := bytes.IndexAny(a, "/?#"); i >= 0 {
-		a = a[:i]
-	}
-	if i := bytes.LastIndexByte(a, '@'); i >= 0 {
-		a = a[i+1:]
-	}
-	return a
-}
 
 // fastFinish writes the answer for res.
 func (p *Proxy) fastFinish(ctx *fasthttp.RequestCtx, t *target, x *fastExchange, res result, mayFallback bool) {

@@ -287,18 +287,33 @@ func AppendPath(out, b []byte, path Span) []byte {
 func (r *Request) Authority(b []byte) (host, path Span) {
 	t := b[r.Target.Start:r.Target.End]
 	if len(t) > 7 && t[0] != '/' && bytes.EqualFold(t[:7], []byte("http://")) {
-		rest := t[7:]
-		end := len(rest)
-		if i := bytes.IndexAny(rest, "/?#"); i >= 0 {
-			end = i
-		}
-		hs, he := r.Target.Start+7, r.Target.Start+7+end
-		if i := bytes.LastIndexByte(rest[:end], '@'); i >= 0 {
-			hs += i + 1 // userinfo is no part of the host (RFC 9110 §4.2.4)
-		}
+		at, end := authorityBounds(t[7:])
+		hs, he := r.Target.Start+7+at+1, r.Target.Start+7+end
 		return Span{hs, he}, Span{he, r.Target.End}
 	}
 	return Span{}, r.Target
+}
+
+// AbsAuthority is the host (and port) of an absolute-form target, without
+// userinfo; nil for any other form.
+func AbsAuthority(uri []byte) []byte {
+	if len(uri) <= 7 || !bytes.EqualFold(uri[:7], []byte("http://")) {
+		return nil
+	}
+	at, end := authorityBounds(uri[7:])
+	return uri[7+at+1 : 7+end]
+}
+
+// authorityBounds finds the authority at the start of rest (what follows
+// "http://"): it ends at end (the first "/", "?" or "#", or rest's end),
+// and its host starts after at, the last "@" before end (-1 without
+// userinfo: userinfo is no part of the host, RFC 9110 §4.2.4).
+func authorityBounds(rest []byte) (at, end int) {
+	end = len(rest)
+	if i := bytes.IndexAny(rest, "/?#"); i >= 0 {
+		end = i
+	}
+	return bytes.LastIndexByte(rest[:end], '@'), end
 }
 
 // Response is a parsed response head.
@@ -696,18 +711,13 @@ func TargetForm(uri []byte, options bool) bool {
 // authority at all (stricter than net/url, and never needed for a
 // service's host name).
 func validAuthority(rest []byte) bool {
-	a := rest
-	if i := bytes.IndexAny(a, "/?#"); i >= 0 {
-		a = a[:i]
-	}
-	if i := bytes.LastIndexByte(a, '@'); i >= 0 {
-		for _, c := range a[:i] {
-			if !regNameByte(c) && c != ':' && c != '@' {
-				return false
-			}
+	at, end := authorityBounds(rest)
+	for _, c := range rest[:max(at, 0)] {
+		if !regNameByte(c) && c != ':' && c != '@' {
+			return false
 		}
-		a = a[i+1:]
 	}
+	a := rest[at+1 : end]
 	var port []byte
 	if len(a) > 0 && a[0] == '[' {
 		j := bytes.IndexByte(a, ']')
