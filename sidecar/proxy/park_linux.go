@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"attache/internal/evloop"
+	"attache/sidecar/proxy/h2"
 )
 
 // parker holds the idle keep-alive client connections of the goroutine
@@ -85,11 +86,20 @@ const (
 	settleEvery = 10 * time.Second
 )
 
+// parkOwner is a server whose idle connections the parker holds: the
+// goroutine path's rawServer, or a TLS gateway listener's HTTP/2 server.
+type parkOwner interface {
+	resume(pc *parkedConn) // the socket has bytes (or is closed)
+	draining() bool        // no more parking
+}
+
 // parkedConn is what an idle connection keeps: a few words and its
-// net.Conn (crypto/tls's state with it).
+// net.Conn (crypto/tls's state with it), and an HTTP/2 connection's own
+// state (its client's header table).
 type parkedConn struct {
-	s       *rawServer
+	s       parkOwner
 	c       net.Conn
+	h2      *h2.Conn // an HTTP/2 connection: closed with GOAWAY
 	fd      int32
 	ip      []byte
 	last    lastHost
@@ -144,7 +154,7 @@ func (k *parker) park(pc *parkedConn) bool {
 	pc.fd = fd
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if k.stop || pc.s.closing.Load() {
+	if k.stop || pc.s.draining() {
 		return false
 	}
 	if k.poll.Add(int(fd), unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLONESHOT, fd, 0) != nil {
@@ -259,7 +269,7 @@ func (k *parker) run() {
 			pc.s.resume(pc)
 		}
 		for _, pc := range expired {
-			pc.c.Close()
+			pc.close()
 		}
 		clear(ready)
 		clear(expired)
@@ -271,7 +281,7 @@ func (k *parker) run() {
 	}
 	k.mu.Unlock()
 	for _, pc := range expired {
-		pc.c.Close()
+		pc.close()
 	}
 	k.poll.Close()
 	k.settling.Wait()
@@ -287,7 +297,7 @@ func gcOn() bool {
 
 // closeServer closes the connections s parked: it is draining, and they
 // are idle.
-func (k *parker) closeServer(s *rawServer) {
+func (k *parker) closeServer(s parkOwner) {
 	var out []*parkedConn
 	k.mu.Lock()
 	for fd, pc := range k.conns {
@@ -297,12 +307,21 @@ func (k *parker) closeServer(s *rawServer) {
 	}
 	k.mu.Unlock()
 	for _, pc := range out {
-		pc.c.Close()
+		pc.close()
 	}
 }
 
+// close closes an idle connection (an HTTP/2 one with GOAWAY first).
+func (pc *parkedConn) close() {
+	if pc.h2 != nil {
+		pc.h2.Close()
+		return
+	}
+	pc.c.Close()
+}
+
 // parkedOf reports how many connections of s the parker holds.
-func (k *parker) parkedOf(s *rawServer) int {
+func (k *parker) parkedOf(s parkOwner) int {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	n := 0

@@ -57,6 +57,8 @@ func (s *rawServer) resume(pc *parkedConn) {
 	s.start(&rawConn{s: s, c: pc.c, ip: pc.ip, last: pc.last, idleEnd: pc.expires}, !s.p.linger.Load())
 }
 
+func (s *rawServer) draining() bool { return s.closing.Load() }
+
 // serve accepts until ln is closed.
 func (s *rawServer) serve(ln net.Listener) error {
 	for {

@@ -16,6 +16,7 @@ import (
 
 	"attache/sidecar/breaker"
 	"attache/sidecar/proxy/h1"
+	"attache/sidecar/proxy/h2"
 )
 
 // Router decides where each request of a gateway listener goes (package
@@ -313,6 +314,32 @@ func appendGatewayRequest(out, b []byte, r *h1.Request, host, path h1.Span, newP
 	return append(out, b[r.HeadEnd:end]...)
 }
 
+// h2Parking is the parker's view of a gateway listener's HTTP/2 server.
+type h2Parking struct{ closing atomic.Bool }
+
+func (o *h2Parking) resume(pc *parkedConn) { pc.h2.Resume() }
+func (o *h2Parking) draining() bool        { return o.closing.Load() }
+
+// newH2Server is a TLS gateway listener's HTTP/2 server: the router and
+// the policy behind net/http's interfaces (stdHandler), the proxy's
+// timeouts, idle connections to the parker.
+func (p *Proxy) newH2Server(rt *routing) (*h2.Server, *h2Parking) {
+	o := &h2Parking{}
+	s := &h2.Server{
+		Handler:        p.stdHandler(rt),
+		MaxHeaderBytes: 64 << 10,
+		IdleTimeout:    p.cfg.IdleTimeout,
+		FrameTimeout:   p.cfg.HeaderTimeout,
+		ParkAfter:      p.parkAfter,
+	}
+	if k := p.parker; k != nil {
+		s.Park = func(c *h2.Conn) bool {
+			return k.park(&parkedConn{s: o, c: c.NetConn(), h2: c, expires: c.IdleDeadline()})
+		}
+	}
+	return s, o
+}
+
 // stdHead is a net/http request as a Router's header source.
 type stdHead struct{ r *http.Request }
 
@@ -341,7 +368,34 @@ func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc ch
 	}
 	rt := &routing{router: g.Router, proto: "https"}
 	h := p.newHTTPListener(ctx, ln, rt) // its fasthttp and fast-path servers take HTTP/1.1
-	h2 := newChanListener(ln.Addr())
+	// HTTP/2: our server, whose idle connections are parked as HTTP/1.1's
+	// are; with Engines.NoFastPath (no hand-written protocol code),
+	// net/http's.
+	var h2s *h2.Server
+	var h2p *h2Parking
+	var h2l *chanListener
+	var hs *http.Server
+	if h.raw != nil {
+		h2s, h2p = p.newH2Server(rt)
+	} else {
+		h2l = newChanListener(ln.Addr())
+		hs = &http.Server{
+			Handler:           p.stdHandler(rt),
+			TLSConfig:         tc,
+			ReadHeaderTimeout: p.cfg.HeaderTimeout,
+			IdleTimeout:       p.cfg.IdleTimeout,
+			MaxHeaderBytes:    64 << 10,
+			ErrorLog:          log.New(io.Discard, "", 0), // a scanner's broken handshakes are not news
+			ConnState:         p.h2State,
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := hs.Serve(h2l); err != nil && err != http.ErrServerClosed && ctx.Err() == nil {
+				errc <- fmt.Errorf("proxy: gateway tls on %s: %w", ln.Addr(), err)
+			}
+		}()
+	}
 	// Without the fast path, fasthttp serves HTTP/1.1 from a listener of
 	// its own (not ServeConn), so that its shutdown closes the idle
 	// keep-alive connections and waits for the busy ones.
@@ -356,22 +410,7 @@ func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc ch
 			}
 		}()
 	}
-	hs := &http.Server{
-		Handler:           p.stdHandler(rt),
-		TLSConfig:         tc,
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       p.cfg.IdleTimeout,
-		MaxHeaderBytes:    64 << 10,
-		ErrorLog:          log.New(io.Discard, "", 0), // a scanner's broken handshakes are not news
-		ConnState:         p.h2State,
-	}
-	wg.Add(3)
-	go func() {
-		defer wg.Done()
-		if err := hs.Serve(h2); err != nil && err != http.ErrServerClosed && ctx.Err() == nil {
-			errc <- fmt.Errorf("proxy: gateway tls on %s: %w", ln.Addr(), err)
-		}
-	}()
+	wg.Add(2)
 	go func() {
 		defer wg.Done()
 		acceptEach(ctx, ln, func(c net.Conn) {
@@ -391,8 +430,10 @@ func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc ch
 			switch {
 			case err != nil || ctx.Err() != nil:
 				c.Close()
+			case conn.ConnectionState().NegotiatedProtocol == "h2" && h2s != nil:
+				h2s.ServeConn(conn)
 			case conn.ConnectionState().NegotiatedProtocol == "h2":
-				if !h2.put(ctx, conn) {
+				if !h2l.put(ctx, conn) {
 					c.Close()
 				}
 			case h.raw != nil:
@@ -408,7 +449,9 @@ func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc ch
 		defer wg.Done()
 		<-ctx.Done()
 		ln.Close()
-		h2.Close()
+		if h2l != nil {
+			h2l.Close()
+		}
 		if h1 != nil {
 			h1.Close()
 		}
@@ -416,7 +459,18 @@ func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc ch
 		defer cancel()
 		var sw sync.WaitGroup
 		sw.Add(2)
-		go func() { defer sw.Done(); _ = hs.Shutdown(sctx) }()
+		go func() {
+			defer sw.Done()
+			if hs != nil {
+				_ = hs.Shutdown(sctx)
+				return
+			}
+			h2p.closing.Store(true) // no more parking; then the parked ones get GOAWAY
+			if p.parker != nil {
+				p.parker.closeServer(h2p)
+			}
+			_ = h2s.Shutdown(sctx)
+		}()
 		go func() { defer sw.Done(); _ = h.fs.ShutdownWithContext(sctx) }()
 		if h.raw != nil {
 			h.raw.shutdown(p.cfg.ShutdownGraceTime)

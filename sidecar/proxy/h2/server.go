@@ -205,12 +205,20 @@ func (c *Conn) IdleDeadline() time.Time {
 }
 
 // Close sends GOAWAY (no error) and closes the connection; for a parked
-// connection (idle timeout, drain).
+// connection (idle timeout, drain). The GOAWAY is a courtesy: a client
+// whose socket buffer is full does not hold it up (100 ms).
 func (c *Conn) Close() {
 	c.mu.Lock()
 	c.goAway = true
+	last := c.maxID
 	c.mu.Unlock()
-	c.writeGoAway(http2.ErrCodeNo)
+	c.wmu.Lock()
+	if c.writer().WriteGoAway(last, http2.ErrCodeNo, nil) == nil {
+		_ = c.nc.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+		_, _ = c.nc.Write(c.wbuf)
+	}
+	c.wfr, c.wbuf = nil, nil
+	c.wmu.Unlock()
 	c.close(errClosed)
 }
 
