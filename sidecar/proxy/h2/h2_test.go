@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -144,6 +145,28 @@ func TestFlowControl(t *testing.T) {
 			resp.Body.Close()
 			if want := fmt.Sprintf("%d %x", len(up), sha256.Sum256(up)); string(b) != want {
 				t.Errorf("upload: the handler read %q, want %q", b, want)
+			}
+			// Streams at once share the connection's window: all arrive.
+			var wg sync.WaitGroup
+			for i := range 16 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					resp, err := c.Get(c.base + "/download")
+					if err != nil {
+						t.Errorf("download %d: %v", i, err)
+						return
+					}
+					b, err := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if err != nil || !bytes.Equal(b, big) {
+						t.Errorf("download %d: %d bytes (%v), want the %d sent", i, len(b), err, len(big))
+					}
+				}()
+			}
+			wg.Wait()
+			if n, _ := c.dialed(); n != 1 {
+				t.Errorf("the client dialed %d connections, want 1", n)
 			}
 		})
 	}
@@ -597,6 +620,122 @@ func TestShutdown(t *testing.T) {
 	}
 }
 
+// TestShutdownIdle: Shutdown sends an idle connection GOAWAY and closes
+// it at once; a parked one is Park's: Shutdown does not wait for it, and
+// resumed after it, it is sent GOAWAY and closed.
+func TestShutdownIdle(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		parked bool
+	}{
+		{"idle", false},
+		{"parked, then resumed", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			parked := make(chan *Conn, 4)
+			srv := &Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {})}
+			if tc.parked {
+				srv.ParkAfter = 10 * time.Millisecond
+				srv.Park = func(c *Conn) bool { parked <- c; return true }
+			}
+			ts := startServer(t, srv, false)
+			rc := dialRaw(t, ts.addr, true)
+			rc.headers(1, "GET", "/", true)
+			if r, err := rc.readResponse(1, 5*time.Second); err != nil || r.status != "200" {
+				t.Fatalf("%+v %v", r, err)
+			}
+			var pc *Conn
+			if tc.parked {
+				select {
+				case pc = <-parked:
+				case <-time.After(5 * time.Second):
+					t.Fatal("not parked")
+				}
+				// ServeConn returned: the Server has let go of it (see
+				// TestParkResumeAtOnce for the moment between).
+				<-ts.served
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if err := srv.Shutdown(ctx); err != nil {
+				t.Fatalf("Shutdown: %v", err)
+			}
+			if tc.parked {
+				pc.Resume()
+			}
+			goAways, closed := rc.closed(5 * time.Second)
+			if !closed || fmt.Sprint(goAways) != "[NO_ERROR]" {
+				t.Errorf("closed %v, GOAWAYs %v; want closed after [NO_ERROR]", closed, goAways)
+			}
+		})
+	}
+}
+
+// TestParkResumeAtOnce: a parker may resume a connection before Park
+// has returned (its socket was readable already: the epoll parker resumes
+// on its own goroutine); the resumed connection, serving again, is still
+// the Server's: Shutdown sends it GOAWAY and waits for its stream.
+func TestParkResumeAtOnce(t *testing.T) {
+	var parks atomic.Int32
+	firstPark := make(chan struct{})
+	started := make(chan struct{})
+	release := make(chan struct{})
+	srv := &Server{
+		ParkAfter: 10 * time.Millisecond,
+		Park: func(c *Conn) bool {
+			if parks.Add(1) == 1 {
+				close(firstPark)
+			}
+			c.Resume() // at once, before Park returns
+			return true
+		},
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/slow" {
+				close(started)
+				<-release
+			}
+			_, _ = io.WriteString(w, "done")
+		}),
+	}
+	ts := startServer(t, srv, false)
+	rc := dialRaw(t, ts.addr, true)
+	rc.headers(1, "GET", "/", true)
+	if r, err := rc.readResponse(1, 5*time.Second); err != nil || r.status != "200" {
+		t.Fatalf("%+v %v", r, err)
+	}
+	select {
+	case <-firstPark:
+	case <-time.After(5 * time.Second):
+		t.Fatal("not parked")
+	}
+	rc.headers(3, "GET", "/slow", true)
+	<-started
+	shut := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		shut <- srv.Shutdown(ctx)
+	}()
+	_, err := rc.readResponse(3, 2*time.Second)
+	var ga goAwayError
+	if !errors.As(err, &ga) {
+		t.Errorf("during Shutdown, with stream 3 in flight, the client got %v, want GOAWAY", err)
+	}
+	select {
+	case err := <-shut:
+		t.Errorf("Shutdown returned (%v) with stream 3 in flight: the Server lost track of the resumed connection", err)
+		shut <- err
+	default:
+	}
+	close(release)
+	if r, err := rc.readResponse(3, 5*time.Second); err != nil || string(r.body) != "done" {
+		t.Errorf("stream 3: %+v %v, want done", r, err)
+	}
+	if err := <-shut; err != nil {
+		t.Errorf("Shutdown: %v", err)
+	}
+}
+
 func TestHeaderTooLarge(t *testing.T) {
 	srv := &Server{MaxHeaderBytes: 1024, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.WriteString(w, "served")
@@ -689,6 +828,24 @@ func TestBadClient(t *testing.T) {
 			}
 			return rc.fr.WritePushPromise(http2.PushPromiseParam{StreamID: 1, PromiseID: 2, EndHeaders: true})
 		}, "PROTOCOL_ERROR"},
+		// The GOAWAY reaches the client though more of its frames are
+		// unread when the server closes (a close with unread input sends
+		// TCP RST instead of FIN).
+		{"PUSH_PROMISE, then more frames", func(rc *rawClient) error {
+			if err := preface(rc); err != nil {
+				return err
+			}
+			rc.lenient = true
+			var b bytes.Buffer
+			fr := http2.NewFramer(&b, nil)
+			_ = fr.WritePushPromise(http2.PushPromiseParam{StreamID: 1, PromiseID: 2, EndHeaders: true})
+			for range 8 << 10 {
+				_ = fr.WritePing(false, [8]byte{})
+			}
+			_ = rc.nc.SetWriteDeadline(time.Now().Add(2 * time.Second))
+			_, _ = rc.nc.Write(b.Bytes()) // may fail: the server closes
+			return nil
+		}, "PROTOCOL_ERROR"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			rc := dialRaw(t, ts.addr, false)
@@ -715,84 +872,108 @@ func preface(rc *rawClient) error {
 
 // TestRapidReset: a client that opens streams and resets them at once
 // (CVE-2023-44487) never has more than MaxConcurrentStreams handlers
-// running, and its connection is answered or sent away, not hung.
+// running, and its connection is answered or sent away, not hung; with
+// handlers that ignore the reset (they keep counting), the client whose
+// streams keep being refused is sent away.
 func TestRapidReset(t *testing.T) {
 	const limit = 8
-	var running, peak atomic.Int32
-	srv := &Server{MaxConcurrentStreams: limit, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		n := running.Add(1)
-		defer running.Add(-1)
-		for {
-			p := peak.Load()
-			if n <= p || peak.CompareAndSwap(p, n) {
-				break
-			}
-		}
-		if r.URL.Path == "/fast" {
-			_, _ = io.WriteString(w, "fast")
-			return
-		}
-		select {
-		case <-r.Context().Done():
-		case <-time.After(10 * time.Second):
-			t.Error("a handler's context was not done 10 s after its stream was reset")
-		}
-	})}
-	ts := startServer(t, srv, false)
-	rc := dialRaw(t, ts.addr, true)
-	rc.lenient = true // it may be sent away mid-write
+	for _, tc := range []struct {
+		name     string
+		ignore   bool // handlers block until the test's end, reset or not
+		pairs    int  // HEADERS+RST_STREAM pairs
+		sentAway bool // the client must be sent away (else: any outcome but a hang)
+	}{
+		{"handlers end on reset", false, 1000, false},
+		{"handlers ignore the reset", true, 1200, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var running, peak atomic.Int32
+			release := make(chan struct{})
+			srv := &Server{MaxConcurrentStreams: limit, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				n := running.Add(1)
+				defer running.Add(-1)
+				for {
+					p := peak.Load()
+					if n <= p || peak.CompareAndSwap(p, n) {
+						break
+					}
+				}
+				if r.URL.Path == "/fast" {
+					_, _ = io.WriteString(w, "fast")
+					return
+				}
+				if tc.ignore {
+					<-release
+					return
+				}
+				select {
+				case <-r.Context().Done():
+				case <-time.After(10 * time.Second):
+					t.Error("a handler's context was not done 10 s after its stream was reset")
+				}
+			})}
+			ts := startServer(t, srv, false)
+			t.Cleanup(func() { close(release) }) // before the server's Shutdown
+			rc := dialRaw(t, ts.addr, true)
+			rc.lenient = true // it may be sent away mid-write
 
-	// Read what the server sends while the client writes, so that its
-	// writes (RST_STREAMs for refused streams) never stall it.
-	type outcome struct {
-		what string
-		err  error
-	}
-	const pairs = 1000
-	const last = 2*pairs + 1
-	done := make(chan outcome, 1)
-	go func() {
-		for {
-			f, err := rc.next(20 * time.Second)
-			if err != nil {
-				done <- outcome{"closed", err}
-				return
+			// Read what the server sends while the client writes, so that
+			// its writes (RST_STREAMs for refused streams) never stall it.
+			type outcome struct {
+				what string
+				err  error
 			}
-			switch f := f.(type) {
-			case *http2.GoAwayFrame:
-				done <- outcome{"GOAWAY " + f.ErrCode.String(), nil}
-				return
-			case *http2.MetaHeadersFrame:
-				if f.StreamID == last {
-					done <- outcome{"answered " + f.PseudoValue("status"), nil}
-					return
+			last := uint32(2*tc.pairs + 1)
+			done := make(chan outcome, 1)
+			go func() {
+				for {
+					f, err := rc.next(20 * time.Second)
+					if err != nil {
+						done <- outcome{"closed", err}
+						return
+					}
+					switch f := f.(type) {
+					case *http2.GoAwayFrame:
+						done <- outcome{"GOAWAY " + f.ErrCode.String(), nil}
+						return
+					case *http2.MetaHeadersFrame:
+						if f.StreamID == last {
+							done <- outcome{"answered " + f.PseudoValue("status"), nil}
+							return
+						}
+					case *http2.RSTStreamFrame:
+						if f.StreamID == last {
+							done <- outcome{"reset " + f.ErrCode.String(), nil}
+							return
+						}
+					}
 				}
-			case *http2.RSTStreamFrame:
-				if f.StreamID == last {
-					done <- outcome{"reset " + f.ErrCode.String(), nil}
-					return
-				}
+			}()
+			for id := uint32(1); id < last; id += 2 {
+				rc.headers(id, "GET", "/block", true)
+				rc.write(func() error { return rc.fr.WriteRSTStream(id, http2.ErrCodeCancel) })
 			}
-		}
-	}()
-	sent := 0
-	for id := uint32(1); id < last; id += 2 {
-		rc.headers(id, "GET", "/block", true)
-		rc.write(func() error { return rc.fr.WriteRSTStream(id, http2.ErrCodeCancel) })
-		sent++
-	}
-	rc.headers(last, "GET", "/fast", true)
-	select {
-	case o := <-done:
-		t.Logf("after %d HEADERS+RST_STREAM pairs the last stream was %s (%v)", sent, o.what, o.err)
-		if o.what == "closed" && !isClosed(o.err) {
-			t.Errorf("the connection hung: %v", o.err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("no answer, GOAWAY or close within 30 s")
-	}
-	if p := peak.Load(); p > limit {
-		t.Errorf("%d handlers ran at once, over MaxConcurrentStreams %d", p, limit)
+			rc.headers(last, "GET", "/fast", true)
+			select {
+			case o := <-done:
+				t.Logf("after %d HEADERS+RST_STREAM pairs the last stream: %s (%v)", tc.pairs, o.what, o.err)
+				if o.what == "closed" && !isClosed(o.err) {
+					t.Errorf("the connection hung: %v", o.err)
+				}
+				// Sent away: GOAWAY, or (what the client may see instead)
+				// a reset connection: the server closes at once after
+				// its GOAWAY, and a close with unsent output or unread
+				// input sends TCP RST, which may drop that GOAWAY.
+				if tc.sentAway && o.what != "GOAWAY ENHANCE_YOUR_CALM" && o.what != "closed" {
+					t.Errorf("got %s, want GOAWAY ENHANCE_YOUR_CALM (or the connection reset)", o.what)
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatal("no answer, GOAWAY or close within 30 s")
+			}
+			if p := peak.Load(); p > limit {
+				t.Errorf("%d handlers ran at once, over MaxConcurrentStreams %d", p, limit)
+			}
+		})
 	}
 }
 
