@@ -536,16 +536,23 @@ func waitReadable(nc net.Conn) bool {
 }
 
 func TestIdleTimeout(t *testing.T) {
-	srv := &Server{IdleTimeout: 200 * time.Millisecond, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {})}
-	ts := startServer(t, srv, false)
 	for _, tc := range []struct {
 		name    string
 		request bool
+		decline bool // a Park that declines every offer (the goroutine stays)
 	}{
-		{"no request", false},
-		{"after a request", true},
+		{"no request", false, false},
+		{"after a request", true, false},
+		{"Park declines", true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			srv := &Server{IdleTimeout: 200 * time.Millisecond, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {})}
+			var offers atomic.Int32
+			if tc.decline {
+				srv.ParkAfter = 10 * time.Millisecond
+				srv.Park = func(*Conn) bool { offers.Add(1); return false }
+			}
+			ts := startServer(t, srv, false)
 			rc := dialRaw(t, ts.addr, true)
 			start := time.Now()
 			if tc.request {
@@ -563,6 +570,9 @@ func TestIdleTimeout(t *testing.T) {
 			}
 			if d := time.Since(start); d < 200*time.Millisecond {
 				t.Errorf("closed after %v, before IdleTimeout", d)
+			}
+			if tc.decline && offers.Load() == 0 {
+				t.Error("Park was never offered the idle connection")
 			}
 		})
 	}
@@ -1010,5 +1020,130 @@ func TestHeadersOnClosedStream(t *testing.T) {
 	}
 	if wrong > 0 {
 		t.Errorf("%d of %d tries wrong", wrong, tries)
+	}
+}
+
+// TestAnswers: answers beyond a plain body, frame by frame.
+func TestAnswers(t *testing.T) {
+	big := strings.Repeat("b", 40<<10) // over the 16 KiB frame: CONTINUATION
+	srv := &Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/panic":
+			_, _ = io.WriteString(w, "partial")
+			panic("handler bug")
+		case "/abort":
+			panic(http.ErrAbortHandler)
+		case "/early-hints":
+			w.Header().Set("Link", "</style.css>; rel=preload")
+			w.WriteHeader(http.StatusEarlyHints)
+			_, _ = io.WriteString(w, "final")
+		case "/big-header":
+			w.Header().Set("X-Big", big)
+			_, _ = io.WriteString(w, "ok")
+		case "/cookies":
+			_, _ = io.WriteString(w, r.Header.Get("Cookie")+"|"+fmt.Sprint(len(r.Header["Cookie"])))
+		}
+	})}
+	ts := startServer(t, srv, false)
+	rc := dialRaw(t, ts.addr, true)
+	for i, tc := range []struct {
+		path   string
+		fields []string
+		frames string // the frames that came, in order
+		status string
+		body   string
+		header func(h map[string]string) bool
+	}{
+		{path: "/panic", frames: "[RST_STREAM]"},
+		{path: "/abort", frames: "[RST_STREAM]"},
+		{path: "/early-hints", frames: "[HEADERS HEADERS DATA]", status: "200", body: "final"},
+		{path: "/big-header", frames: "[HEADERS DATA]", status: "200", body: "ok",
+			header: func(h map[string]string) bool { return h["x-big"] == big }},
+		{path: "/cookies", fields: []string{"cookie", "a=1", "cookie", "b=2"}, frames: "[HEADERS DATA]", status: "200", body: "a=1; b=2|1"},
+	} {
+		t.Run(strings.TrimPrefix(tc.path, "/"), func(t *testing.T) {
+			id := uint32(2*i + 1)
+			rc.headers(id, "GET", tc.path, true, tc.fields...)
+			r, err := rc.readResponse(id, 5*time.Second)
+			if err != nil {
+				t.Fatalf("%+v %v", r, err)
+			}
+			if fmt.Sprint(r.frames) != tc.frames || r.status != tc.status || string(r.body) != tc.body {
+				t.Errorf("got %v %s %q, want %s %s %q", r.frames, r.status, r.body, tc.frames, tc.status, tc.body)
+			}
+			if tc.status == "" && (!r.wasRST || r.reset != http2.ErrCodeInternal) {
+				t.Errorf("reset %v (%v), want RST_STREAM INTERNAL_ERROR", r.reset, r.wasRST)
+			}
+			if tc.header != nil && !tc.header(r.header) {
+				t.Errorf("header not as sent (x-big %d bytes)", len(r.header["x-big"]))
+			}
+		})
+	}
+}
+
+// TestWriteTimeout: a client that gives no window, or does not read,
+// stalls only until WriteTimeout: the handler's write fails, and the
+// stream is reset or the connection closed.
+func TestWriteTimeout(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		settings []http2.Setting
+		connWin  uint32 // a WINDOW_UPDATE for the connection, 0: none
+		size     int    // what the handler writes
+	}{
+		{"no window", []http2.Setting{{ID: http2.SettingInitialWindowSize, Val: 0}}, 0, 1 << 10},
+		{"not reading", []http2.Setting{{ID: http2.SettingInitialWindowSize, Val: 1<<31 - 1}}, 1<<31 - 1 - 65535, 64 << 20},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			wrote := make(chan error, 1)
+			chunk := pattern(1 << 20)
+			srv := &Server{WriteTimeout: 300 * time.Millisecond, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				w.WriteHeader(200)
+				w.(http.Flusher).Flush()
+				var err error
+				for n := 0; n < tc.size && err == nil; n += len(chunk) {
+					_, err = w.Write(chunk[:min(len(chunk), tc.size-n)])
+					if err == nil {
+						err = w.(interface{ FlushError() error }).FlushError()
+					}
+				}
+				wrote <- err
+			})}
+			ts := startServer(t, srv, false)
+			rc := dialRaw(t, ts.addr, false)
+			rc.write(func() error {
+				if _, err := io.WriteString(rc.nc, http2.ClientPreface); err != nil {
+					return err
+				}
+				if err := rc.fr.WriteSettings(tc.settings...); err != nil {
+					return err
+				}
+				if tc.connWin > 0 {
+					return rc.fr.WriteWindowUpdate(0, tc.connWin)
+				}
+				return nil
+			})
+			rc.headers(1, "GET", "/", true)
+			select {
+			case err := <-wrote:
+				if err == nil {
+					t.Fatal("the handler's writes all succeeded, want an error after WriteTimeout")
+				}
+				t.Logf("the handler's write: %v", err)
+			case <-time.After(10 * time.Second):
+				t.Fatal("the handler's write did not fail within 10 s (WriteTimeout 300 ms)")
+			}
+			if tc.name == "not reading" {
+				if _, closed := rc.closed(10 * time.Second); !closed {
+					t.Error("the connection was not closed after the write timed out")
+				}
+			}
+			if tc.name == "no window" {
+				r, err := rc.readResponse(1, 5*time.Second)
+				if err != nil || !r.wasRST || r.reset != http2.ErrCodeCancel {
+					t.Errorf("got %+v %v, want RST_STREAM CANCEL", r, err)
+				}
+			}
+		})
 	}
 }
