@@ -113,6 +113,9 @@ func TestFlowControl(t *testing.T) {
 		switch r.URL.Path {
 		case "/download":
 			_, _ = w.Write(big)
+		case "/partial": // reads a little and answers: the rest is discarded
+			_, _ = io.ReadFull(r.Body, make([]byte, 10))
+			_, _ = io.WriteString(w, "partial")
 		case "/upload":
 			h := sha256.New()
 			n, err := io.Copy(h, r.Body)
@@ -145,6 +148,29 @@ func TestFlowControl(t *testing.T) {
 			resp.Body.Close()
 			if want := fmt.Sprintf("%d %x", len(up), sha256.Sum256(up)); string(b) != want {
 				t.Errorf("upload: the handler read %q, want %q", b, want)
+			}
+			// Bodies a handler left unread give their window back to the
+			// connection: five of 2 MiB (ten times the connection's window),
+			// then a whole upload again.
+			for i := range 5 {
+				resp, err := c.Post(c.base+"/partial", "application/octet-stream", bytes.NewReader(up))
+				if err != nil {
+					t.Fatalf("partial upload %d: %v", i, err)
+				}
+				b, _ = io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if string(b) != "partial" {
+					t.Fatalf("partial upload %d: %q", i, b)
+				}
+			}
+			resp, err = c.Post(c.base+"/upload", "application/octet-stream", bytes.NewReader(up))
+			if err != nil {
+				t.Fatalf("upload after partial ones: %v", err)
+			}
+			b, _ = io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if want := fmt.Sprintf("%d %x", len(up), sha256.Sum256(up)); string(b) != want {
+				t.Errorf("upload after partial ones: the handler read %q, want %q", b, want)
 			}
 			// Streams at once share the connection's window: all arrive.
 			var wg sync.WaitGroup
@@ -627,6 +653,40 @@ func TestShutdown(t *testing.T) {
 	case p := <-started:
 		t.Errorf("%s was served after GOAWAY", p)
 	default:
+	}
+}
+
+// TestShutdownForced: a stream still running when Shutdown's context ends
+// is cut: the connection is closed, the handler's context done, and
+// Shutdown says why it returned.
+func TestShutdownForced(t *testing.T) {
+	started := make(chan struct{})
+	ended := make(chan struct{})
+	srv := &Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		close(started)
+		select {
+		case <-r.Context().Done():
+			close(ended)
+		case <-time.After(10 * time.Second):
+		}
+	})}
+	ts := startServer(t, srv, false)
+	rc := dialRaw(t, ts.addr, true)
+	rc.headers(1, "GET", "/", true)
+	<-started
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if err := srv.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Shutdown: %v, want %v", err, context.DeadlineExceeded)
+	}
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Error("the handler's context was not done after the forced close")
+	}
+	goAways, closed := rc.closed(5 * time.Second)
+	if !closed || fmt.Sprint(goAways) != "[NO_ERROR]" {
+		t.Errorf("closed %v, GOAWAYs %v; want closed after [NO_ERROR]", closed, goAways)
 	}
 }
 
