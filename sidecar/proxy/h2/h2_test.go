@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -366,6 +368,32 @@ func TestExpectContinue(t *testing.T) {
 				t.Errorf("got %s %q, want %s %q", r.status, r.body, tc.status, tc.body)
 			}
 		})
+	}
+}
+
+// TestExpectContinueClient: net/http's client (HTTP/2 over TLS) waits for
+// the 100 Continue before it sends the body.
+func TestExpectContinueClient(t *testing.T) {
+	srv := &Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		_, _ = w.Write(b)
+	})}
+	ts := startServer(t, srv, true)
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: ts.roots}, ForceAttemptHTTP2: true,
+		ExpectContinueTimeout: 10 * time.Second}
+	defer tr.CloseIdleConnections()
+	var got100 atomic.Bool
+	ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{Got100Continue: func() { got100.Store(true) }})
+	req, _ := http.NewRequestWithContext(ctx, "PUT", "https://"+ts.addr+"/", strings.NewReader("payload"))
+	req.Header.Set("Expect", "100-continue")
+	resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.ProtoMajor != 2 || string(b) != "payload" || !got100.Load() {
+		t.Errorf("%s %q, 100 Continue seen %v; want HTTP/2.0 \"payload\" after a 100", resp.Proto, b, got100.Load())
 	}
 }
 
