@@ -1083,7 +1083,7 @@ func TestRapidReset(t *testing.T) {
 func TestHeadersOnClosedStream(t *testing.T) {
 	srv := &Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok") })}
 	ts := startServer(t, srv, false)
-	const tries = 200
+	const tries = 1000
 	wrong := 0
 	for i := range tries {
 		rc := dialRaw(t, ts.addr, true)
