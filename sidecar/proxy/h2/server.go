@@ -152,6 +152,7 @@ type Conn struct {
 	peeking      bool      // the serving goroutine waits for a frame's first byte
 	idleEnd      time.Time // while idle: when IdleTimeout ends
 	err          error     // why the connection ended
+	failed       bool      // a connection error's GOAWAY was sent
 
 	wmu  sync.Mutex // one writer at a time; what follows
 	wfr  *http2.Framer
@@ -305,9 +306,9 @@ func (c *Conn) serve(first bool) {
 	parked := false
 	defer func() {
 		if !parked {
-			c.close(c.err)
+			c.lingerClose()
+			s.untrack(c)
 		}
-		s.untrack(c)
 	}()
 	c.br = bufio.NewReaderSize(c.nc, 4<<10)
 	c.fr = http2.NewFramer(nil, c.br)
@@ -330,8 +331,20 @@ func (c *Conn) serve(first bool) {
 				if err != nil {
 					return
 				}
+				// Untracked before it is offered: the parker may resume it
+				// (tracked again) before Park returns.
+				s.untrack(c)
 				if s.Park != nil && s.Park(c) {
 					parked = true
+					return
+				}
+				if !s.track(c) { // shutting down
+					c.mu.Lock()
+					c.goAway = true
+					c.mu.Unlock()
+					c.writeGoAway(http2.ErrCodeNo)
+					c.close(errClosed)
+					parked = true // closed; untracked already
 					return
 				}
 				c.br = bufio.NewReaderSize(c.nc, 4<<10)
@@ -523,6 +536,19 @@ func (c *Conn) fail(code http2.ErrCode, why string) {
 	c.mu.Unlock()
 	c.writeGoAway(code)
 	c.err = errors.New(why)
+	c.failed = true
+}
+
+// lingerClose closes the connection; after an error's GOAWAY, what the
+// client still sends is read and dropped for up to a second first (as
+// net/http does): closing a socket with unread bytes sends a TCP reset,
+// which can destroy the GOAWAY before the client reads it.
+func (c *Conn) lingerClose() {
+	if c.failed && c.br != nil {
+		_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
+		_, _ = io.Copy(io.Discard, io.LimitReader(c.br, 1<<20))
+	}
+	c.close(c.err)
 }
 
 // close closes the socket and ends every stream; once.
@@ -583,7 +609,9 @@ func (c *Conn) onSettings(f *http2.SettingsFrame) error {
 	if f.IsAck() {
 		return nil
 	}
-	if f.NumSettings() > 100 || f.HasDuplicates() {
+	// Repeated settings are applied in order (RFC 9113 6.5.3; net/http
+	// refuses them); a frame carries at most 100.
+	if f.NumSettings() > 100 {
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	c.mu.Lock()
@@ -724,7 +752,10 @@ func (c *Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	c.mu.Lock()
 	if st := c.streams[id]; st != nil {
 		defer c.mu.Unlock()
-		if st.remoteDone {
+		switch {
+		case st.remoteDone && st.localDone: // closed, its handler not yet returned
+			return http2.ConnectionError(http2.ErrCodeStreamClosed)
+		case st.remoteDone:
 			return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
 		}
 		return c.trailersLocked(st, f)
@@ -755,6 +786,9 @@ func (c *Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	if err != nil {
 		return err
 	}
+	if !f.Truncated && checkHeaders(req.Header) != nil { // malformed (RFC 9113 8.2.2)
+		return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
+	}
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
@@ -767,8 +801,6 @@ func (c *Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	h := c.srv.Handler
 	if f.Truncated {
 		h = http.HandlerFunc(headerTooLarge)
-	} else if err := checkHeaders(req.Header); err != nil {
-		h = badRequest(err)
 	}
 	go c.runHandler(st, h, req)
 	return nil

@@ -29,6 +29,7 @@ type stream struct {
 	recvWin    int32 // what the client may still send
 	refund     int32 // read by the handler, not yet given back
 	remoteDone bool  // the client's END_STREAM came
+	localDone  bool  // our END_STREAM is written (or being written)
 	gone       bool  // reset, or the connection ended: writes fail
 	goneErr    error
 
@@ -170,12 +171,6 @@ func headerTooLarge(w http.ResponseWriter, r *http.Request) {
 	const body = "<h1>HTTP Error 431</h1><p>Request Header Field(s) Too Large</p>"
 	w.WriteHeader(http.StatusRequestHeaderFieldsTooLarge)
 	_, _ = io.WriteString(w, body)
-}
-
-func badRequest(err error) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		http.Error(w, err.Error(), http.StatusBadRequest)
-	})
 }
 
 // runHandler is a stream's goroutine: the handler, then the end of its
@@ -506,6 +501,9 @@ func (c *Conn) writeBlock(st *stream, fields []hpack.HeaderField, end, flush boo
 	defer c.wmu.Unlock()
 	c.mu.Lock()
 	gone, max := st.gone, int(c.peerMaxFrame)
+	if end && !gone {
+		st.localDone = true
+	}
 	c.mu.Unlock()
 	if gone {
 		return st.err()
@@ -612,8 +610,11 @@ func (c *Conn) writeData(st *stream, p []byte, end bool) error {
 		}
 		c.sendWin -= int32(n)
 		st.sendWin -= int32(n)
-		c.mu.Unlock()
 		last := end && n == len(p)
+		if last {
+			st.localDone = true
+		}
+		c.mu.Unlock()
 		c.wmu.Lock()
 		err := c.writer().WriteData(st.id, last, p[:n])
 		if err == nil {
