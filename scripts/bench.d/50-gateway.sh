@@ -170,9 +170,14 @@ measure() {
 	nginx-tls) wrk_row nginx-tls "https://$NGINX:8443/users/1" "$NGINX_PIDS" "$BACKEND_PIDS" ;;
 	attache-gateway-tls) wrk_row attache-gateway-tls "https://$GW1:8443/users/1" "$ATTACHE_PID" "$BACKEND_PIDS" ;;
 	attache-gateway-limited) wrk_row attache-gateway-limited "http://$GW1:8080/limited/1" "$ATTACHE_PID" "$BACKEND_PIDS" ;;
+	nginx-h2) h2load_row nginx-h2 "https://$NGINX:8443/users/1" "$NGINX_PIDS" "$BACKEND_PIDS" ;;
+	attache-gateway-h2) h2load_row attache-gateway-h2 "https://$GW1:8443/users/1" "$ATTACHE_PID" "$BACKEND_PIDS" ;;
 	esac
 }
-TARGETS=(${GATEWAY_TARGETS:-nginx attache-gateway nginx-tls attache-gateway-tls attache-gateway-limited})
+# HTTP/2 rows with h2load (Debian: nghttp2-client), when it is there.
+H2_TARGETS=""
+command -v h2load >/dev/null && H2_TARGETS="nginx-h2 attache-gateway-h2"
+TARGETS=(${GATEWAY_TARGETS:-nginx attache-gateway nginx-tls attache-gateway-tls attache-gateway-limited $H2_TARGETS})
 raw=$(
 	for t in "${TARGETS[@]}"; do WRK_WARMUP="-t2 -c64 -d2s" measure "$t" >/dev/null; done
 	for ((r = 0; r < ROUNDS; r++)); do
@@ -189,7 +194,7 @@ echo
 echo "$APPLY" | awk '{ printf "Apply → every gateway applied (two gateways, %d applies written to KV as the control service writes them): p50 %s ms, p99 %s ms, max %s ms (goal: p99 ≤ 100 ms).\n", $5, $2, $3, $4 }'
 echo
 echo "wrk $WRK_ARGS to /users/1 (two instances of a trivial Go backend behind each); medians of $ROUNDS rounds in one run, the order rotated each round;"
-echo "ratio = requests/s relative to nginx on the same protocol (plain rows to nginx, TLS rows to nginx-tls; the limited row to attache-gateway);"
+echo "ratio = requests/s relative to nginx on the same protocol (plain rows to nginx, TLS rows to nginx-tls, HTTP/2 rows (h2load ${H2LOAD_ARGS:--t1 -c64 -m4 -D5}) to nginx-h2; the limited row to attache-gateway);"
 echo "CPU = the proxy's CPU seconds per 10k requests; backend CPU = the Go backend's. Goals: plain ≥ 1.0× with p99 ≤ 1.2×, TLS ≥ 0.8×, limited ≥ 0.95×."
 echo
 echo "| target | requests/s | ratio | p99 ms | p99 ratio | CPU s / 10k req | backend CPU s / 10k req |"
@@ -199,6 +204,7 @@ echo "$rows" | awk '{ r[$1] = $2; p[$1] = $3; line[NR] = $0 }
 		for (i = 1; i <= NR; i++) {
 			split(line[i], f, " "); ref = "nginx"
 			if (f[1] ~ /tls$/) ref = "nginx-tls"
+			if (f[1] ~ /h2$/) ref = "nginx-h2"
 			if (f[1] == "attache-gateway-limited") ref = "attache-gateway"
 			printf "| %s | %d | %.2f× | %.2f | %.2f× | %.3f | %.3f |\n", f[1], f[2], (r[ref] > 0 ? f[2] / r[ref] : 0), f[3], (p[ref] > 0 ? f[3] / p[ref] : 0), f[4], f[5]
 		}

@@ -46,6 +46,26 @@ wrk_row() {
 		END { printf "%s %.0f %.2f %.3f %.3f\n", label, rps, p99, (n > 0 ? ticks/hz / n * 10000 : 0), (n > 0 ? pticks/hz / n * 10000 : 0) }'
 }
 
+# h2load_row LABEL URL PIDS [PEER_PIDS]: as wrk_row, over HTTP/2 with
+# h2load $H2LOAD_ARGS (p99 from its per-request log).
+h2load_row() {
+	local label=$1 url=$2 pids=$3 peers=${4:-} out before after pbefore=0 pafter=0 log
+	log=$(mktemp)
+	if [[ -n ${WRK_WARMUP:-} ]]; then h2load -t1 -c32 -m4 -D2 "$url" >/dev/null 2>&1; fi
+	before=$(cpu_ticks $pids)
+	[[ -z $peers ]] || pbefore=$(cpu_ticks $peers)
+	out=$(h2load ${H2LOAD_ARGS:--t1 -c64 -m4 -D5} --log-file="$log" "$url")
+	after=$(cpu_ticks $pids)
+	[[ -z $peers ]] || pafter=$(cpu_ticks $peers)
+	local p99
+	p99=$(awk '$2 == 200 { print $3 }' "$log" | sort -n | awk '{ v[NR] = $1 } END { i = int(NR * 0.99); if (i < 1) i = 1; printf "%.2f", v[i] / 1000 }')
+	rm -f "$log"
+	echo "$out" | awk -v label="$label" -v p99="$p99" -v ticks=$((after - before)) -v pticks=$((pafter - pbefore)) -v hz="$(getconf CLK_TCK)" '
+		/^finished in/ { rps = $4 }
+		/^requests:/ { n = $8 }
+		END { printf "%s %.0f %.2f %.3f %.3f\n", label, rps, p99, (n > 0 ? ticks/hz / n * 10000 : 0), (n > 0 ? pticks/hz / n * 10000 : 0) }'
+}
+
 # median_rows: reads "LABEL rps p99 cpu peer_cpu" lines (several per label)
 # and prints one line per label, in first-seen order, with the median of
 # each column.
