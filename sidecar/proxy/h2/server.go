@@ -32,7 +32,7 @@
 // whose streams keep being refused is sent away); the header list at most
 // MaxHeaderBytes (a 431 answer; a header block far over it closes the
 // connection before it is decoded); what the client may send unread at
-// most 256 KiB per stream and 1 MiB per connection (flow control); each
+// most 1 MiB per connection, all streams together (flow control); each
 // frame, once begun, within FrameTimeout; no stream for IdleTimeout:
 // GOAWAY and close.
 package h2
@@ -96,10 +96,10 @@ const (
 	defaultWriteTimeout = 30 * time.Second
 	defaultParkAfter    = 50 * time.Millisecond
 
-	streamWindow = 256 << 10 // SETTINGS_INITIAL_WINDOW_SIZE
-	connWindow   = 1 << 20   // the connection's window, raised at the start
-	readFrame    = 16 << 10  // SETTINGS_MAX_FRAME_SIZE: the default, bigger frames are refused
-	maxRefused   = 1000      // streams refused (over the limit) before the connection is sent away
+	streamWindow = 1 << 20  // SETTINGS_INITIAL_WINDOW_SIZE (as net/http: a client may send a 1 MiB body before the answer)
+	connWindow   = 1 << 20  // the connection's window, raised at the start
+	readFrame    = 16 << 10 // SETTINGS_MAX_FRAME_SIZE: the default, bigger frames are refused
+	maxRefused   = 1000     // streams refused (over the limit) before the connection is sent away
 	maxWindow    = 1<<31 - 1
 )
 
@@ -142,6 +142,8 @@ type Conn struct {
 	handlers     uint32 // handler goroutines running
 	maxID        uint32 // the highest stream the client opened
 	refused      int
+	resets       [8]uint32 // the streams we reset last: frames on them are ignored (RFC 9113 5.1)
+	nreset       int
 	peerMaxFrame uint32
 	peerWindow   int32 // the client's SETTINGS_INITIAL_WINDOW_SIZE
 	sendWin      int32 // the connection's send window
@@ -697,6 +699,12 @@ func (c *Conn) onData(f *http2.DataFrame) error {
 	}
 	c.recvWin -= size
 	st := c.streams[id]
+	if st == nil && c.wasResetLocked(id) { // on its way when we reset it
+		c.recvRefund += size
+		c.mu.Unlock()
+		c.refund()
+		return nil
+	}
 	if st == nil || st.remoteDone {
 		// A closed stream, or one the client ended (as net/http: the
 		// window is the connection's again, and the stream gets
@@ -761,7 +769,11 @@ func (c *Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return c.trailersLocked(st, f)
 	}
 	if id <= c.maxID {
+		reset := c.wasResetLocked(id)
 		c.mu.Unlock()
+		if reset { // on its way when we reset the stream
+			return nil
+		}
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	c.maxID = id
@@ -828,9 +840,27 @@ func (c *Conn) refundLocked(st *stream) {
 	st.body = nil
 }
 
+// noteResetLocked remembers that we reset id: the client may have sent
+// frames on it before it learns, which are ignored, not answered
+// (RFC 9113 5.1, "closed"). mu held.
+func (c *Conn) noteResetLocked(id uint32) {
+	c.resets[c.nreset%len(c.resets)] = id
+	c.nreset++
+}
+
+func (c *Conn) wasResetLocked(id uint32) bool {
+	for _, r := range c.resets {
+		if r == id && id != 0 {
+			return true
+		}
+	}
+	return false
+}
+
 // resetStream sends RST_STREAM for id and ends the stream.
 func (c *Conn) resetStream(id uint32, code http2.ErrCode) {
 	c.mu.Lock()
+	c.noteResetLocked(id)
 	if st := c.streams[id]; st != nil {
 		st.endLocked(errStreamClosed)
 		delete(c.streams, id)

@@ -191,13 +191,19 @@ func (c *Conn) runHandler(st *stream, h http.Handler, r *http.Request) {
 }
 
 // streamDone: the handler returned and its answer is out (or the stream
-// was reset). A client still sending a body it will not be read is told
-// to stop (RST_STREAM NO_ERROR, RFC 9113 8.1).
+// was reset). A client still sending a body that will not be read is
+// told to stop (RST_STREAM NO_ERROR, RFC 9113 8.1, as net/http does). (We
+// tried discarding the rest instead, as nginx does: curl 7.88, having the
+// whole answer, then stops sending and spins until its own timeout, while
+// the reset fails it at once.)
 func (c *Conn) streamDone(st *stream) {
 	c.mu.Lock()
 	stop := false
 	if c.streams[st.id] == st {
 		stop = !st.remoteDone && !st.gone
+		if stop {
+			c.noteResetLocked(st.id)
+		}
 		st.endLocked(errStreamClosed)
 		delete(c.streams, st.id)
 		c.refundLocked(st)
