@@ -40,12 +40,12 @@ func TestH2Spec(t *testing.T) {
 				}),
 				// A case that expects the connection closed waits for it
 				// (h2spec's -o): keep ours well under that.
-				FrameTimeout: 500 * time.Millisecond,
+				FrameTimeout: 1500 * time.Millisecond,
 			}
 			ts := startServer(t, srv, tc.tls)
 			_, port, _ := net.SplitHostPort(ts.addr)
 			report := filepath.Join(t.TempDir(), "h2spec.xml")
-			args := []string{"-h", "127.0.0.1", "-p", port, "-o", "2", "-j", report}
+			args := []string{"-h", "127.0.0.1", "-p", port, "-o", "5", "-j", report}
 			if tc.tls {
 				args = append(args, "-t", "-k")
 			}

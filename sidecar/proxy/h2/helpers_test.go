@@ -278,8 +278,11 @@ func (rc *rawClient) next(timeout time.Duration) (http2.Frame, error) {
 			}
 			continue
 		case *http2.PingFrame:
-			if !f.IsAck() {
-				rc.write(func() error { return rc.fr.WritePing(true, f.Data) })
+			if !f.IsAck() { // the server may close before the ack arrives (a drain's PING)
+				rc.wmu.Lock()
+				_ = rc.nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
+				_ = rc.fr.WritePing(true, f.Data)
+				rc.wmu.Unlock()
 			}
 			continue
 		case *http2.WindowUpdateFrame:

@@ -150,6 +150,7 @@ type Conn struct {
 	recvWin      int32 // what the client may still send on the connection
 	recvRefund   int32 // read by handlers (or discarded), not yet given back
 	goAway       bool  // GOAWAY sent, or received: no new stream; closed once idle
+	draining     bool  // drain's first GOAWAY sent
 	closed       bool
 	peeking      bool      // the serving goroutine waits for a frame's first byte
 	idleEnd      time.Time // while idle: when IdleTimeout ends
@@ -289,11 +290,39 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	return ctx.Err()
 }
 
-// drain sends GOAWAY; the serving goroutine closes the connection once
-// its streams are done.
+// drain shuts the connection down gracefully, in two steps (RFC 9113
+// 6.8): a GOAWAY naming the highest stream id possible, and a PING; the
+// streams the client opened before it read that are still served. When
+// the PING comes back (a round trip later, at most drainWait), a GOAWAY
+// naming the last stream opened; the serving goroutine closes the
+// connection once those are done. (With one GOAWAY, a request the client
+// sent just then is refused, and a client that does not retry loses it.)
 func (c *Conn) drain() {
 	c.mu.Lock()
-	already := c.goAway
+	already := c.goAway || c.draining
+	c.draining = true
+	c.mu.Unlock()
+	if already {
+		return
+	}
+	_ = c.writeControl(func(w *http2.Framer) error {
+		if err := w.WriteGoAway(1<<31-1, http2.ErrCodeNo, nil); err != nil {
+			return err
+		}
+		return w.WritePing(false, drainPing)
+	})
+	time.AfterFunc(drainWait, c.drained)
+}
+
+// The PING of drain, and how long it is waited for.
+var drainPing = [8]byte{'a', 't', 't', 'a', 'c', 'h', 'e', 0}
+
+const drainWait = time.Second
+
+// drained is drain's second step.
+func (c *Conn) drained() {
+	c.mu.Lock()
+	already := c.goAway || c.closed
 	c.goAway = true
 	c.mu.Unlock()
 	if !already {
@@ -475,7 +504,7 @@ func (c *Conn) await() (ok, park bool) {
 		}
 		if idle && s.Park != nil && c.br.Buffered() == 0 && time.Now().Before(c.IdleDeadline()) {
 			c.mu.Lock()
-			goAway := c.goAway
+			goAway := c.goAway || c.draining
 			c.mu.Unlock()
 			if !goAway {
 				return true, true
@@ -586,6 +615,9 @@ func (c *Conn) process(f http2.Frame) error {
 		return c.onWindowUpdate(f)
 	case *http2.PingFrame:
 		if f.IsAck() {
+			if f.Data == drainPing {
+				c.drained()
+			}
 			return nil
 		}
 		return c.writeControl(func(w *http2.Framer) error { return w.WritePing(true, f.Data) })
