@@ -178,7 +178,30 @@ func (p *Proxy) startHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		}()
 	}
 	h.h1 = h1
-	if h2 != nil {
+	if h2 != nil && h.raw != nil {
+		// h2c: our HTTP/2 server, idle connections parked (net/http's
+		// with Engines.NoFastPath, below).
+		h2s, h2p := p.newH2Server(h.rt)
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			for {
+				c, err := h2.Accept()
+				if err != nil {
+					return
+				}
+				go h2s.ServeConn(c)
+			}
+		}()
+		go func() {
+			defer wg.Done()
+			<-ctx.Done()
+			h2.Close()
+			sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
+			defer cancel()
+			p.stopH2(sctx, h2s, h2p)
+		}()
+	} else if h2 != nil {
 		hs := &http.Server{
 			Handler:           p.stdHandler(h.rt),
 			ReadHeaderTimeout: p.cfg.HeaderTimeout,

@@ -321,3 +321,44 @@ func TestGCOn(t *testing.T) {
 		t.Errorf("not gcOn with GOGC=%d", old)
 	}
 }
+
+// An idle h2c connection (an upstream listener, on the event loops and on
+// the goroutine path) is parked as an HTTP/1.1 one is, and answers its
+// next request when taken up again (the same connection: one parked).
+func TestH2CParks(t *testing.T) {
+	for _, noLoops := range []bool{false, true} {
+		t.Run(map[bool]string{false: "event loops", true: "goroutine path"}[noLoops], func(t *testing.T) {
+			b := newBackend(t, "grpcish", "g1", nil)
+			tp := startProxy(t, Config{Upstreams: []Upstream{upstream("grpcish")}}, breaker.Config{}, map[string][]*backend{"grpcish": {b}}, Engines{NoEventLoops: noLoops})
+			k := tp.p.parker
+			if k == nil {
+				t.Fatal("no parker on Linux")
+			}
+			tr := &http.Transport{}
+			tr.Protocols = new(http.Protocols)
+			tr.Protocols.SetUnencryptedHTTP2(true)
+			t.Cleanup(tr.CloseIdleConnections)
+			c := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+			get := func() {
+				t.Helper()
+				resp, err := c.Get(tp.url("grpcish", "/h2"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.ProtoMajor != 2 || resp.StatusCode != 200 {
+					t.Fatalf("proto %s, status %d", resp.Proto, resp.StatusCode)
+				}
+			}
+			for i := 0; i < 2; i++ { // the second request on the parked connection
+				get()
+				for end := time.Now().Add(5 * time.Second); k.parked() != 1; time.Sleep(5 * time.Millisecond) {
+					if time.Now().After(end) {
+						t.Fatalf("request %d: %d connections parked, want 1", i+1, k.parked())
+					}
+				}
+			}
+		})
+	}
+}

@@ -320,7 +320,8 @@ type h2Parking struct{ closing atomic.Bool }
 func (o *h2Parking) resume(pc *parkedConn) { pc.h2.Resume() }
 func (o *h2Parking) draining() bool        { return o.closing.Load() }
 
-// newH2Server is a TLS gateway listener's HTTP/2 server: the router and
+// newH2Server is an HTTP/2 server of a listener (TLS gateway, or h2c on
+// a plain one): the router and
 // the policy behind net/http's interfaces (stdHandler), the proxy's
 // timeouts, idle connections to the parker.
 func (p *Proxy) newH2Server(rt *routing) (*h2.Server, *h2Parking) {
@@ -338,6 +339,17 @@ func (p *Proxy) newH2Server(rt *routing) (*h2.Server, *h2Parking) {
 		}
 	}
 	return s, o
+}
+
+// stopH2 drains an HTTP/2 server: no more parking, the parked
+// connections closed with GOAWAY, the others drained (h2.Server.Shutdown)
+// until ctx ends.
+func (p *Proxy) stopH2(ctx context.Context, s *h2.Server, o *h2Parking) {
+	o.closing.Store(true)
+	if p.parker != nil {
+		p.parker.closeServer(o)
+	}
+	_ = s.Shutdown(ctx)
 }
 
 // stdHead is a net/http request as a Router's header source.
@@ -465,11 +477,7 @@ func (p *Proxy) serveGatewayTLS(ctx context.Context, wg *sync.WaitGroup, errc ch
 				_ = hs.Shutdown(sctx)
 				return
 			}
-			h2p.closing.Store(true) // no more parking; then the parked ones get GOAWAY
-			if p.parker != nil {
-				p.parker.closeServer(h2p)
-			}
-			_ = h2s.Shutdown(sctx)
+			p.stopH2(sctx, h2s, h2p)
 		}()
 		go func() { defer sw.Done(); _ = h.fs.ShutdownWithContext(sctx) }()
 		if h.raw != nil {
