@@ -19,6 +19,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"attache/sidecar/proxy/h1"
+	"attache/sidecar/proxy/h2"
 )
 
 // httpListener is one HTTP listener and what serves it: HTTP/1.1 on the
@@ -166,11 +167,11 @@ func (p *Proxy) startHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 	if !onLoops { // the loops count their own
 		h1 = &capListener{Listener: h.ln, cap: h.cap}
 	}
-	h2 := h.h2
+	h2l := h.h2
 	// Without event loops, a sniffing accept loop splits h2c from HTTP/1.x.
-	if !onLoops && h2 != nil {
+	if !onLoops && h2l != nil {
 		sl := newSniffListener(h1, p.cfg.IdleTimeout, p.cfg.HeaderTimeout)
-		h1, h2 = sl.h1, sl.h2
+		h1, h2l = sl.h1, sl.h2
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -178,53 +179,53 @@ func (p *Proxy) startHTTP(ctx context.Context, wg *sync.WaitGroup, errc chan<- e
 		}()
 	}
 	h.h1 = h1
-	if h2 != nil && h.raw != nil {
-		// h2c: our HTTP/2 server, idle connections parked (net/http's
-		// with Engines.NoFastPath, below).
-		h2s, h2p := p.newH2Server(h.rt)
+	if h2l != nil {
+		// h2c: our HTTP/2 server, idle connections parked; net/http's
+		// with Engines.NoFastPath.
+		var h2s *h2.Server
+		var h2p *h2Parking
+		var hs *http.Server
 		wg.Add(2)
-		go func() {
-			defer wg.Done()
-			for {
-				c, err := h2.Accept()
-				if err != nil {
-					return
+		if h.raw != nil {
+			h2s, h2p = p.newH2Server(h.rt)
+			go func() {
+				defer wg.Done()
+				for {
+					c, err := h2l.Accept()
+					if err != nil {
+						return
+					}
+					go h2s.ServeConn(c)
 				}
-				go h2s.ServeConn(c)
+			}()
+		} else {
+			hs = &http.Server{
+				Handler:           p.stdHandler(h.rt),
+				ReadHeaderTimeout: p.cfg.HeaderTimeout,
+				IdleTimeout:       p.cfg.IdleTimeout,
+				ErrorLog:          p.log.StandardLogger(nil),
+				ConnState:         p.h2State,
 			}
-		}()
-		go func() {
-			defer wg.Done()
-			<-ctx.Done()
-			h2.Close()
-			sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
-			defer cancel()
-			p.stopH2(sctx, h2s, h2p)
-		}()
-	} else if h2 != nil {
-		hs := &http.Server{
-			Handler:           p.stdHandler(h.rt),
-			ReadHeaderTimeout: p.cfg.HeaderTimeout,
-			IdleTimeout:       p.cfg.IdleTimeout,
-			ErrorLog:          p.log.StandardLogger(nil),
-			ConnState:         p.h2State,
+			hs.Protocols = new(http.Protocols)
+			hs.Protocols.SetUnencryptedHTTP2(true)
+			go func() {
+				defer wg.Done()
+				if err := hs.Serve(h2l); err != http.ErrServerClosed {
+					fail("h2c", err)
+				}
+			}()
 		}
-		hs.Protocols = new(http.Protocols)
-		hs.Protocols.SetUnencryptedHTTP2(true)
-		wg.Add(2)
-		go func() {
-			defer wg.Done()
-			if err := hs.Serve(h2); err != http.ErrServerClosed {
-				fail("h2c", err)
-			}
-		}()
 		go func() {
 			defer wg.Done()
 			<-ctx.Done()
-			h2.Close()
+			h2l.Close()
 			sctx, cancel := context.WithTimeout(context.Background(), p.cfg.ShutdownGraceTime)
 			defer cancel()
-			_ = hs.Shutdown(sctx)
+			if hs != nil {
+				_ = hs.Shutdown(sctx)
+			} else {
+				p.stopH2(sctx, h2s, h2p)
+			}
 		}()
 	}
 	if !onLoops {

@@ -341,12 +341,7 @@ func (c *Conn) serve(first bool) {
 			s.untrack(c)
 		}
 	}()
-	c.br = bufio.NewReaderSize(c.nc, 4<<10)
-	c.fr = http2.NewFramer(nil, c.br)
-	c.fr.SetMaxReadFrameSize(readFrame)
-	c.fr.MaxHeaderListSize = s.maxHeader()
-	c.fr.ReadMetaHeaders = c.dec
-	c.fr.SetReuseFrames()
+	c.newReader()
 	if first && !c.start() {
 		return
 	}
@@ -378,12 +373,7 @@ func (c *Conn) serve(first bool) {
 					parked = true // closed; untracked already
 					return
 				}
-				c.br = bufio.NewReaderSize(c.nc, 4<<10)
-				c.fr = http2.NewFramer(nil, c.br)
-				c.fr.SetMaxReadFrameSize(readFrame)
-				c.fr.MaxHeaderListSize = s.maxHeader()
-				c.fr.ReadMetaHeaders = c.dec
-				c.fr.SetReuseFrames()
+				c.newReader()
 				continue
 			}
 			if !ok {
@@ -407,6 +397,17 @@ func (c *Conn) serve(first bool) {
 			}
 		}
 	}
+}
+
+// newReader gives the serving goroutine its reader and framer (given back
+// at a parking; the client's HPACK table, c.dec, stays).
+func (c *Conn) newReader() {
+	c.br = bufio.NewReaderSize(c.nc, 4<<10)
+	c.fr = http2.NewFramer(nil, c.br)
+	c.fr.SetMaxReadFrameSize(readFrame)
+	c.fr.MaxHeaderListSize = c.srv.maxHeader()
+	c.fr.ReadMetaHeaders = c.dec
+	c.fr.SetReuseFrames()
 }
 
 // start sends the server's preface and reads the client's: the magic
