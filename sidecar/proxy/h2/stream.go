@@ -317,6 +317,7 @@ type responseWriter struct {
 	wroteHeader bool
 	buf         []byte
 	written     int64
+	ended       bool // END_STREAM sent with the header
 	done        bool
 }
 
@@ -340,7 +341,7 @@ func (w *responseWriter) WriteHeader(code int) {
 }
 
 func (w *responseWriter) bodyAllowed() bool {
-	return w.status != http.StatusNoContent && w.status != http.StatusNotModified && w.req.Method != http.MethodHead
+	return w.status != http.StatusNoContent && w.status != http.StatusNotModified
 }
 
 func (w *responseWriter) Write(p []byte) (int, error) {
@@ -354,6 +355,9 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 		return 0, http.ErrBodyNotAllowed
 	}
 	w.written += int64(len(p))
+	if w.req.Method == http.MethodHead { // counted (a Content-Length), not sent, as net/http
+		return len(p), nil
+	}
 	if len(w.buf)+len(p) <= bodyChunk {
 		w.buf = append(w.buf, p...)
 		return len(p), nil
@@ -384,18 +388,23 @@ func (w *responseWriter) FlushError() error {
 // end: the answer ends here.
 func (w *responseWriter) send(end bool) error {
 	c, st := w.st.c, w.st
+	if w.ended { // a HEAD answer ends with its header
+		return nil
+	}
 	if !w.sentHeader {
 		w.sentHeader = true
 		h := w.snap
 		var extra []hpack.HeaderField
-		if end && h.Get("Content-Length") == "" && w.bodyAllowed() && w.req.Method != http.MethodHead {
-			extra = []hpack.HeaderField{{Name: "content-length", Value: strconv.Itoa(len(w.buf))}}
+		head := w.req.Method == http.MethodHead
+		if end && h.Get("Content-Length") == "" && w.bodyAllowed() && (!head || w.written > 0) {
+			extra = []hpack.HeaderField{{Name: "content-length", Value: strconv.FormatInt(w.written, 10)}}
 		}
-		endHere := end && len(w.buf) == 0 && !w.hasTrailers()
+		endHere := end && len(w.buf) == 0 && !w.hasTrailers() || head
 		if err := c.writeHeaders(st, w.status, h, endHere, extra, endHere || len(w.buf) == 0); err != nil {
 			return err
 		}
 		if endHere {
+			w.ended = true
 			return nil
 		}
 	}
