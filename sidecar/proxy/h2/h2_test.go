@@ -266,7 +266,8 @@ func TestResponseTrailers(t *testing.T) {
 }
 
 // TestNoBody checks frame by frame: HEAD, 204 and 304 answers end with
-// their HEADERS (no DATA), and a small answer has a content-length.
+// their HEADERS (no DATA, nothing after, a flushed HEAD answer too), and a
+// small answer (or a HEAD answer's counted body) has a content-length.
 func TestNoBody(t *testing.T) {
 	srv := &Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
@@ -276,7 +277,11 @@ func TestNoBody(t *testing.T) {
 			w.Header().Set("Etag", `"x"`)
 			w.WriteHeader(304)
 		}
-		_, _ = io.WriteString(w, "hello") // refused for HEAD, 204, 304
+		_, _ = io.WriteString(w, "hello") // refused for 204, 304; counted, not sent, for HEAD
+		if r.URL.Path == "/flushed" {
+			w.(http.Flusher).Flush() // a HEAD answer ends here: nothing after it
+			_, _ = io.WriteString(w, " again")
+		}
 	})}
 	ts := startServer(t, srv, false)
 	rc := dialRaw(t, ts.addr, true)
@@ -287,7 +292,8 @@ func TestNoBody(t *testing.T) {
 		body         string
 		length       string // the content-length header, "": none, "-": either
 	}{
-		{"HEAD", "/", "200", "", "-"},
+		{"HEAD", "/", "200", "", "5"},
+		{"HEAD", "/flushed", "200", "", ""},
 		{"GET", "/204", "204", "", ""}, // RFC 9110 8.6: MUST NOT
 		{"GET", "/304", "304", "", "-"},
 		{"GET", "/", "200", "hello", "5"},
@@ -309,6 +315,9 @@ func TestNoBody(t *testing.T) {
 				t.Errorf("content-length %q, want %q", got, tc.length)
 			}
 		})
+	}
+	for sid, r := range rc.streams { // frames that came after a stream's end
+		t.Errorf("stream %d: %v after its END_STREAM", sid, r.frames)
 	}
 }
 
