@@ -1,0 +1,1069 @@
+package h2
+
+// FuzzAgainstNetHTTP: differential fuzzing of this package's server against
+// golang.org/x/net/http2's (net/http's HTTP/2 server), the strict reference.
+//
+// The fuzz input is decoded into a short sequence of client frames
+// (decodeSteps), valid and invalid, written once into bytes. The same bytes
+// are replayed to each server over a net.Pipe, and what each server writes
+// back is reduced to an outcome per stream (answered with a status and a
+// body, or not) and one for the connection (did it survive). The two must
+// agree.
+//
+// Timing. Both servers run handlers on goroutines of their own, so what a
+// server answers can depend on when the next frame arrives (a handler that
+// has not answered yet when a later bad frame tears the connection down).
+// To compare behaviour and not scheduling, the client waits, after every
+// frame that does not leave a header block open, until the server is
+// settled: it has acknowledged a PING sent after the frame (so it has acted
+// on every frame before it) and every stream the client opened is either
+// over on the wire, or provably stuck waiting for the client (its handler
+// blocked reading a body the client has not finished, or its answer blocked
+// on a flow-control window the client has not opened). The PINGs are part
+// of the bytes generated once, so both servers see identical input.
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+const (
+	maxFuzzSteps = 16
+	// settleCap bounds one wait for a server to settle. A server settles
+	// in well under a millisecond; the cap is only reached when something
+	// hangs, and then the outcome says so.
+	settleCap = 750 * time.Millisecond
+	labelName = "x-seq" // the harness's label of a request, to find its handler
+)
+
+// Tables the fuzz input picks from, by index (modulo their length).
+var (
+	fzStreamIDs  = []uint32{1, 3, 5, 7, 1, 3, 2, 0, 9, 11}
+	fzWindowIDs  = []uint32{0, 1, 3, 0, 5, 2, 7}
+	fzMethods    = []string{"GET", "POST", "HEAD", "CONNECT", "PUT", "", "get", "OPTIONS"}
+	fzDataLens   = []int{0, 1, 5, 20, 100, 1000}
+	fzResetCodes = []http2.ErrCode{http2.ErrCodeNo, http2.ErrCodeProtocol, http2.ErrCodeCancel, 0xff}
+	fzIncrements = []uint32{0, 1, 1000, 65535, 1<<31 - 1, 1 << 30}
+	fzSettings   = []http2.Setting{
+		{ID: http2.SettingHeaderTableSize, Val: 0},
+		{ID: http2.SettingEnablePush, Val: 1},
+		{ID: http2.SettingEnablePush, Val: 2},
+		{ID: http2.SettingMaxConcurrentStreams, Val: 0},
+		{ID: http2.SettingInitialWindowSize, Val: 0},
+		{ID: http2.SettingInitialWindowSize, Val: 1},
+		{ID: http2.SettingInitialWindowSize, Val: 1 << 31},
+		{ID: http2.SettingInitialWindowSize, Val: 1<<31 - 1},
+		{ID: http2.SettingMaxFrameSize, Val: 16383},
+		{ID: http2.SettingMaxFrameSize, Val: 1 << 24},
+		{ID: http2.SettingMaxFrameSize, Val: 16384},
+		{ID: http2.SettingMaxHeaderListSize, Val: 100},
+		{ID: http2.SettingEnableConnectProtocol, Val: 1},
+		{ID: 0x99, Val: 5},
+		{ID: http2.SettingInitialWindowSize, Val: 65535},
+	}
+)
+
+// fzMutations change a request's header list (pseudo-header fields first,
+// then the regular ones, as built by requestFields).
+var fzMutations = []func([]hpack.HeaderField) []hpack.HeaderField{
+	func(h []hpack.HeaderField) []hpack.HeaderField { return dropField(h, ":method") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return dropField(h, ":path") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return dropField(h, ":scheme") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return dropField(h, ":authority") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return insertPseudo(h, ":path", "/q") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return insertPseudo(h, ":method", "GET") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return setField(h, ":path", "*") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return setField(h, ":path", "relative") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return setField(h, ":path", "/a?b") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return setField(h, ":path", "") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return setField(h, ":path", "/%zz") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return setField(h, ":path", "http://h.example/x") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return setField(h, ":scheme", "ftp") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return setField(h, ":authority", "user@example.com") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return setField(h, ":authority", "") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "host", "other.example") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return insertPseudo(h, ":protocol", "websocket") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, ":method", "GET") }, // after regular ones
+	func(h []hpack.HeaderField) []hpack.HeaderField { return insertPseudo(h, ":foo", "bar") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "X-Upper", "1") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "connection", "close") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "te", "gzip") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "te", "trailers") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "transfer-encoding", "chunked") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "upgrade", "h2c") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "content-length", "0") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "content-length", "5") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "content-length", "20") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "content-length", "abc") },
+	func(h []hpack.HeaderField) []hpack.HeaderField {
+		return addField(addField(h, "content-length", "5"), "content-length", "5")
+	},
+	func(h []hpack.HeaderField) []hpack.HeaderField {
+		return addField(addField(h, "cookie", "a=1"), "cookie", "b=2")
+	},
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "expect", "100-continue") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "trailer", "x-t") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "a b", "1") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "x-v", "a\x00b") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "", "x") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "x-a", "1") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "accept", "text/plain") },
+	func(h []hpack.HeaderField) []hpack.HeaderField {
+		return addField(dropField(h, ":authority"), "host", "host.example")
+	},
+	func(h []hpack.HeaderField) []hpack.HeaderField { return setField(h, ":authority", "exa mple.com") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return setField(h, ":method", "CONNECT") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "proxy-connection", "keep-alive") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return setField(h, ":path", "/a#frag") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return setField(h, ":authority", "[::1]:8080") },
+	func(h []hpack.HeaderField) []hpack.HeaderField {
+		return addField(h, "x-big", strings.Repeat("b", 3000))
+	},
+	func(h []hpack.HeaderField) []hpack.HeaderField { return insertPseudo(h, ":status", "200") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "content-length", "-1") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "keep-alive", "timeout=5") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "x-a", " padded ") },
+	func(h []hpack.HeaderField) []hpack.HeaderField { return addField(h, "host", "") },
+}
+
+// fzTrailers are the header lists of a HEADERS frame on a stream the
+// client has open (trailers).
+var fzTrailers = [][]hpack.HeaderField{
+	{{Name: "x-t", Value: "v"}},
+	{{Name: "x-t", Value: "v"}, {Name: "x-u", Value: "w"}},
+	{{Name: ":path", Value: "/t"}},
+	{{Name: "content-length", Value: "1"}},
+	{},
+	{{Name: "X-T", Value: "v"}},
+	{{Name: "transfer-encoding", Value: "chunked"}},
+}
+
+// fzMalformed are frames the Framer's Write methods would not write:
+// wrong lengths, wrong streams, bad padding (type, flags, stream, payload).
+var fzMalformed = []struct {
+	typ     http2.FrameType
+	flags   http2.Flags
+	stream  uint32
+	payload []byte
+}{
+	{http2.FrameSettings, 0, 0, []byte{0, 1, 0, 0, 0}},
+	{http2.FrameSettings, 0, 1, nil},
+	{http2.FrameSettings, http2.FlagSettingsAck, 0, []byte{0, 4, 0, 0, 0, 0}},
+	{http2.FramePing, 0, 0, []byte("1234567")},
+	{http2.FramePing, 0, 1, []byte("12345678")},
+	{http2.FrameWindowUpdate, 0, 0, []byte{0, 0, 1}},
+	{http2.FrameRSTStream, 0, 1, []byte{0, 0, 0}},
+	{http2.FrameRSTStream, 0, 0, []byte{0, 0, 0, 8}},
+	{http2.FramePriority, 0, 1, []byte{0, 0, 0, 3}},
+	{http2.FrameData, 0, 0, []byte("x")},
+	{http2.FrameData, http2.FlagDataPadded, 1, []byte{10}},
+	{http2.FrameHeaders, http2.FlagHeadersPadded | http2.FlagHeadersEndHeaders, 1, []byte{20, 0x82}},
+	{http2.FrameGoAway, 0, 0, []byte{0, 0, 0, 0}},
+	{http2.FramePushPromise, http2.FlagPushPromiseEndHeaders, 1, []byte{0, 0, 0, 2, 0x82}},
+	{http2.FrameContinuation, http2.FlagContinuationEndHeaders, 1, []byte{0x82}},
+	{http2.FrameData, 0, 1, make([]byte, 16385)},
+	{http2.FrameWindowUpdate, 0, 1, []byte{0x80, 0, 0, 1}},                                                      // reserved bit set
+	{http2.FrameHeaders, http2.FlagHeadersEndHeaders | http2.FlagHeadersEndStream, 1, []byte{0xff, 0xff, 0xff}}, // bad HPACK
+}
+
+func dropField(h []hpack.HeaderField, name string) []hpack.HeaderField {
+	return slices.DeleteFunc(h, func(f hpack.HeaderField) bool { return f.Name == name })
+}
+
+func setField(h []hpack.HeaderField, name, value string) []hpack.HeaderField {
+	for i := range h {
+		if h[i].Name == name {
+			h[i].Value = value
+			return h
+		}
+	}
+	return insertPseudo(h, name, value)
+}
+
+func addField(h []hpack.HeaderField, name, value string) []hpack.HeaderField {
+	return append(h, hpack.HeaderField{Name: name, Value: value})
+}
+
+// insertPseudo adds a field after the pseudo-header fields.
+func insertPseudo(h []hpack.HeaderField, name, value string) []hpack.HeaderField {
+	i := 0
+	for i < len(h) && strings.HasPrefix(h[i].Name, ":") {
+		i++
+	}
+	return slices.Insert(h, i, hpack.HeaderField{Name: name, Value: value})
+}
+
+// fuzzInput reads the fuzz input a byte at a time: zeros once it is over.
+type fuzzInput struct {
+	b []byte
+	i int
+}
+
+func (in *fuzzInput) more() bool { return in.i < len(in.b) }
+
+func (in *fuzzInput) next() int {
+	if in.i >= len(in.b) {
+		return 0
+	}
+	in.i++
+	return int(in.b[in.i-1])
+}
+
+func pick[T any](in *fuzzInput, table []T) T { return table[in.next()%len(table)] }
+
+// step is some bytes for the client to write, then, if sync, wait for the
+// server to settle (the PING at the end of the bytes acknowledged).
+type step struct {
+	b    []byte
+	desc string
+	sync bool
+	ping uint32 // the sync PING's number
+
+	// What the step does, for the settle conditions.
+	open    uint32 // a HEADERS that opens stream open, labelled label
+	label   int
+	dataOn  uint32 // DATA on stream dataOn, of n payload bytes
+	n       int
+	ends    uint32 // the client's END_STREAM (or RST_STREAM) on stream ends
+	reset   uint32 // the client's RST_STREAM
+	goAway  bool
+	initWin int64 // SETTINGS_INITIAL_WINDOW_SIZE (valid), -1: none
+	winOn   uint32
+	winInc  int64 // WINDOW_UPDATE on winOn (0: the connection)
+}
+
+// Op codes of the fuzz input (its first byte per step, modulo opCount).
+const (
+	opHeaders = iota
+	opHeaders2
+	opData
+	opData2
+	opReset
+	opWindow
+	opSettings
+	opPing
+	opPriority
+	opGoAway
+	opUnknown
+	opMalformed
+	opTrailers
+	opContinuation
+	opCount
+)
+
+// Flags of a HEADERS op.
+const (
+	hfEndStream = 1 << iota
+	hfSplit     // in a HEADERS and a CONTINUATION
+	hfNoEnd     // no END_HEADERS on the last fragment: a header block left open
+	hfSelfDep   // PRIORITY on itself
+	hfPadded
+)
+
+// decodeSteps turns the fuzz input into the client's frames: the preface,
+// then at most maxFuzzSteps frames, each followed by a sync PING unless it
+// leaves a header block open.
+func decodeSteps(data []byte) []step {
+	in := &fuzzInput{b: data}
+	var buf bytes.Buffer
+	fr := http2.NewFramer(&buf, nil)
+	fr.AllowIllegalWrites = true
+	var hbuf bytes.Buffer
+	enc := hpack.NewEncoder(&hbuf)
+	encode := func(fields []hpack.HeaderField) []byte {
+		hbuf.Reset()
+		for _, f := range fields {
+			_ = enc.WriteField(f)
+		}
+		return bytes.Clone(hbuf.Bytes())
+	}
+
+	buf.WriteString(http2.ClientPreface)
+	_ = fr.WriteSettings()
+	_ = fr.WriteSettingsAck() // the server's SETTINGS (it sends one)
+	steps := []step{{b: bytes.Clone(buf.Bytes()), desc: "preface", initWin: -1}}
+
+	open := map[uint32]bool{} // streams the client has open
+	labels := 0
+	pings := uint32(0)
+	inBlock := false // a header block is open: only CONTINUATION may follow
+	for len(steps) <= maxFuzzSteps && in.more() {
+		buf.Reset()
+		st := step{initWin: -1}
+		op := in.next() % opCount
+		blockOpen := false
+		switch op {
+		case opHeaders, opHeaders2, opTrailers:
+			id := pick(in, fzStreamIDs)
+			var fields []hpack.HeaderField
+			if open[id] || op == opTrailers {
+				fields = slices.Clone(pick(in, fzTrailers))
+				st.desc = fmt.Sprintf("HEADERS(trailers) %d %q", id, fields)
+			} else {
+				method := pick(in, fzMethods)
+				fields = requestFields(method)
+				labels++
+				fields = append(fields, hpack.HeaderField{Name: labelName, Value: strconv.Itoa(labels)})
+				for range in.next() % 4 {
+					fields = pick(in, fzMutations)(fields)
+				}
+				st.open, st.label = id, labels
+				st.desc = fmt.Sprintf("HEADERS %d %q", id, fields)
+			}
+			flags := in.next()
+			block := encode(fields)
+			p := http2.HeadersFrameParam{StreamID: id, EndStream: flags&hfEndStream != 0}
+			if flags&hfSelfDep != 0 {
+				p.Priority = http2.PriorityParam{StreamDep: id, Weight: 15}
+			}
+			if flags&hfPadded != 0 {
+				p.PadLength = 3
+			}
+			frag := block
+			if flags&hfSplit != 0 && len(block) > 1 {
+				frag = block[:len(block)/2]
+			}
+			p.BlockFragment = frag
+			p.EndHeaders = len(frag) == len(block) && flags&hfNoEnd == 0
+			_ = fr.WriteHeaders(p)
+			if len(frag) < len(block) {
+				_ = fr.WriteContinuation(id, flags&hfNoEnd == 0, block[len(frag):])
+			}
+			blockOpen = flags&hfNoEnd != 0
+			st.desc += fmt.Sprintf(" flags=%#x", flags)
+			if p.EndStream {
+				st.ends = id
+			}
+			if st.open != 0 && !p.EndStream {
+				open[id] = true
+			}
+			if p.EndStream {
+				delete(open, id)
+			}
+		case opData, opData2:
+			id := pick(in, fzStreamIDs)
+			n := pick(in, fzDataLens)
+			flags := in.next()
+			payload := make([]byte, n)
+			for i := range payload {
+				payload[i] = 'a' + byte(i%26)
+			}
+			end := flags&1 != 0
+			if flags&2 != 0 {
+				_ = fr.WriteDataPadded(id, end, payload, make([]byte, 7))
+			} else {
+				_ = fr.WriteData(id, end, payload)
+			}
+			st.desc = fmt.Sprintf("DATA %d len=%d flags=%#x", id, n, flags)
+			st.dataOn, st.n = id, n
+			if end {
+				st.ends = id
+				delete(open, id)
+			}
+		case opReset:
+			id := pick(in, fzStreamIDs)
+			code := pick(in, fzResetCodes)
+			_ = fr.WriteRSTStream(id, code)
+			st.desc = fmt.Sprintf("RST_STREAM %d %v", id, code)
+			st.ends, st.reset = id, id
+			delete(open, id)
+		case opWindow:
+			id := pick(in, fzWindowIDs)
+			inc := pick(in, fzIncrements)
+			_ = fr.WriteWindowUpdate(id, inc)
+			st.desc = fmt.Sprintf("WINDOW_UPDATE %d +%d", id, inc)
+			st.winOn, st.winInc = id, int64(inc)
+		case opSettings:
+			var set []http2.Setting
+			switch in.next() % 4 {
+			case 0:
+				_ = fr.WriteSettingsAck()
+				st.desc = "SETTINGS ack"
+			case 1:
+				set = []http2.Setting{pick(in, fzSettings)}
+			case 2:
+				set = []http2.Setting{pick(in, fzSettings), pick(in, fzSettings)}
+			default:
+				set = []http2.Setting{}
+			}
+			if set != nil {
+				_ = fr.WriteSettings(set...)
+				st.desc = fmt.Sprintf("SETTINGS %v", set)
+				for _, s := range set {
+					if s.ID == http2.SettingInitialWindowSize && s.Val <= 1<<31-1 {
+						st.initWin = int64(s.Val)
+					}
+				}
+			}
+		case opPing:
+			ack := in.next()%2 == 1
+			_ = fr.WritePing(ack, [8]byte{'f', 'u', 'z', 'z'})
+			st.desc = fmt.Sprintf("PING ack=%v", ack)
+		case opPriority:
+			id := pick(in, fzStreamIDs)
+			var dep uint32
+			switch in.next() % 3 {
+			case 0:
+				dep = id
+			case 1:
+				dep = 0
+			default:
+				dep = id + 2
+			}
+			_ = fr.WritePriority(id, http2.PriorityParam{StreamDep: dep, Weight: 7})
+			st.desc = fmt.Sprintf("PRIORITY %d dep=%d", id, dep)
+		case opGoAway:
+			code := pick(in, fzResetCodes)
+			_ = fr.WriteGoAway(0, code, nil)
+			st.desc = fmt.Sprintf("GOAWAY %v", code)
+			st.goAway = true
+		case opUnknown:
+			id := pick(in, fzStreamIDs)
+			_ = fr.WriteRawFrame(0x20+http2.FrameType(in.next()%4), http2.Flags(in.next()), id, []byte("??"))
+			st.desc = fmt.Sprintf("unknown frame on %d", id)
+		case opMalformed:
+			m := pick(in, fzMalformed)
+			_ = fr.WriteRawFrame(m.typ, m.flags, m.stream, m.payload)
+			st.desc = fmt.Sprintf("malformed %v flags=%#x stream=%d len=%d", m.typ, m.flags, m.stream, len(m.payload))
+			blockOpen = m.typ == http2.FrameHeaders && m.flags&http2.FlagHeadersEndHeaders == 0
+		case opContinuation:
+			id := pick(in, fzStreamIDs)
+			end := in.next()%2 == 0
+			_ = fr.WriteContinuation(id, end, encode([]hpack.HeaderField{{Name: "x-c", Value: "1"}}))
+			st.desc = fmt.Sprintf("CONTINUATION %d end=%v", id, end)
+			blockOpen = inBlock && !end
+		}
+		inBlock = blockOpen
+		if !inBlock {
+			pings++
+			_ = fr.WritePing(false, syncPing(pings))
+			st.sync, st.ping = true, pings
+		}
+		st.b = bytes.Clone(buf.Bytes())
+		steps = append(steps, st)
+	}
+	return steps
+}
+
+// requestFields is a valid request's header list for method.
+func requestFields(method string) []hpack.HeaderField {
+	if method == "CONNECT" {
+		return []hpack.HeaderField{{Name: ":method", Value: method}, {Name: ":authority", Value: "example.com:443"}}
+	}
+	return []hpack.HeaderField{
+		{Name: ":method", Value: method}, {Name: ":scheme", Value: "https"},
+		{Name: ":authority", Value: "example.com"}, {Name: ":path", Value: "/p"},
+	}
+}
+
+func syncPing(n uint32) [8]byte {
+	var d [8]byte
+	copy(d[:], "SYNC")
+	binary.BigEndian.PutUint32(d[4:], n)
+	return d
+}
+
+// handlerState is what a labelled request's handler is doing.
+type handlerState struct {
+	started, inRead, done bool
+	read                  int
+}
+
+// observer gathers one server's output and its handlers' states.
+type observer struct {
+	mu       sync.Mutex
+	changed  chan struct{} // closed and replaced on every change
+	handlers map[int]*handlerState
+	running  int // handlers not yet returned
+
+	streams  map[uint32]*streamOutcome
+	pingAcks uint32 // the highest sync PING acknowledged
+	goAway   *http2.GoAwayFrame
+	closed   bool           // EOF or an error reading the server's output
+	readErr  error          // why the output ended (unparsable, EOF)
+	dataSent map[uint32]int // DATA the server sent on each stream (flow-controlled bytes)
+	log      []string
+}
+
+type streamOutcome struct {
+	status   int
+	body     []byte
+	ended    bool // END_STREAM after a final status
+	reset    bool // RST_STREAM before that
+	code     http2.ErrCode
+	headered bool
+}
+
+func newObserver() *observer {
+	return &observer{changed: make(chan struct{}), handlers: map[int]*handlerState{},
+		streams: map[uint32]*streamOutcome{}, dataSent: map[uint32]int{}}
+}
+
+// notifyLocked wakes the waiters; mu held.
+func (o *observer) notifyLocked() {
+	close(o.changed)
+	o.changed = make(chan struct{})
+}
+
+func (o *observer) handler(label int, f func(*handlerState)) {
+	o.mu.Lock()
+	hs := o.handlers[label]
+	if hs == nil {
+		hs = &handlerState{}
+		o.handlers[label] = hs
+	}
+	f(hs)
+	o.notifyLocked()
+	o.mu.Unlock()
+}
+
+// echoHandler answers each request with what the server made of it:
+// deterministic, and only what both servers must agree on.
+func (o *observer) echoHandler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		label, _ := strconv.Atoi(r.Header.Get(labelName))
+		o.mu.Lock()
+		o.running++
+		o.mu.Unlock()
+		defer func() {
+			o.handler(label, func(hs *handlerState) { hs.done, hs.inRead = true, false })
+			o.mu.Lock()
+			o.running--
+			o.notifyLocked()
+			o.mu.Unlock()
+		}()
+		o.handler(label, func(hs *handlerState) { hs.started = true })
+		sum := sha256.New()
+		n := 0
+		var rerr error
+		buf := make([]byte, 512)
+		for n < 1<<20 {
+			o.handler(label, func(hs *handlerState) { hs.inRead = true })
+			m, err := r.Body.Read(buf)
+			sum.Write(buf[:m])
+			n += m
+			o.handler(label, func(hs *handlerState) { hs.inRead, hs.read = false, n })
+			if err != nil {
+				if err != io.EOF {
+					rerr = err
+				}
+				break
+			}
+		}
+		var b strings.Builder
+		fmt.Fprintf(&b, "method=%q uri=%q host=%q cl=%d n=%d sum=%x readerr=%v\n",
+			r.Method, r.URL.RequestURI(), r.Host, r.ContentLength, n, sum.Sum(nil)[:8], rerr != nil)
+		writeHeader(&b, "h", r.Header)
+		writeHeader(&b, "t", r.Trailer)
+		w.Header().Set("Content-Type", "text/plain")
+		w.WriteHeader(http.StatusOK)
+		_, _ = io.WriteString(w, b.String())
+	})
+}
+
+func writeHeader(b *strings.Builder, prefix string, h http.Header) {
+	keys := make([]string, 0, len(h))
+	for k := range h {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		fmt.Fprintf(b, "%s %s=%q\n", prefix, k, h[k])
+	}
+}
+
+// read reduces the server's output (c) to outcomes, until it ends or
+// cannot be parsed.
+func (o *observer) read(c net.Conn) {
+	fr := http2.NewFramer(nil, c)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	fr.MaxHeaderListSize = 1 << 20
+	for {
+		f, err := fr.ReadFrame()
+		o.mu.Lock()
+		if err != nil {
+			var se http2.StreamError
+			if !errors.As(err, &se) {
+				o.closed, o.readErr = true, err
+				o.notifyLocked()
+				o.mu.Unlock()
+				return
+			}
+			o.log = append(o.log, "unparsable frame: "+err.Error())
+			o.mu.Unlock()
+			continue
+		}
+		o.frameLocked(f)
+		o.notifyLocked()
+		o.mu.Unlock()
+	}
+}
+
+func (o *observer) stream(id uint32) *streamOutcome {
+	so := o.streams[id]
+	if so == nil {
+		so = &streamOutcome{}
+		o.streams[id] = so
+	}
+	return so
+}
+
+func (o *observer) frameLocked(f http2.Frame) {
+	switch f := f.(type) {
+	case *http2.MetaHeadersFrame:
+		so := o.stream(f.StreamID)
+		if so.ended || so.reset {
+			return
+		}
+		if !so.headered {
+			st, _ := strconv.Atoi(f.PseudoValue("status"))
+			if st >= 200 {
+				so.status, so.headered = st, true
+			}
+		}
+		if so.headered && f.StreamEnded() {
+			so.ended = true
+		}
+	case *http2.DataFrame:
+		o.dataSent[f.StreamID] += int(f.Length)
+		so := o.stream(f.StreamID)
+		if so.ended || so.reset {
+			return
+		}
+		so.body = append(so.body, f.Data()...)
+		if f.StreamEnded() {
+			so.ended = true
+		}
+	case *http2.RSTStreamFrame:
+		so := o.stream(f.StreamID)
+		o.log = append(o.log, fmt.Sprintf("RST_STREAM %d %v", f.StreamID, f.ErrCode))
+		if !so.ended && !so.reset {
+			so.reset, so.code = true, f.ErrCode
+		}
+	case *http2.GoAwayFrame:
+		o.log = append(o.log, fmt.Sprintf("GOAWAY last=%d %v", f.LastStreamID, f.ErrCode))
+		if o.goAway == nil || o.goAway.ErrCode == http2.ErrCodeNo {
+			g := *f
+			o.goAway = &g
+		}
+	case *http2.PingFrame:
+		if f.IsAck() && string(f.Data[:4]) == "SYNC" {
+			o.pingAcks = max(o.pingAcks, binary.BigEndian.Uint32(f.Data[4:]))
+		}
+	}
+}
+
+// dead: the server ended the connection (with an error; a GOAWAY without
+// one lets the streams it covers finish).
+func (o *observer) deadLocked() bool {
+	return o.closed || o.goAway != nil && o.goAway.ErrCode != http2.ErrCodeNo
+}
+
+// client is what the client has sent so far, for the settle conditions.
+type client struct {
+	opened   map[int]uint32 // label: stream
+	data     map[uint32]int // payload bytes sent on each stream
+	ended    map[uint32]bool
+	resets   map[uint32]bool
+	goAway   bool
+	lateOpen map[int]bool // opened after the client's GOAWAY
+	initWin  int64
+	connInc  int64
+	inc      map[uint32]int64
+}
+
+func newClient() *client {
+	return &client{opened: map[int]uint32{}, data: map[uint32]int{}, ended: map[uint32]bool{},
+		resets: map[uint32]bool{}, lateOpen: map[int]bool{}, initWin: 65535, inc: map[uint32]int64{}}
+}
+
+func (cl *client) apply(st step) {
+	if st.label != 0 {
+		cl.opened[st.label] = st.open
+		if cl.goAway {
+			cl.lateOpen[st.label] = true
+		}
+	}
+	cl.data[st.dataOn] += st.n
+	if st.ends != 0 {
+		cl.ended[st.ends] = true
+	}
+	if st.reset != 0 {
+		cl.resets[st.reset] = true
+	}
+	cl.goAway = cl.goAway || st.goAway
+	if st.initWin >= 0 {
+		cl.initWin = st.initWin
+	}
+	if st.winInc > 0 {
+		if st.winOn == 0 {
+			cl.connInc += st.winInc
+		} else {
+			cl.inc[st.winOn] += st.winInc
+		}
+	}
+}
+
+// settledLocked: the server has acted on everything up to sync PING ping
+// and each stream the client opened is over or waits for the client.
+func (o *observer) settledLocked(cl *client, ping uint32) bool {
+	if o.deadLocked() {
+		return true
+	}
+	if o.pingAcks < ping {
+		return false
+	}
+	for label, id := range cl.opened {
+		if so := o.streams[id]; so != nil && (so.ended || so.reset) {
+			continue // over on the wire
+		}
+		if g := o.goAway; g != nil && g.LastStreamID < id {
+			continue // not served, as the server's GOAWAY says
+		}
+		if cl.lateOpen[label] || cl.resets[id] {
+			// After the client's GOAWAY a new stream may be ignored;
+			// one the client reset ends at the server's pace, with no
+			// answer to wait for.
+			continue
+		}
+		hs := o.handlers[label]
+		if hs == nil {
+			return false // its handler has not started yet
+		}
+		if hs.inRead && !cl.ended[id] && hs.read == cl.data[id] {
+			continue // waits for a body the client has not sent
+		}
+		if hs.done {
+			// Its answer waits for a window the client has not opened.
+			conn := 65535 + cl.connInc - sumInts(o.dataSent)
+			strm := cl.initWin + cl.inc[id] - int64(o.dataSent[id])
+			if conn <= 0 || strm <= 0 {
+				continue
+			}
+		}
+		return false
+	}
+	return true
+}
+
+func sumInts(m map[uint32]int) int64 {
+	var n int64
+	for _, v := range m {
+		n += int64(v)
+	}
+	return n
+}
+
+// settle waits until the server has settled (settledLocked) or settleCap.
+func (o *observer) settle(cl *client, ping uint32) bool {
+	timer := time.NewTimer(settleCap)
+	defer timer.Stop()
+	for {
+		o.mu.Lock()
+		ok, ch := o.settledLocked(cl, ping), o.changed
+		o.mu.Unlock()
+		if ok {
+			return true
+		}
+		select {
+		case <-ch:
+		case <-timer.C:
+			return false
+		}
+	}
+}
+
+// write writes b to c, and gives up when the server ends the connection
+// with an error (net/http then stops reading) or after settleCap.
+func (o *observer) write(c net.Conn, b []byte) error {
+	_ = c.SetWriteDeadline(time.Now().Add(settleCap))
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Write(b)
+		done <- err
+	}()
+	for {
+		o.mu.Lock()
+		dead, ch := o.deadLocked(), o.changed
+		o.mu.Unlock()
+		if dead {
+			_ = c.SetWriteDeadline(time.Now())
+			return <-done
+		}
+		select {
+		case err := <-done:
+			return err
+		case <-ch:
+		}
+	}
+}
+
+func serveOurs(nc net.Conn, h http.Handler) { (&Server{Handler: h}).ServeConn(nc) }
+
+// serveNetHTTP is the reference, configured as ours is where that shows
+// on the wire (streams, windows, the header list limit).
+func serveNetHTTP(nc net.Conn, h http.Handler) {
+	s := &http2.Server{MaxConcurrentStreams: defaultMaxStreams, MaxUploadBufferPerStream: streamWindow,
+		MaxUploadBufferPerConnection: connWindow}
+	s.ServeConn(nc, &http2.ServeConnOpts{Handler: h,
+		BaseConfig: &http.Server{MaxHeaderBytes: defaultMaxHeader, ErrorLog: log.New(io.Discard, "", 0)}})
+}
+
+// result is one server's outcome.
+type result struct {
+	streams   map[uint32]streamOutcome
+	goAway    *http2.GoAwayFrame
+	closed    bool
+	unsettled []string // steps after which the server did not settle within settleCap
+	log       []string
+}
+
+// dead: the connection ended with an error (or was closed).
+func (r *result) dead() bool {
+	return r.closed || r.goAway != nil && r.goAway.ErrCode != http2.ErrCodeNo
+}
+
+func (r *result) conn() string {
+	switch {
+	case r.goAway != nil:
+		return fmt.Sprintf("GOAWAY %v last=%d (closed=%v)", r.goAway.ErrCode, r.goAway.LastStreamID, r.closed)
+	case r.closed:
+		return "closed"
+	}
+	return "alive"
+}
+
+// run replays steps to a server (serve) over a net.Pipe. mustEnd: the
+// server's goroutines must end once the connection is closed (ours; net/http
+// takes its time, up to a second after a GOAWAY).
+func run(steps []step, serve func(net.Conn, http.Handler), mustEnd bool) (*result, error) {
+	cc, sc := net.Pipe()
+	o := newObserver()
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		serve(sc, o.echoHandler())
+	}()
+	readDone := make(chan struct{})
+	go func() {
+		defer close(readDone)
+		o.read(cc)
+	}()
+	cl := newClient()
+	res := &result{}
+	for _, st := range steps {
+		o.mu.Lock()
+		dead := o.deadLocked()
+		o.mu.Unlock()
+		if dead {
+			break // net/http discards what follows an error; ours has closed
+		}
+		if err := o.write(cc, st.b); err != nil {
+			res.log = append(res.log, fmt.Sprintf("write %s: %v", st.desc, err))
+			break
+		}
+		cl.apply(st)
+		if st.sync && !o.settle(cl, st.ping) {
+			res.unsettled = append(res.unsettled, st.desc)
+		}
+	}
+	o.mu.Lock()
+	res.streams = map[uint32]streamOutcome{}
+	for id, so := range o.streams {
+		res.streams[id] = *so
+	}
+	res.goAway, res.closed = o.goAway, o.closed
+	res.log = append(res.log, o.log...)
+	o.mu.Unlock()
+
+	_ = cc.Close()
+	<-readDone
+	if !mustEnd {
+		return res, nil
+	}
+	// Every handler must end once the connection is gone: one that does
+	// not is a leak (bounded generously: this is not a timing check).
+	deadline := time.NewTimer(5 * time.Second)
+	defer deadline.Stop()
+	select {
+	case <-served:
+	case <-deadline.C:
+		return res, errors.New("ServeConn did not return after the connection closed")
+	}
+	for {
+		o.mu.Lock()
+		running, ch := o.running, o.changed
+		o.mu.Unlock()
+		if running == 0 {
+			return res, nil
+		}
+		select {
+		case <-ch:
+		case <-deadline.C:
+			return res, fmt.Errorf("%d handlers still running after the connection closed", running)
+		}
+	}
+}
+
+// compare returns how ours differs from the reference, "" if it does not.
+//
+// Tolerances, and why:
+//   - Error codes (RST_STREAM's, GOAWAY's) are not compared, only whether a
+//     stream was answered and whether the connection survived: RFC 9113
+//     lets an endpoint choose among codes, and they are reported in the
+//     message.
+//   - Only a 200 answer's body is compared (it is the echo of what the
+//     handler saw); the text of an error page the server itself wrote (a
+//     400, a 431) is not the contract, its status is.
+//   - After the client's GOAWAY, whether the connection stays open is not
+//     compared: the server may close it once its streams are done (RFC
+//     9113 6.8), net/http lingers a second, ours closes at once.
+//   - A request whose body does not add up to its Content-Length: ours
+//     resets the stream (RFC 9113 8.1.1: malformed, a stream error of type
+//     PROTOCOL_ERROR), net/http runs the handler with a body that ends in
+//     an error (when END_STREAM comes short of it). Ours is the RFC's, and
+//     what a proxy needs (no forwarding of a malformed request): a reset of
+//     ours against an answer whose handler saw a body error is accepted.
+//   - A stream not answered may have been reset, ignored (a GOAWAY covers
+//     it), cut by the connection's end, or still wait for the client;
+//     reset and waiting are told apart only while both connections are
+//     alive (once one is gone, its streams are gone too).
+func compare(ours, ref *result, clientGoAway bool) string {
+	var diffs []string
+	ids := map[uint32]bool{}
+	for id := range ours.streams {
+		ids[id] = true
+	}
+	for id := range ref.streams {
+		ids[id] = true
+	}
+	sorted := make([]uint32, 0, len(ids))
+	for id := range ids {
+		sorted = append(sorted, id)
+	}
+	slices.Sort(sorted)
+	bothAlive := !ours.dead() && !ref.dead()
+	for _, id := range sorted {
+		a, b := ours.streams[id], ref.streams[id]
+		switch {
+		case a.reset && b.ended && b.status == http.StatusOK && bytes.Contains(b.body, []byte("readerr=true")):
+		case a.ended != b.ended:
+			diffs = append(diffs, fmt.Sprintf("stream %d: ours %s, net/http %s", id, a.String(), b.String()))
+		case a.ended && a.status != b.status:
+			diffs = append(diffs, fmt.Sprintf("stream %d: status %d, net/http %d", id, a.status, b.status))
+		case a.ended && a.status == http.StatusOK && !bytes.Equal(a.body, b.body):
+			diffs = append(diffs, fmt.Sprintf("stream %d: body\n%s\nnet/http's\n%s", id, a.body, b.body))
+		case !a.ended && bothAlive && a.reset != b.reset:
+			diffs = append(diffs, fmt.Sprintf("stream %d: ours %s, net/http %s", id, a.String(), b.String()))
+		}
+	}
+	if !clientGoAway && ours.dead() != ref.dead() {
+		diffs = append(diffs, fmt.Sprintf("connection: ours %s, net/http %s", ours.conn(), ref.conn()))
+	}
+	return strings.Join(diffs, "\n")
+}
+
+func (so streamOutcome) String() string {
+	switch {
+	case so.ended:
+		return fmt.Sprintf("answered %d (%d bytes)", so.status, len(so.body))
+	case so.reset:
+		return fmt.Sprintf("reset %v", so.code)
+	case so.headered:
+		return fmt.Sprintf("%d, answer unfinished", so.status)
+	}
+	return "not answered"
+}
+
+func FuzzAgainstNetHTTP(f *testing.F) {
+	for _, s := range diffSeeds {
+		f.Add(bytes.Join(s, nil))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		steps := decodeSteps(data)
+		ours, err := run(steps, serveOurs, true)
+		if err != nil {
+			t.Fatalf("ours: %v\n%s", err, describe(steps))
+		}
+		ref, err := run(steps, serveNetHTTP, false)
+		if err != nil {
+			t.Fatalf("net/http: %v\n%s", err, describe(steps))
+		}
+		clientGoAway := slices.ContainsFunc(steps, func(st step) bool { return st.goAway })
+		if d := compare(ours, ref, clientGoAway); d != "" {
+			t.Errorf("%s\nthe client sent:\n%s\nours: %s, %q, unsettled after %q\nnet/http: %s, %q, unsettled after %q",
+				d, describe(steps), ours.conn(), ours.log, ours.unsettled, ref.conn(), ref.log, ref.unsettled)
+		}
+	})
+}
+
+func describe(steps []step) string {
+	var b strings.Builder
+	for _, st := range steps {
+		fmt.Fprintf(&b, "  %s\n", st.desc)
+	}
+	return b.String()
+}
+
+// Seeds, in decodeSteps's format: an op, then its bytes.
+var diffSeeds = [][][]byte{
+	// A GET.
+	{{opHeaders, 0, 0, 0, hfEndStream}},
+	// A POST with a body and its Content-Length, in two DATA frames.
+	{{opHeaders, 0, 1, 1, 26, 0}, {opData, 0, 1, 0}, {opData, 0, 4, 0}, {opData, 0, 0, 1}},
+	{{opHeaders, 0, 1, 1, 26, 0}, {opData, 0, 2, 1}},
+	// Content-Length wrong: fewer bytes, more bytes.
+	{{opHeaders, 0, 1, 1, 27, 0}, {opData, 0, 2, 1}},
+	{{opHeaders, 0, 1, 1, 26, 0}, {opData, 0, 3, 1}},
+	// Trailers, declared and not; padded DATA.
+	{{opHeaders, 0, 1, 1, 32, 0}, {opData, 0, 3, 2}, {opTrailers, 0, 1, hfEndStream}},
+	{{opHeaders, 0, 1, 0, 0}, {opTrailers, 0, 0, hfEndStream}},
+	// A header block in a HEADERS and a CONTINUATION; one left open.
+	{{opHeaders, 0, 0, 1, 36, hfEndStream | hfSplit}, {opHeaders, 1, 1, 1, 44, hfSplit}, {opData, 1, 1, 1}},
+	{{opHeaders, 0, 0, 0, hfEndStream | hfNoEnd}, {opContinuation, 0, 0}},
+	{{opHeaders, 0, 0, 0, hfEndStream | hfNoEnd}, {opPing, 0}},
+	// Bad pseudo-header fields, bad names, userinfo, CONNECT, :protocol.
+	{{opHeaders, 0, 0, 1, 0, hfEndStream}, {opHeaders, 1, 0, 2, 4, 19, hfEndStream}, {opHeaders, 2, 0, 1, 13, hfEndStream}},
+	{{opHeaders, 0, 0, 1, 6, hfEndStream}, {opHeaders, 1, 0, 1, 7, hfEndStream}, {opHeaders, 2, 0, 1, 8, hfEndStream}},
+	{{opHeaders, 0, 3, 0, hfEndStream}, {opHeaders, 1, 0, 1, 16, hfEndStream}, {opHeaders, 2, 3, 1, 16, hfEndStream}},
+	{{opHeaders, 0, 0, 1, 17, hfEndStream}, {opHeaders, 1, 0, 1, 45, hfEndStream}},
+	// Connection-specific fields, cookies, host and :authority.
+	{{opHeaders, 0, 0, 2, 20, 21, hfEndStream}, {opHeaders, 1, 0, 1, 22, hfEndStream}, {opHeaders, 2, 0, 2, 30, 15, hfEndStream}},
+	{{opHeaders, 0, 0, 1, 38, hfEndStream}, {opHeaders, 1, 0, 1, 39, hfEndStream}},
+	// Expect: 100-continue.
+	{{opHeaders, 0, 1, 2, 31, 26, 0}, {opData, 0, 2, 1}},
+	// Flow control: windows overflowed, an increment of 0, a window of 0
+	// (the answer waits for WINDOW_UPDATE).
+	{{opWindow, 0, 4}},
+	{{opHeaders, 0, 1, 0, 0}, {opWindow, 1, 4}, {opData, 0, 2, 1}},
+	{{opHeaders, 0, 1, 0, 0}, {opWindow, 1, 0}, {opWindow, 0, 0}},
+	{{opSettings, 1, 4}, {opHeaders, 0, 0, 0, hfEndStream}, {opWindow, 1, 2}, {opSettings, 1, 6}},
+	// Stream ids: reused, even, lower than the last.
+	{{opHeaders, 1, 0, 0, hfEndStream}, {opHeaders, 0, 0, 0, hfEndStream}},
+	{{opHeaders, 6, 0, 0, hfEndStream}},
+	{{opData, 2, 2, 1}},
+	// Reset, GOAWAY, PRIORITY on itself, unknown and malformed frames,
+	// SETTINGS ack and invalid values.
+	{{opHeaders, 0, 1, 0, 0}, {opReset, 0, 2}, {opData, 0, 2, 1}},
+	{{opHeaders, 0, 1, 0, 0}, {opGoAway, 0}, {opHeaders, 1, 0, 0, hfEndStream}, {opData, 0, 1, 1}},
+	{{opPriority, 0, 0}, {opHeaders, 0, 0, 0, hfEndStream | hfSelfDep}},
+	{{opUnknown, 0, 1, 0}, {opHeaders, 0, 0, 0, hfEndStream}, {opMalformed, 3}},
+	{{opSettings, 0}, {opSettings, 2, 2, 9}, {opHeaders, 0, 0, 0, hfEndStream}},
+}
