@@ -227,13 +227,18 @@ func (c *Conn) trailersLocked(st *stream, f *http2.MetaHeadersFrame) error {
 	if !f.StreamEnded() || len(f.PseudoFields()) > 0 || st.declared >= 0 && st.got != st.declared {
 		return bad
 	}
-	for _, hf := range f.RegularFields() {
-		k := canonicalKey(hf.Name)
-		if !httpguts.ValidTrailerHeader(k) {
-			return bad
-		}
-		if st.trailer != nil {
-			st.trailer[k] = append(st.trailer[k], hf.Value)
+	// As net/http: with trailers declared, each field must be one that may
+	// be a trailer, and only the declared ones reach the handler; with none
+	// declared, the trailers are ignored.
+	if st.trailer != nil {
+		for _, hf := range f.RegularFields() {
+			k := canonicalKey(hf.Name)
+			if !httpguts.ValidTrailerHeader(k) {
+				return bad
+			}
+			if _, ok := st.trailer[k]; ok {
+				st.trailer[k] = append(st.trailer[k], hf.Value)
+			}
 		}
 	}
 	st.remoteDone = true
