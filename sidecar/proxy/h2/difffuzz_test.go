@@ -1047,6 +1047,7 @@ var diffSeeds = [][][]byte{
 	// Connection-specific fields, cookies, host and :authority.
 	{{opHeaders, 0, 0, 2, 20, 21, hfEndStream}, {opHeaders, 1, 0, 1, 22, hfEndStream}, {opHeaders, 2, 0, 2, 30, 15, hfEndStream}},
 	{{opHeaders, 0, 0, 1, 38, hfEndStream}, {opHeaders, 1, 0, 1, 39, hfEndStream}},
+	{{opHeaders, 0, 0, 1, 11, hfEndStream}, {opHeaders, 1, 0, 3, 3, 15, 15, hfEndStream}, {opHeaders, 2, 0, 1, 49, hfEndStream}},
 	// Expect: 100-continue.
 	{{opHeaders, 0, 1, 2, 31, 26, 0}, {opData, 0, 2, 1}},
 	// Flow control: windows overflowed, an increment of 0, a window of 0
