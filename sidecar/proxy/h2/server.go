@@ -151,6 +151,7 @@ type Conn struct {
 	recvRefund   int32 // read by handlers (or discarded), not yet given back
 	goAway       bool  // GOAWAY sent, or received: no new stream; closed once idle
 	draining     bool  // drain's first GOAWAY sent
+	settingsAck  bool  // the client acknowledged our SETTINGS (we send one)
 	closed       bool
 	peeking      bool      // the serving goroutine waits for a frame's first byte
 	idleEnd      time.Time // while idle: when IdleTimeout ends
@@ -642,6 +643,15 @@ func (c *Conn) process(f http2.Frame) error {
 
 func (c *Conn) onSettings(f *http2.SettingsFrame) error {
 	if f.IsAck() {
+		// As net/http: an acknowledgement of SETTINGS we did not send
+		// is a connection error.
+		c.mu.Lock()
+		dup := c.settingsAck
+		c.settingsAck = true
+		c.mu.Unlock()
+		if dup {
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
 		return nil
 	}
 	// Repeated settings are applied in order (RFC 9113 6.5.3; net/http
