@@ -484,6 +484,7 @@ func syncPing(n uint32) [8]byte {
 type handlerState struct {
 	started, inRead, done bool
 	read                  int
+	readErr               bool // the body ended in an error
 }
 
 // observer gathers one server's output and its handlers' states.
@@ -563,6 +564,7 @@ func (o *observer) echoHandler() http.Handler {
 			if err != nil {
 				if err != io.EOF {
 					rerr = err
+					o.handler(label, func(hs *handlerState) { hs.readErr = true })
 				}
 				break
 			}
@@ -831,7 +833,8 @@ type result struct {
 	streams   map[uint32]streamOutcome
 	goAway    *http2.GoAwayFrame
 	closed    bool
-	unsettled []string // steps after which the server did not settle within settleCap
+	unsettled []string        // steps after which the server did not settle within settleCap
+	readErr   map[uint32]bool // streams whose handler's body read failed
 	log       []string
 }
 
@@ -890,6 +893,12 @@ func run(steps []step, serve func(net.Conn, http.Handler), mustEnd bool) (*resul
 		res.streams[id] = *so
 	}
 	res.goAway, res.closed = o.goAway, o.closed
+	res.readErr = map[uint32]bool{}
+	for label, hs := range o.handlers {
+		if id, ok := cl.opened[label]; ok && hs.readErr {
+			res.readErr[id] = true
+		}
+	}
 	res.log = append(res.log, o.log...)
 	o.mu.Unlock()
 
@@ -963,7 +972,7 @@ func compare(ours, ref *result, clientGoAway bool) string {
 	for _, id := range sorted {
 		a, b := ours.streams[id], ref.streams[id]
 		switch {
-		case a.reset && b.ended && b.status == http.StatusOK && bytes.Contains(b.body, []byte("readerr=true")):
+		case a.reset && b.ended && ref.readErr[id]:
 		case a.ended != b.ended:
 			diffs = append(diffs, fmt.Sprintf("stream %d: ours %s, net/http %s", id, a.String(), b.String()))
 		case a.ended && a.status != b.status:
