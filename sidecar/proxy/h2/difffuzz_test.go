@@ -492,7 +492,8 @@ type observer struct {
 	mu       sync.Mutex
 	changed  chan struct{} // closed and replaced on every change
 	handlers map[int]*handlerState
-	running  int // handlers not yet returned
+	holds    func(id uint32) bool // the server holds stream id (nil: not known)
+	running  int                  // handlers not yet returned
 
 	streams  map[uint32]*streamOutcome
 	pingAcks uint32 // the highest sync PING acknowledged
@@ -508,6 +509,7 @@ type streamOutcome struct {
 	body     []byte
 	ended    bool // END_STREAM after a final status
 	reset    bool // RST_STREAM before that
+	rstAfter bool // RST_STREAM after the answer (the client had not ended its side)
 	code     http2.ErrCode
 	headered bool
 }
@@ -656,7 +658,9 @@ func (o *observer) frameLocked(f http2.Frame) {
 	case *http2.RSTStreamFrame:
 		so := o.stream(f.StreamID)
 		o.log = append(o.log, fmt.Sprintf("RST_STREAM %d %v", f.StreamID, f.ErrCode))
-		if !so.ended && !so.reset {
+		if so.ended {
+			so.rstAfter = true
+		} else if !so.reset {
 			so.reset, so.code = true, f.ErrCode
 		}
 	case *http2.GoAwayFrame:
@@ -733,8 +737,22 @@ func (o *observer) settledLocked(cl *client, ping uint32) bool {
 		return false
 	}
 	for label, id := range cl.opened {
-		if so := o.streams[id]; so != nil && (so.ended || so.reset) {
+		if so := o.streams[id]; so != nil && so.reset {
 			continue // over on the wire
+		}
+		if so := o.streams[id]; so != nil && so.ended {
+			// Answered. What the server does with a frame that comes
+			// next on this stream depends on whether it has closed the
+			// stream yet (STREAM_CLOSED while it holds it, a connection
+			// error once it has forgotten it): wait for that. To a
+			// client that has not ended its side both send RST_STREAM
+			// (NO_ERROR, RFC 9113 8.1) once the stream is closed; for
+			// the others, net/http has closed the stream before it
+			// flushes the END_STREAM, and ours is asked (holds).
+			if !cl.ended[id] && !so.rstAfter || o.holds != nil && o.holds(id) {
+				return false
+			}
+			continue
 		}
 		if g := o.goAway; g != nil && g.LastStreamID < id {
 			continue // not served, as the server's GOAWAY says
@@ -774,9 +792,13 @@ func sumInts(m map[uint32]int) int64 {
 }
 
 // settle waits until the server has settled (settledLocked) or settleCap.
+// It looks again at every change it is told of, and every millisecond
+// for what it is not told of (holds).
 func (o *observer) settle(cl *client, ping uint32) bool {
 	timer := time.NewTimer(settleCap)
 	defer timer.Stop()
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
 	for {
 		o.mu.Lock()
 		ok, ch := o.settledLocked(cl, ping), o.changed
@@ -786,6 +808,7 @@ func (o *observer) settle(cl *client, ping uint32) bool {
 		}
 		select {
 		case <-ch:
+		case <-tick.C:
 		case <-timer.C:
 			return false
 		}
@@ -817,15 +840,36 @@ func (o *observer) write(c net.Conn, b []byte) error {
 	}
 }
 
-func serveOurs(nc net.Conn, h http.Handler) { (&Server{Handler: h}).ServeConn(nc) }
+// A server under test: serve serves a connection, holds (if not nil) tells
+// whether the server still holds a stream.
+type serverUnderTest func(http.Handler) (serve func(net.Conn), holds func(uint32) bool)
 
-// serveNetHTTP is the reference, configured as ours is where that shows
+func ours(h http.Handler) (func(net.Conn), func(uint32) bool) {
+	s := &Server{Handler: h}
+	holds := func(id uint32) bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		for c := range s.conns {
+			c.mu.Lock()
+			_, ok := c.streams[id]
+			c.mu.Unlock()
+			if ok {
+				return true
+			}
+		}
+		return false
+	}
+	return s.ServeConn, holds
+}
+
+// netHTTP is the reference, configured as ours is where that shows
 // on the wire (streams, windows, the header list limit).
-func serveNetHTTP(nc net.Conn, h http.Handler) {
+func netHTTP(h http.Handler) (func(net.Conn), func(uint32) bool) {
 	s := &http2.Server{MaxConcurrentStreams: defaultMaxStreams, MaxUploadBufferPerStream: streamWindow,
 		MaxUploadBufferPerConnection: connWindow}
-	s.ServeConn(nc, &http2.ServeConnOpts{Handler: h,
-		BaseConfig: &http.Server{MaxHeaderBytes: defaultMaxHeader, ErrorLog: log.New(io.Discard, "", 0)}})
+	opts := &http2.ServeConnOpts{Handler: h,
+		BaseConfig: &http.Server{MaxHeaderBytes: defaultMaxHeader, ErrorLog: log.New(io.Discard, "", 0)}}
+	return func(nc net.Conn) { s.ServeConn(nc, opts) }, nil
 }
 
 // result is one server's outcome.
@@ -856,13 +900,15 @@ func (r *result) conn() string {
 // run replays steps to a server (serve) over a net.Pipe. mustEnd: the
 // server's goroutines must end once the connection is closed (ours; net/http
 // takes its time, up to a second after a GOAWAY).
-func run(steps []step, serve func(net.Conn, http.Handler), mustEnd bool) (*result, error) {
+func run(steps []step, sut serverUnderTest, mustEnd bool) (*result, error) {
 	cc, sc := net.Pipe()
 	o := newObserver()
+	serve, holds := sut(o.echoHandler())
+	o.holds = holds
 	served := make(chan struct{})
 	go func() {
 		defer close(served)
-		serve(sc, o.echoHandler())
+		serve(sc)
 	}()
 	readDone := make(chan struct{})
 	go func() {
@@ -1007,13 +1053,16 @@ func FuzzAgainstNetHTTP(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		steps := decodeSteps(data)
-		ours, err := run(steps, serveOurs, true)
+		ours, err := run(steps, ours, true)
 		if err != nil {
 			t.Fatalf("ours: %v\n%s", err, describe(steps))
 		}
-		ref, err := run(steps, serveNetHTTP, false)
+		ref, err := run(steps, netHTTP, false)
 		if err != nil {
 			t.Fatalf("net/http: %v\n%s", err, describe(steps))
+		}
+		if len(ours.unsettled)+len(ref.unsettled) > 0 {
+			t.Logf("not settled within %v: ours after %q, net/http after %q", settleCap, ours.unsettled, ref.unsettled)
 		}
 		clientGoAway := slices.ContainsFunc(steps, func(st step) bool { return st.goAway })
 		if d := compare(ours, ref, clientGoAway); d != "" {
