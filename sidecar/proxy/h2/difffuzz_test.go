@@ -926,6 +926,18 @@ func run(steps []step, sut serverUnderTest, mustEnd bool) (*result, error) {
 		}
 		if err := o.write(cc, st.b); err != nil {
 			res.log = append(res.log, fmt.Sprintf("write %s: %v", st.desc, err))
+			// Unless its GOAWAY was seen (then net/http stops reading),
+			// the server closed the connection: what it wrote before
+			// (a GOAWAY) may still be in the reader's hands.
+			o.mu.Lock()
+			dead := o.deadLocked()
+			o.mu.Unlock()
+			if !dead {
+				select {
+				case <-readDone:
+				case <-time.After(settleCap):
+				}
+			}
 			break
 		}
 		cl.apply(st)
