@@ -459,6 +459,15 @@ func decodeSteps(data []byte) []step {
 		st.b = bytes.Clone(buf.Bytes())
 		steps = append(steps, st)
 	}
+	if inBlock {
+		// A header block left open at the end gets a PING too, so that
+		// the outcome is taken once the server has acted on what it
+		// has: a PING in a header block is a connection error.
+		buf.Reset()
+		pings++
+		_ = fr.WritePing(false, syncPing(pings))
+		steps = append(steps, step{b: bytes.Clone(buf.Bytes()), desc: "PING", sync: true, ping: pings, initWin: -1})
+	}
 	return steps
 }
 
