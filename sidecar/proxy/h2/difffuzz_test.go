@@ -32,6 +32,7 @@ import (
 	"log"
 	"net"
 	"net/http"
+	"os"
 	"slices"
 	"sort"
 	"strconv"
@@ -825,9 +826,19 @@ func (o *observer) settle(cl *client, ping uint32) bool {
 }
 
 // write writes b to c, and gives up when the server ends the connection
-// with an error (net/http then stops reading) or after settleCap.
+// with an error (net/http then stops reading) or after settleCap. After a
+// GOAWAY without error the wait is shorter: net/http, draining, may meet a
+// connection error it has no GOAWAY left to announce (it sent one), stop
+// reading, and close the connection only a second later.
 func (o *observer) write(c net.Conn, b []byte) error {
-	_ = c.SetWriteDeadline(time.Now().Add(settleCap))
+	o.mu.Lock()
+	draining := o.goAway != nil
+	o.mu.Unlock()
+	if draining {
+		_ = c.SetWriteDeadline(time.Now().Add(settleCap / 3))
+	} else {
+		_ = c.SetWriteDeadline(time.Now().Add(settleCap))
+	}
 	done := make(chan error, 1)
 	go func() {
 		_, err := c.Write(b)
@@ -935,13 +946,13 @@ func run(steps []step, sut serverUnderTest, mustEnd bool) (*result, error) {
 		}
 		if err := o.write(cc, st.b); err != nil {
 			res.log = append(res.log, fmt.Sprintf("write %s: %v", st.desc, err))
-			// Unless its GOAWAY was seen (then net/http stops reading),
-			// the server closed the connection: what it wrote before
-			// (a GOAWAY) may still be in the reader's hands.
+			// The server closed the connection (it did not just stop
+			// reading): what it wrote before (a GOAWAY) may still be in
+			// the reader's hands.
 			o.mu.Lock()
 			dead := o.deadLocked()
 			o.mu.Unlock()
-			if !dead {
+			if !dead && !errors.Is(err, os.ErrDeadlineExceeded) {
 				select {
 				case <-readDone:
 				case <-time.After(settleCap):
