@@ -883,10 +883,10 @@ func ours(h http.Handler) (func(net.Conn), func(uint32) bool) {
 }
 
 // netHTTP is the reference, configured as ours is where that shows
-// on the wire (streams, windows, the header list limit).
+// on the wire (streams, windows, the frame size, the header list limit).
 func netHTTP(h http.Handler) (func(net.Conn), func(uint32) bool) {
 	s := &http2.Server{MaxConcurrentStreams: defaultMaxStreams, MaxUploadBufferPerStream: streamWindow,
-		MaxUploadBufferPerConnection: connWindow}
+		MaxUploadBufferPerConnection: connWindow, MaxReadFrameSize: readFrame}
 	opts := &http2.ServeConnOpts{Handler: h,
 		BaseConfig: &http.Server{MaxHeaderBytes: defaultMaxHeader, ErrorLog: log.New(io.Discard, "", 0)}}
 	return func(nc net.Conn) { s.ServeConn(nc, opts) }, nil
