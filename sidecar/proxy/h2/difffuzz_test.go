@@ -801,26 +801,31 @@ func sumInts(m map[uint32]int) int64 {
 	return n
 }
 
-// settle waits until the server has settled (settledLocked) or settleCap.
-// It looks again at every change it is told of, and every millisecond
-// for what it is not told of (holds).
+// settle waits until the server has settled (settledLocked) or settleCap,
+// a third of it after a GOAWAY of the server's (as write). It looks again
+// at every change it is told of, and every millisecond for what it is not
+// told of (holds).
 func (o *observer) settle(cl *client, ping uint32) bool {
-	timer := time.NewTimer(settleCap)
-	defer timer.Stop()
+	start := time.Now()
 	tick := time.NewTicker(time.Millisecond)
 	defer tick.Stop()
 	for {
 		o.mu.Lock()
 		ok, ch := o.settledLocked(cl, ping), o.changed
+		limit := settleCap
+		if o.goAway != nil {
+			limit = settleCap / 3
+		}
 		o.mu.Unlock()
 		if ok {
 			return true
 		}
+		if time.Since(start) > limit {
+			return false
+		}
 		select {
 		case <-ch:
 		case <-tick.C:
-		case <-timer.C:
-			return false
 		}
 	}
 }
@@ -963,6 +968,12 @@ func run(steps []step, sut serverUnderTest, mustEnd bool) (*result, error) {
 		cl.apply(st)
 		if st.sync && !o.settle(cl, st.ping) {
 			res.unsettled = append(res.unsettled, st.desc)
+			o.mu.Lock()
+			draining := o.goAway != nil
+			o.mu.Unlock()
+			if draining {
+				break // net/http has stopped after a connection error (see write)
+			}
 		}
 	}
 	o.mu.Lock()
