@@ -798,14 +798,16 @@ func (o *observer) settledLocked(cl *sent, ping uint32) bool {
 			continue
 		}
 		hs := o.handlers[label]
-		if hs == nil {
+		so := o.streams[id]
+		if hs == nil && (so == nil || !so.headered) {
 			return false // its handler has not started yet
 		}
-		if hs.inRead && !cl.ended[id] && hs.read == cl.data[id] {
+		if hs != nil && hs.inRead && !cl.ended[id] && hs.read == cl.data[id] {
 			continue // waits for a body the client has not sent
 		}
-		if hs.done {
-			// Its answer waits for a window the client has not opened.
+		if hs == nil || hs.done {
+			// The answer (ours, or the server's own: a 400, a 431)
+			// waits for a window the client has not opened.
 			conn := 65535 + cl.connInc - sumInts(o.dataSent)
 			strm := cl.initWin + cl.inc[id] - int64(o.dataSent[id])
 			if conn <= 0 || strm <= 0 {
@@ -1098,7 +1100,7 @@ func compare(ours, ref *result, clientGoAway bool, lastOpened uint32) string {
 		a, b := ours.streams[id], ref.streams[id]
 		switch {
 		case a.reset && b.ended && ref.readErr[id]:
-		case a.reset && b.ended && b.status == http.StatusBadRequest:
+		case a.reset && b.headered && b.status == http.StatusBadRequest: // ended, or waiting for a window
 		case a.ended != b.ended:
 			diffs = append(diffs, fmt.Sprintf("stream %d: ours %s, net/http %s", id, a.String(), b.String()))
 		case a.ended && a.status != b.status:
