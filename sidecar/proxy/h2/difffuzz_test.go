@@ -529,8 +529,9 @@ type observer struct {
 	holds    func(id uint32) bool // the server holds stream id (nil: not known)
 	running  int                  // handlers not yet returned
 
-	streams  map[uint32]*streamOutcome
-	pingAcks uint32 // the highest sync PING acknowledged
+	streams  map[uint64]*streamOutcome // by skey
+	gen      map[uint32]int            // each stream's opening: the output is its
+	pingAcks uint32                    // the highest sync PING acknowledged
 	goAway   *http2.GoAwayFrame
 	closed   bool           // EOF or an error reading the server's output
 	readErr  error          // why the output ended (unparsable, EOF)
@@ -550,7 +551,7 @@ type streamOutcome struct {
 
 func newObserver() *observer {
 	return &observer{changed: make(chan struct{}), handlers: map[int]*handlerState{},
-		streams: map[uint32]*streamOutcome{}, dataSent: map[uint32]int{}}
+		streams: map[uint64]*streamOutcome{}, gen: map[uint32]int{}, dataSent: map[uint32]int{}}
 }
 
 // notifyLocked wakes the waiters; mu held.
@@ -655,10 +656,11 @@ func (o *observer) read(c net.Conn) {
 }
 
 func (o *observer) stream(id uint32) *streamOutcome {
-	so := o.streams[id]
+	k := skey(id, o.gen[id])
+	so := o.streams[k]
 	if so == nil {
 		so = &streamOutcome{}
-		o.streams[id] = so
+		o.streams[k] = so
 	}
 	return so
 }
@@ -718,7 +720,8 @@ func (o *observer) deadLocked() bool {
 
 // sent is what the client has sent so far, for the settle conditions.
 type sent struct {
-	opened   map[int]uint32 // label: stream
+	opened   map[int]uint64 // label: its stream (skey)
+	gens     map[uint32]int // openings of each stream id
 	data     map[uint32]int // payload bytes sent on each stream
 	ended    map[uint32]bool
 	resets   map[uint32]bool
@@ -730,13 +733,21 @@ type sent struct {
 }
 
 func newSent() *sent {
-	return &sent{opened: map[int]uint32{}, data: map[uint32]int{}, ended: map[uint32]bool{},
+	return &sent{opened: map[int]uint64{}, gens: map[uint32]int{}, data: map[uint32]int{}, ended: map[uint32]bool{},
 		resets: map[uint32]bool{}, lateOpen: map[int]bool{}, initWin: 65535, inc: map[uint32]int64{}}
 }
 
 func (cl *sent) apply(st step) {
 	if st.label != 0 {
-		cl.opened[st.label] = st.open
+		// A stream id opened again (after a HEADERS refused before it
+		// opened anything) is a stream of its own.
+		id := st.open
+		cl.gens[id]++
+		cl.opened[st.label] = skey(id, cl.gens[id])
+		delete(cl.data, id)
+		delete(cl.ended, id)
+		delete(cl.resets, id)
+		delete(cl.inc, id)
 		if cl.goAway {
 			cl.lateOpen[st.label] = true
 		}
@@ -770,11 +781,12 @@ func (o *observer) settledLocked(cl *sent, ping uint32) bool {
 	if o.pingAcks < ping {
 		return false
 	}
-	for label, id := range cl.opened {
-		if so := o.streams[id]; so != nil && so.reset {
+	for label, k := range cl.opened {
+		id := uint32(k)
+		if so := o.streams[k]; so != nil && so.reset {
 			continue // over on the wire
 		}
-		if so := o.streams[id]; so != nil && so.ended {
+		if so := o.streams[k]; so != nil && so.ended {
 			// Answered. What the server does with a frame that comes
 			// next on this stream depends on whether it has closed the
 			// stream yet (STREAM_CLOSED while it holds it, a connection
@@ -798,7 +810,7 @@ func (o *observer) settledLocked(cl *sent, ping uint32) bool {
 			continue
 		}
 		hs := o.handlers[label]
-		so := o.streams[id]
+		so := o.streams[k]
 		if hs == nil && (so == nil || !so.headered) {
 			return false // its handler has not started yet
 		}
@@ -818,6 +830,9 @@ func (o *observer) settledLocked(cl *sent, ping uint32) bool {
 	}
 	return true
 }
+
+// skey is a stream's key: its id and which opening of that id it is.
+func skey(id uint32, gen int) uint64 { return uint64(gen)<<32 | uint64(id) }
 
 func sumInts(m map[uint32]int) int64 {
 	var n int64
@@ -925,11 +940,11 @@ func netHTTP(h http.Handler) (func(net.Conn), func(uint32) bool) {
 
 // result is one server's outcome.
 type result struct {
-	streams   map[uint32]streamOutcome
+	streams   map[uint64]streamOutcome // by skey
 	goAway    *http2.GoAwayFrame
 	closed    bool
 	unsettled []string        // steps after which the server did not settle within settleCap
-	readErr   map[uint32]bool // streams whose handler's body read failed
+	readErr   map[uint64]bool // streams whose handler's body read failed
 	log       []string
 }
 
@@ -975,6 +990,13 @@ func run(steps []step, sut serverUnderTest, mustEnd bool) (*result, error) {
 		if dead {
 			break // net/http discards what follows an error; ours has closed
 		}
+		cl.apply(st)
+		if st.label != 0 { // before the server can answer it
+			o.mu.Lock()
+			o.gen[st.open] = cl.gens[st.open]
+			delete(o.dataSent, st.open)
+			o.mu.Unlock()
+		}
 		if err := o.write(cc, st.b); err != nil {
 			res.log = append(res.log, fmt.Sprintf("write %s: %v", st.desc, err))
 			// The server closed the connection (it did not just stop
@@ -991,7 +1013,7 @@ func run(steps []step, sut serverUnderTest, mustEnd bool) (*result, error) {
 			}
 			break
 		}
-		cl.apply(st)
+
 		if st.sync && !o.settle(cl, st.ping) {
 			res.unsettled = append(res.unsettled, st.desc)
 			o.mu.Lock()
@@ -1003,15 +1025,15 @@ func run(steps []step, sut serverUnderTest, mustEnd bool) (*result, error) {
 		}
 	}
 	o.mu.Lock()
-	res.streams = map[uint32]streamOutcome{}
-	for id, so := range o.streams {
-		res.streams[id] = *so
+	res.streams = map[uint64]streamOutcome{}
+	for k, so := range o.streams {
+		res.streams[k] = *so
 	}
 	res.goAway, res.closed = o.goAway, o.closed
-	res.readErr = map[uint32]bool{}
+	res.readErr = map[uint64]bool{}
 	for label, hs := range o.handlers {
-		if id, ok := cl.opened[label]; ok && hs.readErr {
-			res.readErr[id] = true
+		if k, ok := cl.opened[label]; ok && hs.readErr {
+			res.readErr[k] = true
 		}
 	}
 	res.log = append(res.log, o.log...)
@@ -1083,32 +1105,37 @@ func run(steps []step, sut serverUnderTest, mustEnd bool) (*result, error) {
 // had opened by then.
 func compare(ours, ref *result, clientGoAway bool, lastOpened uint32) string {
 	var diffs []string
-	ids := map[uint32]bool{}
-	for id := range ours.streams {
-		ids[id] = true
+	keys := map[uint64]bool{}
+	for k := range ours.streams {
+		keys[k] = true
 	}
-	for id := range ref.streams {
-		ids[id] = true
+	for k := range ref.streams {
+		keys[k] = true
 	}
-	sorted := make([]uint32, 0, len(ids))
-	for id := range ids {
-		sorted = append(sorted, id)
+	sorted := make([]uint64, 0, len(keys))
+	for k := range keys {
+		sorted = append(sorted, k)
 	}
 	slices.Sort(sorted)
 	bothAlive := !ours.dead() && !ref.dead()
-	for _, id := range sorted {
-		a, b := ours.streams[id], ref.streams[id]
+	for _, k := range sorted {
+		id := uint32(k)
+		name := fmt.Sprint(id)
+		if k>>32 > 1 {
+			name += fmt.Sprintf(" (opening %d)", k>>32)
+		}
+		a, b := ours.streams[k], ref.streams[k]
 		switch {
-		case a.reset && b.ended && ref.readErr[id]:
+		case a.reset && b.ended && ref.readErr[k]:
 		case a.reset && b.headered && b.status == http.StatusBadRequest: // ended, or waiting for a window
 		case a.ended != b.ended:
-			diffs = append(diffs, fmt.Sprintf("stream %d: ours %s, net/http %s", id, a.String(), b.String()))
+			diffs = append(diffs, fmt.Sprintf("stream %s: ours %s, net/http %s", name, a.String(), b.String()))
 		case a.ended && a.status != b.status:
-			diffs = append(diffs, fmt.Sprintf("stream %d: status %d, net/http %d", id, a.status, b.status))
+			diffs = append(diffs, fmt.Sprintf("stream %s: status %d, net/http %d", name, a.status, b.status))
 		case a.ended && a.status == http.StatusOK && !bytes.Equal(a.body, b.body):
-			diffs = append(diffs, fmt.Sprintf("stream %d: body\n%s\nnet/http's\n%s", id, a.body, b.body))
+			diffs = append(diffs, fmt.Sprintf("stream %s: body\n%s\nnet/http's\n%s", name, a.body, b.body))
 		case !a.ended && bothAlive && a.reset != b.reset && !(clientGoAway && id > lastOpened):
-			diffs = append(diffs, fmt.Sprintf("stream %d: ours %s, net/http %s", id, a.String(), b.String()))
+			diffs = append(diffs, fmt.Sprintf("stream %s: ours %s, net/http %s", name, a.String(), b.String()))
 		}
 	}
 	if !clientGoAway && ours.dead() != ref.dead() {
