@@ -817,9 +817,11 @@ func (o *observer) settledLocked(cl *sent, ping uint32) bool {
 		if hs != nil && hs.inRead && !cl.ended[id] && hs.read == cl.data[id] {
 			continue // waits for a body the client has not sent
 		}
-		if hs == nil || hs.done {
+		if (hs == nil || hs.done) && so != nil && so.headered {
 			// The answer (ours, or the server's own: a 400, a 431)
-			// waits for a window the client has not opened.
+			// has its HEADERS out and waits for a window the client
+			// has not opened (both servers send the HEADERS before
+			// they wait; an answer without a body does not wait).
 			conn := 65535 + cl.connInc - sumInts(o.dataSent)
 			strm := cl.initWin + cl.inc[id] - int64(o.dataSent[id])
 			if conn <= 0 || strm <= 0 {
