@@ -992,6 +992,22 @@ func run(steps []step, sut serverUnderTest, mustEnd bool) (*result, error) {
 		if dead {
 			break // net/http discards what follows an error; ours has closed
 		}
+		if len(st.b) >= 9 && http2.FrameType(st.b[3]) == http2.FrameHeaders {
+			id := binary.BigEndian.Uint32(st.b[5:9]) & (1<<31 - 1)
+			o.mu.Lock()
+			so := o.streams[skey(id, o.gen[id])]
+			o.mu.Unlock()
+			if so != nil && so.reset {
+				// A HEADERS on a stream the server reset: ours ignores
+				// it (RFC 9113 5.1, frames the client sent before it
+				// learnt of the reset), net/http takes it for a stream
+				// gone (a connection error). Not compared: the
+				// sequence ends here, in both runs (the reset is in
+				// both, or the comparison says so).
+				res.log = append(res.log, "stopped before "+st.desc)
+				break
+			}
+		}
 		cl.apply(st)
 		if st.label != 0 { // before the server can answer it
 			o.mu.Lock()
