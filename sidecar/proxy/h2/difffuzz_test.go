@@ -52,6 +52,7 @@ const (
 	// hangs, and then the outcome says so.
 	settleCap = 750 * time.Millisecond
 	labelName = "x-seq" // the harness's label of a request, to find its handler
+	stopPing  = 1 << 30 // the number of the PING sent where a sequence is cut short
 )
 
 // Tables the fuzz input picks from, by index (modulo their length).
@@ -985,6 +986,7 @@ func run(steps []step, sut serverUnderTest, mustEnd bool) (*result, error) {
 	}()
 	cl := newSent()
 	res := &result{}
+	synced := true // the server has settled after the last step written
 	for _, st := range steps {
 		o.mu.Lock()
 		dead := o.deadLocked()
@@ -1007,9 +1009,21 @@ func run(steps []step, sut serverUnderTest, mustEnd bool) (*result, error) {
 				// sequence ends here, in both runs (the reset is in
 				// both, or the comparison says so).
 				res.log = append(res.log, "stopped before "+st.desc)
+				if !synced {
+					// The server has not been seen acting on the
+					// steps since the last sync (a header block
+					// left open): a PING (the same in both runs; in
+					// a header block, a connection error) and wait.
+					var b bytes.Buffer
+					_ = http2.NewFramer(&b, nil).WritePing(false, syncPing(stopPing))
+					if o.write(cc, b.Bytes()) == nil && !o.settle(cl, stopPing) {
+						res.unsettled = append(res.unsettled, "PING at the stop")
+					}
+				}
 				break
 			}
 		}
+		synced = st.sync
 		cl.apply(st)
 		if st.label != 0 { // before the server can answer it
 			o.mu.Lock()
