@@ -999,10 +999,9 @@ func run(steps []step, sut serverUnderTest, mustEnd bool) (*result, error) {
 			o.mu.Lock()
 			so := o.streams[skey(id, o.gen[id])]
 			o.mu.Unlock()
-			if so != nil && (so.reset || so.ended && so.rstAfter) {
-				// A HEADERS on a stream the server reset (before or
-				// after its answer, as a 400 of net/http's against a
-				// reset of ours): ours ignores
+			if so != nil && (so.reset || so.headered) {
+				// A HEADERS on a stream the server reset or answered
+				// (a 400 of net/http's is a reset of ours): ours ignores
 				// it (RFC 9113 5.1, frames the client sent before it
 				// learnt of the reset), net/http takes it for a stream
 				// gone (a connection error). Not compared: the
