@@ -151,6 +151,7 @@ type Conn struct {
 	recvRefund   int32 // read by handlers (or discarded), not yet given back
 	goAway       bool  // GOAWAY sent, or received: no new stream; closed once idle
 	draining     bool  // drain's first GOAWAY sent
+	settingsAck  bool  // the client acknowledged our SETTINGS (we send one)
 	closed       bool
 	peeking      bool      // the serving goroutine waits for a frame's first byte
 	idleEnd      time.Time // while idle: when IdleTimeout ends
@@ -514,6 +515,11 @@ func (c *Conn) await() (ok, park bool) {
 	}
 }
 
+// streamIdleLocked: stream id is idle (RFC 9113 5.1), a frame on it other
+// than HEADERS or PRIORITY is a connection error: a client's stream it has
+// not opened, or any of ours (we push none); mu held.
+func (c *Conn) streamIdleLocked(id uint32) bool { return id > c.maxID || id%2 == 0 }
+
 // idleLocked: no stream, no handler; mu held.
 func (c *Conn) idleLocked() bool { return len(c.streams) == 0 && c.handlers == 0 }
 
@@ -642,6 +648,15 @@ func (c *Conn) process(f http2.Frame) error {
 
 func (c *Conn) onSettings(f *http2.SettingsFrame) error {
 	if f.IsAck() {
+		// As net/http: an acknowledgement of SETTINGS we did not send
+		// is a connection error.
+		c.mu.Lock()
+		dup := c.settingsAck
+		c.settingsAck = true
+		c.mu.Unlock()
+		if dup {
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
 		return nil
 	}
 	// Repeated settings are applied in order (RFC 9113 6.5.3; net/http
@@ -688,8 +703,8 @@ func (c *Conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 		c.cond.Broadcast()
 		return nil
 	}
-	if f.StreamID > c.maxID {
-		return http2.ConnectionError(http2.ErrCodeProtocol) // an idle stream
+	if c.streamIdleLocked(f.StreamID) {
+		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	st := c.streams[f.StreamID]
 	if st == nil {
@@ -706,8 +721,8 @@ func (c *Conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 func (c *Conn) onReset(f *http2.RSTStreamFrame) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if f.StreamID > c.maxID {
-		return http2.ConnectionError(http2.ErrCodeProtocol) // an idle stream
+	if c.streamIdleLocked(f.StreamID) {
+		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	if st := c.streams[f.StreamID]; st != nil {
 		st.endLocked(errStreamClosed)
@@ -722,9 +737,9 @@ func (c *Conn) onReset(f *http2.RSTStreamFrame) error {
 func (c *Conn) onData(f *http2.DataFrame) error {
 	id, size := f.StreamID, int32(f.Length)
 	c.mu.Lock()
-	if id > c.maxID {
+	if c.streamIdleLocked(id) {
 		c.mu.Unlock()
-		return http2.ConnectionError(http2.ErrCodeProtocol) // an idle stream
+		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	if size > c.recvWin {
 		c.mu.Unlock()

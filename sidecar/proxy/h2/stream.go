@@ -88,8 +88,21 @@ func (c *Conn) newRequest(f *http2.MetaHeadersFrame) (*http.Request, *stream, er
 		k := canonicalKey(hf.Name)
 		hdr[k] = append(hdr[k], hf.Value)
 	}
-	if authority == "" {
-		authority = hdr.Get("Host")
+	// A Host field may come, once, and must then name what :authority
+	// names (RFC 9113 8.3.1); the handler has it as r.Host, not in the
+	// header, as net/http gives it.
+	if host := hdr["Host"]; len(host) == 1 {
+		if authority == "" {
+			authority = host[0]
+		} else if host[0] != authority {
+			return nil, nil, bad
+		}
+		delete(hdr, "Host")
+	} else if len(host) > 1 {
+		return nil, nil, bad
+	}
+	if authority != "" && !httpguts.ValidHostHeader(authority) {
+		return nil, nil, bad
 	}
 	expect100 := httpguts.HeaderValuesContainsToken(hdr["Expect"], "100-continue")
 	if expect100 {
@@ -120,6 +133,11 @@ func (c *Conn) newRequest(f *http2.MetaHeadersFrame) (*http.Request, *stream, er
 	if connect {
 		u, uri = &url.URL{Host: authority}, authority
 	} else {
+		// :path is an absolute path (and query), or "*" (RFC 9113 8.3.1):
+		// not an absolute URI, which url.ParseRequestURI would take.
+		if path[0] != '/' && path != "*" {
+			return nil, nil, bad
+		}
 		var err error
 		if u, err = url.ParseRequestURI(path); err != nil {
 			return nil, nil, bad
@@ -227,13 +245,18 @@ func (c *Conn) trailersLocked(st *stream, f *http2.MetaHeadersFrame) error {
 	if !f.StreamEnded() || len(f.PseudoFields()) > 0 || st.declared >= 0 && st.got != st.declared {
 		return bad
 	}
-	for _, hf := range f.RegularFields() {
-		k := canonicalKey(hf.Name)
-		if !httpguts.ValidTrailerHeader(k) {
-			return bad
-		}
-		if st.trailer != nil {
-			st.trailer[k] = append(st.trailer[k], hf.Value)
+	// As net/http: with trailers declared, each field must be one that may
+	// be a trailer, and only the declared ones reach the handler; with none
+	// declared, the trailers are ignored.
+	if st.trailer != nil {
+		for _, hf := range f.RegularFields() {
+			k := canonicalKey(hf.Name)
+			if !httpguts.ValidTrailerHeader(k) {
+				return bad
+			}
+			if _, ok := st.trailer[k]; ok {
+				st.trailer[k] = append(st.trailer[k], hf.Value)
+			}
 		}
 	}
 	st.remoteDone = true
