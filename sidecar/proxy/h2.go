@@ -11,8 +11,9 @@ import (
 	"time"
 )
 
-// stdHandler serves requests that arrive over h2c, or over TLS on a
-// gateway listener, with net/http.
+// stdHandler serves HTTP/2 requests (h2c, and over TLS on a gateway
+// listener) behind net/http's interfaces: the h2 server's, or net/http's
+// with Engines.NoFastPath.
 func (p *Proxy) stdHandler(rt *routing) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		var t *target

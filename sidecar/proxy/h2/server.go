@@ -365,13 +365,9 @@ func (c *Conn) serve(first bool) {
 					parked = true
 					return
 				}
-				if !s.track(c) { // shutting down
-					c.mu.Lock()
-					c.goAway = true
-					c.mu.Unlock()
-					c.writeGoAway(http2.ErrCodeNo)
-					c.close(errClosed)
-					parked = true // closed; untracked already
+				if !s.track(c) { // shutting down: GOAWAY and closed, as a parked one
+					c.Close()
+					parked = true // untracked already
 					return
 				}
 				c.newReader()

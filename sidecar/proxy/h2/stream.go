@@ -414,6 +414,10 @@ func (w *responseWriter) send(end bool) error {
 	if w.ended { // a HEAD answer ends with its header
 		return nil
 	}
+	var trailers []hpack.HeaderField // at the end: those the handler declared or set
+	if end {
+		trailers = w.trailers()
+	}
 	if !w.sentHeader {
 		w.sentHeader = true
 		h := w.snap
@@ -422,7 +426,7 @@ func (w *responseWriter) send(end bool) error {
 		if end && h.Get("Content-Length") == "" && w.bodyAllowed() && (!head || w.written > 0) {
 			extra = []hpack.HeaderField{{Name: "content-length", Value: strconv.FormatInt(w.written, 10)}}
 		}
-		endHere := end && len(w.buf) == 0 && !w.hasTrailers() || head
+		endHere := end && len(w.buf) == 0 && len(trailers) == 0 || head
 		if err := c.writeHeaders(st, w.status, h, endHere, extra, endHere || len(w.buf) == 0); err != nil {
 			return err
 		}
@@ -431,26 +435,21 @@ func (w *responseWriter) send(end bool) error {
 			return nil
 		}
 	}
-	trailers := end && w.hasTrailers()
-	if len(w.buf) > 0 || end && !trailers {
-		err := c.writeData(st, w.buf, end && !trailers)
+	if len(w.buf) > 0 || end && len(trailers) == 0 {
+		err := c.writeData(st, w.buf, end && len(trailers) == 0)
 		w.buf = w.buf[:0]
 		if err != nil {
 			return err
 		}
 	}
-	if trailers {
-		return c.writeTrailers(st, w.trailers())
+	if len(trailers) > 0 {
+		return c.writeBlock(st, trailers, true, true)
 	}
 	return nil
 }
 
-// hasTrailers: the handler declared trailers (the "Trailer" header) or set
-// some with http.TrailerPrefix.
-func (w *responseWriter) hasTrailers() bool {
-	return len(w.trailers()) > 0
-}
-
+// trailers are the answer's trailer fields: those the handler declared
+// (the "Trailer" header) or set with http.TrailerPrefix.
 func (w *responseWriter) trailers() []hpack.HeaderField {
 	var out []hpack.HeaderField
 	for k, vv := range w.hdr {
@@ -511,10 +510,6 @@ func (c *Conn) writeHeaders(st *stream, status int, h http.Header, end bool, ext
 	}
 	fields = append(fields, extra...)
 	return c.writeBlock(st, fields, end, flush)
-}
-
-func (c *Conn) writeTrailers(st *stream, fields []hpack.HeaderField) error {
-	return c.writeBlock(st, fields, true, true)
 }
 
 // appendField adds a response field, lowercased; connection-specific and
